@@ -1,0 +1,53 @@
+// impl_norm.h — RMSNorm forward/backward (fused: one pass for the sum of squares, one to scale).
+// Included by kernels_impl.h; KFN() names the per-path symbol.
+
+static float sumsq_row(const float* x, int C) {
+    vf acc = vf_set1(0.f);
+    int i = 0;
+    for (; i + VLEN <= C; i += VLEN) { vf v = vf_load(x + i); acc += v * v; }
+    float s = vf_sum(acc);
+    for (; i < C; i++) s += x[i] * x[i];
+    return s;
+}
+
+void KFN(rmsnorm_forward)(const rmsnorm_params* p) {
+    const int N = p->N, C = p->C;
+    #pragma omp parallel for schedule(static) if (N * (long)C > 32768)
+    for (int n = 0; n < N; n++) {
+        const float* x = p->x + (size_t)n * C;             // (C)
+        float* out = p->out + (size_t)n * C;               // (C)
+        float r = 1.0f / sqrtf(sumsq_row(x, C) / C + p->eps);
+        if (p->rstd) p->rstd[n] = r;
+        vf vr = vf_set1(r);
+        int i = 0;
+        for (; i + VLEN <= C; i += VLEN) vf_store(out + i, vf_load(x + i) * vr * vf_load(p->weight + i));
+        for (; i < C; i++) out[i] = x[i] * r * p->weight[i];
+    }
+}
+
+// dx = r*w*dy - x * r^3/C * sum(dy*w*x);  dweight += sum_n dy*x*r.
+// dweight is reduced per thread then added under a critical section: (threads x C) extra floats.
+void KFN(rmsnorm_backward)(const rmsnorm_backward_params* p) {
+    const int N = p->N, C = p->C;
+    #pragma omp parallel if (N * (long)C > 32768)
+    {
+        float* dw = (float*)calloc((size_t)C, sizeof(float)); // (C) this thread's share of dweight
+        #pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) {
+            const float* x = p->x + (size_t)n * C;
+            const float* dy = p->dout + (size_t)n * C;
+            float* dx = p->dx + (size_t)n * C;
+            const float r = p->rstd[n];
+            float dot = 0.f;
+            for (int i = 0; i < C; i++) dot += dy[i] * p->weight[i] * x[i];
+            const float k = dot * r * r * r / C;
+            for (int i = 0; i < C; i++) {
+                dx[i] = r * p->weight[i] * dy[i] - k * x[i];
+                dw[i] += dy[i] * x[i] * r;
+            }
+        }
+        #pragma omp critical
+        for (int i = 0; i < C; i++) p->dweight[i] += dw[i];
+        free(dw);
+    }
+}

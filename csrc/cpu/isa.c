@@ -1,0 +1,102 @@
+// isa.c — cpuid feature detection and the PYLLM_ISA override; see isa.h.
+#include "isa.h"
+#include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+static cpu_features g_features;
+static int g_features_done = 0;
+static int g_isa = -1;
+static const char* g_env_error = NULL;
+
+#if defined(__x86_64__) || defined(__i386__)
+static unsigned long long xgetbv0(void) {
+    unsigned int eax, edx;
+    __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+    return ((unsigned long long)edx << 32) | eax;
+}
+#endif
+
+const cpu_features* cpu_features_get(void) {
+    if (g_features_done) return &g_features;
+    memset(&g_features, 0, sizeof(g_features));
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned int a, b, c, d;
+    if (__get_cpuid(1, &a, &b, &c, &d)) {
+        int osxsave = (c >> 27) & 1, fma = (c >> 12) & 1;
+        unsigned long long xcr0 = osxsave ? xgetbv0() : 0;
+        int ymm_ok = (xcr0 & 0x6) == 0x6;             // OS saves SSE+AVX state
+        int zmm_ok = (xcr0 & 0xe6) == 0xe6;           // ... and opmask + ZMM state
+        if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
+            g_features.avx2 = ymm_ok && ((b >> 5) & 1);
+            g_features.fma = ymm_ok && fma;
+            g_features.avx512f = zmm_ok && ((b >> 16) & 1);
+            g_features.avx512dq = zmm_ok && ((b >> 17) & 1);
+            g_features.avx512bw = zmm_ok && ((b >> 30) & 1);
+            g_features.avx512vl = zmm_ok && ((b >> 31) & 1);
+            int amx_os = ((xcr0 >> 17) & 3) == 3;   // XTILECFG + XTILEDATA enabled
+            g_features.amx_bf16 = amx_os && ((d >> 22) & 1);
+            g_features.amx_tile = amx_os && ((d >> 24) & 1);
+            unsigned int a1, b1, c1, d1;
+            if (__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1))
+                g_features.avx512bf16 = g_features.avx512f && ((a1 >> 5) & 1);
+        }
+    }
+#endif
+    g_features_done = 1;
+    return &g_features;
+}
+
+int isa_supported(pyllm_isa isa) {
+    const cpu_features* f = cpu_features_get();
+    switch (isa) {
+    case PYLLM_ISA_SCALAR: return 1;
+    case PYLLM_ISA_AVX2: return f->avx2 && f->fma;
+    case PYLLM_ISA_AVX512: return f->avx2 && f->fma && f->avx512f && f->avx512bw && f->avx512vl && f->avx512dq;
+    default: return 0;
+    }
+}
+
+pyllm_isa isa_best(void) {
+    if (isa_supported(PYLLM_ISA_AVX512)) return PYLLM_ISA_AVX512;
+    if (isa_supported(PYLLM_ISA_AVX2)) return PYLLM_ISA_AVX2;
+    return PYLLM_ISA_SCALAR;
+}
+
+const char* isa_name(pyllm_isa isa) {
+    static const char* names[] = {"scalar", "avx2", "avx512"};
+    return (isa >= 0 && isa < PYLLM_ISA_COUNT) ? names[isa] : "unknown";
+}
+
+int isa_parse(const char* name) {
+    for (int i = 0; i < PYLLM_ISA_COUNT; i++)
+        if (strcmp(name, isa_name((pyllm_isa)i)) == 0) return i;
+    return -1;
+}
+
+pyllm_isa isa_get(void) {
+    if (g_isa >= 0) return (pyllm_isa)g_isa;
+    g_isa = isa_best();
+    const char* env = getenv("PYLLM_ISA");
+    if (env && *env && strcmp(env, "auto") != 0) {
+        int want = isa_parse(env);
+        if (want < 0) g_env_error = "PYLLM_ISA must be one of scalar, avx2, avx512, auto";
+        else if (!isa_supported((pyllm_isa)want)) g_env_error = "PYLLM_ISA names a path this CPU cannot run";
+        else g_isa = want;
+    }
+    return (pyllm_isa)g_isa;
+}
+
+int isa_set(pyllm_isa isa) {
+    if (!isa_supported(isa)) return -1;
+    g_isa = isa;
+    return 0;
+}
+
+const char* isa_env_error(void) { isa_get(); return g_env_error; }

@@ -1,0 +1,51 @@
+// kernels.h — the public API of pyllm's CPU kernels, shared by the pybind11 extension and the C binary.
+// Every kernel is `void <op>_<verb>(const <op>_params* p)`: raw pointers and sizes in a params struct, no
+// allocation the caller does not know about, fp32 unless the name says otherwise. Each call runs on the
+// instruction-set path chosen in isa.h. To add a kernel: declare its params struct here, add one X(...) line
+// to PYLLM_KERNELS, and implement `KFN(<name>)` in an impl_*.h header included by kernels_impl.h.
+// Shapes are given as (dim, ...) in row-major order; a stride named ld* is in elements.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+#include "isa.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// --- normalisation ---------------------------------------------------------------------------------------
+typedef struct {
+    float* out;          // (N, C)
+    float* rstd;         // (N)   optional: 1/rms per row, saved for backward (NULL to skip)
+    const float* x;      // (N, C)
+    const float* weight; // (C)
+    int N, C;
+    float eps;
+} rmsnorm_params;
+
+typedef struct {
+    float* dx;           // (N, C)  written
+    float* dweight;      // (C)     accumulated into (caller zeroes it)
+    const float* dout;   // (N, C)
+    const float* x;      // (N, C)
+    const float* weight; // (C)
+    const float* rstd;   // (N)     from rmsnorm_forward
+    int N, C;
+} rmsnorm_backward_params;
+
+// X(name, params_type): every dispatched kernel, in one list. kernels.c builds the tables and entry points.
+#define PYLLM_KERNELS(X)                          \
+    X(rmsnorm_forward, rmsnorm_params)            \
+    X(rmsnorm_backward, rmsnorm_backward_params)
+
+#define PYLLM_DECLARE(name, P) void name(const P* p);
+PYLLM_KERNELS(PYLLM_DECLARE)
+#undef PYLLM_DECLARE
+
+// Threads used by the kernels (OpenMP); n <= 0 means "all cores".
+void kernels_set_threads(int n);
+int kernels_get_threads(void);
+
+#ifdef __cplusplus
+}
+#endif

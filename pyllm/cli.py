@@ -1,0 +1,50 @@
+"""The `pyllm` command: one subcommand per stage (`pyllm <cmd> --help`). Run as `pyllm` or `python -m pyllm`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+# name -> (module, help). Each module defines add_arguments(parser) and main(args). Stages register here.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("pyllm.info", "print version, compiler, instruction sets found and chosen, threads, CUDA, torch"),
+}
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line `pyllm <cmd>: error: ...`, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pyllm", description="pyllm: a small, fast, honest GPT runtime.")
+    p.add_argument("--version", action="version", version=f"pyllm {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="<command>")
+    for name, (mod, help_) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        m = importlib.import_module(mod)
+        m.add_arguments(sp)
+        sp.set_defaults(_module=m)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        rc = args._module.main(args)
+    except (CLIError, FileNotFoundError, ValueError) as e:
+        print(f"pyllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pyllm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

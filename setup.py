@@ -1,0 +1,134 @@
+# setup.py — builds pyllm._C (plain pybind11, no torch headers), the CUDA kernels when nvcc is found, and the
+# standalone binary `pyllm-run` + its C API library. `pip install .` or `pip install -e . --no-build-isolation`.
+# Env: PYLLM_NO_CUDA=1 skips CUDA; PYLLM_CUDA_ARCHS="80;90a" picks GPU targets; PYLLM_DEBUG=1 builds -O0 -g.
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+ROOT = Path(__file__).parent.resolve()
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "pyllm" / "__init__.py").read_text()).group(1)
+DEBUG = os.environ.get("PYLLM_DEBUG") == "1"
+OPT = ["-O0", "-g"] if DEBUG else ["-O3"]
+
+# The CPU kernels: one body (kernels_impl.h) compiled once per ISA path, plus dispatch; shared with csrc/run.c.
+CPU_SOURCES = ["csrc/cpu/isa.c", "csrc/cpu/kernels.c", "csrc/cpu/isa_scalar.c", "csrc/cpu/isa_avx2.c",
+               "csrc/cpu/isa_avx512.c"]
+C_FLAGS = ["-std=c11", *OPT, "-fopenmp", "-Wall", "-fno-math-errno"]
+CXX_FLAGS = [*OPT, "-fopenmp", "-Wall"]
+
+
+def find_nvcc():
+    if os.environ.get("PYLLM_NO_CUDA", "") not in ("", "0"):
+        return None
+    nvcc = shutil.which("nvcc")
+    if nvcc is None and Path("/usr/local/cuda/bin/nvcc").exists():
+        nvcc = "/usr/local/cuda/bin/nvcc"
+    return nvcc
+
+
+def cuda_sources():
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
+
+
+class BuildExt(build_ext):
+    """C sources get C flags, .cu sources go through nvcc, then the standalone binary is linked."""
+
+    def build_extensions(self):
+        compiler = self.compiler
+        original_compile = compiler._compile
+
+        def _compile(obj, src, ext, cc_args, extra_postargs, pp_opts):
+            if src.endswith(".c"):
+                extra_postargs = [a for a in extra_postargs if not a.startswith("-std=c++")]
+                extra_postargs = [a for a in extra_postargs if a not in CXX_FLAGS] + C_FLAGS
+            original_compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
+
+        compiler._compile = _compile
+        for ext in self.extensions:
+            self._add_cuda(ext)
+        try:
+            super().build_extensions()
+        finally:
+            compiler._compile = original_compile
+        self._build_run_binary()
+
+    def _add_cuda(self, ext):
+        nvcc = find_nvcc()
+        srcs = cuda_sources()
+        if nvcc is None or not srcs:
+            print("pyllm: building without CUDA (" + ("no nvcc" if nvcc is None and not os.environ.get(
+                "PYLLM_NO_CUDA") else "PYLLM_NO_CUDA set" if nvcc is None else "no .cu sources") + ")")
+            return
+        archs = os.environ.get("PYLLM_CUDA_ARCHS", "80;90a").split(";")
+        gencode = []
+        for a in archs:
+            num = a.rstrip("a")
+            gencode += [f"-gencode=arch=compute_{a},code=sm_{a}"]
+        gencode += [f"-gencode=arch=compute_{archs[0]},code=compute_{archs[0]}"]  # PTX for newer GPUs
+        objdir = Path(self.build_temp) / "cuda"
+        objdir.mkdir(parents=True, exist_ok=True)
+        objs = []
+        for src in srcs:
+            obj = objdir / (Path(src).stem + ".o")
+            if not obj.exists() or obj.stat().st_mtime < max(
+                    p.stat().st_mtime for p in [ROOT / src, *(ROOT / "csrc" / "cuda").glob("*.cuh")]):
+                cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
+                       "--expt-relaxed-constexpr", "-lineinfo", *gencode]
+                print(" ".join(cmd))
+                subprocess.check_call(cmd, cwd=ROOT)
+            objs.append(str(obj))
+        cuda_home = Path(nvcc).resolve().parent.parent
+        ext.extra_objects += objs
+        ext.define_macros += [("PYLLM_WITH_CUDA", "1")]
+        ext.library_dirs += [str(cuda_home / "lib64"), str(cuda_home / "lib")]
+        ext.libraries += ["cudart_static", "rt", "dl", "pthread"]
+
+    def _build_run_binary(self):
+        """Link csrc/run.c with the same CPU kernel sources into pyllm/bin/pyllm-run and pyllm/lib/libpyllm_run.so."""
+        run_c = ROOT / "csrc" / "run.c"
+        if not run_c.exists():
+            return
+        if self.inplace:
+            pkg = ROOT / "pyllm"
+        else:
+            pkg = Path(self.build_lib) / "pyllm"
+        (pkg / "bin").mkdir(parents=True, exist_ok=True)
+        (pkg / "lib").mkdir(parents=True, exist_ok=True)
+        cc = os.environ.get("CC", "gcc")
+        srcs = [str(ROOT / s) for s in ["csrc/run.c", *RUN_EXTRA_SOURCES, *CPU_SOURCES]]
+        flags = [*C_FLAGS, "-I", str(ROOT / "csrc")]
+        exe = pkg / "bin" / "pyllm-run"
+        so = pkg / "lib" / "libpyllm_run.so"
+        for out, extra in ((exe, []), (so, ["-shared", "-fPIC", "-DPYLLM_RUN_LIBRARY"])):
+            tmp = out.with_name(out.name + ".tmp")
+            cmd = [cc, *flags, *extra, *srcs, "-o", str(tmp), "-lm"]
+            print(" ".join(cmd))
+            subprocess.check_call(cmd)
+            os.replace(tmp, out)  # atomic: a failed link never leaves a half-written binary
+
+
+# Sources that csrc/run.c needs besides the CPU kernels (its tokenizer, model loader).
+RUN_EXTRA_SOURCES = [s for s in ["csrc/tokenizer.c", "csrc/model_file.c"] if (ROOT / s).exists()]
+
+ext = Pybind11Extension(
+    "pyllm._C",
+    sources=["csrc/bindings.cpp", *CPU_SOURCES],
+    include_dirs=["csrc"],
+    define_macros=[("PYLLM_VERSION", f'"{VERSION}"')],
+    extra_compile_args=CXX_FLAGS,
+    extra_link_args=["-fopenmp"],
+    cxx_std=17,
+)
+
+setup(
+    version=VERSION,
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExt},
+    package_data={"pyllm": ["bin/pyllm-run", "lib/libpyllm_run.so"]},
+)
