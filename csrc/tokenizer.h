@@ -81,6 +81,8 @@ typedef struct {
     int32_t* special_ids;      // (n_special)
     char** special_names;      // (n_special) e.g. "<|bos|>"
     uint8_t* is_special;       // (vocab_size)
+    int32_t* str_slots;        // (n_str_slots) llama2.c: hash table bytes -> id (-1 empty)
+    size_t n_str_slots;        // power of two
     int space_id;              // llama2.c: the " " token used as the dummy prefix (-1 if none)
     unsigned char byte_piece[512];  // llama2.c decode: byte i at byte_piece[2 * i], NUL after
 } tokenizer;
