@@ -468,7 +468,7 @@ static void usage(FILE* f) {
             "  -p <float>  top-p (nucleus) mass in (0, 1], 1 = off (default 0.9)\n"
             "  -k <int>    top-k, 0 = off (default 0)\n"
             "  -s <int>    random seed (default: time)\n"
-            "  -n <int>    positions to run, prompt included; 0 = the model's seq_len (default 256)\n"
+            "  -n <int>    steps: forward passes, BOS and prompt included, as in llama2.c; 0 = seq_len (default 256)\n"
             "  -i <text>   prompt; in chat mode the first user message (default: empty)\n"
             "  -z <path>   tokenizer.bin, pyllm or llama2.c format (default: tokenizer.bin next to the model)\n"
             "  -m <mode>   generate|chat (default generate)\n"

@@ -98,9 +98,9 @@ def model_logits(sd, c, tokens):
 @pytest.mark.parametrize("fmt", ["pyllm", "llama2c-v0", "llama2c-v1"])
 def test_fp32_logits_match_torch(tmp_path, rng, fmt, tied):
     if fmt == "pyllm":
-        c = tiny_config()  # GQA, non-default eps and theta: the header must carry them
+        c = tiny_config(tie_embeddings=tied)  # GQA, non-default eps and theta: the header must carry them
     else:
-        c = tiny_config(norm_eps=1e-5, rope_theta=10000.0, n_kv_heads=4 if tied else 2)
+        c = tiny_config(norm_eps=1e-5, rope_theta=10000.0, n_kv_heads=4 if tied else 2, tie_embeddings=tied)
     sd = random_state_dict(c, rng, tied=tied)
     path = tmp_path / "model.bin"
     if fmt == "pyllm":
@@ -145,14 +145,18 @@ def test_quantize_q8_0_roundtrip(rng):
 
 
 def peaked_model(rng, c):
-    """Random weights with a large classifier so the argmax has a margin; logits depend on context through attention."""
-    sd = random_state_dict(c, rng, std=0.15, head_std=1.5)
+    """Small random layers and a classifier that maps each token's embedding to a permuted token with a big margin:
+    greedy decoding walks the permutation, perturbed by the (random, context-dependent) layers."""
+    sd = random_state_dict(c, rng, std=0.05)
+    perm = torch.randperm(c.vocab_size, generator=rng)
+    sd["lm_head.weight"] = 0.5 * sd["embed_tokens.weight"][perm.argsort()] * sd["norm.weight"].reciprocal()
     return sd
 
 
-# Q8_0 bound: weights and activations are rounded to 1/254 of their group's range, so each logit moves by a few
-# hundredths at these sizes; we require max|dlogit| <= 2% of max|logit| (measured ~0.5%).
-Q8_REL_BOUND = 0.02
+# Q8_0 bound: weights and activations are rounded to 1/254 of their group's range. On this model we require
+# max|dlogit| <= 1.5% of max|logit| (measured 0.35-0.56% over 8 seeds). On plain random models with large weights
+# (std 0.15, classifier std 1.5) it is 2.6-4%, and greedy paths there diverge once a near-tie flips.
+Q8_REL_BOUND = 0.015
 
 
 @pytest.mark.parametrize("fmt", ["pyllm", "llama2c-v2"])
@@ -225,7 +229,7 @@ def test_binary_help_and_bad_flags(tmp_path):
     r = run_bin("--help")
     assert r.returncode == 0
     for flag in ["-t", "-p", "-k", "-s", "-n", "-i", "-z", "-m", "-y", "--help"]:
-        assert f"  {flag}" in r.stdout, flag
+        assert f"  {flag} " in r.stdout or f", {flag} " in r.stdout, flag
     assert "default 1.0" in r.stdout and "generate|chat" in r.stdout
     r = run_bin(tmp_path / "m.bin", "-x", "1")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unknown option '-x'" in r.stderr
@@ -235,3 +239,92 @@ def test_binary_help_and_bad_flags(tmp_path):
     assert r.returncode == 2 and "temperature" in r.stderr
     r = run_bin(tmp_path / "missing.bin")
     assert r.returncode == 1 and "missing.bin: cannot open" in r.stderr and r.stderr.count("\n") == 1
+
+
+CORPUS = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. Café naïve 東京 🙂 "
+          "You are all resolved rather to die than to famish?  Resolved. resolved.\n") * 20
+
+
+@pytest.fixture(scope="module")
+def tok_and_model(tmp_path_factory):
+    """A trained BPE tokenizer and a peaked random model over its vocab, exported by `export` (pyllm format)."""
+    from pyllm.tokenizer import Tokenizer
+    tok = Tokenizer.train(iterator=[CORPUS], vocab_size=300)
+    gen = torch.Generator().manual_seed(1234)
+    c = tiny_config(vocab_size=tok.vocab_size, max_seq_len=96)
+    sd = peaked_model(gen, c)
+    d = tmp_path_factory.mktemp("export")
+    paths = export(sd, c, d, fmt="pyllm", tokenizer=tok)
+    return tok, sd, c, paths
+
+
+def python_greedy(sd, c, ids, n, stop):
+    from pyllm.model import GPT
+    m = GPT(c, backend="torch")
+    m.load_state_dict(sd, strict=False)
+    with torch.no_grad():
+        out = m.generate(torch.tensor([ids]), n, temperature=0, stop_tokens=stop)[0, len(ids):].tolist()
+    return out[:out.index(stop[0])] if stop and stop[0] in out else out
+
+
+@pytest.mark.skipif(not runtime.BIN_PATH.exists(), reason="pyllm-run not built")
+def test_binary_greedy_text_equals_python(tok_and_model):
+    tok, sd, c, paths = tok_and_model
+    prompt = "Before we proceed, café 東京"
+    ids = tok.encode(prompt, add_bos=True)
+    n_new = 40
+    new = python_greedy(sd, c, ids, n_new, (tok.bos_id,))
+    specials = set(tok.special_ids.values())
+    want = b"".join(tok.token_bytes(i) for i in ids[1:] + new if i not in specials) + b"\n"
+    r = subprocess.run([str(runtime.BIN_PATH), str(paths["model"]), "-t", "0", "-n", str(len(ids) + n_new - 1),
+                        "-i", prompt], capture_output=True, timeout=60, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want
+    assert b"achieved tok/s" in r.stderr
+    # the same through the C API
+    rt = runtime.Runtime(paths["model"], paths["tokenizer"])
+    assert rt.encode(prompt, add_bos=True) == ids
+    assert rt.generate_ids(ids, n_new, temperature=0, stop=(tok.bos_id,)) == new
+
+
+@pytest.mark.skipif(not runtime.BIN_PATH.exists(), reason="pyllm-run not built")
+def test_binary_chat_template_multi_turn(tok_and_model):
+    """Chat mode feeds <|bos|> <|system|> sys <|end|> <|user|> msg <|end|> <|assistant|> and generates greedily;
+    turn 2 continues the same KV cache. Checked against Python greedy on the same ids."""
+    tok, sd, c, paths = tok_and_model
+    S = tok.special_ids
+    ids = [S["<|bos|>"], S["<|system|>"], *tok.encode("Be brief."), S["<|end|>"], S["<|user|>"], *tok.encode("Speak"),
+           S["<|end|>"], S["<|assistant|>"]]
+    steps = 80
+    r = subprocess.run([str(runtime.BIN_PATH), str(paths["model"]), "-m", "chat", "-t", "0", "-n", str(steps),
+                        "-y", "Be brief.", "-i", "Speak"], capture_output=True, timeout=60, input=b"again\n",
+                       env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    new = python_greedy(sd, c, ids, steps - len(ids), (S["<|end|>"],))
+    first = b"".join(tok.token_bytes(i) for i in new if i not in S.values())
+    assert r.stdout.startswith(b"Assistant: " + first + b"\n"), (r.stdout[:200], first)
+    if len(ids) + len(new) + 1 < steps:  # the model ended its turn: a second turn must have been read from stdin
+        assert b"User: " in r.stdout
+
+
+def test_c_tokenizer_matches_python(tok_and_model):
+    tok, _, _, paths = tok_and_model
+    ct = runtime.CTokenizer(paths["tokenizer"])
+    for text in [CORPUS[:300], "  spaces\t\tand\nnewlines  ", "emoji 🙂🙂 and <|end|> literal", ""]:
+        ids = tok.encode(text)
+        assert ct.encode(text) == ids
+        assert ct.decode_bytes(ids) == tok.decode_bytes(ids)
+    assert ct.token_id("<|user|>") == tok.special_ids["<|user|>"]
+    with pytest.raises(ValueError, match="vocab_size"):
+        runtime.CTokenizer(paths["tokenizer"], vocab_size=tok.vocab_size + 1)
+
+
+L2C_TOK = __import__("conftest").SHARED / "data" / "llama2c-tokenizer.bin"
+
+
+@pytest.mark.skipif(not L2C_TOK.exists(), reason="no shared llama2.c tokenizer.bin")
+def test_llama2c_tokenizer_through_runtime():
+    ct = runtime.CTokenizer(L2C_TOK, 32000)
+    ids = ct.encode("Once upon a time", add_bos=True)
+    assert ids[0] == 1 and len(ids) > 2
+    assert ct.decode(ids[1:]).strip() == "Once upon a time"
