@@ -44,6 +44,22 @@ static int fail(char* err, size_t errlen, const char* path, const char* fmt, ...
     return -1;
 }
 
+// Format the message first (it may read m's header fields), then unmap.
+static int bail(model_file* m, char* err, size_t errlen, const char* path, const char* fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+static int bail(model_file* m, char* err, size_t errlen, const char* path, const char* fmt, ...) {
+    if (err && errlen) {
+        int n = snprintf(err, errlen, "%s: ", path);
+        if (n < 0 || (size_t)n >= errlen) n = 0;
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err + n, errlen - (size_t)n, fmt, ap);
+        va_end(ap);
+    }
+    model_file_free(m);
+    return -1;
+}
+
 static int32_t rd_i32(const unsigned char* p) { int32_t v; memcpy(&v, p, 4); return v; }
 static uint32_t rd_u32(const unsigned char* p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static float rd_f32(const unsigned char* p) { float v; memcpy(&v, p, 4); return v; }
@@ -172,6 +188,7 @@ static const char* check_config(const model_config* p, char* buf, size_t n) {
     if (p->dim % p->n_heads) BAD("dim %d is not divisible by n_heads %d", p->dim, p->n_heads);
     if (p->n_heads % p->n_kv_heads) BAD("n_heads %d is not a multiple of n_kv_heads %d", p->n_heads, p->n_kv_heads);
     if ((p->dim / p->n_heads) % 2) BAD("head size %d must be even for RoPE", p->dim / p->n_heads);
+    if (p->dim / p->n_heads > 256) BAD("head size %d is larger than the 256 the attention kernel supports", p->dim / p->n_heads);
     if (!(p->norm_eps > 0.f && p->norm_eps < 1.f)) BAD("norm_eps %g is not in (0, 1)", (double)p->norm_eps);
     if (!(p->rope_theta > 0.f && isfinite(p->rope_theta))) BAD("rope_theta %g is not positive", (double)p->rope_theta);
     if (p->weight_type == WEIGHT_Q8_0) {
@@ -223,8 +240,7 @@ int model_file_build(model_file* m, const char* path, char* err, size_t errlen) 
     char why[200];
     if (magic == PYLLM_MODEL_MAGIC || magic == LLAMA2C_MAGIC) {
         if (size < MODEL_HEADER_BYTES) {
-            model_file_free(m);
-            return fail(err, errlen, path, "truncated header: %llu bytes, the header alone is %d",
+            return bail(m, err, errlen, path, "truncated header: %llu bytes, the header alone is %d",
                         (unsigned long long)size, MODEL_HEADER_BYTES);
         }
         int version = rd_i32(h + 4);
@@ -232,8 +248,7 @@ int model_file_build(model_file* m, const char* path, char* err, size_t errlen) 
         start = MODEL_HEADER_BYTES;
         if (magic == PYLLM_MODEL_MAGIC) {
             if (version != PYLLM_MODEL_VERSION) {
-                model_file_free(m);
-                return fail(err, errlen, path, "pyllm model.bin version %d is not supported (this runtime reads "
+                return bail(m, err, errlen, path, "pyllm model.bin version %d is not supported (this runtime reads "
                             "version %d; re-export with this pyllm)", version, PYLLM_MODEL_VERSION);
             }
             m->format = MODEL_FORMAT_PYLLM;
@@ -243,24 +258,20 @@ int model_file_build(model_file* m, const char* path, char* err, size_t errlen) 
             p->weight_type = h[45];
             p->group_size = rd_i32(h + 48);
             if (p->shared_classifier > 1) {
-                model_file_free(m);
-                return fail(err, errlen, path, "corrupt header: shared_classifier flag is %d", p->shared_classifier);
+                return bail(m, err, errlen, path, "corrupt header: shared_classifier flag is %d", p->shared_classifier);
             }
             if (p->weight_type == WEIGHT_F32 && p->group_size != 0) {
-                model_file_free(m);
-                return fail(err, errlen, path, "corrupt header: fp32 weights with group size %d", p->group_size);
+                return bail(m, err, errlen, path, "corrupt header: fp32 weights with group size %d", p->group_size);
             }
         } else {
             if (version != 1 && version != 2) {
-                model_file_free(m);
-                return fail(err, errlen, path, "llama2.c checkpoint version %d is not supported (reads v0, v1, v2)",
+                return bail(m, err, errlen, path, "llama2.c checkpoint version %d is not supported (reads v0, v1, v2)",
                             version);
             }
             m->format = version == 1 ? MODEL_FORMAT_LLAMA2C_V1 : MODEL_FORMAT_LLAMA2C_V2;
             p->shared_classifier = h[36];
             if (p->shared_classifier > 1) {
-                model_file_free(m);
-                return fail(err, errlen, path, "corrupt header: shared_classifier flag is %d", p->shared_classifier);
+                return bail(m, err, errlen, path, "corrupt header: shared_classifier flag is %d", p->shared_classifier);
             }
             if (version == 2) {
                 p->weight_type = WEIGHT_Q8_0;
@@ -269,8 +280,7 @@ int model_file_build(model_file* m, const char* path, char* err, size_t errlen) 
         }
         const char* bad = check_config(p, why, sizeof(why));
         if (bad) {
-            model_file_free(m);
-            return fail(err, errlen, path, "invalid %s header: %s", model_format_name(m->format), bad);
+            return bail(m, err, errlen, path, "invalid %s header: %s", model_format_name(m->format), bad);
         }
     } else {
         // No magic: llama2.c's legacy v0 (7 int32, negative vocab = separate classifier). Reject with a hint.
@@ -281,33 +291,28 @@ int model_file_build(model_file* m, const char* path, char* err, size_t errlen) 
         start = 28;
         const char* bad = check_config(p, why, sizeof(why));
         if (bad) {
-            model_file_free(m);
-            return fail(err, errlen, path, "not a model file: no pyllm magic (PLLM) or llama2.c magic (ak42), and "
+            return bail(m, err, errlen, path, "not a model file: no pyllm magic (PLLM) or llama2.c magic (ak42), and "
                         "not a valid llama2.c v0 header (%s)", bad);
         }
     }
     int overflow = 0, misaligned = 0;
     uint64_t need = layout(m, NULL, start, &overflow, &misaligned);
     if (overflow) {
-        model_file_free(m);
-        return fail(err, errlen, path, "header sizes overflow");
+        return bail(m, err, errlen, path, "header sizes overflow");
     }
     if (misaligned) {
-        model_file_free(m);
-        return fail(err, errlen, path, "unsupported %s: an fp32 tensor is not 4-byte aligned (group size %d)",
+        return bail(m, err, errlen, path, "unsupported %s: an fp32 tensor is not 4-byte aligned (group size %d)",
                     model_format_name(m->format), p->group_size);
     }
     if (need != size) {
         uint64_t have = size;
-        model_file_free(m);
-        return fail(err, errlen, path, "%s: header implies %llu bytes but the file has %llu (%s)",
+        return bail(m, err, errlen, path, "%s: header implies %llu bytes but the file has %llu (%s)",
                     model_format_name(m->format), (unsigned long long)need, (unsigned long long)have,
                     have < need ? "truncated" : "trailing data: wrong format or corrupt header");
     }
     m->layers = (model_layer*)calloc((size_t)p->n_layers, sizeof(model_layer));
     if (!m->layers) {
-        model_file_free(m);
-        return fail(err, errlen, path, "out of memory");
+        return bail(m, err, errlen, path, "out of memory");
     }
     layout(m, h, start, &overflow, &misaligned);
     return 0;

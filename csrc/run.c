@@ -291,7 +291,7 @@ run_tokenizer* run_tokenizer_build(const char* path, int vocab_size, char* err, 
     if (!t) { snprintf(err, errlen, "%s: out of memory", path); return NULL; }
     if (tokenizer_build(&t->t, path, err, errlen) != 0) { free(t); return NULL; }
     if (vocab_size > 0 && t->t.vocab_size != vocab_size) {
-        snprintf(err, errlen, "%s: tokenizer has %d tokens but the model's vocab_size is %d (wrong tokenizer?)", path,
+        snprintf(err, errlen, "%.300s: tokenizer has %d tokens but the model's vocab_size is %d (wrong tokenizer?)", path,
                  t->t.vocab_size, vocab_size);
         run_tokenizer_free(t);
         return NULL;
@@ -311,10 +311,9 @@ const char* run_decode(run_tokenizer* t, int prev, int id, int* len) {
 }
 int run_token_id(run_tokenizer* t, const char* piece) { return tokenizer_special(&t->t, piece); }
 int run_bos_id(run_tokenizer* t) { return t->t.bos_id; }
-static int tok_is_special(run_tokenizer* t, int id) {
+static __attribute__((unused)) int tok_is_special(run_tokenizer* t, int id) {
     return t->t.is_special && id >= 0 && id < t->t.vocab_size && t->t.is_special[id];
 }
-static int tok_eos(run_tokenizer* t) { return t->t.eos_id; }
 #else
 struct run_tokenizer { int unused; };
 run_tokenizer* run_tokenizer_build(const char* path, int vocab_size, char* err, size_t errlen) {
@@ -330,8 +329,7 @@ int run_encode(run_tokenizer* t, const char* text, int add_bos, int* ids, int ma
 const char* run_decode(run_tokenizer* t, int prev, int id, int* len) { (void)t; (void)prev; (void)id; *len = 0; return NULL; }
 int run_token_id(run_tokenizer* t, const char* piece) { (void)t; (void)piece; return -1; }
 int run_bos_id(run_tokenizer* t) { (void)t; return -1; }
-static int tok_is_special(run_tokenizer* t, int id) { (void)t; (void)id; return 0; }
-static int tok_eos(run_tokenizer* t) { (void)t; return -1; }
+static __attribute__((unused)) int tok_is_special(run_tokenizer* t, int id) { (void)t; (void)id; return 0; }
 #endif
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -523,7 +521,6 @@ int main(int argc, char** argv) {
     if (!tok) { fprintf(stderr, "pyllm-run: error: %s\n", err); run_model_free(m); return 1; }
     if (o.steps == 0 || o.steps > m->f.cfg.seq_len) o.steps = m->f.cfg.seq_len;
     int rc = !strcmp(mode, "chat") ? chat(m, tok, prompt, system, &o) : generate(m, tok, prompt, &o);
-    (void)tok_eos;
     run_tokenizer_free(tok);
     run_model_free(m);
     return rc;
