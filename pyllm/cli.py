@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer-train": ("pyllm.tokenizer_train", "train a BPE tokenizer on .txt/.jsonl files"),
     "prepare": ("pyllm.prepare", "tokenize .txt/.jsonl files into train/val token shards (resumable)"),
     "pretrain": ("pyllm.pretrain", "pretrain a base model on prepared token shards (DDP/FSDP via torchrun)"),
+    "export": ("pyllm.export", "write model.bin + tokenizer.bin for pyllm-run (or llama2.c), fp32 or Q8_0"),
 }
 
 

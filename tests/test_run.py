@@ -328,3 +328,29 @@ def test_llama2c_tokenizer_through_runtime():
     ids = ct.encode("Once upon a time", add_bos=True)
     assert ids[0] == 1 and len(ids) > 2
     assert ct.decode(ids[1:]).strip() == "Once upon a time"
+
+
+def test_cli_export_end_to_end(tmp_path, tok_and_model):
+    """pyllm export on a saved checkpoint -> model.bin + tokenizer.bin that the C runtime loads with equal logits."""
+    from pyllm.checkpoint import save_checkpoint
+    from pyllm.cli import main as cli_main
+    from pyllm.model import GPT
+    tok, sd, c, _ = tok_and_model
+    m = GPT(c, backend="torch")
+    m.load_state_dict(sd, strict=False)
+    save_checkpoint(tmp_path / "ckpt", m, tok)
+    for fmt, extra in [("pyllm", []), ("pyllm", ["--quantize", "q8_0", "--group-size", "32"]), ("llama2c", [])]:
+        out = tmp_path / f"out-{fmt}-{len(extra)}"
+        cc = c
+        if fmt == "llama2c" and (c.norm_eps != 1e-5 or c.rope_theta != 1e4):
+            assert cli_main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out), "--format", fmt]) == 2
+            continue
+        assert cli_main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out), "--format", fmt,
+                         *extra]) == 0
+        rt = runtime.Runtime(out / "model.bin", out / "tokenizer.bin")
+        ids = tok.encode("Speak, speak.", add_bos=True)
+        got = np.stack([rt.forward(t, p) for p, t in enumerate(ids)])
+        want = ref_logits(sd, cc, ids).numpy()
+        tol = 1e-4 if not extra else Q8_REL_BOUND * np.abs(want).max()
+        assert np.abs(got - want).max() < tol
+    assert cli_main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
