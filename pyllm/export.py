@@ -115,6 +115,14 @@ class _Writer:
         self.tmp.unlink(missing_ok=True)
 
 
+def auto_group_size(config, start: int = 64) -> int:
+    """llama2.c's rule: the largest of 64, 32, 16, ... that divides dim and hidden_dim."""
+    g = start
+    while g > 1 and (config.dim % g or config.hidden_dim % g):
+        g //= 2
+    return g
+
+
 def _check_group(c: dict, group_size: int):
     if group_size <= 0 or c["dim"] % group_size or c["hidden_dim"] % group_size:
         raise ValueError(f"--group-size {group_size} must divide dim {c['dim']} and hidden_dim {c['hidden_dim']}")
@@ -257,7 +265,9 @@ def add_arguments(p):
                         "(v2 with --quantize q8_0); tokenizer.bin is still pyllm's format (read by pyllm-run, not by "
                         "llama2.c, whose tokenizer is sentencepiece-only)")
     p.add_argument("--quantize", default=None, choices=["q8_0"], help="int8 weights in groups (default: fp32)")
-    p.add_argument("--group-size", type=int, default=64, help="Q8_0 group size along the input dim (default 64)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="Q8_0 group size along the input dim (default: 64, halved until it divides dim and hidden_dim, "
+                        "as llama2.c does)")
     p.add_argument("--llama2c-version", type=int, default=None, choices=[0, 1, 2],
                    help="llama2.c file version (default: 0 for fp32, 2 for q8_0)")
 
@@ -271,7 +281,8 @@ def main(args) -> int:
     except ImportError as e:
         raise ValueError(f"cannot load checkpoints in this build ({e})") from None
     model, tok = load_checkpoint(str(ckpt))
-    paths = export(model.state_dict(), model.config, args.out, args.format, args.quantize, args.group_size,
+    gs = args.group_size if args.group_size is not None else auto_group_size(model.config)
+    paths = export(model.state_dict(), model.config, args.out, args.format, args.quantize, gs,
                    args.llama2c_version, tok)
     for k, v in paths.items():
         print(f"wrote {k}: {v} ({v.stat().st_size / 1e6:.1f} MB)")
