@@ -63,34 +63,11 @@ static void mv_q8(float* y, const int8_t* Wq, const float* Ws, const int8_t* xq,
     }
 }
 
-// TODO(shared kernel): replace with decode_attention when landed. q (H, hd); caches (T_max, Hkv, hd) -> out (H, hd).
-static void attend(float* out, const float* q, const float* kc, const float* vc, float* att, int H, int Hkv, int hd,
-                   int n_ctx) {
-    const int kvd = Hkv * hd, kv_mul = H / Hkv;
-    const float scale = 1.0f / sqrtf((float)hd);
-    #pragma omp parallel for schedule(static) if (n_ctx > 64)
-    for (int h = 0; h < H; h++) {
-        const float* qh = q + h * hd;
-        float* a = att + (size_t)h * n_ctx;  // (n_ctx) this head's scores
-        const int kh = h / kv_mul;
-        float mx = -INFINITY;
-        for (int t = 0; t < n_ctx; t++) {
-            const float* k = kc + (size_t)t * kvd + kh * hd;
-            float s = 0.f;
-            for (int i = 0; i < hd; i++) s += qh[i] * k[i];
-            a[t] = s * scale;
-            mx = fmaxf(mx, a[t]);
-        }
-        float sum = 0.f;
-        for (int t = 0; t < n_ctx; t++) { a[t] = expf(a[t] - mx); sum += a[t]; }
-        float* o = out + h * hd;
-        for (int i = 0; i < hd; i++) o[i] = 0.f;
-        for (int t = 0; t < n_ctx; t++) {
-            const float* v = vc + (size_t)t * kvd + kh * hd;
-            const float w = a[t] / sum;
-            for (int i = 0; i < hd; i++) o[i] += w * v[i];
-        }
-    }
+// q (H, hd); caches (T_max, Hkv, hd) of one layer -> out (H, hd), attending to positions [0, n_ctx).
+static void attend(float* out, const float* q, const float* kc, const float* vc, int H, int Hkv, int hd, int n_ctx) {
+    decode_attention_params p = {.out = out, .q = q, .k_cache = kc, .v_cache = vc, .ld_b = 0, .ld_t = (long)Hkv * hd,
+                                 .B = 1, .H = H, .Hkv = Hkv, .D = hd, .n_ctx = n_ctx};
+    decode_attention(&p);
 }
 
 static void rmsnorm(float* out, const float* x, const float* w, int n, float eps) {
@@ -103,7 +80,7 @@ static void rmsnorm(float* out, const float* x, const float* w, int n, float eps
 
 struct run_model {
     model_file f;
-    float *x, *xb, *xb2, *q, *hb, *hb2, *att, *logits;  // activations; att (n_heads, seq_len)
+    float *x, *xb, *xb2, *q, *hb, *hb2, *logits;        // activations
     float *key_cache, *value_cache;                     // (n_layers, seq_len, kv_dim)
     int8_t* xq;                                         // (max(dim, hidden)) quantized activation (q8_0)
     float* xs;                                          // (max(dim, hidden) / group)
@@ -129,13 +106,12 @@ run_model* run_model_build(const char* path, char* err, size_t errlen) {
     m->q = calloc(qd, sizeof(float));
     m->hb = calloc(F, sizeof(float));
     m->hb2 = calloc(F, sizeof(float));
-    m->att = calloc((size_t)p->n_heads * S, sizeof(float));
     m->logits = calloc((size_t)p->vocab_size, sizeof(float));
     m->key_cache = calloc((size_t)p->n_layers * S * kvd, sizeof(float));
     m->value_cache = calloc((size_t)p->n_layers * S * kvd, sizeof(float));
     m->xq = calloc(big, 1);
     m->xs = calloc(big, sizeof(float));
-    if (!m->x || !m->xb || !m->xb2 || !m->q || !m->hb || !m->hb2 || !m->att || !m->logits || !m->key_cache ||
+    if (!m->x || !m->xb || !m->xb2 || !m->q || !m->hb || !m->hb2 || !m->logits || !m->key_cache ||
         !m->value_cache || !m->xq || !m->xs) {
         snprintf(err, errlen, "%s: out of memory for the KV cache and activations", path);
         run_model_free(m);
@@ -147,7 +123,7 @@ run_model* run_model_build(const char* path, char* err, size_t errlen) {
 void run_model_free(run_model* m) {
     if (!m) return;
     model_file_free(&m->f);
-    free(m->x); free(m->xb); free(m->xb2); free(m->q); free(m->hb); free(m->hb2); free(m->att); free(m->logits);
+    free(m->x); free(m->xb); free(m->xb2); free(m->q); free(m->hb); free(m->hb2); free(m->logits);
     free(m->key_cache); free(m->value_cache); free(m->xq); free(m->xs);
     free(m);
 }
@@ -214,7 +190,7 @@ float* run_forward(run_model* m, int token, int pos) {
         matvec(m, vc + (size_t)pos * kvd, &w->wv, m->xb, kvd, D);
         rope_pairs(m->q, H, hd, pos, p->rope_theta);
         rope_pairs(kc + (size_t)pos * kvd, Hkv, hd, pos, p->rope_theta);
-        attend(m->xb, m->q, kc, vc, m->att, H, Hkv, hd, pos + 1);
+        attend(m->xb, m->q, kc, vc, H, Hkv, hd, pos + 1);
         matvec(m, m->xb2, &w->wo, m->xb, D, qd);
         for (int i = 0; i < D; i++) x[i] += m->xb2[i];
         rmsnorm(m->xb, x, w->rms_ffn, D, p->norm_eps);
