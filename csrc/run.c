@@ -346,7 +346,8 @@ static int generate(run_model* m, run_tokenizer* tok, const char* prompt, const 
     double t0 = 0;
     while (pos < o->steps) {
         float* logits = run_forward(m, token, pos);
-        int next = pos + 1 < n ? ids[pos + 1] : next_token(m, logits, o, pos);
+        // step = index of the generated token, as pyllm's model.generate counts it: same seed -> same tokens
+        int next = pos + 1 < n ? ids[pos + 1] : next_token(m, logits, o, generated);
         pos++;
         if (pos >= n && next == bos) break;  // a new document: llama2.c's stop rule
         print_token(tok, token, next);
@@ -415,7 +416,7 @@ static int chat(run_model* m, run_tokenizer* tok, const char* first_user, const 
         int token = ast;
         pending = -1;
         while (pos < o->steps) {
-            int next = next_token(m, logits, o, pos);
+            int next = next_token(m, logits, o, (int)n_gen);
             n_gen++;
             if (next == end) { pending = end; break; }
             print_token(tok, token, next);

@@ -182,7 +182,7 @@ class Runtime:
         out = []
         pos = len(ids)
         for _ in range(steps):
-            nxt = sample(logits, temperature, top_p, top_k, seed, pos - 1)
+            nxt = sample(logits, temperature, top_p, top_k, seed, len(out))  # step as model.generate counts
             if nxt in stop:
                 break
             out.append(nxt)
