@@ -354,3 +354,28 @@ def test_cli_export_end_to_end(tmp_path, tok_and_model):
         tol = 1e-4 if not extra else Q8_REL_BOUND * np.abs(want).max()
         assert np.abs(got - want).max() < tol
     assert cli_main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.skipif(not (L2C_TOK.exists() and runtime.BIN_PATH.exists()), reason="no llama2.c tokenizer or binary")
+def test_binary_llama2c_checkpoint_and_tokenizer(tmp_path, rng):
+    """A llama2.c v0 checkpoint (vocab 32000) + llama2.c's tokenizer.bin: greedy text == torch greedy decoded."""
+    c = tiny_config(vocab_size=32000, dim=32, n_heads=4, n_kv_heads=4, hidden_dim=64, norm_eps=1e-5,
+                    rope_theta=10000.0, max_seq_len=40)
+    sd = random_state_dict(c, rng, tied=True, std=0.3)
+    write_llama2c(tmp_path / "model.bin", sd, c, version=0)
+    ct = runtime.CTokenizer(L2C_TOK, 32000)
+    ids = ct.encode("Once upon a time", add_bos=True)
+    seq = list(ids)
+    while len(seq) < 30:
+        nxt = int(ref_logits(sd, c, seq)[-1].argmax())
+        if nxt == 1:
+            break
+        seq.append(nxt)
+    want = ct.decode_bytes(seq[1:], prev=1) + b"\n"
+    r = subprocess.run([str(runtime.BIN_PATH), str(tmp_path / "model.bin"), "-z", str(L2C_TOK), "-t", "0", "-n", "29",
+                        "-i", "Once upon a time"], capture_output=True, timeout=60, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want
+    r = subprocess.run([str(runtime.BIN_PATH), str(tmp_path / "model.bin"), "-z", str(L2C_TOK), "-m", "chat"],
+                       capture_output=True, text=True, timeout=60, input="")
+    assert r.returncode == 1 and "chat mode needs a pyllm tokenizer" in r.stderr
