@@ -107,4 +107,17 @@ PYBIND11_MODULE(_C, m) {
         rmsnorm_backward(&p);
     }, py::arg("dx"), py::arg("dweight"), py::arg("dout"), py::arg("x"), py::arg("weight"), py::arg("rstd"),
        py::arg("N"), py::arg("C"));
+    // --- sampling (impl_sample.h) ----------------------------------------------------------------------------
+    m.def("sample_forward", [](uintptr_t tokens, uintptr_t logprobs, uintptr_t logits, uintptr_t mask, int B, int V,
+                               float temperature, int top_k, float top_p, float min_p, uint64_t seed, uint64_t step) {
+        CHECK_PTR(tokens); CHECK_PTR(logprobs); CHECK_PTR(logits); CHECK_POS(B); CHECK_POS(V); CHECK_NONNEG(top_k);
+        if (!(temperature >= 0.f)) throw std::invalid_argument("sample_forward: temperature must be >= 0");
+        if (!(top_p > 0.f && top_p <= 1.f)) throw std::invalid_argument("sample_forward: top_p must be in (0, 1]");
+        if (!(min_p >= 0.f && min_p <= 1.f)) throw std::invalid_argument("sample_forward: min_p must be in [0, 1]");
+        sample_params p{P<int64_t>(tokens), P<float>(logprobs), P<const float>(logits), P<const uint8_t>(mask),
+                        B, V, temperature, top_k, top_p, min_p, seed, step};
+        py::gil_scoped_release nogil;
+        sample_forward(&p);
+    }, py::arg("tokens"), py::arg("logprobs"), py::arg("logits"), py::arg("mask"), py::arg("B"), py::arg("V"),
+       py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("seed"), py::arg("step"));
 }

@@ -58,3 +58,38 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.T
     if x.numel() == 0:
         raise ValueError("rmsnorm x: empty tensor")
     return _RMSNorm.apply(x, weight, eps)
+
+
+# --- sampling ---------------------------------------------------------------------------------------------
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+           mask: torch.Tensor | None = None, seed: int = 0, step: int = 0):
+    """Draw one token per row. logits (B, V) fp32; mask (B, V) bool of ALLOWED tokens or None.
+    temperature 0 = greedy. Filters in HF order: mask, temperature, top-k, top-p, min-p.
+    The draw is a pure function of (seed, row, step): same seed -> same tokens on every CPU path.
+    Returns (tokens (B,) int64, logprobs (B,) fp32) with logprob = log_softmax(logits / T)[token] (T = 1 if greedy)."""
+    check(logits, "sample logits")
+    if logits.dim() != 2 or logits.numel() == 0:
+        raise ValueError(f"sample logits: expected a non-empty (B, V) tensor, got shape {tuple(logits.shape)}")
+    B, V = logits.shape
+    if mask is not None:
+        check(mask, "sample mask", dtype=torch.bool, shape=(B, V))
+    if not temperature >= 0:
+        raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
+    if int(top_k) < 0:
+        raise ValueError(f"sample: top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"sample: top_p must be in (0, 1], got {top_p}")
+    if not 0 <= min_p <= 1:
+        raise ValueError(f"sample: min_p must be in [0, 1], got {min_p}")
+    tokens = torch.empty(B, dtype=torch.int64)
+    logprobs = torch.empty(B, dtype=torch.float32)
+    C().sample_forward(ptr(tokens), ptr(logprobs), ptr(logits), ptr(mask), B, V, float(temperature), int(top_k),
+                       float(top_p), float(min_p), int(seed) & (2**64 - 1), int(step) & (2**64 - 1))
+    bad = tokens < 0
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        code = int(tokens[b])
+        why = {-1: "no allowed token (the mask or -inf logits remove every token)",
+               -2: "NaN or +inf in the logits"}.get(code, "out of memory for the scratch buffers")
+        raise ValueError(f"sample: row {b}: {why}")
+    return tokens, logprobs

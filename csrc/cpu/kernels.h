@@ -33,10 +33,25 @@ typedef struct {
     int N, C;
 } rmsnorm_backward_params;
 
+// --- sampling (impl_sample.h) -------------------------------------------------------------------------
+typedef struct {
+    int64_t* tokens;      // (B)    written: chosen id; -1 = row has no allowed token, -2 = NaN/+inf logits
+    float* logprobs;      // (B)    written: log_softmax(logits / T)[token] over the full vocab (T = 1 if greedy)
+    const float* logits;  // (B, V)
+    const uint8_t* mask;  // (B, V) optional: nonzero = allowed (NULL: all allowed)
+    int B, V;
+    float temperature;    // 0 = greedy
+    int top_k;            // 0 = off
+    float top_p;          // 1 = off
+    float min_p;          // 0 = off
+    uint64_t seed, step;  // the draw for row b is a pure function of (seed, b, step)
+} sample_params;
+
 // X(name, params_type): every dispatched kernel, in one list. kernels.c builds the tables and entry points.
 #define PYLLM_KERNELS(X)                          \
     X(rmsnorm_forward, rmsnorm_params)            \
-    X(rmsnorm_backward, rmsnorm_backward_params)
+    X(rmsnorm_backward, rmsnorm_backward_params)  \
+    X(sample_forward, sample_params)
 
 #define PYLLM_DECLARE(name, P) void name(const P* p);
 PYLLM_KERNELS(PYLLM_DECLARE)
