@@ -1,7 +1,7 @@
 // impl_sample.h — batched sampling from logits (B, V): greedy, temperature, top-k, top-p, min-p, allowed mask.
 // Included by kernels_impl.h; KFN() names the per-path symbol. Cost per row: one max pass, one exp pass that
-// stores the weights (V floats of scratch per thread), one gather of the few tokens above a threshold, then an
-// O(n) partial selection on those (quickselect, weighted for top-p). No sort of the vocabulary.
+// stores the weights (V floats of scratch per thread), then for top-k/top-p a radix selection on the weights' bits
+// (one histogram pass over the row, then passes over the shrinking boundary group). No sort of the vocabulary.
 //
 // Same seed -> same token on every ISA path: the kernels build with -std=c11 (no FMA contraction), vf_exp uses
 // only lane-wise IEEE ops, and every sum that can change the choice is accumulated in a layout that does not
@@ -104,54 +104,112 @@ static double exp_pass(const float* l, const uint8_t* mk, int V, float zref, flo
     return Z;
 }
 
-// Candidate order: higher logit first, then lower id. A strict total order, so selections are deterministic.
-static inline int ranks_before(const float* l, int a, int b) { return l[a] > l[b] || (l[a] == l[b] && a < b); }
+// Candidate order: higher weight first, then lower id. Radix selection on the weight's bits (for w >= 0 the
+// IEEE bits order like the values), 8 bits per level: a histogram (count and mass) per level finds the digit
+// where the prefix ends, tokens above it are in, tokens on it go to the next level. O(n) per level, no sort.
+static inline uint32_t wbits(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
 
-static inline void swap_int(int* a, int* b) { int t = *a; *a = *b; *b = t; }
-
-// Partitions c[lo, hi) around a median-of-3 pivot; returns its position p: c[lo, p) rank before it, c(p, hi) after.
-static int cand_partition(int* c, int lo, int hi, const float* l) {
-    int mid = lo + (hi - lo) / 2, last = hi - 1;
-    if (ranks_before(l, c[mid], c[lo])) swap_int(&c[mid], &c[lo]);
-    if (ranks_before(l, c[last], c[lo])) swap_int(&c[last], &c[lo]);
-    if (ranks_before(l, c[mid], c[last])) swap_int(&c[mid], &c[last]);  // median now at c[last]
-    const int pv = c[last];
-    int s = lo;
-    for (int i = lo; i < last; i++)
-        if (ranks_before(l, c[i], pv)) swap_int(&c[i], &c[s++]);
-    swap_int(&c[s], &c[last]);
-    return s;
+// Appends to out[*no] the tokens of grp (ng ids in id order, all sharing the digits above `level`) that belong to
+// the shortest best-first prefix whose count (by_count) or mass reaches need; acc = what out already holds.
+static void radix_refine(int* out, int* no, int* grp, int ng, int* tmp, const float* w, int level, double acc,
+                         int by_count, double need) {
+    static const int shifts[4] = {23, 15, 7, 0};
+    for (; level < 4 && ng > 0; level++) {
+        const int sh = shifts[level];
+        int cnt[256] = {0};
+        double mass[256] = {0};
+        for (int i = 0; i < ng; i++) {
+            const int d = (wbits(w[grp[i]]) >> sh) & 0xFF;
+            cnt[d]++;
+            mass[d] += w[grp[i]];
+        }
+        int db = -1;  // the digit where the prefix ends; -1: the whole group is in
+        for (int d = 255; d >= 0; d--) {
+            const double add = by_count ? cnt[d] : mass[d];
+            if (acc + add >= need) { db = d; break; }
+            acc += add;
+        }
+        int nt = 0, n_out = *no;
+        for (int i = 0; i < ng; i++) {  // stable: the group stays in id order; branch-free
+            const int d = (wbits(w[grp[i]]) >> sh) & 0xFF;
+            out[n_out] = grp[i];
+            n_out += d > db;
+            tmp[nt] = grp[i];
+            nt += d == db;
+        }
+        *no = n_out;
+        if (db < 0) return;
+        memcpy(grp, tmp, (size_t)nt * sizeof(int));
+        ng = nt;
+    }
+    for (int i = 1; i < ng; i++)  // equal weights: lower id first (the group is tiny; insertion sort)
+        for (int j = i; j > 0 && grp[j - 1] > grp[j]; j--) { int t = grp[j]; grp[j] = grp[j - 1]; grp[j - 1] = t; }
+    for (int i = 0; i < ng && acc < need; i++) { out[(*no)++] = grp[i]; acc += by_count ? 1.0 : w[grp[i]]; }
 }
 
-// Reorders c[0, n) so that c[0, k) are the k best (unordered). Expected O(n).
-static void select_top_k(int* c, int n, int k, const float* l) {
-    int lo = 0, hi = n;
-    while (lo < hi) {
-        int p = cand_partition(c, lo, hi, l);
-        if (p == k || p + 1 == k) return;
-        if (p < k) lo = p + 1; else hi = p;
+// The prefix over a whole row of weights (V): the first level reads w directly and skips blocks whose maximum is
+// below the boundary octave. Writes the prefix to out, returns its length. grp, tmp: (V) scratch.
+static int radix_prefix_row(const float* w, int V, int nblk, const float* bmax, int by_count, double need,
+                            int* out, int* grp, int* tmp) {
+    // 4 interleaved histograms (token i -> copy i % 4): neighbours mostly share an octave, and one table would
+    // chain every add through the same memory slot. Combined in a fixed order, so still path-independent.
+    int cnt4[4][256];
+    double mass4[4][256];
+    memset(cnt4, 0, sizeof(cnt4));
+    memset(mass4, 0, sizeof(mass4));
+    for (int blk = 0; blk < nblk; blk++) {
+        if (!(bmax[blk] > 0.f)) continue;
+        const int i1 = (blk + 1) * SBLK < V ? (blk + 1) * SBLK : V;
+        for (int i = blk * SBLK; i < i1; i++) {  // w == 0 lands in digit 0, which no prefix ever reaches first
+            const int d = wbits(w[i]) >> 23;
+            cnt4[i & 3][d]++;
+            mass4[i & 3][d] += w[i];
+        }
     }
+    int cnt[256];
+    double mass[256];
+    for (int d = 0; d < 256; d++) {
+        cnt[d] = cnt4[0][d] + cnt4[1][d] + cnt4[2][d] + cnt4[3][d];
+        mass[d] = ((mass4[0][d] + mass4[1][d]) + mass4[2][d]) + mass4[3][d];
+    }
+    cnt[0] = 0;  // zero weights (masked / underflow) are never candidates
+    mass[0] = 0;
+    double acc = 0;
+    int db = -1;
+    for (int d = 255; d >= 0; d--) {
+        const double add = by_count ? cnt[d] : mass[d];
+        if (acc + add >= need) { db = d; break; }
+        acc += add;
+    }
+    int no = 0, ng = 0;
+    for (int blk = 0; blk < nblk; blk++) {
+        if (!(bmax[blk] > 0.f) || (int)(wbits(bmax[blk]) >> 23) < db) continue;
+        const int i1 = (blk + 1) * SBLK < V ? (blk + 1) * SBLK : V;
+        for (int i = blk * SBLK; i < i1; i++) {  // branch-free: which side a token falls on is unpredictable
+            const int d = wbits(w[i]) >> 23;
+            out[no] = i;
+            no += d > db && d > 0;
+            grp[ng] = i;
+            ng += d == db && d > 0;
+        }
+    }
+    if (db >= 0) radix_refine(out, &no, grp, ng, tmp, w, 1, acc, by_count, need);
+    return no;
 }
 
-// Reorders c[0, n) and returns r: c[0, r) is the shortest best-first prefix whose weight reaches target
-// (top-p's nucleus). Weighted quickselect, expected O(n).
-static int select_mass(int* c, int n, double target, const float* w, const float* l) {
-    int lo = 0, hi = n;
-    double acc = 0;  // mass of c[0, lo), all ranked before c[lo, hi)
-    while (lo < hi) {
-        int p = cand_partition(c, lo, hi, l);
-        double left = 0;
-        for (int i = lo; i < p; i++) left += w[c[i]];
-        if (acc + left >= target) { hi = p; continue; }
-        acc += left + w[c[p]];
-        if (acc >= target) return p + 1;
-        lo = p + 1;
-    }
-    return lo > 0 ? lo : 1;
+// The same over a list of ids cand[0, n) (rewritten in place with the prefix); returns its length.
+static int radix_prefix_list(int* cand, int n, const float* w, int by_count, double need, int* grp, int* tmp) {
+    memcpy(grp, cand, (size_t)n * sizeof(int));
+    for (int i = 1; i < n; i++)  // id order, so that ties resolve by id (n <= top_k: small)
+        for (int j = i; j > 0 && grp[j - 1] > grp[j]; j--) { int t = grp[j]; grp[j] = grp[j - 1]; grp[j - 1] = t; }
+    int no = 0;
+    radix_refine(cand, &no, grp, n, tmp, w, 0, 0.0, by_count, need);
+    return no;
 }
 
 // One row. Returns the token, or -1 (no allowed token with a finite logit) / -2 (NaN or +inf in the logits).
-static int64_t sample_row(const sample_params* p, int b, float* w, int* cand, double* bsum, float* bmax,
+static int64_t sample_row(const sample_params* p, int b, float* w, int* cand, int* grp, int* tmp, double* bsum,
+                          float* bmax,
                           float* logprob) {
     const int V = p->V;
     const float* l = p->logits + (size_t)b * V;                 // (V)
@@ -212,35 +270,23 @@ static int64_t sample_row(const sample_params* p, int b, float* w, int* cand, do
         if (tok < 0)  // rounding left the chosen block empty: take the last token with weight
             for (i = V - 1; i >= 0 && tok < 0; i--) if (w[i] > 0.f) tok = i;
     } else {
-        // Gather G = {w >= thr}, a best-first prefix, widening thr until G provably holds the final set.
-        static const float radii[] = {5.f, 12.f, 30.f, -1.f};  // thr = e^-radius; -1: every token with w > 0
+        // Truncation: top-k by count, then top-p by mass on the top-k set, then min-p (w is relative to the top).
         int n = 0;
-        double SG = 0;
-        float thr = 0.f;
-        for (int ri = 0; ri < 4; ri++) {
-            thr = radii[ri] < 0 ? 0.f : expf(-radii[ri]);
-            // min-p alone bounds the final set, except that top-p after top-k needs the whole top-k mass
-            if (min_p > 0 && thr < (float)min_p && (k == 0 || top_p >= 1.0)) thr = (float)min_p;
-            n = 0; SG = 0;
-            for (int blk = 0; blk < nblk; blk++) {
-                if (bmax[blk] < thr || bmax[blk] <= 0.f) continue;
-                const int i1 = (blk + 1) * SBLK < V ? (blk + 1) * SBLK : V;
-                for (i = blk * SBLK; i < i1; i++)
-                    if (w[i] >= thr && w[i] > 0.f) { cand[n++] = i; SG += w[i]; }
+        if (k > 0) {
+            n = radix_prefix_row(w, V, nblk, bmax, 1, (double)k, cand, grp, tmp);
+            if (top_p < 1.0) {
+                double M = 0;
+                for (i = 0; i < n; i++) M += w[cand[i]];
+                n = radix_prefix_list(cand, n, w, 0, top_p * M, grp, tmp);
             }
-            const int all = thr == 0.f;
-            const int topk_inside = k > 0 && n >= k;
-            const int mass_known = k == 0 || topk_inside || all;
-            const int final_inside = all || topk_inside || (min_p > 0 && thr <= (float)min_p) ||
-                                     (top_p < 1.0 && k == 0 && SG >= top_p * Za);
-            if (final_inside && (top_p >= 1.0 || mass_known)) break;
-        }
-        if (k > 0 && n > k) { select_top_k(cand, n, k, l); n = k; }
-        if (top_p < 1.0) {
-            double M = 0;
-            if (k == 0) M = Za;
-            else for (i = 0; i < n; i++) M += w[cand[i]];
-            n = select_mass(cand, n, top_p * M, w, l);
+        } else if (top_p < 1.0) {
+            n = radix_prefix_row(w, V, nblk, bmax, 0, top_p * Za, cand, grp, tmp);
+        } else {
+            for (int blk = 0; blk < nblk; blk++) {
+                if (bmax[blk] < (float)min_p) continue;
+                const int i1 = (blk + 1) * SBLK < V ? (blk + 1) * SBLK : V;
+                for (i = blk * SBLK; i < i1; i++) if (w[i] >= (float)min_p && w[i] > 0.f) cand[n++] = i;
+            }
         }
         if (min_p > 0) {
             int r = 0;
@@ -266,15 +312,15 @@ void KFN(sample_forward)(const sample_params* p) {
     const int nblk = (V + SBLK - 1) / SBLK;
     #pragma omp parallel if (B > 1)
     {
-        // per-thread scratch: weights (V), candidate ids (V), block sums and maxima (nblk)
+        // per-thread scratch: weights (V), candidate ids and two radix buffers (3V), block sums and maxima (nblk)
         float* w = (float*)malloc((size_t)V * sizeof(float));
-        int* cand = (int*)malloc((size_t)V * sizeof(int));
+        int* cand = (int*)malloc((size_t)3 * V * sizeof(int));
         double* bsum = (double*)malloc((size_t)nblk * sizeof(double));
         float* bmax = (float*)malloc((size_t)nblk * sizeof(float));
         #pragma omp for schedule(static)
         for (int b = 0; b < B; b++) {
             float lp = NAN;
-            int64_t tok = (w && cand && bsum && bmax) ? sample_row(p, b, w, cand, bsum, bmax, &lp) : -3;
+            int64_t tok = (w && cand && bsum && bmax) ? sample_row(p, b, w, cand, cand + V, cand + 2 * (size_t)V, bsum, bmax, &lp) : -3;
             p->tokens[b] = tok;
             p->logprobs[b] = lp;
         }
