@@ -1,6 +1,8 @@
 """Plain-PyTorch references for every pyllm kernel: the tests and benchmarks compare against these."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -58,3 +60,35 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
     T = temperature if temperature > 0 else 1.0
     logprobs = torch.log_softmax(up(logits) / T, -1).gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, logprobs.float()
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF rotate-half RoPE. x (B, T, H, D); cos/sin (T, D/2) -> (B, T, H, D)."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up."""
+    return torch.nn.functional.silu(gate) * up
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
+    """Mean CE over non-ignored targets; 0 (with a zero gradient) when every target is ignored."""
+    if bool((targets == ignore_index).all()):
+        return up(logits).sum() * 0.0
+    return torch.nn.functional.cross_entropy(up(logits), targets, ignore_index=ignore_index)
+
+
+def adamw_step(params, grads, ms, vs, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+               step: int) -> None:
+    """One AdamW step in place, written out as torch.optim.AdamW does it (decoupled decay, bias correction)."""
+    with torch.no_grad():
+        for p, g, m, v in zip(params, grads, ms, vs):
+            p.mul_(1 - lr * weight_decay)
+            m.mul_(beta1).add_(g, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+            p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))

@@ -47,11 +47,72 @@ typedef struct {
     uint64_t seed, step;  // the draw for row b is a pure function of (seed, b, step)
 } sample_params;
 
+// --- fused training ops (impl_fused.h) ----------------------------------------------------------------------
+typedef struct {
+    float* out;           // (B, T, H, D)  may alias x
+    const float* x;       // (B, T, H, D)
+    const float* cos;     // (T, D/2)
+    const float* sin;     // (T, D/2)
+    int B, T, H, D;       // D even
+    int backward;         // 1: rotate by -angle (the gradient of the forward rotation)
+} rope_params;
+
+typedef struct {
+    float* out;           // (n)  silu(gate) * up
+    const float* gate;    // (n)
+    const float* up;      // (n)
+    long n;
+} swiglu_params;
+
+typedef struct {
+    float* dgate;         // (n)
+    float* dup;           // (n)
+    const float* dout;    // (n)
+    const float* gate;    // (n)
+    const float* up;      // (n)
+    long n;
+} swiglu_backward_params;
+
+typedef struct {
+    float* loss;            // (N)  lse - logits[target], 0 for ignored rows
+    float* lse;             // (N)  saved for backward
+    const float* logits;    // (N, V)
+    const int64_t* targets; // (N)
+    int N, V;
+    int64_t ignore_index;
+} cross_entropy_params;
+
+typedef struct {
+    float* dlogits;         // (N, V)  may alias logits
+    const float* logits;    // (N, V)
+    const float* lse;       // (N)
+    const int64_t* targets; // (N)
+    int N, V;
+    int64_t ignore_index;
+    float scale;            // dloss / n_valid
+} cross_entropy_backward_params;
+
+typedef struct {
+    float* params;        // (n)  updated in place
+    const float* grads;   // (n)
+    float* m;             // (n)  first moment, updated
+    float* v;             // (n)  second moment, updated
+    long n;
+    float lr, beta1, beta2, eps, weight_decay;
+    int step;             // 1-based, for bias correction
+} adamw_params;
+
 // X(name, params_type): every dispatched kernel, in one list. kernels.c builds the tables and entry points.
 #define PYLLM_KERNELS(X)                          \
     X(rmsnorm_forward, rmsnorm_params)            \
     X(rmsnorm_backward, rmsnorm_backward_params)  \
-    X(sample_forward, sample_params)
+    X(sample_forward, sample_params)              \
+    X(rope_forward, rope_params)                  \
+    X(swiglu_forward, swiglu_params)              \
+    X(swiglu_backward, swiglu_backward_params)    \
+    X(cross_entropy_forward, cross_entropy_params) \
+    X(cross_entropy_backward, cross_entropy_backward_params) \
+    X(adamw_step, adamw_params)
 
 #define PYLLM_DECLARE(name, P) void name(const P* p);
 PYLLM_KERNELS(PYLLM_DECLARE)

@@ -8,3 +8,4 @@
 
 #include "impl_norm.h"
 #include "impl_sample.h"
+#include "impl_fused.h"
