@@ -10,6 +10,12 @@ from . import __version__
 # name -> (module, help). Each module defines add_arguments(parser) and main(args). Stages register here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("pyllm.info", "print version, compiler, instruction sets found and chosen, threads, CUDA, torch"),
+    # assistant stages (chat engineer)
+    "sft": ("pyllm.sft", "supervised fine-tuning on chat JSONL (loss on assistant tokens, packed rows)"),
+    "reward": ("pyllm.reward", "train a reward model on preference JSONL {prompt, chosen, rejected}"),
+    "score": ("pyllm.score", "score (prompt, response) JSONL lines with a reward model"),
+    "rl": ("pyllm.rl", "RL from a reward model and/or a Python reward function (PPO or GRPO)"),
+    "dpo": ("pyllm.dpo", "direct preference optimization on preference JSONL (sigmoid loss)"),
 }
 
 
