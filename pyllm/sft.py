@@ -238,10 +238,12 @@ class Bar:
                 self.inner = None
         rate = (self.n - self.initial) / max(time.time() - self.t0, 1e-9)
         extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
+        if not sys.stderr.isatty() and self.n != self.total and self.n % max(1, self.total // 10):
+            return  # logs and CI: about ten lines per bar, not one per step
         w = 24
         done = int(w * self.n / max(self.total, 1))
         sys.stderr.write(f"\r{self.desc} [{'#' * done}{'.' * (w - done)}] {self.n}/{self.total} "
-                         f"{rate:.2f}it/s {extra}   ")
+                         f"{rate:.2f}it/s {extra}   " + ("" if sys.stderr.isatty() else "\n"))
         sys.stderr.flush()
 
     def close(self):
@@ -553,7 +555,7 @@ def main(args) -> int:
         loss.backward()
         gn = clip_and_step(opt, params, args.grad_clip)
         step += 1
-        row = {"step": step, "loss": dist.mean(float(loss)), "lr": opt.param_groups[0]["lr"], "grad_norm": gn,
+        row = {"step": step, "loss": dist.mean(loss.item()), "lr": opt.param_groups[0]["lr"], "grad_norm": gn,
                "tokens": int((y >= 0).sum())}
         if erows is not None and (step % args.eval_every == 0 or step == steps):
             row["eval_loss"] = eval_loss(model, erows, dist.device, args.batch_size)
