@@ -329,11 +329,12 @@ def plot_metrics(out: Path):
         return
     from .sft import read_metrics
     rows = read_metrics(out / "metrics.jsonl")
-    fn = getattr(plot, "line_plot", None) or getattr(plot, "plot_lines", None)
-    if not rows or fn is None:
+    if not rows:
         return
-    series = {k: [(r["step"], r[k]) for r in rows if k in r] for k in ("reward", "kl", "entropy", "response_length")}
     try:
-        fn(str(out / "rl.png"), series, title="pyllm rl", xlabel="step")
+        for name, keys in (("rl_reward.png", ("reward", "kl")), ("rl_policy.png", ("entropy", "response_length",
+                                                                                   "clip_frac"))):
+            series = {k: ([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r]) for k in keys}
+            plot.line_plot(str(out / name), {k: v for k, v in series.items() if v[0]})
     except Exception as e:  # a plot is a convenience; never lose a finished run over it
         print(f"rl: plot skipped ({e})")

@@ -211,48 +211,18 @@ class Dist:
 
 
 class Bar:
-    """Progress bar: pyllm.progress's when it has one, else a one-line stderr bar (off when not main rank)."""
+    """pyllm.progress bar for a stage (silent on ranks other than 0), with the latest metrics as postfix."""
 
     def __init__(self, total: int, desc: str, enabled: bool = True, initial: int = 0):
-        self.total, self.desc, self.n, self.enabled, self.t0 = total, desc, initial, enabled, time.time()
-        self.initial = initial
-        self.inner = None
-        if enabled:
-            try:
-                from . import progress
-                cls = getattr(progress, "Progress", None) or getattr(progress, "ProgressBar", None)
-                if cls is not None:
-                    self.inner = cls(total=total, desc=desc, initial=initial)
-            except Exception:
-                self.inner = None
+        from .progress import Progress
+        self.p = Progress(total=total, desc=desc, unit="step", disable=None if enabled else True, initial=initial)
 
     def update(self, n: int = 1, **info):
-        self.n += n
-        if not self.enabled:
-            return
-        if self.inner is not None:
-            try:
-                self.inner.update(n, **info)
-                return
-            except Exception:
-                self.inner = None
-        rate = (self.n - self.initial) / max(time.time() - self.t0, 1e-9)
-        extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
-        if not sys.stderr.isatty() and self.n != self.total and self.n % max(1, self.total // 10):
-            return  # logs and CI: about ten lines per bar, not one per step
-        w = 24
-        done = int(w * self.n / max(self.total, 1))
-        sys.stderr.write(f"\r{self.desc} [{'#' * done}{'.' * (w - done)}] {self.n}/{self.total} "
-                         f"{rate:.2f}it/s {extra}   " + ("" if sys.stderr.isatty() else "\n"))
-        sys.stderr.flush()
+        self.p.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in info.items()})
+        self.p.update(n)
 
     def close(self):
-        if not self.enabled:
-            return
-        if self.inner is not None and hasattr(self.inner, "close"):
-            self.inner.close()
-        else:
-            sys.stderr.write("\n")
+        self.p.close()
 
 
 class Metrics:
@@ -370,28 +340,39 @@ def load_optimizer_tensors(opt, tensors: dict, side: dict):
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
+KEEP = (".jsonl", ".png", ".txt")  # run outputs (metrics, plots) carried into each new checkpoint directory
+
+
 def save_stage(out, model: nn.Module, tok, *, step: int, opt=None, state: dict | None = None,
                extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None, base: str | None = None,
                trainer_tensors: dict[str, torch.Tensor] | None = None):
     """One stage checkpoint in `out`: model.safetensors etc. (LoRA merged), adapter files when LoRA, extra
-    safetensors files (e.g. the reward head), and trainer_state.{safetensors,json}. Every file is written to
-    *.tmp then renamed; trainer_state.json is written last, so a resume never sees a newer model with older
-    state and a crash mid-save leaves the previous complete checkpoint usable."""
+    safetensors files (e.g. the reward head), trainer_state.{safetensors,json}, and the run's metrics/plots.
+    Everything is written into save_checkpoint's temporary directory, which then replaces `out` in one rename,
+    so a crash mid-save leaves the previous complete checkpoint."""
+    import shutil
     from .checkpoint import save_checkpoint
     from .lora import has_lora, save_adapter
     from .safetensors_io import save_file
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(str(out), plain_copy(model), tok)
-    if has_lora(model):
-        save_adapter(out, model, base_model=base)
-    for fname, tensors in (extra_tensors or {}).items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out / fname))
     tt, side = optimizer_tensors(opt) if opt is not None else ({}, {})
     tt.update({k: v.detach().cpu().contiguous() for k, v in (trainer_tensors or {}).items()})
-    save_file(tt if tt else {"step": torch.tensor([step])}, str(out / "trainer_state.safetensors"))
-    _atomic_text(out / "trainer_state.json", json.dumps({"step": step, "optimizer": side, **(state or {})},
-                                                          indent=1) + "\n")
+
+    def extra_files(tmp: Path):
+        if has_lora(model):
+            save_adapter(tmp, model, base_model=base)
+        for fname, tensors in (extra_tensors or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / fname)
+        save_file(tt if tt else {"step": torch.tensor([step])}, tmp / "trainer_state.safetensors")
+        _atomic_text(tmp / "trainer_state.json", json.dumps({"step": step, "optimizer": side, **(state or {})},
+                                                             indent=1) + "\n")
+        if out.is_dir():
+            for f in out.iterdir():
+                if f.is_file() and f.suffix in KEEP and not (tmp / f.name).exists():
+                    shutil.copy2(f, tmp / f.name)
+
+    save_checkpoint(out, plain_copy(model), tok, extra={"stage": (state or {}).get("stage"), "step": step},
+                    extra_files=extra_files)
 
 
 def load_trainer_state(out) -> tuple[dict, dict] | None:
