@@ -32,3 +32,13 @@ def write_jsonl(path, rows) -> Path:
         for r in rows:
             f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
     return path
+
+
+def cli(argv: list[str]) -> int:
+    """pyllm.cli.main with only the one subcommand registered (a teammate's half-landed stage cannot break these
+    tests); same parsing, same one-line errors and exit codes as the real CLI."""
+    from unittest import mock
+
+    from pyllm import cli as cli_mod
+    with mock.patch.dict(cli_mod.COMMANDS, {argv[0]: cli_mod.COMMANDS[argv[0]]}, clear=True):
+        return cli_mod.main(argv)
