@@ -14,7 +14,6 @@ import math
 import os
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch

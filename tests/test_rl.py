@@ -45,7 +45,7 @@ def test_custom_reward_fn_drives_rl_and_kl_stays_bounded(tmp_path, algo):
     for key in ("clip_frac", "entropy", "response_length", "fn_score"):
         assert key in rows[-1]
     assert ("vf_loss" in rows[-1]) == (algo == "ppo")
-    assert (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file() and (out / "rl_reward.png").is_file()
     assert (out / "value_head.safetensors").is_file() == (algo == "ppo")
 
 
