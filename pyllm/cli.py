@@ -10,6 +10,9 @@ from . import __version__
 # name -> (module, help). Each module defines add_arguments(parser) and main(args). Stages register here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("pyllm.info", "print version, compiler, instruction sets found and chosen, threads, CUDA, torch"),
+    "tokenizer-train": ("pyllm.tokenizer_train", "train a BPE tokenizer on .txt/.jsonl files"),
+    "prepare": ("pyllm.prepare", "tokenize .txt/.jsonl files into train/val token shards (resumable)"),
+    "pretrain": ("pyllm.pretrain", "pretrain a base model on prepared token shards (DDP/FSDP via torchrun)"),
 }
 
 
