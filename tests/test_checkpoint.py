@@ -45,7 +45,8 @@ def some_tensors(rng):
         "f16": torch.randn(2, 3, generator=rng).half(), "i64": torch.randint(-9, 9, (4,), generator=rng),
         "i32": torch.randint(-9, 9, (2, 2), generator=rng).int(), "u8": torch.randint(0, 255, (5,), generator=rng,
                                                                                       dtype=torch.uint8),
-        "bool": torch.randint(0, 2, (3,), generator=rng).bool(), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3),
+        "bool": torch.randint(0, 2, (3,), generator=rng).bool(), "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 3),
     }
 
 
@@ -273,7 +274,8 @@ def _edit_weights(d, fn):
     ("bad_json", ValueError, r"config\.json.*invalid JSON"),
     ("wrong_shape", ValueError, r"model\.safetensors.*'model\.layers\.1\.mlp\.up_proj\.weight'.*shape"),
     ("missing_tensor", ValueError, r"model\.safetensors.*missing tensor 'model\.norm\.weight'"),
-    ("unexpected_tensor", ValueError, r"model\.safetensors.*unexpected tensor 'model\.layers\.0\.self_attn\.q_proj\.bias'"),
+    ("unexpected_tensor", ValueError,
+     r"model\.safetensors.*unexpected tensor 'model\.layers\.0\.self_attn\.q_proj\.bias'"),
     ("dtype", ValueError, r"model\.safetensors.*'model\.embed_tokens\.weight'.*F16"),
     ("truncated", ValueError, r"model\.safetensors.*truncated"),
 ])
