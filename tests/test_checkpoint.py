@@ -270,6 +270,8 @@ def _edit_weights(d, fn):
     ("unknown_field", ValueError, r"config\.json.*unknown.*'sliding_window_size'"),
     ("rope_scaling", ValueError, r"config\.json.*rope_scaling"),
     ("attention_bias", ValueError, r"config\.json.*attention_bias"),
+    ("rope_llama3", ValueError, r"config\.json.*rope_parameters"),
+    ("head_dim", ValueError, r"config\.json.*head_dim 16"),
     ("act", ValueError, r"config\.json.*hidden_act='gelu'"),
     ("bad_json", ValueError, r"config\.json.*invalid JSON"),
     ("wrong_shape", ValueError, r"model\.safetensors.*'model\.layers\.1\.mlp\.up_proj\.weight'.*shape"),
@@ -294,6 +296,10 @@ def test_bad_checkpoints(rng, tmp_path, case, exc, pattern):
         _edit_config(d, rope_scaling={"type": "linear", "factor": 2.0})
     elif case == "attention_bias":
         _edit_config(d, attention_bias=True)
+    elif case == "rope_llama3":
+        _edit_config(d, rope_parameters={"rope_type": "llama3", "rope_theta": 321.0, "factor": 8.0})
+    elif case == "head_dim":
+        _edit_config(d, head_dim=16)
     elif case == "act":
         _edit_config(d, hidden_act="gelu")
     elif case == "bad_json":
