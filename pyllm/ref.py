@@ -26,29 +26,6 @@ def _fallback_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
-def _expand_kv(k: torch.Tensor, H: int, dim: int) -> torch.Tensor:
-    """GQA: repeat each of the Hkv heads H/Hkv times along `dim` (head h uses kv head h // (H/Hkv))."""
-    rep = H // k.shape[dim]
-    return k if rep == 1 else k.repeat_interleave(rep, dim=dim)
-
-
-def _fallback_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention. q (B, T, H, D), k/v (B, T, Hkv, D), doc_ids (B, T) or None -> (B, T, H, D)."""
-    B, T, H, D = q.shape
-    qh = q.transpose(1, 2)                            # (B, H, T, D)
-    kh = _expand_kv(k.transpose(1, 2), H, 1)          # (B, H, T, D)
-    vh = _expand_kv(v.transpose(1, 2), H, 1)
-    if doc_ids is None:
-        y = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
-    else:
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        same = doc_ids[:, :, None] == doc_ids[:, None, :]       # (B, T, T)
-        mask = (causal[None] & same)[:, None]                    # (B, 1, T, T) True = may attend
-        y = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
-    return y.transpose(1, 2).contiguous()
-
-
 def _fallback_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """HF rotate-half RoPE. x (B, T, H, D), cos/sin (T, D/2) -> (B, T, H, D)."""
     d = x.shape[-1] // 2
@@ -103,16 +80,46 @@ def _fallback_sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int 
     return tok, logp_full.gather(1, tok[:, None])[:, 0].float()
 
 
-def _fallback_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               n_ctx: int) -> torch.Tensor:
-    """One new query per row over the cache. q (B, H, D), caches (B, T_max, Hkv, D); keys [0, n_ctx) -> (B, H, D)."""
-    H = q.shape[1]
-    k = _expand_kv(k_cache[:, :n_ctx].transpose(1, 2), H, 1)      # (B, H, n_ctx, D)
-    v = _expand_kv(v_cache[:, :n_ctx].transpose(1, 2), H, 1)
-    y = F.scaled_dot_product_attention(q[:, :, None, :], k, v)     # (B, H, 1, D)
-    return y[:, :, 0, :]
-
-
-for _name in ("linear", "attention", "rope", "swiglu", "cross_entropy", "sample", "decode_attention"):
+for _name in ("linear", "rope", "swiglu", "cross_entropy", "sample"):
     globals().setdefault(_name, globals()["_fallback_" + _name])
 del _name
+
+
+# === attention (attn-helper section) ===
+def attention_mask(T: int, doc_ids: torch.Tensor | None, device=None) -> torch.Tensor:
+    """Bool mask of allowed (query i, key j) pairs: (T, T) causal, or (B, 1, T, T) causal & same document."""
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    if doc_ids is None:
+        return causal
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+    return (same & causal)[:, None]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention. q (B, T, H, D), k/v (B, T, Hkv, D), doc_ids (B, T) int or None -> (B, T, H, D)."""
+    H, Hkv = q.shape[2], k.shape[2]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
+    if H != Hkv:
+        kt, vt = kt.repeat_interleave(H // Hkv, dim=1), vt.repeat_interleave(H // Hkv, dim=1)
+    if doc_ids is None:
+        out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+    else:
+        mask = attention_mask(q.shape[1], doc_ids, q.device)
+        out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """log-sum-exp of each query row's scaled, masked scores: (B, H, T) (what the kernel saves for backward)."""
+    H, Hkv, T, D = q.shape[2], k.shape[2], q.shape[1], q.shape[3]
+    kt = k.transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+    s = q.transpose(1, 2) @ kt.transpose(-1, -2) / D ** 0.5  # (B, H, T, T)
+    return s.masked_fill(~attention_mask(T, doc_ids, q.device), float("-inf")).logsumexp(-1)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_ctx: int) -> torch.Tensor:
+    """q (B, H, D) attends to cache positions [0, n_ctx) of k/v_cache (B, T_max, Hkv, D) -> (B, H, D)."""
+    H, Hkv = q.shape[1], k_cache.shape[2]
+    k = k_cache[:, :n_ctx].transpose(1, 2).repeat_interleave(H // Hkv, dim=1)  # (B, H, n_ctx, D)
+    v = v_cache[:, :n_ctx].transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v)[:, :, 0]
