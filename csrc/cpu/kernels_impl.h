@@ -9,3 +9,4 @@
 #include "impl_norm.h"
 #include "impl_sample.h"
 #include "impl_fused.h"
+#include "impl_attention.h"
