@@ -196,10 +196,8 @@ float* run_forward(run_model* m, int token, int pos) {
         rmsnorm(m->xb, x, w->rms_ffn, D, p->norm_eps);
         matvec(m, m->hb, &w->w1, m->xb, F, D);
         matvec(m, m->hb2, &w->w3, m->xb, F, D);
-        for (int i = 0; i < F; i++) {  // SwiGLU: silu(gate) * up
-            const float g = m->hb[i];
-            m->hb[i] = g / (1.0f + expf(-g)) * m->hb2[i];
-        }
+        swiglu_params sw = {.out = m->hb, .gate = m->hb, .up = m->hb2, .n = F};  // silu(gate) * up, in place
+        swiglu_forward(&sw);
         matvec(m, m->xb2, &w->w2, m->hb, D, F);
         for (int i = 0; i < D; i++) x[i] += m->xb2[i];
     }
@@ -211,49 +209,14 @@ float* run_forward(run_model* m, int token, int pos) {
 // ---------------------------------------------------------------------------------------------------------------
 // Sampling.
 
-static uint64_t splitmix64(uint64_t z) {
-    z += 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-typedef struct { float p; int i; } prob_index;
-static int cmp_desc(const void* a, const void* b) {
-    float x = ((const prob_index*)a)->p, y = ((const prob_index*)b)->p;
-    return (x < y) - (x > y);
-}
-
-// TODO(shared kernel): replace with sample when landed (counter-based RNG on (seed, row, step)).
 int run_sample(float* logits, int n, float temperature, float top_p, int top_k, uint64_t seed, int step) {
-    int best = 0;
-    for (int i = 1; i < n; i++) if (logits[i] > logits[best]) best = i;
-    if (!(temperature > 0.f)) return best;
-    float mx = logits[best], sum = 0.f;
-    for (int i = 0; i < n; i++) { logits[i] = expf((logits[i] - mx) / temperature); sum += logits[i]; }
-    const float u = (float)((splitmix64(seed ^ splitmix64((uint64_t)step)) >> 40) * (1.0 / 16777216.0));
-    if ((top_k <= 0 || top_k >= n) && !(top_p < 1.f)) {  // plain multinomial
-        float c = 0.f, r = u * sum;
-        for (int i = 0; i < n; i++) { c += logits[i]; if (r < c) return i; }
-        return best;
-    }
-    prob_index* pi = (prob_index*)malloc((size_t)n * sizeof(prob_index));
-    if (!pi) return best;
-    for (int i = 0; i < n; i++) { pi[i].p = logits[i] / sum; pi[i].i = i; }
-    qsort(pi, (size_t)n, sizeof(prob_index), cmp_desc);
-    int keep = (top_k > 0 && top_k < n) ? top_k : n;
-    float c = 0.f;
-    for (int i = 0; i < keep; i++) {
-        c += pi[i].p;
-        if (c >= top_p) { keep = i + 1; break; }
-    }
-    float tot = 0.f;
-    for (int i = 0; i < keep; i++) tot += pi[i].p;
-    float r = u * tot, acc = 0.f;
-    int out = pi[keep - 1].i;
-    for (int i = 0; i < keep; i++) { acc += pi[i].p; if (r < acc) { out = pi[i].i; break; } }
-    free(pi);
-    return out;
+    int64_t token = -1;
+    float logprob = 0.f;
+    sample_params p = {.tokens = &token, .logprobs = &logprob, .logits = logits, .mask = NULL, .B = 1, .V = n,
+                       .temperature = temperature, .top_k = top_k, .top_p = top_p, .min_p = 0.f, .seed = seed,
+                       .step = (uint64_t)step};
+    sample_forward(&p);
+    return token < 0 ? -1 : (int)token;  // -1: NaN/inf logits
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -348,6 +311,7 @@ static int generate(run_model* m, run_tokenizer* tok, const char* prompt, const 
         float* logits = run_forward(m, token, pos);
         // step = index of the generated token, as pyllm's model.generate counts it: same seed -> same tokens
         int next = pos + 1 < n ? ids[pos + 1] : next_token(m, logits, o, generated);
+        if (next < 0) { fprintf(stderr, "\npyllm-run: error: the model produced NaN/inf logits\n"); free(ids); return 1; }
         pos++;
         if (pos >= n && next == bos) break;  // a new document: llama2.c's stop rule
         print_token(tok, token, next);
@@ -417,6 +381,7 @@ static int chat(run_model* m, run_tokenizer* tok, const char* first_user, const 
         pending = -1;
         while (pos < o->steps) {
             int next = next_token(m, logits, o, (int)n_gen);
+            if (next < 0) { fprintf(stderr, "\npyllm-run: error: the model produced NaN/inf logits\n"); rc = 1; break; }
             n_gen++;
             if (next == end) { pending = end; break; }
             print_token(tok, token, next);
@@ -426,6 +391,7 @@ static int chat(run_model* m, run_tokenizer* tok, const char* first_user, const 
         t_gen += now_s() - t0;
         printf("\n");
         fflush(stdout);
+        if (rc) break;
         if (pending < 0) { fprintf(stderr, "pyllm-run: context full (%d positions)\n", o->steps); break; }
     }
     if (n_gen > 0 && t_gen > 0) fprintf(stderr, "achieved tok/s: %.2f (%ld generated)\n", n_gen / t_gen, n_gen);

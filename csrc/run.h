@@ -27,7 +27,8 @@ float* run_forward(run_model* m, int token, int pos);
 // --- sampling ----------------------------------------------------------------------------------------------------
 // Next token from logits (n): greedy when temperature == 0, else softmax(logits/temperature) truncated to the top_k
 // (0 = off) most likely tokens and the smallest set with probability >= top_p; random numbers from (seed, step)
-// only, so a run is reproducible. `logits` is used as scratch.
+// only (pyllm's shared sample kernel: the same draw as pyllm.ops.sample / model.generate with that seed and step).
+// Returns -1 for NaN/+inf logits.
 int run_sample(float* logits, int n, float temperature, float top_p, int top_k, uint64_t seed, int step);
 
 // --- tokenizer ---------------------------------------------------------------------------------------------------

@@ -146,7 +146,10 @@ def sample(logits: np.ndarray, temperature: float = 1.0, top_p: float = 1.0, top
     """The C runtime's sampler on a copy of logits (n,)."""
     ffi, L = lib()
     buf = np.ascontiguousarray(logits, dtype=np.float32).copy()
-    return int(L.run_sample(ffi.cast("float*", buf.ctypes.data), buf.size, temperature, top_p, top_k, seed, step))
+    t = int(L.run_sample(ffi.cast("float*", buf.ctypes.data), buf.size, temperature, top_p, top_k, seed, step))
+    if t < 0:
+        raise ValueError("sample: logits contain NaN or +inf")
+    return t
 
 
 class Runtime:
