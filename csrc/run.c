@@ -26,12 +26,9 @@ static void mv_f32(float* y, const float* W, const float* x, int n, int k) {  //
     #pragma omp parallel for schedule(static)
     for (int i = 0; i < n; i++) {
         const float* w = W + (size_t)i * k;
-        float a[8] = {0};
-        int j = 0;
-        for (; j + 8 <= k; j += 8)
-            for (int u = 0; u < 8; u++) a[u] += w[j + u] * x[j + u];
-        float s = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-        for (; j < k; j++) s += w[j] * x[j];
+        float s = 0.f;
+        #pragma omp simd reduction(+ : s)
+        for (int j = 0; j < k; j++) s += w[j] * x[j];
         y[i] = s;
     }
 }
@@ -56,6 +53,7 @@ static void mv_q8(float* y, const int8_t* Wq, const float* Ws, const int8_t* xq,
         float s = 0.f;
         for (int g = 0; g < k / G; g++) {
             int32_t acc = 0;
+            #pragma omp simd reduction(+ : acc)
             for (int j = 0; j < G; j++) acc += (int32_t)w[g * G + j] * (int32_t)xq[g * G + j];
             s += (float)acc * ws[g] * xs[g];
         }
