@@ -288,23 +288,31 @@ def test_binary_greedy_text_equals_python(tok_and_model):
 
 
 @pytest.mark.skipif(not runtime.BIN_PATH.exists(), reason="pyllm-run not built")
-def test_binary_chat_template_multi_turn(tok_and_model):
-    """Chat mode feeds <|bos|> <|system|> sys <|end|> <|user|> msg <|end|> <|assistant|> and generates greedily;
-    turn 2 continues the same KV cache. Checked against Python greedy on the same ids."""
-    tok, sd, c, paths = tok_and_model
+def test_binary_chat_template_multi_turn(tok_and_model, tmp_path):
+    """Chat mode feeds <|bos|> <|system|> sys <|end|> <|user|> msg <|end|> <|assistant|>, generates until <|end|>,
+    then reads the next user turn from stdin on the same KV cache. The model's permutation walk is rigged so the
+    assistant always answers "hi" then <|end|>; Python greedy on the same ids must agree."""
+    tok, _, c, _ = tok_and_model
     S = tok.special_ids
+    h, i = tok.encode("h")[0], tok.encode("i")[0]
+    gen = torch.Generator().manual_seed(99)
+    sd = random_state_dict(c, gen, std=0.05)
+    perm = torch.randperm(c.vocab_size, generator=gen)
+    for src, dst in [(S["<|assistant|>"], h), (h, i), (i, S["<|end|>"])]:
+        j = int((perm == dst).nonzero())
+        perm[src], perm[j] = perm[j].clone(), perm[src].clone()
+    sd["lm_head.weight"] = 0.5 * sd["embed_tokens.weight"][perm.argsort()] * sd["norm.weight"].reciprocal()
+    paths = export(sd, c, tmp_path, tokenizer=tok)
     ids = [S["<|bos|>"], S["<|system|>"], *tok.encode("Be brief."), S["<|end|>"], S["<|user|>"], *tok.encode("Speak"),
            S["<|end|>"], S["<|assistant|>"]]
-    steps = 80
-    r = subprocess.run([str(runtime.BIN_PATH), str(paths["model"]), "-m", "chat", "-t", "0", "-n", str(steps),
+    assert python_greedy(sd, c, ids, 5, (S["<|end|>"],)) == [h, i]
+    ids2 = ids + [h, i, S["<|end|>"], S["<|user|>"], *tok.encode("again"), S["<|end|>"], S["<|assistant|>"]]
+    assert python_greedy(sd, c, ids2, 5, (S["<|end|>"],)) == [h, i]
+    r = subprocess.run([str(runtime.BIN_PATH), str(paths["model"]), "-m", "chat", "-t", "0", "-n", "0",
                         "-y", "Be brief.", "-i", "Speak"], capture_output=True, timeout=60, input=b"again\n",
                        env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
-    new = python_greedy(sd, c, ids, steps - len(ids), (S["<|end|>"],))
-    first = b"".join(tok.token_bytes(i) for i in new if i not in S.values())
-    assert r.stdout.startswith(b"Assistant: " + first + b"\n"), (r.stdout[:200], first)
-    if len(ids) + len(new) + 1 < steps:  # the model ended its turn: a second turn must have been read from stdin
-        assert b"User: " in r.stdout
+    assert r.stdout == b"Assistant: hi\nUser: Assistant: hi\nUser: ", r.stdout
 
 
 def test_c_tokenizer_matches_python(tok_and_model):
