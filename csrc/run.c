@@ -13,10 +13,7 @@
 
 #include "cpu/kernels.h"
 #include "model_file.h"
-#if __has_include("tokenizer.h")
 #include "tokenizer.h"
-#define RUN_HAVE_TOKENIZER 1
-#endif
 
 // ---------------------------------------------------------------------------------------------------------------
 // Kernels the forward needs. Each wrapper calls the shared dispatched kernel from csrc/cpu/kernels.h where one exists.
@@ -220,7 +217,6 @@ int run_sample(float* logits, int n, float temperature, float top_p, int top_k, 
 // ---------------------------------------------------------------------------------------------------------------
 // Tokenizer: a thin wrapper over csrc/tokenizer.h (pyllm BPE or llama2.c tokenizer.bin, detected from the file).
 
-#ifdef RUN_HAVE_TOKENIZER
 struct run_tokenizer { tokenizer t; };
 
 run_tokenizer* run_tokenizer_build(const char* path, int vocab_size, char* err, size_t errlen) {
@@ -251,23 +247,6 @@ int run_bos_id(run_tokenizer* t) { return t->t.bos_id; }
 static __attribute__((unused)) int tok_is_special(run_tokenizer* t, int id) {
     return t->t.is_special && id >= 0 && id < t->t.vocab_size && t->t.is_special[id];
 }
-#else
-struct run_tokenizer { int unused; };
-run_tokenizer* run_tokenizer_build(const char* path, int vocab_size, char* err, size_t errlen) {
-    (void)vocab_size;
-    snprintf(err, errlen, "%s: this build has no tokenizer (csrc/tokenizer.c missing)", path);
-    return NULL;
-}
-void run_tokenizer_free(run_tokenizer* t) { (void)t; }
-int run_encode(run_tokenizer* t, const char* text, int add_bos, int* ids, int max_ids) {
-    (void)t; (void)text; (void)add_bos; (void)ids; (void)max_ids;
-    return -1;
-}
-const char* run_decode(run_tokenizer* t, int prev, int id, int* len) { (void)t; (void)prev; (void)id; *len = 0; return NULL; }
-int run_token_id(run_tokenizer* t, const char* piece) { (void)t; (void)piece; return -1; }
-int run_bos_id(run_tokenizer* t) { (void)t; return -1; }
-static __attribute__((unused)) int tok_is_special(run_tokenizer* t, int id) { (void)t; (void)id; return 0; }
-#endif
 
 // ---------------------------------------------------------------------------------------------------------------
 // The command-line program.
