@@ -107,4 +107,49 @@ PYBIND11_MODULE(_C, m) {
         rmsnorm_backward(&p);
     }, py::arg("dx"), py::arg("dweight"), py::arg("dout"), py::arg("x"), py::arg("weight"), py::arg("rstd"),
        py::arg("N"), py::arg("C"));
+    // --- matmul (impl_matmul.h) ----------------------------------------------------------------------------
+    // Strides/transposes are passed through; ops.py checks shapes so every index stays inside the tensors.
+    m.def("matmul_forward", [](uintptr_t c, uintptr_t a, uintptr_t b, uintptr_t bias, int M, int N, int K, int lda,
+                               int ldb, int ldc, bool trans_a, bool trans_b, bool accumulate) {
+        CHECK_PTR(c); CHECK_PTR(a); CHECK_PTR(b); CHECK_POS(M); CHECK_POS(N); CHECK_NONNEG(K);
+        CHECK_POS(lda); CHECK_POS(ldb); CHECK_POS(ldc);
+        matmul_params p{P<float>(c), P<const float>(a), P<const float>(b), P<const float>(bias), M, N, K,
+                        lda, ldb, ldc, trans_a, trans_b, accumulate};
+        py::gil_scoped_release nogil;
+        matmul_forward(&p);
+    }, py::arg("C"), py::arg("A"), py::arg("B"), py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"),
+       py::arg("lda"), py::arg("ldb"), py::arg("ldc"), py::arg("trans_a") = false, py::arg("trans_b") = false,
+       py::arg("accumulate") = false, "C(M,N) (+)= op(A)·op(B)ᵀ (+bias), fp32; see kernels.h matmul_params.");
+    m.def("matmul_bf16_forward", [](uintptr_t c, uintptr_t a, uintptr_t b, uintptr_t bias, int M, int N, int K,
+                                    int lda, int ldb, int ldc, bool trans_a, bool trans_b, bool accumulate) {
+        CHECK_PTR(c); CHECK_PTR(a); CHECK_PTR(b); CHECK_POS(M); CHECK_POS(N); CHECK_NONNEG(K);
+        CHECK_POS(lda); CHECK_POS(ldb); CHECK_POS(ldc);
+        matmul_bf16_params p{P<float>(c), P<const uint16_t>(a), P<const uint16_t>(b), P<const float>(bias), M, N, K,
+                             lda, ldb, ldc, trans_a, trans_b, accumulate};
+        py::gil_scoped_release nogil;
+        matmul_bf16_forward(&p);
+    }, py::arg("C"), py::arg("A"), py::arg("B"), py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"),
+       py::arg("lda"), py::arg("ldb"), py::arg("ldc"), py::arg("trans_a") = false, py::arg("trans_b") = false,
+       py::arg("accumulate") = false, "Same as matmul_forward with bf16 A and B, fp32 accumulate and C.");
+    m.def("matvec_f32", [](uintptr_t y, uintptr_t w, uintptr_t x, int n, int k) {
+        CHECK_PTR(y); CHECK_PTR(w); CHECK_PTR(x); CHECK_POS(n); CHECK_POS(k);
+        matvec_params p{P<float>(y), P<const float>(w), P<const float>(x), n, k};
+        py::gil_scoped_release nogil;
+        matvec_f32(&p);
+    }, py::arg("y"), py::arg("W"), py::arg("x"), py::arg("n"), py::arg("k"));
+    m.def("quantize_q8", [](uintptr_t q, uintptr_t s, uintptr_t w, int n, int k, int G) {
+        CHECK_PTR(q); CHECK_PTR(s); CHECK_PTR(w); CHECK_POS(n); CHECK_POS(k); CHECK_POS(G);
+        if (k % G) throw std::invalid_argument("quantize_q8: k must be a multiple of the group size G");
+        quantize_q8_params p{P<int8_t>(q), P<float>(s), P<const float>(w), n, k, G};
+        py::gil_scoped_release nogil;
+        quantize_q8(&p);
+    }, py::arg("q"), py::arg("s"), py::arg("w"), py::arg("n"), py::arg("k"), py::arg("G"));
+    m.def("matvec_q8", [](uintptr_t y, uintptr_t wq, uintptr_t ws, uintptr_t x, int n, int k, int G) {
+        CHECK_PTR(y); CHECK_PTR(wq); CHECK_PTR(ws); CHECK_PTR(x); CHECK_POS(n); CHECK_POS(k); CHECK_POS(G);
+        if (k % G) throw std::invalid_argument("matvec_q8: k must be a multiple of the group size G");
+        matvec_q8_params p{P<float>(y), P<const int8_t>(wq), P<const float>(ws), P<const float>(x), nullptr, nullptr,
+                           n, k, G};
+        py::gil_scoped_release nogil;
+        matvec_q8(&p);
+    }, py::arg("y"), py::arg("wq"), py::arg("ws"), py::arg("x"), py::arg("n"), py::arg("k"), py::arg("G"));
 }

@@ -33,10 +33,77 @@ typedef struct {
     int N, C;
 } rmsnorm_backward_params;
 
+// --- matmul (impl_matmul.h) -----------------------------------------------------------------------------
+// GEMM: C(M, N) = op(A)(M, K) · op(B)(N, K)ᵀ [+ bias(N)], or C += ... when accumulate (C not read otherwise).
+// op(A) = A stored (M, K) row stride lda, or with trans_a A is stored (K, M) (op(A) = Aᵀ); likewise B is
+// (N, K) or, with trans_b, (K, N). So for Y = X·Wᵀ (X (M,K), W (N,K)) the three training products are
+//   forward  Y(M,N)  = X·Wᵀ      : A=X,  B=W                      (trans_a=0, trans_b=0)
+//   dX(M,K)          = dY·W      : A=dY, B=W  stored (N,K)=(K',N') (trans_a=0, trans_b=1), inner dim N
+//   dW(N,K)          = dYᵀ·X     : A=dY stored (M,N), B=X (M,K)    (trans_a=1, trans_b=1), inner dim M
+// Allocates (M + N) * 256 floats of packing scratch per call (malloc; returns without writing if that fails).
+typedef struct {
+    float* C;            // (M, N) row stride ldc
+    const float* A;      // (M, K) row stride lda; (K, M) if trans_a
+    const float* B;      // (N, K) row stride ldb; (K, N) if trans_b
+    const float* bias;   // (N) or NULL
+    int M, N, K;
+    int lda, ldb, ldc;
+    int trans_a, trans_b;
+    int accumulate;      // 0: C = A·Bᵀ (+bias); 1: C += A·Bᵀ (+bias)
+} matmul_params;
+
+// Same as matmul_params with bf16 A and B (raw bf16 bits in uint16_t), fp32 accumulate, fp32 C and bias.
+// Uses AVX512_BF16 (vdpbf16ps) when the CPU has it on the avx512 path; otherwise converts panels to fp32.
+typedef struct {
+    float* C;              // (M, N) row stride ldc
+    const uint16_t* A;     // (M, K) bf16 row stride lda; (K, M) if trans_a
+    const uint16_t* B;     // (N, K) bf16 row stride ldb; (K, N) if trans_b
+    const float* bias;     // (N) or NULL
+    int M, N, K;
+    int lda, ldb, ldc;
+    int trans_a, trans_b;
+    int accumulate;
+} matmul_bf16_params;
+
+// y(n) = W(n, k) · x(k), fp32, for decoding (batch 1, memory-bound; OpenMP over rows).
+typedef struct {
+    float* y;            // (n)
+    const float* W;      // (n, k) row-major, contiguous
+    const float* x;      // (k)
+    int n, k;
+} matvec_params;
+
+// Q8_0 (llama2.c runq.c): int8 values with one fp32 scale per group of G consecutive elements of a row;
+// scale = max|w| / 127, q = roundf(w / scale) (q = 0 when the group is all zero). k % G == 0.
+typedef struct {
+    int8_t* q;           // (n, k)    written
+    float* s;            // (n, k/G)  written
+    const float* w;      // (n, k)
+    int n, k, G;
+} quantize_q8_params;
+
+// y(n) = W·x with W in Q8_0: x is quantized the same way (per group of G) inside the kernel, then
+// y[i] = sum_g (int32 dot of the group) * ws[i, g] * xs[g]. Scratch for quantized x: pass xq_scratch (k) and
+// xs_scratch (k/G), or NULL to use the stack (k <= 32768) or malloc (larger k).
+typedef struct {
+    float* y;            // (n)
+    const int8_t* wq;    // (n, k)
+    const float* ws;     // (n, k/G)
+    const float* x;      // (k)
+    int8_t* xq_scratch;  // (k) or NULL
+    float* xs_scratch;   // (k/G) or NULL
+    int n, k, G;
+} matvec_q8_params;
+
 // X(name, params_type): every dispatched kernel, in one list. kernels.c builds the tables and entry points.
 #define PYLLM_KERNELS(X)                          \
     X(rmsnorm_forward, rmsnorm_params)            \
-    X(rmsnorm_backward, rmsnorm_backward_params)
+    X(rmsnorm_backward, rmsnorm_backward_params)  \
+    X(matmul_forward, matmul_params)              \
+    X(matmul_bf16_forward, matmul_bf16_params)    \
+    X(matvec_f32, matvec_params)                  \
+    X(quantize_q8, quantize_q8_params)            \
+    X(matvec_q8, matvec_q8_params)
 
 #define PYLLM_DECLARE(name, P) void name(const P* p);
 PYLLM_KERNELS(PYLLM_DECLARE)

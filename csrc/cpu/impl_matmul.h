@@ -1,0 +1,347 @@
+// impl_matmul.h — GEMM C(M,N) (+)= op(A)·op(B)ᵀ (fp32, and bf16 inputs with fp32 accumulate), fp32 matvec and
+// the Q8_0 int8 matvec for decoding. Included by kernels_impl.h; KFN() names the per-path symbol.
+//
+// GEMM design (Goto/BLIS): for each K block of MM_KC, both operands are packed into zero-padded panels —
+// A into MR-row panels (kc, MR), B into NR-column panels (kc, NR) — so one register-blocked micro-kernel
+// (MR x NR accumulators, NR = 2 vectors, A broadcast, B loaded) serves every transpose, and edges cost only
+// the padding. C is split into MM_MC x MM_NC tiles handed to OpenMP threads; inside a tile the B micro-panel
+// (kc*NR floats, 32 KiB on avx512) stays in L1 while the A block (MC*kc, 112 KiB) streams from L2.
+// Packing costs (M+N)*K copies per call against 2*M*N*K flops; scratch is malloc'd per call ((M+N)*KC floats).
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#if VLEN == 16
+#define MM_MR 14        // 28 zmm accumulators + 2 B vectors (+ 1 broadcast) of 32 registers
+#else
+#define MM_MR 6         // 12 ymm/xmm accumulators + 2 B vectors + 1 broadcast of 16 registers
+#endif
+#define MM_NR (2 * VLEN)
+#define MM_KC 256
+#define MM_MC (MM_MR * 8)
+#define MM_NC (MM_NR * 16)
+
+static inline vf mm_bcast(float x) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_set1_ps(x);
+#elif defined(__AVX2__)
+    return (vf)_mm256_set1_ps(x);
+#elif defined(__SSE2__)
+    return (vf)_mm_set1_ps(x);
+#else
+    vf v; for (int i = 0; i < VLEN; i++) v[i] = x; return v;
+#endif
+}
+
+// Unaligned load; explicit intrinsics because gcc 12 lowers simd.h's memcpy load of a 32-byte vector through
+// the stack inside the avx2 micro-kernel (spills).
+static inline vf mm_load(const float* p) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_loadu_ps(p);
+#elif defined(__AVX2__)
+    return (vf)_mm256_loadu_ps(p);
+#else
+    return vf_load(p);
+#endif
+}
+
+static inline void mm_store(float* p, vf v) {
+#if defined(__AVX512F__)
+    _mm512_storeu_ps(p, (__m512)v);
+#elif defined(__AVX2__)
+    _mm256_storeu_ps(p, (__m256)v);
+#else
+    vf_store(p, v);
+#endif
+}
+
+// a*b + c; explicit because -std=c11 turns off FP contraction.
+static inline vf mm_fma(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+    return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    return a * b + c;
+#endif
+}
+
+static inline float mm_bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+
+// Element X[r, k] of an operand stored (R, K) with row stride ld, or (K, R) when trans.
+#define MM_AT(src, ld, trans, r, k) ((src)[(trans) ? (size_t)(k) * (ld) + (r) : (size_t)(r) * (ld) + (k)])
+
+// dst (kc, R) fp32 panel: dst[k*R + i] = X[r0+i, k0+k] for i < rn, 0 for rn <= i < R. src is fp32 or bf16.
+static void mm_pack_f32(float* restrict dst, const void* src, int bf16, int ld, int trans, int r0, int rn,
+                        int k0, int kc, int R) {
+    for (int k = 0; k < kc; k++) {
+        float* d = dst + (size_t)k * R;
+        if (bf16) { const uint16_t* s = (const uint16_t*)src;
+                    for (int i = 0; i < rn; i++) d[i] = mm_bf16_to_f32(MM_AT(s, ld, trans, r0 + i, k0 + k)); }
+        else      { const float* s = (const float*)src;
+                    for (int i = 0; i < rn; i++) d[i] = MM_AT(s, ld, trans, r0 + i, k0 + k); }
+        for (int i = rn; i < R; i++) d[i] = 0.f;
+    }
+}
+
+// dst ((kc+1)/2, R) uint32 panel of bf16 k-pairs for vdpbf16ps: low half X[r, 2p], high half X[r, 2p+1].
+static void mm_pack_bf16_pairs(uint32_t* restrict dst, const uint16_t* src, int ld, int trans, int r0, int rn,
+                               int k0, int kc, int R) {
+    for (int p = 0; p < (kc + 1) / 2; p++) {
+        uint32_t* d = dst + (size_t)p * R;
+        int k = k0 + 2 * p, has_hi = 2 * p + 1 < kc;
+        for (int i = 0; i < rn; i++) {
+            uint32_t lo = MM_AT(src, ld, trans, r0 + i, k);
+            uint32_t hi = has_hi ? MM_AT(src, ld, trans, r0 + i, k + 1) : 0;
+            d[i] = lo | hi << 16;
+        }
+        for (int i = rn; i < R; i++) d[i] = 0;
+    }
+}
+
+// Write one MR x NR accumulator tile into C (mr x nr valid): C = acc (+bias) or C += acc (+bias).
+// bias is already offset to the tile's first column (or NULL). Written as a macro so the accumulators stay
+// in registers in every micro-kernel that expands it.
+#define MM_TILE_WRITE(acc, c, ldc, mr, nr, bias, add)                                                      \
+    do {                                                                                                   \
+        if ((mr) == MM_MR && (nr) == MM_NR) {                                                              \
+            vf b0_ = (vf){0}, b1_ = (vf){0};                                                               \
+            if (bias) { b0_ = mm_load(bias); b1_ = mm_load((bias) + VLEN); }                               \
+            _Pragma("GCC unroll 16")                                                                       \
+            for (int i_ = 0; i_ < MM_MR; i_++) {                                                           \
+                float* ci_ = (c) + (size_t)i_ * (ldc);                                                     \
+                vf r0_ = acc[i_][0], r1_ = acc[i_][1];                                                     \
+                if (bias) { r0_ += b0_; r1_ += b1_; }                                                      \
+                if (add) { r0_ += mm_load(ci_); r1_ += mm_load(ci_ + VLEN); }                              \
+                mm_store(ci_, r0_); mm_store(ci_ + VLEN, r1_);                                             \
+            }                                                                                              \
+        } else {                                                                                           \
+            float t_[MM_MR * MM_NR];                                                                       \
+            for (int i_ = 0; i_ < MM_MR; i_++) { mm_store(t_ + i_ * MM_NR, acc[i_][0]);                    \
+                                                 mm_store(t_ + i_ * MM_NR + VLEN, acc[i_][1]); }           \
+            for (int i_ = 0; i_ < (mr); i_++)                                                              \
+                for (int j_ = 0; j_ < (nr); j_++) {                                                        \
+                    float v_ = t_[i_ * MM_NR + j_] + ((bias) ? (bias)[j_] : 0.f);                          \
+                    float* cij_ = (c) + (size_t)i_ * (ldc) + j_;                                           \
+                    *cij_ = (add) ? *cij_ + v_ : v_;                                                       \
+                }                                                                                          \
+        }                                                                                                  \
+    } while (0)
+
+// acc(MR, NR) = sum_k a[k*MR + i] * b[k*NR + j]; a (kc, MR) and b (kc, NR) packed panels.
+static void mm_kernel_f32(int kc, const float* restrict a, const float* restrict b, float* c, int ldc, int mr,
+                          int nr, const float* bias, int add) {
+    vf acc[MM_MR][2];
+    _Pragma("GCC unroll 16")
+    for (int i = 0; i < MM_MR; i++) acc[i][0] = acc[i][1] = (vf){0};
+    for (int k = 0; k < kc; k++) {
+        vf b0 = mm_load(b), b1 = mm_load(b + VLEN);
+        _Pragma("GCC unroll 16")
+        for (int i = 0; i < MM_MR; i++) {
+            vf ai = mm_bcast(a[i]);
+            acc[i][0] = mm_fma(ai, b0, acc[i][0]);
+            acc[i][1] = mm_fma(ai, b1, acc[i][1]);
+        }
+        a += MM_MR;
+        b += MM_NR;
+    }
+    MM_TILE_WRITE(acc, c, ldc, mr, nr, bias, add);
+}
+
+#if defined(__AVX512F__)
+#define MM_HAVE_BF16DP 1
+// Same tile from bf16 k-pair panels with vdpbf16ps (AVX512_BF16): each instruction does 16 lanes x 2 k.
+// Called only when cpu_features_get()->avx512bf16.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
+static void mm_kernel_bf16dp(int kp, const uint32_t* restrict a, const uint32_t* restrict b, float* c, int ldc,
+                             int mr, int nr, const float* bias, int add) {
+    vf acc[MM_MR][2];
+    _Pragma("GCC unroll 16")
+    for (int i = 0; i < MM_MR; i++) acc[i][0] = acc[i][1] = (vf){0};
+    for (int p = 0; p < kp; p++) {
+        __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + 16);
+        _Pragma("GCC unroll 16")
+        for (int i = 0; i < MM_MR; i++) {
+            __m512bh ai = (__m512bh)_mm512_set1_epi32((int)a[i]);
+            acc[i][0] = (vf)_mm512_dpbf16_ps((__m512)acc[i][0], ai, b0);
+            acc[i][1] = (vf)_mm512_dpbf16_ps((__m512)acc[i][1], ai, b1);
+        }
+        a += MM_MR;
+        b += MM_NR;
+    }
+    MM_TILE_WRITE(acc, c, ldc, mr, nr, bias, add);
+}
+#else
+#define MM_HAVE_BF16DP 0
+#endif
+
+enum { MM_F32 = 0, MM_BF16_VIA_F32 = 1, MM_BF16_DP = 2 };
+
+// The shared driver: kind says how panels are packed and which micro-kernel runs.
+static void mm_gemm(int kind, const void* A, int lda, int trans_a, const void* B, int ldb, int trans_b, float* C,
+                    int ldc, const float* bias, int M, int N, int K, int accumulate) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {  // empty product: C = bias (or 0), or C += bias
+        for (int m = 0; m < M; m++)
+            for (int n = 0; n < N; n++) {
+                float v = bias ? bias[n] : 0.f;
+                C[(size_t)m * ldc + n] = accumulate ? C[(size_t)m * ldc + n] + v : v;
+            }
+        return;
+    }
+    const int mp = (M + MM_MR - 1) / MM_MR, np = (N + MM_NR - 1) / MM_NR;     // panels
+    const int mt = (M + MM_MC - 1) / MM_MC, nt = (N + MM_NC - 1) / MM_NC;     // tiles
+    const int bf16 = kind != MM_F32, dp = kind == MM_BF16_DP;
+    const size_t a_sz = (size_t)mp * MM_MR * MM_KC, b_sz = (size_t)np * MM_NR * MM_KC;  // floats
+    float* Ap = (float*)aligned_alloc(64, ((a_sz + b_sz) * sizeof(float) + 63) / 64 * 64);  // (mp, KC, MR)
+    if (!Ap) return;
+    float* Bp = Ap + a_sz;                                                                    // (np, KC, NR)
+    const double flops = 2.0 * M * N * K;
+    #pragma omp parallel if (flops > 4e6)
+    for (int k0 = 0; k0 < K; k0 += MM_KC) {
+        const int kc = K - k0 < MM_KC ? K - k0 : MM_KC;
+        #pragma omp for schedule(static) nowait
+        for (int i = 0; i < mp; i++) {
+            int rn = M - i * MM_MR < MM_MR ? M - i * MM_MR : MM_MR;
+            float* d = Ap + (size_t)i * MM_MR * MM_KC;
+            if (dp) mm_pack_bf16_pairs((uint32_t*)d, (const uint16_t*)A, lda, trans_a, i * MM_MR, rn, k0, kc, MM_MR);
+            else mm_pack_f32(d, A, bf16, lda, trans_a, i * MM_MR, rn, k0, kc, MM_MR);
+        }
+        #pragma omp for schedule(static)
+        for (int j = 0; j < np; j++) {
+            int rn = N - j * MM_NR < MM_NR ? N - j * MM_NR : MM_NR;
+            float* d = Bp + (size_t)j * MM_NR * MM_KC;
+            if (dp) mm_pack_bf16_pairs((uint32_t*)d, (const uint16_t*)B, ldb, trans_b, j * MM_NR, rn, k0, kc, MM_NR);
+            else mm_pack_f32(d, B, bf16, ldb, trans_b, j * MM_NR, rn, k0, kc, MM_NR);
+        }
+        const int add = accumulate || k0 > 0;
+        const float* bias_k = k0 == 0 ? bias : NULL;
+        #pragma omp for collapse(2) schedule(dynamic, 1)
+        for (int ti = 0; ti < mt; ti++)
+            for (int tj = 0; tj < nt; tj++) {
+                const int i1 = (ti + 1) * (MM_MC / MM_MR) < mp ? (ti + 1) * (MM_MC / MM_MR) : mp;
+                const int j1 = (tj + 1) * (MM_NC / MM_NR) < np ? (tj + 1) * (MM_NC / MM_NR) : np;
+                for (int j = tj * (MM_NC / MM_NR); j < j1; j++) {
+                    const int n0 = j * MM_NR, nr = N - n0 < MM_NR ? N - n0 : MM_NR;
+                    const float* bp = Bp + (size_t)j * MM_NR * MM_KC;
+                    const float* bj = bias_k ? bias_k + n0 : NULL;
+                    for (int i = ti * (MM_MC / MM_MR); i < i1; i++) {
+                        const int m0 = i * MM_MR, mr = M - m0 < MM_MR ? M - m0 : MM_MR;
+                        const float* ap = Ap + (size_t)i * MM_MR * MM_KC;
+                        float* c = C + (size_t)m0 * ldc + n0;
+#if MM_HAVE_BF16DP
+                        if (dp) { mm_kernel_bf16dp((kc + 1) / 2, (const uint32_t*)ap, (const uint32_t*)bp, c, ldc,
+                                                   mr, nr, bj, add); continue; }
+#endif
+                        mm_kernel_f32(kc, ap, bp, c, ldc, mr, nr, bj, add);
+                    }
+                }
+            }
+    }
+    free(Ap);
+}
+
+void KFN(matmul_forward)(const matmul_params* p) {
+    mm_gemm(MM_F32, p->A, p->lda, p->trans_a, p->B, p->ldb, p->trans_b, p->C, p->ldc, p->bias, p->M, p->N, p->K,
+            p->accumulate);
+}
+
+void KFN(matmul_bf16_forward)(const matmul_bf16_params* p) {
+    const int kind = MM_HAVE_BF16DP && cpu_features_get()->avx512bf16 ? MM_BF16_DP : MM_BF16_VIA_F32;
+    mm_gemm(kind, p->A, p->lda, p->trans_a, p->B, p->ldb, p->trans_b, p->C, p->ldc, p->bias, p->M, p->N, p->K,
+            p->accumulate);
+}
+
+// --- matvec (decoding: batch 1, memory-bound) ---------------------------------------------------------------
+void KFN(matvec_f32)(const matvec_params* p) {
+    const int n = p->n, k = p->k;
+    #pragma omp parallel for schedule(static) if ((long)n * k > 65536)
+    for (int i = 0; i < n; i++) {
+        const float* w = p->W + (size_t)i * k;  // (k)
+        vf a0 = (vf){0}, a1 = (vf){0}, a2 = (vf){0}, a3 = (vf){0};
+        int j = 0;
+        for (; j + 4 * VLEN <= k; j += 4 * VLEN) {
+            a0 = mm_fma(mm_load(w + j), mm_load(p->x + j), a0);
+            a1 = mm_fma(mm_load(w + j + VLEN), mm_load(p->x + j + VLEN), a1);
+            a2 = mm_fma(mm_load(w + j + 2 * VLEN), mm_load(p->x + j + 2 * VLEN), a2);
+            a3 = mm_fma(mm_load(w + j + 3 * VLEN), mm_load(p->x + j + 3 * VLEN), a3);
+        }
+        for (; j + VLEN <= k; j += VLEN) a0 = mm_fma(mm_load(w + j), mm_load(p->x + j), a0);
+        float s = vf_sum((a0 + a1) + (a2 + a3));
+        for (; j < k; j++) s += w[j] * p->x[j];
+        p->y[i] = s;
+    }
+}
+
+// --- Q8_0 (llama2.c runq.c semantics) -------------------------------------------------------------------------
+// Per group of G: s = max|w| / 127, q = roundf(w / s) (round half away from zero; q = 0 when s == 0).
+static void q8_quantize_row(int8_t* restrict q, float* restrict s, const float* restrict w, int k, int G) {
+    for (int g = 0; g < k / G; g++) {
+        const float* wg = w + (size_t)g * G;
+        float amax = 0.f;
+        for (int i = 0; i < G; i++) { float a = fabsf(wg[i]); amax = a > amax ? a : amax; }
+        const float scale = amax / 127.0f;
+        s[g] = scale;
+        for (int i = 0; i < G; i++) q[(size_t)g * G + i] = scale != 0.f ? (int8_t)roundf(wg[i] / scale) : 0;
+    }
+}
+
+void KFN(quantize_q8)(const quantize_q8_params* p) {
+    const int G = p->G, k = p->k;
+    #pragma omp parallel for schedule(static) if ((long)p->n * k > 65536)
+    for (int i = 0; i < p->n; i++)
+        q8_quantize_row(p->q + (size_t)i * k, p->s + (size_t)i * (k / G), p->w + (size_t)i * k, k, G);
+}
+
+#if defined(__AVX2__)
+// 32 int8 products of x and w summed pairwise into 8 int32 lanes: maddubs needs an unsigned operand, so it
+// multiplies |x| by w*sign(x) (|x| <= 127 by construction, pair sums fit in int16).
+static inline __m256i q8_dot32(const int8_t* x, const int8_t* w) {
+    __m256i vx = _mm256_loadu_si256((const __m256i*)x), vw = _mm256_loadu_si256((const __m256i*)w);
+    __m256i s16 = _mm256_maddubs_epi16(_mm256_sign_epi8(vx, vx), _mm256_sign_epi8(vw, vx));
+    return _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+}
+#endif
+
+// y(n) = sum over groups g of (int dot of xq and wq over g) * ws[i, g] * xs[g].
+void KFN(matvec_q8)(const matvec_q8_params* p) {
+    const int n = p->n, k = p->k, G = p->G, ng = k / G;
+    int8_t* xq = p->xq_scratch;
+    float* xs = p->xs_scratch;
+    int8_t* xq_heap = NULL;
+    float* xs_heap = NULL;
+    int8_t xq_stack[(!xq && k <= 32768) ? k : 1];                    // (k) when no scratch was given
+    float xs_stack[(!xs && k <= 32768) ? ng : 1];                     // (k/G)
+    if (!xq) xq = k <= 32768 ? xq_stack : (xq_heap = (int8_t*)malloc((size_t)k));
+    if (!xs) xs = k <= 32768 ? xs_stack : (xs_heap = (float*)malloc((size_t)ng * sizeof(float)));
+    if (!xq || !xs) { free(xq_heap); free(xs_heap); return; }
+    q8_quantize_row(xq, xs, p->x, k, G);
+    #pragma omp parallel for schedule(static) if ((long)n * k > 65536)
+    for (int i = 0; i < n; i++) {
+        const int8_t* w = p->wq + (size_t)i * k;     // (k)
+        const float* ws = p->ws + (size_t)i * ng;     // (k/G)
+        float y = 0.f;
+        int g = 0;
+#if defined(__AVX2__)
+        if (G % 32 == 0) {
+            __m256 acc = _mm256_setzero_ps();
+            for (; g < ng; g++) {
+                __m256i d = _mm256_setzero_si256();
+                for (int j = g * G; j < (g + 1) * G; j += 32) d = _mm256_add_epi32(d, q8_dot32(xq + j, w + j));
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(ws[g] * xs[g])));
+            }
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            y = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+        }
+#endif
+        for (; g < ng; g++) {
+            int32_t d = 0;
+            for (int j = g * G; j < (g + 1) * G; j++) d += (int32_t)xq[j] * (int32_t)w[j];
+            y += (float)d * (ws[g] * xs[g]);
+        }
+        p->y[i] = y;
+    }
+    free(xq_heap);
+    free(xs_heap);
+}
