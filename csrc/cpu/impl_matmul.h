@@ -17,9 +17,15 @@
 #define MM_MR 6         // 12 ymm/xmm accumulators + 2 B vectors + 1 broadcast of 16 registers
 #endif
 #define MM_NR (2 * VLEN)
+#ifndef MM_KC               // (tuning overrides: -DMM_KC=... for benchmarks/ experiments only)
 #define MM_KC 256
+#endif
+#ifndef MM_MC
 #define MM_MC (MM_MR * 8)
+#endif
+#ifndef MM_NC
 #define MM_NC (MM_NR * 16)
+#endif
 
 static inline vf mm_bcast(float x) {
 #if defined(__AVX512F__)
