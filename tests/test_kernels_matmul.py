@@ -171,3 +171,25 @@ def test_q8_matvec_large_k_heap_scratch(rng):
     q, s = ops.quantize_q8(w, G)
     x = torch.randn(k, generator=rng)
     torch.testing.assert_close(ops.matvec_q8(q, s, x), ref.matvec_q8(q, s, x), rtol=1e-5, atol=1e-3)
+
+
+def test_matmul_a_super_blocks(rng):
+    # M*K above the kernel's 8M-float packing budget: A is packed and multiplied in row super-blocks.
+    M, N, K = 4500, 37, 2000
+    a = torch.randn(M, K, generator=rng)
+    b = torch.randn(N, K, generator=rng)
+    out = poison(torch.empty(M, N))
+    ops.matmul(a, b, out=out)
+    torch.testing.assert_close(out, (a.double() @ b.double().T).float(), **_tol(K))
+
+
+@pytest.mark.parametrize("M", [4, 5])
+def test_matmul_small_m_boundary(isa, rng, M):
+    # M <= 4 takes the unpacked dot-product path, M = 5 the packed GEMM: both against the reference.
+    a = torch.randn(M, 300, generator=rng)
+    b = torch.randn(70, 300, generator=rng)
+    bias = torch.randn(70, generator=rng)
+    c0 = torch.randn(M, 70, generator=rng)
+    out = c0.clone()
+    ops.matmul(a, b, bias, out=out, accumulate=True)
+    torch.testing.assert_close(out, c0 + a @ b.T + bias, **_tol(300))

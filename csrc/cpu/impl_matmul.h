@@ -6,12 +6,13 @@
 // (MR x NR accumulators, NR = 2 vectors, A broadcast, B loaded) serves every transpose, and edges cost only
 // the padding. C is split into MM_MC x MM_NC tiles handed to OpenMP threads; inside a tile the B micro-panel
 // (kc*NR floats, 32 KiB on avx512) stays in L1 while the A block (MC*kc, 112 KiB) streams from L2.
-// Packing costs (M+N)*K copies per call against 2*M*N*K flops; scratch is malloc'd per call ((M+N)*KC floats).
+// Packing costs (M+N)*K copies per call against 2*M*N*K flops; scratch is malloc'd per call (see mm_gemm).
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
-#if VLEN == 16
+#ifdef MM_MR
+#elif VLEN == 16
 #define MM_MR 14        // 28 zmm accumulators + 2 B vectors (+ 1 broadcast) of 32 registers
 #else
 #define MM_MR 6         // 12 ymm/xmm accumulators + 2 B vectors + 1 broadcast of 16 registers
@@ -183,10 +184,49 @@ static void mm_kernel_bf16dp(int kp, const uint32_t* restrict a, const uint32_t*
 
 enum { MM_F32 = 0, MM_BF16_VIA_F32 = 1, MM_BF16_DP = 2 };
 
+// Small M (decoding: M = batch <= MM_SMALL_M, B not transposed): M dot products per row of B, no packing —
+// packing would copy all of B (N*K) to read it once, doubling the memory traffic of a memory-bound product.
+// Also the body of matvec_f32 (M = 1). Needs unit k-stride in A and B (trans_a = trans_b = 0).
+#define MM_SMALL_M 4
+static void mm_small_m(const float* A, int lda, const float* B, int ldb, float* C, int ldc, const float* bias,
+                       int M, int N, int K, int accumulate) {
+    #pragma omp parallel for schedule(static) if ((long)N * K > 65536)
+    for (int n = 0; n < N; n++) {
+        const float* b = B + (size_t)n * ldb;              // (K), stays in L1 across the M dots
+        for (int m = 0; m < M; m++) {
+            const float* a = A + (size_t)m * lda;          // (K)
+            vf a0 = (vf){0}, a1 = (vf){0}, a2 = (vf){0}, a3 = (vf){0};
+            int k = 0;
+            for (; k + 4 * VLEN <= K; k += 4 * VLEN) {
+                a0 = mm_fma(mm_load(a + k), mm_load(b + k), a0);
+                a1 = mm_fma(mm_load(a + k + VLEN), mm_load(b + k + VLEN), a1);
+                a2 = mm_fma(mm_load(a + k + 2 * VLEN), mm_load(b + k + 2 * VLEN), a2);
+                a3 = mm_fma(mm_load(a + k + 3 * VLEN), mm_load(b + k + 3 * VLEN), a3);
+            }
+            for (; k + VLEN <= K; k += VLEN) a0 = mm_fma(mm_load(a + k), mm_load(b + k), a0);
+            float s = vf_sum((a0 + a1) + (a2 + a3));
+            for (; k < K; k++) s += a[k] * b[k];
+            if (bias) s += bias[n];
+            float* c = C + (size_t)m * ldc + n;
+            *c = accumulate ? *c + s : s;
+        }
+    }
+}
+
 // The shared driver: kind says how panels are packed and which micro-kernel runs.
+// B is packed whole (np panels of (K, NR)); A in super-blocks of at most MM_A_FLOATS floats (whole when it
+// fits) so the scratch stays bounded for huge M·K (e.g. the LM-head dW). Each C tile then runs the whole K
+// loop, so C is read and written once per call and stays in L2 across the K blocks.
+#ifndef MM_A_FLOATS
+#define MM_A_FLOATS (8L << 20)       // 32 MiB
+#endif
 static void mm_gemm(int kind, const void* A, int lda, int trans_a, const void* B, int ldb, int trans_b, float* C,
                     int ldc, const float* bias, int M, int N, int K, int accumulate) {
     if (M <= 0 || N <= 0) return;
+    if (kind == MM_F32 && M <= MM_SMALL_M && !trans_a && !trans_b && K > 0) {
+        mm_small_m((const float*)A, lda, (const float*)B, ldb, C, ldc, bias, M, N, K, accumulate);
+        return;
+    }
     if (K <= 0) {  // empty product: C = bias (or 0), or C += bias
         for (int m = 0; m < M; m++)
             for (int n = 0; n < N; n++) {
@@ -195,56 +235,68 @@ static void mm_gemm(int kind, const void* A, int lda, int trans_a, const void* B
             }
         return;
     }
-    const int mp = (M + MM_MR - 1) / MM_MR, np = (N + MM_NR - 1) / MM_NR;     // panels
-    const int mt = (M + MM_MC - 1) / MM_MC, nt = (N + MM_NC - 1) / MM_NC;     // tiles
     const int bf16 = kind != MM_F32, dp = kind == MM_BF16_DP;
-    const size_t a_sz = (size_t)mp * MM_MR * MM_KC, b_sz = (size_t)np * MM_NR * MM_KC;  // floats
-    float* Ap = (float*)aligned_alloc(64, ((a_sz + b_sz) * sizeof(float) + 63) / 64 * 64);  // (mp, KC, MR)
-    if (!Ap) return;
-    float* Bp = Ap + a_sz;                                                                    // (np, KC, NR)
+    const size_t kr = dp ? (size_t)(K + 1) / 2 : (size_t)K;            // rows of a packed panel (k or k-pairs)
+    const int np = (N + MM_NR - 1) / MM_NR;                             // B panels
+    const int nt = (N + MM_NC - 1) / MM_NC;                             // tile columns
+    long mb = MM_A_FLOATS / (long)kr / MM_MC * MM_MC;                  // rows per A super-block
+    if (mb < MM_MC) mb = MM_MC;
+    if (mb > M) mb = M;
+    const int mbp = (int)((mb + MM_MR - 1) / MM_MR);                   // A panels per super-block
+    const size_t b_sz = (size_t)np * MM_NR * kr, a_sz = (size_t)mbp * MM_MR * kr;  // 4-byte elements
+    float* Bp = (float*)aligned_alloc(64, ((a_sz + b_sz) * sizeof(float) + 63) / 64 * 64);  // (np, kr, NR)
+    if (!Bp) return;
+    float* Ap = Bp + b_sz;                                                                   // (mbp, kr, MR)
     const double flops = 2.0 * M * N * K;
     #pragma omp parallel if (flops > 4e6)
-    for (int k0 = 0; k0 < K; k0 += MM_KC) {
-        const int kc = K - k0 < MM_KC ? K - k0 : MM_KC;
-        #pragma omp for schedule(static) nowait
-        for (int i = 0; i < mp; i++) {
-            int rn = M - i * MM_MR < MM_MR ? M - i * MM_MR : MM_MR;
-            float* d = Ap + (size_t)i * MM_MR * MM_KC;
-            if (dp) mm_pack_bf16_pairs((uint32_t*)d, (const uint16_t*)A, lda, trans_a, i * MM_MR, rn, k0, kc, MM_MR);
-            else mm_pack_f32(d, A, bf16, lda, trans_a, i * MM_MR, rn, k0, kc, MM_MR);
-        }
+    {
         #pragma omp for schedule(static)
         for (int j = 0; j < np; j++) {
             int rn = N - j * MM_NR < MM_NR ? N - j * MM_NR : MM_NR;
-            float* d = Bp + (size_t)j * MM_NR * MM_KC;
-            if (dp) mm_pack_bf16_pairs((uint32_t*)d, (const uint16_t*)B, ldb, trans_b, j * MM_NR, rn, k0, kc, MM_NR);
-            else mm_pack_f32(d, B, bf16, ldb, trans_b, j * MM_NR, rn, k0, kc, MM_NR);
+            float* d = Bp + (size_t)j * MM_NR * kr;
+            if (dp) mm_pack_bf16_pairs((uint32_t*)d, (const uint16_t*)B, ldb, trans_b, j * MM_NR, rn, 0, K, MM_NR);
+            else mm_pack_f32(d, B, bf16, ldb, trans_b, j * MM_NR, rn, 0, K, MM_NR);
         }
-        const int add = accumulate || k0 > 0;
-        const float* bias_k = k0 == 0 ? bias : NULL;
-        #pragma omp for collapse(2) schedule(dynamic, 1)
-        for (int ti = 0; ti < mt; ti++)
-            for (int tj = 0; tj < nt; tj++) {
-                const int i1 = (ti + 1) * (MM_MC / MM_MR) < mp ? (ti + 1) * (MM_MC / MM_MR) : mp;
-                const int j1 = (tj + 1) * (MM_NC / MM_NR) < np ? (tj + 1) * (MM_NC / MM_NR) : np;
-                for (int j = tj * (MM_NC / MM_NR); j < j1; j++) {
-                    const int n0 = j * MM_NR, nr = N - n0 < MM_NR ? N - n0 : MM_NR;
-                    const float* bp = Bp + (size_t)j * MM_NR * MM_KC;
-                    const float* bj = bias_k ? bias_k + n0 : NULL;
-                    for (int i = ti * (MM_MC / MM_MR); i < i1; i++) {
-                        const int m0 = i * MM_MR, mr = M - m0 < MM_MR ? M - m0 : MM_MR;
-                        const float* ap = Ap + (size_t)i * MM_MR * MM_KC;
-                        float* c = C + (size_t)m0 * ldc + n0;
+        for (int ms = 0; ms < M; ms += (int)mb) {
+            const int msn = M - ms < mb ? M - ms : (int)mb;                 // rows in this super-block
+            const int mp = (msn + MM_MR - 1) / MM_MR, mt = (msn + MM_MC - 1) / MM_MC;
+            #pragma omp for schedule(static)
+            for (int i = 0; i < mp; i++) {
+                int rn = msn - i * MM_MR < MM_MR ? msn - i * MM_MR : MM_MR;
+                float* d = Ap + (size_t)i * MM_MR * kr;
+                if (dp) mm_pack_bf16_pairs((uint32_t*)d, (const uint16_t*)A, lda, trans_a, ms + i * MM_MR, rn, 0, K, MM_MR);
+                else mm_pack_f32(d, A, bf16, lda, trans_a, ms + i * MM_MR, rn, 0, K, MM_MR);
+            }
+            #pragma omp for collapse(2) schedule(dynamic, 1)
+            for (int ti = 0; ti < mt; ti++)
+                for (int tj = 0; tj < nt; tj++) {
+                    const int i0 = ti * (MM_MC / MM_MR), j0 = tj * (MM_NC / MM_NR);
+                    const int i1 = i0 + MM_MC / MM_MR < mp ? i0 + MM_MC / MM_MR : mp;
+                    const int j1 = j0 + MM_NC / MM_NR < np ? j0 + MM_NC / MM_NR : np;
+                    for (int k0 = 0; k0 < K; k0 += MM_KC) {
+                        const int kc = K - k0 < MM_KC ? K - k0 : MM_KC;
+                        const size_t ko = dp ? (size_t)k0 / 2 : (size_t)k0;  // MM_KC is even
+                        const int add = accumulate || k0 > 0;
+                        for (int j = j0; j < j1; j++) {
+                            const int n0 = j * MM_NR, nr = N - n0 < MM_NR ? N - n0 : MM_NR;
+                            const float* bp = Bp + (size_t)j * MM_NR * kr + ko * MM_NR;
+                            const float* bj = bias && k0 == 0 ? bias + n0 : NULL;
+                            for (int i = i0; i < i1; i++) {
+                                const int m0 = i * MM_MR, mr = msn - m0 < MM_MR ? msn - m0 : MM_MR;
+                                const float* ap = Ap + (size_t)i * MM_MR * kr + ko * MM_MR;
+                                float* c = C + (size_t)(ms + m0) * ldc + n0;
 #if MM_HAVE_BF16DP
-                        if (dp) { mm_kernel_bf16dp((kc + 1) / 2, (const uint32_t*)ap, (const uint32_t*)bp, c, ldc,
-                                                   mr, nr, bj, add); continue; }
+                                if (dp) { mm_kernel_bf16dp((kc + 1) / 2, (const uint32_t*)ap, (const uint32_t*)bp, c,
+                                                           ldc, mr, nr, bj, add); continue; }
 #endif
-                        mm_kernel_f32(kc, ap, bp, c, ldc, mr, nr, bj, add);
+                                mm_kernel_f32(kc, ap, bp, c, ldc, mr, nr, bj, add);
+                            }
+                        }
                     }
                 }
-            }
+        }
     }
-    free(Ap);
+    free(Bp);
 }
 
 void KFN(matmul_forward)(const matmul_params* p) {
@@ -260,23 +312,7 @@ void KFN(matmul_bf16_forward)(const matmul_bf16_params* p) {
 
 // --- matvec (decoding: batch 1, memory-bound) ---------------------------------------------------------------
 void KFN(matvec_f32)(const matvec_params* p) {
-    const int n = p->n, k = p->k;
-    #pragma omp parallel for schedule(static) if ((long)n * k > 65536)
-    for (int i = 0; i < n; i++) {
-        const float* w = p->W + (size_t)i * k;  // (k)
-        vf a0 = (vf){0}, a1 = (vf){0}, a2 = (vf){0}, a3 = (vf){0};
-        int j = 0;
-        for (; j + 4 * VLEN <= k; j += 4 * VLEN) {
-            a0 = mm_fma(mm_load(w + j), mm_load(p->x + j), a0);
-            a1 = mm_fma(mm_load(w + j + VLEN), mm_load(p->x + j + VLEN), a1);
-            a2 = mm_fma(mm_load(w + j + 2 * VLEN), mm_load(p->x + j + 2 * VLEN), a2);
-            a3 = mm_fma(mm_load(w + j + 3 * VLEN), mm_load(p->x + j + 3 * VLEN), a3);
-        }
-        for (; j + VLEN <= k; j += VLEN) a0 = mm_fma(mm_load(w + j), mm_load(p->x + j), a0);
-        float s = vf_sum((a0 + a1) + (a2 + a3));
-        for (; j < k; j++) s += w[j] * p->x[j];
-        p->y[i] = s;
-    }
+    mm_small_m(p->x, p->k, p->W, p->k, p->y, p->n, NULL, 1, p->n, p->k, 0);
 }
 
 // --- Q8_0 (llama2.c runq.c semantics) -------------------------------------------------------------------------

@@ -40,7 +40,8 @@ typedef struct {
 //   forward  Y(M,N)  = X·Wᵀ      : A=X,  B=W                      (trans_a=0, trans_b=0)
 //   dX(M,K)          = dY·W      : A=dY, B=W  stored (N,K)=(K',N') (trans_a=0, trans_b=1), inner dim N
 //   dW(N,K)          = dYᵀ·X     : A=dY stored (M,N), B=X (M,K)    (trans_a=1, trans_b=1), inner dim M
-// Allocates (M + N) * 256 floats of packing scratch per call (malloc; returns without writing if that fails).
+// Allocates packing scratch per call: (N + min(M, ~8M/K)) * K floats, rounded up to tiles (malloc; returns
+// without writing C if that fails).
 typedef struct {
     float* C;            // (M, N) row stride ldc
     const float* A;      // (M, K) row stride lda; (K, M) if trans_a
