@@ -1,9 +1,8 @@
-"""Ratio table: pyllm GEMM vs torch (same process, interleaved, median of --reps) at transformer shapes.
+"""Ratio table: pyllm GEMM vs torch (same process, interleaved, best of --reps) at transformer shapes.
 Run: PYTHONPATH=$PWD python benchmarks/bench_matmul_table.py [--threads 1 2] [--reps 5] [--shapes 1024x1024x1024]
 Prints GFLOP/s and speed ratio (torch time / pyllm time; > 1 means pyllm is faster) for fp32 and bf16,
 forward (x·Wᵀ) and the two backward layouts (dY·W, dYᵀ·X)."""
 import argparse
-import statistics
 import time
 
 import torch
@@ -25,19 +24,20 @@ def timeit(fn, reps):
 
 
 def compare(ours, theirs, reps):
-    """Interleave the two so background load hits both alike; return median seconds of each."""
+    """Interleave the two so background load hits both alike; return the best (min) seconds of each: on a
+    shared machine the minimum is the least-disturbed run."""
     ours(), theirs()
     a, b = [], []
     for _ in range(reps):
         a += timeit(ours, 1)
         b += timeit(theirs, 1)
-    return statistics.median(a), statistics.median(b)
+    return min(a), min(b)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to measure")
-    ap.add_argument("--reps", type=int, default=5, help="timed repetitions per kernel (median reported)")
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions per kernel (best reported)")
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="MxKxN shapes")
     ap.add_argument("--layouts", nargs="+", default=["fwd", "dx", "dw"], help="fwd (x·Wᵀ), dx (dY·W), dw (dYᵀ·X)")
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], help="fp32 and/or bf16")
