@@ -141,6 +141,10 @@ static void mm_kernel_f32(int kc, const float* restrict a, const float* restrict
     vf acc[MM_MR][2];
     _Pragma("GCC unroll 16")
     for (int i = 0; i < MM_MR; i++) acc[i][0] = acc[i][1] = (vf){0};
+    for (int i = 0; i < mr; i++) {  // C tile is read/written after the k loop: start its lines on their way
+        __builtin_prefetch(c + (size_t)i * ldc, 1);
+        __builtin_prefetch(c + (size_t)i * ldc + MM_NR - 1, 1);
+    }
     for (int k = 0; k < kc; k++) {
         vf b0 = mm_load(b), b1 = mm_load(b + VLEN);
         _Pragma("GCC unroll 16")
