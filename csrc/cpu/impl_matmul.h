@@ -79,30 +79,61 @@ static inline float mm_bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16;
 #define MM_AT(src, ld, trans, r, k) ((src)[(trans) ? (size_t)(k) * (ld) + (r) : (size_t)(r) * (ld) + (k)])
 
 // dst (kc, R) fp32 panel: dst[k*R + i] = X[r0+i, k0+k] for i < rn, 0 for rn <= i < R. src is fp32 or bf16.
+// Branch-free inner loops per layout: trans copies a contiguous run per k; otherwise each source row is read
+// along k in chunks of 16 (one cache line) while the 16 x R destination block stays in L1.
 static void mm_pack_f32(float* restrict dst, const void* src, int bf16, int ld, int trans, int r0, int rn,
                         int k0, int kc, int R) {
-    for (int k = 0; k < kc; k++) {
-        float* d = dst + (size_t)k * R;
-        if (bf16) { const uint16_t* s = (const uint16_t*)src;
-                    for (int i = 0; i < rn; i++) d[i] = mm_bf16_to_f32(MM_AT(s, ld, trans, r0 + i, k0 + k)); }
-        else      { const float* s = (const float*)src;
-                    for (int i = 0; i < rn; i++) d[i] = MM_AT(s, ld, trans, r0 + i, k0 + k); }
-        for (int i = rn; i < R; i++) d[i] = 0.f;
+    const float* sf = (const float*)src;
+    const uint16_t* sh = (const uint16_t*)src;
+    if (trans) {
+        for (int k = 0; k < kc; k++) {
+            float* d = dst + (size_t)k * R;
+            const size_t o = (size_t)(k0 + k) * ld + r0;
+            if (bf16) for (int i = 0; i < rn; i++) d[i] = mm_bf16_to_f32(sh[o + i]);
+            else      for (int i = 0; i < rn; i++) d[i] = sf[o + i];
+            for (int i = rn; i < R; i++) d[i] = 0.f;
+        }
+        return;
+    }
+    for (int kb = 0; kb < kc; kb += 16) {
+        const int kn = kc - kb < 16 ? kc - kb : 16;
+        float* d = dst + (size_t)kb * R;
+        for (int i = 0; i < rn; i++) {
+            const size_t o = (size_t)(r0 + i) * ld + k0 + kb;
+            if (bf16) for (int k = 0; k < kn; k++) d[k * R + i] = mm_bf16_to_f32(sh[o + k]);
+            else      for (int k = 0; k < kn; k++) d[k * R + i] = sf[o + k];
+        }
+        for (int k = 0; k < kn; k++)
+            for (int i = rn; i < R; i++) d[k * R + i] = 0.f;
     }
 }
 
-// dst ((kc+1)/2, R) uint32 panel of bf16 k-pairs for vdpbf16ps: low half X[r, 2p], high half X[r, 2p+1].
+// dst ((kc+1)/2, R) uint32 panel of bf16 k-pairs for vdpbf16ps: low half X[r, 2p], high half X[r, 2p+1]
+// (0 past kc or rn). Not transposed, a pair is two adjacent bf16 of a source row: one 32-bit copy.
 static void mm_pack_bf16_pairs(uint32_t* restrict dst, const uint16_t* src, int ld, int trans, int r0, int rn,
                                int k0, int kc, int R) {
-    for (int p = 0; p < (kc + 1) / 2; p++) {
-        uint32_t* d = dst + (size_t)p * R;
-        int k = k0 + 2 * p, has_hi = 2 * p + 1 < kc;
-        for (int i = 0; i < rn; i++) {
-            uint32_t lo = MM_AT(src, ld, trans, r0 + i, k);
-            uint32_t hi = has_hi ? MM_AT(src, ld, trans, r0 + i, k + 1) : 0;
-            d[i] = lo | hi << 16;
+    const int kp = (kc + 1) / 2;
+    if (trans) {
+        for (int p = 0; p < kp; p++) {
+            uint32_t* d = dst + (size_t)p * R;
+            const uint16_t* lo = src + (size_t)(k0 + 2 * p) * ld + r0;
+            if (2 * p + 1 < kc) for (int i = 0; i < rn; i++) d[i] = lo[i] | (uint32_t)lo[(size_t)ld + i] << 16;
+            else                for (int i = 0; i < rn; i++) d[i] = lo[i];
+            for (int i = rn; i < R; i++) d[i] = 0;
         }
-        for (int i = rn; i < R; i++) d[i] = 0;
+        return;
+    }
+    for (int pb = 0; pb < kp; pb += 16) {
+        const int pn = kp - pb < 16 ? kp - pb : 16;
+        const int full = 2 * (pb + pn) <= kc ? pn : pn - 1;      // pairs with both halves inside kc
+        uint32_t* d = dst + (size_t)pb * R;
+        for (int i = 0; i < rn; i++) {
+            const uint16_t* s = src + (size_t)(r0 + i) * ld + k0 + 2 * pb;
+            for (int p = 0; p < full; p++) memcpy(d + (size_t)p * R + i, s + 2 * p, 4);
+            if (full < pn) d[(size_t)full * R + i] = s[2 * full];
+        }
+        for (int p = 0; p < pn; p++)
+            for (int i = rn; i < R; i++) d[(size_t)p * R + i] = 0;
     }
 }
 
