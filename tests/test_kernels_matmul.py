@@ -173,14 +173,14 @@ def test_q8_matvec_large_k_heap_scratch(rng):
     torch.testing.assert_close(ops.matvec_q8(q, s, x), ref.matvec_q8(q, s, x), rtol=1e-5, atol=1e-3)
 
 
-def test_matmul_a_super_blocks(rng):
+@pytest.mark.parametrize("ta", [0, 1])
+def test_matmul_a_super_blocks(rng, ta):
     # M*K above the kernel's 8M-float packing budget: A is packed and multiplied in row super-blocks.
     M, N, K = 4500, 37, 2000
-    a = torch.randn(M, K, generator=rng)
-    b = torch.randn(N, K, generator=rng)
+    a, b = _operands(rng, M, N, K, ta, 0)
     out = poison(torch.empty(M, N))
-    ops.matmul(a, b, out=out)
-    torch.testing.assert_close(out, (a.double() @ b.double().T).float(), **_tol(K))
+    ops.matmul(a, b, trans_a=bool(ta), out=out)
+    torch.testing.assert_close(out, ref.matmul(a.double(), b.double(), trans_a=bool(ta)).float(), **_tol(K))
 
 
 @pytest.mark.parametrize("M", [4, 5])

@@ -137,6 +137,34 @@ static void mm_pack_bf16_pairs(uint32_t* restrict dst, const uint16_t* src, int 
     }
 }
 
+// Packs panels [p0, p1) of X (rows rbase + p*R ..., `rows` valid rows in all) into base + p*R*kr.
+// Transposed fp32/bf16 sources are read k-outer across the whole group, so each source row segment is
+// R*(p1-p0) contiguous values (whole cache lines, one page) rather than R values per page.
+#define MM_PACK_GROUP 8
+static void mm_pack_group(int dp, int bf16, float* base, size_t kr, const void* src, int ld, int trans, int rbase,
+                          int rows, int p0, int p1, int K, int R) {
+    if (trans && !dp) {
+        const float* sf = (const float*)src;
+        const uint16_t* sh = (const uint16_t*)src;
+        for (int k = 0; k < K; k++)
+            for (int p = p0; p < p1; p++) {
+                const int rn = rows - p * R < R ? rows - p * R : R;
+                float* d = base + (size_t)p * R * kr + (size_t)k * R;
+                const size_t o = (size_t)k * ld + rbase + (size_t)p * R;
+                if (bf16) for (int i = 0; i < rn; i++) d[i] = mm_bf16_to_f32(sh[o + i]);
+                else      for (int i = 0; i < rn; i++) d[i] = sf[o + i];
+                for (int i = rn; i < R; i++) d[i] = 0.f;
+            }
+        return;
+    }
+    for (int p = p0; p < p1; p++) {
+        const int rn = rows - p * R < R ? rows - p * R : R;
+        float* d = base + (size_t)p * R * kr;
+        if (dp) mm_pack_bf16_pairs((uint32_t*)d, (const uint16_t*)src, ld, trans, rbase + p * R, rn, 0, K, R);
+        else mm_pack_f32(d, src, bf16, ld, trans, rbase + p * R, rn, 0, K, R);
+    }
+}
+
 // Write one MR x NR accumulator tile into C (mr x nr valid): C = acc (+bias) or C += acc (+bias).
 // bias is already offset to the tile's first column (or NULL). Written as a macro so the accumulators stay
 // in registers in every micro-kernel that expands it.
@@ -286,22 +314,16 @@ static void mm_gemm(int kind, const void* A, int lda, int trans_a, const void* B
     #pragma omp parallel if (flops > 4e6)
     {
         #pragma omp for schedule(static)
-        for (int j = 0; j < np; j++) {
-            int rn = N - j * MM_NR < MM_NR ? N - j * MM_NR : MM_NR;
-            float* d = Bp + (size_t)j * MM_NR * kr;
-            if (dp) mm_pack_bf16_pairs((uint32_t*)d, (const uint16_t*)B, ldb, trans_b, j * MM_NR, rn, 0, K, MM_NR);
-            else mm_pack_f32(d, B, bf16, ldb, trans_b, j * MM_NR, rn, 0, K, MM_NR);
-        }
+        for (int g = 0; g < np; g += MM_PACK_GROUP)
+            mm_pack_group(dp, bf16, Bp, kr, B, ldb, trans_b, 0, N, g, g + MM_PACK_GROUP < np ? g + MM_PACK_GROUP : np,
+                          K, MM_NR);
         for (int ms = 0; ms < M; ms += (int)mb) {
             const int msn = M - ms < mb ? M - ms : (int)mb;                 // rows in this super-block
             const int mp = (msn + MM_MR - 1) / MM_MR, mt = (msn + MM_MC - 1) / MM_MC;
             #pragma omp for schedule(static)
-            for (int i = 0; i < mp; i++) {
-                int rn = msn - i * MM_MR < MM_MR ? msn - i * MM_MR : MM_MR;
-                float* d = Ap + (size_t)i * MM_MR * kr;
-                if (dp) mm_pack_bf16_pairs((uint32_t*)d, (const uint16_t*)A, lda, trans_a, ms + i * MM_MR, rn, 0, K, MM_MR);
-                else mm_pack_f32(d, A, bf16, lda, trans_a, ms + i * MM_MR, rn, 0, K, MM_MR);
-            }
+            for (int g = 0; g < mp; g += MM_PACK_GROUP)
+                mm_pack_group(dp, bf16, Ap, kr, A, lda, trans_a, ms, msn, g,
+                              g + MM_PACK_GROUP < mp ? g + MM_PACK_GROUP : mp, K, MM_MR);
             #pragma omp for collapse(2) schedule(dynamic, 1)
             for (int ti = 0; ti < mt; ti++)
                 for (int tj = 0; tj < nt; tj++) {
