@@ -54,7 +54,7 @@ typedef struct {
 } matmul_params;
 
 // Same as matmul_params with bf16 A and B (raw bf16 bits in uint16_t), fp32 accumulate, fp32 C and bias.
-// Uses AVX512_BF16 (vdpbf16ps) when the CPU has it on the avx512 path; otherwise converts panels to fp32.
+// Panels are widened to fp32 while packing (halves the input bytes read; the math is the fp32 kernel's).
 typedef struct {
     float* C;              // (M, N) row stride ldc
     const uint16_t* A;     // (M, K) bf16 row stride lda; (K, M) if trans_a
