@@ -5,9 +5,9 @@
 // Layout: q (B, T, H, D), k/v (B, T, Hkv, D) row-major; query head h reads kv head h / (H / Hkv).
 // Work goes in tiles of ATT_BR queries x ATT_BC keys. The scores of one tile are kept TRANSPOSED, S^T (BC, BR),
 // so the softmax runs along contiguous query vectors and K/V rows serve as the broadcast operand of att_mm: no
-// per-tile transpose. K and V are first copied per kv head into contiguous zero-padded (T, Dp) buffers (one
-// streaming pass; it saves a strided gather per tile and the L1 set conflicts of rows H*D*4 bytes apart).
-// Q^T of a query block is built once per block.
+// per-tile transpose. In the forward K is read in place (8 rows at a time: no cache-set pressure) and each V
+// tile is copied into a contiguous zero-padded (BC, Dp) buffer: all 64 rows stay live in P.V, and rows H*D*4
+// bytes apart would fall into a few L1 sets. Q^T of a query block is built once per block.
 // Nothing of size T x T exists; the forward saves lse = m + log(l) per query row and the backward recomputes
 // P = exp(S - lse) (FlashAttention-2). Tiles that a document mask hides entirely are skipped.
 
@@ -175,8 +175,12 @@ static void att_transpose(float* dst, const float* src, long ld, int Mq, int D, 
 // Rows of a (., D) view ld apart copied into a contiguous (n, Dp) buffer, zero-padded past D.
 static void att_pad_rows(float* dst, const float* src, long ld, int n, int D, int Dp) {
     for (int r = 0; r < n; r++) {
-        memcpy(dst + (long)r * Dp, src + r * ld, (size_t)D * sizeof(float));
-        for (int d = D; d < Dp; d++) dst[(long)r * Dp + d] = 0.f;
+        float* o = dst + (long)r * Dp;
+        const float* x = src + r * ld;
+        int d = 0;
+        for (; d + VLEN <= D; d += VLEN) vf_store(o + d, vf_load(x + d));
+        for (; d < D; d++) o[d] = x[d];
+        for (; d < Dp; d++) o[d] = 0.f;
     }
 }
 
@@ -187,21 +191,13 @@ void KFN(attention_forward)(const attention_params* p) {
     const long ldq = (long)H * D, ldk = (long)p->Hkv * D;
     const float scale = 1.0f / sqrtf((float)D);
     const long items = (long)B * H * nb;
-    const int Hkv = p->Hkv;
-    float* Kall = (float*)malloc(sizeof(float) * 2 * (size_t)B * Hkv * T * Dp);  // K, V as (B, Hkv, T, Dp)
-    float* Vall = Kall + (size_t)B * Hkv * T * Dp;
     #pragma omp parallel if (items > 1 && (long)T * T * D * B * H > 200000)
     {
-        #pragma omp for schedule(static)
-        for (long bg = 0; bg < (long)B * Hkv; bg++) {
-            const int b = (int)(bg / Hkv), g = (int)(bg % Hkv);
-            att_pad_rows(Kall + (size_t)bg * T * Dp, p->k + (size_t)b * T * ldk + (size_t)g * D, ldk, T, D, Dp);
-            att_pad_rows(Vall + (size_t)bg * T * Dp, p->v + (size_t)b * T * ldk + (size_t)g * D, ldk, T, D, Dp);
-        }  // (implicit barrier: every item below reads any head's K/V)
-        // per-thread scratch: Q^T (D, BR), S^T/P^T (BC, BR), O (BR, Dp)
-        float* Qt = (float*)malloc(sizeof(float) * ((size_t)D * ATT_BR + ATT_BC * ATT_BR + (size_t)ATT_BR * Dp));
+        // per-thread scratch: Q^T (D, BR), S^T/P^T (BC, BR), O (BR, Dp), V tile (BC, Dp)
+        float* Qt = (float*)malloc(sizeof(float) * ((size_t)D * ATT_BR + ATT_BC * ATT_BR + 2 * (size_t)ATT_BR * Dp));
         float* ST = Qt + (size_t)D * ATT_BR;
         float* O = ST + ATT_BC * ATT_BR;
+        float* Vp = O + (size_t)ATT_BR * Dp;
         float m[ATT_BR], l[ATT_BR], alpha[ATT_BR];
         #pragma omp for schedule(dynamic, 1)
         for (long it = 0; it < items; it++) {
@@ -218,9 +214,9 @@ void KFN(attention_forward)(const attention_params* p) {
                 const int j0 = kb * ATT_BC, Nk = att_min(ATT_BC, T - j0);
                 const int kind = att_tile_kind(doc, i0, Mq, j0, Nk, qlo, qhi);
                 if (!kind) continue;
-                const float* Kp = Kall + (((size_t)b * Hkv + hk) * T + j0) * Dp;  // (Nk, Dp)
-                const float* Vp = Vall + (((size_t)b * Hkv + hk) * T + j0) * Dp;  // (Nk, Dp)
-                att_mm_rowA(ST, ATT_BR, Kp, Dp, Qt, ATT_BR, Nk, ATT_BR, D, 0);  // S^T = K Q^T * scale
+                const float* kr = p->k + ((size_t)b * T + j0) * ldk + (size_t)hk * D;  // (Nk, D), rows ldk apart
+                const float* vr = p->v + ((size_t)b * T + j0) * ldk + (size_t)hk * D;
+                att_mm_rowA(ST, ATT_BR, kr, ldk, Qt, ATT_BR, Nk, ATT_BR, D, 0);  // S^T = K Q^T * scale
                 if (kind == 2) att_mask(ST, doc, i0, Mq, j0, Nk);
                 // online softmax along keys, vectorised over queries
                 for (int r = 0; r < ATT_BR; r += VLEN) {
@@ -244,6 +240,7 @@ void KFN(attention_forward)(const attention_params* p) {
                         const vf a = att_set1(alpha[r]);
                         for (int d = 0; d < Dp; d += VLEN) vf_store(O + r * Dp + d, vf_load(O + r * Dp + d) * a);
                     }
+                att_pad_rows(Vp, vr, ldk, Nk, D, Dp);
                 att_mm_colA(O, Dp, ST, ATT_BR, Vp, Dp, Mq, Dp, Nk, 1);  // O += P V
             }
             float* out = p->out + ((size_t)b * T + i0) * ldq + (size_t)h * D;  // (Mq, D), rows ldq apart
@@ -256,7 +253,6 @@ void KFN(attention_forward)(const attention_params* p) {
         }
         free(Qt);
     }
-    free(Kall);
 }
 
 // One work item per (batch, kv head): it owns dk/dv of that kv head and dq of the heads that read it, so no
