@@ -44,23 +44,22 @@ static inline vf att_fma(vf a, vf b, vf c) {  // a*b + c in one rounding where t
 #endif
 }
 
-// exp(x) for a vector (Cephes expf: range reduction by ln2 in two parts, degree-6 polynomial; max rel error
-// ~2e-7 on [-87, 88]); x < -87.3 (and -inf) gives exactly 0. Cheaper than libm's scalar expf by ~10x.
-static inline vf att_exp(vf x) {
-    const vi keep = x >= -87.3365f;                        // below: exactly 0 (no denormals downstream)
-    x = vf_select(x < 88.0f, x, att_set1(88.0f));
-    x = vf_select(keep, x, att_set1(-87.3365f));
-    const vf tm = x * 1.44269504088896341f + 12582912.0f;  // + 1.5 * 2^23 rounds x / ln2 to an integer n
-    const vf n = tm - 12582912.0f;
-    vf r = x - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    vf y = att_set1(1.9875691500e-4f);
-    y = att_fma(y, r, att_set1(1.3981999507e-3f));
-    y = att_fma(y, r, att_set1(8.3334519073e-3f));
-    y = att_fma(y, r, att_set1(4.1665795894e-2f));
-    y = att_fma(y, r, att_set1(1.6666665459e-1f));
-    y = att_fma(y, r, att_set1(5.0000001201e-1f));
-    y = att_fma(y, r * r, r) + 1.0f;
+// 2^x for a vector, x <= ~0 (scores minus their running max or lse; no overflow clamp): x = n + r with
+// n = round(x), |r| <= 0.5, 2^r by its degree-6 Taylor series (rel error < 1.3e-7), 2^n built in the exponent
+// bits. x < -126 (and -inf) gives exactly 0, so masked scores never produce denormals. The scores are kept in
+// log2 units (Q pre-scaled by log2(e)/sqrt(D)), which saves the ln2 range reduction of exp(): 15 vector ops.
+static inline vf att_exp2(vf x) {
+    const vi keep = x >= -126.0f;
+    x = vf_select(keep, x, att_set1(-126.0f));
+    const vf tm = x + 12582912.0f;                         // + 1.5 * 2^23 rounds x to an integer n
+    const vf r = x - (tm - 12582912.0f);
+    vf y = att_set1(1.5403530393381606e-4f);
+    y = att_fma(y, r, att_set1(1.3333558146428443e-3f));
+    y = att_fma(y, r, att_set1(9.618129107628477e-3f));
+    y = att_fma(y, r, att_set1(5.550410866482158e-2f));
+    y = att_fma(y, r, att_set1(0.2402265069591007f));
+    y = att_fma(y, r, att_set1(0.6931471805599453f));
+    y = att_fma(y, r, att_set1(1.0f));
     const vi e = ((vi)tm << 23) + (127 << 23);             // 2^n: n sits in the low mantissa bits of tm
     return (vf)((vi)(y * (vf)e) & keep);
 }
@@ -189,7 +188,7 @@ void KFN(attention_forward)(const attention_params* p) {
     const int Dp = (D + VLEN - 1) / VLEN * VLEN;
     const int nb = (T + ATT_BR - 1) / ATT_BR;
     const long ldq = (long)H * D, ldk = (long)p->Hkv * D;
-    const float scale = 1.0f / sqrtf((float)D);
+    const float scale2 = 1.4426950408889634f / sqrtf((float)D);  // scores in log2 units
     const long items = (long)B * H * nb;
     #pragma omp parallel if (items > 1 && (long)T * T * D * B * H > 200000)
     {
@@ -207,7 +206,7 @@ void KFN(attention_forward)(const attention_params* p) {
             const int32_t* doc = p->doc_ids ? p->doc_ids + (size_t)b * T : NULL;  // (T)
             int32_t qlo = 0, qhi = 0;
             if (doc) att_doc_range(doc, i0, Mq, &qlo, &qhi);
-            att_transpose(Qt, p->q + ((size_t)b * T + i0) * ldq + (size_t)h * D, ldq, Mq, D, scale);
+            att_transpose(Qt, p->q + ((size_t)b * T + i0) * ldq + (size_t)h * D, ldq, Mq, D, scale2);
             memset(O, 0, sizeof(float) * (size_t)ATT_BR * Dp);
             for (int r = 0; r < ATT_BR; r++) { m[r] = -INFINITY; l[r] = 0.f; }
             for (int kb = 0; kb <= qb; kb++) {
@@ -216,7 +215,7 @@ void KFN(attention_forward)(const attention_params* p) {
                 if (!kind) continue;
                 const float* kr = p->k + ((size_t)b * T + j0) * ldk + (size_t)hk * D;  // (Nk, D), rows ldk apart
                 const float* vr = p->v + ((size_t)b * T + j0) * ldk + (size_t)hk * D;
-                att_mm_rowA(ST, ATT_BR, kr, ldk, Qt, ATT_BR, Nk, ATT_BR, D, 0);  // S^T = K Q^T * scale
+                att_mm_rowA(ST, ATT_BR, kr, ldk, Qt, ATT_BR, Nk, ATT_BR, D, 0);  // S^T = K Q^T * scale * log2(e)
                 if (kind == 2) att_mask(ST, doc, i0, Mq, j0, Nk);
                 // online softmax along keys, vectorised over queries
                 for (int r = 0; r < ATT_BR; r += VLEN) {
@@ -226,11 +225,11 @@ void KFN(attention_forward)(const attention_params* p) {
                     const vf msafe = vf_select(mnew == -INFINITY, att_set1(0.f), mnew);  // rows with no key yet
                     vf sum = att_set1(0.f);
                     for (int c = 0; c < Nk; c++) {
-                        vf pv = att_exp(vf_load(ST + c * ATT_BR + r) - msafe);
+                        vf pv = att_exp2(vf_load(ST + c * ATT_BR + r) - msafe);
                         vf_store(ST + c * ATT_BR + r, pv);
                         sum += pv;
                     }
-                    const vf a = att_exp(mold - msafe);
+                    const vf a = att_exp2(mold - msafe);
                     vf_store(alpha + r, a);
                     vf_store(l + r, vf_load(l + r) * a + sum);
                     vf_store(m + r, mnew);
@@ -248,7 +247,7 @@ void KFN(attention_forward)(const attention_params* p) {
             for (int r = 0; r < Mq; r++) {
                 const float inv = 1.0f / l[r];
                 for (int d = 0; d < D; d++) out[r * ldq + d] = O[r * Dp + d] * inv;
-                lse[r] = m[r] + logf(l[r]);
+                lse[r] = m[r] * 0.6931471805599453f + logf(l[r]);  // natural-log units
             }
         }
         free(Qt);
@@ -299,7 +298,7 @@ void KFN(attention_backward)(const attention_backward_params* p) {
                     const float* o = p->out + row0;
                     int32_t qlo = 0, qhi = 0;
                     if (doc) att_doc_range(doc, i0, Mq, &qlo, &qhi);
-                    att_transpose(Qt, q, ldq, Mq, D, scale);
+                    att_transpose(Qt, q, ldq, Mq, D, scale * 1.4426950408889634f);  // log2 units
                     att_transpose(dOt, dO, ldq, Mq, D, 1.f);
                     att_pad_rows(Qp, q, ldq, Mq, D, Dp);
                     att_pad_rows(dOp, dO, ldq, Mq, D, Dp);
@@ -308,7 +307,7 @@ void KFN(attention_backward)(const attention_backward_params* p) {
                         float di = 0.f;
                         if (r < Mq) for (int d = 0; d < D; d++) di += dO[r * ldq + d] * o[r * ldq + d];
                         Di[r] = di;  // rowsum(dO * O): the softmax-gradient correction of row r
-                        lse[r] = r < Mq ? lse_src[r] : 0.f;
+                        lse[r] = r < Mq ? lse_src[r] * 1.4426950408889634f : 0.f;
                     }
                     memset(dQa, 0, sizeof(float) * (size_t)ATT_BR * Dp);
                     for (int kb = 0; kb <= qb; kb++) {
@@ -317,13 +316,13 @@ void KFN(attention_backward)(const attention_backward_params* p) {
                         if (!kind) continue;
                         const float* Kp = Kall + (size_t)j0 * Dp;  // (Nk, Dp)
                         const float* Vp = Vall + (size_t)j0 * Dp;  // (Nk, Dp)
-                        att_mm_rowA(PT, ATT_BR, Kp, Dp, Qt, ATT_BR, Nk, ATT_BR, D, 0);   // S^T = K Q^T * scale
+                        att_mm_rowA(PT, ATT_BR, Kp, Dp, Qt, ATT_BR, Nk, ATT_BR, D, 0);   // S^T = K Q^T * scale * log2(e)
                         if (kind == 2) att_mask(PT, doc, i0, Mq, j0, Nk);
                         att_mm_rowA(dST, ATT_BR, Vp, Dp, dOt, ATT_BR, Nk, ATT_BR, D, 0); // dP^T = V dO^T
                         for (int r = 0; r < ATT_BR; r += VLEN) {
                             const vf vl = vf_load(lse + r), vd = vf_load(Di + r);
                             for (int c = 0; c < Nk; c++) {
-                                const vf pv = att_exp(vf_load(PT + c * ATT_BR + r) - vl);   // P recomputed
+                                const vf pv = att_exp2(vf_load(PT + c * ATT_BR + r) - vl);  // P recomputed
                                 vf_store(PT + c * ATT_BR + r, pv);
                                 vf_store(dST + c * ATT_BR + r, pv * (vf_load(dST + c * ATT_BR + r) - vd) * scale);
                             }
