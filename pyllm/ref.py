@@ -15,6 +15,77 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * up(weight)).to(x.dtype)
 
 
+# === model-helper section: references the model needs until (or alongside) the kernel owners' versions ===
+# Signatures are exactly CONTRACT.md's. They are bound with setdefault at the end of this section, so a kernel
+# owner's own ref.<op> (defined anywhere in this file, before or after) wins and merges need no edits here.
+import torch.nn.functional as F  # noqa: E402
+
+
+def _fallback_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., K), weight (N, K) -> (..., N) = x @ weight.T."""
+    return F.linear(x, weight)
+
+
+def _fallback_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF rotate-half RoPE. x (B, T, H, D), cos/sin (T, D/2) -> (B, T, H, D)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    c, s = cos[:, None, :], sin[:, None, :]           # (T, 1, D/2) broadcast over heads
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+def _fallback_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, same shapes."""
+    return F.silu(gate) * up
+
+
+def _fallback_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
+    """logits (N, V), targets (N) -> mean CE over non-ignored targets (0, still differentiable, if none)."""
+    if bool((targets == ignore_index).all()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(up(logits), targets, ignore_index=ignore_index)
+
+
+def _fallback_sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                     min_p: float = 0.0, mask: torch.Tensor | None = None, seed: int = 0, step: int = 0):
+    """logits (B, V) -> (tokens (B,) int64, logprobs (B,) fp32). Greedy at temperature 0. mask (B, V) True = allowed.
+    Each row draws from its own torch.Generator seeded from (seed, row, step), so rows and steps are independent
+    and reproducible (not bit-identical to the C kernel's counter RNG; the tests compare distributions there)."""
+    logits = up(logits)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    T = float(temperature) if temperature > 0 else 1.0
+    logp_full = torch.log_softmax(logits / T, dim=-1)               # (B, V) before truncation
+    if temperature <= 0:
+        tok = logits.argmax(dim=-1)
+        return tok, logp_full.gather(1, tok[:, None])[:, 0].float()
+    probs = logp_full.exp()
+    V = probs.shape[-1]
+    if top_k and 0 < top_k < V:
+        kth = probs.topk(top_k, dim=-1).values[:, -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)
+    if min_p > 0.0:
+        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+    if top_p < 1.0:
+        sp, si = probs.sort(dim=-1, descending=True)
+        cum = sp.cumsum(-1) / sp.sum(-1, keepdim=True)
+        drop = (cum - sp / sp.sum(-1, keepdim=True)) >= top_p   # keep the smallest prefix reaching top_p
+        probs = probs.scatter(1, si, sp.masked_fill(drop, 0.0))
+    toks = []
+    for b in range(probs.shape[0]):
+        g = torch.Generator(device="cpu").manual_seed(
+            (int(seed) * 1000003 + b * 7919 + int(step) * 104729 + 12345) % (2 ** 63))
+        toks.append(torch.multinomial(probs[b].float().cpu(), 1, generator=g))
+    tok = torch.cat(toks).to(logits.device)
+    return tok, logp_full.gather(1, tok[:, None])[:, 0].float()
+
+
+for _name in ("linear", "rope", "swiglu", "cross_entropy", "sample"):
+    globals().setdefault(_name, globals()["_fallback_" + _name])
+del _name
+
+
+# === attention (attn-helper section) ===
 def attention_mask(T: int, doc_ids: torch.Tensor | None, device=None) -> torch.Tensor:
     """Bool mask of allowed (query i, key j) pairs: (T, T) causal, or (B, 1, T, T) causal & same document."""
     causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
