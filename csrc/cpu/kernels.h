@@ -35,8 +35,9 @@ typedef struct {
 
 // --- attention (impl_attention.h) ---------------------------------------------------------------------
 // Causal flash attention, fp32. Query head h reads kv head h / (H / Hkv) (H % Hkv == 0). Scale 1/sqrt(D).
-// doc_ids (optional): token i attends to j only if j <= i and doc_ids[b,i] == doc_ids[b,j]; tiles that no
-// (i, j) pair of the same document reaches are skipped, so packed rows cost about sum(doc_len^2), not T^2.
+// doc_ids (optional): token i attends to j only if j <= i and doc_ids[b,i] == doc_ids[b,j]; any ids work, and
+// 64x64 tiles whose query and key id ranges do not overlap are skipped, so packed rows with increasing ids cost
+// about sum(doc_len^2) rather than T^2/2.
 // D <= 256. Scratch: each thread mallocs O(D*64 + 64*64) floats per call (backward also 4*T*D: its kv head's
 // K, V, dK, dV). Backward parallelism is B*Hkv (one item owns a kv head's dK/dV and its query heads' dQ).
 typedef struct {
