@@ -126,6 +126,8 @@ ext = Pybind11Extension(
     extra_compile_args=CXX_FLAGS,
     extra_link_args=["-fopenmp"],
     cxx_std=17,
+    # headers too, so editing a kernel header (csrc/cpu/impl_*.h) rebuilds instead of keeping a stale _C
+    depends=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.h")),
 )
 
 setup(

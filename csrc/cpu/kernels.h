@@ -103,9 +103,11 @@ typedef struct {
 } adamw_params;
 // --- attention (impl_attention.h) ---------------------------------------------------------------------
 // Causal flash attention, fp32. Query head h reads kv head h / (H / Hkv) (H % Hkv == 0). Scale 1/sqrt(D).
-// doc_ids (optional): token i attends to j only if j <= i and doc_ids[b,i] == doc_ids[b,j]; tiles that no
-// (i, j) pair of the same document reaches are skipped, so packed rows cost about sum(doc_len^2), not T^2.
-// D <= 256. Scratch: each thread mallocs O(D*64 + 64*64) floats (backward also 2*T*D) per call.
+// doc_ids (optional): token i attends to j only if j <= i and doc_ids[b,i] == doc_ids[b,j]; any ids work, and
+// 64x64 tiles whose query and key id ranges do not overlap are skipped, so packed rows with increasing ids cost
+// about sum(doc_len^2) rather than T^2/2.
+// D <= 256. Scratch: each thread mallocs O(D*64 + 64*64) floats per call (backward also 4*T*D: its kv head's
+// K, V, dK, dV). Backward parallelism is B*Hkv (one item owns a kv head's dK/dV and its query heads' dQ).
 typedef struct {
     float* out;             // (B, T, H, D)   written
     float* lse;             // (B, H, T)      written: log-sum-exp of each query row's scaled scores (for backward)
