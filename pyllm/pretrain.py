@@ -297,6 +297,8 @@ def train(args) -> dict:
                 val_loss = evaluate()
                 if val_loss is not None:
                     log({"step": step, "val_loss": val_loss})
+                    if rank == 0:
+                        if rank == 0:
                     bar.write(f"step {step}: val loss {val_loss:.4f}")
                 sample()
             t0 = time.perf_counter()
@@ -336,7 +338,8 @@ def train(args) -> dict:
             val_loss = evaluate()
             if val_loss is not None:
                 log({"step": step, "val_loss": val_loss})
-                bar.write(f"step {step}: val loss {val_loss:.4f}")
+                if rank == 0:
+                    bar.write(f"step {step}: val loss {val_loss:.4f}")
             sample()
     finally:
         bar.close()
