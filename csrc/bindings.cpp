@@ -107,4 +107,47 @@ PYBIND11_MODULE(_C, m) {
         rmsnorm_backward(&p);
     }, py::arg("dx"), py::arg("dweight"), py::arg("dout"), py::arg("x"), py::arg("weight"), py::arg("rstd"),
        py::arg("N"), py::arg("C"));
+
+    // --- attention (csrc/cpu/impl_attention.h) --------------------------------------------------------------
+    m.def("attention_forward", [](uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v,
+                                   uintptr_t doc_ids, int B, int T, int H, int Hkv, int D) {
+        CHECK_PTR(out); CHECK_PTR(lse); CHECK_PTR(q); CHECK_PTR(k); CHECK_PTR(v);
+        CHECK_POS(B); CHECK_POS(T); CHECK_POS(H); CHECK_POS(Hkv); CHECK_POS(D);
+        if (H % Hkv != 0) throw std::invalid_argument("attention_forward: H must be a multiple of Hkv");
+        if (D > 256) throw std::invalid_argument("attention_forward: head dim D must be <= 256");
+        attention_params p{P<float>(out), P<float>(lse), P<const float>(q), P<const float>(k), P<const float>(v),
+                           P<const int32_t>(doc_ids), B, T, H, Hkv, D};
+        py::gil_scoped_release nogil;
+        attention_forward(&p);
+    }, py::arg("out"), py::arg("lse"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("doc_ids"), py::arg("B"),
+       py::arg("T"), py::arg("H"), py::arg("Hkv"), py::arg("D"));
+    m.def("attention_backward", [](uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t dout, uintptr_t out,
+                                    uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t doc_ids,
+                                    int B, int T, int H, int Hkv, int D) {
+        CHECK_PTR(dq); CHECK_PTR(dk); CHECK_PTR(dv); CHECK_PTR(dout); CHECK_PTR(out); CHECK_PTR(lse);
+        CHECK_PTR(q); CHECK_PTR(k); CHECK_PTR(v);
+        CHECK_POS(B); CHECK_POS(T); CHECK_POS(H); CHECK_POS(Hkv); CHECK_POS(D);
+        if (H % Hkv != 0) throw std::invalid_argument("attention_backward: H must be a multiple of Hkv");
+        if (D > 256) throw std::invalid_argument("attention_backward: head dim D must be <= 256");
+        attention_backward_params p{P<float>(dq), P<float>(dk), P<float>(dv), P<const float>(dout),
+                                    P<const float>(out), P<const float>(lse), P<const float>(q), P<const float>(k),
+                                    P<const float>(v), P<const int32_t>(doc_ids), B, T, H, Hkv, D};
+        py::gil_scoped_release nogil;
+        attention_backward(&p);
+    }, py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("dout"), py::arg("out"), py::arg("lse"), py::arg("q"),
+       py::arg("k"), py::arg("v"), py::arg("doc_ids"), py::arg("B"), py::arg("T"), py::arg("H"), py::arg("Hkv"),
+       py::arg("D"));
+    m.def("decode_attention", [](uintptr_t out, uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, long ld_b,
+                                  long ld_t, int B, int H, int Hkv, int D, int n_ctx) {
+        CHECK_PTR(out); CHECK_PTR(q); CHECK_PTR(k_cache); CHECK_PTR(v_cache);
+        CHECK_POS(B); CHECK_POS(H); CHECK_POS(Hkv); CHECK_POS(D); CHECK_POS(n_ctx); CHECK_NONNEG(ld_b);
+        CHECK_POS(ld_t);
+        if (H % Hkv != 0) throw std::invalid_argument("decode_attention: H must be a multiple of Hkv");
+        if (D > 256) throw std::invalid_argument("decode_attention: head dim D must be <= 256");
+        decode_attention_params p{P<float>(out), P<const float>(q), P<const float>(k_cache), P<const float>(v_cache),
+                                  ld_b, ld_t, B, H, Hkv, D, n_ctx};
+        py::gil_scoped_release nogil;
+        decode_attention(&p);
+    }, py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("ld_b"), py::arg("ld_t"),
+       py::arg("B"), py::arg("H"), py::arg("Hkv"), py::arg("D"), py::arg("n_ctx"));
 }

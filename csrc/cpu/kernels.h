@@ -33,10 +33,56 @@ typedef struct {
     int N, C;
 } rmsnorm_backward_params;
 
+// --- attention (impl_attention.h) ---------------------------------------------------------------------
+// Causal flash attention, fp32. Query head h reads kv head h / (H / Hkv) (H % Hkv == 0). Scale 1/sqrt(D).
+// doc_ids (optional): token i attends to j only if j <= i and doc_ids[b,i] == doc_ids[b,j]; tiles that no
+// (i, j) pair of the same document reaches are skipped, so packed rows cost about sum(doc_len^2), not T^2.
+// D <= 256. Scratch: each thread mallocs O(D*64 + 64*64) floats (backward also 2*T*D) per call.
+typedef struct {
+    float* out;             // (B, T, H, D)   written
+    float* lse;             // (B, H, T)      written: log-sum-exp of each query row's scaled scores (for backward)
+    const float* q;         // (B, T, H, D)
+    const float* k;         // (B, T, Hkv, D)
+    const float* v;         // (B, T, Hkv, D)
+    const int32_t* doc_ids; // (B, T) or NULL (plain causal)
+    int B, T, H, Hkv, D;
+} attention_params;
+
+typedef struct {
+    float* dq;              // (B, T, H, D)   written
+    float* dk;              // (B, T, Hkv, D) written
+    float* dv;              // (B, T, Hkv, D) written
+    const float* dout;      // (B, T, H, D)
+    const float* out;       // (B, T, H, D)   from attention_forward
+    const float* lse;       // (B, H, T)      from attention_forward
+    const float* q;         // (B, T, H, D)
+    const float* k;         // (B, T, Hkv, D)
+    const float* v;         // (B, T, Hkv, D)
+    const int32_t* doc_ids; // (B, T) or NULL, as in the forward
+    int B, T, H, Hkv, D;
+} attention_backward_params;
+
+// One new query per sequence against a KV cache: out[b,h] = softmax(q[b,h] . K[b, :n_ctx, h/(H/Hkv)]^T / sqrt(D))
+// . V[...]. The caches are strided so the C binary can pass its own layout: element (b, t, g, d) of k_cache is
+// k_cache[b*ld_b + t*ld_t + g*D + d]. For a (B, T_max, Hkv, D) tensor: ld_t = Hkv*D, ld_b = T_max*Hkv*D; for
+// run.c's (layers, T_max, Hkv, D) cache with B = 1: k_cache = base + layer*T_max*Hkv*D, ld_t = Hkv*D, ld_b = 0.
+// 1 <= n_ctx <= T_max, D <= 256. No allocation.
+typedef struct {
+    float* out;             // (B, H, D)   written
+    const float* q;         // (B, H, D)
+    const float* k_cache;   // (B, T_max, Hkv, D) via ld_b, ld_t
+    const float* v_cache;   // (B, T_max, Hkv, D) via ld_b, ld_t
+    long ld_b, ld_t;        // elements between batch rows / between positions of the caches
+    int B, H, Hkv, D, n_ctx;
+} decode_attention_params;
+
 // X(name, params_type): every dispatched kernel, in one list. kernels.c builds the tables and entry points.
 #define PYLLM_KERNELS(X)                          \
     X(rmsnorm_forward, rmsnorm_params)            \
-    X(rmsnorm_backward, rmsnorm_backward_params)
+    X(rmsnorm_backward, rmsnorm_backward_params)   \
+    X(attention_forward, attention_params)        \
+    X(attention_backward, attention_backward_params) \
+    X(decode_attention, decode_attention_params)
 
 #define PYLLM_DECLARE(name, P) void name(const P* p);
 PYLLM_KERNELS(PYLLM_DECLARE)

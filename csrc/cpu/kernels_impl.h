@@ -7,3 +7,4 @@
 #include "simd.h"
 
 #include "impl_norm.h"
+#include "impl_attention.h"
