@@ -298,8 +298,7 @@ def train(args) -> dict:
                 if val_loss is not None:
                     log({"step": step, "val_loss": val_loss})
                     if rank == 0:
-                        if rank == 0:
-                    bar.write(f"step {step}: val loss {val_loss:.4f}")
+                        bar.write(f"step {step}: val loss {val_loss:.4f}")
                 sample()
             t0 = time.perf_counter()
             lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.decay, args.min_lr_frac)
