@@ -224,8 +224,11 @@ def train(args) -> dict:
     raw = model
     args.fsdp = bool(args.fsdp and world > 1)
     if args.fsdp:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        model = FSDP(model, use_orig_params=True, device_id=device if device.type == "cuda" else None)
+        # FSDP2 (per-parameter sharding; CPU/gloo and GPU). One root group: GPT runs its blocks through
+        # GPT._block, not Block.forward, so per-block groups would never be gathered. Parameters, gradients and
+        # optimizer moments are sharded at rest; the whole model is gathered for forward/backward.
+        from torch.distributed.fsdp import fully_shard
+        fully_shard(model)
     elif world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                           else None)
@@ -233,9 +236,9 @@ def train(args) -> dict:
                          "torch" if args.fsdp else backend, device)
     if resume_meta is not None:
         if args.fsdp:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-            osd = _unflatten_fsdp(rtensors, resume_meta)
-            opt.load_state_dict(FSDP.optim_state_dict_to_load(model, opt, osd))
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(model, opt, _unflatten_fsdp(rtensors, resume_meta),
+                                     options=StateDictOptions(full_state_dict=True))
         else:
             load_optimizer_state(opt, {k: v.to(device) for k, v in rtensors.items()}, resume_meta)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "fp32": None, "bf16": torch.bfloat16}[args.dtype]
@@ -313,9 +316,10 @@ def train(args) -> dict:
                         _, loss = model(x, y, d)
                     (loss / accum).backward()
                 acc += loss.detach().float()
-            gnorm = (model.clip_grad_norm_(args.grad_clip) if args.fsdp else
-                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else
-                                                    float("inf")))
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else
+                                                   float("inf"))
+            if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
+                gnorm = gnorm.full_tensor()
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -350,12 +354,11 @@ def train(args) -> dict:
 
 def _checkpoint(out, step, model, raw, opt, loader, tok, config, args, rank, world):
     if args.fsdp:
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                                  FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
-            full = model.state_dict()
-            osd = FSDP.optim_state_dict(model, opt)
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_model_state_dict(model, options=o)  # collective: every rank takes part, rank 0 gets it all
+        osd = get_optimizer_state_dict(model, opt, options=o)
         tensors, meta = {}, {"fsdp": True, "shapes": {}, "scalars": {}, "param_groups": osd.get("param_groups", [])}
         for pname, st in osd.get("state", {}).items():
             for k, v in st.items():
