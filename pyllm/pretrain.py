@@ -71,7 +71,10 @@ def make_optimizer(model, lr: float, weight_decay: float, betas, backend: str, d
         from . import ops
         if hasattr(ops, "AdamW"):
             groups = [{k: v for k, v in g.items() if k in ("params", "weight_decay")} for g in opt.param_groups]
-            opt = ops.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+            try:
+                opt = ops.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+            except TypeError as e:  # an incompatible signature: keep torch's AdamW rather than fail the run
+                print(f"pretrain: pyllm.ops.AdamW unusable ({e}); using torch.optim.AdamW")
     return opt
 
 
@@ -242,6 +245,8 @@ def train(args) -> dict:
         else:
             load_optimizer_state(opt, {k: v.to(device) for k, v in rtensors.items()}, resume_meta)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "fp32": None, "bf16": torch.bfloat16}[args.dtype]
+    if dtype is not None and backend == "pyllm" and device.type == "cpu":
+        raise ValueError("--dtype bf16 on CPU needs --backend torch (pyllm's CPU training kernels are fp32)")
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
     peak = args.peak_flops or default_peak_flops(device)
     flops_step = config.flops_per_token(T) * total
@@ -349,6 +354,8 @@ def train(args) -> dict:
         if rank == 0:
             metrics.close()
             plot_metrics(out)
+    if world > 1:
+        torch.distributed.barrier()  # no rank tears down its connections while another still talks to it
     return {"step": step, "train_loss": last_loss, "val_loss": val_loss, "losses": losses}
 
 

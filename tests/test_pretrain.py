@@ -108,6 +108,8 @@ def test_cli_help_and_bad_flags(data_dir, capsys):
     assert cli(["pretrain", "--data", str(data_dir), *TINY, "--batch-size", "4",
                 "--total-batch-tokens", "100"]) == 2
     assert "not a multiple" in capsys.readouterr().err
+    assert cli(["pretrain", "--data", str(data_dir), *TINY, "--dtype", "bf16", "--backend", "pyllm"]) == 2
+    assert "needs --backend torch" in capsys.readouterr().err
     assert cli(["pretrain", "--data", str(data_dir.parent)]) == 2
     assert "not a prepared data directory" in capsys.readouterr().err
 
@@ -118,20 +120,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_match_one(data_dir, tmp_path):
-    """2 gloo ranks x 2 rows == 1 process x 2 rows x 2 accumulation steps (same 4 windows per step)."""
-    common = ["--data", str(data_dir), *TINY, "--batch-size", "2", "--total-batch-tokens", "128",
-              "--max-steps", "4", "--checkpoint-every", "0", "--backend", "pyllm"]
-    one = tmp_path / "one"
-    assert cli(["pretrain", *common, "--out", str(one)]) == 0
+DIST = ["--n-layers", "2", "--n-heads", "2", "--seq-len", "32", "--eval-every", "0", "--sample-tokens", "0",
+        "--warmup-steps", "2", "--batch-size", "2", "--total-batch-tokens", "128", "--max-steps", "4",
+        "--checkpoint-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def one_process(data_dir, tmp_path_factory):
+    """Losses of 1 process x 2 rows x 2 accumulation steps (the reference for the 2-rank runs)."""
+    out = tmp_path_factory.mktemp("one")
+    assert cli(["pretrain", "--data", str(data_dir), "--dim", "32", *DIST, "--out", str(out)]) == 0
+    return _losses(out)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process(data_dir, tmp_path, one_process, mode):
+    """torchrun, 2 gloo ranks x 2 rows == 1 process x 2 rows x 2 accumulation steps (the same 4 windows per step),
+    with DDP and with FSDP2 sharding (its checkpoint, gathered to rank 0, loads as a normal checkpoint)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYLLM_PROGRESS="0")
+    out = tmp_path / mode
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        str(_free_port()), "-m", "pyllm", "pretrain", *common, "--out", str(tmp_path / "two")],
+                        str(_free_port()), "-m", "pyllm", "pretrain", "--data", str(data_dir), "--dim", "32", *DIST,
+                        "--out", str(out)] + (["--fsdp"] if mode == "fsdp" else []),
                        capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, "\n".join(x for x in r.stderr.splitlines() if "rror" in x or "what()" in x)[-3000:]
-    run = json.loads((tmp_path / "two" / "run.json").read_text())
+    run = json.loads((out / "run.json").read_text())
     assert run["world_size"] == 2 and run["accum"] == 1
-    l1, l2 = _losses(one), _losses(tmp_path / "two")
-    assert len(l1) == len(l2) == 4
-    assert max(abs(a - b) for a, b in zip(l1, l2)) < 1e-5
-    assert l1[-1] != l1[0]  # it trained
+    l2 = _losses(out)
+    assert len(one_process) == len(l2) == 4
+    assert max(abs(a - b) for a, b in zip(one_process, l2)) < 1e-5
+    assert one_process[-1] != one_process[0]  # it trained
+    from pyllm.checkpoint import load_checkpoint
+    model, _ = load_checkpoint(str(out / "ckpt_0000004"))
+    assert model.config.dim == 32
