@@ -201,6 +201,13 @@ def train(args) -> dict:
     train_stream = D.TokenStream(data_dir, "train", tokenizer_hash=thash, vocab_size=config.vocab_size)
     has_val = any(s["split"] == "val" for s in man["shards"])
     val_stream = D.TokenStream(data_dir, "val", tokenizer_hash=thash) if has_val else None
+    if val_stream is not None:
+        try:
+            D.PackedLoader(val_stream, args.batch_size, args.seq_len, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                           shuffle=False)
+        except ValueError as e:
+            print(f"pretrain: no evaluation: validation split too small ({e})")
+            val_stream = None
     B, T = args.batch_size, args.seq_len
     micro_tokens = B * T * world
     total = args.total_batch_tokens or micro_tokens

@@ -153,3 +153,11 @@ def test_two_ranks_match_one_process(data_dir, tmp_path, one_process, mode):
     from pyllm.checkpoint import load_checkpoint
     model, _ = load_checkpoint(str(out / "ckpt_0000004"))
     assert model.config.dim == 32
+
+
+def test_small_validation_split_skips_eval(data_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert cli(["pretrain", "--data", str(data_dir), "--out", str(out), *TINY, "--batch-size", "64",
+                "--max-steps", "1"]) == 0
+    assert "no evaluation: validation split too small" in capsys.readouterr().out
+    assert len(_losses(out)) == 1
