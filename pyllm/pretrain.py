@@ -214,6 +214,8 @@ def train(args) -> dict:
     if total % micro_tokens:
         raise ValueError(f"--total-batch-tokens {total} is not a multiple of batch-size*seq-len*world = {micro_tokens}")
     accum = total // micro_tokens
+    if not args.max_steps:  # nanochat/Chinchilla sizing: about 20 training tokens per parameter
+        args.max_steps = max(1, math.ceil(args.tokens_per_param * config.num_params() / total))
     loader = D.PackedLoader(train_stream, B, T, seed=args.seed, rank=rank, world_size=world)
     backend = args.backend or ("pyllm" if device.type == "cpu" else "torch")
     model = GPT(config, backend=backend)
@@ -251,7 +253,8 @@ def train(args) -> dict:
                                      options=StateDictOptions(full_state_dict=True))
         else:
             load_optimizer_state(opt, {k: v.to(device) for k, v in rtensors.items()}, resume_meta)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "fp32": None, "bf16": torch.bfloat16}[args.dtype]
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "fp32": None,
+             "bf16": torch.bfloat16}[args.dtype]
     if dtype is not None and backend == "pyllm" and device.type == "cpu":
         raise ValueError("--dtype bf16 on CPU needs --backend torch (pyllm's CPU training kernels are fp32)")
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
@@ -265,7 +268,8 @@ def train(args) -> dict:
         metrics = _open_metrics(out / "metrics.jsonl", step)
         print(f"pretrain: {config.num_params() / 1e6:.2f}M params ({config.n_layers} layers, dim {config.dim}), "
               f"{train_stream.n_tokens} train tokens, {total} tokens/step = {world} rank(s) x {accum} micro x {B}x{T}, "
-              f"backend {backend}, device {device}" + (f", resumed at step {step}" if step else ""), flush=True)
+              f"{args.max_steps} steps, backend {backend}, device {device}"
+              + (f", resumed at step {step}" if step else ""), flush=True)
     bar = Progress(total=args.max_steps, initial=step, desc="pretrain", unit="step", disable=rank != 0 or None)
     losses, val_loss, last_loss = [], None, None
 
@@ -451,7 +455,10 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--batch-size", type=int, default=16, help="rows per micro-batch per process (16)")
     g.add_argument("--total-batch-tokens", type=int, default=0,
                    help="tokens per optimizer step; gradient accumulation fills it (0 = one micro-batch per rank)")
-    g.add_argument("--max-steps", type=int, default=2000, help="optimizer steps (2000)")
+    g.add_argument("--max-steps", type=int, default=0,
+                   help="optimizer steps (0 = sized from the model: --tokens-per-param x parameters / tokens per step)")
+    g.add_argument("--tokens-per-param", type=float, default=20.0,
+                   help="training tokens per parameter when --max-steps is 0 (Chinchilla/nanochat: 20)")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (1e-3)")
     g.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps (100)")
     g.add_argument("--decay", choices=("cosine", "linear", "constant"), default="cosine",
@@ -484,7 +491,9 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def main(args) -> int:
-    for k in ("batch_size", "seq_len", "max_steps", "keep_checkpoints"):
+    if args.max_steps < 0:
+        raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
+    for k in ("batch_size", "seq_len", "keep_checkpoints"):
         if getattr(args, k) <= 0:
             raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
     if args.warmup_steps < 0 or args.lr <= 0:

@@ -1,4 +1,5 @@
-"""`pyllm pretrain`: loss goes down, exact resume, DDP == one process, checkpoints, CLI. Run: pytest -q tests/test_pretrain.py"""
+"""`pyllm pretrain`: loss goes down, exact resume, DDP/FSDP == one process, checkpoints, CLI.
+Run: pytest -q tests/test_pretrain.py"""
 from __future__ import annotations
 
 import json
