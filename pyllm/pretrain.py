@@ -193,10 +193,9 @@ def train(args) -> dict:
     rank, world, device = _dist_setup(args.device)
     torch.manual_seed(args.seed)
     data_dir, out = Path(args.data), Path(args.out)
-    D.read_manifest(data_dir)
+    man = D.read_manifest(data_dir)
     tok = Tokenizer.load(str(data_dir / "tokenizer.json"))
     thash = D.tokenizer_hash(tok)
-    man = D.read_manifest(data_dir)
     config = build_config(args, man["vocab_size"])
     train_stream = D.TokenStream(data_dir, "train", tokenizer_hash=thash, vocab_size=config.vocab_size)
     has_val = any(s["split"] == "val" for s in man["shards"])
@@ -218,6 +217,10 @@ def train(args) -> dict:
         args.max_steps = max(1, math.ceil(args.tokens_per_param * config.num_params() / total))
     loader = D.PackedLoader(train_stream, B, T, seed=args.seed, rank=rank, world_size=world)
     backend = args.backend or ("pyllm" if device.type == "cpu" else "torch")
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "fp32": None,
+             "bf16": torch.bfloat16}[args.dtype]
+    if dtype is not None and backend == "pyllm" and device.type == "cpu":
+        raise ValueError("--dtype bf16 on CPU needs --backend torch (pyllm's CPU training kernels are fp32)")
     model = GPT(config, backend=backend)
     step, resume_meta = 0, None
     resume_from = None
@@ -226,6 +229,9 @@ def train(args) -> dict:
         if resume_from is None or not resume_from.is_dir():
             raise FileNotFoundError(f"--resume: no checkpoint at {resume_from or out / 'latest'}")
         weights, rtensors, resume_meta = load_resume(resume_from, config)
+        if resume_meta.get("tokenizer_hash") != thash:
+            raise ValueError(f"{resume_from}: checkpoint was trained with tokenizer "
+                             f"{resume_meta.get('tokenizer_hash')}, but {data_dir} uses {thash}")
         missing = model.load_state_dict(weights, strict=False)
         if missing.missing_keys or missing.unexpected_keys:
             raise ValueError(f"{resume_from}: weights do not match the model ({missing})")
@@ -253,10 +259,6 @@ def train(args) -> dict:
                                      options=StateDictOptions(full_state_dict=True))
         else:
             load_optimizer_state(opt, {k: v.to(device) for k, v in rtensors.items()}, resume_meta)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "fp32": None,
-             "bf16": torch.bfloat16}[args.dtype]
-    if dtype is not None and backend == "pyllm" and device.type == "cpu":
-        raise ValueError("--dtype bf16 on CPU needs --backend torch (pyllm's CPU training kernels are fp32)")
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
     peak = args.peak_flops or default_peak_flops(device)
     flops_step = config.flops_per_token(T) * total
