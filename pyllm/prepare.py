@@ -186,6 +186,7 @@ def prepare(inputs, out, tokenizer=None, byte_level=False, vocab_size=4096, val_
             bar.set_postfix(tokens=n_tokens)
         for sp in ("train", "val"):
             flush(sp)
+        bar.n = total  # all input read (the count above is in characters, the total in bytes)
     finally:
         if pool is not None:
             pool.terminate()
