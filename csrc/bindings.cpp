@@ -107,6 +107,70 @@ PYBIND11_MODULE(_C, m) {
         rmsnorm_backward(&p);
     }, py::arg("dx"), py::arg("dweight"), py::arg("dout"), py::arg("x"), py::arg("weight"), py::arg("rstd"),
        py::arg("N"), py::arg("C"));
+    // --- sampling (impl_sample.h) ----------------------------------------------------------------------------
+    m.def("sample_forward", [](uintptr_t tokens, uintptr_t logprobs, uintptr_t logits, uintptr_t mask, int B, int V,
+                               float temperature, int top_k, float top_p, float min_p, uint64_t seed, uint64_t step) {
+        CHECK_PTR(tokens); CHECK_PTR(logprobs); CHECK_PTR(logits); CHECK_POS(B); CHECK_POS(V); CHECK_NONNEG(top_k);
+        if (!(temperature >= 0.f)) throw std::invalid_argument("sample_forward: temperature must be >= 0");
+        if (!(top_p > 0.f && top_p <= 1.f)) throw std::invalid_argument("sample_forward: top_p must be in (0, 1]");
+        if (!(min_p >= 0.f && min_p <= 1.f)) throw std::invalid_argument("sample_forward: min_p must be in [0, 1]");
+        sample_params p{P<int64_t>(tokens), P<float>(logprobs), P<const float>(logits), P<const uint8_t>(mask),
+                        B, V, temperature, top_k, top_p, min_p, seed, step};
+        py::gil_scoped_release nogil;
+        sample_forward(&p);
+    }, py::arg("tokens"), py::arg("logprobs"), py::arg("logits"), py::arg("mask"), py::arg("B"), py::arg("V"),
+       py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("seed"), py::arg("step"));
+    // --- fused training ops (impl_fused.h) -------------------------------------------------------------------
+    m.def("rope_forward", [](uintptr_t out, uintptr_t x, uintptr_t cos, uintptr_t sin, int B, int T, int H, int D,
+                             int backward) {
+        CHECK_PTR(out); CHECK_PTR(x); CHECK_PTR(cos); CHECK_PTR(sin);
+        CHECK_POS(B); CHECK_POS(T); CHECK_POS(H); CHECK_POS(D);
+        if (D % 2) throw std::invalid_argument("rope_forward: head dim D must be even, got " + std::to_string(D));
+        rope_params p{P<float>(out), P<const float>(x), P<const float>(cos), P<const float>(sin), B, T, H, D, backward};
+        py::gil_scoped_release nogil;
+        rope_forward(&p);
+    }, py::arg("out"), py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("B"), py::arg("T"), py::arg("H"),
+       py::arg("D"), py::arg("backward"));
+    m.def("swiglu_forward", [](uintptr_t out, uintptr_t gate, uintptr_t up, long n) {
+        CHECK_PTR(out); CHECK_PTR(gate); CHECK_PTR(up); CHECK_POS(n);
+        swiglu_params p{P<float>(out), P<const float>(gate), P<const float>(up), n};
+        py::gil_scoped_release nogil;
+        swiglu_forward(&p);
+    }, py::arg("out"), py::arg("gate"), py::arg("up"), py::arg("n"));
+    m.def("swiglu_backward", [](uintptr_t dgate, uintptr_t dup, uintptr_t dout, uintptr_t gate, uintptr_t up, long n) {
+        CHECK_PTR(dgate); CHECK_PTR(dup); CHECK_PTR(dout); CHECK_PTR(gate); CHECK_PTR(up); CHECK_POS(n);
+        swiglu_backward_params p{P<float>(dgate), P<float>(dup), P<const float>(dout), P<const float>(gate),
+                                 P<const float>(up), n};
+        py::gil_scoped_release nogil;
+        swiglu_backward(&p);
+    }, py::arg("dgate"), py::arg("dup"), py::arg("dout"), py::arg("gate"), py::arg("up"), py::arg("n"));
+    m.def("cross_entropy_forward", [](uintptr_t loss, uintptr_t lse, uintptr_t logits, uintptr_t targets, int N, int V,
+                                      int64_t ignore_index) {
+        CHECK_PTR(loss); CHECK_PTR(lse); CHECK_PTR(logits); CHECK_PTR(targets); CHECK_POS(N); CHECK_POS(V);
+        cross_entropy_params p{P<float>(loss), P<float>(lse), P<const float>(logits), P<const int64_t>(targets), N, V,
+                               ignore_index};
+        py::gil_scoped_release nogil;
+        cross_entropy_forward(&p);
+    }, py::arg("loss"), py::arg("lse"), py::arg("logits"), py::arg("targets"), py::arg("N"), py::arg("V"),
+       py::arg("ignore_index"));
+    m.def("cross_entropy_backward", [](uintptr_t dlogits, uintptr_t logits, uintptr_t lse, uintptr_t targets, int N,
+                                       int V, int64_t ignore_index, float scale) {
+        CHECK_PTR(dlogits); CHECK_PTR(logits); CHECK_PTR(lse); CHECK_PTR(targets); CHECK_POS(N); CHECK_POS(V);
+        cross_entropy_backward_params p{P<float>(dlogits), P<const float>(logits), P<const float>(lse),
+                                        P<const int64_t>(targets), N, V, ignore_index, scale};
+        py::gil_scoped_release nogil;
+        cross_entropy_backward(&p);
+    }, py::arg("dlogits"), py::arg("logits"), py::arg("lse"), py::arg("targets"), py::arg("N"), py::arg("V"),
+       py::arg("ignore_index"), py::arg("scale"));
+    m.def("adamw_step", [](uintptr_t params, uintptr_t grads, uintptr_t m_, uintptr_t v_, long n, float lr, float beta1,
+                           float beta2, float eps, float weight_decay, int step) {
+        CHECK_PTR(params); CHECK_PTR(grads); CHECK_PTR(m_); CHECK_PTR(v_); CHECK_POS(n); CHECK_POS(step);
+        adamw_params p{P<float>(params), P<const float>(grads), P<float>(m_), P<float>(v_), n, lr, beta1, beta2, eps,
+                       weight_decay, step};
+        py::gil_scoped_release nogil;
+        adamw_step(&p);
+    }, py::arg("params"), py::arg("grads"), py::arg("m"), py::arg("v"), py::arg("n"), py::arg("lr"), py::arg("beta1"),
+       py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("step"));
 
     // --- attention (csrc/cpu/impl_attention.h) --------------------------------------------------------------
     m.def("attention_forward", [](uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v,
