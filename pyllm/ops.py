@@ -326,3 +326,38 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty_like(q)
     C().decode_attention(ptr(out), ptr(q), ptr(k_cache), ptr(v_cache), k_cache.stride(0), k_cache.stride(1), B, H, Hkv, D, n_ctx)
     return out
+
+
+# === CUDA section (cuda helper). Keep it LAST in this file: it wraps the op functions defined above so that
+# CUDA tensors go to pyllm/ops_cuda.py and everything else to the unchanged CPU code (or to ref.<op> where no CPU
+# kernel exists yet). tests/test_cuda.py checks that every name in CUDA_OPS is wrapped. ===
+def _cuda_dispatch(name: str):
+    cpu_fn = globals().get(name)
+
+    def fn(*args, **kwargs):
+        first = args[0] if args else next(iter(kwargs.values()))
+        if isinstance(first, torch.Tensor) and first.is_cuda:
+            from . import ops_cuda
+            ops_cuda.require_built(name)
+            return getattr(ops_cuda, name)(*args, **kwargs)
+        if cpu_fn is not None:
+            return cpu_fn(*args, **kwargs)
+        from . import ref
+        return getattr(ref, name)(*args, **kwargs)
+
+    fn.__name__ = name
+    fn.__doc__ = (cpu_fn.__doc__ if cpu_fn is not None else f"ref.{name} on CPU") + " (CUDA: pyllm.ops_cuda)"
+    fn._pyllm_cuda_dispatch = True
+    fn._pyllm_cpu_fn = cpu_fn
+    return fn
+
+
+def _cuda_ops() -> tuple:
+    from . import ops_cuda
+    return ops_cuda.NAMES if ops_cuda.available() else ()
+
+
+CUDA_OPS = _cuda_ops()  # ops with CUDA kernels in this build (empty when built without CUDA)
+for _name in ("rmsnorm", "linear", "attention", "rope", "swiglu", "cross_entropy", "sample", "decode_attention"):
+    globals()[_name] = _cuda_dispatch(_name)
+del _name
