@@ -125,8 +125,6 @@ ext = Pybind11Extension(
     "pyllm._C",
     sources=["csrc/bindings.cpp", *CPU_SOURCES],
     include_dirs=["csrc"],
-    # Kernel bodies live in headers (one body, compiled per ISA path): a header edit must rebuild.
-    depends=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.h")),
     define_macros=[("PYLLM_VERSION", f'"{VERSION}"')],
     extra_compile_args=CXX_FLAGS,
     extra_link_args=["-fopenmp"],
