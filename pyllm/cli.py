@@ -10,6 +10,15 @@ from . import __version__
 # name -> (module, help). Each module defines add_arguments(parser) and main(args). Stages register here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("pyllm.info", "print version, compiler, instruction sets found and chosen, threads, CUDA, torch"),
+    "tokenizer-train": ("pyllm.tokenizer_train", "train a BPE tokenizer on .txt/.jsonl files"),
+    "prepare": ("pyllm.prepare", "tokenize .txt/.jsonl files into train/val token shards (resumable)"),
+    "pretrain": ("pyllm.pretrain", "pretrain a base model on prepared token shards (DDP/FSDP via torchrun)"),
+    # assistant stages (chat engineer)
+    "sft": ("pyllm.sft", "supervised fine-tuning on chat JSONL (loss on assistant tokens, packed rows)"),
+    "reward": ("pyllm.reward", "train a reward model on preference JSONL {prompt, chosen, rejected}"),
+    "score": ("pyllm.score", "score (prompt, response) JSONL lines with a reward model"),
+    "rl": ("pyllm.rl", "RL from a reward model and/or a Python reward function (PPO or GRPO)"),
+    "dpo": ("pyllm.dpo", "direct preference optimization on preference JSONL (sigmoid loss)"),
 }
 
 
@@ -17,20 +26,25 @@ class CLIError(Exception):
     """A user-facing error: printed as one line `pyllm <cmd>: error: ...`, exit status 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """All subcommands are listed; only `command`'s module is imported (fast start, one broken stage can't
+    take down the others)."""
     p = argparse.ArgumentParser(prog="pyllm", description="pyllm: a small, fast, honest GPT runtime.")
     p.add_argument("--version", action="version", version=f"pyllm {__version__}")
     sub = p.add_subparsers(dest="command", metavar="<command>")
     for name, (mod, help_) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_, description=help_)
-        m = importlib.import_module(mod)
-        m.add_arguments(sp)
-        sp.set_defaults(_module=m)
+        if name == command:
+            m = importlib.import_module(mod)
+            m.add_arguments(sp)
+            sp.set_defaults(_module=m)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

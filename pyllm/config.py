@@ -73,12 +73,16 @@ class ModelConfig:
 
 
 # llama2.c's trained shapes (stories260K uses its own 512-token vocab; the others Llama 2's 32000).
+# llama2.c ties the classifier to the token embedding; with tying the param counts are its 260K/15M/42M/110M.
 PRESETS: dict[str, dict] = {
-    "260K": dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, hidden_dim=172, vocab_size=512, max_seq_len=512),
-    "15M": dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, hidden_dim=768, vocab_size=32000, max_seq_len=256),
-    "42M": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, hidden_dim=1376, vocab_size=32000, max_seq_len=1024),
+    "260K": dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, hidden_dim=172, vocab_size=512, max_seq_len=512,
+                 tie_embeddings=True),
+    "15M": dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, hidden_dim=768, vocab_size=32000, max_seq_len=256,
+                tie_embeddings=True),
+    "42M": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, hidden_dim=1376, vocab_size=32000, max_seq_len=1024,
+                tie_embeddings=True),
     "110M": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, hidden_dim=2048, vocab_size=32000,
-                 max_seq_len=1024),
+                 max_seq_len=1024, tie_embeddings=True),
 }
 
 

@@ -8,3 +8,6 @@
 
 #include "impl_norm.h"
 #include "impl_matmul.h"
+#include "impl_sample.h"
+#include "impl_fused.h"
+#include "impl_attention.h"

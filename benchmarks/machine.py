@@ -1,0 +1,72 @@
+"""Measures the machine's floors in the calling process: fp32 FMA peak (GFLOP/s) and copy bandwidth (GB/s).
+
+Benchmarks import `measure_peaks(threads)` so every ratio to a floor uses a floor measured in the same run.
+Run alone: `python benchmarks/machine.py` prints both for 1 and 2 threads.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+_HERE = Path(__file__).resolve().parent
+_lib = None
+
+
+def _load():
+    global _lib
+    if _lib is None:
+        src = _HERE / "machine_peak.c"
+        tag = hashlib.sha1(src.read_bytes()).hexdigest()[:10]
+        so = Path(tempfile.gettempdir()) / f"pyllm_machine_peak_{tag}.so"
+        if not so.exists():
+            tmp = so.with_suffix(".tmp.so")
+            subprocess.check_call(["gcc", "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src),
+                                   "-o", str(tmp)])
+            tmp.replace(so)
+        _lib = ctypes.CDLL(str(so))
+        _lib.peak_fma.restype = ctypes.c_double
+        _lib.peak_fma.argtypes = [ctypes.c_long, ctypes.c_int]
+        _lib.copy_bytes.restype = ctypes.c_double
+        _lib.copy_bytes.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
+    return _lib
+
+
+def fma_peak_gflops(threads: int, repeats: int = 5) -> float:
+    lib = _load()
+    best = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        flops = lib.peak_fma(2_000_000, threads)
+        best.append(flops / (time.perf_counter() - t) / 1e9)
+    return max(best)  # the peak is the best the core can do; noise only lowers it
+
+
+def copy_bandwidth_gbs(threads: int, mbytes: int = 256, repeats: int = 7) -> float:
+    lib = _load()
+    n = mbytes * (1 << 20) // 4
+    src = np.ones(n, dtype=np.float32)
+    dst = np.zeros(n, dtype=np.float32)
+    lib.copy_bytes(dst.ctypes.data, src.ctypes.data, n, threads)  # fault pages in
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        b = lib.copy_bytes(dst.ctypes.data, src.ctypes.data, n, threads)
+        rates.append(b / (time.perf_counter() - t) / 1e9)
+    return statistics.median(rates)
+
+
+def measure_peaks(threads: int) -> dict:
+    return {"threads": threads, "fma_gflops": fma_peak_gflops(threads), "copy_gbs": copy_bandwidth_gbs(threads)}
+
+
+if __name__ == "__main__":
+    for th in (1, 2):
+        d = measure_peaks(th)
+        print(f"threads={th}: fp32 FMA peak {d['fma_gflops']:.0f} GFLOP/s, copy bandwidth {d['copy_gbs']:.1f} GB/s")

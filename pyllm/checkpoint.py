@@ -1,0 +1,240 @@
+"""Checkpoints as Hugging Face Llama directories: model.safetensors + config.json + generation_config.json
+(+ tokenizer.json). transformers.LlamaForCausalLM.from_pretrained(dir) loads what save_checkpoint writes, and
+load_checkpoint reads what LlamaForCausalLM.save_pretrained writes. Writes are atomic per directory.
+Usage: save_checkpoint("out/ckpt", model, tokenizer); model, tok = load_checkpoint("out/ckpt")
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import safetensors_io
+from .config import ModelConfig
+from .model import GPT
+
+WEIGHTS, CONFIG, GEN_CONFIG, TOKENIZER = "model.safetensors", "config.json", "generation_config.json", "tokenizer.json"
+FORMAT_VERSION = 1
+
+# HF Llama config keys we read (or know to be harmless: bookkeeping, inference/training switches with no effect on
+# the weights' meaning). Anything else is rejected: silently ignoring an unknown setting could change the model.
+HF_KEYS = {
+    "architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_parameters",
+    "rope_scaling", "vocab_size", "tie_word_embeddings", "hidden_act", "attention_bias", "mlp_bias",
+    "attention_dropout", "torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id", "head_dim",
+    "initializer_range", "pretraining_tp", "transformers_version", "use_cache", "pyllm", "_name_or_path",
+    "output_attentions", "output_hidden_states", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder",
+}
+
+
+def hf_config(model: GPT, tokenizer=None, extra: dict | None = None) -> dict:
+    """The config.json dict: HF Llama fields (transformers builds the same model from them) + a "pyllm" sub-dict."""
+    c = model.config
+    d = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": c.dim, "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
+        "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+        "rope_scaling": None, "vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_embeddings,
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+        "initializer_range": c.init_std, "torch_dtype": "float32", "use_cache": True,
+    }
+    d.update(_special_ids(tokenizer))
+    d["pyllm"] = {"format_version": FORMAT_VERSION, "config": c.to_dict(), "extra": extra or {}}
+    return d
+
+
+def _special_ids(tokenizer) -> dict:
+    """bos = document boundary, eos = end of turn (<|end|>), pad = <|pad|>, when the tokenizer has them."""
+    if tokenizer is None:
+        return {}
+    out = {}
+    bos = getattr(tokenizer, "bos_id", None)
+    special = getattr(tokenizer, "special_ids", {}) or {}
+    if bos is not None:
+        out["bos_token_id"] = int(bos)
+    eos = special.get("<|end|>", bos)
+    if eos is not None:
+        out["eos_token_id"] = int(eos)
+    if "<|pad|>" in special:
+        out["pad_token_id"] = int(special["<|pad|>"])
+    return out
+
+
+def state_dict_hf(model: GPT) -> dict[str, torch.Tensor]:
+    """HF names (model.<name>, lm_head.weight) -> fp32 CPU tensors, exactly the keys save_pretrained writes."""
+    out = {}
+    for k, v in model.state_dict().items():
+        out[k if k == "lm_head.weight" else "model." + k] = v.detach().to("cpu", torch.float32).contiguous()
+    return out
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(dir, model: GPT, tokenizer=None, extra: dict | None = None,
+                    extra_files: Callable[[Path], None] | None = None) -> Path:
+    """Write the checkpoint directory atomically: everything goes into <dir>.tmp-<pid> first, then that directory
+    replaces <dir> (a crash mid-save leaves the previous checkpoint intact). extra (JSON-able) is kept under
+    config.json["pyllm"]["extra"]; extra_files(tmp_dir) lets a trainer add its state files inside the same swap."""
+    dir = Path(dir)
+    tmp = dir.with_name(f"{dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        safetensors_io.save_file(state_dict_hf(model), tmp / WEIGHTS, metadata={"format": "pt"})
+        _write_json(tmp / CONFIG, hf_config(model, tokenizer, extra))
+        _write_json(tmp / GEN_CONFIG, {**_special_ids(tokenizer), "pyllm_format_version": FORMAT_VERSION})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+            if not (tmp / TOKENIZER).is_file():
+                raise ValueError(f"{tmp}: tokenizer.save did not write {TOKENIZER}")
+        if extra_files is not None:
+            extra_files(tmp)
+        if dir.exists():
+            old = dir.with_name(f"{dir.name}.old-{os.getpid()}")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(dir, old)   # the only window without <dir>: between these two renames
+            os.replace(tmp, dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dir
+
+
+def config_from_hf(d: dict, source: str = CONFIG) -> ModelConfig:
+    """An HF Llama config dict -> ModelConfig; a setting pyllm cannot honour is a one-line ValueError."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: expected a JSON object")
+    unknown = sorted(set(d) - HF_KEYS)
+    if unknown:
+        raise ValueError(f"{source}: unknown/unsupported config field(s) {unknown}")
+    if d.get("model_type") != "llama":
+        raise ValueError(f"{source}: model_type must be 'llama', got {d.get('model_type')!r}")
+    arch = d.get("architectures")
+    if arch is not None and arch != ["LlamaForCausalLM"]:
+        raise ValueError(f"{source}: architectures must be ['LlamaForCausalLM'], got {arch!r}")
+    for key, ok in (("hidden_act", ("silu",)), ("attention_bias", (False, None)), ("mlp_bias", (False, None)),
+                    ("rope_scaling", (None,)), ("pretraining_tp", (1, None))):
+        if d.get(key) not in ok:
+            raise ValueError(f"{source}: unsupported {key}={d.get(key)!r} (pyllm supports {ok[0]!r})")
+    theta = d.get("rope_theta")
+    rp = d.get("rope_parameters")
+    if rp is not None:   # transformers >= 5 keeps theta here
+        if not isinstance(rp, dict) or rp.get("rope_type", "default") != "default" or set(rp) - {"rope_type",
+                                                                                                  "rope_theta"}:
+            raise ValueError(f"{source}: unsupported rope_parameters={rp!r} (pyllm supports plain default RoPE)")
+        if theta is not None and rp.get("rope_theta", theta) != theta:
+            raise ValueError(f"{source}: rope_theta {theta} disagrees with rope_parameters {rp}")
+        theta = rp.get("rope_theta", theta)
+    required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise ValueError(f"{source}: missing required field(s) {missing}")
+    pyllm = d.get("pyllm") or {}
+    kw = dict(
+        vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
+        n_heads=d["num_attention_heads"], n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+        hidden_dim=d["intermediate_size"], max_seq_len=d.get("max_position_embeddings", 2048),
+        norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=float(theta if theta is not None else 10000.0),
+        tie_embeddings=bool(d.get("tie_word_embeddings", True)),
+        init_std=float((pyllm.get("config") or {}).get("init_std", d.get("initializer_range", 0.02))),
+    )
+    try:
+        cfg = ModelConfig(**kw)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    hd = d.get("head_dim")
+    if hd is not None and hd != cfg.head_dim:
+        raise ValueError(f"{source}: head_dim {hd} != hidden_size/num_attention_heads = {cfg.head_dim} "
+                         f"(unsupported)")
+    return cfg
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (not a pyllm/HF checkpoint directory?)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+
+
+def load_checkpoint(dir, dtype: torch.dtype | None = None, device: str = "cpu", backend: str | None = None,
+                    load_tokenizer: bool = True):
+    """-> (GPT, Tokenizer or None). Weights must be F32 unless dtype is given, in which case any float dtype
+    (e.g. a bf16/fp16 HF export) is cast to it. Every mismatch is a one-line ValueError naming file and tensor."""
+    dir = Path(dir)
+    if not dir.is_dir():
+        olds = sorted(dir.parent.glob(f"{dir.name}.old-*")) if dir.parent.is_dir() else []
+        hint = f" (an interrupted save left the previous checkpoint at {olds[0]})" if olds else ""
+        raise FileNotFoundError(f"{dir}: checkpoint directory not found{hint}")
+    cfg = config_from_hf(_read_json(dir / CONFIG), str(dir / CONFIG))
+    wpath = dir / WEIGHTS
+    if not wpath.is_file():
+        if (dir / f"{WEIGHTS}.index.json").is_file():
+            raise ValueError(f"{wpath}: sharded checkpoints are not supported (save with one shard)")
+        raise FileNotFoundError(f"{wpath}: missing")
+    header, _, _ = safetensors_io.read_header(wpath)
+    model = GPT(cfg, backend=backend)
+    want = {("" if k == "lm_head.weight" else "model.") + k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # transformers may store lm_head.weight even when tied; accepted only if it equals the embedding (checked below)
+    tied_head = cfg.tie_embeddings and "lm_head.weight" in header
+    for name in want:
+        if name not in header:
+            raise ValueError(f"{wpath}: missing tensor {name!r}")
+    for name, e in header.items():
+        if name not in want and not (tied_head and name == "lm_head.weight"):
+            raise ValueError(f"{wpath}: unexpected tensor {name!r}")
+        shape = want.get(name, want["model.embed_tokens.weight"])
+        if tuple(e["shape"]) != shape:
+            raise ValueError(f"{wpath}: tensor {name!r} has shape {tuple(e['shape'])}, config.json implies {shape}")
+        if dtype is None and e["dtype"] != "F32":
+            raise ValueError(f"{wpath}: tensor {name!r} has dtype {e['dtype']}, expected F32 "
+                             f"(pass dtype=torch.float32 to cast)")
+        if dtype is not None and e["dtype"] not in ("F32", "F16", "BF16", "F64"):
+            raise ValueError(f"{wpath}: tensor {name!r} has non-float dtype {e['dtype']}")
+    tensors = safetensors_io.load_file(wpath)
+    target = dtype or torch.float32
+    if tied_head:
+        head = tensors.pop("lm_head.weight")
+        if not torch.equal(head, tensors["model.embed_tokens.weight"]):
+            raise ValueError(f"{wpath}: tensor 'lm_head.weight' differs from the embedding but config.json says "
+                             f"tie_word_embeddings=true")
+    sd = {(k if k == "lm_head.weight" else k[len("model."):]): v.to(target) for k, v in tensors.items()}
+    model.to(target)
+    model.load_state_dict(sd, strict=True)
+    model.to(device)
+    tok = None
+    if load_tokenizer and (dir / TOKENIZER).is_file():
+        try:
+            from .tokenizer import Tokenizer
+        except ImportError:
+            tok = None
+        else:
+            tok = Tokenizer.load(dir / TOKENIZER)
+    return model, tok
+
+
+def read_extra(dir) -> dict:
+    """The extra dict saved with save_checkpoint(..., extra=...) ({} for an HF-written checkpoint)."""
+    d = _read_json(Path(dir) / CONFIG)
+    return ((d.get("pyllm") or {}).get("extra")) or {}
+
+
+__all__ = ["save_checkpoint", "load_checkpoint", "config_from_hf", "hf_config", "state_dict_hf", "read_extra"]

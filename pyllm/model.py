@@ -1,0 +1,283 @@
+"""The pyllm model: a Llama-style decoder (RMSNorm, RoPE, GQA, SwiGLU, no biases) with a KV cache and generate().
+
+Parameter names follow HF Llama (without the "model." prefix) so checkpoints map 1:1; see pyllm/checkpoint.py.
+Every heavy op goes through a backend table: "pyllm" = the pyllm._C kernels in pyllm.ops where they exist (pyllm.ref
+for the rest), "torch" = all pyllm.ref. Try it: python -c "from pyllm.model import GPT; print(GPT.from_preset('d2'))"
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from . import ref
+from .config import ModelConfig, preset
+
+OP_NAMES = ("rmsnorm", "linear", "attention", "rope", "swiglu", "cross_entropy", "sample", "decode_attention")
+BACKENDS = ("pyllm", "torch")
+
+
+def backend_table(name: str, device_type: str = "cpu") -> dict[str, Callable]:
+    """The functions a backend runs on a device: ops.<op> where pyllm has a kernel for it, ref.<op> otherwise."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose from {list(BACKENDS)}")
+    table = {n: getattr(ref, n) for n in OP_NAMES}
+    if name == "torch":
+        return table
+    from . import _ext
+    if _ext._C is None:
+        warnings.warn(f"pyllm._C is not built ({_ext._import_error}); backend 'pyllm' runs the torch references")
+        return table
+    from . import ops
+    # CUDA kernels announce themselves in ops.CUDA_OPS; until then a CUDA model runs the references.
+    have = set(OP_NAMES) if device_type == "cpu" else set(getattr(ops, "CUDA_OPS", ()))
+    for n in OP_NAMES:
+        if n in have and hasattr(ops, n):
+            table[n] = getattr(ops, n)
+    return table
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (max_seq_len, head_dim/2) in fp32, as HF Llama's default rotary embedding computes them."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = torch.arange(max_seq_len, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    return freqs.cos(), freqs.sin()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+
+class Linear(nn.Module):
+    """A bias-free projection whose weight (out, in) is named like nn.Linear's (so HF names line up)."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_out, n_in))
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        D = c.head_dim
+        self.q_proj = Linear(c.dim, c.n_heads * D)
+        self.k_proj = Linear(c.dim, c.n_kv_heads * D)
+        self.v_proj = Linear(c.dim, c.n_kv_heads * D)
+        self.o_proj = Linear(c.n_heads * D, c.dim)
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_proj = Linear(c.dim, c.hidden_dim)
+        self.up_proj = Linear(c.dim, c.hidden_dim)
+        self.down_proj = Linear(c.hidden_dim, c.dim)
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.dim, c.norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
+        self.mlp = MLP(c)
+
+
+class KVCache:
+    """Per-layer key/value buffers (B, T_max, Hkv, D) filled left to right; n = positions written so far."""
+
+    def __init__(self, c: ModelConfig, B: int, T_max: int, device, dtype):
+        shape = (B, T_max, c.n_kv_heads, c.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layers)]
+        self.n = 0
+
+
+class GPT(nn.Module):
+    """Llama-style decoder. forward(idx (B, T)) -> (logits (B, T, V), loss or None)."""
+
+    def __init__(self, config: ModelConfig, backend: str | None = None):
+        super().__init__()
+        self.config = c = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.dim)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+        if not c.tie_embeddings:
+            self.lm_head = Linear(c.dim, c.vocab_size)
+        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)   # (max_seq_len, D/2)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._backend_name = backend
+        self._tables: dict[str, dict] = {}
+        self.reset_parameters()
+
+    # --- construction ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, backend: str | None = None, **overrides) -> "GPT":
+        """GPT.from_preset("15M", vocab_size=4096) — any pyllm.config preset with fields overridden."""
+        return cls(preset(name, **overrides), backend=backend)
+
+    def reset_parameters(self):
+        """normal(0, init_std) everywhere, norms 1, residual output projections scaled by 1/sqrt(2*n_layers)."""
+        c = self.config
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, c.init_std / math.sqrt(2 * c.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, c.init_std)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.config.tie_embeddings else self.lm_head.weight
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # --- backend --------------------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """The backend name; None at construction means "pyllm" (CUDA falls back per op inside backend_table)."""
+        return self._backend_name or "pyllm"
+
+    def set_backend(self, name: str) -> "GPT":
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; choose from {list(BACKENDS)}")
+        self._backend_name = name
+        self._tables = {}
+        return self
+
+    def _ops(self, device: torch.device) -> dict[str, Callable]:
+        key = device.type
+        if key not in self._tables:
+            self._tables[key] = backend_table(self.backend, key)
+        return self._tables[key]
+
+    # --- forward --------------------------------------------------------------------------------------------
+    def _block(self, o, blk: Block, x, pos: int, doc_ids=None, cache: KVCache | None = None, layer: int = 0):
+        """One decoder layer on x (B, T, C) whose first token sits at position `pos`."""
+        c = self.config
+        B, T, _ = x.shape
+        H, Hkv, D = c.n_heads, c.n_kv_heads, c.head_dim
+        a = blk.self_attn
+        h = o["rmsnorm"](x, blk.input_layernorm.weight, c.norm_eps)
+        q = o["linear"](h, a.q_proj.weight).view(B, T, H, D)
+        k = o["linear"](h, a.k_proj.weight).view(B, T, Hkv, D)
+        v = o["linear"](h, a.v_proj.weight).view(B, T, Hkv, D)
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]   # (T, D/2)
+        q, k = o["rope"](q, cos, sin), o["rope"](k, cos, sin)
+        if cache is None:
+            y = o["attention"](q, k, v, doc_ids)                           # (B, T, H, D)
+        else:
+            cache.k[layer][:, pos:pos + T] = k
+            cache.v[layer][:, pos:pos + T] = v
+            if T == 1:   # the decode step: one query against the cache
+                y = o["decode_attention"](q[:, 0].contiguous(), cache.k[layer], cache.v[layer], pos + 1)[:, None]
+            elif pos == 0:   # the prompt: plain causal attention over it
+                y = o["attention"](q, k, v, None)
+            else:
+                raise ValueError("KV cache: a multi-token chunk after the prompt is not supported")
+        x = x + o["linear"](y.reshape(B, T, H * D), a.o_proj.weight)
+        h = o["rmsnorm"](x, blk.post_attention_layernorm.weight, c.norm_eps)
+        m = blk.mlp
+        g = o["swiglu"](o["linear"](h, m.gate_proj.weight), o["linear"](h, m.up_proj.weight))
+        return x + o["linear"](g, m.down_proj.weight)
+
+    def _trunk(self, idx, doc_ids=None, cache: KVCache | None = None, pos: int = 0):
+        """idx (B, T) -> final-norm hidden states (B, T, C)."""
+        if idx.dim() != 2:
+            raise ValueError(f"idx: expected shape (B, T), got {tuple(idx.shape)}")
+        B, T = idx.shape
+        if pos + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        if doc_ids is not None:
+            if tuple(doc_ids.shape) != (B, T):
+                raise ValueError(f"doc_ids: expected shape {(B, T)}, got {tuple(doc_ids.shape)}")
+            doc_ids = doc_ids.to(device=idx.device, dtype=torch.int32).contiguous()
+        o = self._ops(idx.device)
+        x = self.embed_tokens(idx)                                           # (B, T, C)
+        for i, blk in enumerate(self.layers):
+            x = self._block(o, blk, x, pos, doc_ids, cache, i)
+        return o["rmsnorm"](x, self.norm.weight, self.config.norm_eps)
+
+    def forward(self, idx, targets=None, doc_ids=None, return_hidden: bool = False):
+        """idx (B, T) int64; targets (B, T) with -1 = ignore; doc_ids (B, T) blocks attention across documents.
+        -> (logits (B, T, V), loss or None[, hidden (B, T, C) final-norm output])."""
+        hidden = self._trunk(idx, doc_ids)
+        o = self._ops(idx.device)
+        logits = o["linear"](hidden, self.lm_head_weight)                   # (B, T, V)
+        loss = None
+        if targets is not None:
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets: expected shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
+            V = logits.shape[-1]
+            loss = o["cross_entropy"](logits.reshape(-1, V), targets.reshape(-1).long().contiguous(), -1)
+        return (logits, loss, hidden) if return_hidden else (logits, loss)
+
+    def logprobs(self, idx, targets) -> torch.Tensor:
+        """Per-token log p(targets[b, t] | idx[b, :t+1]) (B, T), differentiable (RL); ignored (-1) targets give 0."""
+        logits, _ = self.forward(idx)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        ignore = targets < 0
+        out = logp.gather(-1, targets.clamp(min=0).long()[..., None])[..., 0]
+        return out.masked_fill(ignore, 0.0)
+
+    # --- generation -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 min_p: float = 0.0, seed: int | None = None, stop_tokens=(), callback=None,
+                 return_logprobs: bool = False):
+        """Sample max_new_tokens after idx (B, T) with a KV cache -> LongTensor (B, T + n_new).
+        temperature 0 = greedy. seed None = drawn from torch's global RNG (so torch.manual_seed fixes it).
+        stop_tokens: a row that emits one stops (later positions repeat that token); all rows stopped = done.
+        callback(tokens (B,)) is called after each step (streaming); returning True stops generation.
+        return_logprobs=True also returns the chosen tokens' log-probs (B, n_new) under log_softmax(logits/T)."""
+        if idx.dim() != 2 or idx.shape[1] == 0:
+            raise ValueError(f"idx: expected a non-empty (B, T) prompt, got shape {tuple(idx.shape)}")
+        B, T = idx.shape
+        if T + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"prompt {T} + max_new_tokens {max_new_tokens} exceeds max_seq_len "
+                             f"{self.config.max_seq_len}")
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+        o = self._ops(idx.device)
+        p = self.embed_tokens.weight
+        cache = KVCache(self.config, B, T + max_new_tokens, p.device, p.dtype)
+        stop = torch.tensor(sorted(set(int(s) for s in stop_tokens)), dtype=torch.long, device=idx.device)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        last = torch.zeros(B, dtype=torch.long, device=idx.device)
+        out, lps = [idx], []
+        x, pos = idx, 0
+        for step in range(max_new_tokens):
+            h = self._trunk(x, cache=cache, pos=pos)[:, -1].contiguous()                # (B, C)
+            pos += x.shape[1]
+            logits = o["linear"](h, self.lm_head_weight).float().contiguous()  # (B, V)
+            tok, lp = o["sample"](logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                  seed=seed, step=step)
+            tok = torch.where(done, last, tok)
+            out.append(tok[:, None])
+            lps.append(torch.where(done, torch.zeros_like(lp), lp))
+            if stop.numel():
+                done = done | torch.isin(tok, stop)
+                last = tok
+            stop_now = callback(tok) if callback is not None else False
+            if bool(done.all()) or stop_now is True:
+                break
+            x = tok[:, None]
+        seq = torch.cat(out, dim=1)
+        return (seq, torch.stack(lps, dim=1)) if return_logprobs else seq
+
+    # --- training -------------------------------------------------------------------------------------------
+    def configure_optimizer(self, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), **kw):
+        """AdamW with weight decay on matrices (embeddings included) and none on norms/1-D params."""
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **kw)

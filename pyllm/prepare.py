@@ -1,0 +1,257 @@
+"""`pyllm prepare`: text files -> tokenizer + token shards (train/val) in a data directory, in parallel, resumable.
+
+    pyllm prepare --input corpus/ more/*.jsonl --out data/ --vocab-size 8192
+    pyllm prepare --input tinyshakespeare.txt --byte-level --out data/ --doc-sep $'\\n\\n'
+Resuming: rerun the same command; shards listed in data/manifest.json are kept, the rest is redone. A shard is
+written to `<name>.tmp` and renamed, and only then recorded in the manifest (written atomically), so an interrupted
+run never leaves a shard that looks complete but is not. Also holds `pyllm tokenizer-train` (pyllm/tokenizer_train.py).
+"""
+from __future__ import annotations
+
+import codecs
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import data
+from .progress import Progress
+
+_TOK = None  # the tokenizer inside a worker process
+
+
+def _load_tokenizer(path):
+    from .tokenizer import Tokenizer
+    return Tokenizer.load(str(path))
+
+
+def _worker_init(tok_path):
+    global _TOK
+    _TOK = _load_tokenizer(tok_path)
+
+
+def _encode_chunk(texts):
+    """Each document -> int32 array [bos, tokens...]."""
+    ids = _TOK.encode_batch(texts) if hasattr(_TOK, "encode_batch") else [_TOK.encode(t) for t in texts]
+    bos = _TOK.bos_id
+    return [np.asarray([bos] + list(x), np.int32) for x in ids]
+
+
+def _chunks(items, max_chars: int = 1 << 18, max_docs: int = 256):
+    """Group (index, split, text) into lists of about max_chars characters (the unit of parallel work)."""
+    buf, n = [], 0
+    for it in items:
+        buf.append(it)
+        n += len(it[2])
+        if n >= max_chars or len(buf) >= max_docs:
+            yield buf
+            buf, n = [], 0
+    if buf:
+        yield buf
+
+
+def get_tokenizer(out: Path, files, tokenizer=None, byte_level=False, vocab_size=4096, skip_bad_lines=False,
+                  doc_sep="", resume=False):
+    """The run's tokenizer, saved as out/tokenizer.json: reused on resume, else loaded, byte-level, or trained."""
+    from .tokenizer import Tokenizer
+    tj = out / "tokenizer.json"
+    if resume and tj.is_file():
+        return Tokenizer.load(str(tj))
+    if tokenizer:
+        tok = Tokenizer.load(str(tokenizer))
+    elif byte_level:
+        tok = Tokenizer.byte_level()
+    else:
+        tok = train_tokenizer(files, vocab_size, skip_bad_lines=skip_bad_lines, doc_sep=doc_sep)
+    tok.save(str(out))
+    return tok
+
+
+def train_tokenizer(files, vocab_size: int, skip_bad_lines=False, doc_sep=""):
+    from .tokenizer import Tokenizer
+    st = data.InputStats()
+    docs = data.iter_documents(files, st, skip_bad_lines=skip_bad_lines, doc_sep=doc_sep)
+    total = sum(os.path.getsize(f) for f in files)
+    bar = Progress(total=total, desc="tokenizer: reading", unit="B")
+
+    def it():
+        for d in docs:
+            bar.update(len(d))
+            yield d
+    tok = Tokenizer.train(iterator=it(), vocab_size=vocab_size)
+    bar.close()
+    return tok
+
+
+def prepare(inputs, out, tokenizer=None, byte_level=False, vocab_size=4096, val_fraction=0.01, val_inputs=None,
+            shard_tokens=1 << 24, workers=None, skip_bad_lines=False, doc_sep="", overwrite=False) -> dict:
+    """Run (or resume) the preparation; returns the final manifest."""
+    files = data.expand_inputs(inputs)
+    val_files = data.expand_inputs(val_inputs) if val_inputs else []
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if shard_tokens < 1:
+        raise ValueError(f"--shard-tokens must be positive, got {shard_tokens}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = dict(inputs=[[f, os.path.getsize(f)] for f in files], val_inputs=[[f, os.path.getsize(f)]
+                    for f in val_files], tokenizer=str(tokenizer) if tokenizer else None, byte_level=byte_level,
+                    vocab_size=vocab_size, val_fraction=val_fraction, shard_tokens=shard_tokens,
+                    skip_bad_lines=skip_bad_lines, doc_sep=doc_sep)
+    mpath = out / data.MANIFEST
+    old = data.read_manifest(out) if mpath.is_file() else None
+    if old is not None and (overwrite or old.get("settings") != settings):
+        if not overwrite:
+            raise ValueError(f"{out}: holds data prepared with other settings or inputs; use --overwrite to "
+                             "replace it, or another --out")
+        for s in old.get("shards", []):
+            (out / s["file"]).unlink(missing_ok=True)
+        mpath.unlink()
+        (out / "tokenizer.json").unlink(missing_ok=True)
+        old = None
+    if old is not None and old.get("complete"):
+        print(f"{out}: already prepared ({len(old['shards'])} shards); nothing to do")
+        return old
+    resume = old is not None
+    tok = get_tokenizer(out, files + val_files, tokenizer, byte_level, vocab_size, skip_bad_lines, doc_sep, resume)
+    thash = data.tokenizer_hash(tok)
+    man = old or dict(format="pyllm-tokens", version=data.VERSION, tokenizer_hash=thash, vocab_size=tok.vocab_size,
+                      bos_id=tok.bos_id, dtype=np.dtype(data.token_dtype(tok.vocab_size)).name, settings=settings,
+                      shards=[], complete=False)
+    if man["tokenizer_hash"] != thash:
+        raise ValueError(f"{out}/tokenizer.json does not match the manifest's tokenizer; use --overwrite")
+    data.atomic_write_text(mpath, json.dumps(man, indent=1))
+    done = {sp: max([s["doc_end"] for s in man["shards"] if s["split"] == sp], default=0) for sp in ("train", "val")}
+    count = {sp: sum(s["split"] == sp for s in man["shards"]) for sp in ("train", "val")}
+    if resume:
+        print(f"{out}: resuming after {len(man['shards'])} complete shards")
+    stats = data.InputStats()
+    val_every = round(1 / val_fraction) if val_fraction > 0 else 0
+
+    def items():
+        n = 0
+        for text in data.iter_documents(files, stats, skip_bad_lines, doc_sep):
+            yield n, ("val" if (not val_files and val_every and n % val_every == val_every - 1) else "train"), text
+            n += 1
+        for text in data.iter_documents(val_files, stats, skip_bad_lines, doc_sep):
+            yield n, "val", text
+            n += 1
+
+    def needed():
+        for i, sp, text in items():
+            bar.update(len(text))
+            if i >= done[sp]:
+                yield i, sp, text
+
+    bufs = {sp: [] for sp in ("train", "val")}
+    ntok = {sp: 0 for sp in ("train", "val")}
+    last = {sp: done[sp] for sp in ("train", "val")}
+
+    def flush(sp):
+        if not bufs[sp]:
+            return
+        name = f"{sp}_{count[sp]:05d}.bin"
+        toks = np.concatenate(bufs[sp])
+        data.write_shard(out / name, toks, tok.vocab_size, thash, len(bufs[sp]))
+        man["shards"].append(dict(file=name, split=sp, n_tokens=int(toks.size), n_docs=len(bufs[sp]),
+                                  doc_end=last[sp]))
+        data.atomic_write_text(mpath, json.dumps(man, indent=1))
+        count[sp] += 1
+        bufs[sp], ntok[sp] = [], 0
+        bar.set_postfix(shards=len(man["shards"]))
+
+    total = sum(os.path.getsize(f) for f in files + val_files)
+    workers = workers or min(8, os.cpu_count() or 1)
+    bar = Progress(total=total, desc="prepare", unit="B")
+    tok_path = str(out / "tokenizer.json")
+    pool = None
+    if workers > 1:
+        import multiprocessing as mp
+        pool = mp.get_context("spawn" if os.name == "nt" else "fork").Pool(workers, _worker_init, (tok_path,))
+        results = _bounded_imap(pool, _run_chunk, _chunks(needed()), 4 * workers)
+    else:
+        _worker_init(tok_path)
+        results = map(_run_chunk, _chunks(needed()))
+    n_tokens = 0
+    try:
+        for chunk in results:
+            for i, sp, arr in chunk:
+                bufs[sp].append(arr)
+                ntok[sp] += arr.size
+                n_tokens += arr.size
+                last[sp] = i + 1
+                if ntok[sp] >= shard_tokens:
+                    flush(sp)
+            bar.set_postfix(tokens=n_tokens)
+        for sp in ("train", "val"):
+            flush(sp)
+        bar.n = total  # all input read (the count above is in characters, the total in bytes)
+    finally:
+        if pool is not None:
+            pool.terminate()
+        bar.close()
+    man["complete"] = True
+    man["stats"] = stats.to_dict()
+    data.atomic_write_text(mpath, json.dumps(man, indent=1))
+    n = {sp: sum(s["n_tokens"] for s in man["shards"] if s["split"] == sp) for sp in ("train", "val")}
+    print(f"{out}: {n['train']} train + {n['val']} val tokens in {len(man['shards'])} shards; {stats.docs} documents, "
+          f"{stats.empty_files} empty files, {stats.empty_docs} empty documents, {stats.bad_utf8_docs} with invalid "
+          f"UTF-8 (replaced), {stats.bad_lines} bad JSONL lines skipped; vocab {tok.vocab_size}")
+    if n["val"] == 0:
+        print(f"{out}: note: no validation documents (few documents; use --doc-sep, --val-input or --val-fraction)")
+    return man
+
+
+def _bounded_imap(pool, fn, items, depth: int):
+    """Ordered pool.map that keeps at most `depth` chunks in flight (pool.imap would read the whole corpus ahead)."""
+    from collections import deque
+    pending = deque()
+    for it in items:
+        pending.append(pool.apply_async(fn, (it,)))
+        if len(pending) >= depth:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def _run_chunk(chunk):
+    arrs = _encode_chunk([t for _, _, t in chunk])
+    return [(i, sp, a) for (i, sp, _), a in zip(chunk, arrs)]
+
+
+def _unescape(s: str) -> str:
+    return codecs.decode(s, "unicode_escape") if s else s
+
+
+def add_input_arguments(p):
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help=".txt / .jsonl files (a \"text\" field per line), directories (searched recursively) or globs")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip (and count) JSONL lines that are not JSON or have no \"text\" instead of stopping")
+    p.add_argument("--doc-sep", default="", metavar="STR",
+                   help="split .txt files into documents on this string (escapes allowed, e.g. '\\n\\n'); "
+                        "default: one document per file")
+
+
+def add_arguments(p):
+    add_input_arguments(p)
+    p.add_argument("--out", default="data", help="output data directory (default: data)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--tokenizer", metavar="PATH", help="use this tokenizer.json instead of training one")
+    g.add_argument("--byte-level", action="store_true", help="use the byte-level tokenizer (256 bytes + specials)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size when training a tokenizer (4096)")
+    p.add_argument("--val-fraction", type=float, default=0.01,
+                   help="fraction of documents held out for validation, every round(1/f)-th document (0.01)")
+    p.add_argument("--val-input", nargs="+", metavar="PATH", help="use these files as the validation split instead")
+    p.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard, about (16777216)")
+    p.add_argument("--workers", type=int, default=0, help="encoding processes (0 = number of CPUs, max 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace data prepared with other settings in --out")
+
+
+def main(args) -> int:
+    prepare(args.input, args.out, tokenizer=args.tokenizer, byte_level=args.byte_level, vocab_size=args.vocab_size,
+            val_fraction=args.val_fraction, val_inputs=args.val_input, shard_tokens=args.shard_tokens,
+            workers=args.workers or None, skip_bad_lines=args.skip_bad_lines, doc_sep=_unescape(args.doc_sep),
+            overwrite=args.overwrite)
+    return 0

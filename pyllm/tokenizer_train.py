@@ -1,0 +1,30 @@
+"""`pyllm tokenizer-train`: train a BPE tokenizer on .txt/.jsonl inputs and save tokenizer.json (+ tokenizer.bin).
+
+    pyllm tokenizer-train --input corpus/ --vocab-size 8192 --out tok/
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import data
+from .prepare import _unescape, add_input_arguments, train_tokenizer
+
+
+def add_arguments(p):
+    add_input_arguments(p)
+    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size, special tokens included (4096)")
+    p.add_argument("--out", default="tokenizer", help="output directory for tokenizer.json (default: tokenizer)")
+
+
+def main(args) -> int:
+    if args.vocab_size < 262:
+        raise ValueError(f"--vocab-size must be at least 262 (256 bytes + specials), got {args.vocab_size}")
+    files = data.expand_inputs(args.input)
+    tok = train_tokenizer(files, args.vocab_size, skip_bad_lines=args.skip_bad_lines, doc_sep=_unescape(args.doc_sep))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out))
+    if hasattr(tok, "save_bin"):
+        tok.save_bin(str(out / "tokenizer.bin"))
+    print(f"{out}: tokenizer with {tok.vocab_size} tokens, hash {data.tokenizer_hash(tok)}")
+    return 0
