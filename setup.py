@@ -125,7 +125,6 @@ ext = Pybind11Extension(
     "pyllm._C",
     sources=["csrc/bindings.cpp", *CPU_SOURCES],
     include_dirs=["csrc"],
-    depends=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.h")),  # header edits rebuild _C
     define_macros=[("PYLLM_VERSION", f'"{VERSION}"')],
     extra_compile_args=CXX_FLAGS,
     extra_link_args=["-fopenmp"],
