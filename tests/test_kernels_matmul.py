@@ -1,0 +1,195 @@
+"""GEMM (fp32, bf16), linear autograd, matvec and Q8_0 kernels vs pyllm.ref on fresh random inputs, odd sizes,
+all transposes, bias/accumulate, poisoned outputs, every ISA path.
+Run: OMP_NUM_THREADS=1 PYTHONPATH=$PWD python -m pytest -q tests/test_kernels_matmul.py"""
+import pytest
+import torch
+
+from pyllm import ops, ref
+from pyllm._ext import C
+from conftest import poison
+
+SIZES = [(1, 1, 1), (3, 17, 1), (17, 127, 3), (127, 3, 1000), (1000, 17, 127), (33, 300, 65), (1, 1000, 17)]
+
+
+def _operands(rng, M, N, K, ta, tb, dtype=torch.float32):
+    a = torch.randn(*((K, M) if ta else (M, K)), generator=rng).to(dtype)
+    b = torch.randn(*((K, N) if tb else (N, K)), generator=rng).to(dtype)
+    return a, b
+
+
+def _tol(K):
+    # fp32 sums of K products: rounding grows ~sqrt(K); inputs ~N(0,1) so |C| ~ sqrt(K).
+    return dict(rtol=1e-5, atol=2e-6 * K ** 0.5 * 4)
+
+
+@pytest.mark.parametrize("M,N,K", SIZES)
+@pytest.mark.parametrize("ta,tb", [(0, 0), (0, 1), (1, 0), (1, 1)])
+def test_matmul_transposes_bias(isa, rng, M, N, K, ta, tb):
+    a, b = _operands(rng, M, N, K, ta, tb)
+    bias = torch.randn(N, generator=rng) if (M + N + K + ta + tb) % 2 else None
+    out = poison(torch.empty(M, N))
+    ops.matmul(a, b, bias, trans_a=bool(ta), trans_b=bool(tb), out=out)
+    torch.testing.assert_close(out, ref.matmul(a.double(), b.double(), None if bias is None else bias.double(),
+                                               trans_a=bool(ta), trans_b=bool(tb)).float(), **_tol(K))
+
+
+@pytest.mark.parametrize("M,N,K", [(17, 127, 3), (130, 70, 600), (1, 33, 257)])
+def test_matmul_accumulate(isa, rng, M, N, K):
+    a, b = _operands(rng, M, N, K, 0, 1)
+    bias = torch.randn(N, generator=rng)
+    c0 = torch.randn(M, N, generator=rng)
+    out = c0.clone()
+    ops.matmul(a, b, bias, trans_b=True, out=out, accumulate=True)
+    torch.testing.assert_close(out, c0 + a @ b + bias, **_tol(K))
+
+
+def test_matmul_strided_ld_and_k0(isa, rng):
+    # Raw kernel call with row strides larger than the logical width (a view into a wider buffer); the padding
+    # columns of C must stay untouched. K = 0 gives C = bias.
+    M, N, K = 19, 35, 41
+    A = torch.randn(M, K + 5, generator=rng)
+    B = torch.randn(N, K + 3, generator=rng)
+    Cbuf = poison(torch.empty(M, N + 7))
+    C().matmul_forward(Cbuf.data_ptr(), A.data_ptr(), B.data_ptr(), 0, M, N, K, K + 5, K + 3, N + 7)
+    torch.testing.assert_close(Cbuf[:, :N], A[:, :K] @ B[:, :K].T, **_tol(K))
+    assert torch.isnan(Cbuf[:, N:]).all()
+    bias = torch.randn(N, generator=rng)
+    out = poison(torch.empty(M, N))
+    C().matmul_forward(out.data_ptr(), A.data_ptr(), B.data_ptr(), bias.data_ptr(), M, N, 0, 1, 1, N)
+    torch.testing.assert_close(out, bias.expand(M, N))
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (17, 127, 3), (127, 33, 1000), (65, 40, 257)])
+@pytest.mark.parametrize("ta,tb", [(0, 0), (1, 1), (0, 1)])
+def test_matmul_bf16(isa, rng, M, N, K, ta, tb):
+    a, b = _operands(rng, M, N, K, ta, tb, torch.bfloat16)
+    out = poison(torch.empty(M, N))
+    ops.matmul(a, b, trans_a=bool(ta), trans_b=bool(tb), out=out)
+    # Products of bf16 values are exact in fp32; only the fp32 summation order differs from the reference.
+    expect = ref.matmul(a.double(), b.double(), trans_a=bool(ta), trans_b=bool(tb)).float()
+    torch.testing.assert_close(out, expect, **_tol(K))
+    # And vs the fp32 inputs before rounding to bf16: bf16 tolerance.
+    if not (ta or tb):
+        torch.testing.assert_close(ops.matmul_bf16(a, b), ref.matmul_bf16(a, b), **_tol(K))
+
+
+def test_matmul_bf16_vs_fp32_inputs(rng):
+    x = torch.randn(64, 300, generator=rng)
+    w = torch.randn(50, 300, generator=rng)
+    y = ops.matmul_bf16(x.bfloat16(), w.bfloat16())
+    torch.testing.assert_close(y, x @ w.T, rtol=2e-2, atol=2e-2 * 300 ** 0.5)
+
+
+@pytest.mark.parametrize("shape,N", [((1, 1), 1), ((3, 17), 127), ((2, 5, 127), 33), ((4, 64, 96), 1000)])
+def test_linear_grads_vs_torch(isa, rng, shape, N):
+    K = shape[-1]
+    x = torch.randn(*shape, generator=rng, requires_grad=True)
+    w = (torch.randn(N, K, generator=rng) / K ** 0.5).requires_grad_()
+    bias = torch.randn(N, generator=rng).requires_grad_() if N % 2 else None
+    y = ops.linear(x, w, bias)
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    br = bias.detach().clone().requires_grad_() if bias is not None else None
+    yr = ref.linear(xr, wr, br)
+    tol = _tol(K)
+    torch.testing.assert_close(y, yr, **tol)
+    dy = torch.randn(*yr.shape, generator=rng)
+    y.backward(dy)
+    yr.backward(dy)
+    M = x.numel() // K
+    torch.testing.assert_close(x.grad, xr.grad, **_tol(N))
+    torch.testing.assert_close(w.grad, wr.grad, **_tol(M))
+    if bias is not None:
+        torch.testing.assert_close(bias.grad, br.grad, **_tol(M))
+
+
+def test_linear_backward_non_contiguous_grad(rng):
+    x = torch.randn(6, 10, generator=rng, requires_grad=True)
+    w = torch.randn(8, 10, generator=rng, requires_grad=True)
+    y = ops.linear(x, w)
+    (y.T * torch.arange(6.0)).sum().backward()     # dy arrives as a transposed (strided) view
+    torch.testing.assert_close(x.grad, torch.arange(6.0)[:, None].expand(6, 8) @ w.detach(), **_tol(8))
+
+
+def test_linear_gradcheck_float64_reference(rng):
+    x = torch.randn(3, 5, generator=rng, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, generator=rng, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ref.linear, (x, w))
+    # ref.matmul with transposes is what the backward computes: check it agrees with autograd in float64.
+    dy = torch.randn(3, 4, generator=rng, dtype=torch.float64)
+    (ref.linear(x, w) * dy).sum().backward()
+    torch.testing.assert_close(ref.matmul(dy, w, trans_b=True), x.grad)
+    torch.testing.assert_close(ref.matmul(dy, x.detach(), trans_a=True, trans_b=True), w.grad)
+
+
+def test_matmul_rejects_bad_input():
+    with pytest.raises(TypeError, match="dtype"):
+        ops.linear(torch.zeros(2, 3, dtype=torch.float64), torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="shape"):
+        ops.linear(torch.zeros(2, 3), torch.zeros(4, 5))
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.linear(torch.zeros(3, 2).t(), torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="inner"):
+        ops.matmul(torch.zeros(2, 3), torch.zeros(4, 5))
+    with pytest.raises(ValueError, match="multiple"):
+        ops.quantize_q8(torch.zeros(2, 30), 32)
+    with pytest.raises(ValueError, match="k must be"):
+        C().matvec_q8(1, 1, 1, 1, 2, 30, 32)
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 17), (127, 1000), (1000, 127), (33, 4096)])
+def test_matvec_f32(isa, rng, n, k):
+    W = torch.randn(n, k, generator=rng)
+    x = torch.randn(k, generator=rng)
+    torch.testing.assert_close(ops.matvec(W, x), ref.matvec(W.double(), x.double()).float(), **_tol(k))
+
+
+@pytest.mark.parametrize("n,k,G", [(1, 32, 32), (3, 64, 16), (17, 192, 64), (127, 1000, 8), (130, 4096, 64),
+                                   (5, 96, 96), (9, 60, 3)])
+def test_q8_quantize_and_matvec(isa, rng, n, k, G):
+    w = torch.randn(n, k, generator=rng) * torch.rand(n, 1, generator=rng) * 3
+    w[0, :G] = 0                                   # an all-zero group: scale 0, q 0
+    w[-1, -1] = 127 * 0.5 * (w[-1, -G:].abs().max() / 127)   # a value on a rounding tie region
+    q, s = ops.quantize_q8(w, G)
+    qr, sr = ref.quantize_q8(w, G)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+    x = torch.randn(k, generator=rng)
+    x[:G] *= 0 if k > G else 1
+    y = ops.matvec_q8(q, s, x)
+    # Same quantization semantics: only fp32-vs-float64 rounding of the scaled group sums may differ.
+    yr = ref.matvec_q8(q, s, x)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5 * (k ** 0.5))
+    # And close to the fp32 product: each of W and x carries at most half a step (s/2) of error per element.
+    err_bound = (s.repeat_interleave(G, 1).abs() * x.abs()).sum(1) * 0.5 + \
+        (w.abs() * (x.abs().reshape(-1, G).amax(1) / 127).repeat_interleave(G)).sum(1) * 0.5 + 1e-4
+    assert ((y - w @ x).abs() <= err_bound * 1.01).all()
+
+
+def test_q8_matvec_large_k_heap_scratch(rng):
+    # k > 32768: the kernel's x scratch comes from malloc instead of the stack.
+    n, k, G = 3, 32768 + 64, 64
+    w = torch.randn(n, k, generator=rng)
+    q, s = ops.quantize_q8(w, G)
+    x = torch.randn(k, generator=rng)
+    torch.testing.assert_close(ops.matvec_q8(q, s, x), ref.matvec_q8(q, s, x), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("ta", [0, 1])
+def test_matmul_a_super_blocks(rng, ta):
+    # M*K above the kernel's 8M-float packing budget: A is packed and multiplied in row super-blocks.
+    M, N, K = 4500, 37, 2000
+    a, b = _operands(rng, M, N, K, ta, 0)
+    out = poison(torch.empty(M, N))
+    ops.matmul(a, b, trans_a=bool(ta), out=out)
+    torch.testing.assert_close(out, ref.matmul(a.double(), b.double(), trans_a=bool(ta)).float(), **_tol(K))
+
+
+@pytest.mark.parametrize("M", [4, 5])
+def test_matmul_small_m_boundary(isa, rng, M):
+    # M <= 4 takes the unpacked dot-product path, M = 5 the packed GEMM: both against the reference.
+    a = torch.randn(M, 300, generator=rng)
+    b = torch.randn(70, 300, generator=rng)
+    bias = torch.randn(70, generator=rng)
+    c0 = torch.randn(M, 70, generator=rng)
+    out = c0.clone()
+    ops.matmul(a, b, bias, out=out, accumulate=True)
+    torch.testing.assert_close(out, c0 + a @ b.T + bias, **_tol(300))
