@@ -18,46 +18,6 @@
 // ---------------------------------------------------------------------------------------------------------------
 // Kernels the forward needs. Each wrapper calls the shared dispatched kernel from csrc/cpu/kernels.h where one exists.
 
-// TODO(shared kernel): replace with matvec_f32 when landed.
-static void mv_f32(float* y, const float* W, const float* x, int n, int k) {  // y (n) = W (n, k) @ x (k)
-    #pragma omp parallel for schedule(static)
-    for (int i = 0; i < n; i++) {
-        const float* w = W + (size_t)i * k;
-        float s = 0.f;
-        #pragma omp simd reduction(+ : s)
-        for (int j = 0; j < k; j++) s += w[j] * x[j];
-        y[i] = s;
-    }
-}
-
-// TODO(shared kernel): replace with quantize_q8 when landed. x (k) -> xq (k) int8 + xs (k/G): scale = max|x|/127.
-static void q8_quantize(int8_t* xq, float* xs, const float* x, int k, int G) {
-    for (int g = 0; g < k / G; g++) {
-        float amax = 0.f;
-        for (int j = 0; j < G; j++) amax = fmaxf(amax, fabsf(x[g * G + j]));
-        float s = amax / 127.0f, inv = s != 0.f ? 1.0f / s : 0.f;
-        xs[g] = s;
-        for (int j = 0; j < G; j++) xq[g * G + j] = (int8_t)roundf(x[g * G + j] * inv);
-    }
-}
-
-// TODO(shared kernel): replace with matvec_q8 when landed. y (n) = Wq (n, k) int8 * Ws (n, k/G) @ x quantized.
-static void mv_q8(float* y, const int8_t* Wq, const float* Ws, const int8_t* xq, const float* xs, int n, int k, int G) {
-    #pragma omp parallel for schedule(static)
-    for (int i = 0; i < n; i++) {
-        const int8_t* w = Wq + (size_t)i * k;
-        const float* ws = Ws + (size_t)i * (k / G);
-        float s = 0.f;
-        for (int g = 0; g < k / G; g++) {
-            int32_t acc = 0;
-            #pragma omp simd reduction(+ : acc)
-            for (int j = 0; j < G; j++) acc += (int32_t)w[g * G + j] * (int32_t)xq[g * G + j];
-            s += (float)acc * ws[g] * xs[g];
-        }
-        y[i] = s;
-    }
-}
-
 // q (H, hd); caches (T_max, Hkv, hd) of one layer -> out (H, hd), attending to positions [0, n_ctx).
 static void attend(float* out, const float* q, const float* kc, const float* vc, int H, int Hkv, int hd, int n_ctx) {
     decode_attention_params p = {.out = out, .q = q, .k_cache = kc, .v_cache = vc, .ld_b = 0, .ld_t = (long)Hkv * hd,
@@ -134,14 +94,15 @@ int run_model_config(const run_model* m, int* out, int n) {
 float run_model_norm_eps(const run_model* m) { return m->f.cfg.norm_eps; }
 float run_model_rope_theta(const run_model* m) { return m->f.cfg.rope_theta; }
 
-// y (n) = W (n, k) @ x (k), fp32 or Q8_0 (x is quantized per group first, as llama2.c's runq.c does).
+// y (n) = W (n, k) @ x (k), fp32 or Q8_0 (the kernel quantizes x per group first, as llama2.c's runq.c does).
 static void matvec(run_model* m, float* y, const model_matrix* W, const float* x, int n, int k) {
     if (W->f) {
-        mv_f32(y, W->f, x, n, k);
+        matvec_params p = {.y = y, .W = W->f, .x = x, .n = n, .k = k};
+        matvec_f32(&p);
     } else {
-        const int G = m->f.cfg.group_size;
-        q8_quantize(m->xq, m->xs, x, k, G);
-        mv_q8(y, W->q, W->s, m->xq, m->xs, n, k, G);
+        matvec_q8_params p = {.y = y, .wq = W->q, .ws = W->s, .x = x, .xq_scratch = m->xq, .xs_scratch = m->xs,
+                              .n = n, .k = k, .G = m->f.cfg.group_size};
+        matvec_q8(&p);
     }
 }
 
