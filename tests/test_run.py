@@ -414,3 +414,29 @@ def test_binary_sampling_equals_model_generate_same_seed(tok_and_model, tmp_path
                         "-n", str(len(ids) + n_new - 1), "-i", "Speak"], capture_output=True, timeout=60,
                        env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and r.stdout == want
+
+
+@pytest.mark.parametrize("quant", [None, "q8_0"])
+def test_every_isa_path_gives_the_same_logits(tmp_path, rng, quant):
+    """libpyllm_run picks its path at load time from PYLLM_ISA: each path this CPU runs matches the reference."""
+    import os
+    import sys
+    from conftest import ISAS
+    c = tiny_config(norm_eps=1e-5, max_seq_len=12)
+    sd = random_state_dict(c, rng)
+    write_model_bin(tmp_path / "m.bin", sd, c, quantize=quant, group_size=32)
+    tokens = torch.randint(0, c.vocab_size, (12,), generator=rng).tolist()
+    want = ref_logits(sd, c, tokens).numpy()
+    code = ("import sys, numpy as np; from pyllm import runtime; m = runtime.Model(sys.argv[1]); "
+            "np.save(sys.argv[2], np.stack([m.forward(t, p) for p, t in enumerate(map(int, sys.argv[3:]))]))")
+    outs = {}
+    for isa in ISAS:
+        out = tmp_path / f"{isa}.npy"
+        env = dict(os.environ, PYLLM_ISA=isa, OMP_NUM_THREADS="1")
+        r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.bin"), str(out), *map(str, tokens)],
+                           capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 0, r.stderr
+        outs[isa] = np.load(out)
+    for isa, got in outs.items():
+        tol = 1e-4 if quant is None else Q8_REL_BOUND * np.abs(want).max()
+        assert np.abs(got - want).max() < tol, isa
