@@ -22,44 +22,22 @@
 #define ATT_MR 4   // 8 accumulators of 16 ymm/xmm registers
 #endif
 
-// Broadcast without simd.h's vf_set1 `(vf){0} + x`, which costs an extra add per call (x + 0.0 is not x for
-// x = -0.0, so GCC keeps it) inside the micro-kernel's innermost loop.
-static inline vf att_set1(float x) {
-#if defined(__AVX512F__)
-    return (vf)_mm512_set1_ps(x);
-#elif defined(__AVX2__)
-    return (vf)_mm256_set1_ps(x);
-#else
-    return (vf)_mm_set1_ps(x);
-#endif
-}
-
-static inline vf att_fma(vf a, vf b, vf c) {  // a*b + c in one rounding where the path has FMA
-#if defined(__AVX512F__)
-    return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-#elif defined(__FMA__)
-    return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
-#else
-    return a * b + c;
-#endif
-}
-
 // 2^x for a vector, x <= ~0 (scores minus their running max or lse; no overflow clamp): x = n + r with
 // n = round(x), |r| <= 0.5, 2^r by its degree-6 Taylor series (rel error < 1.3e-7), 2^n built in the exponent
 // bits. x < -126 (and -inf) gives exactly 0, so masked scores never produce denormals. The scores are kept in
 // log2 units (Q pre-scaled by log2(e)/sqrt(D)), which saves the ln2 range reduction of exp(): 15 vector ops.
 static inline vf att_exp2(vf x) {
     const vi keep = x >= -126.0f;
-    x = vf_select(keep, x, att_set1(-126.0f));
+    x = vf_select(keep, x, vf_set1(-126.0f));
     const vf tm = x + 12582912.0f;                         // + 1.5 * 2^23 rounds x to an integer n
     const vf r = x - (tm - 12582912.0f);
-    vf y = att_set1(1.5403530393381606e-4f);
-    y = att_fma(y, r, att_set1(1.3333558146428443e-3f));
-    y = att_fma(y, r, att_set1(9.618129107628477e-3f));
-    y = att_fma(y, r, att_set1(5.550410866482158e-2f));
-    y = att_fma(y, r, att_set1(0.2402265069591007f));
-    y = att_fma(y, r, att_set1(0.6931471805599453f));
-    y = att_fma(y, r, att_set1(1.0f));
+    vf y = vf_set1(1.5403530393381606e-4f);
+    y = vf_fma(y, r, vf_set1(1.3333558146428443e-3f));
+    y = vf_fma(y, r, vf_set1(9.618129107628477e-3f));
+    y = vf_fma(y, r, vf_set1(5.550410866482158e-2f));
+    y = vf_fma(y, r, vf_set1(0.2402265069591007f));
+    y = vf_fma(y, r, vf_set1(0.6931471805599453f));
+    y = vf_fma(y, r, vf_set1(1.0f));
     const vi e = ((vi)tm << 23) + (127 << 23);             // 2^n: n sits in the low mantissa bits of tm
     return (vf)((vi)(y * (vf)e) & keep);
 }
@@ -78,17 +56,17 @@ static inline __attribute__((always_inline)) void att_mm_core(float* C, long ldc
         for (; n + 2 * VLEN <= N; n += 2 * VLEN) {
             vf c0[ATT_MR], c1[ATT_MR];
             for (int r = 0; r < ATT_MR; r++) {
-                c0[r] = acc ? vf_load(c + r * ldc + n) : att_set1(0.f);
-                c1[r] = acc ? vf_load(c + r * ldc + n + VLEN) : att_set1(0.f);
+                c0[r] = acc ? vf_load(c + r * ldc + n) : vf_set1(0.f);
+                c1[r] = acc ? vf_load(c + r * ldc + n + VLEN) : vf_set1(0.f);
             }
             const float* a = a0;
             const float* b = B + n;
             for (int k = 0; k < K; k++, a += sak, b += ldb) {
                 const vf b0 = vf_load(b), b1 = vf_load(b + VLEN);
                 for (int r = 0; r < ATT_MR; r++) {
-                    const vf ar = att_set1(a[r * sam]);
-                    c0[r] = att_fma(ar, b0, c0[r]);
-                    c1[r] = att_fma(ar, b1, c1[r]);
+                    const vf ar = vf_set1(a[r * sam]);
+                    c0[r] = vf_fma(ar, b0, c0[r]);
+                    c1[r] = vf_fma(ar, b1, c1[r]);
                 }
             }
             for (int r = 0; r < ATT_MR; r++) {
@@ -98,12 +76,12 @@ static inline __attribute__((always_inline)) void att_mm_core(float* C, long ldc
         }
         for (; n < N; n += VLEN) {  // one-vector column tail
             vf c0[ATT_MR];
-            for (int r = 0; r < ATT_MR; r++) c0[r] = acc ? vf_load(c + r * ldc + n) : att_set1(0.f);
+            for (int r = 0; r < ATT_MR; r++) c0[r] = acc ? vf_load(c + r * ldc + n) : vf_set1(0.f);
             const float* a = a0;
             const float* b = B + n;
             for (int k = 0; k < K; k++, a += sak, b += ldb) {
                 const vf b0 = vf_load(b);
-                for (int r = 0; r < ATT_MR; r++) c0[r] = att_fma(att_set1(a[r * sam]), b0, c0[r]);
+                for (int r = 0; r < ATT_MR; r++) c0[r] = vf_fma(vf_set1(a[r * sam]), b0, c0[r]);
             }
             for (int r = 0; r < ATT_MR; r++) vf_store(c + r * ldc + n, c0[r]);
         }
@@ -111,10 +89,10 @@ static inline __attribute__((always_inline)) void att_mm_core(float* C, long ldc
     for (; m < M; m++) {  // row tail, one row at a time
         float* c = C + (long)m * ldc;
         for (int n = 0; n < N; n += VLEN) {
-            vf c0 = acc ? vf_load(c + n) : att_set1(0.f);
+            vf c0 = acc ? vf_load(c + n) : vf_set1(0.f);
             const float* a = A + (long)m * sam;
             const float* b = B + n;
-            for (int k = 0; k < K; k++, a += sak, b += ldb) c0 = att_fma(att_set1(*a), vf_load(b), c0);
+            for (int k = 0; k < K; k++, a += sak, b += ldb) c0 = vf_fma(vf_set1(*a), vf_load(b), c0);
             vf_store(c + n, c0);
         }
     }
@@ -219,11 +197,11 @@ void KFN(attention_forward)(const attention_params* p) {
                 if (kind == 2) att_mask(ST, doc, i0, Mq, j0, Nk);
                 // online softmax along keys, vectorised over queries
                 for (int r = 0; r < ATT_BR; r += VLEN) {
-                    vf mx = att_set1(-INFINITY);
+                    vf mx = vf_set1(-INFINITY);
                     for (int c = 0; c < Nk; c++) mx = vf_fmax(mx, vf_load(ST + c * ATT_BR + r));
                     const vf mold = vf_load(m + r), mnew = vf_fmax(mold, mx);
-                    const vf msafe = vf_select(mnew == -INFINITY, att_set1(0.f), mnew);  // rows with no key yet
-                    vf sum = att_set1(0.f);
+                    const vf msafe = vf_select(mnew == -INFINITY, vf_set1(0.f), mnew);  // rows with no key yet
+                    vf sum = vf_set1(0.f);
                     for (int c = 0; c < Nk; c++) {
                         vf pv = att_exp2(vf_load(ST + c * ATT_BR + r) - msafe);
                         vf_store(ST + c * ATT_BR + r, pv);
@@ -236,7 +214,7 @@ void KFN(attention_forward)(const attention_params* p) {
                 }
                 for (int r = 0; r < Mq; r++)
                     if (alpha[r] != 1.f) {
-                        const vf a = att_set1(alpha[r]);
+                        const vf a = vf_set1(alpha[r]);
                         for (int d = 0; d < Dp; d += VLEN) vf_store(O + r * Dp + d, vf_load(O + r * Dp + d) * a);
                     }
                 att_pad_rows(Vp, vr, ldk, Nk, D, Dp);
@@ -365,9 +343,9 @@ void KFN(decode_attention)(const decode_attention_params* p) {
             float cmax = -INFINITY;
             for (int t = 0; t < n; t++) {
                 const float* k = kc + (size_t)(t0 + t) * p->ld_t;
-                vf a = att_set1(0.f);
+                vf a = vf_set1(0.f);
                 int d = 0;
-                for (; d + VLEN <= D; d += VLEN) a = att_fma(vf_load(q + d), vf_load(k + d), a);
+                for (; d + VLEN <= D; d += VLEN) a = vf_fma(vf_load(q + d), vf_load(k + d), a);
                 float dot = vf_sum(a);
                 for (; d < D; d++) dot += q[d] * k[d];
                 s[t] = dot * scale;
@@ -382,9 +360,9 @@ void KFN(decode_attention)(const decode_attention_params* p) {
             for (int d = 0; d < D; d++) acc[d] *= alpha;
             for (int t = 0; t < n; t++) {
                 const float* v = vc + (size_t)(t0 + t) * p->ld_t;
-                const vf w = att_set1(s[t]);
+                const vf w = vf_set1(s[t]);
                 int d = 0;
-                for (; d + VLEN <= D; d += VLEN) vf_store(acc + d, att_fma(w, vf_load(v + d), vf_load(acc + d)));
+                for (; d + VLEN <= D; d += VLEN) vf_store(acc + d, vf_fma(w, vf_load(v + d), vf_load(acc + d)));
                 for (; d < D; d++) acc[d] += s[t] * v[d];
             }
         }

@@ -29,51 +29,6 @@
 #define MM_NC (MM_NR * 16)
 #endif
 
-static inline vf mm_bcast(float x) {
-#if defined(__AVX512F__)
-    return (vf)_mm512_set1_ps(x);
-#elif defined(__AVX2__)
-    return (vf)_mm256_set1_ps(x);
-#elif defined(__SSE2__)
-    return (vf)_mm_set1_ps(x);
-#else
-    vf v; for (int i = 0; i < VLEN; i++) v[i] = x; return v;
-#endif
-}
-
-// Unaligned load; explicit intrinsics because gcc 12 lowers simd.h's memcpy load of a 32-byte vector through
-// the stack inside the avx2 micro-kernel (spills).
-static inline vf mm_load(const float* p) {
-#if defined(__AVX512F__)
-    return (vf)_mm512_loadu_ps(p);
-#elif defined(__AVX2__)
-    return (vf)_mm256_loadu_ps(p);
-#else
-    return vf_load(p);
-#endif
-}
-
-static inline void mm_store(float* p, vf v) {
-#if defined(__AVX512F__)
-    _mm512_storeu_ps(p, (__m512)v);
-#elif defined(__AVX2__)
-    _mm256_storeu_ps(p, (__m256)v);
-#else
-    vf_store(p, v);
-#endif
-}
-
-// a*b + c; explicit because -std=c11 turns off FP contraction.
-static inline vf mm_fma(vf a, vf b, vf c) {
-#if defined(__AVX512F__)
-    return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-#elif defined(__FMA__)
-    return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
-#else
-    return a * b + c;
-#endif
-}
-
 static inline float mm_bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
 // Element X[r, k] of an operand stored (R, K) with row stride ld, or (K, R) when trans.
@@ -143,19 +98,19 @@ static void mm_pack_group(int bf16, float* base, size_t kr, const void* src, int
     do {                                                                                                   \
         if ((mr) == MM_MR && (nr) == MM_NR) {                                                              \
             vf b0_ = (vf){0}, b1_ = (vf){0};                                                               \
-            if (bias) { b0_ = mm_load(bias); b1_ = mm_load((bias) + VLEN); }                               \
+            if (bias) { b0_ = vf_load(bias); b1_ = vf_load((bias) + VLEN); }                               \
             _Pragma("GCC unroll 16")                                                                       \
             for (int i_ = 0; i_ < MM_MR; i_++) {                                                           \
                 float* ci_ = (c) + (size_t)i_ * (ldc);                                                     \
                 vf r0_ = acc[i_][0], r1_ = acc[i_][1];                                                     \
                 if (bias) { r0_ += b0_; r1_ += b1_; }                                                      \
-                if (add) { r0_ += mm_load(ci_); r1_ += mm_load(ci_ + VLEN); }                              \
-                mm_store(ci_, r0_); mm_store(ci_ + VLEN, r1_);                                             \
+                if (add) { r0_ += vf_load(ci_); r1_ += vf_load(ci_ + VLEN); }                              \
+                vf_store(ci_, r0_); vf_store(ci_ + VLEN, r1_);                                             \
             }                                                                                              \
         } else {                                                                                           \
             float t_[MM_MR * MM_NR];                                                                       \
-            for (int i_ = 0; i_ < MM_MR; i_++) { mm_store(t_ + i_ * MM_NR, acc[i_][0]);                    \
-                                                 mm_store(t_ + i_ * MM_NR + VLEN, acc[i_][1]); }           \
+            for (int i_ = 0; i_ < MM_MR; i_++) { vf_store(t_ + i_ * MM_NR, acc[i_][0]);                    \
+                                                 vf_store(t_ + i_ * MM_NR + VLEN, acc[i_][1]); }           \
             for (int i_ = 0; i_ < (mr); i_++)                                                              \
                 for (int j_ = 0; j_ < (nr); j_++) {                                                        \
                     float v_ = t_[i_ * MM_NR + j_] + ((bias) ? (bias)[j_] : 0.f);                          \
@@ -176,12 +131,12 @@ static void mm_kernel_f32(int kc, const float* restrict a, const float* restrict
         __builtin_prefetch(c + (size_t)i * ldc + MM_NR - 1, 1);
     }
     for (int k = 0; k < kc; k++) {
-        vf b0 = mm_load(b), b1 = mm_load(b + VLEN);
+        vf b0 = vf_load(b), b1 = vf_load(b + VLEN);
         _Pragma("GCC unroll 16")
         for (int i = 0; i < MM_MR; i++) {
-            vf ai = mm_bcast(a[i]);
-            acc[i][0] = mm_fma(ai, b0, acc[i][0]);
-            acc[i][1] = mm_fma(ai, b1, acc[i][1]);
+            vf ai = vf_set1(a[i]);
+            acc[i][0] = vf_fma(ai, b0, acc[i][0]);
+            acc[i][1] = vf_fma(ai, b1, acc[i][1]);
         }
         a += MM_MR;
         b += MM_NR;
@@ -204,12 +159,12 @@ static void mm_small_m(const float* A, int lda, const float* B, int ldb, float* 
             vf a0 = (vf){0}, a1 = (vf){0}, a2 = (vf){0}, a3 = (vf){0};
             int k = 0;
             for (; k + 4 * VLEN <= K; k += 4 * VLEN) {
-                a0 = mm_fma(mm_load(a + k), mm_load(b + k), a0);
-                a1 = mm_fma(mm_load(a + k + VLEN), mm_load(b + k + VLEN), a1);
-                a2 = mm_fma(mm_load(a + k + 2 * VLEN), mm_load(b + k + 2 * VLEN), a2);
-                a3 = mm_fma(mm_load(a + k + 3 * VLEN), mm_load(b + k + 3 * VLEN), a3);
+                a0 = vf_fma(vf_load(a + k), vf_load(b + k), a0);
+                a1 = vf_fma(vf_load(a + k + VLEN), vf_load(b + k + VLEN), a1);
+                a2 = vf_fma(vf_load(a + k + 2 * VLEN), vf_load(b + k + 2 * VLEN), a2);
+                a3 = vf_fma(vf_load(a + k + 3 * VLEN), vf_load(b + k + 3 * VLEN), a3);
             }
-            for (; k + VLEN <= K; k += VLEN) a0 = mm_fma(mm_load(a + k), mm_load(b + k), a0);
+            for (; k + VLEN <= K; k += VLEN) a0 = vf_fma(vf_load(a + k), vf_load(b + k), a0);
             float s = vf_sum((a0 + a1) + (a2 + a3));
             for (; k < K; k++) s += a[k] * b[k];
             if (bias) s += bias[n];

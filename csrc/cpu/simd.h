@@ -2,6 +2,7 @@
 // VLEN floats per vector: 16 on avx512, 8 on avx2, 4 on the portable path (SSE2, part of x86-64 itself).
 // Included only from kernels_impl.h after the path's `#pragma GCC target`.
 #pragma once
+#include <immintrin.h>
 #include <string.h>
 
 #if defined(__AVX512F__)
@@ -15,9 +16,24 @@
 typedef float vf __attribute__((vector_size(VLEN * 4), aligned(4)));  // unaligned loads allowed
 typedef int32_t vi __attribute__((vector_size(VLEN * 4), aligned(4)));
 
-static inline vf vf_load(const float* p) { vf v; memcpy(&v, p, sizeof(v)); return v; }
-static inline void vf_store(float* p, vf v) { memcpy(p, &v, sizeof(v)); }
-static inline vf vf_set1(float x) { return (vf){0} + x; }
+// Loads, stores and broadcasts are explicit intrinsics: gcc 12 lowers a memcpy of a 32-byte vector through the
+// stack inside register-heavy micro-kernels (spills), and `(vf){0} + x` costs an add (x + 0.0 is not x for -0.0).
+#if defined(__AVX512F__)
+static inline vf vf_load(const float* p) { return (vf)_mm512_loadu_ps(p); }
+static inline void vf_store(float* p, vf v) { _mm512_storeu_ps(p, (__m512)v); }
+static inline vf vf_set1(float x) { return (vf)_mm512_set1_ps(x); }
+static inline vf vf_fma(vf a, vf b, vf c) { return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+#elif defined(__AVX2__)
+static inline vf vf_load(const float* p) { return (vf)_mm256_loadu_ps(p); }
+static inline void vf_store(float* p, vf v) { _mm256_storeu_ps(p, (__m256)v); }
+static inline vf vf_set1(float x) { return (vf)_mm256_set1_ps(x); }
+static inline vf vf_fma(vf a, vf b, vf c) { return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+#else
+static inline vf vf_load(const float* p) { return (vf)_mm_loadu_ps(p); }
+static inline void vf_store(float* p, vf v) { _mm_storeu_ps(p, (__m128)v); }
+static inline vf vf_set1(float x) { return (vf)_mm_set1_ps(x); }
+static inline vf vf_fma(vf a, vf b, vf c) { return a * b + c; }  // no FMA on the baseline: two roundings
+#endif
 static inline float vf_sum(vf v) { float s = 0.f; for (int i = 0; i < VLEN; i++) s += v[i]; return s; }
 static inline float vf_max(vf v) { float m = v[0]; for (int i = 1; i < VLEN; i++) m = v[i] > m ? v[i] : m; return m; }
 static inline vf vf_select(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }  // mask ? a : b
