@@ -57,3 +57,14 @@ def test_cli_info_and_version():
 def test_unknown_flag_is_one_line_error():
     r = subprocess.run([sys.executable, "-m", "pyllm", "info", "--bogus"], capture_output=True, text=True)
     assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_every_subcommand_has_help():
+    from pyllm.cli import COMMANDS, build_parser
+    for name in COMMANDS:
+        sp = build_parser(name)._subparsers._group_actions[0].choices[name]
+        text = sp.format_help()
+        assert "usage:" in text
+        for action in sp._actions:  # every flag documents itself
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"pyllm {name} {action.option_strings[0]} has no help="
