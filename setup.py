@@ -39,6 +39,10 @@ def cuda_sources():
 class BuildExt(build_ext):
     """C sources get C flags, .cu sources go through nvcc, then the standalone binary is linked."""
 
+    def run(self):
+        self._want_inplace = self.inplace  # setuptools clears self.inplace while build_extensions() runs
+        super().run()
+
     def build_extensions(self):
         compiler = self.compiler
         original_compile = compiler._compile
@@ -94,7 +98,7 @@ class BuildExt(build_ext):
         run_c = ROOT / "csrc" / "run.c"
         if not run_c.exists():
             return
-        if self.inplace:
+        if getattr(self, "_want_inplace", self.inplace):
             pkg = ROOT / "pyllm"
         else:
             pkg = Path(self.build_lib) / "pyllm"

@@ -13,6 +13,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer-train": ("pyllm.tokenizer_train", "train a BPE tokenizer on .txt/.jsonl files"),
     "prepare": ("pyllm.prepare", "tokenize .txt/.jsonl files into train/val token shards (resumable)"),
     "pretrain": ("pyllm.pretrain", "pretrain a base model on prepared token shards (DDP/FSDP via torchrun)"),
+    # assistant stages (chat engineer)
+    "sft": ("pyllm.sft", "supervised fine-tuning on chat JSONL (loss on assistant tokens, packed rows)"),
+    "reward": ("pyllm.reward", "train a reward model on preference JSONL {prompt, chosen, rejected}"),
+    "score": ("pyllm.score", "score (prompt, response) JSONL lines with a reward model"),
+    "rl": ("pyllm.rl", "RL from a reward model and/or a Python reward function (PPO or GRPO)"),
+    "dpo": ("pyllm.dpo", "direct preference optimization on preference JSONL (sigmoid loss)"),
 }
 
 

@@ -1,0 +1,480 @@
+"""`pyllm pretrain`: train a base model on shards from `pyllm prepare`; one process, or many under torchrun.
+
+    pyllm pretrain --data data/ --depth 4 --seq-len 256 --batch-size 16 --max-steps 2000 --out out/base
+    torchrun --nproc-per-node 2 -m pyllm pretrain --data data/ --depth 12 --device cuda [--fsdp]
+    pyllm pretrain --data data/ --out out/base --resume          # continue from out/base/latest exactly
+Writes out/metrics.jsonl (one JSON row per step / eval), out/loss.png, out/samples.txt and checkpoints
+out/ckpt_<step>/ (model.safetensors + config.json via pyllm.checkpoint, plus trainer_state.safetensors/.json:
+optimizer moments, step, data position, RNG), each written to a temporary directory and renamed.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from . import data as D
+from .config import ModelConfig, depth_config, preset
+from .progress import Progress
+
+SHAPE_FLAGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim")
+
+
+# --- small pieces ------------------------------------------------------------------------------------------
+def lr_at(step: int, lr: float, warmup: int, max_steps: int, decay: str, min_lr_frac: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine / linear decay to lr*min_lr_frac at max_steps (or constant)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if decay == "constant":
+        return lr
+    prog = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    f = 0.5 * (1 + math.cos(math.pi * prog)) if decay == "cosine" else 1 - prog
+    return lr * (min_lr_frac + (1 - min_lr_frac) * f)
+
+
+def default_peak_flops(device: torch.device) -> float:
+    """Rough dense peak for MFU: bf16 tensor-core peak on known GPUs; AVX-512 fp32 FMA (64 flop/cycle, 3 GHz) per
+    CPU thread. Pass --peak-flops for an exact figure (benchmarks/machine.py measures the CPU one)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, f in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12)):
+            if key in name:
+                return f
+        return 100e12
+    return 64 * 3e9 * torch.get_num_threads()
+
+
+def build_config(args, vocab_size: int) -> ModelConfig:
+    """Model shape: --preset, else --depth (nanochat family), else explicit --dim/--n-layers/..., else depth 4."""
+    over = {k: getattr(args, k) for k in SHAPE_FLAGS if getattr(args, k, None) is not None}
+    if args.tie_embeddings:
+        over["tie_embeddings"] = True
+    base = dict(vocab_size=vocab_size, max_seq_len=args.seq_len)
+    if args.preset:
+        return preset(args.preset, **base, **over)
+    if args.depth is not None or not over:
+        return depth_config(args.depth or 4, **base, **over)
+    return ModelConfig(**base, **over)
+
+
+def make_optimizer(model, lr: float, weight_decay: float, betas, backend: str, device: torch.device):
+    """model.configure_optimizer's groups; pyllm's kernel AdamW (pyllm.ops.AdamW) when present on CPU."""
+    opt = model.configure_optimizer(lr=lr, weight_decay=weight_decay, betas=betas)
+    if backend == "pyllm" and device.type == "cpu":
+        from . import ops
+        if hasattr(ops, "AdamW"):
+            groups = [{k: v for k, v in g.items() if k in ("params", "weight_decay")} for g in opt.param_groups]
+            opt = ops.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    return opt
+
+
+def optimizer_state(opt) -> tuple[dict, dict]:
+    """Optimizer state_dict -> (tensors for safetensors, JSON-able rest). No pickle."""
+    sd = opt.state_dict()
+    tensors, scalars, shapes = {}, {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            name = f"optim.{pid}.{k}"
+            if torch.is_tensor(v):
+                shapes[name] = list(v.shape)
+                tensors[name] = v.detach().to("cpu").reshape(-1).contiguous()
+            else:
+                scalars[name] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars, "shapes": shapes}
+
+
+def load_optimizer_state(opt, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for name, shape in meta["shapes"].items():
+        _, pid, k = name.split(".", 2)
+        state.setdefault(int(pid) if pid.isdigit() else pid, {})[k] = tensors[name].reshape(shape)
+    for name, v in meta["scalars"].items():
+        _, pid, k = name.split(".", 2)
+        state.setdefault(int(pid) if pid.isdigit() else pid, {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _dist_setup(device_arg: str):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_arg == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA GPU is available to torch")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def _all_mean(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        x /= world
+    return x
+
+
+def _latest(out: Path) -> Path | None:
+    p = out / "latest"
+    return out / p.read_text().strip() if p.is_file() else None
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------------
+def save(out: Path, step: int, model, full_sd, opt_state, loader, tok, config, args, rank: int, keep: int):
+    """Rank 0 writes out/ckpt_<step> (save_checkpoint swaps the whole directory in atomically, trainer state
+    included), then the `latest` pointer."""
+    if rank != 0:
+        return
+    from .checkpoint import save_checkpoint
+    from .model import GPT
+    from .safetensors_io import save_file
+    name = f"ckpt_{step:07d}"
+    if full_sd is not None:  # FSDP: the gathered full state dict goes into a plain CPU model for saving
+        plain = GPT(config)
+        plain.load_state_dict(full_sd)
+        model = plain
+    tensors, meta = opt_state
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta.update(step=step, loader=loader.state_dict(), config=config.to_dict(), args=_jsonable(vars(args)),
+                tokenizer_hash=D.tokenizer_hash(tok), time=time.time())
+
+    def trainer_files(tmp: Path):
+        save_file(tensors, str(Path(tmp) / "trainer_state.safetensors"), {"format": "pyllm-trainer", "step": str(step)})
+        D.atomic_write_text(Path(tmp) / "trainer_state.json", json.dumps(meta, indent=1))
+    save_checkpoint(str(out / name), model, tokenizer=tok, extra={"step": step}, extra_files=trainer_files)
+    D.atomic_write_text(out / "latest", name + "\n")
+    old = sorted(p for p in out.glob("ckpt_*") if p.is_dir() and p.name != name)
+    for p in old[:max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+
+
+def load_resume(path: Path, config: ModelConfig):
+    """(model state, trainer tensors, trainer meta) from a checkpoint dir; a different model shape is one error."""
+    from .checkpoint import load_checkpoint
+    from .safetensors_io import load_file
+    tj = path / "trainer_state.json"
+    if not tj.is_file():
+        raise FileNotFoundError(f"{path}: no trainer_state.json (not a pretrain checkpoint)")
+    meta = json.loads(tj.read_text())
+    if meta["config"] != config.to_dict():
+        diff = {k: (meta["config"].get(k), v) for k, v in config.to_dict().items() if meta["config"].get(k) != v}
+        raise ValueError(f"{path}: checkpoint is a different model shape (checkpoint vs this run: "
+                         + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items())
+                         + "); resume with the same --depth/--preset/--dim/... and --seq-len")
+    ck_model, _ = load_checkpoint(str(path))
+    tensors = load_file(str(path / "trainer_state.safetensors"))
+    return ck_model.state_dict(), tensors, meta
+
+
+# --- training ----------------------------------------------------------------------------------------------------
+def train(args) -> dict:
+    """The training loop; returns {"step", "train_loss", "val_loss", "losses": [...]}."""
+    from .model import GPT
+    from .tokenizer import Tokenizer
+    rank, world, device = _dist_setup(args.device)
+    torch.manual_seed(args.seed)
+    data_dir, out = Path(args.data), Path(args.out)
+    D.read_manifest(data_dir)
+    tok = Tokenizer.load(str(data_dir / "tokenizer.json"))
+    thash = D.tokenizer_hash(tok)
+    man = D.read_manifest(data_dir)
+    config = build_config(args, man["vocab_size"])
+    train_stream = D.TokenStream(data_dir, "train", tokenizer_hash=thash, vocab_size=config.vocab_size)
+    has_val = any(s["split"] == "val" for s in man["shards"])
+    val_stream = D.TokenStream(data_dir, "val", tokenizer_hash=thash) if has_val else None
+    B, T = args.batch_size, args.seq_len
+    micro_tokens = B * T * world
+    total = args.total_batch_tokens or micro_tokens
+    if total % micro_tokens:
+        raise ValueError(f"--total-batch-tokens {total} is not a multiple of batch-size*seq-len*world = {micro_tokens}")
+    accum = total // micro_tokens
+    loader = D.PackedLoader(train_stream, B, T, seed=args.seed, rank=rank, world_size=world)
+    backend = args.backend or ("pyllm" if device.type == "cpu" else "torch")
+    model = GPT(config, backend=backend)
+    step, resume_meta = 0, None
+    resume_from = None
+    if args.resume:
+        resume_from = _latest(out) if args.resume == "latest" else Path(args.resume)
+        if resume_from is None or not resume_from.is_dir():
+            raise FileNotFoundError(f"--resume: no checkpoint at {resume_from or out / 'latest'}")
+        weights, rtensors, resume_meta = load_resume(resume_from, config)
+        missing = model.load_state_dict(weights, strict=False)
+        if missing.missing_keys or missing.unexpected_keys:
+            raise ValueError(f"{resume_from}: weights do not match the model ({missing})")
+        step = int(resume_meta["step"])
+        loader.load_state_dict(resume_meta["loader"])
+        torch.set_rng_state(rtensors["rng.torch"])
+    model.to(device)
+    raw = model
+    args.fsdp = bool(args.fsdp and world > 1)
+    if args.fsdp:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        model = FSDP(model, use_orig_params=True, device_id=device if device.type == "cuda" else None)
+    elif world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
+    opt = make_optimizer(raw, args.lr, args.weight_decay, (args.beta1, args.beta2),
+                         "torch" if args.fsdp else backend, device)
+    if resume_meta is not None:
+        if args.fsdp:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            osd = _unflatten_fsdp(rtensors, resume_meta)
+            opt.load_state_dict(FSDP.optim_state_dict_to_load(model, opt, osd))
+        else:
+            load_optimizer_state(opt, {k: v.to(device) for k, v in rtensors.items()}, resume_meta)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "fp32": None, "bf16": torch.bfloat16}[args.dtype]
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    peak = args.peak_flops or default_peak_flops(device)
+    flops_step = config.flops_per_token(T) * total
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        D.atomic_write_text(out / "run.json", json.dumps(dict(args=_jsonable(vars(args)), config=config.to_dict(),
+                                                              world_size=world, accum=accum, device=str(device),
+                                                              backend=backend, params=config.num_params()), indent=1))
+        metrics = _open_metrics(out / "metrics.jsonl", step)
+        print(f"pretrain: {config.num_params() / 1e6:.2f}M params ({config.n_layers} layers, dim {config.dim}), "
+              f"{train_stream.n_tokens} train tokens, {total} tokens/step = {world} rank(s) x {accum} micro x {B}x{T}, "
+              f"backend {backend}, device {device}" + (f", resumed at step {step}" if step else ""), flush=True)
+    bar = Progress(total=args.max_steps, initial=step, desc="pretrain", unit="step", disable=rank != 0 or None)
+    losses, val_loss, last_loss = [], None, None
+
+    def evaluate():
+        if val_stream is None or args.eval_batches <= 0:
+            return None
+        model.eval()
+        vl = D.PackedLoader(val_stream, B, T, rank=rank, world_size=world, shuffle=False)
+        n = min(args.eval_batches, vl.n_windows // (B * world))
+        tot = torch.zeros((), device=device)
+        with torch.no_grad(), autocast():
+            for _ in range(n):
+                x, y, d = vl.next_batch(device)
+                tot += model(x, y, d)[1].float()
+        model.train()
+        return float(_all_mean(tot / n, world))
+
+    def sample():
+        if rank != 0 or args.sample_tokens <= 0 or args.fsdp:
+            return
+        raw.eval()
+        rng = torch.get_rng_state()
+        n = min(args.sample_tokens, config.max_seq_len - 1)
+        with torch.no_grad(), autocast():
+            ids = raw.generate(torch.tensor([[tok.bos_id]], device=device), n, temperature=0.8, top_k=50,
+                               seed=args.seed + step)
+        torch.set_rng_state(rng)
+        raw.train()
+        text = tok.decode(ids[0, 1:].tolist())
+        with open(out / "samples.txt", "a") as f:
+            f.write(f"--- step {step}\n{text}\n")
+        bar.write(f"sample @ {step}: {text[:200]!r}")
+
+    def log(row):
+        if rank == 0:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+
+    model.train()
+    try:
+        stop = min(args.max_steps, args.stop_at or args.max_steps)
+        while step < stop:
+            if args.eval_every and step % args.eval_every == 0 and (step > 0 or args.eval_at_start):
+                val_loss = evaluate()
+                if val_loss is not None:
+                    log({"step": step, "val_loss": val_loss})
+                    if rank == 0:
+                        bar.write(f"step {step}: val loss {val_loss:.4f}")
+                sample()
+            t0 = time.perf_counter()
+            lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.decay, args.min_lr_frac)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            acc = torch.zeros((), device=device)
+            for micro in range(accum):
+                x, y, d = loader.next_batch(device)
+                sync = contextlib.nullcontext() if (world == 1 or micro == accum - 1 or args.fsdp) else model.no_sync()
+                with sync:
+                    with autocast():
+                        _, loss = model(x, y, d)
+                    (loss / accum).backward()
+                acc += loss.detach().float()
+            gnorm = (model.clip_grad_norm_(args.grad_clip) if args.fsdp else
+                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else
+                                                    float("inf")))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = float(_all_mean(acc / accum, world))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            losses.append(last_loss)
+            row = {"step": step, "loss": last_loss, "lr": lr, "grad_norm": float(gnorm), "tokens": step * total,
+                   "dt": dt, "tok_per_s": total / dt, "mfu": flops_step / dt / (peak * world)}
+            log(row)
+            bar.set_postfix(loss=last_loss, lr=f"{lr:.2e}", tok_s=f"{total / dt:.0f}", mfu=f"{100 * row['mfu']:.1f}%")
+            bar.update(1)
+            if not math.isfinite(last_loss):
+                raise ValueError(f"loss is {last_loss} at step {step}; lower --lr or check the data")
+            if (args.checkpoint_every and step % args.checkpoint_every == 0) or step == stop:
+                _checkpoint(out, step, model, raw, opt, loader, tok, config, args, rank, world)
+        if step == args.max_steps:
+            val_loss = evaluate()
+            if val_loss is not None:
+                log({"step": step, "val_loss": val_loss})
+                if rank == 0:
+                    bar.write(f"step {step}: val loss {val_loss:.4f}")
+            sample()
+    finally:
+        bar.close()
+        if rank == 0:
+            metrics.close()
+            plot_metrics(out)
+    return {"step": step, "train_loss": last_loss, "val_loss": val_loss, "losses": losses}
+
+
+def _checkpoint(out, step, model, raw, opt, loader, tok, config, args, rank, world):
+    if args.fsdp:
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
+                                  FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+            full = model.state_dict()
+            osd = FSDP.optim_state_dict(model, opt)
+        tensors, meta = {}, {"fsdp": True, "shapes": {}, "scalars": {}, "param_groups": osd.get("param_groups", [])}
+        for pname, st in osd.get("state", {}).items():
+            for k, v in st.items():
+                key = f"optim.{pname}.{k}"
+                if torch.is_tensor(v):
+                    meta["shapes"][key] = list(v.shape)
+                    tensors[key] = v.detach().cpu().reshape(-1).contiguous()
+                else:
+                    meta["scalars"][key] = v
+        save(out, step, raw, full, (tensors, meta), loader, tok, config, args, rank, args.keep_checkpoints)
+    else:
+        save(out, step, raw, None, optimizer_state(opt), loader, tok, config, args, rank, args.keep_checkpoints)
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _unflatten_fsdp(tensors, meta):
+    state: dict = {}
+    for name, shape in meta["shapes"].items():
+        _, rest = name.split(".", 1)
+        pname, k = rest.rsplit(".", 1)
+        state.setdefault(pname, {})[k] = tensors[name].reshape(shape)
+    for name, v in meta["scalars"].items():
+        _, rest = name.split(".", 1)
+        pname, k = rest.rsplit(".", 1)
+        state.setdefault(pname, {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _open_metrics(path: Path, step: int):
+    """Open metrics.jsonl for appending, first dropping rows past `step` (a resumed run rewrites them)."""
+    rows = []
+    if step and path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if r.get("step", 0) <= step and not ("val_loss" in r and r["step"] == step):
+                rows.append(line)
+    D.atomic_write_text(path, "".join(r + "\n" for r in rows))
+    return open(path, "a")
+
+
+def plot_metrics(out: Path) -> None:
+    """out/loss.png from out/metrics.jsonl: train loss per step and val loss per eval."""
+    from .plot import line_plot
+    p = out / "metrics.jsonl"
+    if not p.is_file():
+        return
+    tr, va = ([], []), ([], [])
+    for line in p.read_text().splitlines():
+        r = json.loads(line)
+        dst = va if "val_loss" in r else tr
+        dst[0].append(r["step"])
+        dst[1].append(r.get("val_loss", r.get("loss")))
+    if tr[0] or va[0]:
+        line_plot(str(out / "loss.png"), {"train loss": tr, "val loss": va})
+
+
+# --- CLI -----------------------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--data", required=True, help="data directory written by `pyllm prepare`")
+    p.add_argument("--out", default="out/pretrain", help="output directory: checkpoints, metrics, plot (out/pretrain)")
+    g = p.add_argument_group("model shape (default: --depth 4)")
+    g.add_argument("--depth", type=int, help="nanochat-style size: n_layers = depth, dim = 64*depth")
+    g.add_argument("--preset", help="a named preset from pyllm.config (260K, 15M, 42M, 110M, d<N>)")
+    g.add_argument("--dim", type=int, help="model width (overrides the preset/depth)")
+    g.add_argument("--n-layers", type=int, help="number of layers")
+    g.add_argument("--n-heads", type=int, help="attention heads")
+    g.add_argument("--n-kv-heads", type=int, help="key/value heads (grouped-query attention); default n-heads")
+    g.add_argument("--hidden-dim", type=int, help="SwiGLU width; default Llama's 8/3*dim rounded")
+    g.add_argument("--tie-embeddings", action="store_true", help="share the input embedding and output head")
+    g.add_argument("--seq-len", type=int, default=256, help="context length T of training rows (256)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=16, help="rows per micro-batch per process (16)")
+    g.add_argument("--total-batch-tokens", type=int, default=0,
+                   help="tokens per optimizer step; gradient accumulation fills it (0 = one micro-batch per rank)")
+    g.add_argument("--max-steps", type=int, default=2000, help="optimizer steps (2000)")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (1e-3)")
+    g.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps (100)")
+    g.add_argument("--decay", choices=("cosine", "linear", "constant"), default="cosine",
+                   help="schedule after warmup (cosine)")
+    g.add_argument("--min-lr-frac", type=float, default=0.1, help="final lr as a fraction of --lr (0.1)")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (0.1)")
+    g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1 (0.9)")
+    g.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (0.95)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global grad norm to this (0 = off; 1.0)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=1337, help="seed for init, data order and samples (1337)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda if available")
+    g.add_argument("--backend", choices=("pyllm", "torch"), default=None,
+                   help="pyllm kernels or plain torch ops (default: pyllm on CPU, torch on CUDA)")
+    g.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="autocast dtype (auto = bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--fsdp", action="store_true", help="shard the model with torch FSDP (under torchrun)")
+    g.add_argument("--eval-every", type=int, default=250, help="eval val loss + sample every N steps (0 = end only)")
+    g.add_argument("--eval-at-start", action="store_true", help="also evaluate before the first step")
+    g.add_argument("--eval-batches", type=int, default=20, help="validation batches per eval (20)")
+    g.add_argument("--sample-tokens", type=int, default=64, help="tokens to sample at each eval (0 = none)")
+    g.add_argument("--checkpoint-every", type=int, default=500, help="save a checkpoint every N steps (and at the end)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep (2)")
+    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
+                   help="continue from a checkpoint dir (default: <out>/latest)")
+    g.add_argument("--stop-at", type=int, default=0, metavar="STEP",
+                   help="checkpoint and exit after this step; the lr schedule still targets --max-steps (resume later)")
+    g.add_argument("--peak-flops", type=float, default=0.0,
+                   help="peak FLOP/s per process for MFU (0 = a guess from the device)")
+
+
+def main(args) -> int:
+    for k in ("batch_size", "seq_len", "max_steps", "keep_checkpoints"):
+        if getattr(args, k) <= 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
+    if args.warmup_steps < 0 or args.lr <= 0:
+        raise ValueError("--warmup-steps must be >= 0 and --lr > 0")
+    try:
+        train(args)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0

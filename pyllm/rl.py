@@ -1,0 +1,340 @@
+"""Stage 4, RL: `pyllm rl --policy sft/ --reward-model rm/ --prompts prompts.jsonl --out rl/` (tests/test_rl.py).
+
+Each step: sample --batch-size prompts, generate --num-samples responses per prompt through model.generate (the KV
+cache and pyllm's sampling op), score them, then update the policy:
+  --algo ppo  (InstructGPT / TRL PPO): per-token reward -kl_coef * (log pi - log ref) plus the (clipped) score on
+              the last token; a value head on the policy's final hidden state; GAE(gamma, lambda); whitened
+              advantages; clipped policy loss and clipped value loss, --ppo-epochs passes over minibatches.
+  --algo grpo (DeepSeekMath): k samples per prompt, advantage = (score - group mean) / group std, no critic; KL to
+              the reference as a loss term (k3 estimator, --kl-coef) instead of in the reward.
+The score is the reward model's output and/or a Python function (--reward-fn module:function or file.py:function)
+called as fn(prompt=..., response=..., **other JSONL fields) -> float; with both, they add.
+Prompts JSONL: {"prompt": str|messages, ...extra fields} or {"messages": [...]} (the conversation so far).
+Logs reward, KL, clip fraction, entropy, response length (metrics.jsonl) and plots them when pyllm.plot exists.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+from .reward import pad_batch, pad_id_of
+from .sft import (BadLine, Bar, Dist, Metrics, add_common_args, as_messages, check_messages, clip_and_step,
+                  load_optimizer_tensors, load_policy, make_optimizer, prepare_model, read_jsonl, render_checked,
+                  resume_state, save_stage, set_lr, lr_at)
+
+VALUE_FILE = "value_head.safetensors"
+
+
+def load_reward_fn(spec: str):
+    """'pkg.module:function' or 'path/to/file.py:function' -> the callable."""
+    if ":" not in spec:
+        raise ValueError(f"--reward-fn {spec!r}: expected module:function or file.py:function")
+    mod_name, fn_name = spec.rsplit(":", 1)
+    if mod_name.endswith(".py") or "/" in mod_name:
+        path = Path(mod_name)
+        if not path.exists():
+            raise FileNotFoundError(f"--reward-fn: {path} not found")
+        s = importlib.util.spec_from_file_location(path.stem, path)
+        mod = importlib.util.module_from_spec(s)
+        s.loader.exec_module(mod)
+    else:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise ValueError(f"--reward-fn: cannot import {mod_name!r} ({e})") from None
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"--reward-fn: {mod_name} has no function {fn_name!r}")
+    return fn
+
+
+class PolicyWithValue(nn.Module):
+    """The policy GPT plus a scalar value head on its final hidden state (one forward gives both)."""
+
+    def __init__(self, model: nn.Module, value_head: bool = True):
+        super().__init__()
+        self.model = model
+        self.v_head = nn.Linear(model.config.dim, 1) if value_head else None
+        if self.v_head is not None:
+            nn.init.zeros_(self.v_head.weight)
+            nn.init.zeros_(self.v_head.bias)
+
+    def forward(self, idx):
+        logits, _, h = self.model(idx, return_hidden=True)                 # (N, L, V), (N, L, C)
+        v = self.v_head(h.float()).squeeze(-1) if self.v_head is not None else None  # (N, L)
+        return logits, v
+
+
+def token_logps(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """logits (N, L, V), idx (N, L) -> (N, L-1): log p(idx[:, t+1] | idx[:, :t+1])."""
+    return torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, idx[:, 1:, None])[..., 0]
+
+
+def masked_mean(x, m):
+    return (x * m).sum() / m.sum().clamp(min=1)
+
+
+def whiten(x, m, eps=1e-8):
+    mu = masked_mean(x, m)
+    var = masked_mean((x - mu) ** 2, m)
+    return (x - mu) * torch.rsqrt(var + eps) * m
+
+
+def gae(rewards, values, m, gamma: float, lam: float):
+    """rewards/values/m (N, S) over the shifted layout; m marks response positions (contiguous per row).
+    -> advantages, returns (N, S)."""
+    N, S = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(N, device=rewards.device)
+    for t in reversed(range(S)):
+        nv = values[:, t + 1] * m[:, t + 1] if t + 1 < S else torch.zeros(N, device=rewards.device)
+        nm = m[:, t + 1] if t + 1 < S else torch.zeros(N, device=rewards.device)
+        delta = rewards[:, t] + gamma * nv - values[:, t]
+        last = (delta + gamma * lam * last * nm) * m[:, t]
+        adv[:, t] = last
+    return adv, adv + values
+
+
+def parse_prompt(obj: dict, where: str):
+    """-> (messages so far, the raw prompt for the reward fn, extra fields)."""
+    if "prompt" in obj:
+        msgs = as_messages(obj["prompt"], where, "prompt", "user")
+        raw = obj["prompt"]
+        extra = {k: v for k, v in obj.items() if k != "prompt"}
+    elif "messages" in obj:
+        msgs = check_messages(obj["messages"], where)
+        raw = obj["messages"]
+        extra = {k: v for k, v in obj.items() if k != "messages"}
+    else:
+        raise BadLine(f"{where}: expected a 'prompt' or 'messages' key, got {sorted(obj)}")
+    if msgs[-1]["role"] == "assistant":
+        raise BadLine(f"{where}: the prompt ends with an assistant turn; nothing left to generate")
+    return msgs, raw, extra
+
+
+def add_arguments(p):
+    p.add_argument("--policy", required=True, help="SFT checkpoint directory (policy start and frozen reference)")
+    p.add_argument("--reward-model", default=None, help="`pyllm reward` checkpoint directory")
+    p.add_argument("--reward-fn", default=None, help="Python reward: module:function or file.py:function, called "
+                                                     "as fn(prompt=, response=, **extra JSONL fields) -> float")
+    p.add_argument("--prompts", required=True, help="JSONL of {'prompt': ..., extra fields} or {'messages': ...}")
+    p.add_argument("--algo", default="ppo", choices=["ppo", "grpo"], help="PPO with a value head, or GRPO")
+    p.add_argument("--num-samples", type=int, default=0, help="responses per prompt (default 1 PPO, 4 GRPO)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="response length cap")
+    p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
+    p.add_argument("--top-k", type=int, default=0, help="rollout top-k (0 = off)")
+    p.add_argument("--kl-coef", type=float, default=0.05, help="KL weight (PPO: per-token penalty; GRPO: beta)")
+    p.add_argument("--ppo-epochs", type=int, default=2, help="optimization passes over each rollout batch")
+    p.add_argument("--minibatches", type=int, default=1, help="minibatches per pass")
+    p.add_argument("--clip-range", type=float, default=0.2, help="policy ratio clip epsilon")
+    p.add_argument("--clip-range-value", type=float, default=0.2, help="value clip around the rollout values")
+    p.add_argument("--vf-coef", type=float, default=0.5, help="value loss weight (PPO)")
+    p.add_argument("--gamma", type=float, default=1.0, help="discount")
+    p.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+    p.add_argument("--reward-clip", type=float, default=10.0, help="clip scores to [-c, c] (0 = off)")
+    p.add_argument("--no-whiten", action="store_true", help="do not whiten PPO advantages")
+    add_common_args(p)
+
+
+@torch.no_grad()
+def rollout(policy, tok, prompts, k, args, seed, device):
+    """-> list of (prompt_index, prompt_ids, response_ids): k samples per prompt via model.generate."""
+    end_id = tok.special_ids.get("<|end|>") if hasattr(tok, "special_ids") else None
+    stops = (end_id,) if end_id is not None else ()
+    policy.eval()
+    out = []
+    with parametrize.cached():  # LoRA: fold B @ A once per rollout, not once per decoded token
+        for i, (pi, ids) in enumerate(prompts):
+            idx = torch.tensor([ids] * k, dtype=torch.long, device=device)
+            gen = policy.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                  seed=seed * 100003 + i, stop_tokens=stops)
+            for row in gen[:, len(ids):].tolist():
+                if end_id is not None and end_id in row:
+                    row = row[:row.index(end_id) + 1]
+                out.append((pi, ids, row[:args.max_new_tokens]))
+    policy.train()
+    return out
+
+
+def main(args) -> int:
+    if args.reward_model is None and args.reward_fn is None:
+        raise ValueError("rl: give --reward-model and/or --reward-fn")
+    dist = Dist(args.device)
+    torch.manual_seed(args.seed)
+    args.model = args.policy
+    st = resume_state(args)
+    model, tok = prepare_model(args, dist, args.out if st else None)
+    ref, _ = load_policy(args.policy, dist.device, args.tokenizer)
+    ref.eval().requires_grad_(False)
+    ac = PolicyWithValue(model, value_head=args.algo == "ppo").to(dist.device)
+    if st and ac.v_head is not None:
+        from .safetensors_io import load_file
+        sd = load_file(str(Path(args.out) / VALUE_FILE))
+        ac.v_head.load_state_dict({k: v.to(dist.device) for k, v in sd.items()})
+    rm = None
+    if args.reward_model:
+        from .reward import load_reward_model
+        rm, _ = load_reward_model(args.reward_model, dist.device, args.tokenizer)
+        rm.eval().requires_grad_(False)
+    fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
+    k = args.num_samples or (4 if args.algo == "grpo" else 1)
+    if args.algo == "grpo" and k < 2:
+        raise ValueError("rl: GRPO needs --num-samples >= 2 (advantages are relative within a group)")
+    T = model.config.max_seq_len
+    if args.max_new_tokens >= T:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in context {T}")
+
+    def parse(obj, where):
+        msgs, raw, extra = parse_prompt(obj, where)
+        ids, _ = render_checked(msgs, tok, where, T - args.max_new_tokens, add_generation_prompt=True)
+        return ids, raw, extra
+    prompts, _ = read_jsonl(args.prompts, parse, args.skip_bad_lines, "prompt")
+    pad = pad_id_of(tok)
+    end_id = tok.special_ids.get("<|end|>")
+    steps = args.steps or max(1, math.ceil(args.epochs * len(prompts) / (args.batch_size * dist.world)))
+    lr = args.lr if args.lr is not None else (1e-5 if args.lora_r == 0 else 1e-4)
+    opt = make_optimizer(ac.parameters(), lr, args.weight_decay, device=dist.device)
+    step = 0
+    if st:
+        load_optimizer_tensors(opt, st[1], st[0]["optimizer"])
+        step = st[0]["step"]
+    if dist.main:
+        print(f"rl: {args.algo}, {len(prompts)} prompts, {args.batch_size} prompts x {k} samples per step, "
+              f"{steps} steps" + (f"; resuming at step {step}" if st else ""))
+    dac = dist.wrap(ac)
+    metrics = Metrics(Path(args.out) / "metrics.jsonl", dist.main, resume=bool(st))
+    bar = Bar(steps, args.algo, dist.main, initial=step)
+    params = [p for p in ac.parameters() if p.requires_grad]
+    g = torch.Generator()
+    per_step = args.batch_size * dist.world
+    while step < steps:
+        epoch, pos = divmod(step * per_step, len(prompts))
+        g.manual_seed(args.seed + epoch)
+        perm = torch.randperm(len(prompts), generator=g).tolist() * (per_step // len(prompts) + 2)
+        chosen = perm[pos:pos + per_step][dist.rank::dist.world]
+        samples = rollout(model, tok, [(i, prompts[i][0]) for i in chosen], k, args, args.seed + step * 7919 +
+                          dist.rank, dist.device)
+        # ---- scores --------------------------------------------------------------------------------------
+        N = len(samples)
+        score = torch.zeros(N)
+        info = {}
+        if rm is not None:
+            seqs = [p + (r if r and r[-1] == end_id else r + [end_id]) for _, p, r in samples]
+            idx, am = pad_batch(seqs, pad, "right", dist.device)
+            with torch.no_grad():
+                s_rm = rm(idx, am).float().cpu()
+            score += s_rm
+            info["rm_score"] = s_rm.mean().item()
+        if fn is not None:
+            s_fn = torch.tensor([float(fn(prompt=prompts[pi][1], response=tok.decode(
+                [t for t in r if t != end_id]), **prompts[pi][2])) for pi, _, r in samples])
+            score += s_fn
+            info["fn_score"] = s_fn.mean().item()
+        raw_score = score.clone()
+        if args.reward_clip > 0:
+            score = score.clamp(-args.reward_clip, args.reward_clip)
+        score = score.to(dist.device)
+        # ---- the batch in the shifted layout: position t predicts token t+1 ----------------------------------
+        seqs = [p + r for _, p, r in samples]
+        idx, _ = pad_batch(seqs, pad, "right", dist.device)
+        S = idx.shape[1] - 1
+        m = torch.zeros(N, S, device=dist.device)
+        last = torch.zeros(N, dtype=torch.long, device=dist.device)
+        for i, (_, p, r) in enumerate(samples):
+            m[i, len(p) - 1:len(p) - 1 + len(r)] = 1
+            last[i] = len(p) - 2 + len(r)
+        with torch.no_grad():
+            logits, values = ac(idx)
+            old_lp = token_logps(logits, idx)
+            ref_lp = token_logps(ref(idx)[0], idx)
+            kl_tok = (old_lp - ref_lp) * m                                  # (N, S) sampled-token KL estimate
+            if args.algo == "ppo":
+                values = values[:, :-1] * m
+                rewards = -args.kl_coef * kl_tok
+                rewards[torch.arange(N), last] += score
+                adv, returns = gae(rewards, values, m, args.gamma, args.lam)
+                if not args.no_whiten:
+                    adv = whiten(adv, m)
+            else:
+                grp = score.view(-1, k)
+                a = (grp - grp.mean(1, keepdim=True)) / (grp.std(1, keepdim=True) + 1e-4)
+                adv = a.reshape(-1, 1) * m
+        # ---- optimization ------------------------------------------------------------------------------------
+        set_lr(opt, lr_at(step, steps, lr, args.warmup_steps))
+        stats = {"clip_frac": [], "entropy": [], "pg_loss": [], "vf_loss": [], "approx_kl": [], "grad_norm": []}
+        mb = max(1, N // max(1, args.minibatches))
+        for _ in range(args.ppo_epochs):
+            order = torch.randperm(N)
+            for s0 in range(0, N, mb):
+                b = order[s0:s0 + mb].to(dist.device)
+                mm = m[b]
+                logits_b, v_b = dac(idx[b])
+                lp = token_logps(logits_b, idx[b])
+                ratio = torch.exp(lp - old_lp[b])
+                a_b = adv[b]
+                pg = masked_mean(torch.max(-a_b * ratio, -a_b * ratio.clamp(1 - args.clip_range,
+                                                                            1 + args.clip_range)), mm)
+                loss = pg
+                if args.algo == "ppo":
+                    v = v_b[:, :-1]
+                    v_clip = values[b] + (v - values[b]).clamp(-args.clip_range_value, args.clip_range_value)
+                    vf = 0.5 * masked_mean(torch.max((v - returns[b]) ** 2, (v_clip - returns[b]) ** 2), mm)
+                    loss = loss + args.vf_coef * vf
+                    stats["vf_loss"].append(vf.item())
+                else:
+                    d = ref_lp[b] - lp
+                    loss = loss + args.kl_coef * masked_mean(torch.exp(d) - d - 1, mm)  # k3: >= 0, unbiased
+                loss.backward()
+                stats["grad_norm"].append(clip_and_step(opt, params, args.grad_clip))
+                with torch.no_grad():
+                    lpa = torch.log_softmax(logits_b[:, :-1].float(), -1)
+                    stats["entropy"].append(masked_mean(-(lpa.exp() * lpa).sum(-1), mm).item())
+                    stats["clip_frac"].append(masked_mean(((ratio - 1).abs() > args.clip_range).float(), mm).item())
+                    stats["approx_kl"].append(masked_mean(0.5 * (lp - old_lp[b]) ** 2, mm).item())
+                    stats["pg_loss"].append(pg.item())
+        step += 1
+        row = {"step": step, "reward": dist.mean(raw_score.mean().item()),
+               "kl": dist.mean((kl_tok.sum(1)).mean().item()),
+               "response_length": dist.mean(m.sum(1).mean().item()), "lr": opt.param_groups[0]["lr"],
+               **{k_: dist.mean(sum(v) / len(v)) for k_, v in stats.items() if v},
+               **{k_: dist.mean(v) for k_, v in info.items()}}
+        if step % args.log_every == 0:
+            metrics.log(**row)
+        bar.update(1, reward=row["reward"], kl=row["kl"])
+        if dist.main and (step % args.save_every == 0 or step == steps):
+            extra = {VALUE_FILE: {k_: v.detach().cpu() for k_, v in ac.v_head.state_dict().items()}} \
+                if ac.v_head is not None else None
+            save_stage(args.out, model, tok, step=step, opt=opt, base=str(args.policy), extra_tensors=extra,
+                       state={"stage": "rl", "algo": args.algo, "steps": steps})
+    bar.close()
+    if dist.main:
+        plot_metrics(Path(args.out))
+        print(f"rl: saved {args.out} (step {step})")
+    dist.close()
+    return 0
+
+
+def plot_metrics(out: Path):
+    """rl.png with reward, KL, entropy, response length per step, when pyllm.plot is available."""
+    try:
+        from . import plot
+    except ImportError:
+        return
+    from .sft import read_metrics
+    rows = read_metrics(out / "metrics.jsonl")
+    if not rows:
+        return
+    try:
+        for name, keys in (("rl_reward.png", ("reward", "kl")), ("rl_policy.png", ("entropy", "response_length",
+                                                                                   "clip_frac"))):
+            series = {k: ([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r]) for k in keys}
+            plot.line_plot(str(out / name), {k: v for k, v in series.items() if v[0]})
+    except Exception as e:  # a plot is a convenience; never lose a finished run over it
+        print(f"rl: plot skipped ({e})")

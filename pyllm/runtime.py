@@ -1,0 +1,208 @@
+"""pyllm.runtime: the C runtime (csrc/run.h) from Python via cffi, and the `pyllm-run` console script.
+
+    from pyllm.runtime import Runtime
+    rt = Runtime("out/run/model.bin", "out/run/tokenizer.bin")
+    logits = rt.forward(token, pos)          # numpy (vocab_size,) float32, KV cache at positions < pos reused
+    print(rt.generate("Once upon a time", steps=64, temperature=0))
+
+The library is pyllm/lib/libpyllm_run.so, built with the extension (`python setup.py build_ext --inplace`).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+_PKG = Path(__file__).resolve().parent
+LIB_PATH = _PKG / "lib" / "libpyllm_run.so"
+BIN_PATH = _PKG / "bin" / "pyllm-run"
+FORMATS = {0: "pyllm", 1: "llama2c-v0", 2: "llama2c-v1", 3: "llama2c-v2"}
+
+_CDEF = """
+typedef struct run_model run_model;
+typedef struct run_tokenizer run_tokenizer;
+run_model* run_model_build(const char* path, char* err, size_t errlen);
+void run_model_free(run_model* m);
+int run_model_config(const run_model* m, int* out, int n);
+float run_model_norm_eps(const run_model* m);
+float run_model_rope_theta(const run_model* m);
+float* run_forward(run_model* m, int token, int pos);
+int run_sample(float* logits, int n, float temperature, float top_p, int top_k, uint64_t seed, int step);
+run_tokenizer* run_tokenizer_build(const char* path, int vocab_size, char* err, size_t errlen);
+void run_tokenizer_free(run_tokenizer* t);
+int run_encode(run_tokenizer* t, const char* text, int add_bos, int* ids, int max_ids);
+const char* run_decode(run_tokenizer* t, int prev, int id, int* len);
+int run_token_id(run_tokenizer* t, const char* piece);
+int run_bos_id(run_tokenizer* t);
+"""
+
+_ffi = None
+_lib = None
+
+
+def lib():
+    """(ffi, lib) for libpyllm_run.so, loaded once; a clear error if it was not built."""
+    global _ffi, _lib
+    if _lib is None:
+        if not LIB_PATH.exists():
+            raise FileNotFoundError(f"{LIB_PATH} not found: build it with "
+                                    "`python setup.py build_ext --inplace` (or `pip install .`)")
+        import cffi
+        ffi = cffi.FFI()
+        ffi.cdef(_CDEF)
+        _lib = ffi.dlopen(str(LIB_PATH))
+        _ffi = ffi
+    return _ffi, _lib
+
+
+class Model:
+    """A model file loaded by the C runtime: forward(token, pos) -> logits with its own KV cache."""
+
+    def __init__(self, path):
+        ffi, L = lib()
+        self.path = str(path)
+        err = ffi.new("char[512]")
+        self._m = L.run_model_build(self.path.encode(), err, 512)
+        if self._m == ffi.NULL:
+            raise ValueError(ffi.string(err).decode(errors="replace"))
+        out = ffi.new("int[11]")
+        L.run_model_config(self._m, out, 11)
+        (self.dim, self.hidden_dim, self.n_layers, self.n_heads, self.n_kv_heads, self.vocab_size, self.seq_len,
+         shared, wtype, self.group_size, fmt) = list(out)
+        self.shared_classifier = bool(shared)
+        self.weight_type = "q8_0" if wtype == 1 else "fp32"
+        self.format = FORMATS.get(fmt, str(fmt))
+        self.norm_eps = L.run_model_norm_eps(self._m)
+        self.rope_theta = L.run_model_rope_theta(self._m)
+
+    def forward(self, token: int, pos: int) -> np.ndarray:
+        """Logits (vocab_size,) float32 (a copy) for `token` at `pos`; positions < pos must have been run."""
+        ffi, L = lib()
+        if self._m is None:
+            raise ValueError("model is closed")
+        if not (0 <= token < self.vocab_size) or not (0 <= pos < self.seq_len):
+            raise ValueError(f"token {token} must be in [0, {self.vocab_size}) and pos {pos} in [0, {self.seq_len})")
+        p = L.run_forward(self._m, int(token), int(pos))
+        return np.frombuffer(ffi.buffer(p, 4 * self.vocab_size), dtype=np.float32).copy()
+
+    def close(self):
+        if getattr(self, "_m", None) is not None:
+            lib()[1].run_model_free(self._m)
+            self._m = None
+
+    __del__ = close
+
+
+class CTokenizer:
+    """The C tokenizer (pyllm tokenizer.bin or llama2.c's), for checking it against pyllm.tokenizer."""
+
+    def __init__(self, path, vocab_size: int = 0):
+        ffi, L = lib()
+        err = ffi.new("char[512]")
+        self._t = L.run_tokenizer_build(str(path).encode(), int(vocab_size), err, 512)
+        if self._t == ffi.NULL:
+            raise ValueError(ffi.string(err).decode(errors="replace"))
+        self.bos_id = L.run_bos_id(self._t)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ffi, L = lib()
+        data = text.encode()
+        cap = len(data) + 3
+        ids = ffi.new("int[]", cap)
+        n = L.run_encode(self._t, data, int(add_bos), ids, cap)
+        if n < 0:
+            raise ValueError("C tokenizer failed to encode the text")
+        return list(ids[0:n])
+
+    def decode_bytes(self, ids, prev: int = -1) -> bytes:
+        ffi, L = lib()
+        n = ffi.new("int*")
+        out = []
+        for i in ids:
+            s = L.run_decode(self._t, int(prev), int(i), n)
+            if s != ffi.NULL:
+                out.append(ffi.buffer(s, n[0])[:])
+            prev = i
+        return b"".join(out)
+
+    def decode(self, ids) -> str:
+        return self.decode_bytes(ids).decode(errors="replace")
+
+    def token_id(self, piece: str) -> int:
+        return lib()[1].run_token_id(self._t, piece.encode())
+
+    def close(self):
+        if getattr(self, "_t", None) is not None:
+            lib()[1].run_tokenizer_free(self._t)
+            self._t = None
+
+    __del__ = close
+
+
+def sample(logits: np.ndarray, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+           step: int = 0) -> int:
+    """The C runtime's sampler on a copy of logits (n,)."""
+    ffi, L = lib()
+    buf = np.ascontiguousarray(logits, dtype=np.float32).copy()
+    return int(L.run_sample(ffi.cast("float*", buf.ctypes.data), buf.size, temperature, top_p, top_k, seed, step))
+
+
+class Runtime:
+    """Model + tokenizer: generate text with the C runtime exactly as the pyllm-run binary does."""
+
+    def __init__(self, model_bin, tokenizer_bin=None):
+        self.model = Model(model_bin)
+        self.tokenizer = CTokenizer(tokenizer_bin, self.model.vocab_size) if tokenizer_bin else None
+
+    def forward(self, token: int, pos: int) -> np.ndarray:
+        return self.model.forward(token, pos)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        return self._tok().encode(text, add_bos)
+
+    def decode(self, ids) -> str:
+        return self._tok().decode(ids)
+
+    def _tok(self) -> CTokenizer:
+        if self.tokenizer is None:
+            raise ValueError("Runtime was built without a tokenizer")
+        return self.tokenizer
+
+    def generate_ids(self, ids: list[int], steps: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                     seed: int = 0, stop: tuple = ()) -> list[int]:
+        """Run `ids` (from position 0), then sample up to `steps` new tokens; returns the new ids."""
+        if not ids:
+            raise ValueError("generate needs at least one token (e.g. BOS)")
+        if len(ids) + steps > self.model.seq_len:
+            raise ValueError(f"{len(ids)} + {steps} tokens exceed the model's seq_len {self.model.seq_len}")
+        for pos, t in enumerate(ids):
+            logits = self.model.forward(t, pos)
+        out = []
+        pos = len(ids)
+        for _ in range(steps):
+            nxt = sample(logits, temperature, top_p, top_k, seed, pos - 1)
+            if nxt in stop:
+                break
+            out.append(nxt)
+            if len(out) == steps:
+                break
+            logits = self.model.forward(nxt, pos)
+            pos += 1
+        return out
+
+    def generate(self, prompt: str, steps: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int = 0) -> str:
+        tok = self._tok()
+        ids = tok.encode(prompt, add_bos=True)
+        return tok.decode(self.generate_ids(ids, steps, temperature, top_p, top_k, seed, stop=(tok.bos_id,)))
+
+
+def run_binary_main() -> None:
+    """Console script `pyllm-run`: exec the packaged C binary with the same arguments."""
+    if not BIN_PATH.exists():
+        print(f"pyllm-run: error: {BIN_PATH} not found; build it with `python setup.py build_ext --inplace` "
+              "(or `pip install .`)", file=sys.stderr)
+        sys.exit(2)
+    os.execv(str(BIN_PATH), [str(BIN_PATH), *sys.argv[1:]])

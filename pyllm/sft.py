@@ -1,0 +1,553 @@
+"""Stage 2, supervised fine-tuning: `pyllm sft --model base/ --data sft.jsonl --out sft/` (tests/test_sft.py).
+
+Data: JSONL, one conversation per line, TRL's formats: {"messages": [{"role": "system"|"user"|"assistant",
+"content": ...}, ...]} or {"prompt": str|messages, "completion": str|messages}. Each conversation is rendered with
+pyllm.chat's template; the loss covers assistant tokens only (their content and end-of-turn), or every token with
+--train-on-prompt. Conversations are packed several per row; doc_ids keep attention inside each conversation, so
+packing changes throughput, not the result. Also home of the helpers every assistant stage shares (JSONL reading
+with file:line errors, devices and DDP, metrics, atomic checkpoints with resumable trainer state).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+ROLES = ("system", "user", "assistant")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data: JSONL with file:line errors
+class BadLine(ValueError):
+    """A data line that cannot be used; the message starts with file:line."""
+
+
+def read_jsonl(path, parse, skip_bad: bool = False, what: str = "data") -> tuple[list, int]:
+    """[(parse(obj, where)) for each non-blank line]; a bad line raises BadLine (file:line: problem) or, with
+    skip_bad, is counted and skipped. Returns (records, n_skipped)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: {what} file not found")
+    out, skipped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise BadLine(f"{where}: not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict):
+                    raise BadLine(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                out.append(parse(obj, where))
+            except BadLine as e:
+                if not skip_bad:
+                    raise BadLine(f"{e} (or pass --skip-bad-lines to skip such lines)") from None
+                skipped += 1
+    if skipped:
+        print(f"{path}: skipped {skipped} bad line(s) (--skip-bad-lines)", file=sys.stderr)
+    if not out:
+        raise BadLine(f"{path}: no usable {what} lines")
+    return out, skipped
+
+
+def check_messages(msgs, where: str, field: str = "messages") -> list[dict]:
+    """Validate a message list: known roles, string content, no empty assistant turn."""
+    if not isinstance(msgs, list) or not msgs:
+        raise BadLine(f"{where}: '{field}' must be a non-empty list of {{role, content}} objects")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise BadLine(f"{where}: {field}[{i}] must be an object with 'role' and 'content'")
+        role, content = m["role"], m["content"]
+        if role not in ROLES:
+            raise BadLine(f"{where}: {field}[{i}] has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(content, str):
+            raise BadLine(f"{where}: {field}[{i}] content must be a string")
+        if role == "assistant" and not content.strip():
+            raise BadLine(f"{where}: {field}[{i}] is an empty assistant turn")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def as_messages(x, where: str, field: str, default_role: str) -> list[dict]:
+    """A string (one turn of default_role) or a message list."""
+    if isinstance(x, str):
+        if default_role == "assistant" and not x.strip():
+            raise BadLine(f"{where}: '{field}' is an empty assistant turn")
+        return [{"role": default_role, "content": x}]
+    return check_messages(x, where, field)
+
+
+def parse_conversation(obj: dict, where: str) -> list[dict]:
+    """{"messages": [...]} or {"prompt", "completion"} -> validated messages with at least one assistant turn."""
+    if "messages" in obj:
+        msgs = check_messages(obj["messages"], where)
+    elif "prompt" in obj and "completion" in obj:
+        msgs = as_messages(obj["prompt"], where, "prompt", "user") + \
+            as_messages(obj["completion"], where, "completion", "assistant")
+    else:
+        raise BadLine(f"{where}: expected 'messages' or 'prompt'+'completion' keys, got {sorted(obj)}")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise BadLine(f"{where}: conversation has no assistant turn to train on")
+    return msgs
+
+
+def render_checked(msgs, tok, where: str, max_len: int, add_generation_prompt: bool = False):
+    """chat.render with the context check: (ids, loss_mask) or BadLine naming the line and the lengths."""
+    from .chat import render
+    try:
+        ids, mask = render(msgs, tok, add_generation_prompt=add_generation_prompt)
+    except (ValueError, KeyError) as e:
+        raise BadLine(f"{where}: {e}") from None
+    if len(ids) > max_len:
+        raise BadLine(f"{where}: {len(ids)} tokens is longer than the context ({max_len}); shorten it or raise "
+                      f"--seq-len up to the model's max_seq_len")
+    return list(ids), list(mask)
+
+
+def pack_rows(examples, seq_len: int, pad_id: int, train_on_prompt: bool = False, packing: bool = True):
+    """examples [(ids, mask)] -> rows x, y (R, T) int64 and doc_ids (R, T) int32.
+
+    Each conversation of n tokens gives n-1 (input, target) pairs; target = -1 where the mask is 0. Rows are
+    filled first-fit, longest first; padding gets targets -1 and a doc id of its own so it attends nowhere else.
+    """
+    pieces = []
+    for ids, mask in examples:
+        x = ids[:-1]
+        y = [t if (m or train_on_prompt) else -1 for t, m in zip(ids[1:], mask[1:])]
+        pieces.append((x, y))
+    order = sorted(range(len(pieces)), key=lambda i: -len(pieces[i][0])) if packing else range(len(pieces))
+    rows: list[list[int]] = []  # piece indices per row
+    free: list[int] = []
+    for i in order:
+        n = len(pieces[i][0])
+        for r in range(len(rows)) if packing else ():
+            if free[r] >= n:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(seq_len - n)
+    R = len(rows)
+    X = torch.full((R, seq_len), pad_id, dtype=torch.long)
+    Y = torch.full((R, seq_len), -1, dtype=torch.long)
+    D = torch.full((R, seq_len), -1, dtype=torch.int32)  # -1: padding, its own "document"
+    for r, members in enumerate(rows):
+        t = 0
+        for d, i in enumerate(members):
+            x, y = pieces[i]
+            X[r, t:t + len(x)] = torch.tensor(x)
+            Y[r, t:t + len(y)] = torch.tensor(y)
+            D[r, t:t + len(x)] = d
+            t += len(x)
+    return X, Y, D
+
+
+def split_eval(items: list, eval_frac: float, seed: int) -> tuple[list, list]:
+    """A fixed shuffled split: (train, eval); eval gets round(frac*n) items, at least 1 when frac > 0 and n > 1."""
+    idx = list(range(len(items)))
+    random.Random(seed).shuffle(idx)
+    n_eval = 0 if eval_frac <= 0 or len(items) < 2 else max(1, int(round(eval_frac * len(items))))
+    ev = [items[i] for i in idx[:n_eval]]
+    tr = [items[i] for i in idx[n_eval:]]
+    return tr, ev
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# runtime: device, DDP, progress, metrics, LR
+class Dist:
+    """torchrun's environment: rank/world/local_rank; `main` says who writes files and prints."""
+
+    def __init__(self, device_arg: str | None):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        dev = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dev.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ValueError("--device cuda: no CUDA GPU is visible to torch")
+            if self.world > 1:
+                dev = f"cuda:{self.local_rank}"
+            torch.cuda.set_device(torch.device(dev))
+        elif dev != "cpu":
+            raise ValueError(f"--device must be cpu or cuda, got {dev!r}")
+        self.device = torch.device(dev)
+        self.main = self.rank == 0
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """DDP over the trainable parameters when launched by torchrun with more than one process."""
+        if self.world == 1:
+            return module
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(module, device_ids=ids, find_unused_parameters=False)
+
+    def shard(self, items: list) -> list:
+        return items[self.rank::self.world]
+
+    def mean(self, x: float) -> float:
+        if self.world == 1:
+            return x
+        t = torch.tensor([x], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.item() / self.world
+
+    def close(self):
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+class Bar:
+    """pyllm.progress bar for a stage (silent on ranks other than 0), with the latest metrics as postfix."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True, initial: int = 0):
+        from .progress import Progress
+        self.p = Progress(total=total, desc=desc, unit="step", disable=None if enabled else True, initial=initial)
+
+    def update(self, n: int = 1, **info):
+        self.p.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in info.items()})
+        self.p.update(n)
+
+    def close(self):
+        self.p.close()
+
+
+class Metrics:
+    """Append-only JSONL (one object per logged step, flushed per line); rank 0 only."""
+
+    def __init__(self, path, enabled: bool = True, resume: bool = False):
+        self.path, self.enabled = Path(path), enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not resume and self.path.exists():
+                self.path.unlink()
+
+    def log(self, **row):
+        if not self.enabled:
+            return
+        row = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in row.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path) -> list[dict]:
+    path = Path(path)
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+
+def lr_at(step: int, total: int, lr: float, warmup: int, final_frac: float = 0.0) -> float:
+    """Linear warmup then cosine decay to final_frac * lr (nanoGPT's schedule)."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    prog = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * prog)))
+
+
+def set_lr(opt, lr: float):
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def make_optimizer(params, lr: float, weight_decay: float, betas=(0.9, 0.95), device=None):
+    """AdamW; no decay on 1-D parameters (norms, heads' biases), as nanoGPT."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device is not None and torch.device(device).type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints: model (merged when LoRA) + adapters + extra tensors + resumable trainer state
+def _atomic_text(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_policy(model_dir, device, tokenizer_path=None):
+    """load_checkpoint(dir) -> (GPT on device, tokenizer); the tokenizer may come from --tokenizer instead."""
+    from .checkpoint import load_checkpoint
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: model checkpoint directory not found")
+    model, tok = load_checkpoint(str(model_dir))
+    if tokenizer_path:
+        from .tokenizer import Tokenizer
+        tok = Tokenizer.load(str(tokenizer_path))
+    if tok is None:
+        raise ValueError(f"{model_dir}: checkpoint has no tokenizer.json; pass --tokenizer")
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{model_dir}: tokenizer has {tok.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size}")
+    if device.type == "cuda" and hasattr(model, "set_backend"):
+        model.set_backend("torch")
+    return model.to(device), tok
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A plain GPT with the same (LoRA-merged) weights, on CPU: what checkpoints and references are made from."""
+    from .lora import has_lora, merged_state_dict
+    from .model import GPT
+    if not has_lora(model):
+        import copy
+        return copy.deepcopy(model).cpu()
+    m = GPT(model.config)
+    m.load_state_dict({k: v.cpu() for k, v in merged_state_dict(model).items()})
+    return m
+
+
+def optimizer_tensors(opt) -> tuple[dict, dict]:
+    """AdamW state as flat tensors (safetensors holds tensors only) + its JSON side (param groups)."""
+    sd = opt.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+            tensors[f"opt.{pid}.{k}"] = t.detach().cpu().contiguous()
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    for g in groups:
+        if isinstance(g.get("betas"), tuple):
+            g["betas"] = list(g["betas"])
+    return tensors, {"param_groups": groups}
+
+
+def load_optimizer_tensors(opt, tensors: dict, side: dict):
+    state: dict = {}
+    for k, v in tensors.items():
+        if not k.startswith("opt."):
+            continue
+        _, pid, name = k.split(".", 2)
+        state.setdefault(int(pid), {})[name] = v
+    groups = side["param_groups"]
+    for g in groups:
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+KEEP = (".jsonl", ".png", ".txt")  # run outputs (metrics, plots) carried into each new checkpoint directory
+
+
+def save_stage(out, model: nn.Module, tok, *, step: int, opt=None, state: dict | None = None,
+               extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None, base: str | None = None,
+               trainer_tensors: dict[str, torch.Tensor] | None = None):
+    """One stage checkpoint in `out`: model.safetensors etc. (LoRA merged), adapter files when LoRA, extra
+    safetensors files (e.g. the reward head), trainer_state.{safetensors,json}, and the run's metrics/plots.
+    Everything is written into save_checkpoint's temporary directory, which then replaces `out` in one rename,
+    so a crash mid-save leaves the previous complete checkpoint."""
+    import shutil
+    from .checkpoint import save_checkpoint
+    from .lora import has_lora, save_adapter
+    from .safetensors_io import save_file
+    out = Path(out)
+    tt, side = optimizer_tensors(opt) if opt is not None else ({}, {})
+    tt.update({k: v.detach().cpu().contiguous() for k, v in (trainer_tensors or {}).items()})
+
+    def extra_files(tmp: Path):
+        if has_lora(model):
+            save_adapter(tmp, model, base_model=base)
+        for fname, tensors in (extra_tensors or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / fname)
+        save_file(tt if tt else {"step": torch.tensor([step])}, tmp / "trainer_state.safetensors")
+        _atomic_text(tmp / "trainer_state.json", json.dumps({"step": step, "optimizer": side, **(state or {})},
+                                                             indent=1) + "\n")
+        if out.is_dir():
+            for f in out.iterdir():
+                if f.is_file() and f.suffix in KEEP and not (tmp / f.name).exists():
+                    shutil.copy2(f, tmp / f.name)
+
+    save_checkpoint(out, plain_copy(model), tok, extra={"stage": (state or {}).get("stage"), "step": step},
+                    extra_files=extra_files)
+
+
+def load_trainer_state(out) -> tuple[dict, dict] | None:
+    """(json side, tensors) of out/trainer_state.*, or None when out has no resumable state."""
+    from .safetensors_io import load_file
+    out = Path(out)
+    if not (out / "trainer_state.json").exists():
+        return None
+    side = json.loads((out / "trainer_state.json").read_text())
+    return side, load_file(str(out / "trainer_state.safetensors"))
+
+
+def add_common_args(p, lora: bool = True):
+    """Flags every assistant stage shares (TRL/nanoGPT names where they exist)."""
+    p.add_argument("--out", required=True, help="output checkpoint directory (created; resumable)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the checkpoint's")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="device (default: cuda if available)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on 1-D params)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear LR warmup steps")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global grad norm (0 = off)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows (or pairs/prompts) per step per process")
+    p.add_argument("--steps", type=int, default=0, help="optimizer steps (0 = --epochs over the data)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training data when --steps is 0")
+    p.add_argument("--seed", type=int, default=1337, help="data order / sampling seed")
+    p.add_argument("--eval-frac", type=float, default=0.05, help="held-out fraction of the data for eval")
+    p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (and at the end)")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--log-every", type=int, default=1, help="write a metrics line every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from the trainer state in --out")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) bad data lines instead of "
+                                                                  "stopping at the first")
+    if lora:
+        p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
+        p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2*r)")
+        p.add_argument("--lora-targets", default=None,
+                       help="comma-separated modules for LoRA (default q_proj,k_proj,v_proj,o_proj,gate_proj,"
+                            "up_proj,down_proj)")
+
+
+def prepare_model(args, dist: "Dist", resume_dir=None):
+    """Load --model (or the resume checkpoint) onto the device and add LoRA adapters when asked."""
+    from .lora import apply_lora, load_adapter
+    lora_r = getattr(args, "lora_r", 0)
+    resume = resume_dir is not None and (Path(resume_dir) / "trainer_state.json").exists()
+    if resume and not lora_r:
+        model, tok = load_policy(resume_dir, dist.device, args.tokenizer)
+    else:
+        model, tok = load_policy(args.model, dist.device, args.tokenizer)
+        if lora_r:
+            if resume:
+                load_adapter(model, resume_dir)
+            else:
+                apply_lora(model, lora_r, args.lora_alpha, args.lora_targets, verbose=dist.main)
+            model.to(dist.device)
+    return model, tok
+
+
+def resume_state(args):
+    """The trainer state to continue from (None when starting fresh); --resume without state is an error."""
+    st = load_trainer_state(args.out) if args.resume else None
+    if args.resume and st is None:
+        raise FileNotFoundError(f"{args.out}: --resume but no trainer_state.json there")
+    if not args.resume and (Path(args.out) / "trainer_state.json").exists():
+        print(f"{args.out}: existing checkpoint will be overwritten (pass --resume to continue it)",
+              file=sys.stderr)
+    return st
+
+
+def clip_and_step(opt, params, grad_clip: float) -> float:
+    gn = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(gn)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SFT
+def add_arguments(p):
+    p.add_argument("--model", required=True, help="base checkpoint directory (pyllm pretrain output)")
+    p.add_argument("--data", required=True, help="JSONL of {'messages': [...]} or {'prompt', 'completion'}")
+    p.add_argument("--eval-data", default=None, help="held-out JSONL (default: --eval-frac of --data)")
+    p.add_argument("--seq-len", type=int, default=0, help="row length (default: the model's max_seq_len)")
+    p.add_argument("--train-on-prompt", action="store_true", help="also train on system/user tokens")
+    p.add_argument("--no-packing", action="store_true", help="one conversation per row (padded)")
+    add_common_args(p)
+
+
+def load_sft_data(path, tok, seq_len: int, skip_bad: bool):
+    def parse(obj, where):
+        return render_checked(parse_conversation(obj, where), tok, where, seq_len + 1)
+    return read_jsonl(path, parse, skip_bad, "conversation")[0]
+
+
+@torch.no_grad()
+def eval_loss(model, rows, device, batch_size: int) -> float:
+    """Token-weighted mean loss over rows (X, Y, D)."""
+    X, Y, D = rows
+    model.eval()
+    tot, n = 0.0, 0
+    for i in range(0, X.shape[0], batch_size):
+        y = Y[i:i + batch_size].to(device)
+        k = int((y >= 0).sum())
+        if k == 0:
+            continue
+        _, loss = model(X[i:i + batch_size].to(device), targets=y, doc_ids=D[i:i + batch_size].to(device))[:2]
+        tot += float(loss) * k
+        n += k
+    model.train()
+    return tot / max(n, 1)
+
+
+def main(args) -> int:
+    dist = Dist(args.device)
+    torch.manual_seed(args.seed)
+    st = resume_state(args)
+    model, tok = prepare_model(args, dist, args.out if st else None)
+    T = args.seq_len or model.config.max_seq_len
+    if T > model.config.max_seq_len:
+        raise ValueError(f"--seq-len {T} exceeds the model's max_seq_len {model.config.max_seq_len}")
+    convs = load_sft_data(args.data, tok, T, args.skip_bad_lines)
+    if args.eval_data:
+        train, ev = convs, load_sft_data(args.eval_data, tok, T, args.skip_bad_lines)
+    else:
+        train, ev = split_eval(convs, args.eval_frac, args.seed)
+    pad = tok.special_ids.get("<|pad|>", 0) if hasattr(tok, "special_ids") else 0
+    rows = pack_rows(train, T, pad, args.train_on_prompt, not args.no_packing)
+    erows = pack_rows(ev, T, pad, args.train_on_prompt, not args.no_packing) if ev else None
+    n_rows = rows[0].shape[0]
+    per_step = args.batch_size * dist.world
+    steps = args.steps or max(1, math.ceil(args.epochs * n_rows / per_step))
+    if dist.main:
+        print(f"sft: {len(train)} train / {len(ev)} eval conversations -> {n_rows} packed rows of {T}; "
+              f"{steps} steps of {per_step} rows")
+    lr = args.lr if args.lr is not None else (1e-4 if args.lora_r == 0 else 1e-3)
+    opt = make_optimizer(model.parameters(), lr, args.weight_decay, device=dist.device)
+    step = 0
+    if st:
+        side, tens = st
+        load_optimizer_tensors(opt, tens, side["optimizer"])
+        step = side["step"]
+        if dist.main:
+            print(f"sft: resuming at step {step}")
+    dmodel = dist.wrap(model)
+    metrics = Metrics(Path(args.out) / "metrics.jsonl", dist.main, resume=bool(st))
+    bar = Bar(steps, "sft", dist.main, initial=step)
+    g = torch.Generator().manual_seed(args.seed)
+    perm_epoch, perm = -1, None
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    while step < steps:
+        # the data order is a function of (seed, epoch), so --resume continues at the same row
+        epoch, pos = divmod(step * per_step, n_rows)
+        if epoch != perm_epoch:
+            g.manual_seed(args.seed + epoch)
+            perm, perm_epoch = torch.randperm(n_rows, generator=g), epoch
+        idx = torch.cat([perm, perm])[pos:pos + per_step][dist.rank::dist.world]
+        x, y, d = (t[idx].to(dist.device) for t in rows)
+        set_lr(opt, lr_at(step, steps, lr, args.warmup_steps))
+        _, loss = dmodel(x, targets=y, doc_ids=d)[:2]
+        loss.backward()
+        gn = clip_and_step(opt, params, args.grad_clip)
+        step += 1
+        row = {"step": step, "loss": dist.mean(loss.item()), "lr": opt.param_groups[0]["lr"], "grad_norm": gn,
+               "tokens": int((y >= 0).sum())}
+        if erows is not None and (step % args.eval_every == 0 or step == steps):
+            row["eval_loss"] = eval_loss(model, erows, dist.device, args.batch_size)
+        if step % args.log_every == 0 or "eval_loss" in row:
+            metrics.log(**row)
+        bar.update(1, loss=row["loss"])
+        if dist.main and (step % args.save_every == 0 or step == steps):
+            save_stage(args.out, model, tok, step=step, opt=opt, base=str(args.model),
+                       state={"stage": "sft", "steps": steps})
+    bar.close()
+    if dist.main:
+        print(f"sft: saved {args.out} (step {step})")
+    dist.close()
+    return 0

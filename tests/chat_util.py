@@ -1,0 +1,44 @@
+"""Helpers for the assistant-stage tests: a tiny byte-level model checkpoint and JSONL writers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pyllm.checkpoint import save_checkpoint
+from pyllm.config import ModelConfig
+from pyllm.model import GPT
+from pyllm.tokenizer import Tokenizer
+
+
+def tiny_model(seed: int = 0, dim: int = 32, n_layers: int = 2, max_seq_len: int = 96, vocab_size: int | None = None):
+    tok = Tokenizer.byte_level()
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab_size or tok.vocab_size, dim=dim, n_layers=n_layers, n_heads=4, n_kv_heads=2,
+                      hidden_dim=64, max_seq_len=max_seq_len)
+    return GPT(cfg), tok
+
+
+def tiny_checkpoint(path, seed: int = 0, **kw) -> Path:
+    model, tok = tiny_model(seed, **kw)
+    save_checkpoint(str(path), model, tok)
+    return Path(path)
+
+
+def write_jsonl(path, rows) -> Path:
+    path = Path(path)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def cli(argv: list[str]) -> int:
+    """pyllm.cli.main with only the one subcommand registered (a teammate's half-landed stage cannot break these
+    tests); same parsing, same one-line errors and exit codes as the real CLI."""
+    from unittest import mock
+
+    from pyllm import cli as cli_mod
+    with mock.patch.dict(cli_mod.COMMANDS, {argv[0]: cli_mod.COMMANDS[argv[0]]}, clear=True):
+        return cli_mod.main(argv)

@@ -1,0 +1,293 @@
+"""Token shards, `pyllm prepare`, the packed loader, progress bar and PNG plots. Run: pytest -q tests/test_data.py"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pyllm import data as D
+from pyllm.cli import main as cli
+from pyllm.prepare import prepare
+from pyllm.tokenizer import Tokenizer
+
+
+def _docs(rng: np.random.Generator, n: int) -> list[str]:
+    words = ["the", "king", "shall", "speak", "é", "ünïcode", "x", "lord", "\n", "night", "💡", "sword"]
+    return [" ".join(rng.choice(words, size=int(rng.integers(1, 40)))) + "." for _ in range(n)]
+
+
+def _corpus(tmp_path, seed=None):
+    """Two .txt docs, a .jsonl with many docs: returns (input dir, documents in reading order)."""
+    rng = np.random.default_rng(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+    d = tmp_path / "in"
+    d.mkdir()
+    docs = _docs(rng, 45)
+    (d / "a.txt").write_text(docs[0])
+    (d / "b.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(docs[1:44])))
+    (d / "c.txt").write_text(docs[44])
+    return d, docs
+
+
+def _split_docs(tokens: np.ndarray, bos: int, tok) -> list[str]:
+    starts = np.flatnonzero(tokens == bos)
+    ends = list(starts[1:]) + [tokens.size]
+    return [tok.decode(tokens[s + 1:e].tolist()) for s, e in zip(starts, ends)]
+
+
+# --- shard format ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("vocab", [300, 70000])
+def test_shard_roundtrip(tmp_path, vocab):
+    toks = np.random.default_rng().integers(0, vocab, size=1001)
+    p = tmp_path / "s.bin"
+    D.write_shard(p, toks, vocab, "ab" * 16, n_docs=7)
+    h, arr = D.open_shard(p)
+    assert arr.dtype == (np.uint16 if vocab <= 65536 else np.uint32)
+    assert np.array_equal(np.asarray(arr, np.int64), toks)
+    assert (h["n_tokens"], h["n_docs"], h["vocab_size"], h["tokenizer_hash"]) == (1001, 7, vocab, "ab" * 16)
+    assert not (tmp_path / "s.bin.tmp").exists()
+
+
+def test_shard_bad_files(tmp_path):
+    p = tmp_path / "s.bin"
+    D.write_shard(p, np.arange(100), 300, "0" * 32, 1)
+    raw = p.read_bytes()
+    p.write_bytes(raw[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        D.open_shard(p)
+    p.write_bytes(b"NOTASHRD" + raw[8:])
+    with pytest.raises(ValueError, match="bad magic"):
+        D.open_shard(p)
+    with pytest.raises(ValueError, match="token id 300 >= vocab size 300"):
+        D.write_shard(tmp_path / "t.bin", np.array([1, 300]), 300, "0" * 32, 1)
+
+
+# --- prepare ---------------------------------------------------------------------------------------------------------
+def test_prepare_roundtrip_and_val_split(tmp_path):
+    src, docs = _corpus(tmp_path)
+    man = prepare([str(src)], tmp_path / "d", byte_level=True, val_fraction=0.2, shard_tokens=200, workers=2)
+    assert man["complete"] and man["stats"]["docs"] == 45
+    assert len([s for s in man["shards"] if s["split"] == "train"]) > 2  # several shards
+    tok = Tokenizer.load(tmp_path / "d" / "tokenizer.json")
+    got = {}
+    for split in ("train", "val"):
+        st = D.TokenStream(tmp_path / "d", split)
+        got[split] = _split_docs(st.get(0, st.n_tokens), st.bos_id, tok)
+    # every 5th document (index 4, 9, ...) is validation, the rest train, in reading order (a.txt, b.jsonl, c.txt)
+    assert got["val"] == [t for i, t in enumerate(docs) if i % 5 == 4]
+    assert got["train"] == [t for i, t in enumerate(docs) if i % 5 != 4]
+
+
+def test_prepare_trained_tokenizer_and_cli(tmp_path, capsys):
+    src, docs = _corpus(tmp_path)
+    assert cli(["tokenizer-train", "--input", str(src / "b.jsonl"), "--vocab-size", "300",
+                "--out", str(tmp_path / "tok")]) == 0
+    tok = Tokenizer.load(tmp_path / "tok" / "tokenizer.json")
+    assert tok.vocab_size == 300
+    assert cli(["prepare", "--input", str(src / "*.txt"), str(src / "b.jsonl"), "--tokenizer",
+                str(tmp_path / "tok" / "tokenizer.json"), "--out", str(tmp_path / "d"), "--val-fraction", "0",
+                "--workers", "1"]) == 0
+    st = D.TokenStream(tmp_path / "d", "train")
+    assert st.vocab_size == 300 and st.get(0, st.n_tokens).max() < 300
+    assert sorted(_split_docs(st.get(0, st.n_tokens), st.bos_id, tok)) == sorted(docs)
+    # same command again: nothing to redo
+    assert cli(["prepare", "--input", str(src / "*.txt"), str(src / "b.jsonl"), "--tokenizer",
+                str(tmp_path / "tok" / "tokenizer.json"), "--out", str(tmp_path / "d"), "--val-fraction", "0",
+                "--workers", "1"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_shard_from_other_tokenizer_detected(tmp_path):
+    src, _ = _corpus(tmp_path)
+    prepare([str(src)], tmp_path / "a", byte_level=True, val_fraction=0, workers=1)
+    prepare([str(src)], tmp_path / "b", vocab_size=300, val_fraction=0, workers=1)
+    (tmp_path / "a" / "train_00000.bin").write_bytes((tmp_path / "b" / "train_00000.bin").read_bytes())
+    with pytest.raises(ValueError, match=r"train_00000.bin: shard from a different tokenizer"):
+        D.TokenStream(tmp_path / "a", "train")
+    other = D.tokenizer_hash(Tokenizer.load(tmp_path / "b" / "tokenizer.json"))
+    with pytest.raises(ValueError, match="data was tokenized with tokenizer"):
+        D.TokenStream(tmp_path / "b", "train", tokenizer_hash="f" * 32)
+    with pytest.raises(ValueError, match="exceeds the model's"):
+        D.TokenStream(tmp_path / "b", "train", tokenizer_hash=other, vocab_size=100)
+
+
+def test_malformed_jsonl(tmp_path, capsys):
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"text": "fine"}\n\n{"text": "ok"\n{"body": "no text"}\n{"text": 3}\n{"text": "last"}\n')
+    with pytest.raises(ValueError, match=r"x.jsonl:3: not valid JSON"):
+        prepare([str(p)], tmp_path / "d", byte_level=True, workers=1)
+    rc = cli(["prepare", "--input", str(p), "--byte-level", "--out", str(tmp_path / "d2"), "--workers", "1"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (the progress bar's last state comes before it)
+    assert rc == 2 and err.startswith("pyllm prepare: error: ") and "x.jsonl:3: not valid JSON" in err
+    q = tmp_path / "y.jsonl"
+    q.write_text('{"body": "no text"}\n')
+    with pytest.raises(ValueError, match=r'y.jsonl:1: no "text" field'):
+        prepare([str(q)], tmp_path / "d3", byte_level=True, workers=1)
+    man = prepare([str(p)], tmp_path / "d4", byte_level=True, val_fraction=0, workers=1, skip_bad_lines=True)
+    assert man["stats"]["bad_lines"] == 3 and man["stats"]["docs"] == 2
+
+
+def test_empty_files_and_invalid_utf8(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "empty.txt").write_bytes(b"")
+    (d / "empty.jsonl").write_bytes(b"\n\n")
+    (d / "bad.txt").write_bytes(b"caf\xe9 ok \xff\xfe end")
+    (d / "good.txt").write_text("hello")
+    man = prepare([str(d)], tmp_path / "o", byte_level=True, val_fraction=0, workers=1)
+    s = man["stats"]
+    assert (s["empty_files"], s["bad_utf8_docs"], s["docs"]) == (2, 1, 2)
+    st = D.TokenStream(tmp_path / "o", "train")
+    tok = Tokenizer.load(tmp_path / "o" / "tokenizer.json")
+    assert _split_docs(st.get(0, st.n_tokens), st.bos_id, tok) == ["caf\ufffd ok \ufffd\ufffd end", "hello"]
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        prepare([str(tmp_path / "missing*.txt")], tmp_path / "o2", byte_level=True)
+
+
+def test_interrupted_prepare_leaves_no_complete_looking_shard(tmp_path, monkeypatch):
+    src, _ = _corpus(tmp_path)
+    kw = dict(byte_level=True, val_fraction=0.2, shard_tokens=150, workers=1)
+    full = prepare([str(src)], tmp_path / "full", **kw)
+    real = D.write_shard
+    calls = {"n": 0}
+
+    def dying(path, tokens, *a, **k):  # dies half-way through writing the 3rd shard
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with open(str(path) + ".tmp", "wb") as f:
+                f.write(b"PYLLMTOK" + b"\0" * 100)
+            raise KeyboardInterrupt
+        return real(path, tokens, *a, **k)
+    monkeypatch.setattr(D, "write_shard", dying)
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(src)], out, **kw)
+    man = D.read_manifest(out)
+    assert not man["complete"] and len(man["shards"]) == 2
+    listed = {s["file"] for s in man["shards"]}
+    assert {p.name for p in out.glob("*.bin")} == listed  # the half-written one is only a .tmp
+    for name in listed:
+        D.open_shard(out / name)
+    with pytest.raises(ValueError, match="did not finish"):
+        D.TokenStream(out, "train")
+    monkeypatch.setattr(D, "write_shard", real)
+    resumed = prepare([str(src)], out, **kw)
+    assert [s for s in resumed["shards"]] == full["shards"]
+    for s in full["shards"]:
+        assert (out / s["file"]).read_bytes() == (tmp_path / "full" / s["file"]).read_bytes()
+    with pytest.raises(ValueError, match="other settings"):
+        prepare([str(src)], out, **dict(kw, shard_tokens=99))
+
+
+# --- packing / loader --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory):
+    t = tmp_path_factory.mktemp("stream")
+    src, _ = _corpus(t, seed=1)
+    prepare([str(src)], t / "d", byte_level=True, val_fraction=0, shard_tokens=300, workers=1)
+    return D.TokenStream(t / "d", "train")
+
+
+def test_loader_batches_doc_ids_and_determinism(stream):
+    L = D.PackedLoader(stream, 3, 16, seed=5)
+    x, y, d = L.next_batch()
+    assert x.shape == y.shape == d.shape == (3, 16) and d.dtype == torch.int32
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    bos = stream.bos_id
+    for b in range(3):  # doc id = number of bos tokens seen so far in the row
+        assert torch.equal(d[b], torch.cumsum((x[b] == bos).int(), 0).int())
+    all_tokens = stream.get(0, stream.n_tokens)
+    for b in range(3):  # each row is a real window of the stream
+        row = np.concatenate([x[b].numpy(), y[b, -1:].numpy()])
+        hits = np.flatnonzero(all_tokens[:-16] == row[0])
+        assert any(np.array_equal(all_tokens[h:h + 17], row) for h in hits)
+    L2 = D.PackedLoader(stream, 3, 16, seed=5)
+    assert torch.equal(L2.next_batch()[0], x)
+    assert not torch.equal(D.PackedLoader(stream, 3, 16, seed=6).next_batch()[0], x)
+
+
+def test_loader_resume_and_ranks(stream):
+    L = D.PackedLoader(stream, 4, 8, seed=3)
+    n_per_epoch = L.n_windows // 4
+    for _ in range(n_per_epoch - 2):
+        L.next_batch()
+    state = json.loads(json.dumps(L.state_dict()))
+    ref = [L.next_batch()[0] for _ in range(5)]  # crosses into the next epoch
+    assert L.epoch == 1
+    L2 = D.PackedLoader(stream, 4, 8, seed=0)
+    L2.load_state_dict(state)
+    assert all(torch.equal(a, L2.next_batch()[0]) for a in ref)
+    # two ranks of 2 rows == one process of 4 rows, batch after batch
+    r0, r1 = (D.PackedLoader(stream, 2, 8, seed=3, rank=r, world_size=2) for r in (0, 1))
+    one = D.PackedLoader(stream, 4, 8, seed=3)
+    for _ in range(3):
+        assert torch.equal(torch.cat([r0.next_batch()[0], r1.next_batch()[0]]), one.next_batch()[0])
+    with pytest.raises(ValueError, match="--seq-len changed"):
+        D.PackedLoader(stream, 4, 9).load_state_dict(state)
+    with pytest.raises(ValueError, match="not enough tokens"):
+        D.PackedLoader(stream, 10 ** 6, 8)
+
+
+# --- progress + plot ---------------------------------------------------------------------------------------------
+def test_progress(monkeypatch):
+    from pyllm.progress import Progress
+    buf = io.StringIO()
+    with Progress(total=10, desc="work", file=buf, interval=0) as p:
+        for _ in range(10):
+            p.update()
+        p.set_postfix(loss=1.23456)
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 11 and lines[-1].startswith("work: 100%") and "loss=1.235" in lines[-1]
+    monkeypatch.setenv("PYLLM_PROGRESS", "0")
+    buf = io.StringIO()
+    assert list(Progress(range(3), file=buf)) == [0, 1, 2] and buf.getvalue() == ""
+
+
+def _read_png(path) -> np.ndarray:
+    raw = Path(path).read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, w, h = 8, b"", 0, 0
+    while pos < len(raw):
+        n, tag = struct.unpack(">I4s", raw[pos:pos + 8])
+        body = raw[pos + 8:pos + 8 + n]
+        assert struct.unpack(">I", raw[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(tag + body)
+        if tag == b"IHDR":
+            w, h = struct.unpack(">II", body[:8])
+        elif tag == b"IDAT":
+            idat += body
+        pos += 12 + n
+    px = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + 3 * w)
+    assert (px[:, 0] == 0).all()
+    return px[:, 1:].reshape(h, w, 3)
+
+
+def test_plot(tmp_path):
+    from pyllm.plot import COLORS, line_plot
+    p = str(tmp_path / "loss.png")
+    line_plot(p, {"train": (np.arange(50), np.linspace(5, 2, 50)), "val": ([0, 25, 49], [5.1, 3, 2.2])},
+              width=300, height=200)
+    img = _read_png(p)
+    assert img.shape == (200, 300, 3)
+    for c in COLORS[:2]:  # both series drawn
+        assert (img == c).all(-1).sum() > 20
+    legend = Path(p + ".txt").read_text()
+    assert "train n=50 last=2" in legend and "val n=3" in legend
+
+
+def test_cli_help_and_bad_flags(capsys):
+    for cmd in ("prepare", "tokenizer-train"):
+        with pytest.raises(SystemExit) as e:
+            cli([cmd, "--help"])
+        assert e.value.code == 0 and "--input" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli(["prepare", "--input", "x.txt", "--no-such-flag"])
+    assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+    assert cli(["prepare", "--input", "/nonexistent/x.txt"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "pyllm prepare: error: /nonexistent/x.txt: no such file, and no file matches it as a glob"

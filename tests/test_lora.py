@@ -1,0 +1,95 @@
+"""LoRA: only adapters train, the merged model equals base + adapters, adapters save/load separately."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyllm.checkpoint import load_checkpoint
+from pyllm.lora import (DEFAULT_TARGETS, adapter_state_dict, apply_lora, load_adapter, merge_lora, merged_state_dict,
+                        save_adapter)
+from pyllm.sft import plain_copy, save_stage
+
+from chat_util import tiny_model
+
+
+def _randomize_adapters(model, rng):
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=rng) * 0.1)
+
+
+def test_only_adapters_train_and_count(capsys):
+    model, _ = tiny_model()
+    c = model.config
+    n = apply_lora(model, r=4, alpha=8)
+    kv = c.n_kv_heads * c.head_dim
+    per_layer = 4 * ((c.dim + c.dim) + (c.dim + kv) * 2 + (c.dim + c.dim)) + \
+        4 * (c.dim + c.hidden_dim) * 3
+    assert n == c.n_layers * per_layer
+    assert "trainable params" in capsys.readouterr().out
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    idx = torch.randint(0, c.vocab_size, (2, 10))
+    _, loss = model(idx, targets=idx)
+    loss.backward()
+    assert all(p.grad is None for name, p in model.named_parameters() if "lora_" not in name)
+
+
+def test_merged_equals_base_plus_adapters(tmp_path, rng):
+    model, tok = tiny_model(seed=3)
+    base_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model, r=3, alpha=5, verbose=False)
+    _randomize_adapters(model, rng)
+    idx = torch.randint(0, model.config.vocab_size, (2, 17), generator=rng)
+    with torch.no_grad():
+        want = model(idx)[0]
+    # the merged weights are exactly W + alpha/r * B @ A for every target, the rest untouched
+    merged = merged_state_dict(model)
+    assert set(merged) == set(base_sd)
+    n_changed = 0
+    for k, v in merged.items():
+        mod = k.rsplit(".", 2)[-2]
+        if mod in DEFAULT_TARGETS:
+            n_changed += 1
+            assert not torch.allclose(v, base_sd[k])
+        else:
+            assert torch.equal(v, base_sd[k]), k
+    assert n_changed == 7 * model.config.n_layers
+    # the saved checkpoint (what export sees) has the merged weights and gives the same logits
+    save_stage(tmp_path / "ck", model, tok, step=1)
+    loaded, _ = load_checkpoint(tmp_path / "ck")
+    with torch.no_grad():
+        got = loaded(idx)[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "ck" / "adapter.safetensors").is_file()
+    assert (tmp_path / "ck" / "adapter_config.json").is_file()
+    # base + the saved adapter reproduces the adapted model too; merge_lora in place as well
+    fresh, _ = tiny_model(seed=3)
+    load_adapter(fresh, tmp_path / "ck")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(idx)[0], want, rtol=1e-4, atol=1e-5)
+    merge_lora(fresh)
+    assert not any("lora_" in n for n, _ in fresh.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(idx)[0], want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(plain_copy(model).state_dict()["layers.0.self_attn.q_proj.weight"],
+                               merged["layers.0.self_attn.q_proj.weight"])
+
+
+def test_adapter_names_are_peft_style(tmp_path):
+    model, _ = tiny_model()
+    apply_lora(model, r=2, targets="q_proj,v_proj", verbose=False)
+    names = sorted(adapter_state_dict(model))
+    assert names[0].startswith("base_model.model.model.layers.0.self_attn.q_proj.lora_A")
+    assert len(names) == 2 * 2 * model.config.n_layers
+    save_adapter(tmp_path, model)
+    assert '"target_modules"' in (tmp_path / "adapter_config.json").read_text()
+
+
+def test_bad_targets_and_rank():
+    model, _ = tiny_model()
+    with pytest.raises(ValueError, match="unknown module"):
+        apply_lora(model, r=2, targets="q_proj,nope")
+    with pytest.raises(ValueError, match="positive"):
+        apply_lora(model, r=0)
