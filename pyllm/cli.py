@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("pyllm.score", "score (prompt, response) JSONL lines with a reward model"),
     "rl": ("pyllm.rl", "RL from a reward model and/or a Python reward function (PPO or GRPO)"),
     "dpo": ("pyllm.dpo", "direct preference optimization on preference JSONL (sigmoid loss)"),
+    "demo": ("pyllm.demo", "the whole recipe on a built-in task: tokenizer, pretrain, SFT, RM, RL, export, C binary"),
 }
 
 
