@@ -43,18 +43,18 @@ class DemoConfig:
     pt_lr: float = 3e-3
     pt_warmup: int = 30
     sft_examples: int = 2000
-    sft_steps: int = 40
+    sft_steps: int = 30
     sft_batch: int = 8           # packed rows of seq_len per step
     sft_lr: float = 1e-3
-    rm_pairs: int = 3000
-    rm_steps: int = 150
+    rm_pairs: int = 5000
+    rm_steps: int = 300
     rm_batch: int = 16
     rm_lr: float = 3e-4
     rl_prompts: int = 2000
-    rl_steps: int = 40
+    rl_steps: int = 60
     rl_batch: int = 8            # prompts per step
     rl_k: int = 8                # samples per prompt (GRPO group)
-    rl_lr: float = 3e-5
+    rl_lr: float = 1e-4
     rl_kl: float = 0.02
     n_eval: int = 300            # held-out problems per accuracy number
     n_shots: int = 3             # few-shot examples for the base model
@@ -230,8 +230,10 @@ def write_data(d: Path, cfg: DemoConfig, seed: int) -> dict:
     f["sft"] = _jsonl(d / "sft.jsonl", ({"messages": [{"role": "user", "content": p.question},
                                                       {"role": "assistant", "content": p.answer}]}
                                         for p in rng.sample(train, cfg.sft_examples)))
-    pairs = lambda ps: ({"prompt": p.question, "chosen": p.answer, "rejected": tasks.wrong_answer(p, rng)}  # noqa
-                        for p in ps)
+    def pairs(ps):  # a near miss (mostly) or a malformed reply as the rejected answer
+        for p in ps:
+            bad = tasks.malformed_answer(p, rng) if rng.random() < 0.25 else tasks.wrong_answer(p, rng)
+            yield {"prompt": p.question, "chosen": p.answer, "rejected": bad}
     f["prefs"] = _jsonl(d / "prefs.jsonl", pairs(rng.sample(train, cfg.rm_pairs)))
     held = tasks.problems(EVAL_SEED, cfg.n_eval, "heldout")
     f["prefs_heldout"] = _jsonl(d / "prefs_heldout.jsonl", pairs(held))
@@ -472,7 +474,8 @@ def write_report(out: Path, R: dict) -> None:
          "## Reward model", "",
          f"- held-out pairwise accuracy: {_f(m['accuracy'])} (chance 0.500, length-only baseline "
          f"{_f(m['length_baseline'])}); mean margin {_f(m['margin'])}",
-         "- pairs: the correct answer vs a near miss (off by a carry, a digit or one) on held-out problems", "",
+         "- pairs: the correct answer vs a near miss (off by a carry, a digit or one; 3 in 4) or a malformed reply "
+         "(1 in 4), on held-out problems", "",
          "## RL", "",
          f"- algorithm: GRPO, reward = {R['reward'].replace('+', ' + ')}, {cfg['rl_steps']} steps x "
          f"{cfg['rl_batch']} prompts x {cfg['rl_k']} samples",
@@ -519,5 +522,8 @@ def add_arguments(p):
 
 def main(args) -> int:
     cfg = QUICK if args.quick else FULL
-    run_demo(Path(args.out), cfg, args.seed, args.device, args.reward)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    run_demo(out, cfg, args.seed, args.device, args.reward)
     return 0

@@ -137,6 +137,14 @@ def wrong_answer(p: Problem, rng: random.Random) -> str:
     return p.answer + "x"
 
 
+def malformed_answer(p: Problem, rng: random.Random) -> str:
+    """A reply of the wrong shape (for reward-model pairs, so the RM also ranks format): a truncated number, a
+    repeated answer, chatter around it, or a word."""
+    a = p.answer
+    return rng.choice([a[:-1] if len(a) > 1 else a + a, f"{a} {a}", f"{a}?", f"The answer {a}",
+                       rng.choice(_WORDS), f"{a}+{a}"])
+
+
 def verifier_reward(prompt=None, response: str = "", answer: str = "", **_) -> float:
     """`pyllm rl --reward-fn pyllm.tasks:verifier_reward`: 1.0 when the reply is exactly the answer, else 0.0
     (the prompts JSONL carries the answer as an extra field)."""
