@@ -16,16 +16,17 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 # === model-helper section: references the model needs until (or alongside) the kernel owners' versions ===
-# Signatures are exactly CONTRACT.md's; a kernel owner landing the same function should replace this body.
+# Signatures are exactly CONTRACT.md's. They are bound with setdefault at the end of this section, so a kernel
+# owner's own ref.<op> (defined anywhere in this file, before or after) wins and merges need no edits here.
 import torch.nn.functional as F  # noqa: E402
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _fallback_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., K), weight (N, K) -> (..., N) = x @ weight.T."""
     return F.linear(x, weight)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _fallback_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """HF rotate-half RoPE. x (B, T, H, D), cos/sin (T, D/2) -> (B, T, H, D)."""
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]
@@ -33,20 +34,20 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _fallback_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, same shapes."""
     return F.silu(gate) * up
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
+def _fallback_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
     """logits (N, V), targets (N) -> mean CE over non-ignored targets (0, still differentiable, if none)."""
     if bool((targets == ignore_index).all()):
         return logits.sum() * 0.0
     return F.cross_entropy(up(logits), targets, ignore_index=ignore_index)
 
 
-def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-           mask: torch.Tensor | None = None, seed: int = 0, step: int = 0):
+def _fallback_sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                     min_p: float = 0.0, mask: torch.Tensor | None = None, seed: int = 0, step: int = 0):
     """logits (B, V) -> (tokens (B,) int64, logprobs (B,) fp32). Greedy at temperature 0. mask (B, V) True = allowed.
     Each row draws from its own torch.Generator seeded from (seed, row, step), so rows and steps are independent
     and reproducible (not bit-identical to the C kernel's counter RNG; the tests compare distributions there)."""
@@ -77,6 +78,11 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
         toks.append(torch.multinomial(probs[b].float().cpu(), 1, generator=g))
     tok = torch.cat(toks).to(logits.device)
     return tok, logp_full.gather(1, tok[:, None])[:, 0].float()
+
+
+for _name in ("linear", "rope", "swiglu", "cross_entropy", "sample"):
+    globals().setdefault(_name, globals()["_fallback_" + _name])
+del _name
 
 
 # === attention (attn-helper section) ===

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from .reward import pad_batch, pad_id_of
@@ -188,12 +187,13 @@ def main(args) -> int:
     if args.algo == "grpo" and k < 2:
         raise ValueError("rl: GRPO needs --num-samples >= 2 (advantages are relative within a group)")
     T = model.config.max_seq_len
-    if args.max_new_tokens >= T:
+    if args.max_new_tokens >= T - 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in context {T}")
 
     def parse(obj, where):
         msgs, raw, extra = parse_prompt(obj, where)
-        ids, _ = render_checked(msgs, tok, where, T - args.max_new_tokens, add_generation_prompt=True)
+        # room for the response and the end-of-turn the reward model reads
+        ids, _ = render_checked(msgs, tok, where, T - args.max_new_tokens - 1, add_generation_prompt=True)
         return ids, raw, extra
     prompts, _ = read_jsonl(args.prompts, parse, args.skip_bad_lines, "prompt")
     pad = pad_id_of(tok)

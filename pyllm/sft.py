@@ -14,7 +14,6 @@ import math
 import os
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -129,16 +128,22 @@ def pack_rows(examples, seq_len: int, pad_id: int, train_on_prompt: bool = False
     order = sorted(range(len(pieces)), key=lambda i: -len(pieces[i][0])) if packing else range(len(pieces))
     rows: list[list[int]] = []  # piece indices per row
     free: list[int] = []
+    open_rows: list[int] = []   # rows that can still take the shortest piece; only the newest 256 are searched,
+    min_len = min(len(p[0]) for p in pieces) if pieces else 0  # so packing stays O(N) on big sets
     for i in order:
         n = len(pieces[i][0])
-        for r in range(len(rows)) if packing else ():
+        for r in (open_rows[-256:] if packing else ()):
             if free[r] >= n:
                 rows[r].append(i)
                 free[r] -= n
+                if free[r] < min_len:
+                    open_rows.remove(r)
                 break
         else:
             rows.append([i])
             free.append(seq_len - n)
+            if free[-1] >= min_len:
+                open_rows.append(len(rows) - 1)
     R = len(rows)
     X = torch.full((R, seq_len), pad_id, dtype=torch.long)
     Y = torch.full((R, seq_len), -1, dtype=torch.long)

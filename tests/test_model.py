@@ -276,3 +276,29 @@ def test_ref_sample_masks_and_logprob(rng):
         assert set(tok.tolist()) <= {2, 5}
         ml = logits.masked_fill(~mask, float("-inf"))
         torch.testing.assert_close(lp, torch.log_softmax(ml / 1.3, -1).gather(1, tok[:, None])[:, 0])
+
+
+def test_bad_inputs_one_line(rng):
+    m = tiny(rng)
+    with pytest.raises(ValueError, match="idx: expected shape"):
+        m(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="targets: expected shape"):
+        m(ids(rng, 2, 4), ids(rng, 2, 5))
+    with pytest.raises(ValueError, match="doc_ids: expected shape"):
+        m(ids(rng, 2, 4), doc_ids=torch.zeros(2, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="non-empty"):
+        m.generate(torch.zeros(1, 0, dtype=torch.long), 3)
+
+
+@pytest.mark.gpu
+def test_cuda_model_matches_cpu(rng):
+    m = tiny(rng)
+    idx, tgt = ids(rng, 2, 9), ids(rng, 2, 9)
+    logits, loss = m(idx, tgt)
+    g = tiny(rng)
+    g.load_state_dict(m.state_dict())
+    g = g.cuda()
+    assert g._ops(torch.device("cuda"))["attention"].__module__ in ("pyllm.ref", "pyllm.ops")
+    lg, lossg = g(idx.cuda(), tgt.cuda())
+    torch.testing.assert_close(lg.cpu(), logits, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(g.generate(idx.cuda(), 6, temperature=0).cpu(), m.generate(idx, 6, temperature=0))

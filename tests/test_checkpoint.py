@@ -1,0 +1,320 @@
+"""Checkpoint + safetensors tests: interop with the safetensors package and HF transformers in both directions,
+atomic writes, and one-line errors for bad input. Run: OMP_NUM_THREADS=1 PYTHONPATH=$PWD python -m pytest -q
+tests/test_checkpoint.py
+"""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from pyllm import checkpoint, safetensors_io
+from pyllm.checkpoint import load_checkpoint, read_extra, save_checkpoint
+from pyllm.config import ModelConfig
+from pyllm.model import GPT
+
+st = pytest.importorskip("safetensors.torch")
+transformers = pytest.importorskip("transformers")
+
+VARIANTS = {  # name -> ModelConfig overrides
+    "mha": dict(n_heads=4, n_kv_heads=4, tie_embeddings=False),
+    "gqa": dict(n_heads=4, n_kv_heads=2, tie_embeddings=False),
+    "tied": dict(n_heads=4, n_kv_heads=1, tie_embeddings=True),
+}
+
+
+def tiny(rng, **kw) -> GPT:
+    torch.manual_seed(int(torch.randint(0, 2 ** 31 - 1, (1,), generator=rng)))
+    cfg = dict(vocab_size=67, dim=32, n_layers=2, hidden_dim=56, max_seq_len=48, init_std=0.15, rope_theta=321.0,
+               norm_eps=1e-6)
+    cfg.update(kw)
+    return GPT(ModelConfig(**cfg))
+
+
+def hf_logits(path, idx, **kw):
+    hf = transformers.LlamaForCausalLM.from_pretrained(path, attn_implementation="eager", **kw).eval()
+    with torch.no_grad():
+        return hf(idx).logits.float()
+
+
+def some_tensors(rng):
+    return {
+        "f32": torch.randn(3, 5, generator=rng), "bf16": torch.randn(7, generator=rng).bfloat16(),
+        "f16": torch.randn(2, 3, generator=rng).half(), "i64": torch.randint(-9, 9, (4,), generator=rng),
+        "i32": torch.randint(-9, 9, (2, 2), generator=rng).int(), "u8": torch.randint(0, 255, (5,), generator=rng,
+                                                                                      dtype=torch.uint8),
+        "bool": torch.randint(0, 2, (3,), generator=rng).bool(), "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 3),
+    }
+
+
+def same(a: dict, b: dict):
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
+
+
+# --- safetensors_io ---------------------------------------------------------------------------------------------
+def test_safetensors_interop_both_directions(rng, tmp_path):
+    ts = some_tensors(rng)
+    safetensors_io.save_file(ts, tmp_path / "ours.safetensors", metadata={"step": "12", "note": "x"})
+    same(st.load_file(str(tmp_path / "ours.safetensors")), ts)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "ours.safetensors"), "pt") as f:
+        assert f.metadata() == {"step": "12", "note": "x"}
+    st.save_file(ts, str(tmp_path / "theirs.safetensors"), metadata={"a": "b"})
+    got, meta = safetensors_io.load_file(tmp_path / "theirs.safetensors", with_metadata=True)
+    same(got, ts)
+    assert meta == {"a": "b"}
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_safetensors_atomic_write_keeps_old_file(rng, tmp_path, monkeypatch):
+    path = tmp_path / "w.safetensors"
+    old = {"a": torch.randn(4, generator=rng)}
+    safetensors_io.save_file(old, path)
+
+    def boom(t):
+        raise OSError("disk full")
+    monkeypatch.setattr(safetensors_io, "_bytes_view", boom)
+    with pytest.raises(OSError, match="disk full"):
+        safetensors_io.save_file({"a": torch.zeros(4), "b": torch.zeros(2)}, path)
+    monkeypatch.undo()
+    same(safetensors_io.load_file(path), old)
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def _write_raw(path, header: dict, data: bytes):
+    h = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + data)
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("truncated", "truncated"),
+    ("out_of_bounds", "'w'.*out of bounds"),
+    ("size_mismatch", "'w'.*expected 24"),
+    ("overlap", "overlap"),
+    ("bad_dtype", "'w'.*unsupported dtype"),
+    ("bad_json", "not valid JSON"),
+    ("huge_header", "header length"),
+])
+def test_safetensors_bad_files_one_line_errors(tmp_path, case, pattern):
+    p = tmp_path / f"{case}.safetensors"
+    if case == "truncated":
+        safetensors_io.save_file({"w": torch.randn(100)}, p)
+        p.write_bytes(p.read_bytes()[:-37])
+    elif case == "out_of_bounds":
+        _write_raw(p, {"w": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24]}}, b"\0" * 16)
+    elif case == "size_mismatch":
+        _write_raw(p, {"w": {"dtype": "F32", "shape": [6], "data_offsets": [0, 20]}}, b"\0" * 24)
+    elif case == "overlap":
+        _write_raw(p, {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                       "v": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, b"\0" * 24)
+    elif case == "bad_dtype":
+        _write_raw(p, {"w": {"dtype": "F8_E4M3X", "shape": [4], "data_offsets": [0, 4]}}, b"\0" * 4)
+    elif case == "bad_json":
+        p.write_bytes(struct.pack("<Q", 5) + b"{nope" + b"\0" * 8)
+    elif case == "huge_header":
+        p.write_bytes(struct.pack("<Q", 2 ** 40) + b"{}")
+    with pytest.raises(ValueError, match=pattern) as e:
+        safetensors_io.load_file(p)
+    msg = str(e.value)
+    assert str(p) in msg and "\n" not in msg
+
+
+# --- HF round trips ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_pyllm_to_transformers_same_logits(rng, tmp_path, variant):
+    m = tiny(rng, **VARIANTS[variant])
+    save_checkpoint(tmp_path / "ck", m)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "generation_config.json",
+                                                                    "model.safetensors"]
+    idx = torch.randint(0, 67, (2, 40), generator=rng)
+    with torch.no_grad():
+        ours = m(idx)[0]
+    theirs = hf_logits(tmp_path / "ck", idx)
+    assert (ours - theirs).abs().max().item() < 1e-4
+    assert ours.abs().max() > 0.1  # logits are not trivially ~0
+    keys = set(st.load_file(str(tmp_path / "ck" / "model.safetensors")))
+    assert "model.embed_tokens.weight" in keys and "model.norm.weight" in keys
+    assert ("lm_head.weight" in keys) == (not m.config.tie_embeddings)
+    m2, tok = load_checkpoint(tmp_path / "ck")
+    assert tok is None and m2.config == m.config
+    with torch.no_grad():
+        assert torch.equal(m2(idx)[0], ours)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_transformers_to_pyllm_same_logits(rng, tmp_path, variant):
+    v = VARIANTS[variant]
+    torch.manual_seed(int(torch.randint(0, 2 ** 31 - 1, (1,), generator=rng)))
+    cfg = transformers.LlamaConfig(vocab_size=71, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                   num_attention_heads=v["n_heads"] + 2 if variant == "gqa" else v["n_heads"],
+                                   num_key_value_heads=v["n_kv_heads"] + 1 if variant == "gqa" else v["n_kv_heads"],
+                                   max_position_embeddings=64, rope_theta=777.0, rms_norm_eps=1e-5,
+                                   tie_word_embeddings=v["tie_embeddings"], initializer_range=0.2)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    m, _ = load_checkpoint(tmp_path / "hf")
+    c = m.config
+    assert (c.dim, c.n_heads, c.n_kv_heads, c.hidden_dim, c.rope_theta, c.tie_embeddings) == (
+        48, cfg.num_attention_heads, cfg.num_key_value_heads, 80, 777.0, v["tie_embeddings"])
+    idx = torch.randint(0, 71, (2, 33), generator=rng)
+    with torch.no_grad():
+        expect = hf(idx).logits
+        got = m(idx)[0]
+    assert (got - expect).abs().max().item() < 1e-4
+    # and a pyllm re-save of it is still what transformers expects
+    save_checkpoint(tmp_path / "again", m)
+    assert (hf_logits(tmp_path / "again", idx) - expect).abs().max().item() < 1e-4
+
+
+def test_bf16_checkpoint_needs_dtype(rng, tmp_path):
+    torch.manual_seed(int(torch.randint(0, 2 ** 31 - 1, (1,), generator=rng)))
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                                   tie_word_embeddings=False)
+    hf = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"model\.safetensors.*'.*weight'.*BF16.*dtype=torch.float32"):
+        load_checkpoint(tmp_path / "hf")
+    m, _ = load_checkpoint(tmp_path / "hf", dtype=torch.float32)
+    assert m.embed_tokens.weight.dtype == torch.float32
+    idx = torch.randint(0, 40, (1, 12), generator=rng)
+    with torch.no_grad():
+        expect = hf.float()(idx).logits
+        assert (m(idx)[0] - expect).abs().max().item() < 1e-4
+
+
+# --- atomic directory writes, extras, tokenizer -----------------------------------------------------------------
+def test_crash_mid_save_keeps_previous_checkpoint(rng, tmp_path, monkeypatch):
+    m1, m2 = tiny(rng), tiny(rng)
+    d = tmp_path / "ck"
+    save_checkpoint(d, m1, extra={"step": 1})
+    real = checkpoint._write_json
+
+    def crash(path, obj):
+        if path.name == "generation_config.json":  # weights and config.json already written to the temp dir
+            raise KeyboardInterrupt("killed mid-save")
+        real(path, obj)
+    monkeypatch.setattr(checkpoint, "_write_json", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(d, m2, extra={"step": 2})
+    monkeypatch.undo()
+    back, _ = load_checkpoint(d)
+    for k, v in m1.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    assert read_extra(d) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temp/old directories left behind
+    save_checkpoint(d, m2, extra={"step": 2})  # and a later save replaces it
+    assert read_extra(d) == {"step": 2}
+    assert torch.equal(load_checkpoint(d)[0].embed_tokens.weight, m2.embed_tokens.weight)
+
+
+def test_extra_files_land_inside_the_swap(rng, tmp_path):
+    m = tiny(rng)
+    state = {"opt.m": torch.randn(3, generator=rng)}
+    save_checkpoint(tmp_path / "ck", m, extra_files=lambda tmp: safetensors_io.save_file(
+        state, tmp / "trainer_state.safetensors"))
+    same(safetensors_io.load_file(tmp_path / "ck" / "trainer_state.safetensors"), state)
+
+
+class FakeTokenizer:
+    """Stands in for pyllm.tokenizer.Tokenizer's save/bos_id/special_ids (the real one is tested if present)."""
+    bos_id = 256
+    special_ids = {"<|bos|>": 256, "<|end|>": 260, "<|pad|>": 261}
+
+    def save(self, d):
+        (d / "tokenizer.json").write_text("{}")
+
+
+def test_tokenizer_ids_in_configs(rng, tmp_path):
+    save_checkpoint(tmp_path / "ck", tiny(rng, vocab_size=300), tokenizer=FakeTokenizer())
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    gen = json.loads((tmp_path / "ck" / "generation_config.json").read_text())
+    for d in (cfg, gen):
+        assert (d["bos_token_id"], d["eos_token_id"], d["pad_token_id"]) == (256, 260, 261)
+    assert (tmp_path / "ck" / "tokenizer.json").is_file()
+
+
+def test_real_tokenizer_round_trip(rng, tmp_path):
+    tk = pytest.importorskip("pyllm.tokenizer")
+    tok = tk.Tokenizer.byte_level()
+    m = tiny(rng, vocab_size=tok.vocab_size)
+    save_checkpoint(tmp_path / "ck", m, tokenizer=tok)
+    _, tok2 = load_checkpoint(tmp_path / "ck")
+    assert tok2.encode("héllo <|end|>") == tok.encode("héllo <|end|>")
+
+
+# --- bad checkpoints: one clear line naming the file and the tensor/field ---------------------------------------
+def _edit_config(d, **changes):
+    p = d / "config.json"
+    cfg = json.loads(p.read_text())
+    cfg.update(changes)
+    p.write_text(json.dumps(cfg))
+
+
+def _edit_weights(d, fn):
+    p = d / "model.safetensors"
+    ts = safetensors_io.load_file(p)
+    fn(ts)
+    safetensors_io.save_file(ts, p)
+
+
+@pytest.mark.parametrize("case, exc, pattern", [
+    ("no_weights", FileNotFoundError, r"model\.safetensors.*missing"),
+    ("no_config", FileNotFoundError, r"config\.json.*missing"),
+    ("no_dir", FileNotFoundError, r"not found"),
+    ("unknown_field", ValueError, r"config\.json.*unknown.*'sliding_window_size'"),
+    ("rope_scaling", ValueError, r"config\.json.*rope_scaling"),
+    ("attention_bias", ValueError, r"config\.json.*attention_bias"),
+    ("rope_llama3", ValueError, r"config\.json.*rope_parameters"),
+    ("head_dim", ValueError, r"config\.json.*head_dim 16"),
+    ("act", ValueError, r"config\.json.*hidden_act='gelu'"),
+    ("bad_json", ValueError, r"config\.json.*invalid JSON"),
+    ("wrong_shape", ValueError, r"model\.safetensors.*'model\.layers\.1\.mlp\.up_proj\.weight'.*shape"),
+    ("missing_tensor", ValueError, r"model\.safetensors.*missing tensor 'model\.norm\.weight'"),
+    ("unexpected_tensor", ValueError,
+     r"model\.safetensors.*unexpected tensor 'model\.layers\.0\.self_attn\.q_proj\.bias'"),
+    ("dtype", ValueError, r"model\.safetensors.*'model\.embed_tokens\.weight'.*F16"),
+    ("truncated", ValueError, r"model\.safetensors.*truncated"),
+])
+def test_bad_checkpoints(rng, tmp_path, case, exc, pattern):
+    d = tmp_path / "ck"
+    save_checkpoint(d, tiny(rng))
+    if case == "no_weights":
+        (d / "model.safetensors").unlink()
+    elif case == "no_config":
+        (d / "config.json").unlink()
+    elif case == "no_dir":
+        d = tmp_path / "elsewhere"
+    elif case == "unknown_field":
+        _edit_config(d, sliding_window_size=8)
+    elif case == "rope_scaling":
+        _edit_config(d, rope_scaling={"type": "linear", "factor": 2.0})
+    elif case == "attention_bias":
+        _edit_config(d, attention_bias=True)
+    elif case == "rope_llama3":
+        _edit_config(d, rope_parameters={"rope_type": "llama3", "rope_theta": 321.0, "factor": 8.0})
+    elif case == "head_dim":
+        _edit_config(d, head_dim=16)
+    elif case == "act":
+        _edit_config(d, hidden_act="gelu")
+    elif case == "bad_json":
+        (d / "config.json").write_text("{")
+    elif case == "wrong_shape":
+        _edit_weights(d, lambda ts: ts.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(56, 31)}))
+    elif case == "missing_tensor":
+        _edit_weights(d, lambda ts: ts.pop("model.norm.weight"))
+    elif case == "unexpected_tensor":
+        _edit_weights(d, lambda ts: ts.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(32)}))
+    elif case == "dtype":
+        _edit_weights(d, lambda ts: ts.update({"model.embed_tokens.weight": ts["model.embed_tokens.weight"].half()}))
+    elif case == "truncated":
+        p = d / "model.safetensors"
+        p.write_bytes(p.read_bytes()[:-100])
+    with pytest.raises(exc, match=pattern) as e:
+        load_checkpoint(d)
+    assert "\n" not in str(e.value) and str(d) in str(e.value)

@@ -1,0 +1,57 @@
+"""DPO: the sigmoid loss raises the chosen-over-rejected log-ratio against the frozen reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyllm.checkpoint import load_checkpoint
+from pyllm.dpo import load_dpo_pairs, sequence_logps
+from pyllm.sft import read_metrics
+
+from chat_util import cli, tiny_checkpoint, tiny_model, write_jsonl
+
+
+def _pairs(n):
+    return [{"prompt": f"say something {i}", "chosen": "yes " * (1 + i % 3), "rejected": "no " * (1 + i % 2)}
+            for i in range(n)]
+
+
+def _log_ratio(model, pairs, pad):
+    with torch.no_grad():
+        c = sequence_logps(model, [p[0] for p in pairs], [p[1] for p in pairs], pad, "cpu")
+        r = sequence_logps(model, [p[2] for p in pairs], [p[3] for p in pairs], pad, "cpu")
+    return (c - r).mean().item()
+
+
+def test_completion_mask_excludes_prompt(tmp_path):
+    _, tok = tiny_model()
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "abc", "chosen": "xy", "rejected": "z"}])
+    (ic, mc, ir, mr), = load_dpo_pairs(data, tok, 100, False)
+    assert sum(mc) == 3 and sum(mr) == 2  # the answer's tokens + its end-of-turn, nothing of the prompt
+    assert tok.decode([t for t, m in zip(ic, mc) if m][:-1]) == "xy"
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_dpo_raises_chosen_over_rejected(tmp_path, lora):
+    base = tiny_checkpoint(tmp_path / "base", seed=4)
+    data = write_jsonl(tmp_path / "p.jsonl", _pairs(24))
+    out = tmp_path / "dpo"
+    extra = ["--lora-r", "4", "--lr", "2e-2"] if lora else ["--lr", "3e-3"]
+    assert cli(["dpo", "--model", str(base), "--data", str(data), "--out", str(out), "--steps", "12",
+                "--batch-size", "6", "--beta", "0.1", "--eval-frac", "0.25", "--eval-every", "6", *extra]) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"] and rows[-1]["eval_margin"] > 0
+    assert abs(rows[0]["rewards/margins"]) < 1e-4  # policy == reference at step 1
+    ref, tok = load_checkpoint(base)
+    pol, _ = load_checkpoint(out)
+    pairs = load_dpo_pairs(data, tok, 256, False)
+    pad = tok.special_ids["<|pad|>"]
+    assert _log_ratio(pol, pairs, pad) - _log_ratio(ref, pairs, pad) > 1.0
+    assert (out / "adapter.safetensors").is_file() == lora
+
+
+def test_dpo_rejects_identical_pair(tmp_path, capsys):
+    base = tiny_checkpoint(tmp_path / "base")
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "a"}])
+    assert cli(["dpo", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    assert f"{data}:1: chosen and rejected are identical" in capsys.readouterr().err
