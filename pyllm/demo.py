@@ -43,7 +43,7 @@ class DemoConfig:
     pt_lr: float = 3e-3
     pt_warmup: int = 30
     sft_examples: int = 2000
-    sft_steps: int = 30
+    sft_steps: int = 120
     sft_batch: int = 8           # packed rows of seq_len per step
     sft_lr: float = 1e-3
     rm_pairs: int = 5000
@@ -252,7 +252,7 @@ def rm_length_baseline(path: Path) -> float:
     return s / len(rows)
 
 
-def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "rm") -> dict:
+def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "rm+verifier") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     dflag = ["--device", dev.type]
@@ -351,7 +351,8 @@ def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "
           f"{R['rm']['length_baseline']:.3f}, chance 0.5)", flush=True)
 
     # 5. RL ----------------------------------------------------------------------------------------------------
-    head(5, "RL (GRPO) against the reward model" + (" + verifier" if "verifier" in reward else ""))
+    head(5, "RL (GRPO), reward: " + {"rm": "the reward model", "verifier": "the program verifier",
+                                     "rm+verifier": "reward model + program verifier"}[reward])
     t0 = time.perf_counter()
     rflags = []
     if "rm" in reward:
@@ -486,9 +487,12 @@ def write_report(out: Path, R: dict) -> None:
          f"{_f(s['verifier_sampled'])}; RL {_f(r['rm_score_sampled'])} vs {_f(r['verifier_sampled'])}"
          + (" -- the RM score rose while true success did not: reward hacking" if hack else ""), "",
          "![reward and KL during RL](rl.png)", "",
+         "(rl.png: per RL step on train prompts, `reward` = the total score, `kl` = sampled KL to SFT per response, "
+         "`rm_score` = reward-model score, `fn_score` = verifier success when the verifier is part of the reward.)",
+         "",
          "## Timing", "", "| stage | wall time (s) | tokens | tokens/s | counted |", "|---|---|---|---|---|"]
     for t in R["timing"]:
-        L.append(f"| {t['stage']} | {t['seconds']:.1f} | {t['tokens']} | "
+        L.append(f"| {t['stage']} | {t['seconds']:.2f} | {t['tokens']} | "
                  f"{t['tok_per_s']:.0f} | {t['what'] or '-'} |")
     bn = R["binary"]
     L += ["", "## C binary", "", f"`{bn['command']}`", "",
@@ -516,8 +520,9 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0, help="seed for the data, initialisation and sampling (0)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="device for every stage (auto = cuda if available)")
-    p.add_argument("--reward", default="rm", choices=["rm", "rm+verifier", "verifier"],
-                   help="RL reward: the reward model (default), plus or instead of the program verifier")
+    p.add_argument("--reward", default="rm+verifier", choices=["rm", "rm+verifier", "verifier"],
+                   help="RL reward: reward model + program verifier (default; at this scale the RM alone gets "
+                        "hacked, which the report shows with --reward rm), the RM alone, or the verifier alone")
 
 
 def main(args) -> int:

@@ -45,11 +45,11 @@ def make_problem(rng: random.Random, kind: str | None = None, digits: int = 2) -
     hi = 10 ** digits - 1
     if kind == "add":
         a, b = rng.randint(0, hi), rng.randint(0, hi)
-        return Problem(kind, f"What is {a}+{b}?", str(a + b), (a, b))
+        return Problem(kind, f"What is {a} + {b}?", str(a + b), (a, b))
     if kind == "sub":
         a, b = rng.randint(0, hi), rng.randint(0, hi)
         a, b = max(a, b), min(a, b)
-        return Problem(kind, f"What is {a}-{b}?", str(a - b), (a, b))
+        return Problem(kind, f"What is {a} - {b}?", str(a - b), (a, b))
     if kind == "reverse":
         w = rng.choice(_WORDS)
         return Problem(kind, f"Reverse the word {w}.", w[::-1])
@@ -71,8 +71,8 @@ def all_problems(split: str = "train", kinds=ARITH, digits: int = 2) -> list[Pro
             raise ValueError(f"all_problems enumerates {ARITH} only, got {kind!r}")
         for a in range(n):
             for b in range(n if kind == "add" else a + 1):
-                p = (Problem(kind, f"What is {a}+{b}?", str(a + b), (a, b)) if kind == "add"
-                     else Problem(kind, f"What is {a}-{b}?", str(a - b), (a, b)))
+                p = (Problem(kind, f"What is {a} + {b}?", str(a + b), (a, b)) if kind == "add"
+                     else Problem(kind, f"What is {a} - {b}?", str(a - b), (a, b)))
                 if is_heldout(p) == (split == "heldout"):
                     out.append(p)
     return out
