@@ -87,10 +87,15 @@ class BuildExt(build_ext):
                 print(" ".join(cmd))
                 subprocess.check_call(cmd, cwd=ROOT)
             objs.append(str(obj))
-        cuda_home = Path(nvcc).resolve().parent.parent
+        # nvcc may be a wrapper script (/usr/local/bin/nvcc -> exec /usr/local/cuda-X/bin/nvcc): look for
+        # libcudart_static.a next to it, then under CUDA_HOME and /usr/local/cuda.
+        homes = [Path(nvcc).resolve().parent.parent, Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")),
+                 Path("/usr/local/cuda")]
+        libdirs = [h / d for h in homes for d in ("lib64", "lib", "targets/x86_64-linux/lib")
+                   if (h / d / "libcudart_static.a").exists()]
         ext.extra_objects += objs
         ext.define_macros += [("PYLLM_WITH_CUDA", "1")]
-        ext.library_dirs += [str(cuda_home / "lib64"), str(cuda_home / "lib")]
+        ext.library_dirs += [str(d) for d in libdirs[:1]] or [str(homes[0] / "lib64"), str(homes[0] / "lib")]
         ext.libraries += ["cudart_static", "rt", "dl", "pthread"]
 
     def _build_run_binary(self):
@@ -128,6 +133,8 @@ ext = Pybind11Extension(
     extra_compile_args=CXX_FLAGS,
     extra_link_args=["-fopenmp"],
     cxx_std=17,
+    # headers too, so editing a kernel header (csrc/cpu/impl_*.h) rebuilds instead of keeping a stale _C
+    depends=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.h")),
 )
 
 setup(

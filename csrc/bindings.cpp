@@ -25,7 +25,7 @@ namespace py = pybind11;
 template <typename T> static T* P(uintptr_t a) { return reinterpret_cast<T*>(a); }
 
 #ifdef PYLLM_WITH_CUDA
-extern "C" int pyllm_cuda_device_count(void);
+#include "cuda/kernels_cuda.h"  // declares pyllm_cuda_device_count and the CUDA kernels' C API
 #endif
 
 // --- build / run-time information -----------------------------------------------------------------------
@@ -107,6 +107,70 @@ PYBIND11_MODULE(_C, m) {
         rmsnorm_backward(&p);
     }, py::arg("dx"), py::arg("dweight"), py::arg("dout"), py::arg("x"), py::arg("weight"), py::arg("rstd"),
        py::arg("N"), py::arg("C"));
+    // --- sampling (impl_sample.h) ----------------------------------------------------------------------------
+    m.def("sample_forward", [](uintptr_t tokens, uintptr_t logprobs, uintptr_t logits, uintptr_t mask, int B, int V,
+                               float temperature, int top_k, float top_p, float min_p, uint64_t seed, uint64_t step) {
+        CHECK_PTR(tokens); CHECK_PTR(logprobs); CHECK_PTR(logits); CHECK_POS(B); CHECK_POS(V); CHECK_NONNEG(top_k);
+        if (!(temperature >= 0.f)) throw std::invalid_argument("sample_forward: temperature must be >= 0");
+        if (!(top_p > 0.f && top_p <= 1.f)) throw std::invalid_argument("sample_forward: top_p must be in (0, 1]");
+        if (!(min_p >= 0.f && min_p <= 1.f)) throw std::invalid_argument("sample_forward: min_p must be in [0, 1]");
+        sample_params p{P<int64_t>(tokens), P<float>(logprobs), P<const float>(logits), P<const uint8_t>(mask),
+                        B, V, temperature, top_k, top_p, min_p, seed, step};
+        py::gil_scoped_release nogil;
+        sample_forward(&p);
+    }, py::arg("tokens"), py::arg("logprobs"), py::arg("logits"), py::arg("mask"), py::arg("B"), py::arg("V"),
+       py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("seed"), py::arg("step"));
+    // --- fused training ops (impl_fused.h) -------------------------------------------------------------------
+    m.def("rope_forward", [](uintptr_t out, uintptr_t x, uintptr_t cos, uintptr_t sin, int B, int T, int H, int D,
+                             int backward) {
+        CHECK_PTR(out); CHECK_PTR(x); CHECK_PTR(cos); CHECK_PTR(sin);
+        CHECK_POS(B); CHECK_POS(T); CHECK_POS(H); CHECK_POS(D);
+        if (D % 2) throw std::invalid_argument("rope_forward: head dim D must be even, got " + std::to_string(D));
+        rope_params p{P<float>(out), P<const float>(x), P<const float>(cos), P<const float>(sin), B, T, H, D, backward};
+        py::gil_scoped_release nogil;
+        rope_forward(&p);
+    }, py::arg("out"), py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("B"), py::arg("T"), py::arg("H"),
+       py::arg("D"), py::arg("backward"));
+    m.def("swiglu_forward", [](uintptr_t out, uintptr_t gate, uintptr_t up, long n) {
+        CHECK_PTR(out); CHECK_PTR(gate); CHECK_PTR(up); CHECK_POS(n);
+        swiglu_params p{P<float>(out), P<const float>(gate), P<const float>(up), n};
+        py::gil_scoped_release nogil;
+        swiglu_forward(&p);
+    }, py::arg("out"), py::arg("gate"), py::arg("up"), py::arg("n"));
+    m.def("swiglu_backward", [](uintptr_t dgate, uintptr_t dup, uintptr_t dout, uintptr_t gate, uintptr_t up, long n) {
+        CHECK_PTR(dgate); CHECK_PTR(dup); CHECK_PTR(dout); CHECK_PTR(gate); CHECK_PTR(up); CHECK_POS(n);
+        swiglu_backward_params p{P<float>(dgate), P<float>(dup), P<const float>(dout), P<const float>(gate),
+                                 P<const float>(up), n};
+        py::gil_scoped_release nogil;
+        swiglu_backward(&p);
+    }, py::arg("dgate"), py::arg("dup"), py::arg("dout"), py::arg("gate"), py::arg("up"), py::arg("n"));
+    m.def("cross_entropy_forward", [](uintptr_t loss, uintptr_t lse, uintptr_t logits, uintptr_t targets, int N, int V,
+                                      int64_t ignore_index) {
+        CHECK_PTR(loss); CHECK_PTR(lse); CHECK_PTR(logits); CHECK_PTR(targets); CHECK_POS(N); CHECK_POS(V);
+        cross_entropy_params p{P<float>(loss), P<float>(lse), P<const float>(logits), P<const int64_t>(targets), N, V,
+                               ignore_index};
+        py::gil_scoped_release nogil;
+        cross_entropy_forward(&p);
+    }, py::arg("loss"), py::arg("lse"), py::arg("logits"), py::arg("targets"), py::arg("N"), py::arg("V"),
+       py::arg("ignore_index"));
+    m.def("cross_entropy_backward", [](uintptr_t dlogits, uintptr_t logits, uintptr_t lse, uintptr_t targets, int N,
+                                       int V, int64_t ignore_index, float scale) {
+        CHECK_PTR(dlogits); CHECK_PTR(logits); CHECK_PTR(lse); CHECK_PTR(targets); CHECK_POS(N); CHECK_POS(V);
+        cross_entropy_backward_params p{P<float>(dlogits), P<const float>(logits), P<const float>(lse),
+                                        P<const int64_t>(targets), N, V, ignore_index, scale};
+        py::gil_scoped_release nogil;
+        cross_entropy_backward(&p);
+    }, py::arg("dlogits"), py::arg("logits"), py::arg("lse"), py::arg("targets"), py::arg("N"), py::arg("V"),
+       py::arg("ignore_index"), py::arg("scale"));
+    m.def("adamw_step", [](uintptr_t params, uintptr_t grads, uintptr_t m_, uintptr_t v_, long n, float lr, float beta1,
+                           float beta2, float eps, float weight_decay, int step) {
+        CHECK_PTR(params); CHECK_PTR(grads); CHECK_PTR(m_); CHECK_PTR(v_); CHECK_POS(n); CHECK_POS(step);
+        adamw_params p{P<float>(params), P<const float>(grads), P<float>(m_), P<float>(v_), n, lr, beta1, beta2, eps,
+                       weight_decay, step};
+        py::gil_scoped_release nogil;
+        adamw_step(&p);
+    }, py::arg("params"), py::arg("grads"), py::arg("m"), py::arg("v"), py::arg("n"), py::arg("lr"), py::arg("beta1"),
+       py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("step"));
 
     // --- attention (csrc/cpu/impl_attention.h) --------------------------------------------------------------
     m.def("attention_forward", [](uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v,
@@ -150,4 +214,113 @@ PYBIND11_MODULE(_C, m) {
         decode_attention(&p);
     }, py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("ld_b"), py::arg("ld_t"),
        py::arg("B"), py::arg("H"), py::arg("Hkv"), py::arg("D"), py::arg("n_ctx"));
+
+#ifdef PYLLM_WITH_CUDA
+    // --- CUDA kernels (csrc/cuda/): device pointers, the caller's stream as an integer -----------------------
+    // ops_cuda.py passes torch.cuda.current_stream().cuda_stream; a kernel's error string becomes RuntimeError.
+    auto cu = [](const char* err) { if (err) throw std::runtime_error(err); };
+    auto S = [](uintptr_t s) { return reinterpret_cast<pyllm_stream>(s); };
+    m.def("cuda_matmul", [cu, S](uintptr_t c, uintptr_t a, uintptr_t b, int M, int N, int K, int dtype, int out_f32,
+                                 uintptr_t stream) {
+        CHECK_PTR(c); CHECK_PTR(a); CHECK_PTR(b); CHECK_POS(M); CHECK_POS(N); CHECK_POS(K);
+        matmul_cuda_params p{P<void>(c), P<const void>(a), P<const void>(b), M, N, K, dtype, out_f32};
+        py::gil_scoped_release nogil;
+        cu(matmul_cuda(&p, S(stream)));
+    }, py::arg("c"), py::arg("a"), py::arg("b"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("dtype"),
+       py::arg("out_f32"), py::arg("stream"));
+    m.def("cuda_attention_forward", [cu, S](uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v,
+                                            uintptr_t doc_ids, int B, int T, int H, int Hkv, int D, uintptr_t stream) {
+        CHECK_PTR(out); CHECK_PTR(lse); CHECK_PTR(q); CHECK_PTR(k); CHECK_PTR(v);
+        CHECK_POS(B); CHECK_POS(T); CHECK_POS(H); CHECK_POS(Hkv); CHECK_POS(D);
+        attention_params p{P<float>(out), P<float>(lse), P<const float>(q), P<const float>(k), P<const float>(v),
+                           P<const int32_t>(doc_ids), B, T, H, Hkv, D};
+        py::gil_scoped_release nogil;
+        cu(attention_forward_cuda(&p, S(stream)));
+    });
+    m.def("cuda_attention_backward", [cu, S](uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t dout, uintptr_t out,
+                                             uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t doc_ids,
+                                             uintptr_t delta, int B, int T, int H, int Hkv, int D, uintptr_t stream) {
+        CHECK_PTR(dq); CHECK_PTR(dk); CHECK_PTR(dv); CHECK_PTR(dout); CHECK_PTR(out); CHECK_PTR(lse);
+        CHECK_PTR(q); CHECK_PTR(k); CHECK_PTR(v); CHECK_PTR(delta);
+        CHECK_POS(B); CHECK_POS(T); CHECK_POS(H); CHECK_POS(Hkv); CHECK_POS(D);
+        attention_backward_params p{P<float>(dq), P<float>(dk), P<float>(dv), P<const float>(dout),
+                                    P<const float>(out), P<const float>(lse), P<const float>(q), P<const float>(k),
+                                    P<const float>(v), P<const int32_t>(doc_ids), B, T, H, Hkv, D};
+        py::gil_scoped_release nogil;
+        cu(attention_backward_cuda(&p, P<float>(delta), S(stream)));
+    });
+    m.def("cuda_decode_attention_ws_floats", [](int B, int H, int Hkv, int D, int n_ctx) {
+        decode_attention_params p{nullptr, nullptr, nullptr, nullptr, 0, 0, B, H, Hkv, D, n_ctx};
+        return decode_attention_cuda_ws_floats(&p);
+    });
+    m.def("cuda_decode_attention", [cu, S](uintptr_t out, uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, long ld_b,
+                                           long ld_t, int B, int H, int Hkv, int D, int n_ctx, uintptr_t ws,
+                                           uintptr_t stream) {
+        CHECK_PTR(out); CHECK_PTR(q); CHECK_PTR(k_cache); CHECK_PTR(v_cache); CHECK_PTR(ws);
+        CHECK_POS(B); CHECK_POS(H); CHECK_POS(Hkv); CHECK_POS(D); CHECK_POS(n_ctx);
+        decode_attention_params p{P<float>(out), P<const float>(q), P<const float>(k_cache), P<const float>(v_cache),
+                                  ld_b, ld_t, B, H, Hkv, D, n_ctx};
+        py::gil_scoped_release nogil;
+        cu(decode_attention_cuda(&p, P<float>(ws), S(stream)));
+    });
+    m.def("cuda_sample", [cu, S](uintptr_t tokens, uintptr_t logprobs, uintptr_t logits, uintptr_t mask, int B, int V,
+                                 float temperature, int top_k, float top_p, float min_p, uint64_t seed, uint64_t step,
+                                 uintptr_t stream) {
+        CHECK_PTR(tokens); CHECK_PTR(logprobs); CHECK_PTR(logits); CHECK_POS(B); CHECK_POS(V);
+        sample_cuda_params p{P<int64_t>(tokens), P<float>(logprobs), P<const float>(logits), P<const uint8_t>(mask),
+                             B, V, temperature, top_p, min_p, top_k, seed, step};
+        py::gil_scoped_release nogil;
+        cu(sample_cuda(&p, S(stream)));
+    });
+    m.def("cuda_rmsnorm_forward", [cu, S](uintptr_t out, uintptr_t rstd, uintptr_t x, uintptr_t w, int N, int C,
+                                          float eps, uintptr_t stream) {
+        CHECK_PTR(out); CHECK_PTR(x); CHECK_PTR(w); CHECK_POS(N); CHECK_POS(C);
+        rmsnorm_params p{P<float>(out), P<float>(rstd), P<const float>(x), P<const float>(w), N, C, eps};
+        py::gil_scoped_release nogil;
+        cu(rmsnorm_forward_cuda(&p, S(stream)));
+    });
+    m.def("cuda_rmsnorm_backward", [cu, S](uintptr_t dx, uintptr_t dw, uintptr_t dout, uintptr_t x, uintptr_t w,
+                                           uintptr_t rstd, int N, int C, uintptr_t stream) {
+        CHECK_PTR(dx); CHECK_PTR(dw); CHECK_PTR(dout); CHECK_PTR(x); CHECK_PTR(w); CHECK_PTR(rstd);
+        CHECK_POS(N); CHECK_POS(C);
+        rmsnorm_backward_params p{P<float>(dx), P<float>(dw), P<const float>(dout), P<const float>(x),
+                                  P<const float>(w), P<const float>(rstd), N, C};
+        py::gil_scoped_release nogil;
+        cu(rmsnorm_backward_cuda(&p, S(stream)));
+    });
+    m.def("cuda_rope", [cu, S](uintptr_t out, uintptr_t x, uintptr_t cos, uintptr_t sin, int B, int T, int H, int D,
+                               int inverse, uintptr_t stream) {
+        CHECK_PTR(out); CHECK_PTR(x); CHECK_PTR(cos); CHECK_PTR(sin);
+        CHECK_POS(B); CHECK_POS(T); CHECK_POS(H); CHECK_POS(D);
+        rope_cuda_params p{P<float>(out), P<const float>(x), P<const float>(cos), P<const float>(sin), B, T, H, D,
+                           inverse};
+        py::gil_scoped_release nogil;
+        cu(rope_cuda(&p, S(stream)));
+    });
+    m.def("cuda_swiglu", [cu, S](uintptr_t out, uintptr_t dgate, uintptr_t dup, uintptr_t gate, uintptr_t up,
+                                 uintptr_t dout, long n, uintptr_t stream) {
+        CHECK_PTR(gate); CHECK_PTR(up); CHECK_POS(n);
+        if (dout ? (!dgate || !dup) : !out) throw std::invalid_argument("cuda_swiglu: missing output pointer");
+        swiglu_cuda_params p{P<float>(out), P<float>(dgate), P<float>(dup), P<const float>(gate), P<const float>(up),
+                             P<const float>(dout), n};
+        py::gil_scoped_release nogil;
+        cu(swiglu_cuda(&p, S(stream)));
+    });
+    m.def("cuda_cross_entropy", [cu, S](uintptr_t losses, uintptr_t dlogits, uintptr_t logits, uintptr_t targets,
+                                        int N, int V, long ignore_index, float scale, uintptr_t stream) {
+        CHECK_PTR(losses); CHECK_PTR(logits); CHECK_PTR(targets); CHECK_POS(N); CHECK_POS(V);
+        cross_entropy_cuda_params p{P<float>(losses), P<float>(dlogits), P<const float>(logits),
+                                    P<const int64_t>(targets), N, V, ignore_index, scale};
+        py::gil_scoped_release nogil;
+        cu(cross_entropy_cuda(&p, S(stream)));
+    });
+    m.def("cuda_adamw", [cu, S](uintptr_t param, uintptr_t mom, uintptr_t var, uintptr_t grad, long n, float lr,
+                                float beta1, float beta2, float eps, float weight_decay, int step, uintptr_t stream) {
+        CHECK_PTR(param); CHECK_PTR(mom); CHECK_PTR(var); CHECK_PTR(grad); CHECK_POS(n); CHECK_POS(step);
+        adamw_cuda_params p{P<float>(param), P<float>(mom), P<float>(var), P<const float>(grad), n, lr, beta1, beta2,
+                            eps, weight_decay, step};
+        py::gil_scoped_release nogil;
+        cu(adamw_cuda(&p, S(stream)));
+    });
+#endif
 }

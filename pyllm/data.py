@@ -312,6 +312,7 @@ class PackedLoader:
     def load_state_dict(self, d: dict) -> None:
         if d["n_windows"] != self.n_windows or d["seq_len"] != self.T:
             raise ValueError(f"data position is for {d['n_windows']} windows of {d['seq_len']} tokens, but the data "
-                             f"now gives {self.n_windows} of {self.T}: the data or --seq-len changed since the checkpoint")
+                             f"now gives {self.n_windows} of {self.T}: the data or --seq-len changed since the "
+                             "checkpoint")
         self.epoch, self.pos, self.seed = int(d["epoch"]), int(d["pos"]), int(d["seed"])
         self._cache = None

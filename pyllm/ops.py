@@ -60,6 +60,189 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.T
     return _RMSNorm.apply(x, weight, eps)
 
 
+# --- sampling ---------------------------------------------------------------------------------------------
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+           mask: torch.Tensor | None = None, seed: int = 0, step: int = 0):
+    """Draw one token per row. logits (B, V) fp32; mask (B, V) bool of ALLOWED tokens or None.
+    temperature 0 = greedy. Filters in HF order: mask, temperature, top-k, top-p, min-p.
+    The draw is a pure function of (seed, row, step): same seed -> same tokens on every CPU path.
+    Returns (tokens (B,) int64, logprobs (B,) fp32) with logprob = log_softmax(logits / T)[token] (T = 1 if greedy)."""
+    check(logits, "sample logits")
+    if logits.dim() != 2 or logits.numel() == 0:
+        raise ValueError(f"sample logits: expected a non-empty (B, V) tensor, got shape {tuple(logits.shape)}")
+    B, V = logits.shape
+    if mask is not None:
+        check(mask, "sample mask", dtype=torch.bool, shape=(B, V))
+    if not temperature >= 0:
+        raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
+    if int(top_k) < 0:
+        raise ValueError(f"sample: top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"sample: top_p must be in (0, 1], got {top_p}")
+    if not 0 <= min_p <= 1:
+        raise ValueError(f"sample: min_p must be in [0, 1], got {min_p}")
+    tokens = torch.empty(B, dtype=torch.int64)
+    logprobs = torch.empty(B, dtype=torch.float32)
+    C().sample_forward(ptr(tokens), ptr(logprobs), ptr(logits), ptr(mask), B, V, float(temperature), int(top_k),
+                       float(top_p), float(min_p), int(seed) & (2**64 - 1), int(step) & (2**64 - 1))
+    bad = tokens < 0
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        code = int(tokens[b])
+        why = {-1: "no allowed token (the mask or -inf logits remove every token)",
+               -2: "NaN or +inf in the logits"}.get(code, "out of memory for the scratch buffers")
+        raise ValueError(f"sample: row {b}: {why}")
+    return tokens, logprobs
+
+
+# --- fused training ops: rope, swiglu, cross-entropy, AdamW ----------------------------------------------
+class _RoPE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        B, T, H, D = x.shape
+        out = torch.empty_like(x)
+        C().rope_forward(ptr(out), ptr(x), ptr(cos), ptr(sin), B, T, H, D, 0)
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        cos, sin = ctx.saved_tensors
+        dout = dout.contiguous()
+        B, T, H, D = dout.shape
+        dx = torch.empty_like(dout)
+        C().rope_forward(ptr(dx), ptr(dout), ptr(cos), ptr(sin), B, T, H, D, 1)
+        return dx, None, None
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, HF rotate-half layout. x (B, T, H, D) fp32; cos/sin (T, D/2) -> (B, T, H, D)."""
+    check(x, "rope x")
+    if x.dim() != 4 or x.numel() == 0 or x.shape[-1] % 2:
+        raise ValueError(f"rope x: expected a non-empty (B, T, H, D) tensor with even D, got {tuple(x.shape)}")
+    T, D = x.shape[1], x.shape[3]
+    check(cos, "rope cos", shape=(T, D // 2))
+    check(sin, "rope sin", shape=(T, D // 2))
+    return _RoPE.apply(x, cos, sin)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        out = torch.empty_like(gate)
+        C().swiglu_forward(ptr(out), ptr(gate), ptr(up), gate.numel())
+        ctx.save_for_backward(gate, up)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        gate, up = ctx.saved_tensors
+        dout = dout.contiguous()
+        dg, du = torch.empty_like(gate), torch.empty_like(up)
+        C().swiglu_backward(ptr(dg), ptr(du), ptr(dout), ptr(gate), ptr(up), gate.numel())
+        return dg, du
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up; gate and up fp32, same shape."""
+    check(gate, "swiglu gate")
+    check(up, "swiglu up", shape=tuple(gate.shape))
+    if gate.numel() == 0:
+        raise ValueError("swiglu gate: empty tensor")
+    return _SwiGLU.apply(gate, up)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index):
+        N, V = logits.shape
+        loss_rows = torch.empty(N, dtype=torch.float32)
+        lse = torch.empty(N, dtype=torch.float32)
+        C().cross_entropy_forward(ptr(loss_rows), ptr(lse), ptr(logits), ptr(targets), N, V, int(ignore_index))
+        n_valid = int((targets != ignore_index).sum())
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.ignore_index, ctx.n_valid = ignore_index, n_valid
+        return loss_rows.sum(dtype=torch.float64).float() / max(n_valid, 1)
+
+    @staticmethod
+    def backward(ctx, dloss):
+        logits, targets, lse = ctx.saved_tensors
+        N, V = logits.shape
+        dlogits = torch.empty_like(logits)
+        scale = float(dloss) / max(ctx.n_valid, 1)
+        C().cross_entropy_backward(ptr(dlogits), ptr(logits), ptr(lse), ptr(targets), N, V, int(ctx.ignore_index),
+                                   scale)
+        return dlogits, None, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
+    """Mean cross-entropy over non-ignored targets (0 if none). logits (N, V) fp32, targets (N) int64.
+    The forward saves one lse per row; the backward writes (softmax - onehot) * dloss / n_valid in one pass."""
+    check(logits, "cross_entropy logits")
+    if logits.dim() != 2 or logits.numel() == 0:
+        raise ValueError(f"cross_entropy logits: expected a non-empty (N, V) tensor, got {tuple(logits.shape)}")
+    N, V = logits.shape
+    check(targets, "cross_entropy targets", dtype=torch.int64, shape=(N,))
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    if bool(bad.any()):
+        raise ValueError(f"cross_entropy targets: {int(targets[bad][0])} is out of range [0, {V}) "
+                         f"and not ignore_index {ignore_index}")
+    return _CrossEntropy.apply(logits, targets, ignore_index)
+
+
+def adamw_step(params, grads, ms, vs, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+               step: int) -> None:
+    """One AdamW step in place on lists of fp32 contiguous tensors (torch.optim.AdamW semantics, decoupled
+    decay; step is 1-based for the bias correction)."""
+    if not (len(params) == len(grads) == len(ms) == len(vs)):
+        raise ValueError("adamw_step: params, grads, ms, vs must have the same length")
+    if step < 1:
+        raise ValueError(f"adamw_step: step must be >= 1, got {step}")
+    for i, (p, g, m, v) in enumerate(zip(params, grads, ms, vs)):
+        check(p, f"adamw_step params[{i}]")
+        for t, name in ((g, "grads"), (m, "ms"), (v, "vs")):
+            check(t, f"adamw_step {name}[{i}]", shape=tuple(p.shape))
+        if p.numel():
+            C().adamw_step(ptr(p), ptr(g), ptr(m), ptr(v), p.numel(), float(lr), float(beta1), float(beta2),
+                           float(eps), float(weight_decay), int(step))
+
+
+class AdamW(torch.optim.Optimizer):
+    """torch.optim.AdamW (decoupled weight decay, no amsgrad) running pyllm's fused kernel on CPU fp32 params."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"AdamW: bad hyper-parameters lr={lr} betas={betas} eps={eps} "
+                             f"weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            ps, gs, ms, vs = [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0)  # a tensor like torch's, so state_dicts interchange
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                st["step"] += 1
+                ps.append(p)
+                gs.append(p.grad.contiguous())
+                ms.append(st["exp_avg"])
+                vs.append(st["exp_avg_sq"])
+            steps = {int(self.state[p]["step"]) for p in ps}
+            for s in steps:
+                idx = [i for i, p in enumerate(ps) if int(self.state[p]["step"]) == s]
+                adamw_step([ps[i] for i in idx], [gs[i] for i in idx], [ms[i] for i in idx], [vs[i] for i in idx],
+                           group["lr"], group["betas"][0], group["betas"][1], group["eps"], group["weight_decay"], s)
+        return loss
 # --- attention (csrc/cpu/impl_attention.h) ------------------------------------------------------------------
 def _check_attention(q, k, v, doc_ids):
     check(q, "attention q")
@@ -143,3 +326,38 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty_like(q)
     C().decode_attention(ptr(out), ptr(q), ptr(k_cache), ptr(v_cache), k_cache.stride(0), k_cache.stride(1), B, H, Hkv, D, n_ctx)
     return out
+
+
+# === CUDA section (cuda helper). Keep it LAST in this file: it wraps the op functions defined above so that
+# CUDA tensors go to pyllm/ops_cuda.py and everything else to the unchanged CPU code (or to ref.<op> where no CPU
+# kernel exists yet). tests/test_cuda.py checks that every name in CUDA_OPS is wrapped. ===
+def _cuda_dispatch(name: str):
+    cpu_fn = globals().get(name)
+
+    def fn(*args, **kwargs):
+        first = args[0] if args else next(iter(kwargs.values()))
+        if isinstance(first, torch.Tensor) and first.is_cuda:
+            from . import ops_cuda
+            ops_cuda.require_built(name)
+            return getattr(ops_cuda, name)(*args, **kwargs)
+        if cpu_fn is not None:
+            return cpu_fn(*args, **kwargs)
+        from . import ref
+        return getattr(ref, name)(*args, **kwargs)
+
+    fn.__name__ = name
+    fn.__doc__ = (cpu_fn.__doc__ if cpu_fn is not None else f"ref.{name} on CPU") + " (CUDA: pyllm.ops_cuda)"
+    fn._pyllm_cuda_dispatch = True
+    fn._pyllm_cpu_fn = cpu_fn
+    return fn
+
+
+def _cuda_ops() -> tuple:
+    from . import ops_cuda
+    return ops_cuda.NAMES if ops_cuda.available() else ()
+
+
+CUDA_OPS = _cuda_ops()  # ops with CUDA kernels in this build (empty when built without CUDA)
+for _name in ("rmsnorm", "linear", "attention", "rope", "swiglu", "cross_entropy", "sample", "decode_attention"):
+    globals()[_name] = _cuda_dispatch(_name)
+del _name

@@ -169,7 +169,7 @@ def prepare(inputs, out, tokenizer=None, byte_level=False, vocab_size=4096, val_
     if workers > 1:
         import multiprocessing as mp
         pool = mp.get_context("spawn" if os.name == "nt" else "fork").Pool(workers, _worker_init, (tok_path,))
-        results = pool.imap(_run_chunk, _chunks(needed()))
+        results = _bounded_imap(pool, _run_chunk, _chunks(needed()), 4 * workers)
     else:
         _worker_init(tok_path)
         results = map(_run_chunk, _chunks(needed()))
@@ -186,6 +186,7 @@ def prepare(inputs, out, tokenizer=None, byte_level=False, vocab_size=4096, val_
             bar.set_postfix(tokens=n_tokens)
         for sp in ("train", "val"):
             flush(sp)
+        bar.n = total  # all input read (the count above is in characters, the total in bytes)
     finally:
         if pool is not None:
             pool.terminate()
@@ -200,6 +201,18 @@ def prepare(inputs, out, tokenizer=None, byte_level=False, vocab_size=4096, val_
     if n["val"] == 0:
         print(f"{out}: note: no validation documents (few documents; use --doc-sep, --val-input or --val-fraction)")
     return man
+
+
+def _bounded_imap(pool, fn, items, depth: int):
+    """Ordered pool.map that keeps at most `depth` chunks in flight (pool.imap would read the whole corpus ahead)."""
+    from collections import deque
+    pending = deque()
+    for it in items:
+        pending.append(pool.apply_async(fn, (it,)))
+        if len(pending) >= depth:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def _run_chunk(chunk):

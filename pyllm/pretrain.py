@@ -71,7 +71,10 @@ def make_optimizer(model, lr: float, weight_decay: float, betas, backend: str, d
         from . import ops
         if hasattr(ops, "AdamW"):
             groups = [{k: v for k, v in g.items() if k in ("params", "weight_decay")} for g in opt.param_groups]
-            opt = ops.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+            try:
+                opt = ops.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+            except TypeError as e:  # an incompatible signature: keep torch's AdamW rather than fail the run
+                print(f"pretrain: pyllm.ops.AdamW unusable ({e}); using torch.optim.AdamW")
     return opt
 
 
@@ -190,22 +193,34 @@ def train(args) -> dict:
     rank, world, device = _dist_setup(args.device)
     torch.manual_seed(args.seed)
     data_dir, out = Path(args.data), Path(args.out)
-    D.read_manifest(data_dir)
+    man = D.read_manifest(data_dir)
     tok = Tokenizer.load(str(data_dir / "tokenizer.json"))
     thash = D.tokenizer_hash(tok)
-    man = D.read_manifest(data_dir)
     config = build_config(args, man["vocab_size"])
     train_stream = D.TokenStream(data_dir, "train", tokenizer_hash=thash, vocab_size=config.vocab_size)
     has_val = any(s["split"] == "val" for s in man["shards"])
     val_stream = D.TokenStream(data_dir, "val", tokenizer_hash=thash) if has_val else None
+    if val_stream is not None:
+        try:
+            D.PackedLoader(val_stream, args.batch_size, args.seq_len, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                           shuffle=False)
+        except ValueError as e:
+            print(f"pretrain: no evaluation: validation split too small ({e})")
+            val_stream = None
     B, T = args.batch_size, args.seq_len
     micro_tokens = B * T * world
     total = args.total_batch_tokens or micro_tokens
     if total % micro_tokens:
         raise ValueError(f"--total-batch-tokens {total} is not a multiple of batch-size*seq-len*world = {micro_tokens}")
     accum = total // micro_tokens
+    if not args.max_steps:  # nanochat/Chinchilla sizing: about 20 training tokens per parameter
+        args.max_steps = max(1, math.ceil(args.tokens_per_param * config.num_params() / total))
     loader = D.PackedLoader(train_stream, B, T, seed=args.seed, rank=rank, world_size=world)
     backend = args.backend or ("pyllm" if device.type == "cpu" else "torch")
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "fp32": None,
+             "bf16": torch.bfloat16}[args.dtype]
+    if dtype is not None and backend == "pyllm" and device.type == "cpu":
+        raise ValueError("--dtype bf16 on CPU needs --backend torch (pyllm's CPU training kernels are fp32)")
     model = GPT(config, backend=backend)
     step, resume_meta = 0, None
     resume_from = None
@@ -214,6 +229,9 @@ def train(args) -> dict:
         if resume_from is None or not resume_from.is_dir():
             raise FileNotFoundError(f"--resume: no checkpoint at {resume_from or out / 'latest'}")
         weights, rtensors, resume_meta = load_resume(resume_from, config)
+        if resume_meta.get("tokenizer_hash") != thash:
+            raise ValueError(f"{resume_from}: checkpoint was trained with tokenizer "
+                             f"{resume_meta.get('tokenizer_hash')}, but {data_dir} uses {thash}")
         missing = model.load_state_dict(weights, strict=False)
         if missing.missing_keys or missing.unexpected_keys:
             raise ValueError(f"{resume_from}: weights do not match the model ({missing})")
@@ -224,8 +242,11 @@ def train(args) -> dict:
     raw = model
     args.fsdp = bool(args.fsdp and world > 1)
     if args.fsdp:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        model = FSDP(model, use_orig_params=True, device_id=device if device.type == "cuda" else None)
+        # FSDP2 (per-parameter sharding; CPU/gloo and GPU). One root group: GPT runs its blocks through
+        # GPT._block, not Block.forward, so per-block groups would never be gathered. Parameters, gradients and
+        # optimizer moments are sharded at rest; the whole model is gathered for forward/backward.
+        from torch.distributed.fsdp import fully_shard
+        fully_shard(model)
     elif world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                           else None)
@@ -233,12 +254,11 @@ def train(args) -> dict:
                          "torch" if args.fsdp else backend, device)
     if resume_meta is not None:
         if args.fsdp:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-            osd = _unflatten_fsdp(rtensors, resume_meta)
-            opt.load_state_dict(FSDP.optim_state_dict_to_load(model, opt, osd))
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(model, opt, _unflatten_fsdp(rtensors, resume_meta),
+                                     options=StateDictOptions(full_state_dict=True))
         else:
             load_optimizer_state(opt, {k: v.to(device) for k, v in rtensors.items()}, resume_meta)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "fp32": None, "bf16": torch.bfloat16}[args.dtype]
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
     peak = args.peak_flops or default_peak_flops(device)
     flops_step = config.flops_per_token(T) * total
@@ -250,7 +270,8 @@ def train(args) -> dict:
         metrics = _open_metrics(out / "metrics.jsonl", step)
         print(f"pretrain: {config.num_params() / 1e6:.2f}M params ({config.n_layers} layers, dim {config.dim}), "
               f"{train_stream.n_tokens} train tokens, {total} tokens/step = {world} rank(s) x {accum} micro x {B}x{T}, "
-              f"backend {backend}, device {device}" + (f", resumed at step {step}" if step else ""), flush=True)
+              f"{args.max_steps} steps, backend {backend}, device {device}"
+              + (f", resumed at step {step}" if step else ""), flush=True)
     bar = Progress(total=args.max_steps, initial=step, desc="pretrain", unit="step", disable=rank != 0 or None)
     losses, val_loss, last_loss = [], None, None
 
@@ -313,9 +334,10 @@ def train(args) -> dict:
                         _, loss = model(x, y, d)
                     (loss / accum).backward()
                 acc += loss.detach().float()
-            gnorm = (model.clip_grad_norm_(args.grad_clip) if args.fsdp else
-                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else
-                                                    float("inf")))
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else
+                                                   float("inf"))
+            if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
+                gnorm = gnorm.full_tensor()
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -345,17 +367,18 @@ def train(args) -> dict:
         if rank == 0:
             metrics.close()
             plot_metrics(out)
+    if world > 1:
+        torch.distributed.barrier()  # no rank tears down its connections while another still talks to it
     return {"step": step, "train_loss": last_loss, "val_loss": val_loss, "losses": losses}
 
 
 def _checkpoint(out, step, model, raw, opt, loader, tok, config, args, rank, world):
     if args.fsdp:
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                                  FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
-            full = model.state_dict()
-            osd = FSDP.optim_state_dict(model, opt)
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_model_state_dict(model, options=o)  # collective: every rank takes part, rank 0 gets it all
+        osd = get_optimizer_state_dict(model, opt, options=o)
         tensors, meta = {}, {"fsdp": True, "shapes": {}, "scalars": {}, "param_groups": osd.get("param_groups", [])}
         for pname, st in osd.get("state", {}).items():
             for k, v in st.items():
@@ -434,7 +457,10 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--batch-size", type=int, default=16, help="rows per micro-batch per process (16)")
     g.add_argument("--total-batch-tokens", type=int, default=0,
                    help="tokens per optimizer step; gradient accumulation fills it (0 = one micro-batch per rank)")
-    g.add_argument("--max-steps", type=int, default=2000, help="optimizer steps (2000)")
+    g.add_argument("--max-steps", type=int, default=0,
+                   help="optimizer steps (0 = sized from the model: --tokens-per-param x parameters / tokens per step)")
+    g.add_argument("--tokens-per-param", type=float, default=20.0,
+                   help="training tokens per parameter when --max-steps is 0 (Chinchilla/nanochat: 20)")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (1e-3)")
     g.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps (100)")
     g.add_argument("--decay", choices=("cosine", "linear", "constant"), default="cosine",
@@ -467,7 +493,9 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def main(args) -> int:
-    for k in ("batch_size", "seq_len", "max_steps", "keep_checkpoints"):
+    if args.max_steps < 0:
+        raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
+    for k in ("batch_size", "seq_len", "keep_checkpoints"):
         if getattr(args, k) <= 0:
             raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
     if args.warmup_steps < 0 or args.lr <= 0:

@@ -1,4 +1,4 @@
-"""A tiny dependency-free progress bar (tqdm-like). `from pyllm.progress import Progress`; PYLLM_PROGRESS=0 turns it off.
+"""A tiny dependency-free progress bar (tqdm-like): `from pyllm.progress import Progress`; PYLLM_PROGRESS=0: off.
 
 On a terminal it redraws one line (at most 10x/s); otherwise (logs, CI) it prints a plain line every
 PYLLM_PROGRESS_INTERVAL seconds (default 10) and once at the end, so long jobs stay visible without flooding logs.
@@ -34,7 +34,7 @@ def _fmt_val(v) -> str:
 
 
 class Progress:
-    """Progress(total=None, desc="", unit="it"); .update(n), .set_postfix(dict or **kw), .close(); also wraps iterables."""
+    """Progress(total=None, desc="", unit="it"): .update(n), .set_postfix(dict or **kw), .close(); wraps iterables."""
 
     def __init__(self, iterable=None, total: int | None = None, desc: str = "", unit: str = "it",
                  disable: bool | None = None, file=None, interval: float | None = None, initial: int = 0):

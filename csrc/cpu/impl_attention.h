@@ -4,17 +4,16 @@
 //
 // Layout: q (B, T, H, D), k/v (B, T, Hkv, D) row-major; query head h reads kv head h / (H / Hkv).
 // Work goes in tiles of ATT_BR queries x ATT_BC keys. The scores of one tile are kept TRANSPOSED, S^T (BC, BR),
-// so the softmax runs along contiguous query vectors and K/V rows are read straight from the caller's tensors
-// as the broadcast operand of att_mm: no per-tile transpose or copy of K/V when D is a multiple of VLEN (odd D
-// copies into zero-padded buffers). Only Q^T of the current query block is transposed, once per block.
+// so the softmax runs along contiguous query vectors and K/V rows serve as the broadcast operand of att_mm: no
+// per-tile transpose. In the forward K is read in place (8 rows at a time: no cache-set pressure) and each V
+// tile is copied into a contiguous zero-padded (BC, Dp) buffer: all 64 rows stay live in P.V, and rows H*D*4
+// bytes apart would fall into a few L1 sets. Q^T of a query block is built once per block.
 // Nothing of size T x T exists; the forward saves lse = m + log(l) per query row and the backward recomputes
 // P = exp(S - lse) (FlashAttention-2). Tiles that a document mask hides entirely are skipped.
 
-#if defined(__AVX512F__) || defined(__FMA__)
-#include <immintrin.h>
-#endif
+#include <immintrin.h>  // x86-64 only: SSE2 on the portable path, AVX2/FMA/AVX-512 where the path enables them
 
-#define ATT_BR 64  // query rows per tile (multiple of 2*VLEN on every path)
+#define ATT_BR 64  // query rows per tile (multiple of 2*VLEN on every path; 128 measured no better)
 #define ATT_BC 64  // keys per tile
 #define ATT_DMAX 256  // largest head dim (decode keeps one (D) accumulator on the stack)
 #if VLEN == 16
@@ -22,6 +21,18 @@
 #else
 #define ATT_MR 4   // 8 accumulators of 16 ymm/xmm registers
 #endif
+
+// Broadcast without simd.h's vf_set1 `(vf){0} + x`, which costs an extra add per call (x + 0.0 is not x for
+// x = -0.0, so GCC keeps it) inside the micro-kernel's innermost loop.
+static inline vf att_set1(float x) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_set1_ps(x);
+#elif defined(__AVX2__)
+    return (vf)_mm256_set1_ps(x);
+#else
+    return (vf)_mm_set1_ps(x);
+#endif
+}
 
 static inline vf att_fma(vf a, vf b, vf c) {  // a*b + c in one rounding where the path has FMA
 #if defined(__AVX512F__)
@@ -33,27 +44,24 @@ static inline vf att_fma(vf a, vf b, vf c) {  // a*b + c in one rounding where t
 #endif
 }
 
-// exp(x) for a vector (Cephes expf: range reduction by ln2 in two parts, degree-6 polynomial; max rel error
-// ~2e-7 on [-87, 88]); x < -87.3 (and -inf) gives exactly 0. Cheaper than libm's scalar expf by ~10x.
-static inline vf att_exp(vf x) {
-    const vf lo = vf_set1(-87.3365f), hi = vf_set1(88.0f);
-    const vi under = x < lo;
-    x = vf_select(x < hi, x, hi);
-    x = vf_select(under, lo, x);
-    const vf magic = vf_set1(12582912.0f);                 // 1.5 * 2^23: adding it rounds to an integer
-    vf n = (x * 1.44269504088896341f + magic) - magic;     // round(x / ln2)
-    vf r = x - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    vf y = vf_set1(1.9875691500e-4f);
-    y = att_fma(y, r, vf_set1(1.3981999507e-3f));
-    y = att_fma(y, r, vf_set1(8.3334519073e-3f));
-    y = att_fma(y, r, vf_set1(4.1665795894e-2f));
-    y = att_fma(y, r, vf_set1(1.6666665459e-1f));
-    y = att_fma(y, r, vf_set1(5.0000001201e-1f));
-    y = att_fma(y, r * r, r) + 1.0f;
-    vi e = (__builtin_convertvector(n, vi) + 127) << 23;  // 2^n as float bits
-    y = y * (vf)e;
-    return vf_select(under, vf_set1(0.f), y);
+// 2^x for a vector, x <= ~0 (scores minus their running max or lse; no overflow clamp): x = n + r with
+// n = round(x), |r| <= 0.5, 2^r by its degree-6 Taylor series (rel error < 1.3e-7), 2^n built in the exponent
+// bits. x < -126 (and -inf) gives exactly 0, so masked scores never produce denormals. The scores are kept in
+// log2 units (Q pre-scaled by log2(e)/sqrt(D)), which saves the ln2 range reduction of exp(): 15 vector ops.
+static inline vf att_exp2(vf x) {
+    const vi keep = x >= -126.0f;
+    x = vf_select(keep, x, att_set1(-126.0f));
+    const vf tm = x + 12582912.0f;                         // + 1.5 * 2^23 rounds x to an integer n
+    const vf r = x - (tm - 12582912.0f);
+    vf y = att_set1(1.5403530393381606e-4f);
+    y = att_fma(y, r, att_set1(1.3333558146428443e-3f));
+    y = att_fma(y, r, att_set1(9.618129107628477e-3f));
+    y = att_fma(y, r, att_set1(5.550410866482158e-2f));
+    y = att_fma(y, r, att_set1(0.2402265069591007f));
+    y = att_fma(y, r, att_set1(0.6931471805599453f));
+    y = att_fma(y, r, att_set1(1.0f));
+    const vi e = ((vi)tm << 23) + (127 << 23);             // 2^n: n sits in the low mantissa bits of tm
+    return (vf)((vi)(y * (vf)e) & keep);
 }
 
 // C (M, N) (+)= A (M, K) . B (K, N). A's element (m, k) is A[m*sam + k*sak] (row- or column-major, read one
@@ -70,15 +78,15 @@ static inline __attribute__((always_inline)) void att_mm_core(float* C, long ldc
         for (; n + 2 * VLEN <= N; n += 2 * VLEN) {
             vf c0[ATT_MR], c1[ATT_MR];
             for (int r = 0; r < ATT_MR; r++) {
-                c0[r] = acc ? vf_load(c + r * ldc + n) : vf_set1(0.f);
-                c1[r] = acc ? vf_load(c + r * ldc + n + VLEN) : vf_set1(0.f);
+                c0[r] = acc ? vf_load(c + r * ldc + n) : att_set1(0.f);
+                c1[r] = acc ? vf_load(c + r * ldc + n + VLEN) : att_set1(0.f);
             }
             const float* a = a0;
             const float* b = B + n;
             for (int k = 0; k < K; k++, a += sak, b += ldb) {
                 const vf b0 = vf_load(b), b1 = vf_load(b + VLEN);
                 for (int r = 0; r < ATT_MR; r++) {
-                    const vf ar = vf_set1(a[r * sam]);
+                    const vf ar = att_set1(a[r * sam]);
                     c0[r] = att_fma(ar, b0, c0[r]);
                     c1[r] = att_fma(ar, b1, c1[r]);
                 }
@@ -90,12 +98,12 @@ static inline __attribute__((always_inline)) void att_mm_core(float* C, long ldc
         }
         for (; n < N; n += VLEN) {  // one-vector column tail
             vf c0[ATT_MR];
-            for (int r = 0; r < ATT_MR; r++) c0[r] = acc ? vf_load(c + r * ldc + n) : vf_set1(0.f);
+            for (int r = 0; r < ATT_MR; r++) c0[r] = acc ? vf_load(c + r * ldc + n) : att_set1(0.f);
             const float* a = a0;
             const float* b = B + n;
             for (int k = 0; k < K; k++, a += sak, b += ldb) {
                 const vf b0 = vf_load(b);
-                for (int r = 0; r < ATT_MR; r++) c0[r] = att_fma(vf_set1(a[r * sam]), b0, c0[r]);
+                for (int r = 0; r < ATT_MR; r++) c0[r] = att_fma(att_set1(a[r * sam]), b0, c0[r]);
             }
             for (int r = 0; r < ATT_MR; r++) vf_store(c + r * ldc + n, c0[r]);
         }
@@ -103,10 +111,10 @@ static inline __attribute__((always_inline)) void att_mm_core(float* C, long ldc
     for (; m < M; m++) {  // row tail, one row at a time
         float* c = C + (long)m * ldc;
         for (int n = 0; n < N; n += VLEN) {
-            vf c0 = acc ? vf_load(c + n) : vf_set1(0.f);
+            vf c0 = acc ? vf_load(c + n) : att_set1(0.f);
             const float* a = A + (long)m * sam;
             const float* b = B + n;
-            for (int k = 0; k < K; k++, a += sak, b += ldb) c0 = att_fma(vf_set1(*a), vf_load(b), c0);
+            for (int k = 0; k < K; k++, a += sak, b += ldb) c0 = att_fma(att_set1(*a), vf_load(b), c0);
             vf_store(c + n, c0);
         }
     }
@@ -163,26 +171,29 @@ static void att_transpose(float* dst, const float* src, long ld, int Mq, int D, 
     }
 }
 
-// Rows of a (., D) view ld apart copied into a zero-padded (n, Dp) buffer (odd D only).
+// Rows of a (., D) view ld apart copied into a contiguous (n, Dp) buffer, zero-padded past D.
 static void att_pad_rows(float* dst, const float* src, long ld, int n, int D, int Dp) {
     for (int r = 0; r < n; r++) {
-        memcpy(dst + (long)r * Dp, src + r * ld, (size_t)D * sizeof(float));
-        for (int d = D; d < Dp; d++) dst[(long)r * Dp + d] = 0.f;
+        float* o = dst + (long)r * Dp;
+        const float* x = src + r * ld;
+        int d = 0;
+        for (; d + VLEN <= D; d += VLEN) vf_store(o + d, vf_load(x + d));
+        for (; d < D; d++) o[d] = x[d];
+        for (; d < Dp; d++) o[d] = 0.f;
     }
 }
 
 void KFN(attention_forward)(const attention_params* p) {
     const int B = p->B, T = p->T, H = p->H, D = p->D, G = p->H / p->Hkv;
-    const int Dp = (D + VLEN - 1) / VLEN * VLEN, padded = Dp != D;
+    const int Dp = (D + VLEN - 1) / VLEN * VLEN;
     const int nb = (T + ATT_BR - 1) / ATT_BR;
     const long ldq = (long)H * D, ldk = (long)p->Hkv * D;
-    const float scale = 1.0f / sqrtf((float)D);
+    const float scale2 = 1.4426950408889634f / sqrtf((float)D);  // scores in log2 units
     const long items = (long)B * H * nb;
     #pragma omp parallel if (items > 1 && (long)T * T * D * B * H > 200000)
     {
-        // per-thread scratch: Q^T (D, BR), S^T/P^T (BC, BR), O (BR, Dp), V padded (BC, Dp) if D is odd
-        float* Qt = (float*)malloc(sizeof(float) * ((size_t)D * ATT_BR + ATT_BC * ATT_BR + (size_t)ATT_BR * Dp +
-                                                    (padded ? (size_t)ATT_BC * Dp : 0)));
+        // per-thread scratch: Q^T (D, BR), S^T/P^T (BC, BR), O (BR, Dp), V tile (BC, Dp)
+        float* Qt = (float*)malloc(sizeof(float) * ((size_t)D * ATT_BR + ATT_BC * ATT_BR + 2 * (size_t)ATT_BR * Dp));
         float* ST = Qt + (size_t)D * ATT_BR;
         float* O = ST + ATT_BC * ATT_BR;
         float* Vp = O + (size_t)ATT_BR * Dp;
@@ -195,50 +206,48 @@ void KFN(attention_forward)(const attention_params* p) {
             const int32_t* doc = p->doc_ids ? p->doc_ids + (size_t)b * T : NULL;  // (T)
             int32_t qlo = 0, qhi = 0;
             if (doc) att_doc_range(doc, i0, Mq, &qlo, &qhi);
-            att_transpose(Qt, p->q + ((size_t)b * T + i0) * ldq + (size_t)h * D, ldq, Mq, D, scale);
+            att_transpose(Qt, p->q + ((size_t)b * T + i0) * ldq + (size_t)h * D, ldq, Mq, D, scale2);
             memset(O, 0, sizeof(float) * (size_t)ATT_BR * Dp);
             for (int r = 0; r < ATT_BR; r++) { m[r] = -INFINITY; l[r] = 0.f; }
-            for (int kb = 0; kb <= qb; kb++) {
+            for (int kb = 0; kb * ATT_BC < i0 + Mq; kb++) {  // key tiles up to the diagonal
                 const int j0 = kb * ATT_BC, Nk = att_min(ATT_BC, T - j0);
                 const int kind = att_tile_kind(doc, i0, Mq, j0, Nk, qlo, qhi);
                 if (!kind) continue;
                 const float* kr = p->k + ((size_t)b * T + j0) * ldk + (size_t)hk * D;  // (Nk, D), rows ldk apart
                 const float* vr = p->v + ((size_t)b * T + j0) * ldk + (size_t)hk * D;
-                att_mm_rowA(ST, ATT_BR, kr, ldk, Qt, ATT_BR, Nk, ATT_BR, D, 0);  // S^T = K Q^T * scale
+                att_mm_rowA(ST, ATT_BR, kr, ldk, Qt, ATT_BR, Nk, ATT_BR, D, 0);  // S^T = K Q^T * scale * log2(e)
                 if (kind == 2) att_mask(ST, doc, i0, Mq, j0, Nk);
                 // online softmax along keys, vectorised over queries
                 for (int r = 0; r < ATT_BR; r += VLEN) {
-                    vf mx = vf_set1(-INFINITY);
+                    vf mx = att_set1(-INFINITY);
                     for (int c = 0; c < Nk; c++) mx = vf_fmax(mx, vf_load(ST + c * ATT_BR + r));
                     const vf mold = vf_load(m + r), mnew = vf_fmax(mold, mx);
-                    const vf msafe = vf_select(mnew == -INFINITY, vf_set1(0.f), mnew);  // rows with no key yet
-                    vf sum = vf_set1(0.f);
+                    const vf msafe = vf_select(mnew == -INFINITY, att_set1(0.f), mnew);  // rows with no key yet
+                    vf sum = att_set1(0.f);
                     for (int c = 0; c < Nk; c++) {
-                        vf pv = att_exp(vf_load(ST + c * ATT_BR + r) - msafe);
+                        vf pv = att_exp2(vf_load(ST + c * ATT_BR + r) - msafe);
                         vf_store(ST + c * ATT_BR + r, pv);
                         sum += pv;
                     }
-                    const vf a = att_exp(mold - msafe);
+                    const vf a = att_exp2(mold - msafe);
                     vf_store(alpha + r, a);
                     vf_store(l + r, vf_load(l + r) * a + sum);
                     vf_store(m + r, mnew);
                 }
                 for (int r = 0; r < Mq; r++)
                     if (alpha[r] != 1.f) {
-                        const vf a = vf_set1(alpha[r]);
+                        const vf a = att_set1(alpha[r]);
                         for (int d = 0; d < Dp; d += VLEN) vf_store(O + r * Dp + d, vf_load(O + r * Dp + d) * a);
                     }
-                const float* vsrc = vr;
-                long ldv = ldk;
-                if (padded) { att_pad_rows(Vp, vr, ldk, Nk, D, Dp); vsrc = Vp; ldv = Dp; }
-                att_mm_colA(O, Dp, ST, ATT_BR, vsrc, ldv, Mq, Dp, Nk, 1);  // O += P V
+                att_pad_rows(Vp, vr, ldk, Nk, D, Dp);
+                att_mm_colA(O, Dp, ST, ATT_BR, Vp, Dp, Mq, Dp, Nk, 1);  // O += P V
             }
             float* out = p->out + ((size_t)b * T + i0) * ldq + (size_t)h * D;  // (Mq, D), rows ldq apart
             float* lse = p->lse + ((size_t)b * H + h) * T + i0;                 // (Mq)
             for (int r = 0; r < Mq; r++) {
                 const float inv = 1.0f / l[r];
                 for (int d = 0; d < D; d++) out[r * ldq + d] = O[r * Dp + d] * inv;
-                lse[r] = m[r] + logf(l[r]);
+                lse[r] = m[r] * 0.6931471805599453f + logf(l[r]);  // natural-log units
             }
         }
         free(Qt);
@@ -250,7 +259,7 @@ void KFN(attention_forward)(const attention_params* p) {
 // (T, Dp) buffers; dQ of one query block accumulates in (BR, Dp) over its key tiles.
 void KFN(attention_backward)(const attention_backward_params* p) {
     const int B = p->B, T = p->T, H = p->H, Hkv = p->Hkv, D = p->D, G = p->H / p->Hkv;
-    const int Dp = (D + VLEN - 1) / VLEN * VLEN, padded = Dp != D;
+    const int Dp = (D + VLEN - 1) / VLEN * VLEN;
     const int nb = (T + ATT_BR - 1) / ATT_BR;
     const long ldq = (long)H * D, ldk = (long)Hkv * D;
     const float scale = 1.0f / sqrtf((float)D);
@@ -258,9 +267,9 @@ void KFN(attention_backward)(const attention_backward_params* p) {
     #pragma omp parallel if (items > 1 && (long)T * T * D * B * H > 200000)
     {
         // per-thread scratch: Q^T, dO^T (D, BR); S^T/P^T, dP^T/dS^T (BC, BR); dQ (BR, Dp); dK, dV (T, Dp);
-        // odd D only: Q, dO (BR, Dp) and K (BC, Dp) zero-padded.
+        // Q, dO (BR, Dp) and this kv head's K, V (T, Dp) packed.
         const size_t n_scratch = 2 * (size_t)D * ATT_BR + 2 * ATT_BC * ATT_BR + (size_t)ATT_BR * Dp +
-                                 2 * (size_t)T * Dp + (padded ? (2 * (size_t)ATT_BR + ATT_BC) * Dp : 0);
+                                 4 * (size_t)T * Dp + 2 * (size_t)ATT_BR * Dp;
         float* Qt = (float*)malloc(sizeof(float) * n_scratch);
         float* dOt = Qt + (size_t)D * ATT_BR;
         float* PT = dOt + (size_t)D * ATT_BR;
@@ -270,13 +279,16 @@ void KFN(attention_backward)(const attention_backward_params* p) {
         float* dVa = dKa + (size_t)T * Dp;
         float* Qp = dVa + (size_t)T * Dp;
         float* dOp = Qp + (size_t)ATT_BR * Dp;
-        float* Kp = dOp + (size_t)ATT_BR * Dp;
+        float* Kall = dOp + (size_t)ATT_BR * Dp;
+        float* Vall = Kall + (size_t)T * Dp;
         float lse[ATT_BR], Di[ATT_BR];
         #pragma omp for schedule(dynamic, 1)
         for (int it = 0; it < items; it++) {
             const int b = it / Hkv, g = it % Hkv;
             const int32_t* doc = p->doc_ids ? p->doc_ids + (size_t)b * T : NULL;  // (T)
             memset(dKa, 0, sizeof(float) * 2 * (size_t)T * Dp);                     // dKa and dVa
+            att_pad_rows(Kall, p->k + (size_t)b * T * ldk + (size_t)g * D, ldk, T, D, Dp);
+            att_pad_rows(Vall, p->v + (size_t)b * T * ldk + (size_t)g * D, ldk, T, D, Dp);
             for (int h = g * G; h < (g + 1) * G; h++) {
                 for (int qb = 0; qb < nb; qb++) {
                     const int i0 = qb * ATT_BR, Mq = att_min(ATT_BR, T - i0);
@@ -286,47 +298,38 @@ void KFN(attention_backward)(const attention_backward_params* p) {
                     const float* o = p->out + row0;
                     int32_t qlo = 0, qhi = 0;
                     if (doc) att_doc_range(doc, i0, Mq, &qlo, &qhi);
-                    att_transpose(Qt, q, ldq, Mq, D, scale);
+                    att_transpose(Qt, q, ldq, Mq, D, scale * 1.4426950408889634f);  // log2 units
                     att_transpose(dOt, dO, ldq, Mq, D, 1.f);
-                    const float* qsrc = q;
-                    const float* dosrc = dO;
-                    long ldqs = ldq;
-                    if (padded) {
-                        att_pad_rows(Qp, q, ldq, Mq, D, Dp);
-                        att_pad_rows(dOp, dO, ldq, Mq, D, Dp);
-                        qsrc = Qp; dosrc = dOp; ldqs = Dp;
-                    }
+                    att_pad_rows(Qp, q, ldq, Mq, D, Dp);
+                    att_pad_rows(dOp, dO, ldq, Mq, D, Dp);
                     const float* lse_src = p->lse + ((size_t)b * H + h) * T + i0;  // (Mq)
                     for (int r = 0; r < ATT_BR; r++) {
                         float di = 0.f;
                         if (r < Mq) for (int d = 0; d < D; d++) di += dO[r * ldq + d] * o[r * ldq + d];
                         Di[r] = di;  // rowsum(dO * O): the softmax-gradient correction of row r
-                        lse[r] = r < Mq ? lse_src[r] : 0.f;
+                        lse[r] = r < Mq ? lse_src[r] * 1.4426950408889634f : 0.f;
                     }
                     memset(dQa, 0, sizeof(float) * (size_t)ATT_BR * Dp);
-                    for (int kb = 0; kb <= qb; kb++) {
+                    for (int kb = 0; kb * ATT_BC < i0 + Mq; kb++) {  // key tiles up to the diagonal
                         const int j0 = kb * ATT_BC, Nk = att_min(ATT_BC, T - j0);
                         const int kind = att_tile_kind(doc, i0, Mq, j0, Nk, qlo, qhi);
                         if (!kind) continue;
-                        const float* kr = p->k + ((size_t)b * T + j0) * ldk + (size_t)g * D;  // (Nk, D) ldk apart
-                        const float* vr = p->v + ((size_t)b * T + j0) * ldk + (size_t)g * D;
-                        att_mm_rowA(PT, ATT_BR, kr, ldk, Qt, ATT_BR, Nk, ATT_BR, D, 0);   // S^T = K Q^T * scale
+                        const float* Kp = Kall + (size_t)j0 * Dp;  // (Nk, Dp)
+                        const float* Vp = Vall + (size_t)j0 * Dp;  // (Nk, Dp)
+                        att_mm_rowA(PT, ATT_BR, Kp, Dp, Qt, ATT_BR, Nk, ATT_BR, D, 0);   // S^T = K Q^T * scale * log2(e)
                         if (kind == 2) att_mask(PT, doc, i0, Mq, j0, Nk);
-                        att_mm_rowA(dST, ATT_BR, vr, ldk, dOt, ATT_BR, Nk, ATT_BR, D, 0); // dP^T = V dO^T
+                        att_mm_rowA(dST, ATT_BR, Vp, Dp, dOt, ATT_BR, Nk, ATT_BR, D, 0); // dP^T = V dO^T
                         for (int r = 0; r < ATT_BR; r += VLEN) {
                             const vf vl = vf_load(lse + r), vd = vf_load(Di + r);
                             for (int c = 0; c < Nk; c++) {
-                                const vf pv = att_exp(vf_load(PT + c * ATT_BR + r) - vl);   // P recomputed
+                                const vf pv = att_exp2(vf_load(PT + c * ATT_BR + r) - vl);  // P recomputed
                                 vf_store(PT + c * ATT_BR + r, pv);
                                 vf_store(dST + c * ATT_BR + r, pv * (vf_load(dST + c * ATT_BR + r) - vd) * scale);
                             }
                         }
-                        const float* ksrc = kr;
-                        long ldks = ldk;
-                        if (padded) { att_pad_rows(Kp, kr, ldk, Nk, D, Dp); ksrc = Kp; ldks = Dp; }
-                        att_mm_rowA(dVa + (size_t)j0 * Dp, Dp, PT, ATT_BR, dosrc, ldqs, Nk, Dp, Mq, 1);  // dV += P^T dO
-                        att_mm_rowA(dKa + (size_t)j0 * Dp, Dp, dST, ATT_BR, qsrc, ldqs, Nk, Dp, Mq, 1);  // dK += dS^T Q
-                        att_mm_colA(dQa, Dp, dST, ATT_BR, ksrc, ldks, Mq, Dp, Nk, 1);                  // dQ += dS K
+                        att_mm_rowA(dVa + (size_t)j0 * Dp, Dp, PT, ATT_BR, dOp, Dp, Nk, Dp, Mq, 1);  // dV += P^T dO
+                        att_mm_rowA(dKa + (size_t)j0 * Dp, Dp, dST, ATT_BR, Qp, Dp, Nk, Dp, Mq, 1);  // dK += dS^T Q
+                        att_mm_colA(dQa, Dp, dST, ATT_BR, Kp, Dp, Mq, Dp, Nk, 1);                  // dQ += dS K
                     }
                     float* dq = p->dq + row0;
                     for (int r = 0; r < Mq; r++) memcpy(dq + r * ldq, dQa + (size_t)r * Dp, sizeof(float) * D);
@@ -362,7 +365,7 @@ void KFN(decode_attention)(const decode_attention_params* p) {
             float cmax = -INFINITY;
             for (int t = 0; t < n; t++) {
                 const float* k = kc + (size_t)(t0 + t) * p->ld_t;
-                vf a = vf_set1(0.f);
+                vf a = att_set1(0.f);
                 int d = 0;
                 for (; d + VLEN <= D; d += VLEN) a = att_fma(vf_load(q + d), vf_load(k + d), a);
                 float dot = vf_sum(a);
@@ -379,7 +382,7 @@ void KFN(decode_attention)(const decode_attention_params* p) {
             for (int d = 0; d < D; d++) acc[d] *= alpha;
             for (int t = 0; t < n; t++) {
                 const float* v = vc + (size_t)(t0 + t) * p->ld_t;
-                const vf w = vf_set1(s[t]);
+                const vf w = att_set1(s[t]);
                 int d = 0;
                 for (; d + VLEN <= D; d += VLEN) vf_store(acc + d, att_fma(w, vf_load(v + d), vf_load(acc + d)));
                 for (; d < D; d++) acc[d] += s[t] * v[d];

@@ -33,11 +33,81 @@ typedef struct {
     int N, C;
 } rmsnorm_backward_params;
 
+// --- sampling (impl_sample.h) -------------------------------------------------------------------------
+typedef struct {
+    int64_t* tokens;      // (B)    written: chosen id; -1 = row has no allowed token, -2 = NaN/+inf logits
+    float* logprobs;      // (B)    written: log_softmax(logits / T)[token] over the full vocab (T = 1 if greedy)
+    const float* logits;  // (B, V)
+    const uint8_t* mask;  // (B, V) optional: nonzero = allowed (NULL: all allowed)
+    int B, V;
+    float temperature;    // 0 = greedy
+    int top_k;            // 0 = off
+    float top_p;          // 1 = off
+    float min_p;          // 0 = off
+    uint64_t seed, step;  // the draw for row b is a pure function of (seed, b, step)
+} sample_params;
+
+// --- fused training ops (impl_fused.h) ----------------------------------------------------------------------
+typedef struct {
+    float* out;           // (B, T, H, D)  may alias x
+    const float* x;       // (B, T, H, D)
+    const float* cos;     // (T, D/2)
+    const float* sin;     // (T, D/2)
+    int B, T, H, D;       // D even
+    int backward;         // 1: rotate by -angle (the gradient of the forward rotation)
+} rope_params;
+
+typedef struct {
+    float* out;           // (n)  silu(gate) * up
+    const float* gate;    // (n)
+    const float* up;      // (n)
+    long n;
+} swiglu_params;
+
+typedef struct {
+    float* dgate;         // (n)
+    float* dup;           // (n)
+    const float* dout;    // (n)
+    const float* gate;    // (n)
+    const float* up;      // (n)
+    long n;
+} swiglu_backward_params;
+
+typedef struct {
+    float* loss;            // (N)  lse - logits[target], 0 for ignored rows
+    float* lse;             // (N)  saved for backward
+    const float* logits;    // (N, V)
+    const int64_t* targets; // (N)
+    int N, V;
+    int64_t ignore_index;
+} cross_entropy_params;
+
+typedef struct {
+    float* dlogits;         // (N, V)  may alias logits
+    const float* logits;    // (N, V)
+    const float* lse;       // (N)
+    const int64_t* targets; // (N)
+    int N, V;
+    int64_t ignore_index;
+    float scale;            // dloss / n_valid
+} cross_entropy_backward_params;
+
+typedef struct {
+    float* params;        // (n)  updated in place
+    const float* grads;   // (n)
+    float* m;             // (n)  first moment, updated
+    float* v;             // (n)  second moment, updated
+    long n;
+    float lr, beta1, beta2, eps, weight_decay;
+    int step;             // 1-based, for bias correction
+} adamw_params;
 // --- attention (impl_attention.h) ---------------------------------------------------------------------
 // Causal flash attention, fp32. Query head h reads kv head h / (H / Hkv) (H % Hkv == 0). Scale 1/sqrt(D).
-// doc_ids (optional): token i attends to j only if j <= i and doc_ids[b,i] == doc_ids[b,j]; tiles that no
-// (i, j) pair of the same document reaches are skipped, so packed rows cost about sum(doc_len^2), not T^2.
-// D <= 256. Scratch: each thread mallocs O(D*64 + 64*64) floats (backward also 2*T*D) per call.
+// doc_ids (optional): token i attends to j only if j <= i and doc_ids[b,i] == doc_ids[b,j]; any ids work, and
+// 64x64 tiles whose query and key id ranges do not overlap are skipped, so packed rows with increasing ids cost
+// about sum(doc_len^2) rather than T^2/2.
+// D <= 256. Scratch: each thread mallocs O(D*64 + 64*64) floats per call (backward also 4*T*D: its kv head's
+// K, V, dK, dV). Backward parallelism is B*Hkv (one item owns a kv head's dK/dV and its query heads' dQ).
 typedef struct {
     float* out;             // (B, T, H, D)   written
     float* lse;             // (B, H, T)      written: log-sum-exp of each query row's scaled scores (for backward)
@@ -82,7 +152,14 @@ typedef struct {
     X(rmsnorm_backward, rmsnorm_backward_params)   \
     X(attention_forward, attention_params)        \
     X(attention_backward, attention_backward_params) \
-    X(decode_attention, decode_attention_params)
+    X(decode_attention, decode_attention_params)  \
+    X(sample_forward, sample_params)              \
+    X(rope_forward, rope_params)                  \
+    X(swiglu_forward, swiglu_params)              \
+    X(swiglu_backward, swiglu_backward_params)    \
+    X(cross_entropy_forward, cross_entropy_params) \
+    X(cross_entropy_backward, cross_entropy_backward_params) \
+    X(adamw_step, adamw_params)
 
 #define PYLLM_DECLARE(name, P) void name(const P* p);
 PYLLM_KERNELS(PYLLM_DECLARE)

@@ -7,4 +7,6 @@
 #include "simd.h"
 
 #include "impl_norm.h"
+#include "impl_sample.h"
+#include "impl_fused.h"
 #include "impl_attention.h"

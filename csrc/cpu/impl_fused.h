@@ -1,0 +1,159 @@
+// impl_fused.h — fused training ops: RoPE (HF rotate-half), SwiGLU, cross-entropy (saves lse, one-pass backward),
+// AdamW step. Included by kernels_impl.h after impl_sample.h (uses its vf_exp_neg). Each is one or two streaming
+// passes with no temporaries, where the torch composition makes 3-8 passes and allocates each intermediate.
+
+// --- RoPE -------------------------------------------------------------------------------------------------
+// out = cat(x1*c - x2*s, x2*c + x1*s) with x1 = x[..., :D/2], x2 = x[..., D/2:]. The backward is the same
+// rotation by -angle (s -> -s), so one kernel serves both. out may alias x.
+void KFN(rope_forward)(const rope_params* p) {
+    const int T = p->T, H = p->H, D = p->D, h2 = D / 2;
+    const long rows = (long)p->B * T * H;
+    const float sg = p->backward ? -1.f : 1.f;
+    #pragma omp parallel for schedule(static) if (rows * D > 65536)
+    for (long r = 0; r < rows; r++) {
+        const int t = (int)((r / H) % T);
+        const float* x = p->x + r * D;           // (D)
+        float* out = p->out + r * D;             // (D)
+        const float* c = p->cos + (size_t)t * h2;  // (D/2)
+        const float* s = p->sin + (size_t)t * h2;  // (D/2)
+        int i = 0;
+        for (; i + VLEN <= h2; i += VLEN) {
+            vf x1 = vf_load(x + i), x2 = vf_load(x + h2 + i), vc = vf_load(c + i), vs = vf_load(s + i) * sg;
+            vf_store(out + i, x1 * vc - x2 * vs);
+            vf_store(out + h2 + i, x2 * vc + x1 * vs);
+        }
+        for (; i < h2; i++) {
+            const float x1 = x[i], x2 = x[h2 + i], sv = s[i] * sg;
+            out[i] = x1 * c[i] - x2 * sv;
+            out[h2 + i] = x2 * c[i] + x1 * sv;
+        }
+    }
+}
+
+// --- SwiGLU -----------------------------------------------------------------------------------------------
+static inline vf vf_sigmoid(vf g) {  // 1/(1+e^-g) via e^-|g| so the exponential never overflows
+    vf a = vf_select(g < vf_set1(0.f), -g, g);
+    vf e = vf_exp_neg(-a);
+    vf r = 1.f / (1.f + e);
+    return vf_select(g < vf_set1(0.f), e * r, r);
+}
+
+static inline float sigmoidf_(float g) {  // scalar tail: same formula through a 1-lane-used vector
+    vf v = vf_set1(g);
+    return vf_sigmoid(v)[0];
+}
+
+void KFN(swiglu_forward)(const swiglu_params* p) {
+    const long n = p->n;
+    #pragma omp parallel for schedule(static) if (n > 65536)
+    for (long i0 = 0; i0 < n; i0 += 4096) {
+        const long i1 = i0 + 4096 < n ? i0 + 4096 : n;
+        long i = i0;
+        for (; i + VLEN <= i1; i += VLEN) {
+            vf g = vf_load(p->gate + i);
+            vf_store(p->out + i, g * vf_sigmoid(g) * vf_load(p->up + i));
+        }
+        for (; i < i1; i++) p->out[i] = p->gate[i] * sigmoidf_(p->gate[i]) * p->up[i];
+    }
+}
+
+// dgate = dy * up * s * (1 + g * (1 - s)), dup = dy * g * s, s = sigmoid(g). dgate/dup may alias gate/up.
+void KFN(swiglu_backward)(const swiglu_backward_params* p) {
+    const long n = p->n;
+    #pragma omp parallel for schedule(static) if (n > 65536)
+    for (long i0 = 0; i0 < n; i0 += 4096) {
+        const long i1 = i0 + 4096 < n ? i0 + 4096 : n;
+        long i = i0;
+        for (; i + VLEN <= i1; i += VLEN) {
+            vf g = vf_load(p->gate + i), u = vf_load(p->up + i), dy = vf_load(p->dout + i);
+            vf s = vf_sigmoid(g);
+            vf_store(p->dgate + i, dy * u * s * (1.f + g * (1.f - s)));
+            vf_store(p->dup + i, dy * g * s);
+        }
+        for (; i < i1; i++) {
+            const float g = p->gate[i], u = p->up[i], dy = p->dout[i], s = sigmoidf_(g);
+            p->dgate[i] = dy * u * s * (1.f + g * (1.f - s));
+            p->dup[i] = dy * g * s;
+        }
+    }
+}
+
+// --- cross-entropy ----------------------------------------------------------------------------------------
+static float row_lse(const float* l, int V) {  // log(sum(exp(l))): a max pass and an exp-sum pass
+    vf vm = vf_set1(-INFINITY);
+    int i = 0;
+    for (; i + VLEN <= V; i += VLEN) vm = vf_fmax(vf_load(l + i), vm);
+    float m = vf_max(vm);
+    for (; i < V; i++) m = l[i] > m ? l[i] : m;
+    vf acc = vf_set1(0.f);
+    for (i = 0; i + VLEN <= V; i += VLEN) acc += vf_exp_neg(vf_load(l + i) - m);
+    double s = vf_sum(acc);
+    for (; i < V; i++) s += vf_exp_neg(vf_set1(l[i] - m))[0];
+    return m + (float)log(s);
+}
+
+// Per row: lse[n] and loss[n] = lse - logits[n, target] (0 where the target is ignored or out of range).
+void KFN(cross_entropy_forward)(const cross_entropy_params* p) {
+    const int N = p->N, V = p->V;
+    #pragma omp parallel for schedule(static) if (N > 1)
+    for (int n = 0; n < N; n++) {
+        const float* l = p->logits + (size_t)n * V;  // (V)
+        const float lse = row_lse(l, V);
+        const int64_t t = p->targets[n];
+        p->lse[n] = lse;
+        p->loss[n] = (t >= 0 && t < V && t != p->ignore_index) ? lse - l[t] : 0.f;
+    }
+}
+
+// dlogits = (softmax - onehot) * scale in one pass from the saved lse; ignored rows get 0. dlogits may alias
+// logits (the training loop can reuse the logits buffer for its gradient).
+void KFN(cross_entropy_backward)(const cross_entropy_backward_params* p) {
+    const int N = p->N, V = p->V;
+    #pragma omp parallel for schedule(static) if (N > 1)
+    for (int n = 0; n < N; n++) {
+        const float* l = p->logits + (size_t)n * V;  // (V)
+        float* d = p->dlogits + (size_t)n * V;       // (V)
+        const int64_t t = p->targets[n];
+        const int valid = t >= 0 && t < V && t != p->ignore_index;
+        const float sc = valid ? p->scale : 0.f, lse = p->lse[n];
+        int i = 0;
+        for (; i + VLEN <= V; i += VLEN) vf_store(d + i, vf_exp_neg(vf_load(l + i) - lse) * sc);
+        for (; i < V; i++) d[i] = vf_exp_neg(vf_set1(l[i] - lse))[0] * sc;
+        if (valid) d[t] -= sc;
+    }
+}
+
+// --- AdamW ------------------------------------------------------------------------------------------------
+static inline vf vf_sqrt(vf x) {  // GCC turns the lane loop into one sqrtps
+    for (int q = 0; q < VLEN; q++) x[q] = sqrtf(x[q]);
+    return x;
+}
+
+// torch.optim.AdamW semantics: p *= 1 - lr*wd; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+// p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
+void KFN(adamw_step)(const adamw_params* p) {
+    const long n = p->n;
+    const float b1 = p->beta1, b2 = p->beta2;
+    const float bc1 = 1.f - powf(b1, (float)p->step), bc2s = sqrtf(1.f - powf(b2, (float)p->step));
+    const float step_size = p->lr / bc1, decay = 1.f - p->lr * p->weight_decay, eps = p->eps;
+    #pragma omp parallel for schedule(static) if (n > 65536)
+    for (long i0 = 0; i0 < n; i0 += 4096) {
+        const long i1 = i0 + 4096 < n ? i0 + 4096 : n;
+        long i = i0;
+        for (; i + VLEN <= i1; i += VLEN) {
+            vf g = vf_load(p->grads + i);
+            vf m = vf_load(p->m + i) * b1 + (1.f - b1) * g;
+            vf v = vf_load(p->v + i) * b2 + (1.f - b2) * (g * g);
+            vf_store(p->m + i, m);
+            vf_store(p->v + i, v);
+            vf_store(p->params + i, vf_load(p->params + i) * decay - step_size * m / (vf_sqrt(v) / bc2s + eps));
+        }
+        for (; i < i1; i++) {
+            const float g = p->grads[i];
+            const float m = p->m[i] * b1 + (1.f - b1) * g, v = p->v[i] * b2 + (1.f - b2) * (g * g);
+            p->m[i] = m;
+            p->v[i] = v;
+            p->params[i] = p->params[i] * decay - step_size * m / (sqrtf(v) / bc2s + eps);
+        }
+    }
+}

@@ -1,0 +1,117 @@
+// kernels_cuda.h — the C API of pyllm's CUDA kernels (csrc/cuda/*.cu), called by csrc/bindings.cpp.
+// Same style as csrc/cpu/kernels.h: raw device pointers + sizes in a params struct, plus the caller's stream
+// (a cudaStream_t passed as void* so this header needs no CUDA headers; NULL = the legacy default stream).
+// Every function returns NULL on success or a one-line error ("file:line: call: cudaError text") — every launch
+// is checked with cudaGetLastError. Nothing here synchronizes or allocates: scratch buffers come from the caller.
+// Where a CPU params struct (cpu/kernels.h) has exactly the right fields it is reused, so both sides agree.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+#include "../cpu/kernels.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef void* pyllm_stream;  // cudaStream_t
+
+// Number of visible CUDA devices; 0 (never an error) when there is no driver or no GPU.
+int pyllm_cuda_device_count(void);
+
+// --- matmul (matmul.cu) ------------------------------------------------------------------------------------
+// C (M, N) = A (M, K) . B (N, K)^T, fp32 accumulate ("NT": both operands K-contiguous, like x @ W.T).
+// dtype 0 = fp32 operands and output (simple tiled FFMA kernel); dtype 1 = bf16 operands, bf16 output
+// (tensor cores, mma.sync m16n8k16, cp.async + ldmatrix, 3-stage pipeline, when K % 8 == 0 and A, B are
+// 16-byte aligned; otherwise the simple kernel). out_f32 = 1 writes fp32 C even for bf16 operands.
+typedef struct {
+    void* c;             // (M, N)  written
+    const void* a;       // (M, K)
+    const void* b;       // (N, K)
+    int M, N, K;
+    int dtype;           // 0 fp32, 1 bf16
+    int out_f32;         // bf16 operands only: 1 = fp32 output
+} matmul_cuda_params;
+const char* matmul_cuda(const matmul_cuda_params* p, pyllm_stream stream);
+
+// --- attention (attention.cu), fp32 ----------------------------------------------------------------------
+// Forward: the CPU attention_params (causal, GQA, optional doc_ids; lse saved (B, H, T)). D <= 256.
+const char* attention_forward_cuda(const attention_params* p, pyllm_stream stream);
+// Backward by recomputation (no T x T buffer); `delta` (B, H, T) fp32 is caller-provided scratch.
+// Deterministic: dq and dk/dv are computed by separate kernels, no atomics.
+const char* attention_backward_cuda(const attention_backward_params* p, float* delta, pyllm_stream stream);
+
+// Decode attention (split-K over the context): the CPU decode_attention_params; `ws` is caller scratch of
+// decode_attention_cuda_ws_floats(p) floats.
+long decode_attention_cuda_ws_floats(const decode_attention_params* p);
+const char* decode_attention_cuda(const decode_attention_params* p, float* ws, pyllm_stream stream);
+
+// --- sampling (sample.cu) ----------------------------------------------------------------------------------
+// One block per row. temperature <= 0: greedy (argmax, smallest index on ties), logprob under T = 1.
+// Otherwise x = logits / T (mask: disallowed -> -inf); keep tokens whose prob q = exp(x - max) passes all of
+// top_k (k-th largest q, by bisection on the float bits), min_p (q >= min_p) and top_p (the largest threshold t
+// with mass(q >= t) >= top_p * kept mass, by bisection — no sort), then draw with u = hash(seed, row, step).
+// logprob = log_softmax(x)[token] over the full (masked) row, before truncation.
+typedef struct {
+    int64_t* tokens;         // (B)     written
+    float* logprobs;         // (B)     written
+    const float* logits;     // (B, V)
+    const uint8_t* mask;     // (B, V)  1 = allowed, or NULL
+    int B, V;
+    float temperature, top_p, min_p;
+    int top_k;               // 0 = off
+    uint64_t seed, step;
+} sample_cuda_params;
+const char* sample_cuda(const sample_cuda_params* p, pyllm_stream stream);
+
+// --- fused elementwise / row ops (fused.cu), fp32 ----------------------------------------------------------
+const char* rmsnorm_forward_cuda(const rmsnorm_params* p, pyllm_stream stream);
+// dweight is overwritten (not accumulated): column sums are reduced inside, deterministic.
+const char* rmsnorm_backward_cuda(const rmsnorm_backward_params* p, pyllm_stream stream);
+
+typedef struct {
+    float* out;          // (B, T, H, D) written (may alias x)
+    const float* x;      // (B, T, H, D)
+    const float* cos;    // (T, D/2)
+    const float* sin;    // (T, D/2)
+    int B, T, H, D;
+    int inverse;         // 1: rotate by -angle (the backward of rope is rope with -sin)
+} rope_cuda_params;
+const char* rope_cuda(const rope_cuda_params* p, pyllm_stream stream);
+
+typedef struct {
+    float* out;          // (n)  forward: silu(gate) * up
+    float* dgate;        // (n)  backward only
+    float* dup;          // (n)  backward only
+    const float* gate;   // (n)
+    const float* up;     // (n)
+    const float* dout;   // (n)  backward only (NULL for forward)
+    long n;
+} swiglu_cuda_params;
+const char* swiglu_cuda(const swiglu_cuda_params* p, pyllm_stream stream);
+
+// Cross-entropy per row: loss[i] = logsumexp(logits[i]) - logits[i, t_i] (0 where t_i == ignore_index), and
+// with dlogits != NULL: dlogits[i] = (softmax(logits[i]) - onehot(t_i)) * scale (0 rows where ignored).
+typedef struct {
+    float* losses;            // (N)     written
+    float* dlogits;           // (N, V)  written when not NULL
+    const float* logits;      // (N, V)
+    const int64_t* targets;   // (N)
+    int N, V;
+    long ignore_index;
+    float scale;              // gradient scale (dloss / n_valid)
+} cross_entropy_cuda_params;
+const char* cross_entropy_cuda(const cross_entropy_cuda_params* p, pyllm_stream stream);
+
+// AdamW, one step over n fp32 params (PyTorch's formula, decoupled weight decay).
+typedef struct {
+    float* param; float* m; float* v;  // (n) updated in place
+    const float* grad;                 // (n)
+    long n;
+    float lr, beta1, beta2, eps, weight_decay;
+    int step;                          // 1-based, for bias correction
+} adamw_cuda_params;
+const char* adamw_cuda(const adamw_cuda_params* p, pyllm_stream stream);
+
+#ifdef __cplusplus
+}
+#endif

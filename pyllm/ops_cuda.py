@@ -1,0 +1,349 @@
+"""CUDA versions of the pyllm.ops functions (same signatures), over the cuda_* kernels in pyllm._C.
+
+pyllm.ops dispatches here for CUDA tensors (see the CUDA section at the end of ops.py); call ops.<name>, not this.
+Kernels run on torch's current stream (its handle is passed to the kernel), take contiguous fp32 tensors (linear
+also bf16: the tensor-core path) and are checked after every launch. Half-precision inputs to the fp32 kernels
+are upcast here, which costs a copy; bf16 attention/norm kernels are future work (benchmarks/bench_cuda.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._ext import C
+
+# The ops that have CUDA kernels (ops.CUDA_OPS re-exports this; pyllm.model uses ops.<name> on CUDA for these).
+NAMES = ("rmsnorm", "linear", "attention", "rope", "swiglu", "cross_entropy", "sample", "decode_attention")
+
+
+def available() -> bool:
+    """True when pyllm._C was compiled with nvcc (the kernels exist; a GPU may still be absent)."""
+    try:
+        return bool(C().build_info()["cuda_built"])
+    except ImportError:
+        return False
+
+
+def require_built(name: str):
+    if not available():
+        raise RuntimeError(f"{name}: got CUDA tensors but pyllm._C was built without CUDA (no nvcc at build time, "
+                           "or PYLLM_NO_CUDA=1); rebuild with nvcc on PATH, or use backend='torch'")
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _check(t, name, dtype=torch.float32, shape=None, device=None):
+    """One-line errors: dtype, CUDA device (the same one as `device`), shape, contiguity."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
+    if t.device.type != "cuda" or (device is not None and t.device != device):
+        raise ValueError(f"{name}: expected a tensor on {device or 'cuda'}, got {t.device}")
+    if shape is not None and (len(shape) != t.dim() or any(s is not None and s != d for s, d in zip(shape, t.shape))):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: must be contiguous (call .contiguous())")
+    return t
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """Half inputs (bf16 autocast outputs) go to the fp32 kernels as fp32: differentiable, costs one copy."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+# --- matmul -----------------------------------------------------------------------------------------------
+def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype=None) -> torch.Tensor:
+    """C (M, N) = a (M, K) @ b (N, K).T on the pyllm kernel; a, b contiguous, same dtype (fp32 or bf16)."""
+    M, K = a.shape
+    N = b.shape[0]
+    dtype = {torch.float32: 0, torch.bfloat16: 1}[a.dtype]
+    out_dtype = out_dtype or a.dtype
+    c = torch.empty(M, N, dtype=out_dtype, device=a.device)
+    C().cuda_matmul(c.data_ptr(), a.data_ptr(), b.data_ptr(), M, N, K, dtype, int(out_dtype == torch.float32),
+                    _stream(a))
+    return c
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight):
+        K = x.shape[-1]
+        x2 = x.reshape(-1, K).contiguous()
+        ctx.save_for_backward(x2, weight)
+        return _mm(x2, weight).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dout):
+        x2, weight = ctx.saved_tensors
+        dout2 = dout.reshape(-1, weight.shape[0]).to(x2.dtype).contiguous()  # (M, N)
+        # The kernel is NT only (both operands K-contiguous), so the other two products pay a transpose copy.
+        dx = _mm(dout2, weight.t().contiguous())                    # (M, K) = dout . W
+        dw = _mm(dout2.t().contiguous(), x2.t().contiguous())       # (N, K) = dout^T . x
+        return dx.view(*dout.shape[:-1], x2.shape[1]), dw
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ weight (N, K).T -> (..., N). fp32 -> fp32 FFMA kernel; bf16 (or fp32 under bf16 autocast) ->
+    tensor-core kernel, bf16 out."""
+    require_built("linear")
+    if torch.is_autocast_enabled("cuda") and x.dtype == torch.float32:
+        if torch.get_autocast_dtype("cuda") != torch.bfloat16:
+            raise TypeError("linear: pyllm's CUDA matmul supports bf16 autocast only (got "
+                            f"{torch.get_autocast_dtype('cuda')})")
+        x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"linear x: expected float32 or bfloat16, got {x.dtype}")
+    _check(weight, "linear weight", dtype=x.dtype, device=x.device)
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or x.numel() == 0:
+        raise ValueError(f"linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match (..., K) x (N, K)")
+    return _Linear.apply(x, weight)
+
+
+# --- rmsnorm ----------------------------------------------------------------------------------------------
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        C_ = x.shape[-1]
+        x2 = x.reshape(-1, C_)
+        N = x2.shape[0]
+        out = torch.empty_like(x2)
+        rstd = torch.empty(N, dtype=torch.float32, device=x.device)
+        C().cuda_rmsnorm_forward(out.data_ptr(), rstd.data_ptr(), x2.data_ptr(), weight.data_ptr(), N, C_,
+                                 float(eps), _stream(x))
+        ctx.save_for_backward(x2, weight, rstd)
+        return out.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x2, weight, rstd = ctx.saved_tensors
+        N, C_ = x2.shape
+        dout2 = dout.reshape(N, C_).float().contiguous()
+        dx, dw = torch.empty_like(x2), torch.empty_like(weight)
+        C().cuda_rmsnorm_backward(dx.data_ptr(), dw.data_ptr(), dout2.data_ptr(), x2.data_ptr(), weight.data_ptr(),
+                                  rstd.data_ptr(), N, C_, _stream(x2))
+        return dx.view(dout.shape), dw, None
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    require_built("rmsnorm")
+    x = _f32(x).contiguous()
+    _check(x, "rmsnorm x")
+    _check(weight, "rmsnorm weight", shape=(x.shape[-1],), device=x.device)
+    if x.numel() == 0:
+        raise ValueError("rmsnorm x: empty tensor")
+    return _RMSNorm.apply(x, weight, eps)
+
+
+# --- attention --------------------------------------------------------------------------------------------
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, doc_ids):
+        B, T, H, D = q.shape
+        Hkv = k.shape[2]
+        out = torch.empty_like(q)
+        lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+        dp = 0 if doc_ids is None else doc_ids.data_ptr()
+        C().cuda_attention_forward(out.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), dp,
+                                   B, T, H, Hkv, D, _stream(q))
+        ctx.save_for_backward(q, k, v, out, lse, doc_ids)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, doc_ids = ctx.saved_tensors
+        B, T, H, D = q.shape
+        Hkv = k.shape[2]
+        dout = dout.float().contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)  # rowsum(dout * out) scratch
+        dp = 0 if doc_ids is None else doc_ids.data_ptr()
+        C().cuda_attention_backward(dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dout.data_ptr(), out.data_ptr(),
+                                    lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), dp, delta.data_ptr(),
+                                    B, T, H, Hkv, D, _stream(q))
+        return dq, dk, dv, None
+
+
+def attention_with_lse(q, k, v, doc_ids=None):
+    require_built("attention")
+    q, k, v = (_f32(t).contiguous() for t in (q, k, v))
+    _check(q, "attention q")
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"attention: expected q (B, T, H, D) and k/v (B, T, Hkv, D), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}")
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    _check(k, "attention k", shape=(B, T, Hkv, D), device=q.device)
+    _check(v, "attention v", shape=(B, T, Hkv, D), device=q.device)
+    if min(B, T, H, D, Hkv) == 0 or H % Hkv or D > 256:
+        raise ValueError(f"attention q: unsupported shape {tuple(q.shape)} with {Hkv} kv heads "
+                         "(need H % Hkv == 0, D <= 256, non-empty)")
+    if doc_ids is not None:
+        _check(doc_ids, "attention doc_ids", dtype=torch.int32, shape=(B, T), device=q.device)
+    return _Attention.apply(q, k, v, doc_ids)
+
+
+def attention(q, k, v, doc_ids=None):
+    return attention_with_lse(q, k, v, doc_ids)[0]
+
+
+def decode_attention(q, k_cache, v_cache, n_ctx):
+    require_built("decode_attention")
+    q = _f32(q).contiguous()
+    _check(q, "decode_attention q")
+    if q.dim() != 3:
+        raise ValueError(f"decode_attention q: expected shape (B, H, D), got {tuple(q.shape)}")
+    B, H, D = q.shape
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device != q.device:
+            raise TypeError(f"decode_attention {name}: expected a float32 tensor on {q.device}")
+        if t.dim() != 4 or t.shape[0] != B or t.shape[3] != D:
+            raise ValueError(f"decode_attention {name}: expected shape ({B}, T_max, Hkv, {D}), got {tuple(t.shape)}")
+        if t.stride(3) != 1 or t.stride(2) != D:
+            raise ValueError(f"decode_attention {name}: its last two dims (Hkv, D) must be contiguous")
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError("decode_attention v_cache: must have the same shape and strides as k_cache")
+    T_max, Hkv = k_cache.shape[1], k_cache.shape[2]
+    if min(B, H, D) == 0 or H % Hkv or D > 256:
+        raise ValueError(f"decode_attention q: bad shape {tuple(q.shape)} for {Hkv} kv heads (H % Hkv, D <= 256)")
+    n_ctx = int(n_ctx)
+    if not 1 <= n_ctx <= T_max:
+        raise ValueError(f"decode_attention n_ctx: must be in [1, {T_max}], got {n_ctx}")
+    out = torch.empty_like(q)
+    ws = torch.empty(C().cuda_decode_attention_ws_floats(B, H, Hkv, D, n_ctx), dtype=torch.float32, device=q.device)
+    C().cuda_decode_attention(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                              k_cache.stride(0), k_cache.stride(1), B, H, Hkv, D, n_ctx, ws.data_ptr(), _stream(q))
+    return out
+
+
+# --- rope, swiglu -----------------------------------------------------------------------------------------
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        out = torch.empty_like(x)
+        B, T, H, D = x.shape
+        C().cuda_rope(out.data_ptr(), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), B, T, H, D, 0, _stream(x))
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        cos, sin = ctx.saved_tensors
+        dout = dout.float().contiguous()
+        dx = torch.empty_like(dout)
+        B, T, H, D = dout.shape
+        C().cuda_rope(dx.data_ptr(), dout.data_ptr(), cos.data_ptr(), sin.data_ptr(), B, T, H, D, 1, _stream(dout))
+        return dx, None, None
+
+
+def rope(x, cos, sin):
+    require_built("rope")
+    x = _f32(x).contiguous()
+    _check(x, "rope x")
+    if x.dim() != 4 or x.shape[-1] % 2:
+        raise ValueError(f"rope x: expected (B, T, H, D) with even D, got {tuple(x.shape)}")
+    T, half = x.shape[1], x.shape[3] // 2
+    cos, sin = cos.contiguous(), sin.contiguous()
+    _check(cos, "rope cos", shape=(T, half), device=x.device)
+    _check(sin, "rope sin", shape=(T, half), device=x.device)
+    return _Rope.apply(x, cos, sin)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        out = torch.empty_like(gate)
+        C().cuda_swiglu(out.data_ptr(), 0, 0, gate.data_ptr(), up.data_ptr(), 0, gate.numel(), _stream(gate))
+        ctx.save_for_backward(gate, up)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        gate, up = ctx.saved_tensors
+        dout = dout.float().contiguous()
+        dg, du = torch.empty_like(gate), torch.empty_like(up)
+        C().cuda_swiglu(0, dg.data_ptr(), du.data_ptr(), gate.data_ptr(), up.data_ptr(), dout.data_ptr(),
+                        gate.numel(), _stream(gate))
+        return dg, du
+
+
+def swiglu(gate, up):
+    require_built("swiglu")
+    gate, up = _f32(gate).contiguous(), _f32(up).contiguous()
+    _check(gate, "swiglu gate")
+    _check(up, "swiglu up", shape=tuple(gate.shape), device=gate.device)
+    if gate.numel() == 0:
+        raise ValueError("swiglu gate: empty tensor")
+    return _SwiGLU.apply(gate, up)
+
+
+# --- cross-entropy ----------------------------------------------------------------------------------------
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index):
+        N, V = logits.shape
+        losses = torch.empty(N, dtype=torch.float32, device=logits.device)
+        dlogits = torch.empty_like(logits) if logits.requires_grad else None  # d(sum of losses)/dlogits
+        C().cuda_cross_entropy(losses.data_ptr(), 0 if dlogits is None else dlogits.data_ptr(), logits.data_ptr(),
+                               targets.data_ptr(), N, V, int(ignore_index), 1.0, _stream(logits))
+        n_valid = (targets != ignore_index).sum().clamp(min=1).float()
+        ctx.save_for_backward(dlogits, n_valid)
+        return losses.sum() / n_valid  # 0 when every target is ignored (all losses are 0)
+
+    @staticmethod
+    def backward(ctx, dout):
+        dlogits, n_valid = ctx.saved_tensors
+        return dlogits * (dout / n_valid), None, None  # one extra pass over (N, V) keeps the forward sync-free
+
+
+def cross_entropy(logits, targets, ignore_index=-1):
+    require_built("cross_entropy")
+    logits = _f32(logits).contiguous()
+    _check(logits, "cross_entropy logits")
+    if logits.dim() != 2 or logits.shape[0] == 0:
+        raise ValueError(f"cross_entropy logits: expected non-empty (N, V), got {tuple(logits.shape)}")
+    N, V = logits.shape
+    _check(targets, "cross_entropy targets", dtype=torch.int64, shape=(N,), device=logits.device)
+    bad = ((targets < 0) | (targets >= V)) & (targets != ignore_index)
+    if bool(bad.any()):  # a host sync, but an out-of-range target must be an error, not NaN
+        raise ValueError(f"cross_entropy targets: values must be in [0, {V}) or ignore_index={ignore_index}")
+    return _CrossEntropy.apply(logits, targets, ignore_index)
+
+
+# --- sampling ---------------------------------------------------------------------------------------------
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, mask=None, seed=0, step=0):
+    """-> (tokens (B,) int64, logprobs (B,) fp32); see csrc/cuda/kernels_cuda.h sample_cuda."""
+    require_built("sample")
+    logits = _f32(logits).contiguous()
+    _check(logits, "sample logits")
+    if logits.dim() != 2 or 0 in logits.shape:
+        raise ValueError(f"sample logits: expected non-empty (B, V), got {tuple(logits.shape)}")
+    B, V = logits.shape
+    if not (0.0 <= float(top_p) <= 1.0 and 0.0 <= float(min_p) <= 1.0 and int(top_k) >= 0):
+        raise ValueError(f"sample: need 0 <= top_p <= 1, 0 <= min_p <= 1, top_k >= 0 (got {top_p}, {min_p}, {top_k})")
+    mp = 0
+    if mask is not None:
+        _check(mask, "sample mask", dtype=torch.bool, shape=(B, V), device=logits.device)
+        if not bool(mask.any(-1).all()):
+            raise ValueError("sample mask: some row allows no token")
+        mask = mask.view(torch.uint8)
+        mp = mask.data_ptr()
+    tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
+    logprobs = torch.empty(B, dtype=torch.float32, device=logits.device)
+    C().cuda_sample(tokens.data_ptr(), logprobs.data_ptr(), logits.data_ptr(), mp, B, V, float(temperature),
+                    int(top_k), float(top_p), float(min_p), int(seed) & (2 ** 64 - 1), int(step) & (2 ** 64 - 1),
+                    _stream(logits))
+    return tokens, logprobs
+
+
+# --- AdamW (not in the model table; used by a fused optimizer step) ----------------------------------------
+@torch.no_grad()
+def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
+    """One in-place AdamW step on fp32 CUDA tensors of the same shape (PyTorch's formula)."""
+    require_built("adamw_step")
+    for name, t in (("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        _check(t, f"adamw_step {name}", shape=tuple(param.shape), device=param.device)
+    C().cuda_adamw(param.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), grad.data_ptr(), param.numel(),
+                   float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step), _stream(param))

@@ -1,0 +1,384 @@
+"""CUDA kernels vs pyllm/ref.py (gpu-marked: skipped without a GPU), plus CPU-side checks that the CUDA sources
+compile and that the build reports CUDA honestly. Run: PYTHONPATH=$PWD python -m pytest -q tests/test_cuda.py"""
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyllm import ops, ref
+from pyllm._ext import C
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ("rmsnorm", "linear", "attention", "rope", "swiglu", "cross_entropy", "sample", "decode_attention")
+
+
+def _nvcc():
+    return shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU-side: no GPU needed
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
+def test_cuda_source_compiles_with_nvcc(tmp_path):
+    """The tensor-core matmul (inline PTX: cp.async, ldmatrix, mma.sync) assembles for sm_80 without warnings."""
+    out = subprocess.run([_nvcc(), "-c", str(ROOT / "csrc/cuda/matmul.cu"), "-o", str(tmp_path / "matmul.o"), "-O3",
+                          "-std=c++17", "-gencode=arch=compute_80,code=sm_80", "-Xcompiler", "-fPIC",
+                          "-Xptxas", "-warn-spills"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "warning" not in out.stderr.lower(), out.stderr[-3000:]
+    assert (tmp_path / "matmul.o").stat().st_size > 0
+
+
+def test_no_cuda_env_disables_nvcc(monkeypatch):
+    """setup.py's find_nvcc() returns None under PYLLM_NO_CUDA=1 (the build then reports cuda_built False)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "find_nvcc")
+    ns = {"os": os, "shutil": shutil, "Path": Path}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), "setup.py", "exec"), ns)
+    monkeypatch.setenv("PYLLM_NO_CUDA", "1")
+    assert ns["find_nvcc"]() is None
+    monkeypatch.setenv("PYLLM_NO_CUDA", "0")
+    if _nvcc() is not None:
+        assert ns["find_nvcc"]() is not None
+
+
+def test_build_info_reports_cuda_honestly():
+    d = C().build_info()
+    assert isinstance(d["cuda_built"], bool) and isinstance(d["cuda_devices"], int)
+    assert d["cuda_devices"] >= 0
+    if not torch.cuda.is_available():
+        assert d["cuda_devices"] == 0  # cudart_static without a driver must say 0, not crash
+    assert bool(ops.CUDA_OPS) == d["cuda_built"]
+    if d["cuda_built"]:
+        assert set(ops.CUDA_OPS) == set(NAMES) and hasattr(C(), "cuda_matmul")
+    else:
+        assert not hasattr(C(), "cuda_matmul")
+        from pyllm import ops_cuda
+        with pytest.raises(RuntimeError, match="built without CUDA"):
+            ops_cuda.require_built("linear")
+
+
+def test_every_cuda_op_is_dispatched_by_ops():
+    """Guards merge order: the CUDA section must stay last in ops.py, wrapping every op (CPU code unchanged)."""
+    for n in NAMES:
+        fn = getattr(ops, n)
+        assert getattr(fn, "_pyllm_cuda_dispatch", False), f"ops.{n} is not wrapped by the CUDA section"
+    for n in ("rmsnorm", "attention", "decode_attention"):  # CPU kernels present before the CUDA section
+        assert ops.__dict__[n]._pyllm_cpu_fn is not None
+
+
+def test_cpu_paths_still_use_cpu_kernels(rng):
+    x = torch.randn(3, 17, generator=rng)
+    w = torch.randn(17, generator=rng)
+    torch.testing.assert_close(ops.rmsnorm(x, w, 1e-5), ref.rmsnorm(x, w, 1e-5), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: every kernel vs the reference in float64, fresh random inputs, odd shapes, poisoned outputs
+# ---------------------------------------------------------------------------------------------------------------
+def poison_cuda_cache(mb: int = 512):
+    """The kernels' outputs come from torch.empty: fill the caching allocator's free blocks with NaN first, so an
+    element a kernel never writes shows up as NaN (torch.empty reuses these blocks)."""
+    blocks = [torch.full((mb * 1024 * 1024 // 4 // 8,), float("nan"), device="cuda") for _ in range(8)]
+    del blocks
+
+
+def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
+    out, want = out.double().cpu(), want.double().cpu()
+    assert not torch.isnan(out).any(), "NaN in output (unwritten element or bad arithmetic)"
+    return ((out - want).norm() / want.norm().clamp(min=1e-30)).item()
+
+
+def randn(*shape, rng, dtype=torch.float32):
+    return torch.randn(*shape, generator=rng).to(dtype).cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K", [(1, 1, 8), (17, 33, 40), (129, 257, 72), (256, 384, 1024), (300, 64, 13)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul(M, N, K, dtype, rng):
+    a, b = randn(M, K, rng=rng, dtype=dtype), randn(N, K, rng=rng, dtype=dtype)
+    want = a.double() @ b.double().T
+    for out_dtype in ([torch.float32] if dtype == torch.float32 else [torch.float32, torch.bfloat16]):
+        poison_cuda_cache()
+        c = torch.full((M, N), float("nan"), dtype=out_dtype, device="cuda")
+        C().cuda_matmul(c.data_ptr(), a.data_ptr(), b.data_ptr(), M, N, K, int(dtype == torch.bfloat16),
+                        int(out_dtype == torch.float32), torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        assert rel_err(c, want) < (1e-5 if out_dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.gpu
+def test_matmul_bf16_misaligned_takes_fallback(rng):
+    """A 2-byte-aligned operand cannot use cp.async 16-byte copies: the simple kernel must still be right."""
+    M, N, K = 33, 65, 64
+    buf = randn(M * K + 1, rng=rng, dtype=torch.bfloat16)
+    a = buf[1:].view(M, K)
+    b = randn(N, K, rng=rng, dtype=torch.bfloat16)
+    assert a.data_ptr() % 16 != 0
+    c = torch.full((M, N), float("nan"), device="cuda")
+    C().cuda_matmul(c.data_ptr(), a.data_ptr(), b.data_ptr(), M, N, K, 1, 1, torch.cuda.current_stream().cuda_stream)
+    assert rel_err(c, a.double() @ b.double().T) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_autograd(dtype, rng):
+    x = randn(3, 37, 72, rng=rng, dtype=dtype).requires_grad_()
+    w = randn(50, 72, rng=rng, dtype=dtype).requires_grad_()
+    xr, wr = (t.detach().double().requires_grad_() for t in (x, w))
+    poison_cuda_cache()
+    y = ops.linear(x, w)
+    g = randn(*y.shape, rng=rng, dtype=dtype)
+    y.backward(g)
+    yr = ref.linear(xr, wr)
+    yr.backward(g.double())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(y, yr) < tol and rel_err(x.grad, xr.grad) < tol and rel_err(w.grad, wr.grad) < tol
+
+
+@pytest.mark.gpu
+def test_linear_bf16_autocast(rng):
+    x, w = randn(40, 64, rng=rng), randn(24, 64, rng=rng)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = ops.linear(x, w)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, x.double() @ w.double().T) < 1e-2
+
+
+def _docs(B, T, rng):
+    """Random packed documents: non-decreasing ids with random boundaries."""
+    return (torch.rand(B, T, generator=rng) < 0.1).cumsum(1).to(torch.int32).cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,H,Hkv,D", [(1, 1, 1, 1, 8), (2, 37, 4, 2, 24), (1, 100, 6, 6, 64),
+                                         (2, 65, 8, 2, 128), (1, 33, 2, 1, 200)])
+@pytest.mark.parametrize("docs", [False, True])
+def test_attention_forward_backward(B, T, H, Hkv, D, docs, rng):
+    q, k, v = randn(B, T, H, D, rng=rng), randn(B, T, Hkv, D, rng=rng), randn(B, T, Hkv, D, rng=rng)
+    doc = _docs(B, T, rng) if docs else None
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    poison_cuda_cache()
+    out, lse = ops.attention_with_lse(q, k, v, doc)
+    want = ref.attention(qr, kr, vr, doc)
+    assert rel_err(out, want) < 1e-5
+    assert rel_err(lse, ref.attention_lse(qr.detach(), kr.detach(), doc)) < 1e-5
+    g = randn(B, T, H, D, rng=rng)
+    poison_cuda_cache()
+    out.backward(g)
+    want.backward(g.double())
+    for got, exp in ((q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):
+        assert rel_err(got, exp) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,H,Hkv,D,T_max,n_ctx", [(1, 1, 1, 8, 5, 1), (3, 6, 2, 40, 300, 257), (2, 12, 12, 64, 1024, 1024),
+                                                   (1, 8, 1, 256, 64, 33)])
+def test_decode_attention(B, H, Hkv, D, T_max, n_ctx, rng):
+    q = randn(B, H, D, rng=rng)
+    kc, vc = randn(B, T_max + 3, Hkv, D, rng=rng)[:, :T_max], randn(B, T_max + 3, Hkv, D, rng=rng)[:, :T_max]
+    poison_cuda_cache()
+    out = ops.decode_attention(q, kc, vc, n_ctx)
+    assert rel_err(out, ref.decode_attention(q.double(), kc.double(), vc.double(), n_ctx)) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (4, 9, 768), (3, 1000)])
+def test_rmsnorm(shape, rng):
+    x = randn(*shape, rng=rng).requires_grad_()
+    w = randn(shape[-1], rng=rng).requires_grad_()
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    poison_cuda_cache()
+    y = ops.rmsnorm(x, w, 1e-5)
+    yr = ref.rmsnorm(xr, wr, 1e-5)
+    g = randn(*shape, rng=rng)
+    y.backward(g)
+    yr.backward(g.double())
+    assert rel_err(y, yr) < 1e-5 and rel_err(x.grad, xr.grad) < 1e-5 and rel_err(w.grad, wr.grad) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,H,D", [(1, 1, 1, 2), (2, 13, 3, 24), (1, 40, 4, 128)])
+def test_rope(B, T, H, D, rng):
+    x = randn(B, T, H, D, rng=rng).requires_grad_()
+    ang = torch.rand(T, D // 2, generator=rng, dtype=torch.float64) * 6.3
+    cos, sin = ang.cos().float().cuda(), ang.sin().float().cuda()
+    xr = x.detach().double().requires_grad_()
+    poison_cuda_cache()
+    y = ops.rope(x, cos, sin)
+    yr = ref.rope(xr, cos.double(), sin.double())
+    g = randn(B, T, H, D, rng=rng)
+    y.backward(g)
+    yr.backward(g.double())
+    assert rel_err(y, yr) < 1e-5 and rel_err(x.grad, xr.grad) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1,), (5, 77), (2, 3, 1025)])
+def test_swiglu(shape, rng):
+    a, b = randn(*shape, rng=rng).requires_grad_(), randn(*shape, rng=rng).requires_grad_()
+    ar, br = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    poison_cuda_cache()
+    y, yr = ops.swiglu(a, b), ref.swiglu(ar, br)
+    g = randn(*shape, rng=rng)
+    y.backward(g)
+    yr.backward(g.double())
+    assert rel_err(y, yr) < 1e-5 and rel_err(a.grad, ar.grad) < 1e-5 and rel_err(b.grad, br.grad) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,V,n_ignored", [(1, 5, 0), (37, 1001, 5), (8, 50257, 1), (4, 64, 4)])
+def test_cross_entropy(N, V, n_ignored, rng):
+    x = (randn(N, V, rng=rng) * 3).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=rng)
+    t[torch.randperm(N, generator=rng)[:n_ignored]] = -1
+    t = t.cuda()
+    xr = x.detach().double().requires_grad_()
+    poison_cuda_cache()
+    loss, lossr = ops.cross_entropy(x, t), ref.cross_entropy(xr, t)
+    loss.backward()
+    lossr.backward()
+    assert abs(loss.item() - lossr.item()) <= 1e-5 * max(1.0, abs(lossr.item()))
+    assert rel_err(x.grad, xr.grad) < 1e-5 if n_ignored < N else x.grad.abs().max().item() == 0
+    with pytest.raises(ValueError, match="targets"):
+        ops.cross_entropy(x.detach(), torch.full_like(t, V))
+
+
+@pytest.mark.gpu
+def test_adamw_step_matches_torch(rng):
+    from pyllm import ops_cuda
+    p = randn(1003, rng=rng)
+    grads = [randn(1003, rng=rng) for _ in range(3)]
+    pt = p.clone().requires_grad_()
+    opt = torch.optim.AdamW([pt], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    for step, g in enumerate(grads, 1):
+        ops_cuda.adamw_step(p, g, m, v, 1e-2, 0.9, 0.95, 1e-8, 0.1, step)
+        pt.grad = g.clone()
+        opt.step()
+    assert rel_err(p, pt.detach()) < 1e-6
+
+
+def _kept(logits, temperature, top_k, top_p, min_p, mask):
+    """The reference's truncation (ref.sample's steps), in float64: bool (B, V) of tokens that may be drawn."""
+    x = logits.double()
+    if mask is not None:
+        x = x.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(x / temperature, -1)
+    V = probs.shape[-1]
+    if top_k and top_k < V:
+        probs = probs.masked_fill(probs < probs.topk(top_k, -1).values[:, -1:], 0)
+    if min_p > 0:
+        probs = probs.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, 0)
+    if top_p < 1:
+        sp, si = probs.sort(-1, descending=True)
+        cum = sp.cumsum(-1) / sp.sum(-1, keepdim=True)
+        probs = probs.scatter(1, si, sp.masked_fill((cum - sp / sp.sum(-1, keepdim=True)) >= top_p, 0))
+    return probs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,V", [(1, 7), (5, 1000), (3, 50257)])
+def test_sample_greedy_and_logprobs(B, V, rng):
+    x = randn(B, V, rng=rng) * 4
+    mask = torch.rand(B, V, generator=rng).cuda() < 0.7
+    mask[:, 0] = True
+    for m in (None, mask):
+        poison_cuda_cache()
+        tok, lp = ops.sample(x, temperature=0.0, mask=m)
+        want_tok, want_lp = ref.sample(x.double(), temperature=0.0, mask=m)
+        assert torch.equal(tok.cpu(), want_tok.cpu())
+        assert rel_err(lp, want_lp) < 1e-5
+    tok, lp = ops.sample(x, temperature=0.7, top_k=5, mask=mask, seed=3)
+    full = torch.log_softmax((x.double() / 0.7).masked_fill(~mask, float("-inf")), -1)
+    assert rel_err(lp, full.gather(1, tok[:, None])[:, 0]) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("top_k,top_p,min_p", [(0, 1.0, 0.0), (3, 1.0, 0.0), (0, 0.6, 0.0), (0, 1.0, 0.2),
+                                               (10, 0.9, 0.05)])
+def test_sample_truncation_and_distribution(top_k, top_p, min_p, rng):
+    """4096 rows of the same logits draw independently (row index is in the RNG counter): every token is in the
+    reference's kept set and the frequencies match its truncated distribution."""
+    V, R = 24, 4096
+    row = torch.randn(1, V, generator=rng) * 2
+    x = row.repeat(R, 1).cuda()
+    tok, _ = ops.sample(x, temperature=0.9, top_k=top_k, top_p=top_p, min_p=min_p, seed=int(torch.randint(0, 2**31, (1,), generator=rng)))
+    probs = _kept(row, 0.9, top_k, top_p, min_p, None)[0]
+    probs = probs / probs.sum()
+    tok = tok.cpu()
+    assert bool((probs[tok] > 0).all()), "drew a token the reference truncates away"
+    freq = torch.bincount(tok, minlength=V).double() / R
+    assert (freq - probs).abs().max().item() < 0.04  # ~5 sigma for p(1-p)/R at p = 0.5
+    tok2, _ = ops.sample(x, temperature=0.9, top_k=top_k, top_p=top_p, min_p=min_p, seed=7, step=1)
+    tok3, _ = ops.sample(x, temperature=0.9, top_k=top_k, top_p=top_p, min_p=min_p, seed=7, step=1)
+    assert torch.equal(tok2, tok3)
+
+
+@pytest.mark.gpu
+def test_sample_mask_respected_and_bad_mask(rng):
+    x = randn(64, 300, rng=rng)
+    mask = torch.rand(64, 300, generator=rng).cuda() < 0.05
+    mask[:, 7] = True
+    tok, _ = ops.sample(x, temperature=1.5, mask=mask, seed=1)
+    assert bool(mask.gather(1, tok[:, None]).all())
+    mask[3] = False
+    with pytest.raises(ValueError, match="mask"):
+        ops.sample(x, mask=mask)
+
+
+@pytest.mark.gpu
+def test_model_cuda_matches_cpu(rng):
+    from pyllm.model import GPT
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    m = GPT.from_preset("d2")
+    c = m.config
+    idx = torch.randint(0, c.vocab_size, (2, 33), generator=rng)
+    tgt = torch.randint(0, c.vocab_size, (2, 33), generator=rng)
+    tgt[0, :5] = -1
+    _, loss_cpu = m(idx, tgt)
+    loss_cpu.backward()
+    g = GPT(c)
+    g.load_state_dict(m.state_dict())
+    g = g.cuda()
+    for n in NAMES:
+        assert getattr(g._ops(torch.device("cuda"))[n], "_pyllm_cuda_dispatch", False), n
+    _, loss_gpu = g(idx.cuda(), tgt.cuda())
+    loss_gpu.backward()
+    assert abs(loss_gpu.item() - loss_cpu.item()) < 1e-4 * max(1.0, abs(loss_cpu.item()))
+    for (n, p), pg in zip(m.named_parameters(), g.parameters()):
+        assert rel_err(pg.grad, p.grad) < 1e-3, n
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, loss_bf16 = g(idx.cuda(), tgt.cuda())
+    assert abs(loss_bf16.item() - loss_cpu.item()) < 3e-2 * max(1.0, abs(loss_cpu.item()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_compute_sanitizer(tool):
+    """The kernel tests above under compute-sanitizer (a subset for racecheck, which is slow)."""
+    cs = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
+    if not Path(cs).exists():
+        pytest.skip("compute-sanitizer not installed")
+    if os.environ.get("PYLLM_UNDER_SANITIZER"):
+        pytest.skip("already under the sanitizer")
+    sel = "not sanitizer and not model and not adamw" if tool == "memcheck" else \
+        "(attention or sample or rmsnorm or matmul) and not sanitizer and not misaligned"
+    env = dict(os.environ, PYLLM_UNDER_SANITIZER="1", PYTHONPATH=str(ROOT))
+    cmd = [cs, "--tool", tool, "--error-exitcode", "99", "--target-processes", "all", sys.executable, "-m",
+           "pytest", "-q", "-x", "-p", "no:cacheprovider", str(ROOT / "tests/test_cuda.py"), "-k", sel]
+    if tool == "racecheck":
+        cmd[3:3] = ["--racecheck-report", "hazard"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "ERROR SUMMARY: 0 errors" in out.stdout + out.stderr or "0 hazards" in out.stdout + out.stderr

@@ -1,0 +1,164 @@
+"""Attention kernels (csrc/cpu/impl_attention.h) vs pyllm.ref on fresh random inputs: causal flash attention
+forward/backward with GQA and document masks, and decode attention over a strided KV cache; odd T and D, every
+ISA path, outputs poisoned first. Run: OMP_NUM_THREADS=1 PYTHONPATH=$PWD python -m pytest -q tests/test_kernels_attention.py
+"""
+import pytest
+import torch
+
+from pyllm import ops, ref
+from pyllm._ext import C
+from conftest import poison
+
+FWD_TOL = dict(rtol=1e-5, atol=2e-5)
+GRAD_TOL = dict(rtol=1e-4, atol=5e-5)
+
+
+def random_docs(B, T, rng, kind="segments"):
+    """(B, T) int32 document ids. segments: contiguous documents of random length with several length-1
+    documents forced in; permuted: the same segments with shuffled (non-increasing) ids; scattered: every token
+    draws one of 3 ids (documents that interleave)."""
+    if kind == "scattered":
+        return torch.randint(0, 3, (B, T), generator=rng, dtype=torch.int32)
+    starts = torch.rand(B, T, generator=rng) < 0.08
+    if T >= 8:  # length-1 documents: two starts in a row, at random places
+        for b in range(B):
+            i = int(torch.randint(1, T - 2, (1,), generator=rng))
+            starts[b, i] = starts[b, i + 1] = starts[b, i + 2] = True
+    starts[:, 0] = True
+    ids = starts.int().cumsum(1) - 1
+    if kind == "permuted":
+        ids = torch.randperm(T, generator=rng)[ids].contiguous()
+    return ids.to(torch.int32)
+
+
+def make_qkv(B, T, H, Hkv, D, rng, dtype=torch.float32):
+    q = torch.randn(B, T, H, D, generator=rng, dtype=dtype)
+    k = torch.randn(B, T, Hkv, D, generator=rng, dtype=dtype)
+    v = torch.randn(B, T, Hkv, D, generator=rng, dtype=dtype)
+    return q, k, v
+
+
+def check_against_ref(q, k, v, doc, rng):
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse = ops.attention_with_lse(qs, ks, vs, doc)
+    out_ref = ref.attention(qr, kr, vr, doc)
+    torch.testing.assert_close(out, out_ref, **FWD_TOL)
+    torch.testing.assert_close(lse, ref.attention_lse(q, k, doc), **FWD_TOL)
+    dy = torch.randn(out.shape, generator=rng)
+    out.backward(dy)
+    out_ref.backward(dy)
+    for name, a, b in (("dq", qs, qr), ("dk", ks, kr), ("dv", vs, vr)):
+        torch.testing.assert_close(a.grad, b.grad, **GRAD_TOL, msg=lambda m: f"{name}: {m}")
+
+
+# (B, T, H, Hkv, D): odd T (1, 3, 17, 127, 300) x D (3, 17, 64, 128) x GQA ratios (1, 2, 4, H = Hkv = 1)
+SHAPES = [
+    (1, 1, 1, 1, 3), (2, 3, 4, 2, 17), (1, 17, 4, 1, 64), (2, 17, 2, 2, 128), (1, 127, 4, 4, 17),
+    (1, 127, 2, 1, 64), (1, 300, 1, 1, 64), (2, 300, 4, 1, 3), (1, 300, 2, 2, 128), (1, 65, 8, 2, 64),
+]
+
+
+@pytest.mark.parametrize("B,T,H,Hkv,D", SHAPES)
+def test_attention_causal_matches_ref(isa, rng, B, T, H, Hkv, D):
+    check_against_ref(*make_qkv(B, T, H, Hkv, D, rng), None, rng)
+
+
+@pytest.mark.parametrize("kind", ["segments", "permuted", "scattered"])
+@pytest.mark.parametrize("B,T,H,Hkv,D", [(2, 17, 2, 1, 17), (1, 127, 4, 2, 64), (2, 300, 2, 1, 64),
+                                         (1, 300, 1, 1, 3)])
+def test_attention_doc_mask_matches_ref(isa, rng, kind, B, T, H, Hkv, D):
+    check_against_ref(*make_qkv(B, T, H, Hkv, D, rng), random_docs(B, T, rng, kind), rng)
+
+
+def test_attention_one_document_equals_causal(rng):
+    q, k, v = make_qkv(2, 130, 4, 2, 64, rng)
+    doc = torch.full((2, 130), 7, dtype=torch.int32)
+    torch.testing.assert_close(ops.attention(q, k, v, doc), ops.attention(q, k, v), rtol=0, atol=0)
+
+
+def test_attention_two_threads_no_races(rng):
+    # Big enough for the kernels' OpenMP regions to engage; items must not collide on any output.
+    before = C().get_threads()
+    C().set_threads(2)
+    try:
+        q, k, v = make_qkv(2, 200, 4, 2, 64, rng)
+        check_against_ref(q, k, v, random_docs(2, 200, rng), rng)
+        check_against_ref(q, k, v, None, rng)
+    finally:
+        C().set_threads(before)
+
+
+def test_attention_kernels_write_every_element(isa, rng):
+    B, T, H, Hkv, D = 2, 75, 4, 2, 17
+    q, k, v = make_qkv(B, T, H, Hkv, D, rng)
+    doc = random_docs(B, T, rng)
+    p = lambda t: t.data_ptr()  # noqa: E731
+    out, lse = poison(torch.empty(B, T, H, D)), poison(torch.empty(B, H, T))
+    C().attention_forward(p(out), p(lse), p(q), p(k), p(v), p(doc), B, T, H, Hkv, D)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(out, ref.attention(q, k, v, doc), **FWD_TOL)
+    dy = torch.randn(B, T, H, D, generator=rng)
+    dq, dk, dv = poison(torch.empty_like(q)), poison(torch.empty_like(k)), poison(torch.empty_like(v))
+    C().attention_backward(p(dq), p(dk), p(dv), p(dy), p(out), p(lse), p(q), p(k), p(v), p(doc), B, T, H, Hkv, D)
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+
+
+def test_attention_reference_gradcheck_float64(rng):
+    # The kernel is fp32; check the reference's autograd (what the kernel backward is compared to) in float64.
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 6, 4, 2, 3, rng, torch.float64))
+    doc = torch.tensor([[0, 0, 1, 2, 2, 2]], dtype=torch.int32)
+    assert torch.autograd.gradcheck(lambda a, b, c: ref.attention(a, b, c, doc), (q, k, v))
+    assert torch.autograd.gradcheck(lambda a, b, c: ref.attention(a, b, c), (q, k, v))
+
+
+def test_attention_rejects_bad_input():
+    q, k = torch.zeros(1, 4, 4, 8), torch.zeros(1, 4, 3, 8)
+    with pytest.raises(ValueError, match="multiple"):
+        ops.attention(q, k, k)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.attention(q.double(), k, k)
+    with pytest.raises(ValueError, match="shape"):
+        ops.attention(q, torch.zeros(1, 5, 2, 8), torch.zeros(1, 5, 2, 8))
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.attention(torch.zeros(1, 4, 8, 4).transpose(2, 3), torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8))
+    with pytest.raises(TypeError, match="doc_ids"):
+        ops.attention(q, q, q, torch.zeros(1, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="256"):
+        ops.attention(torch.zeros(1, 2, 1, 260), torch.zeros(1, 2, 1, 260), torch.zeros(1, 2, 1, 260))
+
+
+# --- decode attention ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("B,H,Hkv,D,T_max", [(1, 1, 1, 3, 1), (2, 4, 2, 17, 40), (3, 8, 2, 64, 300),
+                                             (1, 4, 4, 128, 600), (2, 6, 1, 64, 513)])
+def test_decode_attention_matches_ref(isa, rng, B, H, Hkv, D, T_max):
+    # Caches are slices of a bigger (layers, B, T_max + 5, Hkv, D) buffer: the kernel must honour the strides.
+    big_k = torch.randn(2, B, T_max + 5, Hkv, D, generator=rng)
+    big_v = torch.randn(2, B, T_max + 5, Hkv, D, generator=rng)
+    k_cache, v_cache = big_k[1, :, :T_max], big_v[1, :, :T_max]
+    q = torch.randn(B, H, D, generator=rng)
+    for n_ctx in {1, T_max, int(torch.randint(1, T_max + 1, (1,), generator=rng))}:
+        out = ops.decode_attention(q, k_cache, v_cache, n_ctx)
+        torch.testing.assert_close(out, ref.decode_attention(q, k_cache, v_cache, n_ctx), **FWD_TOL)
+
+
+def test_decode_attention_writes_every_element_and_agrees_with_full_attention(isa, rng):
+    B, T, H, Hkv, D = 2, 37, 4, 2, 17
+    q, k, v = make_qkv(B, T, H, Hkv, D, rng)
+    out = poison(torch.empty(B, H, D))
+    q_last = q[:, -1].contiguous()  # (B, H, D), kept alive across the call
+    C().decode_attention(out.data_ptr(), q_last.data_ptr(), k.data_ptr(), v.data_ptr(),
+                         T * Hkv * D, Hkv * D, B, H, Hkv, D, T)
+    torch.testing.assert_close(out, ops.attention(q, k, v)[:, -1], **FWD_TOL)
+
+
+def test_decode_attention_rejects_bad_input():
+    q, cache = torch.zeros(1, 4, 8), torch.zeros(1, 10, 2, 8)
+    with pytest.raises(ValueError, match="n_ctx"):
+        ops.decode_attention(q, cache, cache, 11)
+    with pytest.raises(ValueError, match="n_ctx"):
+        ops.decode_attention(q, cache, cache, 0)
+    with pytest.raises(ValueError, match="k_cache"):
+        ops.decode_attention(q, torch.zeros(1, 10, 2, 9), cache, 3)
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.decode_attention(q, torch.zeros(1, 10, 8, 2).transpose(2, 3), cache, 3)

@@ -1,0 +1,161 @@
+"""Fused ops (rope, swiglu, cross_entropy, adamw) vs pyllm.ref: forward, gradients, odd sizes, every ISA path,
+poisoned outputs; the AdamW optimizer vs torch.optim.AdamW. Run: pytest tests/test_kernels_fused.py"""
+import pytest
+import torch
+
+from pyllm import ops, ref
+from pyllm._ext import C
+from conftest import poison
+
+
+def rope_tables(T, D, rng):
+    ang = torch.rand(T, D // 2, generator=rng) * 6.3
+    return ang.cos().contiguous(), ang.sin().contiguous()
+
+
+@pytest.mark.parametrize("B,T,H,D", [(1, 1, 1, 2), (2, 3, 3, 6), (1, 17, 2, 34), (3, 5, 4, 64), (1, 9, 1, 130)])
+def test_rope_forward_backward(isa, rng, B, T, H, D):
+    x = torch.randn(B, T, H, D, generator=rng, requires_grad=True)
+    cos, sin = rope_tables(T, D, rng)
+    y = ops.rope(x, cos, sin)
+    xr = x.detach().clone().requires_grad_()
+    yr = ref.rope(xr, cos, sin)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-6)
+    dy = torch.randn(B, T, H, D, generator=rng)
+    y.backward(dy)
+    yr.backward(dy)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_writes_every_element(isa, rng):
+    x = torch.randn(2, 5, 3, 18, generator=rng)
+    cos, sin = rope_tables(5, 18, rng)
+    out = poison(torch.empty_like(x))
+    C().rope_forward(out.data_ptr(), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), 2, 5, 3, 18, 0)
+    torch.testing.assert_close(out, ref.rope(x, cos, sin), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1,), (3,), (17,), (5, 127), (4, 1000), (2, 3, 4099)])
+def test_swiglu_forward_backward(isa, rng, shape):
+    g = (torch.randn(*shape, generator=rng) * 4).requires_grad_()
+    u = torch.randn(*shape, generator=rng, requires_grad=True)
+    y = ops.swiglu(g, u)
+    gr, ur = g.detach().clone().requires_grad_(), u.detach().clone().requires_grad_()
+    yr = ref.swiglu(gr, ur)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-6)
+    dy = torch.randn(*shape, generator=rng)
+    y.backward(dy)
+    yr.backward(dy)
+    torch.testing.assert_close(g.grad, gr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(u.grad, ur.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_swiglu_extreme_gates_and_poison(isa, rng):
+    g = torch.tensor([-200.0, -90.0, -30.0, -1e-3, 0.0, 1e-3, 30.0, 90.0, 200.0])
+    u = torch.randn(9, generator=rng)
+    out = poison(torch.empty(9))
+    C().swiglu_forward(out.data_ptr(), g.data_ptr(), u.data_ptr(), 9)
+    torch.testing.assert_close(out, ref.swiglu(g, u), rtol=1e-5, atol=1e-6)
+    dg, du = poison(torch.empty(9)), poison(torch.empty(9))
+    dy = torch.randn(9, generator=rng)
+    C().swiglu_backward(dg.data_ptr(), du.data_ptr(), dy.data_ptr(), g.data_ptr(), u.data_ptr(), 9)
+    gr = g.clone().requires_grad_()
+    ur = u.clone().requires_grad_()
+    ref.swiglu(gr, ur).backward(dy)
+    torch.testing.assert_close(dg, gr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(du, ur.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("N,V", [(1, 1), (3, 17), (17, 127), (5, 1000), (4, 8193)])
+def test_cross_entropy_forward_backward(isa, rng, N, V):
+    logits = (torch.randn(N, V, generator=rng) * 3).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=rng)
+    if N > 1:
+        targets[torch.rand(N, generator=rng) < 0.3] = -1
+        targets[0] = int(torch.randint(0, V, (1,), generator=rng))
+    loss = ops.cross_entropy(logits, targets)
+    lr = logits.detach().clone().requires_grad_()
+    loss_r = ref.cross_entropy(lr, targets)
+    torch.testing.assert_close(loss, loss_r, rtol=1e-5, atol=1e-5)
+    (loss * 1.7).backward()
+    (loss_r * 1.7).backward()
+    torch.testing.assert_close(logits.grad, lr.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_entropy_all_ignored_is_zero(isa, rng):
+    logits = torch.randn(4, 9, generator=rng, requires_grad=True)
+    targets = torch.full((4,), -1, dtype=torch.int64)
+    loss = ops.cross_entropy(logits, targets)
+    assert float(loss.detach()) == 0.0
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros(4, 9))
+
+
+def test_cross_entropy_in_place_backward_and_poison(isa, rng):
+    N, V = 6, 301
+    logits = torch.randn(N, V, generator=rng)
+    targets = torch.randint(0, V, (N,), generator=rng)
+    targets[2] = -1
+    loss, lse = poison(torch.empty(N)), poison(torch.empty(N))
+    C().cross_entropy_forward(loss.data_ptr(), lse.data_ptr(), logits.data_ptr(), targets.data_ptr(), N, V, -1)
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
+    expect = (torch.logsumexp(logits, -1) - logits.gather(1, targets.clamp(min=0)[:, None])[:, 0])
+    expect[2] = 0
+    torch.testing.assert_close(loss, expect, rtol=1e-5, atol=1e-5)
+    buf = logits.clone()  # the gradient overwrites the logits buffer in place
+    C().cross_entropy_backward(buf.data_ptr(), buf.data_ptr(), lse.data_ptr(), targets.data_ptr(), N, V, -1, 0.5)
+    lr = logits.clone().requires_grad_()
+    torch.nn.functional.cross_entropy(lr, targets, ignore_index=-1, reduction="sum").mul(0.5).backward()
+    torch.testing.assert_close(buf, lr.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_entropy_rejects_bad_targets():
+    with pytest.raises(ValueError, match="out of range"):
+        ops.cross_entropy(torch.randn(2, 5), torch.tensor([1, 5]))
+    with pytest.raises(TypeError, match="dtype"):
+        ops.cross_entropy(torch.randn(2, 5), torch.tensor([1, 2], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("n", [1, 3, 17, 1000, 4099])
+def test_adamw_step_matches_reference(isa, rng, n):
+    p = torch.randn(n, generator=rng)
+    pr = p.clone()
+    m, v = torch.zeros(n), torch.zeros(n)
+    mr, vr = m.clone(), v.clone()
+    for step in range(1, 5):
+        g = torch.randn(n, generator=rng)
+        ops.adamw_step([p], [g], [m], [v], 1e-2, 0.9, 0.95, 1e-8, 0.1, step)
+        ref.adamw_step([pr], [g], [mr], [vr], 1e-2, 0.9, 0.95, 1e-8, 0.1, step)
+    torch.testing.assert_close(m, mr, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(v, vr, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(p, pr, rtol=1e-5, atol=1e-6)
+
+
+def test_adamw_optimizer_matches_torch(isa, rng):
+    shapes = [(7, 5), (13,), (3, 4, 6)]
+    ours = [torch.randn(*s, generator=rng).requires_grad_() for s in shapes]
+    theirs = [t.detach().clone().requires_grad_() for t in ours]
+    groups = lambda ps: [{"params": ps[:2], "weight_decay": 0.1}, {"params": ps[2:], "weight_decay": 0.0}]
+    opt = ops.AdamW(groups(ours), lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    opt_t = torch.optim.AdamW(groups(theirs), lr=3e-3, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    for _ in range(6):
+        grads = [torch.randn(*s, generator=rng) for s in shapes]
+        for a, b, g in zip(ours, theirs, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        opt.step()
+        opt_t.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(opt.state[a]["exp_avg_sq"], opt_t.state[b]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+
+
+def test_fused_reject_bad_input():
+    with pytest.raises(ValueError, match="even D"):
+        ops.rope(torch.randn(1, 2, 1, 3), torch.ones(2, 1), torch.ones(2, 1))
+    with pytest.raises(ValueError, match="shape"):
+        ops.rope(torch.randn(1, 2, 1, 4), torch.ones(3, 2), torch.ones(2, 2))
+    with pytest.raises(ValueError, match="shape"):
+        ops.swiglu(torch.randn(3), torch.randn(4))
+    with pytest.raises(ValueError, match="step"):
+        ops.adamw_step([torch.zeros(2)], [torch.zeros(2)], [torch.zeros(2)], [torch.zeros(2)], 1e-3, 0.9, 0.99,
+                       1e-8, 0.0, 0)

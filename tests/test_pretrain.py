@@ -1,0 +1,164 @@
+"""`pyllm pretrain`: loss goes down, exact resume, DDP/FSDP == one process, checkpoints, CLI.
+Run: pytest -q tests/test_pretrain.py"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyllm.cli import main as cli
+from pyllm.prepare import prepare
+from pyllm.pretrain import lr_at
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--dim", "32", "--n-layers", "2", "--n-heads", "2", "--seq-len", "32", "--eval-every", "0",
+        "--sample-tokens", "0", "--warmup-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Byte-level shards of a little English-like text: ~80 paragraphs, 10% held out."""
+    t = tmp_path_factory.mktemp("pt")
+    lines = ["First Citizen:\nBefore we proceed any further, hear me speak.",
+             "All:\nSpeak, speak.", "First Citizen:\nYou are all resolved rather to die than to famish?",
+             "All:\nResolved. resolved.", "First Citizen:\nFirst, you know Caius Marcius is chief enemy to the people."]
+    (t / "in.txt").write_text("\n\n".join(lines[i % 5] for i in range(80)))
+    prepare([str(t / "in.txt")], t / "d", byte_level=True, val_fraction=0.1, doc_sep="\n\n", workers=1)
+    return t / "d"
+
+
+def _losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_lr_schedule():
+    assert lr_at(0, 1.0, 4, 20, "cosine", 0.1) == pytest.approx(0.25)
+    assert lr_at(3, 1.0, 4, 20, "cosine", 0.1) == pytest.approx(1.0)
+    assert lr_at(12, 1.0, 4, 20, "cosine", 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(20, 1.0, 4, 20, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_at(12, 1.0, 4, 20, "linear", 0.0) == pytest.approx(0.5)
+    assert lr_at(19, 1.0, 4, 20, "constant", 0.0) == 1.0
+
+
+def test_loss_decreases_and_outputs(data_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    rc = cli(["pretrain", "--data", str(data_dir), "--out", str(out), *TINY, "--batch-size", "8", "--max-steps",
+              "40", "--lr", "1e-2", "--eval-every", "20", "--sample-tokens", "8", "--checkpoint-every", "20"])
+    assert rc == 0
+    losses = _losses(out)
+    assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
+    assert losses[0] > math.log(262) - 0.3  # starts near uniform over the byte vocabulary
+    assert sum(losses[-5:]) / 5 < losses[0] - 2.0  # this repetitive text is quickly learnt
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in vals] == [20, 40] and vals[-1]["val_loss"] < losses[0] - 2.0
+    assert all(0 < r["mfu"] < 1 and r["tok_per_s"] > 0 for r in rows if "loss" in r)
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG" and "train loss n=40" in (out / "loss.png.txt").read_text()
+    assert (out / "samples.txt").read_text().count("--- step") == 2
+    assert (out / "latest").read_text().strip() == "ckpt_0000040"
+    # the checkpoint is a normal pyllm/HF checkpoint
+    from pyllm.checkpoint import load_checkpoint
+    model, tok = load_checkpoint(str(out / "ckpt_0000040"))
+    assert tok is not None and model.config.dim == 32
+    assert "val loss" in capsys.readouterr().err
+
+
+def test_resume_is_exact(data_dir, tmp_path):
+    args = ["pretrain", "--data", str(data_dir), *TINY, "--batch-size", "4", "--max-steps", "6",
+            "--total-batch-tokens", "256"]  # 2 micro-steps of accumulation per step
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli([*args, "--out", str(a)]) == 0
+    assert cli([*args, "--out", str(b), "--stop-at", "3"]) == 0
+    assert len(_losses(b)) == 3
+    assert cli([*args, "--out", str(b), "--resume"]) == 0
+    assert _losses(a) == _losses(b) and len(_losses(a)) == 6  # bit-identical, not just close
+    from pyllm.safetensors_io import load_file
+    wa, wb = (load_file(str(d / "ckpt_0000006" / "model.safetensors")) for d in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_errors(data_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    base = ["pretrain", "--data", str(data_dir), "--out", str(out), *TINY, "--batch-size", "4"]
+    assert cli([*base, "--max-steps", "2", "--resume"]) == 2
+    assert "--resume: no checkpoint" in capsys.readouterr().err
+    assert cli([*base, "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    assert cli([*base[:-6], "--dim", "64", *TINY[2:], "--batch-size", "4", "--max-steps", "4", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint is a different model shape" in err[0] and "dim 32 vs 64" in err[0]
+
+
+def test_cli_help_and_bad_flags(data_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(["pretrain", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--total-batch-tokens" in out and "--resume" in out and "--depth" in out
+    with pytest.raises(SystemExit) as e:
+        cli(["pretrain", "--data", str(data_dir), "--decay", "exp"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    assert cli(["pretrain", "--data", str(data_dir), "--batch-size", "0"]) == 2
+    assert "--batch-size must be positive" in capsys.readouterr().err
+    assert cli(["pretrain", "--data", str(data_dir), *TINY, "--batch-size", "4",
+                "--total-batch-tokens", "100"]) == 2
+    assert "not a multiple" in capsys.readouterr().err
+    assert cli(["pretrain", "--data", str(data_dir), *TINY, "--dtype", "bf16", "--backend", "pyllm"]) == 2
+    assert "needs --backend torch" in capsys.readouterr().err
+    assert cli(["pretrain", "--data", str(data_dir.parent)]) == 2
+    assert "not a prepared data directory" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DIST = ["--n-layers", "2", "--n-heads", "2", "--seq-len", "32", "--eval-every", "0", "--sample-tokens", "0",
+        "--warmup-steps", "2", "--batch-size", "2", "--total-batch-tokens", "128", "--max-steps", "4",
+        "--checkpoint-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def one_process(data_dir, tmp_path_factory):
+    """Losses of 1 process x 2 rows x 2 accumulation steps (the reference for the 2-rank runs)."""
+    out = tmp_path_factory.mktemp("one")
+    assert cli(["pretrain", "--data", str(data_dir), "--dim", "32", *DIST, "--out", str(out)]) == 0
+    return _losses(out)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process(data_dir, tmp_path, one_process, mode):
+    """torchrun, 2 gloo ranks x 2 rows == 1 process x 2 rows x 2 accumulation steps (the same 4 windows per step),
+    with DDP and with FSDP2 sharding (its checkpoint, gathered to rank 0, loads as a normal checkpoint)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYLLM_PROGRESS="0")
+    out = tmp_path / mode
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(_free_port()), "-m", "pyllm", "pretrain", "--data", str(data_dir), "--dim", "32", *DIST,
+                        "--out", str(out)] + (["--fsdp"] if mode == "fsdp" else []),
+                       capture_output=True, text=True, env=env, timeout=240)
+    assert r.returncode == 0, "\n".join(x for x in r.stderr.splitlines() if "rror" in x or "what()" in x)[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2 and run["accum"] == 1
+    l2 = _losses(out)
+    assert len(one_process) == len(l2) == 4
+    assert max(abs(a - b) for a, b in zip(one_process, l2)) < 1e-5
+    assert one_process[-1] != one_process[0]  # it trained
+    from pyllm.checkpoint import load_checkpoint
+    model, _ = load_checkpoint(str(out / "ckpt_0000004"))
+    assert model.config.dim == 32
+
+
+def test_small_validation_split_skips_eval(data_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert cli(["pretrain", "--data", str(data_dir), "--out", str(out), *TINY, "--batch-size", "64",
+                "--max-steps", "1"]) == 0
+    assert "no evaluation: validation split too small" in capsys.readouterr().out
+    assert len(_losses(out)) == 1
