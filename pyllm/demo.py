@@ -31,33 +31,36 @@ from .progress import Progress
 @dataclass
 class DemoConfig:
     """Sizes of every stage; FULL is the default run, QUICK the plumbing test."""
-    n_docs: int = 12000          # pretraining documents (train-side problems + filler)
+    n_docs: int = 30000          # pretraining documents (train-side problems + filler)
     n_val_docs: int = 200        # held-out documents (held-out problems) for validation loss / bits per byte
     vocab_size: int = 512
     dim: int = 128
     n_layers: int = 4
     n_heads: int = 4
     seq_len: int = 128
-    pt_steps: int = 600
-    pt_batch: int = 32
+    pt_steps: int = 800
+    pt_batch: int = 16
     pt_lr: float = 3e-3
     pt_warmup: int = 30
-    sft_examples: int = 2000
-    sft_steps: int = 120
+    sft_examples: int = 12000
+    sft_steps: int = 800
     sft_batch: int = 8           # packed rows of seq_len per step
     sft_lr: float = 1e-3
     rm_pairs: int = 5000
-    rm_steps: int = 300
+    rm_steps: int = 200
     rm_batch: int = 16
     rm_lr: float = 3e-4
     rl_prompts: int = 2000
-    rl_steps: int = 60
+    rl_steps: int = 100
     rl_batch: int = 8            # prompts per step
     rl_k: int = 8                # samples per prompt (GRPO group)
-    rl_lr: float = 1e-4
+    rl_lr: float = 2e-5
     rl_kl: float = 0.02
+    rl_warmup: int = 10          # Adam's first steps are sign-like: without warmup one step wrecks the policy
+    rl_verifier_weight: float = 4.0  # verifier reward for a correct reply (beside the RM's score, which spans ~+-3)
     n_eval: int = 300            # held-out problems per accuracy number
     n_shots: int = 3             # few-shot examples for the base model
+    kinds: tuple = ("add", "sub")  # task family (tasks.ARITH subset): 2-digit addition and subtraction
 
 
 FULL = DemoConfig()
@@ -223,10 +226,12 @@ def write_data(d: Path, cfg: DemoConfig, seed: int) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     f = {}
-    f["corpus"] = _jsonl(d / "corpus.jsonl", ({"text": t} for t in tasks.pretraining_corpus(seed, cfg.n_docs)))
-    val_docs = tasks.pretraining_corpus(seed + 1, cfg.n_val_docs, split="heldout")
+    K = tuple(cfg.kinds)
+    f["corpus"] = _jsonl(d / "corpus.jsonl", ({"text": t} for t in tasks.pretraining_corpus(seed, cfg.n_docs,
+                                                                                            kinds=K)))
+    val_docs = tasks.pretraining_corpus(seed + 1, cfg.n_val_docs, split="heldout", kinds=K)
     f["val"] = _jsonl(d / "val.jsonl", ({"text": t} for t in val_docs))
-    train = tasks.problems(seed + 2, max(cfg.sft_examples, cfg.rm_pairs, cfg.rl_prompts), "train")
+    train = tasks.problems(seed + 2, max(cfg.sft_examples, cfg.rm_pairs, cfg.rl_prompts), "train", K)
     f["sft"] = _jsonl(d / "sft.jsonl", ({"messages": [{"role": "user", "content": p.question},
                                                       {"role": "assistant", "content": p.answer}]}
                                         for p in rng.sample(train, cfg.sft_examples)))
@@ -235,11 +240,12 @@ def write_data(d: Path, cfg: DemoConfig, seed: int) -> dict:
             bad = tasks.malformed_answer(p, rng) if rng.random() < 0.25 else tasks.wrong_answer(p, rng)
             yield {"prompt": p.question, "chosen": p.answer, "rejected": bad}
     f["prefs"] = _jsonl(d / "prefs.jsonl", pairs(rng.sample(train, cfg.rm_pairs)))
-    held = tasks.problems(EVAL_SEED, cfg.n_eval, "heldout")
+    held = tasks.problems(EVAL_SEED, cfg.n_eval, "heldout", K)
     f["prefs_heldout"] = _jsonl(d / "prefs_heldout.jsonl", pairs(held))
-    f["prompts"] = _jsonl(d / "rl_prompts.jsonl", ({"prompt": p.question, "answer": p.answer}
+    f["prompts"] = _jsonl(d / "rl_prompts.jsonl", ({"prompt": p.question, "answer": p.answer,
+                                                    "weight": cfg.rl_verifier_weight}
                                                    for p in rng.sample(train, cfg.rl_prompts)))
-    return {"files": f, "val_docs": val_docs, "heldout": held, "shots": tasks.problems(seed + 3, cfg.n_shots)}
+    return {"files": f, "val_docs": val_docs, "heldout": held, "shots": tasks.problems(seed + 3, cfg.n_shots, "train", K)}
 
 
 def rm_length_baseline(path: Path) -> float:
@@ -278,8 +284,9 @@ def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "
     man = json.loads((out / "tokens" / "manifest.json").read_text())
     n_tok = sum(s.get("n_tokens", s.get("tokens", 0)) for s in man.get("shards", []))
     clock.add("data + tokenizer + prepare", time.perf_counter() - t0, n_tok, "tokens encoded")
-    R["corpus"] = {"documents": cfg.n_docs, "tokens": n_tok, "heldout_problems": len(tasks.all_problems("heldout")),
-                   "train_problems": len(tasks.all_problems("train"))}
+    R["corpus"] = {"documents": cfg.n_docs, "tokens": n_tok,
+                   "heldout_problems": len(tasks.all_problems("heldout", tuple(cfg.kinds))),
+                   "train_problems": len(tasks.all_problems("train", tuple(cfg.kinds)))}
 
     # 2. pretraining -------------------------------------------------------------------------------------------
     head(2, "pretraining the base model")
@@ -362,7 +369,8 @@ def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "
     stage_cli("rl", ["--policy", str(out / "sft"), *rflags, "--prompts", str(F["prompts"]), "--out",
                      str(out / "rl"), "--algo", "grpo", "--num-samples", str(cfg.rl_k), "--batch-size",
                      str(cfg.rl_batch), "--steps", str(cfg.rl_steps), "--lr", str(cfg.rl_lr), "--kl-coef",
-                     str(cfg.rl_kl), "--max-new-tokens", "6", "--ppo-epochs", "1", "--save-every",
+                     str(cfg.rl_kl), "--max-new-tokens", "6", "--ppo-epochs", "1", "--warmup-steps",
+                     str(cfg.rl_warmup), "--save-every",
                      str(cfg.rl_steps), "--seed", str(seed), *dflag])
     rl_rows = _metrics(out / "rl" / "metrics.jsonl")
     gen = sum(r.get("response_length", 0) for r in rl_rows) * cfg.rl_batch * cfg.rl_k
@@ -450,7 +458,8 @@ def write_report(out: Path, R: dict) -> None:
     hack = r["rm_score_sampled"] - s["rm_score_sampled"] > 0 and r["verifier_sampled"] <= s["verifier_sampled"]
     cfg = R["config"]
     L = [f"# pyllm demo report card (seed {R['seed']})", "",
-         f"Task: 2-digit addition and subtraction, answers checked by a program. {R['corpus']['train_problems']} "
+         f"Task: 2-digit {' and '.join({'add': 'addition', 'sub': 'subtraction'}[k] for k in cfg['kinds'])}, "
+         f"answers checked by a program. {R['corpus']['train_problems']} "
          f"train-side and {R['corpus']['heldout_problems']} held-out problems (split by a hash of the operands); "
          f"every number below is measured on {cfg['n_eval']} held-out problems the model never saw in any stage. "
          f"Model: {b['params'] / 1e6:.2f}M parameters ({cfg['n_layers']} layers, dim {cfg['dim']}, vocab "
@@ -464,8 +473,11 @@ def write_report(out: Path, R: dict) -> None:
          "## Base model", "",
          f"- validation loss: {_f(b['val_loss'])} nats/token; bits per byte: {_f(b['bits_per_byte'])} "
          f"(held-out documents, {b['tokens']} tokens)",
-         f"- few-shot prompted accuracy ({cfg['n_shots']} worked Q/A examples, then the question): "
-         f"{_f(b['few_shot_accuracy'])}",
+         f"- few-shot prompted accuracy ({cfg['n_shots']} worked `Q: What is a + b?` / `A: c` examples, then the "
+         f"question; greedy, answer = the rest of the line): {_f(b['few_shot_accuracy'])}. The pretraining text "
+         "writes train-side problems in several plain-text forms, this worksheet form and the question wording the "
+         "chat stages use among them, so this is what the base model honestly knows; SFT adds the chat template "
+         "and focused training on answers only.",
          f"- asked in the chat format without SFT: accuracy {_f(b['chat_accuracy'])}, format-valid "
          f"{_f(b['chat_format_valid'])} (a base model is not an assistant)", "",
          "![loss curves](loss.png)", "",
@@ -479,7 +491,12 @@ def write_report(out: Path, R: dict) -> None:
          "(1 in 4), on held-out problems", "",
          "## RL", "",
          f"- algorithm: GRPO, reward = {R['reward'].replace('+', ' + ')}, {cfg['rl_steps']} steps x "
-         f"{cfg['rl_batch']} prompts x {cfg['rl_k']} samples",
+         f"{cfg['rl_batch']} prompts x {cfg['rl_k']} samples, lr {cfg['rl_lr']}, KL coefficient {cfg['rl_kl']}; "
+         "prompts are train-side problems only"
+         + (". Why the verifier is in the reward: a reward model this small is a noisy judge of arithmetic, and "
+            "GRPO against it alone learns to please it (`pyllm demo --reward rm` shows the RM score rising while "
+            "verifier success falls); the program check anchors the reward to the truth while the RM still "
+            "ranks format" if R["reward"] == "rm+verifier" else ""),
          f"- accuracy greedy: {_f(r['accuracy'])} (SFT {_f(s['accuracy'])})",
          f"- accuracy sampled: {_f(r['sampled_accuracy'])} (SFT {_f(s['sampled_accuracy'])})",
          f"- KL to SFT: {_f(r['kl_to_sft'])} nats per response (on the RL policy's held-out samples)",

@@ -145,23 +145,30 @@ def malformed_answer(p: Problem, rng: random.Random) -> str:
                        rng.choice(_WORDS), f"{a}+{a}"])
 
 
-def verifier_reward(prompt=None, response: str = "", answer: str = "", **_) -> float:
-    """`pyllm rl --reward-fn pyllm.tasks:verifier_reward`: 1.0 when the reply is exactly the answer, else 0.0
-    (the prompts JSONL carries the answer as an extra field)."""
-    return 1.0 if response.strip() == str(answer) else 0.0
+def verifier_reward(prompt=None, response: str = "", answer: str = "", weight: float = 1.0, **_) -> float:
+    """`pyllm rl --reward-fn pyllm.tasks:verifier_reward`: `weight` (default 1.0) when the reply is exactly the
+    answer, else 0.0 (the prompts JSONL carries the answer, and optionally the weight, as extra fields)."""
+    return float(weight) if response.strip() == str(answer) else 0.0
 
 
 def few_shot_prompt(p: Problem, shots: list[Problem]) -> str:
     """A base-model prompt: worked examples as plain text, then the question."""
-    lines = [f"Q: {s.question}\nA: {s.answer}\n" for s in shots]
-    return "\n".join(lines) + f"\nQ: {p.question}\nA:"
+    lines = [f"Q: {s.question}\nA: {s.answer}" for s in shots]
+    return "\n".join(lines + [f"Q: {p.question}\nA:"])
 
 
 # --- pretraining text ------------------------------------------------------------------------------------------
-_ADD_FORMATS = ("{a} + {b} = {c}", "{a} plus {b} is {c}.", "Adding {a} and {b} gives {c}.",
-                "The sum of {a} and {b} is {c}.", "{a}+{b}={c}")
-_SUB_FORMATS = ("{a} - {b} = {c}", "{a} minus {b} is {c}.", "Taking {b} from {a} leaves {c}.",
-                "The difference between {a} and {b} is {c}.", "{a}-{b}={c}")
+# The question wording the assistant stages use ("What is a + b?") is part of the pretraining text, answered in plain
+# text (a worksheet "Q: ... / A: ...", or inline), so SFT only has to teach the chat template and sharpen the skill;
+# the base model's few-shot prompt uses the plain "Q:/A:" worksheet form, so its accuracy is what it honestly knows.
+_OPS = {"add": "+", "sub": "-"}
+# The question-then-answer-on-the-next-line form matters: the chat template puts the answer's first digit right
+# after a special token, with no space before it, and " 4" and "4" are different tokens.
+_FORMATS = ("Q: What is {a} {op} {b}?\nA: {c}", "What is {a} {op} {b}?\n{c}", "What is {a} {op} {b}?\n{c}",
+            "What is {a} {op} {b}? The answer is {c}.", "{a} {op} {b} = {c}", "{a}{op}{b}={c}", "{word}")
+_WORDY = {"add": ("{a} plus {b} is {c}.", "The sum of {a} and {b} is {c}.", "Adding {a} and {b} gives {c}."),
+          "sub": ("{a} minus {b} is {c}.", "The difference between {a} and {b} is {c}.",
+                  "Taking {b} from {a} leaves {c}.")}
 _NAMES = "Ada Ben Cleo Dan Eve Finn Gus Hana Ivo Jill Kai Lena Milo Nora Otto Pia".split()
 _PLACES = "the market the harbor the garden the forest the river the school the station the library".split(" the ")
 _VERBS = "walked to|looked at|painted|visited|cleaned|counted the boats at|sang near|slept by".split("|")
@@ -174,30 +181,35 @@ def _sentence(rng: random.Random) -> str:
                        f"{n} has a {w[0]} and a {w[1]}.", f"In the morning {n} {v} the {pl} with a {w[0]}."])
 
 
-def arithmetic_text(p: Problem, rng: random.Random) -> str:
+def arithmetic_text(p: Problem, rng: random.Random, fmt: str | None = None) -> str:
+    """One problem as plain text in `fmt` (one of _FORMATS; random when None)."""
     a, b = p.operands
-    fmt = rng.choice(_ADD_FORMATS if p.kind == "add" else _SUB_FORMATS)
-    return fmt.format(a=a, b=b, c=p.answer)
+    fmt = fmt or rng.choice(_FORMATS)
+    if fmt == "{word}":
+        fmt = rng.choice(_WORDY[p.kind])
+    return fmt.format(a=a, b=b, c=p.answer, op=_OPS[p.kind])
 
 
 def document(ps: list[Problem], rng: random.Random, filler: float) -> str:
-    """One pretraining document: some problems written in one style (a worksheet or a story), with filler."""
+    """One pretraining document: a worksheet of problems in one format (the form a few-shot prompt imitates),
+    sometimes with filler sentences between them."""
+    fmt = rng.choice(_FORMATS)
     lines = []
     for p in ps:
         while rng.random() < filler:
             lines.append(_sentence(rng))
-        lines.append(arithmetic_text(p, rng))
-    return ("\n" if rng.random() < 0.5 else " ").join(lines)
+        lines.append(arithmetic_text(p, rng, fmt))
+    return ("\n" if "\n" in fmt or rng.random() < 0.5 else " ").join(lines)
 
 
-def pretraining_corpus(seed: int, n_docs: int, split: str = "train", filler: float = 0.3,
-                       per_doc: tuple[int, int] = (4, 10)) -> list[str]:
+def pretraining_corpus(seed: int, n_docs: int, split: str = "train", filler: float = 0.1,
+                       per_doc: tuple[int, int] = (4, 10), kinds=ARITH) -> list[str]:
     """Documents for the base model: problems from one side of the split as plain text, plus filler prose."""
     rng = random.Random(seed)
-    pool = all_problems(split)
+    pool = all_problems(split, kinds)
     docs = []
     for _ in range(n_docs):
-        if rng.random() < 0.1:
+        if rng.random() < 0.05:
             docs.append(" ".join(_sentence(rng) for _ in range(rng.randint(3, 8))))
             continue
         ps = [rng.choice(pool) for _ in range(rng.randint(*per_doc))]

@@ -83,7 +83,8 @@ def test_training_files_hold_no_heldout_problem(quick_run):
             (r"(\d+) (plus|minus) (\d+) is", lambda m: (m[2], int(m[1]), int(m[3]))),
             (r"(Adding) (\d+) and (\d+) gives", lambda m: (m[1], int(m[2]), int(m[3]))),
             (r"The (sum|difference) (?:between|of) (\d+) and (\d+) is", lambda m: (m[1], int(m[2]), int(m[3]))),
-            (r"(Taking) (\d+) from (\d+) leaves", lambda m: (m[1], int(m[3]), int(m[2])))]
+            (r"(Taking) (\d+) from (\d+) leaves", lambda m: (m[1], int(m[3]), int(m[2]))),
+            (r"What is (\d+) ([+-]) (\d+)\?", lambda m: (m[2], int(m[1]), int(m[3])))]
     found = 0
     for line in (d / "corpus.jsonl").read_text().splitlines():
         t = json.loads(line)["text"]
