@@ -497,7 +497,10 @@ def write_report(out: Path, R: dict) -> None:
             "GRPO against it alone learns to please it (`pyllm demo --reward rm` shows the RM score rising while "
             "verifier success falls); the program check anchors the reward to the truth while the RM still "
             "ranks format" if R["reward"] == "rm+verifier" else ""),
-         f"- accuracy greedy: {_f(r['accuracy'])} (SFT {_f(s['accuracy'])})",
+         f"- verifier reward for a correct reply: {cfg['rl_verifier_weight']} (the RM's scores span a few units; at "
+         "weight 1 its noise drowned the verifier); warmup {} steps".format(cfg["rl_warmup"]),
+         f"- accuracy greedy: {_f(r['accuracy'])} (SFT {_f(s['accuracy'])})"
+         + ("" if r["accuracy"] > s["accuracy"] else " -- RL did NOT improve greedy held-out accuracy in this run"),
          f"- accuracy sampled: {_f(r['sampled_accuracy'])} (SFT {_f(s['sampled_accuracy'])})",
          f"- KL to SFT: {_f(r['kl_to_sft'])} nats per response (on the RL policy's held-out samples)",
          f"- reward-model score vs true verifier success (sampled replies): SFT {_f(s['rm_score_sampled'])} vs "
