@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rl": ("pyllm.rl", "RL from a reward model and/or a Python reward function (PPO or GRPO)"),
     "dpo": ("pyllm.dpo", "direct preference optimization on preference JSONL (sigmoid loss)"),
     "export": ("pyllm.export", "write model.bin + tokenizer.bin for pyllm-run (or llama2.c), fp32 or Q8_0"),
+    "demo": ("pyllm.demo", "the whole recipe on a built-in task: tokenizer, pretrain, SFT, RM, RL, export, C binary"),
 }
 
 

@@ -1,0 +1,91 @@
+"""benchmarks/bench_demo.py: the full `pyllm demo` over 3 seeds; mean and spread of every report-card number.
+
+    PYTHONPATH=$PWD python benchmarks/bench_demo.py [--seeds 0 1 2] [--out /tmp/bench-demo] [--quick]
+Writes a markdown table to stdout and to benchmarks/results_demo.md (date + machine), each run's report under --out.
+"Beyond the seed spread" is checked two ways: every seed's value above every seed's value of the previous stage
+(min > max), and the mean gap larger than the sum of the two standard deviations.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = [("base few-shot accuracy", ("base", "few_shot_accuracy")),
+        ("SFT accuracy (greedy)", ("sft", "accuracy")),
+        ("RL accuracy (greedy)", ("rl", "accuracy")),
+        ("SFT accuracy (sampled)", ("sft", "sampled_accuracy")),
+        ("RL accuracy (sampled)", ("rl", "sampled_accuracy")),
+        ("SFT format-valid", ("sft", "format_valid")),
+        ("RL format-valid", ("rl", "format_valid")),
+        ("RM pairwise accuracy", ("rm", "accuracy")),
+        ("RM length-only baseline", ("rm", "length_baseline")),
+        ("RL KL to SFT (nats/response)", ("rl", "kl_to_sft")),
+        ("RM score, SFT samples", ("sft", "rm_score_sampled")),
+        ("RM score, RL samples", ("rl", "rm_score_sampled")),
+        ("base val loss (nats/token)", ("base", "val_loss")),
+        ("base bits per byte", ("base", "bits_per_byte")),
+        ("total wall time (s)", ("total_seconds",))]
+
+
+def get(r: dict, path):
+    for k in path:
+        r = r[k]
+    return float(r)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run (0 1 2)")
+    p.add_argument("--out", default="/tmp/bench-demo", help="parent directory of the runs (/tmp/bench-demo)")
+    p.add_argument("--quick", action="store_true", help="run --quick demos (plumbing check of this script)")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results_demo.md"), help="markdown output file")
+    a = p.parse_args()
+    runs = []
+    for s in a.seeds:
+        out = Path(a.out) / f"seed{s}"
+        cmd = [sys.executable, "-m", "pyllm", "demo", "--out", str(out), "--seed", str(s)] + (["--quick"] if a.quick
+                                                                                             else [])
+        print("+", " ".join(cmd), flush=True)
+        t0 = time.perf_counter()
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        r = json.loads((out / "results.json").read_text())
+        print(f"seed {s}: {time.perf_counter() - t0:.0f} s, base {r['base']['few_shot_accuracy']:.3f} "
+              f"sft {r['sft']['accuracy']:.3f} rl {r['rl']['accuracy']:.3f} rm {r['rm']['accuracy']:.3f}", flush=True)
+        runs.append(r)
+    lines = [f"## pyllm demo over seeds {a.seeds} ({datetime.date.today()}, {platform.node()}, "
+             f"{os.cpu_count()} CPUs, {runs[0]['threads']} torch threads{', --quick' if a.quick else ''})", "",
+             "| quantity | " + " | ".join(f"seed {s}" for s in a.seeds) + " | mean | std |",
+             "|---|" + "---|" * (len(a.seeds) + 2)]
+    stats = {}
+    for name, path in ROWS:
+        v = [get(r, path) for r in runs]
+        sd = statistics.stdev(v) if len(v) > 1 else 0.0
+        stats[name] = (v, statistics.mean(v), sd)
+        lines.append(f"| {name} | " + " | ".join(f"{x:.3f}" for x in v) + f" | {statistics.mean(v):.3f} | {sd:.3f} |")
+    lines.append("")
+    for lo, hi in (("base few-shot accuracy", "SFT accuracy (greedy)"), ("SFT accuracy (greedy)", "RL accuracy (greedy)"),
+                   ("SFT accuracy (sampled)", "RL accuracy (sampled)"),
+                   ("RM length-only baseline", "RM pairwise accuracy")):
+        (vl, ml, sl), (vh, mh, sh) = stats[lo], stats[hi]
+        ok = min(vh) > max(vl) and mh - ml > sl + sh
+        lines.append(f"- {hi} > {lo}: gap {mh - ml:+.3f} (spread {sl:.3f} + {sh:.3f}; min {min(vh):.3f} vs max "
+                     f"{max(vl):.3f}) -> {'yes' if ok else 'NO'}")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(a.results, "a") as f:
+        f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,554 @@
+"""`pyllm demo`: tokenizer -> pretraining -> SFT -> reward model -> RL -> export -> the C binary, with a report card.
+
+    pyllm demo                      # the full run (~4.5 min, OMP_NUM_THREADS=1 on a shared 2-core VM), writes ./pyllm-demo/report.md
+    pyllm demo --quick --out /tmp/d # the plumbing only, tiny sizes (< 1 min)
+
+Every stage runs through the public command a user would type (`pyllm.cli.main(["pretrain", ...])` etc.) on files
+this module writes from the built-in task family (pyllm/tasks.py: 2-digit addition and subtraction, program-checked,
+with a held-out split by content hash). Every number in the report is measured here on held-out problems, none is
+copied from a stage's own logs except the training curves that are plotted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import tasks
+from .progress import Progress
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of every stage; FULL is the default run, QUICK the plumbing test."""
+    n_docs: int = 30000          # pretraining documents (train-side problems + filler)
+    n_val_docs: int = 200        # held-out documents (held-out problems) for validation loss / bits per byte
+    vocab_size: int = 512
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    seq_len: int = 128
+    pt_steps: int = 800
+    pt_batch: int = 16
+    pt_lr: float = 3e-3
+    pt_warmup: int = 30
+    sft_examples: int = 12000
+    sft_steps: int = 800
+    sft_batch: int = 8           # packed rows of seq_len per step
+    sft_lr: float = 1e-3
+    rm_pairs: int = 5000
+    rm_steps: int = 200
+    rm_batch: int = 16
+    rm_lr: float = 3e-4
+    rl_prompts: int = 2000
+    rl_steps: int = 100
+    rl_batch: int = 8            # prompts per step
+    rl_k: int = 8                # samples per prompt (GRPO group)
+    rl_lr: float = 2e-5
+    rl_kl: float = 0.02
+    rl_warmup: int = 10          # Adam's first steps are sign-like: without warmup one step wrecks the policy
+    rl_verifier_weight: float = 4.0  # verifier reward for a correct reply (beside the RM's score, which spans ~+-3)
+    n_eval: int = 300            # held-out problems per accuracy number
+    n_shots: int = 3             # few-shot examples for the base model
+    kinds: tuple = ("add", "sub")  # task family (tasks.ARITH subset): 2-digit addition and subtraction
+
+
+FULL = DemoConfig()
+QUICK = DemoConfig(n_docs=300, n_val_docs=20, vocab_size=300, dim=32, n_layers=1, n_heads=2, seq_len=96,
+                   pt_steps=8, pt_batch=4, pt_warmup=2, sft_examples=60, sft_steps=3, sft_batch=4, rm_pairs=60,
+                   rm_steps=3, rm_batch=4, rl_prompts=30, rl_steps=2, rl_batch=2, rl_k=2, n_eval=12, n_shots=2)
+EVAL_SEED = 12345   # the held-out evaluation problems are the same for every --seed (spread = training noise)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# running the public stages
+def stage_cli(cmd: str, argv: list[str]) -> None:
+    """`pyllm <cmd> <argv>` in this process, exactly as typed on a shell; a failing stage stops the demo."""
+    from . import cli
+    if cmd in cli.COMMANDS:
+        rc = cli.main([cmd, *argv])
+    else:  # a stage whose CLI registration has not landed yet: same module entry points, same argv
+        import argparse
+        import importlib
+        mod = importlib.import_module(f"pyllm.{cmd}")
+        p = argparse.ArgumentParser(prog=f"pyllm {cmd}")
+        mod.add_arguments(p)
+        rc = mod.main(p.parse_args(argv))
+    if rc:
+        raise cli.CLIError(f"stage `pyllm {cmd}` failed (exit {rc}); command: pyllm {cmd} {' '.join(argv)}")
+
+
+def _jsonl(path: Path, rows) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Clock:
+    """Wall time and token counts per stage, for the timing table."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def add(self, name: str, seconds: float, tokens: int, what: str):
+        self.rows.append({"stage": name, "seconds": seconds, "tokens": int(tokens),
+                          "tok_per_s": tokens / seconds if seconds > 0 else 0.0, "what": what})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluation on held-out problems (public model API only: forward, generate, logprobs)
+def _load(path, device):
+    from .checkpoint import load_checkpoint
+    model, tok = load_checkpoint(str(path))
+    return model.to(device).eval(), tok
+
+
+def _by_length(prompts: list[list[int]]):
+    """Indices grouped by prompt length, so each group is one (B, T) batch without padding."""
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def generate_all(model, prompts: list[list[int]], max_new: int, temperature: float, seed: int, stop: tuple,
+                 device, desc: str, batch: int = 64) -> list[list[int]]:
+    """Responses (new ids, cut after the first stop token) for every prompt; greedy when temperature == 0."""
+    out: list[list[int]] = [[] for _ in prompts]
+    bar = Progress(total=len(prompts), desc=desc, unit="prompt")
+    for g in _by_length(prompts):
+        for s in range(0, len(g), batch):
+            idx = g[s:s + batch]
+            x = torch.tensor([prompts[i] for i in idx], dtype=torch.long, device=device)
+            y = model.generate(x, max_new, temperature=temperature, seed=seed + idx[0], stop_tokens=stop)
+            for j, i in enumerate(idx):
+                r = y[j, x.shape[1]:].tolist()
+                for t in stop:
+                    if t in r:
+                        r = r[:r.index(t) + 1]
+                out[i] = r
+            bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def chat_prompt(tok, p: tasks.Problem) -> list[int]:
+    from .chat import render
+    return render([{"role": "user", "content": p.question}], tok, add_generation_prompt=True)[0]
+
+
+def eval_chat(model, tok, probs, device, temperature: float, seed: int, desc: str) -> dict:
+    """Exact-match accuracy and format-valid rate of chat replies; also returns the replies for scoring."""
+    end = tok.end_id
+    prompts = [chat_prompt(tok, p) for p in probs]
+    resp = generate_all(model, prompts, 6, temperature, seed, (end,), device, desc)
+    texts = [tok.decode([t for t in r if t != end]) for r in resp]
+    ok = [tasks.check(p, t) and r[-1:] == [end] for p, t, r in zip(probs, texts, resp)]
+    valid = [tasks.format_valid(p, t) and r[-1:] == [end] for p, t, r in zip(probs, texts, resp)]
+    return {"accuracy": sum(ok) / len(ok), "format_valid": sum(valid) / len(valid), "prompts": prompts,
+            "responses": resp, "texts": texts, "correct": ok}
+
+
+def eval_few_shot(model, tok, probs, shots, device) -> dict:
+    """The base model as a text continuer: few-shot Q/A prompt, greedy, answer = text up to the newline."""
+    prompts = [tok.encode(tasks.few_shot_prompt(p, shots), add_bos=True) for p in probs]
+    nl = tok.encode("\n")
+    stop = (nl[0],) if len(nl) == 1 else ()
+    resp = generate_all(model, prompts, 6, 0.0, 0, stop, device, "eval base few-shot")
+    texts = [tok.decode(r) for r in resp]
+    ok = [tasks.check(p, t) for p, t in zip(probs, texts)]
+    return {"accuracy": sum(ok) / len(ok), "texts": texts}
+
+
+@torch.no_grad()
+def eval_lm(model, tok, docs: list[str], device) -> dict:
+    """Validation loss (nats/token) and bits per byte on held-out documents, each scored from <|bos|>."""
+    T = model.config.max_seq_len
+    nats, n_tok, n_bytes = 0.0, 0, 0
+    for d in docs:
+        ids = tok.encode(d, add_bos=True)[:T + 1]
+        text = tok.decode(ids[1:])
+        x = torch.tensor([ids[:-1]], device=device)
+        y = torch.tensor([ids[1:]], device=device)
+        _, loss = model(x, y)
+        nats += float(loss) * y.numel()
+        n_tok += y.numel()
+        n_bytes += len(text.encode())
+    return {"val_loss": nats / n_tok, "bits_per_byte": nats / math.log(2) / n_bytes, "tokens": n_tok}
+
+
+@torch.no_grad()
+def kl_to(model, ref, prompts, responses, device) -> float:
+    """Mean over responses of sum_t log pi(y_t) - log ref(y_t) for responses sampled from `model` (KL estimate)."""
+    tot = 0.0
+    for p, r in zip(prompts, responses):
+        if not r:
+            continue
+        x = torch.tensor([p + r], device=device)
+        tgt = torch.full_like(x, -1)
+        tgt[0, len(p) - 1:len(p) - 1 + len(r)] = torch.tensor(r)
+        inp, tg = x[:, :-1], tgt[:, :-1]
+        tot += float((model.logprobs(inp, tg) - ref.logprobs(inp, tg)).sum())
+    return tot / max(1, len(prompts))
+
+
+def rm_scores(rm_dir, tok, prompts, responses, device) -> list[float]:
+    from .reward import load_reward_model, pad_id_of, score_ids
+    rm, _ = load_reward_model(rm_dir, device)
+    end = tok.end_id
+    seqs = [p + (r if r[-1:] == [end] else r + [end]) for p, r in zip(prompts, responses)]
+    return score_ids(rm, seqs, pad_id_of(tok), device, 64).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def write_data(d: Path, cfg: DemoConfig, seed: int) -> dict:
+    """Every input file of the pipeline, from the task family. Training files use train-side problems only."""
+    d.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    f = {}
+    K = tuple(cfg.kinds)
+    f["corpus"] = _jsonl(d / "corpus.jsonl", ({"text": t} for t in tasks.pretraining_corpus(seed, cfg.n_docs,
+                                                                                            kinds=K)))
+    val_docs = tasks.pretraining_corpus(seed + 1, cfg.n_val_docs, split="heldout", kinds=K)
+    f["val"] = _jsonl(d / "val.jsonl", ({"text": t} for t in val_docs))
+    train = tasks.problems(seed + 2, max(cfg.sft_examples, cfg.rm_pairs, cfg.rl_prompts), "train", K)
+    f["sft"] = _jsonl(d / "sft.jsonl", ({"messages": [{"role": "user", "content": p.question},
+                                                      {"role": "assistant", "content": p.answer}]}
+                                        for p in rng.sample(train, cfg.sft_examples)))
+    def pairs(ps):  # a near miss (mostly) or a malformed reply as the rejected answer
+        for p in ps:
+            bad = tasks.malformed_answer(p, rng) if rng.random() < 0.25 else tasks.wrong_answer(p, rng)
+            yield {"prompt": p.question, "chosen": p.answer, "rejected": bad}
+    f["prefs"] = _jsonl(d / "prefs.jsonl", pairs(rng.sample(train, cfg.rm_pairs)))
+    held = tasks.problems(EVAL_SEED, cfg.n_eval, "heldout", K)
+    f["prefs_heldout"] = _jsonl(d / "prefs_heldout.jsonl", pairs(held))
+    f["prompts"] = _jsonl(d / "rl_prompts.jsonl", ({"prompt": p.question, "answer": p.answer,
+                                                    "weight": cfg.rl_verifier_weight}
+                                                   for p in rng.sample(train, cfg.rl_prompts)))
+    return {"files": f, "val_docs": val_docs, "heldout": held, "shots": tasks.problems(seed + 3, cfg.n_shots, "train", K)}
+
+
+def rm_length_baseline(path: Path) -> float:
+    """Accuracy of 'prefer the longer reply' on held-out pairs (ties count as a coin flip)."""
+    rows = _metrics(path)
+    s = 0.0
+    for r in rows:
+        lc, lr = len(r["chosen"]), len(r["rejected"])
+        s += 1.0 if lc > lr else 0.5 if lc == lr else 0.0
+    return s / len(rows)
+
+
+def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "rm+verifier") -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    dflag = ["--device", dev.type]
+    clock = Clock()
+    R: dict = {"seed": seed, "config": dataclasses.asdict(cfg), "device": str(dev), "reward": reward,
+               "threads": torch.get_num_threads()}
+    t_all = time.perf_counter()
+    n_stages = 8
+
+    def head(i, name):
+        print(f"\n=== [{i}/{n_stages}] {name} ===", flush=True)
+
+    # 1. data + tokenizer --------------------------------------------------------------------------------------
+    head(1, "data and tokenizer")
+    t0 = time.perf_counter()
+    D = write_data(out / "data", cfg, seed)
+    F = D["files"]
+    stage_cli("tokenizer-train", ["--input", str(F["corpus"]), "--vocab-size", str(cfg.vocab_size),
+                                  "--out", str(out / "tokenizer")])
+    tok_json = out / "tokenizer" / "tokenizer.json"
+    stage_cli("prepare", ["--input", str(F["corpus"]), "--val-input", str(F["val"]), "--tokenizer", str(tok_json),
+                          "--out", str(out / "tokens"), "--workers", "1", "--overwrite"])
+    man = json.loads((out / "tokens" / "manifest.json").read_text())
+    n_tok = sum(s.get("n_tokens", s.get("tokens", 0)) for s in man.get("shards", []))
+    clock.add("data + tokenizer + prepare", time.perf_counter() - t0, n_tok, "tokens encoded")
+    R["corpus"] = {"documents": cfg.n_docs, "tokens": n_tok,
+                   "heldout_problems": len(tasks.all_problems("heldout", tuple(cfg.kinds))),
+                   "train_problems": len(tasks.all_problems("train", tuple(cfg.kinds)))}
+
+    # 2. pretraining -------------------------------------------------------------------------------------------
+    head(2, "pretraining the base model")
+    t0 = time.perf_counter()
+    stage_cli("pretrain", ["--data", str(out / "tokens"), "--out", str(out / "base"), "--dim", str(cfg.dim),
+                           "--n-layers", str(cfg.n_layers), "--n-heads", str(cfg.n_heads), "--seq-len",
+                           str(cfg.seq_len), "--batch-size", str(cfg.pt_batch), "--max-steps", str(cfg.pt_steps),
+                           "--lr", str(cfg.pt_lr), "--warmup-steps", str(cfg.pt_warmup), "--eval-every", "0",
+                           "--eval-batches", "0", "--sample-tokens", "0", "--checkpoint-every", "0",
+                           "--seed", str(seed), *dflag])
+    clock.add("pretrain", time.perf_counter() - t0, cfg.pt_steps * cfg.pt_batch * cfg.seq_len, "training tokens")
+    base_dir = out / "base" / (out / "base" / "latest").read_text().strip()
+    t0 = time.perf_counter()
+    base, tok = _load(base_dir, dev)
+    R["base"] = eval_lm(base, tok, D["val_docs"], dev)
+    fs = eval_few_shot(base, tok, D["heldout"], D["shots"], dev)
+    R["base"]["few_shot_accuracy"] = fs["accuracy"]
+    R["base"]["params"] = base.num_params()
+    bc = eval_chat(base, tok, D["heldout"], dev, 0.0, 0, "eval base chat")
+    R["base"]["chat_accuracy"] = bc["accuracy"]
+    R["base"]["chat_format_valid"] = bc["format_valid"]
+    clock.add("eval base", time.perf_counter() - t0, R["base"]["tokens"], "held-out tokens scored")
+    del base
+    print(f"base: val loss {R['base']['val_loss']:.3f}, {R['base']['bits_per_byte']:.3f} bits/byte, few-shot "
+          f"accuracy {fs['accuracy']:.3f}", flush=True)
+
+    # 3. SFT ---------------------------------------------------------------------------------------------------
+    head(3, "supervised fine-tuning")
+    t0 = time.perf_counter()
+    stage_cli("sft", ["--model", str(base_dir), "--data", str(F["sft"]), "--out", str(out / "sft"), "--steps",
+                      str(cfg.sft_steps), "--batch-size", str(cfg.sft_batch), "--lr", str(cfg.sft_lr),
+                      "--warmup-steps", "5", "--eval-frac", "0.05", "--eval-every", str(max(1, cfg.sft_steps // 4)),
+                      "--save-every", str(cfg.sft_steps), "--seed", str(seed), *dflag])
+    clock.add("sft", time.perf_counter() - t0, cfg.sft_steps * cfg.sft_batch * cfg.seq_len, "row tokens")
+    t0 = time.perf_counter()
+    sft, _ = _load(out / "sft", dev)
+    sg = eval_chat(sft, tok, D["heldout"], dev, 0.0, 0, "eval SFT greedy")
+    ss = eval_chat(sft, tok, D["heldout"], dev, 1.0, seed, "eval SFT sampled")
+    R["sft"] = {"accuracy": sg["accuracy"], "format_valid": sg["format_valid"], "sampled_accuracy": ss["accuracy"],
+                "sampled_format_valid": ss["format_valid"]}
+    clock.add("eval sft", time.perf_counter() - t0, 2 * len(D["heldout"]) * 4, "generated tokens (approx.)")
+    print(f"sft: accuracy {sg['accuracy']:.3f}, format-valid {sg['format_valid']:.3f}", flush=True)
+
+    # 4. reward model ------------------------------------------------------------------------------------------
+    head(4, "reward model")
+    t0 = time.perf_counter()
+    stage_cli("reward", ["--model", str(out / "sft"), "--data", str(F["prefs"]), "--eval-data",
+                         str(F["prefs_heldout"]), "--out", str(out / "rm"), "--steps", str(cfg.rm_steps),
+                         "--batch-size", str(cfg.rm_batch), "--lr", str(cfg.rm_lr), "--warmup-steps", "10",
+                         "--eval-every", str(max(1, cfg.rm_steps // 5)), "--save-every", str(cfg.rm_steps),
+                         "--seed", str(seed), *dflag])
+    clock.add("reward model", time.perf_counter() - t0, cfg.rm_steps * cfg.rm_batch * 2 * 16, "pair tokens (approx.)")
+    t0 = time.perf_counter()
+    held = D["heldout"]
+    prefs = _metrics(F["prefs_heldout"])
+    pc = [chat_prompt(tok, p) for p in held]
+    ch = [tok.encode(r["chosen"]) + [tok.end_id] for r in prefs]
+    rj = [tok.encode(r["rejected"]) + [tok.end_id] for r in prefs]
+    sc, sr = rm_scores(out / "rm", tok, pc, ch, dev), rm_scores(out / "rm", tok, pc, rj, dev)
+    R["rm"] = {"accuracy": sum(a > b for a, b in zip(sc, sr)) / len(sc), "chance": 0.5,
+               "length_baseline": rm_length_baseline(F["prefs_heldout"]),
+               "margin": sum(a - b for a, b in zip(sc, sr)) / len(sc)}
+    # how well does the RM's score track truth on the SFT policy's own samples (what RL will optimise)?
+    rs = rm_scores(out / "rm", tok, ss["prompts"], ss["responses"], dev)
+    R["sft"]["rm_score_sampled"] = sum(rs) / len(rs)
+    R["sft"]["verifier_sampled"] = ss["accuracy"]
+    clock.add("eval rm", time.perf_counter() - t0, 0, "")
+    print(f"reward model: held-out pairwise accuracy {R['rm']['accuracy']:.3f} (length-only "
+          f"{R['rm']['length_baseline']:.3f}, chance 0.5)", flush=True)
+
+    # 5. RL ----------------------------------------------------------------------------------------------------
+    head(5, "RL (GRPO), reward: " + {"rm": "the reward model", "verifier": "the program verifier",
+                                     "rm+verifier": "reward model + program verifier"}[reward])
+    t0 = time.perf_counter()
+    rflags = []
+    if "rm" in reward:
+        rflags += ["--reward-model", str(out / "rm")]
+    if "verifier" in reward:
+        rflags += ["--reward-fn", "pyllm.tasks:verifier_reward"]
+    stage_cli("rl", ["--policy", str(out / "sft"), *rflags, "--prompts", str(F["prompts"]), "--out",
+                     str(out / "rl"), "--algo", "grpo", "--num-samples", str(cfg.rl_k), "--batch-size",
+                     str(cfg.rl_batch), "--steps", str(cfg.rl_steps), "--lr", str(cfg.rl_lr), "--kl-coef",
+                     str(cfg.rl_kl), "--max-new-tokens", "6", "--ppo-epochs", "1", "--warmup-steps",
+                     str(cfg.rl_warmup), "--save-every",
+                     str(cfg.rl_steps), "--seed", str(seed), *dflag])
+    rl_rows = _metrics(out / "rl" / "metrics.jsonl")
+    gen = sum(r.get("response_length", 0) for r in rl_rows) * cfg.rl_batch * cfg.rl_k
+    clock.add("rl", time.perf_counter() - t0, gen, "sampled tokens")
+    t0 = time.perf_counter()
+    rl, _ = _load(out / "rl", dev)
+    rg = eval_chat(rl, tok, held, dev, 0.0, 0, "eval RL greedy")
+    rsm = eval_chat(rl, tok, held, dev, 1.0, seed, "eval RL sampled")
+    rrs = rm_scores(out / "rm", tok, rsm["prompts"], rsm["responses"], dev)
+    R["rl"] = {"accuracy": rg["accuracy"], "format_valid": rg["format_valid"], "sampled_accuracy": rsm["accuracy"],
+               "sampled_format_valid": rsm["format_valid"], "kl_to_sft": kl_to(rl, sft, rsm["prompts"],
+                                                                               rsm["responses"], dev),
+               "rm_score_sampled": sum(rrs) / len(rrs), "verifier_sampled": rsm["accuracy"]}
+    clock.add("eval rl", time.perf_counter() - t0, 0, "")
+    print(f"rl: accuracy {rg['accuracy']:.3f} (SFT {R['sft']['accuracy']:.3f}), sampled {rsm['accuracy']:.3f} "
+          f"(SFT {R['sft']['sampled_accuracy']:.3f}), KL to SFT {R['rl']['kl_to_sft']:.3f}", flush=True)
+    del sft
+
+    # 6-8. export + the C binary ------------------------------------------------------------------------------
+    head(6, "export")
+    t0 = time.perf_counter()
+    stage_cli("export", ["--checkpoint", str(out / "rl"), "--out", str(out / "export")])
+    clock.add("export", time.perf_counter() - t0, 0, "")
+    head(7, "the C binary answers a held-out question")
+    q = held[0]
+    R["binary"] = run_binary(out / "export", q, rg["texts"][0])
+    if R["binary"].get("tok_per_s"):
+        clock.add("pyllm-run (C)", R["binary"]["seconds"], R["binary"]["tokens"], "generated tokens")
+    head(8, "report")
+    R["timing"] = clock.rows
+    R["total_seconds"] = time.perf_counter() - t_all
+    R["curves"] = {"pretrain": _metrics(out / "base" / "metrics.jsonl"), "sft": _metrics(out / "sft" / "metrics.jsonl"),
+                   "rm": _metrics(out / "rm" / "metrics.jsonl"), "rl": rl_rows}
+    write_report(out, R)
+    return R
+
+
+def run_binary(export_dir: Path, q: tasks.Problem, python_answer: str) -> dict:
+    """pyllm-run in chat mode, greedy, one user turn (stdin closed ends the chat after the first reply)."""
+    from .runtime import BIN_PATH
+    cmd = [str(BIN_PATH), str(export_dir / "model.bin"), "-m", "chat", "-t", "0", "-n", "64", "-i", q.question]
+    res = {"command": " ".join(["pyllm-run", "model.bin", "-m", "chat", "-t", "0", "-n", "64", "-i",
+                                repr(q.question)]), "question": q.question, "expected": q.answer,
+           "python_greedy": python_answer}
+    if not BIN_PATH.exists():
+        res["error"] = f"{BIN_PATH} not built"
+        return res
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    res["seconds"] = time.perf_counter() - t0
+    res["stdout"], res["returncode"] = p.stdout, p.returncode
+    m = re.search(r"Assistant: (.*)", p.stdout)
+    res["answer"] = m.group(1).strip() if m else ""
+    res["correct"] = res["answer"] == q.answer
+    res["matches_python"] = res["answer"] == python_answer.strip()
+    t = re.search(r"achieved tok/s: ([0-9.]+) \((\d+) generated\)", p.stderr)
+    res["tok_per_s"] = float(t.group(1)) if t else 0.0
+    res["tokens"] = int(t.group(2)) if t else 0
+    if p.returncode:
+        res["error"] = p.stderr.strip().splitlines()[-1:] or ["exit %d" % p.returncode]
+    print(f"pyllm-run: {q.question!r} -> {res['answer']!r} (expected {q.answer})", flush=True)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _f(x, nd=3):
+    return f"{x:.{nd}f}"
+
+
+def write_report(out: Path, R: dict) -> None:
+    from .plot import line_plot
+    C = R["curves"]
+    pt = C["pretrain"]
+    line_plot(str(out / "loss.png"), {
+        "pretrain loss": ([r["step"] for r in pt if "loss" in r], [r["loss"] for r in pt if "loss" in r]),
+        "sft loss": ([r["step"] for r in C["sft"] if "loss" in r], [r["loss"] for r in C["sft"] if "loss" in r]),
+        "rm loss": ([r["step"] for r in C["rm"] if "loss" in r], [r["loss"] for r in C["rm"] if "loss" in r])})
+    rl = C["rl"]
+    line_plot(str(out / "rl.png"), {k: ([r["step"] for r in rl if k in r], [r[k] for r in rl if k in r])
+                                    for k in ("reward", "kl", "rm_score", "fn_score") if any(k in r for r in rl)})
+    b, s, m, r = R["base"], R["sft"], R["rm"], R["rl"]
+    line_plot(str(out / "accuracy.png"), {"greedy": ([0, 1, 2], [b["few_shot_accuracy"], s["accuracy"],
+                                                                 r["accuracy"]]),
+                                          "sampled": ([1, 2], [s["sampled_accuracy"], r["sampled_accuracy"]])})
+    hack = r["rm_score_sampled"] - s["rm_score_sampled"] > 0 and r["verifier_sampled"] <= s["verifier_sampled"]
+    cfg = R["config"]
+    L = [f"# pyllm demo report card (seed {R['seed']})", "",
+         f"Task: 2-digit {' and '.join({'add': 'addition', 'sub': 'subtraction'}[k] for k in cfg['kinds'])}, "
+         f"answers checked by a program. {R['corpus']['train_problems']} "
+         f"train-side and {R['corpus']['heldout_problems']} held-out problems (split by a hash of the operands); "
+         f"every number below is measured on {cfg['n_eval']} held-out problems the model never saw in any stage. "
+         f"Model: {b['params'] / 1e6:.2f}M parameters ({cfg['n_layers']} layers, dim {cfg['dim']}, vocab "
+         f"{cfg['vocab_size']}, context {cfg['seq_len']}). Device {R['device']}, {R['threads']} threads. "
+         f"Total wall time {R['total_seconds']:.0f} s.", "",
+         "| stage | held-out accuracy (greedy) | sampled (T=1) | format-valid |", "|---|---|---|---|",
+         f"| base (few-shot prompt) | {_f(b['few_shot_accuracy'])} | - | - |",
+         f"| SFT | {_f(s['accuracy'])} | {_f(s['sampled_accuracy'])} | {_f(s['format_valid'])} |",
+         f"| RL | {_f(r['accuracy'])} | {_f(r['sampled_accuracy'])} | {_f(r['format_valid'])} |", "",
+         "![accuracy by stage](accuracy.png)", "",
+         "## Base model", "",
+         f"- validation loss: {_f(b['val_loss'])} nats/token; bits per byte: {_f(b['bits_per_byte'])} "
+         f"(held-out documents, {b['tokens']} tokens)",
+         f"- few-shot prompted accuracy ({cfg['n_shots']} worked `Q: What is a + b?` / `A: c` examples, then the "
+         f"question; greedy, answer = the rest of the line): {_f(b['few_shot_accuracy'])}. The pretraining text "
+         "writes train-side problems in several plain-text forms, this worksheet form and the question wording the "
+         "chat stages use among them, so this is what the base model honestly knows; SFT adds the chat template "
+         "and focused training on answers only.",
+         f"- asked in the chat format without SFT: accuracy {_f(b['chat_accuracy'])}, format-valid "
+         f"{_f(b['chat_format_valid'])} (a base model is not an assistant)", "",
+         "![loss curves](loss.png)", "",
+         "## SFT", "",
+         f"- format-valid rate: {_f(s['format_valid'])}",
+         f"- exact-match accuracy: {_f(s['accuracy'])} (greedy), {_f(s['sampled_accuracy'])} (sampled, T=1)", "",
+         "## Reward model", "",
+         f"- held-out pairwise accuracy: {_f(m['accuracy'])} (chance 0.500, length-only baseline "
+         f"{_f(m['length_baseline'])}); mean margin {_f(m['margin'])}",
+         "- pairs: the correct answer vs a near miss (off by a carry, a digit or one; 3 in 4) or a malformed reply "
+         "(1 in 4), on held-out problems", "",
+         "## RL", "",
+         f"- algorithm: GRPO, reward = {R['reward'].replace('+', ' + ')}, {cfg['rl_steps']} steps x "
+         f"{cfg['rl_batch']} prompts x {cfg['rl_k']} samples, lr {cfg['rl_lr']}, KL coefficient {cfg['rl_kl']}; "
+         "prompts are train-side problems only"
+         + (". Why the verifier is in the reward: a reward model this small is a noisy judge of arithmetic, and "
+            "GRPO against it alone learns to please it (`pyllm demo --reward rm` shows the RM score rising while "
+            "verifier success falls); the program check anchors the reward to the truth while the RM still "
+            "ranks format" if R["reward"] == "rm+verifier" else ""),
+         f"- verifier reward for a correct reply: {cfg['rl_verifier_weight']} (the RM's scores span a few units; at "
+         "weight 1 its noise drowned the verifier); warmup {} steps".format(cfg["rl_warmup"]),
+         f"- accuracy greedy: {_f(r['accuracy'])} (SFT {_f(s['accuracy'])})"
+         + ("" if r["accuracy"] > s["accuracy"] else " -- RL did NOT improve greedy held-out accuracy in this run"),
+         f"- accuracy sampled: {_f(r['sampled_accuracy'])} (SFT {_f(s['sampled_accuracy'])})",
+         f"- KL to SFT: {_f(r['kl_to_sft'])} nats per response (on the RL policy's held-out samples)",
+         f"- reward-model score vs true verifier success (sampled replies): SFT {_f(s['rm_score_sampled'])} vs "
+         f"{_f(s['verifier_sampled'])}; RL {_f(r['rm_score_sampled'])} vs {_f(r['verifier_sampled'])}"
+         + (" -- the RM score rose while true success did not: reward hacking" if hack else ""), "",
+         "![reward and KL during RL](rl.png)", "",
+         "(rl.png: per RL step on train prompts, `reward` = the total score, `kl` = sampled KL to SFT per response, "
+         "`rm_score` = reward-model score, `fn_score` = verifier success when the verifier is part of the reward.)",
+         "",
+         "## Timing", "", "| stage | wall time (s) | tokens | tokens/s | counted |", "|---|---|---|---|---|"]
+    for t in R["timing"]:
+        L.append(f"| {t['stage']} | {t['seconds']:.2f} | {t['tokens']} | "
+                 f"{t['tok_per_s']:.0f} | {t['what'] or '-'} |")
+    bn = R["binary"]
+    L += ["", "## C binary", "", f"`{bn['command']}`", "",
+          f"- question: {bn['question']} (held-out; expected {bn['expected']})",
+          f"- pyllm-run answered: {bn.get('answer', '')!r} ({'correct' if bn.get('correct') else 'wrong'}; "
+          f"Python greedy said {bn['python_greedy']!r}, {'same' if bn.get('matches_python') else 'different'})"]
+    if bn.get("error"):
+        L.append(f"- error: {bn['error']}")
+    L += ["", "```", (bn.get("stdout") or "").strip(), "```", ""]
+    text = "\n".join(L)
+    tmp = out / "report.md.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, out / "report.md")
+    res = {k: v for k, v in R.items() if k != "curves"}
+    (out / "results.json.tmp").write_text(json.dumps(res, indent=1))
+    os.replace(out / "results.json.tmp", out / "results.json")
+    print("\n" + text)
+    print(f"report: {out / 'report.md'}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def add_arguments(p):
+    p.add_argument("--out", default="pyllm-demo", help="output directory (default: ./pyllm-demo)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: runs the plumbing in under a minute (tests)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the data, initialisation and sampling (0)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="device for every stage (auto = cuda if available)")
+    p.add_argument("--reward", default="rm+verifier", choices=["rm", "rm+verifier", "verifier"],
+                   help="RL reward: reward model + program verifier (default; at this scale the RM alone gets "
+                        "hacked, which the report shows with --reward rm), the RM alone, or the verifier alone")
+
+
+def main(args) -> int:
+    cfg = QUICK if args.quick else FULL
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    run_demo(out, cfg, args.seed, args.device, args.reward)
+    return 0

@@ -1,0 +1,132 @@
+"""tests/test_demo.py: `pyllm demo --quick` end to end, the report card's contents, and the task family's held-out
+split. Run: PYTHONPATH=$PWD python -m pytest -q tests/test_demo.py"""
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+
+from pyllm import cli, tasks
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    rc = cli.main(["demo", "--quick", "--out", str(out), "--seed", "3"])
+    assert rc == 0
+    return out
+
+
+def _num(text: str, pattern: str) -> float:
+    m = re.search(pattern, text)
+    assert m, f"report has no match for {pattern!r}"
+    return float(m.group(1))
+
+
+def test_report_sections_and_numbers(quick_run):
+    text = (quick_run / "report.md").read_text()
+    for h in ("# pyllm demo report card", "## Base model", "## SFT", "## Reward model", "## RL", "## Timing",
+              "## C binary"):
+        assert h in text, h
+    R = json.loads((quick_run / "results.json").read_text())
+    num = r"([0-9]+\.[0-9]+)"
+    acc = {
+        "base_few_shot": _num(text, r"few-shot prompted accuracy \([^)]*\): " + num),
+        "sft_format": _num(text, r"format-valid rate: " + num),
+        "sft_acc": _num(text, r"exact-match accuracy: " + num),
+        "rm_acc": _num(text, r"held-out pairwise accuracy: " + num),
+        "rm_len": _num(text, r"length-only baseline " + num),
+        "rl_greedy": _num(text, r"accuracy greedy: " + num),
+        "rl_sampled": _num(text, r"accuracy sampled: " + num),
+    }
+    for k, v in acc.items():
+        assert 0.0 <= v <= 1.0, (k, v)
+    # the report prints what was measured (results.json is the same run)
+    assert acc["sft_acc"] == pytest.approx(R["sft"]["accuracy"], abs=1e-3)
+    assert acc["rl_greedy"] == pytest.approx(R["rl"]["accuracy"], abs=1e-3)
+    assert acc["rm_acc"] == pytest.approx(R["rm"]["accuracy"], abs=1e-3)
+    assert _num(text, r"chance " + num) == 0.5
+    assert _num(text, r"bits per byte: " + num) > 0
+    assert _num(text, r"KL to SFT: (-?[0-9]+\.[0-9]+)") > -0.5  # a sampled KL estimate: noisy but not very negative
+    # every stage appears in the timing table with a positive wall time
+    for st in ("pretrain", "sft", "reward model", "rl", "export"):
+        m = re.search(rf"^\| {st} \| ([0-9.]+) \|", text, re.M)
+        assert m and float(m.group(1)) > (0 if st != "export" else -1), st
+
+
+def test_report_plots_and_binary(quick_run):
+    for png in ("loss.png", "rl.png", "accuracy.png"):
+        data = (quick_run / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 100, png
+        assert f"({png})" in (quick_run / "report.md").read_text()
+    R = json.loads((quick_run / "results.json").read_text())
+    b = R["binary"]
+    assert b["returncode"] == 0 and "error" not in b, b
+    assert "Assistant:" in b["stdout"]
+    assert (quick_run / "export" / "model.bin").is_file() and (quick_run / "export" / "tokenizer.bin").is_file()
+    text = (quick_run / "report.md").read_text()
+    assert "pyllm-run answered:" in text and b["question"] in text
+    # the C binary and Python greedy decode the same model: the same first reply (up to the 6 tokens Python generates)
+    py = b["python_greedy"].strip()
+    assert b["answer"].startswith(py) or b["answer"] == py, (b["answer"], py)
+
+
+def test_training_files_hold_no_heldout_problem(quick_run):
+    """Held-out problems appear in no training input: pretraining text (any format), SFT, RM pairs, RL prompts."""
+    held = {p.key for p in tasks.all_problems("heldout")}
+    d = quick_run / "data"
+    ops = {"+": "add", "plus": "add", "Adding": "add", "sum": "add", "-": "sub", "minus": "sub", "Taking": "sub",
+           "difference": "sub"}
+    pats = [(r"(\d+) ?([+-]) ?(\d+) ?= ?\d+", lambda m: (m[2], int(m[1]), int(m[3]))),
+            (r"(\d+) (plus|minus) (\d+) is", lambda m: (m[2], int(m[1]), int(m[3]))),
+            (r"(Adding) (\d+) and (\d+) gives", lambda m: (m[1], int(m[2]), int(m[3]))),
+            (r"The (sum|difference) (?:between|of) (\d+) and (\d+) is", lambda m: (m[1], int(m[2]), int(m[3]))),
+            (r"(Taking) (\d+) from (\d+) leaves", lambda m: (m[1], int(m[3]), int(m[2]))),
+            (r"What is (\d+) ([+-]) (\d+)\?", lambda m: (m[2], int(m[1]), int(m[3])))]
+    found = 0
+    for line in (d / "corpus.jsonl").read_text().splitlines():
+        t = json.loads(line)["text"]
+        for pat, get in pats:
+            for m in re.finditer(pat, t):
+                op, a, b = get(m)
+                found += 1
+                assert f"{ops[op]}|{(a, b)}" not in held, (t, m.group(0))
+    assert found > 50  # the patterns do match the corpus (this check can fail)
+    qs = []
+    for name in ("sft.jsonl", "prefs.jsonl", "rl_prompts.jsonl"):
+        for line in (d / name).read_text().splitlines():
+            o = json.loads(line)
+            qs.append(o["messages"][0]["content"] if "messages" in o else o["prompt"])
+    for q in qs:
+        a, op, b = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", q).groups()
+        assert f"{ops[op]}|{(int(a), int(b))}" not in held, q
+    heldq = [json.loads(l)["prompt"] for l in (d / "prefs_heldout.jsonl").read_text().splitlines()]
+    assert not set(heldq) & set(qs)
+
+
+def test_split_and_answers():
+    tr, ho = tasks.all_problems("train"), tasks.all_problems("heldout")
+    assert len(tr) + len(ho) == 100 * 100 + 100 * 101 // 2
+    assert not {p.key for p in tr} & {p.key for p in ho}
+    assert 0.07 < len(ho) / (len(tr) + len(ho)) < 0.13
+    rng = random.Random(0)
+    for p in rng.sample(tr, 200):
+        a, b = p.operands
+        assert int(p.answer) == (a + b if p.kind == "add" else a - b)
+        assert tasks.check(p, p.answer) and tasks.format_valid(p, p.answer)
+        w = tasks.wrong_answer(p, rng)
+        assert w != p.answer and tasks.format_valid(p, w) and not tasks.check(p, w)
+        bad = tasks.malformed_answer(p, rng)
+        assert not tasks.format_valid(p, bad) or not tasks.check(p, bad)
+        assert tasks.verifier_reward(response=f" {p.answer}", answer=p.answer) == 1.0
+        assert tasks.verifier_reward(response=w, answer=p.answer) == 0.0
+    assert tasks.problems(5, 10, "heldout") == tasks.problems(5, 10, "heldout")
+
+
+def test_out_is_a_file(tmp_path, capsys):
+    f = tmp_path / "x"
+    f.write_text("not a directory")
+    assert cli.main(["demo", "--quick", "--out", str(f)]) == 2
+    assert "not a directory" in capsys.readouterr().err
