@@ -7,14 +7,16 @@ from ._ext import C
 
 
 # --- validation -------------------------------------------------------------------------------------------
-def check(t: torch.Tensor, name: str, dtype=torch.float32, shape: tuple | None = None, device: str = "cpu"):
-    """One-line errors for what the kernels cannot take: wrong dtype/device/shape, or a strided view."""
+def check(t: torch.Tensor, name: str, dtype=torch.float32, shape: tuple | None = None, device="cpu"):
+    """One-line errors for what the kernels cannot take: wrong dtype/device/shape, or a strided view.
+    device: a type ("cpu", "cuda": any index) or a torch.device (that exact one). ops_cuda uses it too."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype != dtype:
         raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
-    if t.device.type != device:
-        raise ValueError(f"{name}: expected a {device} tensor, got {t.device}")
+    want = torch.device(device)
+    if t.device.type != want.type or (want.index is not None and t.device != want):
+        raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
     if shape is not None:
         if len(shape) != t.dim() or any(s is not None and s != d for s, d in zip(shape, t.shape)):
             raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")

@@ -34,18 +34,9 @@ def _stream(t: torch.Tensor) -> int:
 
 
 def _check(t, name, dtype=torch.float32, shape=None, device=None):
-    """One-line errors: dtype, CUDA device (the same one as `device`), shape, contiguity."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
-    if t.device.type != "cuda" or (device is not None and t.device != device):
-        raise ValueError(f"{name}: expected a tensor on {device or 'cuda'}, got {t.device}")
-    if shape is not None and (len(shape) != t.dim() or any(s is not None and s != d for s, d in zip(shape, t.shape))):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name}: must be contiguous (call .contiguous())")
-    return t
+    """ops.check for CUDA tensors: on `device` when given, else on any CUDA device."""
+    from .ops import check
+    return check(t, name, dtype, shape, device=device if device is not None else "cuda")
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
