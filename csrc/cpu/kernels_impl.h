@@ -7,6 +7,7 @@
 #include "simd.h"
 
 #include "impl_norm.h"
+#include "impl_matvec.h"
 #include "impl_matmul.h"
 #include "impl_sample.h"
 #include "impl_fused.h"
