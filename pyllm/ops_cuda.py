@@ -46,10 +46,10 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 # --- matmul -----------------------------------------------------------------------------------------------
 def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype=None) -> torch.Tensor:
-    """C (M, N) = a (M, K) @ b (N, K).T on the pyllm kernel; a, b contiguous, same dtype (fp32 or bf16)."""
+    """C (M, N) = a (M, K) @ b (N, K).T on the pyllm kernel; a, b contiguous, same dtype (fp32, bf16 or fp16)."""
     M, K = a.shape
     N = b.shape[0]
-    dtype = {torch.float32: 0, torch.bfloat16: 1}[a.dtype]
+    dtype = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[a.dtype]
     out_dtype = out_dtype or a.dtype
     c = torch.empty(M, N, dtype=out_dtype, device=a.device)
     C().cuda_matmul(c.data_ptr(), a.data_ptr(), b.data_ptr(), M, N, K, dtype, int(out_dtype == torch.float32),
@@ -76,16 +76,14 @@ class _Linear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (..., K) @ weight (N, K).T -> (..., N). fp32 -> fp32 FFMA kernel; bf16 (or fp32 under bf16 autocast) ->
-    tensor-core kernel, bf16 out."""
+    """x (..., K) @ weight (N, K).T -> (..., N). fp32 -> fp32 FFMA kernel; bf16 / fp16 (or fp32 under bf16 / fp16
+    autocast) -> tensor-core kernel, 16-bit out."""
     require_built("linear")
     if torch.is_autocast_enabled("cuda") and x.dtype == torch.float32:
-        if torch.get_autocast_dtype("cuda") != torch.bfloat16:
-            raise TypeError("linear: pyllm's CUDA matmul supports bf16 autocast only (got "
-                            f"{torch.get_autocast_dtype('cuda')})")
-        x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
-    if x.dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"linear x: expected float32 or bfloat16, got {x.dtype}")
+        dt = torch.get_autocast_dtype("cuda")
+        x, weight = x.to(dt), weight.to(dt)
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"linear x: expected float32, bfloat16 or float16, got {x.dtype}")
     _check(weight, "linear weight", dtype=x.dtype, device=x.device)
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or x.numel() == 0:
         raise ValueError(f"linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match (..., K) x (N, K)")

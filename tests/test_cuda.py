@@ -103,14 +103,15 @@ def randn(*shape, rng, dtype=torch.float32):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,N,K", [(1, 1, 8), (17, 33, 40), (129, 257, 72), (256, 384, 1024), (300, 64, 13)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_matmul(M, N, K, dtype, rng):
     a, b = randn(M, K, rng=rng, dtype=dtype), randn(N, K, rng=rng, dtype=dtype)
     want = a.double() @ b.double().T
-    for out_dtype in ([torch.float32] if dtype == torch.float32 else [torch.float32, torch.bfloat16]):
+    code = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
+    for out_dtype in ([torch.float32] if dtype == torch.float32 else [torch.float32, dtype]):
         poison_cuda_cache()
         c = torch.full((M, N), float("nan"), dtype=out_dtype, device="cuda")
-        C().cuda_matmul(c.data_ptr(), a.data_ptr(), b.data_ptr(), M, N, K, int(dtype == torch.bfloat16),
+        C().cuda_matmul(c.data_ptr(), a.data_ptr(), b.data_ptr(), M, N, K, code,
                         int(out_dtype == torch.float32), torch.cuda.current_stream().cuda_stream)
         torch.cuda.synchronize()
         assert rel_err(c, want) < (1e-5 if out_dtype == torch.float32 else 1e-2)
@@ -130,7 +131,7 @@ def test_matmul_bf16_misaligned_takes_fallback(rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_linear_autograd(dtype, rng):
     x = randn(3, 37, 72, rng=rng, dtype=dtype).requires_grad_()
     w = randn(50, 72, rng=rng, dtype=dtype).requires_grad_()
@@ -146,11 +147,12 @@ def test_linear_autograd(dtype, rng):
 
 
 @pytest.mark.gpu
-def test_linear_bf16_autocast(rng):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_autocast(dtype, rng):
     x, w = randn(40, 64, rng=rng), randn(24, 64, rng=rng)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast("cuda", dtype=dtype):
         y = ops.linear(x, w)
-    assert y.dtype == torch.bfloat16
+    assert y.dtype == dtype
     assert rel_err(y, x.double() @ w.double().T) < 1e-2
 
 

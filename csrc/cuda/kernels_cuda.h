@@ -20,16 +20,16 @@ int pyllm_cuda_device_count(void);
 
 // --- matmul (matmul.cu) ------------------------------------------------------------------------------------
 // C (M, N) = A (M, K) . B (N, K)^T, fp32 accumulate ("NT": both operands K-contiguous, like x @ W.T).
-// dtype 0 = fp32 operands and output (simple tiled FFMA kernel); dtype 1 = bf16 operands, bf16 output
-// (tensor cores, mma.sync m16n8k16, cp.async + ldmatrix, 3-stage pipeline, when K % 8 == 0 and A, B are
-// 16-byte aligned; otherwise the simple kernel). out_f32 = 1 writes fp32 C even for bf16 operands.
+// dtype 0 = fp32 operands and output (simple tiled FFMA kernel); dtype 1 = bf16 / 2 = fp16 operands, same-type
+// output (tensor cores, mma.sync m16n8k16, cp.async + ldmatrix, 3-stage pipeline, when K % 8 == 0 and A, B are
+// 16-byte aligned; otherwise the simple kernel). out_f32 = 1 writes fp32 C even for 16-bit operands.
 typedef struct {
     void* c;             // (M, N)  written
     const void* a;       // (M, K)
     const void* b;       // (N, K)
     int M, N, K;
-    int dtype;           // 0 fp32, 1 bf16
-    int out_f32;         // bf16 operands only: 1 = fp32 output
+    int dtype;           // 0 fp32, 1 bf16, 2 fp16
+    int out_f32;         // 16-bit operands only: 1 = fp32 output
 } matmul_cuda_params;
 const char* matmul_cuda(const matmul_cuda_params* p, pyllm_stream stream);
 

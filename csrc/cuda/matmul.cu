@@ -1,5 +1,5 @@
-// matmul.cu — C (M, N) = A (M, K) . B (N, K)^T with fp32 accumulate: bf16 on tensor cores (mma.sync
-// m16n8k16, cp.async 3-stage pipeline, ldmatrix), and a simple tiled FFMA kernel for fp32 (and for bf16 shapes
+// matmul.cu — C (M, N) = A (M, K) . B (N, K)^T with fp32 accumulate: bf16 and fp16 on tensor cores (mma.sync
+// m16n8k16, cp.async 3-stage pipeline, ldmatrix; one kernel templated on the 16-bit type), and a simple tiled FFMA kernel for fp32 (and for bf16 shapes
 // the tensor-core kernel cannot take). No wgmma/TMA (sm_90a) path yet: on H100 this mma.sync kernel is the
 // Ampere-style path (HMMA in SASS), expected below cuBLAS's HGMMA kernels; benchmarks/bench_cuda.py measures it.
 #include "common.cuh"
@@ -70,23 +70,32 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* p) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_u32(p)));
 }
-__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+// One m16n8k16 MMA, fp32 accumulate; the 16-bit input type picks the PTX variant (same fragment layout).
+__device__ __forceinline__ void mma_16(__nv_bfloat16, float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+__device__ __forceinline__ void mma_16(__half, float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
 __device__ __forceinline__ void store_out(float* C, long i, float v) { C[i] = v; }
 __device__ __forceinline__ void store_out(__nv_bfloat16* C, long i, float v) { C[i] = __float2bfloat16(v); }
+__device__ __forceinline__ void store_out(__half* C, long i, float v) { C[i] = __float2half(v); }
 }  // namespace
 
-template <typename TO>
-__global__ void __launch_bounds__(256) matmul_bf16_tc_kernel(TO* __restrict__ C, const __nv_bfloat16* __restrict__ A,
-                                                             const __nv_bfloat16* __restrict__ B, int M, int N, int K) {
+template <typename TI, typename TO>  // TI: __nv_bfloat16 or __half
+__global__ void __launch_bounds__(256) matmul_tc_kernel(TO* __restrict__ C, const TI* __restrict__ A,
+                                                        const TI* __restrict__ B, int M, int N, int K) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    __nv_bfloat16* As = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // (STAGES, BM, LDS)
-    __nv_bfloat16* Bs = As + STAGES * BM * LDS;                        // (STAGES, BN, LDS)
+    TI* As = reinterpret_cast<TI*>(smem_raw);  // (STAGES, BM, LDS)
+    TI* Bs = As + STAGES * BM * LDS;           // (STAGES, BN, LDS)
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp >> 2, wn = warp & 3;  // warp tile origin: (wm*64, wn*32)
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
@@ -101,8 +110,8 @@ __global__ void __launch_bounds__(256) matmul_bf16_tc_kernel(TO* __restrict__ C,
             bool ka = k0 + kc < K;
             bool va = ka && m0 + r < M, vb = ka && n0 + r < N;
             // An invalid chunk still needs a legal address: point it at the operand's start (0 bytes are read).
-            const __nv_bfloat16* ga = va ? A + (long)(m0 + r) * K + k0 + kc : A;
-            const __nv_bfloat16* gb = vb ? B + (long)(n0 + r) * K + k0 + kc : B;
+            const TI* ga = va ? A + (long)(m0 + r) * K + k0 + kc : A;
+            const TI* gb = vb ? B + (long)(n0 + r) * K + k0 + kc : B;
             cp_async16(As + (stage * BM + r) * LDS + kc, ga, va);
             cp_async16(Bs + (stage * BN + r) * LDS + kc, gb, vb);
         }
@@ -127,8 +136,8 @@ __global__ void __launch_bounds__(256) matmul_bf16_tc_kernel(TO* __restrict__ C,
         int nk = kt + STAGES - 1;     // refill the stage that tile kt-1 used
         if (nk < KT) load_tile(nk % STAGES, nk);
         cp_async_commit();
-        const __nv_bfloat16* as = As + (kt % STAGES) * BM * LDS;
-        const __nv_bfloat16* bs = Bs + (kt % STAGES) * BN * LDS;
+        const TI* as = As + (kt % STAGES) * BM * LDS;
+        const TI* bs = Bs + (kt % STAGES) * BN * LDS;
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
             uint32_t af[4][4], bf[2][4];
@@ -143,7 +152,7 @@ __global__ void __launch_bounds__(256) matmul_bf16_tc_kernel(TO* __restrict__ C,
             for (int mt = 0; mt < 4; mt++)
 #pragma unroll
                 for (int nt = 0; nt < 4; nt++)
-                    mma_bf16(acc[mt][nt], af[mt], bf[nt >> 1][(nt & 1) * 2], bf[nt >> 1][(nt & 1) * 2 + 1]);
+                    mma_16(TI(), acc[mt][nt], af[mt], bf[nt >> 1][(nt & 1) * 2], bf[nt >> 1][(nt & 1) * 2 + 1]);
         }
     }
     cp_async_wait<0>();
@@ -162,6 +171,35 @@ __global__ void __launch_bounds__(256) matmul_bf16_tc_kernel(TO* __restrict__ C,
             }
 }
 
+// 16-bit operands: the tensor-core kernel when K % 8 == 0 and A, B are 16-byte aligned, else the simple one.
+template <typename TI>
+static const char* matmul_16(const matmul_cuda_params* p, cudaStream_t s) {
+    const TI* a = (const TI*)p->a;  // (M, K)
+    const TI* b = (const TI*)p->b;  // (N, K)
+    bool tc = p->K % 8 == 0 && ((uintptr_t)a & 15) == 0 && ((uintptr_t)b & 15) == 0;
+    if (!tc) {
+        dim3 grid(ceil_div(p->N, 64), ceil_div(p->M, 64));
+        if (p->out_f32)
+            matmul_simple_kernel<TI, float><<<grid, 256, 0, s>>>((float*)p->c, a, b, p->M, p->N, p->K);
+        else
+            matmul_simple_kernel<TI, TI><<<grid, 256, 0, s>>>((TI*)p->c, a, b, p->M, p->N, p->K);
+        CUDA_CHECK_LAUNCH();
+        return nullptr;
+    }
+    dim3 grid(ceil_div(p->N, BN), ceil_div(p->M, BM));
+    if (p->out_f32) {
+        CUDA_CHECK(cudaFuncSetAttribute(matmul_tc_kernel<TI, float>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        TC_SMEM));
+        matmul_tc_kernel<TI, float><<<grid, 256, TC_SMEM, s>>>((float*)p->c, a, b, p->M, p->N, p->K);
+    } else {
+        CUDA_CHECK(cudaFuncSetAttribute(matmul_tc_kernel<TI, TI>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        TC_SMEM));
+        matmul_tc_kernel<TI, TI><<<grid, 256, TC_SMEM, s>>>((TI*)p->c, a, b, p->M, p->N, p->K);
+    }
+    CUDA_CHECK_LAUNCH();
+    return nullptr;
+}
+
 extern "C" const char* matmul_cuda(const matmul_cuda_params* p, pyllm_stream stream) {
     cudaStream_t s = STREAM(stream);
     if (p->M <= 0 || p->N <= 0 || p->K <= 0) return "matmul_cuda: M, N, K must be > 0";
@@ -172,31 +210,7 @@ extern "C" const char* matmul_cuda(const matmul_cuda_params* p, pyllm_stream str
         CUDA_CHECK_LAUNCH();
         return nullptr;
     }
-    if (p->dtype != 1) return "matmul_cuda: dtype must be 0 (fp32) or 1 (bf16)";
-    const __nv_bfloat16* a = (const __nv_bfloat16*)p->a;
-    const __nv_bfloat16* b = (const __nv_bfloat16*)p->b;
-    bool tc = p->K % 8 == 0 && ((uintptr_t)a & 15) == 0 && ((uintptr_t)b & 15) == 0;
-    if (!tc) {
-        dim3 grid(ceil_div(p->N, 64), ceil_div(p->M, 64));
-        if (p->out_f32)
-            matmul_simple_kernel<__nv_bfloat16, float><<<grid, 256, 0, s>>>((float*)p->c, a, b, p->M, p->N, p->K);
-        else
-            matmul_simple_kernel<__nv_bfloat16, __nv_bfloat16>
-                <<<grid, 256, 0, s>>>((__nv_bfloat16*)p->c, a, b, p->M, p->N, p->K);
-        CUDA_CHECK_LAUNCH();
-        return nullptr;
-    }
-    dim3 grid(ceil_div(p->N, BN), ceil_div(p->M, BM));
-    if (p->out_f32) {
-        CUDA_CHECK(cudaFuncSetAttribute(matmul_bf16_tc_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        TC_SMEM));
-        matmul_bf16_tc_kernel<float><<<grid, 256, TC_SMEM, s>>>((float*)p->c, a, b, p->M, p->N, p->K);
-    } else {
-        CUDA_CHECK(cudaFuncSetAttribute(matmul_bf16_tc_kernel<__nv_bfloat16>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, TC_SMEM));
-        matmul_bf16_tc_kernel<__nv_bfloat16>
-            <<<grid, 256, TC_SMEM, s>>>((__nv_bfloat16*)p->c, a, b, p->M, p->N, p->K);
-    }
-    CUDA_CHECK_LAUNCH();
-    return nullptr;
+    if (p->dtype == 1) return matmul_16<__nv_bfloat16>(p, s);
+    if (p->dtype == 2) return matmul_16<__half>(p, s);
+    return "matmul_cuda: dtype must be 0 (fp32), 1 (bf16) or 2 (fp16)";
 }
