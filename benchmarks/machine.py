@@ -33,6 +33,8 @@ def _load():
         _lib = ctypes.CDLL(str(so))
         _lib.peak_fma.restype = ctypes.c_double
         _lib.peak_fma.argtypes = [ctypes.c_long, ctypes.c_int]
+        _lib.peak_bf16_dot.restype = ctypes.c_double
+        _lib.peak_bf16_dot.argtypes = [ctypes.c_long, ctypes.c_int]
         _lib.copy_bytes.restype = ctypes.c_double
         _lib.copy_bytes.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
     return _lib
@@ -46,6 +48,17 @@ def fma_peak_gflops(threads: int, repeats: int = 5) -> float:
         flops = lib.peak_fma(2_000_000, threads)
         best.append(flops / (time.perf_counter() - t) / 1e9)
     return max(best)  # the peak is the best the core can do; noise only lowers it
+
+
+def bf16_dot_peak_gflops(threads: int, repeats: int = 5) -> float:
+    """AVX512_BF16 vdpbf16ps peak (0 where the CPU lacks it): the ceiling of a bf16 matmul without AMX."""
+    lib = _load()
+    best = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        flops = lib.peak_bf16_dot(2_000_000, threads)
+        best.append(flops / (time.perf_counter() - t) / 1e9)
+    return max(best)
 
 
 def copy_bandwidth_gbs(threads: int, mbytes: int = 256, repeats: int = 7) -> float:
@@ -69,4 +82,5 @@ def measure_peaks(threads: int) -> dict:
 if __name__ == "__main__":
     for th in (1, 2):
         d = measure_peaks(th)
-        print(f"threads={th}: fp32 FMA peak {d['fma_gflops']:.0f} GFLOP/s, copy bandwidth {d['copy_gbs']:.1f} GB/s")
+        print(f"threads={th}: fp32 FMA peak {d['fma_gflops']:.0f} GFLOP/s, bf16 dot (vdpbf16ps) peak "
+              f"{bf16_dot_peak_gflops(th):.0f} GFLOP/s, copy bandwidth {d['copy_gbs']:.1f} GB/s")

@@ -33,6 +33,30 @@ double peak_fma(long iters, int threads) {
     return flops;
 }
 
+// The AVX512_BF16 dot-product peak: `iters` rounds of 12 independent vdpbf16ps chains per thread. Each
+// instruction does 32 bf16 multiply-adds into 16 fp32 lanes (64 flops). Returns 0 where the CPU lacks it.
+// Compare with peak_fma: where this is no higher, bf16 matmul cannot beat fp32 matmul (no AMX).
+#if defined(__AVX512BF16__)
+double peak_bf16_dot(long iters, int threads) {
+    double flops = 0;
+    #pragma omp parallel num_threads(threads) reduction(+:flops)
+    {
+        __m512 acc[12];
+        __m512bh a = (__m512bh)_mm512_set1_epi16(0x3f80), b = (__m512bh)_mm512_set1_epi16(0x3380);  // 1.0, ~6e-8
+        for (int i = 0; i < 12; i++) acc[i] = _mm512_set1_ps((float)i);
+        for (long it = 0; it < iters; it++)
+            for (int i = 0; i < 12; i++) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+        float s[16]; __m512 t = acc[0];
+        for (int i = 1; i < 12; i++) t = _mm512_add_ps(t, acc[i]);
+        _mm512_storeu_ps(s, t);
+        flops += iters * 12.0 * 32 * 2 + (s[0] == 12345.f);
+    }
+    return flops;
+}
+#else
+double peak_bf16_dot(long iters, int threads) { (void)iters; (void)threads; return 0; }
+#endif
+
 // Copies n floats src -> dst with `threads` threads (memcpy per static chunk); returns bytes moved (read+write).
 double copy_bytes(float* dst, const float* src, long n, int threads) {
     #pragma omp parallel num_threads(threads)
