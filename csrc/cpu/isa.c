@@ -40,6 +40,8 @@ const cpu_features* cpu_features_get(void) {
             g_features.avx512dq = zmm_ok && ((b >> 17) & 1);
             g_features.avx512bw = zmm_ok && ((b >> 30) & 1);
             g_features.avx512vl = zmm_ok && ((b >> 31) & 1);
+            const char* no_vnni = getenv("PYLLM_NO_VNNI");
+            g_features.avx512vnni = g_features.avx512f && ((c >> 11) & 1) && !(no_vnni && *no_vnni && *no_vnni != '0');
             int amx_os = ((xcr0 >> 17) & 3) == 3;   // XTILECFG + XTILEDATA enabled
             g_features.amx_bf16 = amx_os && ((d >> 22) & 1);
             g_features.amx_tile = amx_os && ((d >> 24) & 1);
