@@ -78,6 +78,8 @@ run_model* run_model_build(const char* path, char* err, size_t errlen) {
     run_model* m = (run_model*)calloc(1, sizeof(run_model));
     if (!m) { snprintf(err, errlen, "%s: out of memory", path); return NULL; }
     if (model_file_build(&m->f, path, err, errlen) != 0) { free(m); return NULL; }
+    (void)isa_get();            // the lazy ISA choice and CPU feature detection happen here, before any kernel
+    (void)cpu_features_get();   // runs inside run_forward's parallel region
     const model_config* p = &m->f.cfg;
     const size_t D = p->dim, F = p->hidden_dim, hd = D / p->n_heads, qd = hd * p->n_heads,
                  kvd = hd * p->n_kv_heads, S = p->seq_len;

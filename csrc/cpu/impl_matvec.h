@@ -14,9 +14,6 @@
 // bytes) stay in L1/L2 across the M dots. A short last block repeats its first row (results discarded).
 #define MM_SMALL_M 4
 #define MV_ROWS 4
-#ifndef MV_PREFETCH
-#define MV_PREFETCH 0   // bytes ahead of each row that mm_small_m prefetches (0: none; the hardware keeps up)
-#endif
 static void mm_small_m(const float* A, int lda, const float* B, int ldb, float* C, int ldc, const float* bias,
                        int M, int N, int K, int accumulate) {
     const int nblk = (N + MV_ROWS - 1) / MV_ROWS;
@@ -31,10 +28,6 @@ static void mm_small_m(const float* A, int lda, const float* B, int ldb, float* 
             for (int r = 0; r < MV_ROWS; r++) acc[r] = vf_set1(0.f);
             int k = 0;
             for (; k + VLEN <= K; k += VLEN) {
-#if MV_PREFETCH
-                if (m == 0 && (k * 4) % 64 == 0)
-                    for (int r = 0; r < MV_ROWS; r++) _mm_prefetch((const char*)(b[r] + k) + MV_PREFETCH, _MM_HINT_T0);
-#endif
                 const vf av = vf_load(a + k);
                 for (int r = 0; r < MV_ROWS; r++) acc[r] = vf_fma(av, vf_load(b[r] + k), acc[r]);
             }
