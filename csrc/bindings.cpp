@@ -54,6 +54,7 @@ static py::dict build_info() {
     feats["avx2"] = f->avx2; feats["fma"] = f->fma; feats["avx512f"] = f->avx512f;
     feats["avx512bw"] = f->avx512bw; feats["avx512vl"] = f->avx512vl; feats["avx512dq"] = f->avx512dq;
     feats["avx512bf16"] = f->avx512bf16; feats["amx_tile"] = f->amx_tile; feats["amx_bf16"] = f->amx_bf16;
+    feats["avx512vnni"] = f->avx512vnni;
     d["cpu_features"] = feats;
 #ifdef _OPENMP
     d["openmp"] = true;

@@ -10,6 +10,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "cpu/kernels.h"
 #include "model_file.h"
@@ -17,13 +20,6 @@
 
 // ---------------------------------------------------------------------------------------------------------------
 // Kernels the forward needs. Each wrapper calls the shared dispatched kernel from csrc/cpu/kernels.h where one exists.
-
-// q (H, hd); caches (T_max, Hkv, hd) of one layer -> out (H, hd), attending to positions [0, n_ctx).
-static void attend(float* out, const float* q, const float* kc, const float* vc, int H, int Hkv, int hd, int n_ctx) {
-    decode_attention_params p = {.out = out, .q = q, .k_cache = kc, .v_cache = vc, .ld_b = 0, .ld_t = (long)Hkv * hd,
-                                 .B = 1, .H = H, .Hkv = Hkv, .D = hd, .n_ctx = n_ctx};
-    decode_attention(&p);
-}
 
 static void rmsnorm(float* out, const float* x, const float* w, int n, float eps) {
     rmsnorm_params p = {.out = out, .rstd = NULL, .x = x, .weight = w, .N = 1, .C = n, .eps = eps};
@@ -33,21 +29,60 @@ static void rmsnorm(float* out, const float* x, const float* w, int n, float eps
 // ---------------------------------------------------------------------------------------------------------------
 // Model: mmap'ed weights, KV cache, activations.
 
+// One forward is one OpenMP parallel region (run_forward): each thread takes a block of the rows of every weight
+// matrix (and a block of the attention heads) and the threads meet at 5 barriers per layer, where calling each
+// kernel with its own `omp parallel for` cost 7 fork/joins per layer and left RMSNorm, RoPE, attention and the
+// residual adds on one thread. Each thread keeps its own copy of the residual stream and of the normed, quantized
+// activation (D floats: computing them twice costs less than a barrier), so only the matrix products and the
+// heads are divided. Rows are split the same way for any thread count: logits do not depend on it.
+typedef struct {
+    float *x, *xb;         // (D) residual stream, normed activation (also the quantized attention output's source)
+    int8_t* xq;            // (max(D, qd)) quantized xb or attention output (q8_0)
+    float* xs;             // (max(D, qd) / G)
+} run_thread_buf;
+
 struct run_model {
     model_file f;
-    float *x, *xb, *xb2, *q, *hb, *hb2, *logits;        // activations
+    float *att, *xb2, *q, *hb, *hb2, *logits;           // shared activations
     float *key_cache, *value_cache;                     // (n_layers, seq_len, kv_dim)
-    int8_t* xq;                                         // (max(dim, hidden)) quantized activation (q8_0)
-    float* xs;                                          // (max(dim, hidden) / group)
+    int8_t* hq;                                         // (hidden) quantized SwiGLU output (q8_0)
+    float* hs;                                          // (hidden / group)
+    float* rope_cs;                                     // (head_dim) cos, sin of each pair at the current pos
+    run_thread_buf* tb;                                 // (n_tb) per-thread buffers
+    int n_tb;
 };
+
+// (Re)allocates the per-thread buffers for nt threads. 0 on success.
+static int thread_bufs(run_model* m, int nt) {
+    if (nt <= m->n_tb) return 0;
+    const model_config* p = &m->f.cfg;
+    const size_t D = p->dim, qd = (size_t)(D / p->n_heads) * p->n_heads, big = qd > D ? qd : D;
+    run_thread_buf* tb = (run_thread_buf*)realloc(m->tb, (size_t)nt * sizeof(run_thread_buf));
+    if (!tb) return -1;
+    m->tb = tb;
+    for (; m->n_tb < nt; m->n_tb++) {
+        run_thread_buf* b = &tb[m->n_tb];
+        b->x = calloc(D, sizeof(float));
+        b->xb = calloc(big, sizeof(float));
+        b->xq = calloc(big, 1);
+        b->xs = calloc(big, sizeof(float));
+        if (!b->x || !b->xb || !b->xq || !b->xs) {
+            free(b->x); free(b->xb); free(b->xq); free(b->xs);
+            return -1;
+        }
+    }
+    return 0;
+}
 
 run_model* run_model_build(const char* path, char* err, size_t errlen) {
     run_model* m = (run_model*)calloc(1, sizeof(run_model));
     if (!m) { snprintf(err, errlen, "%s: out of memory", path); return NULL; }
     if (model_file_build(&m->f, path, err, errlen) != 0) { free(m); return NULL; }
+    (void)isa_get();            // the lazy ISA choice and CPU feature detection happen here, before any kernel
+    (void)cpu_features_get();   // runs inside run_forward's parallel region
     const model_config* p = &m->f.cfg;
     const size_t D = p->dim, F = p->hidden_dim, hd = D / p->n_heads, qd = hd * p->n_heads,
-                 kvd = hd * p->n_kv_heads, S = p->seq_len, big = F > qd ? (F > D ? F : D) : (qd > D ? qd : D);
+                 kvd = hd * p->n_kv_heads, S = p->seq_len;
     const size_t kv_bytes = 2 * (size_t)p->n_layers * S * kvd * sizeof(float);
     if (kv_bytes > ((size_t)64 << 30)) {
         snprintf(err, errlen, "%s: KV cache would need %zu GiB (seq_len %d); too large", path, kv_bytes >> 30,
@@ -55,19 +90,24 @@ run_model* run_model_build(const char* path, char* err, size_t errlen) {
         run_model_free(m);
         return NULL;
     }
-    m->x = calloc(D, sizeof(float));
-    m->xb = calloc(big, sizeof(float));
+    m->att = calloc(qd, sizeof(float));
     m->xb2 = calloc(D, sizeof(float));
     m->q = calloc(qd, sizeof(float));
     m->hb = calloc(F, sizeof(float));
     m->hb2 = calloc(F, sizeof(float));
+    m->hq = calloc(F, 1);
+    m->hs = calloc(F, sizeof(float));
+    m->rope_cs = calloc(hd, sizeof(float));
     m->logits = calloc((size_t)p->vocab_size, sizeof(float));
     m->key_cache = calloc((size_t)p->n_layers * S * kvd, sizeof(float));
     m->value_cache = calloc((size_t)p->n_layers * S * kvd, sizeof(float));
-    m->xq = calloc(big, 1);
-    m->xs = calloc(big, sizeof(float));
-    if (!m->x || !m->xb || !m->xb2 || !m->q || !m->hb || !m->hb2 || !m->logits || !m->key_cache ||
-        !m->value_cache || !m->xq || !m->xs) {
+#ifdef _OPENMP
+    const int nt = omp_get_max_threads();
+#else
+    const int nt = 1;
+#endif
+    if (!m->att || !m->xb2 || !m->q || !m->hb || !m->hb2 || !m->hq || !m->hs || !m->rope_cs || !m->logits ||
+        !m->key_cache || !m->value_cache || thread_bufs(m, nt) != 0) {
         snprintf(err, errlen, "%s: out of memory for the KV cache and activations", path);
         run_model_free(m);
         return NULL;
@@ -78,8 +118,10 @@ run_model* run_model_build(const char* path, char* err, size_t errlen) {
 void run_model_free(run_model* m) {
     if (!m) return;
     model_file_free(&m->f);
-    free(m->x); free(m->xb); free(m->xb2); free(m->q); free(m->hb); free(m->hb2); free(m->logits);
-    free(m->key_cache); free(m->value_cache); free(m->xq); free(m->xs);
+    free(m->att); free(m->xb2); free(m->q); free(m->hb); free(m->hb2); free(m->hq); free(m->hs); free(m->rope_cs);
+    free(m->logits); free(m->key_cache); free(m->value_cache);
+    for (int i = 0; i < m->n_tb; i++) { free(m->tb[i].x); free(m->tb[i].xb); free(m->tb[i].xq); free(m->tb[i].xs); }
+    free(m->tb);
     free(m);
 }
 
@@ -94,71 +136,152 @@ int run_model_config(const run_model* m, int* out, int n) {
 float run_model_norm_eps(const run_model* m) { return m->f.cfg.norm_eps; }
 float run_model_rope_theta(const run_model* m) { return m->f.cfg.rope_theta; }
 
-// y (n) = W (n, k) @ x (k), fp32 or Q8_0 (the kernel quantizes x per group first, as llama2.c's runq.c does).
-static void matvec(run_model* m, float* y, const model_matrix* W, const float* x, int n, int k) {
+// Rows [r0, r1) of y (n) = W (n, k) @ x (k), fp32 or Q8_0. For Q8_0 the caller has quantized x into (xq, xs)
+// (llama2.c's runq.c: activations quantized per group, int8 dots, fp32 scales).
+static void matvec_rows(const run_model* m, float* y, const model_matrix* W, const float* x, const int8_t* xq,
+                        const float* xs, int r0, int r1, int k) {
+    if (r0 >= r1) return;
     if (W->f) {
-        matvec_params p = {.y = y, .W = W->f, .x = x, .n = n, .k = k};
+        matvec_params p = {.y = y + r0, .W = W->f + (size_t)r0 * k, .x = x, .n = r1 - r0, .k = k};
         matvec_f32(&p);
     } else {
-        matvec_q8_params p = {.y = y, .wq = W->q, .ws = W->s, .x = x, .xq_scratch = m->xq, .xs_scratch = m->xs,
-                              .n = n, .k = k, .G = m->f.cfg.group_size};
+        const int G = m->f.cfg.group_size;
+        matvec_q8_params p = {.y = y + r0, .wq = W->q + (size_t)r0 * k, .ws = W->s + (size_t)r0 * (k / G), .x = x,
+                              .xq_scratch = (int8_t*)xq, .xs_scratch = (float*)xs, .n = r1 - r0, .k = k, .G = G,
+                              .x_quantized = 1};
         matvec_q8(&p);
     }
 }
 
-// Adjacent-pair RoPE on (n_heads, hd) rows: pairs (2i, 2i+1) rotate by pos * theta^(-2i/hd). Computed in fp32 the
-// way pyllm's torch model does it (inv_freq = 1/theta^(2i/hd); angle = pos * inv_freq) so logits match closely.
-static void rope_pairs(float* v, int n_heads, int hd, int pos, float theta) {
-    for (int i = 0; i < hd; i += 2) {
-        const float inv_freq = 1.0f / powf(theta, (float)i / (float)hd);
-        const float ang = (float)pos * inv_freq, c = cosf(ang), s = sinf(ang);
-        for (int h = 0; h < n_heads; h++) {
+// Thread t of nt: its share [lo, hi) of n items, boundaries rounded down to a multiple of `align` (the last ends at n).
+static void split(int n, int t, int nt, int align, int* lo, int* hi) {
+    *lo = (int)((long)n * t / nt / align * align);
+    *hi = t == nt - 1 ? n : (int)((long)n * (t + 1) / nt / align * align);
+}
+
+// Thread t's rows of the products y_j = W_j @ x for j < nj, all with the same x (k): the rows of W_0, W_1, ...
+// counted as one list and split evenly, so e.g. wq, wk, wv cost one barrier, not three.
+typedef struct { float* y; const model_matrix* W; int n; } mv_job;
+static void matvec_share(const run_model* m, const mv_job* jobs, int nj, const float* x, const int8_t* xq,
+                         const float* xs, int k, int t, int nt) {
+    int total = 0;
+    for (int j = 0; j < nj; j++) total += jobs[j].n;
+    int lo, hi;
+    split(total, t, nt, 16, &lo, &hi);
+    for (int j = 0, base = 0; j < nj; base += jobs[j].n, j++) {
+        const int a = lo > base ? lo - base : 0, b = hi - base < jobs[j].n ? hi - base : jobs[j].n;
+        matvec_rows(m, jobs[j].y, jobs[j].W, x, xq, xs, a, b, k);
+    }
+}
+
+static void quantize(int8_t* q, float* s, const float* x, int n, int G) {
+    quantize_q8_params p = {.q = q, .s = s, .w = x, .n = 1, .k = n, .G = G};
+    quantize_q8(&p);
+}
+
+// Adjacent-pair RoPE on (n_heads, hd) rows: pair (2i, 2i+1) rotates by the angle whose cos, sin are cs[2i], cs[2i+1].
+static void rope_pairs(float* v, int n_heads, int hd, const float* cs) {
+    for (int h = 0; h < n_heads; h++)
+        for (int i = 0; i < hd; i += 2) {
             float* r = v + h * hd + i;
-            const float a = r[0], b = r[1];
+            const float a = r[0], b = r[1], c = cs[i], s = cs[i + 1];
             r[0] = a * c - b * s;
             r[1] = a * s + b * c;
         }
+}
+
+// Thread t's part of one forward (called inside the parallel region; see run_thread_buf).
+static void forward_thread(run_model* m, int token, int pos, int t, int nt) {
+    const model_config* p = &m->f.cfg;
+    const int D = p->dim, F = p->hidden_dim, H = p->n_heads, Hkv = p->n_kv_heads, hd = D / H, qd = H * hd,
+              kvd = Hkv * hd, S = p->seq_len, rep = H / Hkv, G = p->group_size, q8 = p->weight_type == WEIGHT_Q8_0;
+    run_thread_buf* b = &m->tb[t];
+    float* x = b->x;  // (D) the residual stream, this thread's copy
+    const model_matrix* E = &m->f.tok_emb;
+    if (E->f) {
+        memcpy(x, E->f + (size_t)token * D, (size_t)D * sizeof(float));
+    } else {
+        const int8_t* q = E->q + (size_t)token * D;
+        const float* s = E->s + (size_t)token * (D / G);
+        for (int i = 0; i < D; i++) x[i] = q[i] * s[i / G];
     }
+    int g0, g1, f0, f1;  // this thread's kv heads, and rows of w1/w3 (whole groups: it quantizes its own part)
+    split(Hkv, t, nt, 1, &g0, &g1);
+    split(F, t, nt, G > 0 ? (G % 16 == 0 ? G : G * 16) : 16, &f0, &f1);
+    for (int l = 0; l < p->n_layers; l++) {
+        const model_layer* w = &m->f.layers[l];
+        float* kc = m->key_cache + (size_t)l * S * kvd;    // (S, Hkv, hd)
+        float* vc = m->value_cache + (size_t)l * S * kvd;  // (S, Hkv, hd)
+        rmsnorm(b->xb, x, w->rms_att, D, p->norm_eps);
+        if (q8) quantize(b->xq, b->xs, b->xb, D, G);
+        const mv_job qkv[3] = {{m->q, &w->wq, qd}, {kc + (size_t)pos * kvd, &w->wk, kvd},   // k, v written straight
+                               {vc + (size_t)pos * kvd, &w->wv, kvd}};                      // into the cache
+        matvec_share(m, qkv, 3, b->xb, b->xq, b->xs, D, t, nt);
+        #pragma omp barrier
+        if (g0 < g1) {  // heads: RoPE on this thread's q and k heads, then attention of its query heads
+            rope_pairs(m->q + (size_t)g0 * rep * hd, (g1 - g0) * rep, hd, m->rope_cs);
+            rope_pairs(kc + (size_t)pos * kvd + (size_t)g0 * hd, g1 - g0, hd, m->rope_cs);
+            decode_attention_params ap = {.out = m->att + (size_t)g0 * rep * hd, .q = m->q + (size_t)g0 * rep * hd,
+                                          .k_cache = kc + (size_t)g0 * hd, .v_cache = vc + (size_t)g0 * hd, .ld_b = 0,
+                                          .ld_t = kvd, .B = 1, .H = (g1 - g0) * rep, .Hkv = g1 - g0, .D = hd,
+                                          .n_ctx = pos + 1};
+            decode_attention(&ap);
+        }
+        #pragma omp barrier
+        if (q8) quantize(b->xq, b->xs, m->att, qd, G);
+        const mv_job o = {m->xb2, &w->wo, D};
+        matvec_share(m, &o, 1, m->att, b->xq, b->xs, qd, t, nt);
+        #pragma omp barrier
+        for (int i = 0; i < D; i++) x[i] += m->xb2[i];
+        rmsnorm(b->xb, x, w->rms_ffn, D, p->norm_eps);
+        if (q8) quantize(b->xq, b->xs, b->xb, D, G);
+        if (f0 < f1) {  // rows [f0, f1) of w1 (gate) and w3 (up), SwiGLU on them, and their quantization for w2
+            matvec_rows(m, m->hb, &w->w1, b->xb, b->xq, b->xs, f0, f1, D);
+            matvec_rows(m, m->hb2, &w->w3, b->xb, b->xq, b->xs, f0, f1, D);
+            swiglu_params sw = {.out = m->hb + f0, .gate = m->hb + f0, .up = m->hb2 + f0, .n = f1 - f0};
+            swiglu_forward(&sw);
+            if (q8) quantize(m->hq + f0, m->hs + f0 / G, m->hb + f0, f1 - f0, G);
+        }
+        #pragma omp barrier
+        const mv_job down = {m->xb2, &w->w2, D};
+        matvec_share(m, &down, 1, m->hb, m->hq, m->hs, F, t, nt);
+        #pragma omp barrier
+        for (int i = 0; i < D; i++) x[i] += m->xb2[i];
+    }
+    rmsnorm(b->xb, x, m->f.rms_final, D, p->norm_eps);
+    if (q8) quantize(b->xq, b->xs, b->xb, D, G);
+    const mv_job cls = {m->logits, &m->f.cls, p->vocab_size};
+    matvec_share(m, &cls, 1, b->xb, b->xq, b->xs, D, t, nt);
 }
 
 float* run_forward(run_model* m, int token, int pos) {
     const model_config* p = &m->f.cfg;
     if (token < 0 || token >= p->vocab_size || pos < 0 || pos >= p->seq_len) return NULL;
-    const int D = p->dim, F = p->hidden_dim, H = p->n_heads, Hkv = p->n_kv_heads, hd = D / H, qd = H * hd,
-              kvd = Hkv * hd, S = p->seq_len;
-    float* x = m->x;  // (D) the residual stream
-    const model_matrix* E = &m->f.tok_emb;
-    if (E->f) {
-        memcpy(x, E->f + (size_t)token * D, (size_t)D * sizeof(float));
-    } else {
-        const int G = p->group_size;
-        const int8_t* q = E->q + (size_t)token * D;
-        const float* s = E->s + (size_t)token * (D / G);
-        for (int i = 0; i < D; i++) x[i] = q[i] * s[i / G];
+    const int hd = p->dim / p->n_heads;
+    // RoPE angles of this position, computed in fp32 the way pyllm's torch model does (inv_freq = 1/theta^(2i/hd);
+    // angle = pos * inv_freq) so logits match closely.
+    for (int i = 0; i < hd; i += 2) {
+        const float ang = (float)pos * (1.0f / powf(p->rope_theta, (float)i / (float)hd));
+        m->rope_cs[i] = cosf(ang);
+        m->rope_cs[i + 1] = sinf(ang);
     }
-    for (int l = 0; l < p->n_layers; l++) {
-        const model_layer* w = &m->f.layers[l];
-        float* kc = m->key_cache + (size_t)l * S * kvd;    // (S, Hkv, hd)
-        float* vc = m->value_cache + (size_t)l * S * kvd;  // (S, Hkv, hd)
-        rmsnorm(m->xb, x, w->rms_att, D, p->norm_eps);
-        matvec(m, m->q, &w->wq, m->xb, qd, D);
-        matvec(m, kc + (size_t)pos * kvd, &w->wk, m->xb, kvd, D);  // k, v written straight into the cache
-        matvec(m, vc + (size_t)pos * kvd, &w->wv, m->xb, kvd, D);
-        rope_pairs(m->q, H, hd, pos, p->rope_theta);
-        rope_pairs(kc + (size_t)pos * kvd, Hkv, hd, pos, p->rope_theta);
-        attend(m->xb, m->q, kc, vc, H, Hkv, hd, pos + 1);
-        matvec(m, m->xb2, &w->wo, m->xb, D, qd);
-        for (int i = 0; i < D; i++) x[i] += m->xb2[i];
-        rmsnorm(m->xb, x, w->rms_ffn, D, p->norm_eps);
-        matvec(m, m->hb, &w->w1, m->xb, F, D);
-        matvec(m, m->hb2, &w->w3, m->xb, F, D);
-        swiglu_params sw = {.out = m->hb, .gate = m->hb, .up = m->hb2, .n = F};  // silu(gate) * up, in place
-        swiglu_forward(&sw);
-        matvec(m, m->xb2, &w->w2, m->hb, D, F);
-        for (int i = 0; i < D; i++) x[i] += m->xb2[i];
+#ifdef _OPENMP
+    int nt = omp_get_max_threads();
+    if (thread_bufs(m, nt) != 0) nt = m->n_tb;             // out of memory for more: use what exists
+    int ok = 1;
+    #pragma omp parallel num_threads(nt)
+    {
+        if (omp_get_num_threads() != nt) {  // fewer threads than asked (nested call, limits): run on one
+            #pragma omp single
+            ok = 0;
+        } else {
+            forward_thread(m, token, pos, omp_get_thread_num(), nt);
+        }
     }
-    rmsnorm(x, x, m->f.rms_final, D, p->norm_eps);
-    matvec(m, m->logits, &m->f.cls, x, p->vocab_size, D);
+    if (!ok) forward_thread(m, token, pos, 0, 1);
+#else
+    forward_thread(m, token, pos, 0, 1);
+#endif
     return m->logits;
 }
 

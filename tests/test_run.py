@@ -443,3 +443,32 @@ def test_every_isa_path_gives_the_same_logits(tmp_path, rng, quant):
             assert np.abs(got - want).max() < 1e-4, isa
         else:  # paths differ slightly: an fp32 rounding difference upstream can flip an activation's int8 rounding
             assert np.abs(got - want).max() < 0.06 * scale, isa  # plain random weights: Q8_0 error 2-4%
+
+
+@pytest.mark.parametrize("quant,G", [(None, 0), ("q8_0", 16), ("q8_0", 48)])
+def test_logits_do_not_depend_on_the_thread_count(tmp_path, rng, quant, G):
+    """run_forward is one parallel region whose threads split the rows of every product, the heads, and the SwiGLU
+    rows (whole Q8_0 groups): 1, 2, 3 and 5 threads (some with no heads or no rows: 2 kv heads, odd sizes) give the
+    same logits as each other, bit for bit, and match the reference. G = 48: the non-VNNI Q8_0 path."""
+    import os
+    import sys
+    c = tiny_config(dim=96, n_heads=6, n_kv_heads=2, hidden_dim=144, vocab_size=131, norm_eps=1e-5, max_seq_len=12)
+    sd = random_state_dict(c, rng)
+    write_model_bin(tmp_path / "m.bin", sd, c, quantize=quant, group_size=G or 64)
+    tokens = torch.randint(0, c.vocab_size, (12,), generator=rng).tolist()
+    want = ref_logits(sd, c, tokens).numpy()
+    code = ("import sys, numpy as np; from pyllm import runtime; m = runtime.Model(sys.argv[1]); "
+            "np.save(sys.argv[2], np.stack([m.forward(t, p) for p, t in enumerate(map(int, sys.argv[3:]))]))")
+    outs = {}
+    for nt in (1, 2, 3, 5):
+        out = tmp_path / f"{nt}.npy"
+        np.save(out, np.full((len(tokens), c.vocab_size), np.nan, np.float32))  # poisoned: must be overwritten
+        env = dict(os.environ, OMP_NUM_THREADS=str(nt))
+        r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.bin"), str(out), *map(str, tokens)],
+                           capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 0, r.stderr
+        outs[nt] = np.load(out)
+    for nt in (2, 3, 5):
+        assert np.array_equal(outs[nt], outs[1]), nt
+    err = np.abs(outs[1] - want).max()
+    assert err < (1e-4 if quant is None else 0.06 * np.abs(want).max()), err

@@ -23,9 +23,12 @@ static unsigned long long xgetbv0(void) {
 }
 #endif
 
+// Fills a local copy first: threads racing through the first call (run.c calls kernels from inside a parallel
+// region) must never see a half-filled or zeroed g_features; a second writer stores the same values.
 const cpu_features* cpu_features_get(void) {
-    if (g_features_done) return &g_features;
-    memset(&g_features, 0, sizeof(g_features));
+    if (__atomic_load_n(&g_features_done, __ATOMIC_ACQUIRE)) return &g_features;
+    cpu_features f;
+    memset(&f, 0, sizeof(f));
 #if defined(__x86_64__) || defined(__i386__)
     unsigned int a, b, c, d;
     if (__get_cpuid(1, &a, &b, &c, &d)) {
@@ -34,22 +37,25 @@ const cpu_features* cpu_features_get(void) {
         int ymm_ok = (xcr0 & 0x6) == 0x6;             // OS saves SSE+AVX state
         int zmm_ok = (xcr0 & 0xe6) == 0xe6;           // ... and opmask + ZMM state
         if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
-            g_features.avx2 = ymm_ok && ((b >> 5) & 1);
-            g_features.fma = ymm_ok && fma;
-            g_features.avx512f = zmm_ok && ((b >> 16) & 1);
-            g_features.avx512dq = zmm_ok && ((b >> 17) & 1);
-            g_features.avx512bw = zmm_ok && ((b >> 30) & 1);
-            g_features.avx512vl = zmm_ok && ((b >> 31) & 1);
+            f.avx2 = ymm_ok && ((b >> 5) & 1);
+            f.fma = ymm_ok && fma;
+            f.avx512f = zmm_ok && ((b >> 16) & 1);
+            f.avx512dq = zmm_ok && ((b >> 17) & 1);
+            f.avx512bw = zmm_ok && ((b >> 30) & 1);
+            f.avx512vl = zmm_ok && ((b >> 31) & 1);
+            const char* no_vnni = getenv("PYLLM_NO_VNNI");
+            f.avx512vnni = f.avx512f && ((c >> 11) & 1) && !(no_vnni && *no_vnni && *no_vnni != '0');
             int amx_os = ((xcr0 >> 17) & 3) == 3;   // XTILECFG + XTILEDATA enabled
-            g_features.amx_bf16 = amx_os && ((d >> 22) & 1);
-            g_features.amx_tile = amx_os && ((d >> 24) & 1);
+            f.amx_bf16 = amx_os && ((d >> 22) & 1);
+            f.amx_tile = amx_os && ((d >> 24) & 1);
             unsigned int a1, b1, c1, d1;
             if (__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1))
-                g_features.avx512bf16 = g_features.avx512f && ((a1 >> 5) & 1);
+                f.avx512bf16 = f.avx512f && ((a1 >> 5) & 1);
         }
     }
 #endif
-    g_features_done = 1;
+    g_features = f;
+    __atomic_store_n(&g_features_done, 1, __ATOMIC_RELEASE);
     return &g_features;
 }
 
@@ -81,16 +87,18 @@ int isa_parse(const char* name) {
 }
 
 pyllm_isa isa_get(void) {
-    if (g_isa >= 0) return (pyllm_isa)g_isa;
-    g_isa = isa_best();
+    int isa = __atomic_load_n(&g_isa, __ATOMIC_ACQUIRE);
+    if (isa >= 0) return (pyllm_isa)isa;
+    isa = isa_best();  // decided in a local, stored once: a racing caller never sees the pre-override value
     const char* env = getenv("PYLLM_ISA");
     if (env && *env && strcmp(env, "auto") != 0) {
         int want = isa_parse(env);
         if (want < 0) g_env_error = "PYLLM_ISA must be one of scalar, avx2, avx512, auto";
         else if (!isa_supported((pyllm_isa)want)) g_env_error = "PYLLM_ISA names a path this CPU cannot run";
-        else g_isa = want;
+        else isa = want;
     }
-    return (pyllm_isa)g_isa;
+    __atomic_store_n(&g_isa, isa, __ATOMIC_RELEASE);
+    return (pyllm_isa)isa;
 }
 
 int isa_set(pyllm_isa isa) {

@@ -11,6 +11,7 @@ typedef enum { PYLLM_ISA_SCALAR = 0, PYLLM_ISA_AVX2 = 1, PYLLM_ISA_AVX512 = 2, P
 // Optional CPU features that a kernel may use inside one ISA path (checked at run time, never assumed).
 typedef struct {
     int avx2, fma, avx512f, avx512bw, avx512vl, avx512dq, avx512bf16, amx_tile, amx_bf16;
+    int avx512vnni;  // vpdpbusd on zmm (Q8_0 matvec); PYLLM_NO_VNNI=1 turns it off (tests the fallback)
 } cpu_features;
 
 const cpu_features* cpu_features_get(void);     // detected once, cached

@@ -85,7 +85,9 @@ typedef struct {
 
 // y(n) = W·x with W in Q8_0: x is quantized the same way (per group of G) inside the kernel, then
 // y[i] = sum_g (int32 dot of the group) * ws[i, g] * xs[g]. Scratch for quantized x: pass xq_scratch (k) and
-// xs_scratch (k/G), or NULL to use the stack (k <= 32768) or malloc (larger k).
+// xs_scratch (k/G), or NULL to use the stack (k <= 32768) or malloc (larger k). x_quantized = 1: the caller
+// already quantized x into xq_scratch/xs_scratch (quantize_q8 with n = 1), x is not read (several row blocks of
+// one x: run.c's threads each take rows of the same quantized activation).
 typedef struct {
     float* y;            // (n)
     const int8_t* wq;    // (n, k)
@@ -94,6 +96,7 @@ typedef struct {
     int8_t* xq_scratch;  // (k) or NULL
     float* xs_scratch;   // (k/G) or NULL
     int n, k, G;
+    int x_quantized;     // 0: quantize x here; 1: xq_scratch, xs_scratch hold it already (both non-NULL)
 } matvec_q8_params;
 // --- sampling (impl_sample.h) -------------------------------------------------------------------------
 typedef struct {
