@@ -8,7 +8,11 @@ cache and pyllm's sampling op), score them, then update the policy:
   --algo grpo (DeepSeekMath): k samples per prompt, advantage = (score - group mean) / group std, no critic; KL to
               the reference as a loss term (k3 estimator, --kl-coef) instead of in the reward.
 The score is the reward model's output and/or a Python function (--reward-fn module:function or file.py:function)
-called as fn(prompt=..., response=..., **other JSONL fields) -> float; with both, they add.
+called as fn(prompt=..., response=..., **other JSONL fields) -> float; with both, they add (the RM's share scaled by
+--reward-model-weight). GRPO options after TRL / DAPO: --scale-rewards group|batch|none (divide advantages by the
+group's std, the batch's, or not at all: a group std blows tiny score differences up to unit size), --filter-groups
+(drop groups whose samples all got the same --reward-fn score, e.g. all right or all wrong: they carry no verifier
+signal, only RM noise, and dilute the update; DAPO's dynamic sampling without the re-sampling).
 Prompts JSONL: {"prompt": str|messages, ...extra fields} or {"messages": [...]} (the conversation so far).
 Logs reward, KL, clip fraction, entropy, response length (metrics.jsonl) and plots them when pyllm.plot exists.
 """
@@ -71,8 +75,11 @@ class PolicyWithValue(nn.Module):
         return logits, v
 
 
-def token_logps(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """logits (N, L, V), idx (N, L) -> (N, L-1): log p(idx[:, t+1] | idx[:, :t+1])."""
+def token_logps(logits: torch.Tensor, idx: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """logits (N, L, V), idx (N, L) -> (N, L-1): log p(idx[:, t+1] | idx[:, :t+1]) under softmax(logits / T), the
+    distribution the rollouts were sampled from (as TRL does)."""
+    if temperature != 1.0:
+        logits = logits / temperature
     return torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, idx[:, 1:, None])[..., 0]
 
 
@@ -99,6 +106,20 @@ def gae(rewards, values, m, gamma: float, lam: float):
         last = (delta + gamma * lam * last * nm) * m[:, t]
         adv[:, t] = last
     return adv, adv + values
+
+
+def grpo_advantages(score: torch.Tensor, k: int, scale: str = "group") -> torch.Tensor:
+    """score (N,) laid out as N/k groups of k samples of one prompt -> advantages (N,): the score minus its group's
+    mean, divided by the group's std ("group", DeepSeekMath), the whole batch's std ("batch"), or nothing ("none")."""
+    grp = score.view(-1, k)
+    a = grp - grp.mean(1, keepdim=True)
+    if scale == "group":
+        a = a / (grp.std(1, keepdim=True) + 1e-4)
+    elif scale == "batch" and score.numel() > 1:
+        a = a / (score.std() + 1e-4)
+    elif scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale_rewards must be group, batch or none, got {scale!r}")
+    return a.reshape(-1)
 
 
 def parse_prompt(obj: dict, where: str):
@@ -138,6 +159,12 @@ def add_arguments(p):
     p.add_argument("--gamma", type=float, default=1.0, help="discount")
     p.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
     p.add_argument("--reward-clip", type=float, default=10.0, help="clip scores to [-c, c] (0 = off)")
+    p.add_argument("--reward-model-weight", type=float, default=1.0,
+                   help="score = weight * reward-model score + reward-fn score (1.0)")
+    p.add_argument("--scale-rewards", default="group", choices=["group", "batch", "none"],
+                   help="GRPO: divide advantages by the group's score std (DeepSeekMath), the batch's, or not")
+    p.add_argument("--filter-groups", action="store_true",
+                   help="GRPO: drop groups whose --reward-fn scores are all equal (no verifier signal)")
     p.add_argument("--no-whiten", action="store_true", help="do not whiten PPO advantages")
     add_common_args(p)
 
@@ -212,6 +239,7 @@ def main(args) -> int:
     metrics = Metrics(Path(args.out) / "metrics.jsonl", dist.main, resume=bool(st))
     bar = Bar(steps, args.algo, dist.main, initial=step)
     params = [p for p in ac.parameters() if p.requires_grad]
+    tau = args.temperature if args.temperature > 0 else 1.0   # the sampling distribution's temperature
     g = torch.Generator()
     per_step = args.batch_size * dist.world
     while step < steps:
@@ -230,7 +258,7 @@ def main(args) -> int:
             idx, am = pad_batch(seqs, pad, "right", dist.device)
             with torch.no_grad():
                 s_rm = rm(idx, am).float().cpu()
-            score += s_rm
+            score += args.reward_model_weight * s_rm
             info["rm_score"] = s_rm.mean().item()
         if fn is not None:
             s_fn = torch.tensor([float(fn(prompt=prompts[pi][1], response=tok.decode(
@@ -238,8 +266,20 @@ def main(args) -> int:
             score += s_fn
             info["fn_score"] = s_fn.mean().item()
         raw_score = score.clone()
+        no_signal = False
         if args.reward_clip > 0:
             score = score.clamp(-args.reward_clip, args.reward_clip)
+        if args.algo == "grpo" and args.filter_groups:
+            sig = (s_fn if fn is not None else score).view(-1, k)
+            keep = (sig.max(1).values - sig.min(1).values) > 1e-6           # (groups,) any spread in the group
+            info["kept_groups"] = keep.float().mean().item()
+            no_signal = not keep.any()  # keep the batch (zero advantages, KL term only): ranks stay in step
+            if no_signal:
+                keep[:] = True
+            ki = keep.repeat_interleave(k)
+            samples = [s_ for s_, kk in zip(samples, ki.tolist()) if kk]
+            score = score[ki]
+            N = len(samples)
         score = score.to(dist.device)
         # ---- the batch in the shifted layout: position t predicts token t+1 ----------------------------------
         seqs = [p + r for _, p, r in samples]
@@ -252,8 +292,8 @@ def main(args) -> int:
             last[i] = len(p) - 2 + len(r)
         with torch.no_grad():
             logits, values = ac(idx)
-            old_lp = token_logps(logits, idx)
-            ref_lp = token_logps(ref(idx)[0], idx)
+            old_lp = token_logps(logits, idx, tau)
+            ref_lp = token_logps(ref(idx)[0], idx, tau)
             kl_tok = (old_lp - ref_lp) * m                                  # (N, S) sampled-token KL estimate
             if args.algo == "ppo":
                 values = values[:, :-1] * m
@@ -263,9 +303,10 @@ def main(args) -> int:
                 if not args.no_whiten:
                     adv = whiten(adv, m)
             else:
-                grp = score.view(-1, k)
-                a = (grp - grp.mean(1, keepdim=True)) / (grp.std(1, keepdim=True) + 1e-4)
-                adv = a.reshape(-1, 1) * m
+                a = grpo_advantages(score, k, args.scale_rewards)
+                if no_signal:
+                    a = torch.zeros_like(a)
+                adv = a[:, None] * m
         # ---- optimization ------------------------------------------------------------------------------------
         set_lr(opt, lr_at(step, steps, lr, args.warmup_steps))
         stats = {"clip_frac": [], "entropy": [], "pg_loss": [], "vf_loss": [], "approx_kl": [], "grad_norm": []}
@@ -276,7 +317,7 @@ def main(args) -> int:
                 b = order[s0:s0 + mb].to(dist.device)
                 mm = m[b]
                 logits_b, v_b = dac(idx[b])
-                lp = token_logps(logits_b, idx[b])
+                lp = token_logps(logits_b, idx[b], tau)
                 ratio = torch.exp(lp - old_lp[b])
                 a_b = adv[b]
                 pg = masked_mean(torch.max(-a_b * ratio, -a_b * ratio.clamp(1 - args.clip_range,
