@@ -62,6 +62,7 @@ class DemoConfig:
     rl_scale_rewards: str = "group"  # GRPO advantage scale: group std, batch std, or none
     rl_filter_groups: bool = False   # drop groups whose verifier scores are all equal (no signal, only RM noise)
     rl_temperature: float = 1.0  # rollout temperature
+    rl_prefilter: int = 0        # samples per RL prompt to estimate SFT's pass rate; keep prompts with 0 < rate < 1
     rl_kinds: tuple = ("add", "sub")  # task kinds of the RL prompts (RL where SFT is weakest)
     n_eval: int = 300            # held-out problems per accuracy number
     n_shots: int = 3             # few-shot examples for the base model
@@ -438,6 +439,8 @@ def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "
                      str(cfg.rl_warmup), "--save-every", str(cfg.rl_steps), "--seed", str(seed),
                      "--reward-model-weight", str(cfg.rl_rm_weight), "--scale-rewards", cfg.rl_scale_rewards,
                      "--temperature", str(cfg.rl_temperature), *(["--filter-groups"] if cfg.rl_filter_groups else []),
+                     *(["--prefilter-samples", str(cfg.rl_prefilter)] if cfg.rl_prefilter and "verifier" in reward
+                       else []),
                      *dflag])
     rl_rows = _metrics(out / "rl" / "metrics.jsonl")
     gen = sum(r.get("response_length", 0) for r in rl_rows) * cfg.rl_batch * cfg.rl_k

@@ -140,3 +140,50 @@ def test_filter_groups_ignores_rm_noise_without_verifier_signal(tmp_path):
                 "--batch-size", "2", "--num-samples", "2", "--max-new-tokens", "4", "--reward-model-weight", "0"]) == 0
     r = read_metrics(out / "metrics.jsonl")[0]
     assert r["reward"] == pytest.approx(1.0) and abs(r["rm_score"]) > 1e-6
+
+
+def test_batched_rollout_keeps_each_prompts_group_together(tmp_path):
+    """rollout() batches prompts of equal length into one generate call; greedy, every sample of a prompt must be
+    what generate gives for that prompt alone, the k samples of a prompt consecutive, prompt order kept."""
+    import argparse
+    from pyllm.chat import render
+    from pyllm.rl import rollout
+    base, _, _ = _setup(tmp_path)
+    model, tok = load_checkpoint(str(base))
+    model.eval()
+    texts = ["write 1", "write 22", "write 3", "write 4444", "write 55", "w"]   # three distinct lengths, mixed
+    prompts = [(10 + i, render([{"role": "user", "content": t}], tok, add_generation_prompt=True)[0])
+               for i, t in enumerate(texts)]
+    args = argparse.Namespace(max_new_tokens=7, temperature=0.0, top_k=0)
+    out = rollout(model, tok, prompts, 3, args, seed=5, device="cpu")
+    assert [o[0] for o in out] == [pi for pi, _ in prompts for _ in range(3)]
+    end = tok.special_ids["<|end|>"]
+    for j, (pi, ids) in enumerate(prompts):
+        want = model.generate(torch.tensor([ids]), 7, temperature=0.0, stop_tokens=(end,))[0, len(ids):].tolist()
+        if end in want:
+            want = want[:want.index(end) + 1]
+        for o in out[3 * j:3 * j + 3]:
+            assert o[1] == ids and o[2] == want, (texts[j], o[2], want)
+
+
+PARITY_FN = '''
+def parity(prompt, response, tag, **extra):
+    """Even tags: a constant (no spread, dropped by --prefilter-samples); odd tags: varies with the response."""
+    return 0.5 if tag % 2 == 0 else float(sum(map(ord, response)) % 7)
+'''
+
+
+def test_prefilter_keeps_prompts_with_verifier_spread(tmp_path, capsys):
+    base, _, prompts = _setup(tmp_path)
+    (tmp_path / "par.py").write_text(PARITY_FN)
+    args = ["rl", "--algo", "grpo", "--policy", str(base), "--reward-fn", f"{tmp_path / 'par.py'}:parity",
+            "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--steps", "1", "--batch-size", "2",
+            "--num-samples", "2", "--max-new-tokens", "8", "--seed", "2"]
+    assert cli(args + ["--prefilter-samples", "4"]) == 0
+    assert "prefilter kept 8 of 16 prompts" in capsys.readouterr().out
+    (tmp_path / "const.py").write_text("def const(prompt, response, **kw):\n    return 1.0\n")
+    bad = args[:6] + [f"{tmp_path / 'const.py'}:const"] + args[7:]
+    assert cli(bad + ["--prefilter-samples", "4"]) == 2
+    assert "no prompt has a spread" in capsys.readouterr().err
+    assert cli(bad[:5] + bad[7:] + ["--reward-model", str(_rm(tmp_path, base)), "--prefilter-samples", "4"]) == 2
+    assert "--prefilter-samples needs --reward-fn" in capsys.readouterr().err
