@@ -51,18 +51,19 @@ class DemoConfig:
     rm_batch: int = 16
     rm_lr: float = 3e-4
     rl_prompts: int = 2000
-    rl_steps: int = 100
-    rl_batch: int = 8            # prompts per step
-    rl_k: int = 8                # samples per prompt (GRPO group)
-    rl_lr: float = 2e-5
-    rl_kl: float = 0.02
-    rl_warmup: int = 10          # Adam's first steps are sign-like: without warmup one step wrecks the policy
-    rl_verifier_weight: float = 4.0  # verifier reward for a correct reply (beside the RM's score, which spans ~+-3)
-    rl_rm_weight: float = 1.0    # reward = rl_rm_weight * RM score + verifier
+    rl_steps: int = 150
+    rl_batch: int = 32           # prompts per step
+    rl_k: int = 16               # samples per prompt (GRPO group)
+    rl_lr: float = 1e-3          # LoRA learning rate (full fine-tuning drifted: see results_demo.md)
+    rl_kl: float = 0.0
+    rl_warmup: int = 15          # Adam's first steps are sign-like: without warmup one step wrecks the policy
+    rl_verifier_weight: float = 1.0  # verifier reward for a correct reply (the RM's score spans ~+-3, weighted below)
+    rl_rm_weight: float = 0.1    # reward = rl_rm_weight * RM score + verifier: the RM is a small shaping term
     rl_scale_rewards: str = "group"  # GRPO advantage scale: group std, batch std, or none
-    rl_filter_groups: bool = False   # drop groups whose verifier scores are all equal (no signal, only RM noise)
-    rl_temperature: float = 1.0  # rollout temperature
-    rl_prefilter: int = 0        # samples per RL prompt to estimate SFT's pass rate; keep prompts with 0 < rate < 1
+    rl_filter_groups: bool = True    # drop groups whose verifier scores are all equal (no signal, only RM noise)
+    rl_temperature: float = 0.5  # rollout temperature (samples among the top candidates: what greedy decides)
+    rl_prefilter: int = 8        # samples per RL prompt to estimate SFT's pass rate; keep prompts with 0 < rate < 1
+    rl_lora_r: int = 8           # LoRA rank of the RL update (0 = full fine-tuning)
     rl_kinds: tuple = ("add", "sub")  # task kinds of the RL prompts (RL where SFT is weakest)
     n_eval: int = 300            # held-out problems per accuracy number
     n_shots: int = 3             # few-shot examples for the base model
@@ -72,7 +73,8 @@ class DemoConfig:
 FULL = DemoConfig()
 QUICK = DemoConfig(n_docs=300, n_val_docs=20, vocab_size=300, dim=32, n_layers=1, n_heads=2, seq_len=96,
                    pt_steps=8, pt_batch=4, pt_warmup=2, sft_examples=60, sft_steps=3, sft_batch=4, rm_pairs=60,
-                   rm_steps=3, rm_batch=4, rl_prompts=30, rl_steps=2, rl_batch=2, rl_k=2, n_eval=12, n_shots=2)
+                   rm_steps=3, rm_batch=4, rl_prompts=30, rl_steps=2, rl_batch=2, rl_k=2, rl_prefilter=0, rl_lora_r=0,
+                   n_eval=12, n_shots=2)
 EVAL_SEED = 12345   # the held-out evaluation problems are the same for every --seed (spread = training noise)
 
 
@@ -439,6 +441,7 @@ def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "
                      str(cfg.rl_warmup), "--save-every", str(cfg.rl_steps), "--seed", str(seed),
                      "--reward-model-weight", str(cfg.rl_rm_weight), "--scale-rewards", cfg.rl_scale_rewards,
                      "--temperature", str(cfg.rl_temperature), *(["--filter-groups"] if cfg.rl_filter_groups else []),
+                     *(["--lora-r", str(cfg.rl_lora_r)] if cfg.rl_lora_r else []),
                      *(["--prefilter-samples", str(cfg.rl_prefilter)] if cfg.rl_prefilter and "verifier" in reward
                        else []),
                      *dflag])
@@ -575,7 +578,10 @@ def write_report(out: Path, R: dict) -> None:
                                                                                              "group")]
          + ("; groups whose samples the verifier scored all alike (all right or all wrong: no signal, only RM "
             "noise) are dropped from the update" if cfg.get("rl_filter_groups") else "")
-         + f"; rollout temperature {cfg.get('rl_temperature', 1.0)}; warmup {cfg['rl_warmup']} steps",
+         + f"; rollout temperature {cfg.get('rl_temperature', 1.0)}; warmup {cfg['rl_warmup']} steps"
+         + (f"; only prompts on which {cfg['rl_prefilter']} samples of the SFT policy were sometimes right and "
+            "sometimes wrong (the others give GRPO no signal)" if cfg.get("rl_prefilter") else "")
+         + (f"; LoRA rank {cfg['rl_lora_r']} update (merged into the saved policy)" if cfg.get("rl_lora_r") else ""),
          f"- accuracy greedy: {_f(r['accuracy'])} (SFT {_f(s['accuracy'])})"
          + ("" if r["accuracy"] > s["accuracy"] else " -- RL did NOT improve greedy held-out accuracy in this run"),
          f"- accuracy sampled: {_f(r['sampled_accuracy'])} (SFT {_f(s['sampled_accuracy'])})",
