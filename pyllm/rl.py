@@ -12,7 +12,9 @@ called as fn(prompt=..., response=..., **other JSONL fields) -> float; with both
 --reward-model-weight). GRPO options after TRL / DAPO: --scale-rewards group|batch|none (divide advantages by the
 group's std, the batch's, or not at all: a group std blows tiny score differences up to unit size), --filter-groups
 (drop groups whose samples all got the same --reward-fn score, e.g. all right or all wrong: they carry no verifier
-signal, only RM noise, and dilute the update; DAPO's dynamic sampling without the re-sampling).
+signal, only RM noise, and dilute the update; DAPO's dynamic sampling without the re-sampling), --prefilter-samples N
+(before training, keep only the prompts on which N samples of the starting policy got differing --reward-fn scores:
+the same criterion once up front, so no step is spent on prompts it already always or never solves).
 Prompts JSONL: {"prompt": str|messages, ...extra fields} or {"messages": [...]} (the conversation so far).
 Logs reward, KL, clip fraction, entropy, response length (metrics.jsonl) and plots them when pyllm.plot exists.
 """
