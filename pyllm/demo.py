@@ -1,6 +1,6 @@
 """`pyllm demo`: tokenizer -> pretraining -> SFT -> reward model -> RL -> export -> the C binary, with a report card.
 
-    pyllm demo                      # the full run (~4.5 min, OMP_NUM_THREADS=1 on a shared 2-core VM), writes ./pyllm-demo/report.md
+    pyllm demo                      # the full run (~7 min on the 2-core VM), writes ./pyllm-demo/report.md
     pyllm demo --quick --out /tmp/d # the plumbing only, tiny sizes (< 1 min)
 
 Every stage runs through the public command a user would type (`pyllm.cli.main(["pretrain", ...])` etc.) on files
@@ -51,13 +51,20 @@ class DemoConfig:
     rm_batch: int = 16
     rm_lr: float = 3e-4
     rl_prompts: int = 2000
-    rl_steps: int = 100
-    rl_batch: int = 8            # prompts per step
-    rl_k: int = 8                # samples per prompt (GRPO group)
-    rl_lr: float = 2e-5
-    rl_kl: float = 0.02
-    rl_warmup: int = 10          # Adam's first steps are sign-like: without warmup one step wrecks the policy
-    rl_verifier_weight: float = 4.0  # verifier reward for a correct reply (beside the RM's score, which spans ~+-3)
+    rl_steps: int = 150
+    rl_batch: int = 32           # prompts per step
+    rl_k: int = 16               # samples per prompt (GRPO group)
+    rl_lr: float = 1e-3          # LoRA learning rate (full fine-tuning drifted: see results_demo.md)
+    rl_kl: float = 0.0
+    rl_warmup: int = 15          # Adam's first steps are sign-like: without warmup one step wrecks the policy
+    rl_verifier_weight: float = 1.0  # verifier reward for a correct reply (the RM's score spans ~+-3, weighted below)
+    rl_rm_weight: float = 0.1    # reward = rl_rm_weight * RM score + verifier: the RM is a small shaping term
+    rl_scale_rewards: str = "group"  # GRPO advantage scale: group std, batch std, or none
+    rl_filter_groups: bool = True    # drop groups whose verifier scores are all equal (no signal, only RM noise)
+    rl_temperature: float = 0.5  # rollout temperature (samples among the top candidates: what greedy decides)
+    rl_prefilter: int = 8        # samples per RL prompt to estimate SFT's pass rate; keep prompts with 0 < rate < 1
+    rl_lora_r: int = 8           # LoRA rank of the RL update (0 = full fine-tuning)
+    rl_kinds: tuple = ("add", "sub")  # task kinds of the RL prompts (RL where SFT is weakest)
     n_eval: int = 300            # held-out problems per accuracy number
     n_shots: int = 3             # few-shot examples for the base model
     kinds: tuple = ("add", "sub")  # task family (tasks.ARITH subset): 2-digit addition and subtraction
@@ -66,7 +73,8 @@ class DemoConfig:
 FULL = DemoConfig()
 QUICK = DemoConfig(n_docs=300, n_val_docs=20, vocab_size=300, dim=32, n_layers=1, n_heads=2, seq_len=96,
                    pt_steps=8, pt_batch=4, pt_warmup=2, sft_examples=60, sft_steps=3, sft_batch=4, rm_pairs=60,
-                   rm_steps=3, rm_batch=4, rl_prompts=30, rl_steps=2, rl_batch=2, rl_k=2, n_eval=12, n_shots=2)
+                   rm_steps=3, rm_batch=4, rl_prompts=30, rl_steps=2, rl_batch=2, rl_k=2, rl_prefilter=0, rl_lora_r=0,
+                   n_eval=12, n_shots=2)
 EVAL_SEED = 12345   # the held-out evaluation problems are the same for every --seed (spread = training noise)
 
 
@@ -232,9 +240,10 @@ def write_data(d: Path, cfg: DemoConfig, seed: int) -> dict:
     val_docs = tasks.pretraining_corpus(seed + 1, cfg.n_val_docs, split="heldout", kinds=K)
     f["val"] = _jsonl(d / "val.jsonl", ({"text": t} for t in val_docs))
     train = tasks.problems(seed + 2, max(cfg.sft_examples, cfg.rm_pairs, cfg.rl_prompts), "train", K)
+    sft = rng.sample(train, cfg.sft_examples)
     f["sft"] = _jsonl(d / "sft.jsonl", ({"messages": [{"role": "user", "content": p.question},
                                                       {"role": "assistant", "content": p.answer}]}
-                                        for p in rng.sample(train, cfg.sft_examples)))
+                                        for p in sft))
     def pairs(ps):  # a near miss (mostly) or a malformed reply as the rejected answer
         for p in ps:
             bad = tasks.malformed_answer(p, rng) if rng.random() < 0.25 else tasks.wrong_answer(p, rng)
@@ -242,9 +251,10 @@ def write_data(d: Path, cfg: DemoConfig, seed: int) -> dict:
     f["prefs"] = _jsonl(d / "prefs.jsonl", pairs(rng.sample(train, cfg.rm_pairs)))
     held = tasks.problems(EVAL_SEED, cfg.n_eval, "heldout", K)
     f["prefs_heldout"] = _jsonl(d / "prefs_heldout.jsonl", pairs(held))
+    rl_pool = [p for p in train if p.kind in cfg.rl_kinds]
+    rl = rng.sample(rl_pool, min(cfg.rl_prompts, len(rl_pool)))
     f["prompts"] = _jsonl(d / "rl_prompts.jsonl", ({"prompt": p.question, "answer": p.answer,
-                                                    "weight": cfg.rl_verifier_weight}
-                                                   for p in rng.sample(train, cfg.rl_prompts)))
+                                                    "weight": cfg.rl_verifier_weight} for p in rl))
     return {"files": f, "val_docs": val_docs, "heldout": held, "shots": tasks.problems(seed + 3, cfg.n_shots, "train", K)}
 
 
@@ -258,14 +268,57 @@ def rm_length_baseline(path: Path) -> float:
     return s / len(rows)
 
 
-def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "rm+verifier") -> dict:
+STAGES = ("pretrain", "sft", "reward", "rl")   # --from-stage choices; the data files are always rewritten
+# the config fields each stage's output depends on (a reused stage must have been run with the same values)
+_STAGE_FIELDS = {"pretrain": ("n_docs", "n_val_docs", "vocab_size", "dim", "n_layers", "n_heads", "seq_len",
+                              "kinds", "n_eval", "n_shots", "pt_"),
+                 "sft": ("sft_",), "reward": ("rm_",)}
+_STAGE_ROWS = {"pretrain": ("data + tokenizer + prepare", "pretrain", "eval base"), "sft": ("sft", "eval sft"),
+               "reward": ("reward model", "eval rm")}
+
+
+def reused_results(out: Path, cfg: DemoConfig, seed: int, from_stage: str) -> dict:
+    """The results.json of an earlier run in `out`, checked to match this run for every stage before from_stage."""
+    path = out / "results.json"
+    if not path.is_file():
+        raise ValueError(f"--from-stage {from_stage}: {path} not found (run the full demo with this --out first)")
+    prev = json.loads(path.read_text())
+    if prev.get("seed") != seed:
+        raise ValueError(f"--from-stage {from_stage}: {path} is from --seed {prev.get('seed')}, not {seed}")
+    old, new = prev["config"], json.loads(json.dumps(dataclasses.asdict(cfg)))
+    # the train-side draw feeding SFT/RM/RL files is sized by the largest of the three
+    draw = lambda c: max(c["sft_examples"], c["rm_pairs"], c["rl_prompts"])  # noqa: E731
+    diff = [f for st in STAGES[:STAGES.index(from_stage)] for f in new
+            if f.startswith(_STAGE_FIELDS[st]) and old.get(f) != new[f]]
+    if draw(old) != draw(new):
+        diff.append("max(sft_examples, rm_pairs, rl_prompts)")
+    if diff:
+        raise ValueError(f"--from-stage {from_stage}: {path} was made with different {', '.join(diff)}; "
+                         f"rerun those stages")
+    return prev
+
+
+def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "rm+verifier",
+             from_stage: str = "pretrain") -> dict:
+    """The pipeline; stages before `from_stage` are reused from an earlier run in `out` (their checkpoints and
+    their report-card numbers), the rest run again."""
     out.mkdir(parents=True, exist_ok=True)
+    run = set(STAGES[STAGES.index(from_stage):])
+    prev = reused_results(out, cfg, seed, from_stage) if from_stage != "pretrain" else None
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     dflag = ["--device", dev.type]
     clock = Clock()
     R: dict = {"seed": seed, "config": dataclasses.asdict(cfg), "device": str(dev), "reward": reward,
-               "threads": torch.get_num_threads()}
+               "threads": torch.get_num_threads(),
+               "load_avg": list(os.getloadavg()), "reused": [st for st in STAGES if st not in run]}
     t_all = time.perf_counter()
+    reused_s = 0.0
+    for st in R["reused"]:
+        R.update({k: prev[k] for k in {"pretrain": ("base", "corpus"), "sft": ("sft",), "reward": ("rm",)}[st]})
+        for row in prev["timing"]:
+            if row["stage"].split(" (reused)")[0] in _STAGE_ROWS[st]:
+                clock.rows.append(dict(row, stage=row["stage"].split(" (reused)")[0] + " (reused)"))
+                reused_s += row["seconds"]
     n_stages = 8
 
     def head(i, name):
@@ -276,86 +329,101 @@ def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "
     t0 = time.perf_counter()
     D = write_data(out / "data", cfg, seed)
     F = D["files"]
-    stage_cli("tokenizer-train", ["--input", str(F["corpus"]), "--vocab-size", str(cfg.vocab_size),
-                                  "--out", str(out / "tokenizer")])
     tok_json = out / "tokenizer" / "tokenizer.json"
-    stage_cli("prepare", ["--input", str(F["corpus"]), "--val-input", str(F["val"]), "--tokenizer", str(tok_json),
-                          "--out", str(out / "tokens"), "--workers", "1", "--overwrite"])
-    man = json.loads((out / "tokens" / "manifest.json").read_text())
-    n_tok = sum(s.get("n_tokens", s.get("tokens", 0)) for s in man.get("shards", []))
-    clock.add("data + tokenizer + prepare", time.perf_counter() - t0, n_tok, "tokens encoded")
-    R["corpus"] = {"documents": cfg.n_docs, "tokens": n_tok,
-                   "heldout_problems": len(tasks.all_problems("heldout", tuple(cfg.kinds))),
-                   "train_problems": len(tasks.all_problems("train", tuple(cfg.kinds)))}
+    base_dir = None
+    if "pretrain" in run:
+        stage_cli("tokenizer-train", ["--input", str(F["corpus"]), "--vocab-size", str(cfg.vocab_size),
+                                      "--out", str(out / "tokenizer")])
+        stage_cli("prepare", ["--input", str(F["corpus"]), "--val-input", str(F["val"]), "--tokenizer",
+                              str(tok_json), "--out", str(out / "tokens"), "--workers", "1", "--overwrite"])
+        man = json.loads((out / "tokens" / "manifest.json").read_text())
+        n_tok = sum(s.get("n_tokens", s.get("tokens", 0)) for s in man.get("shards", []))
+        clock.add("data + tokenizer + prepare", time.perf_counter() - t0, n_tok, "tokens encoded")
+        R["corpus"] = {"documents": cfg.n_docs, "tokens": n_tok,
+                       "heldout_problems": len(tasks.all_problems("heldout", tuple(cfg.kinds))),
+                       "train_problems": len(tasks.all_problems("train", tuple(cfg.kinds)))}
 
-    # 2. pretraining -------------------------------------------------------------------------------------------
-    head(2, "pretraining the base model")
-    t0 = time.perf_counter()
-    stage_cli("pretrain", ["--data", str(out / "tokens"), "--out", str(out / "base"), "--dim", str(cfg.dim),
-                           "--n-layers", str(cfg.n_layers), "--n-heads", str(cfg.n_heads), "--seq-len",
-                           str(cfg.seq_len), "--batch-size", str(cfg.pt_batch), "--max-steps", str(cfg.pt_steps),
-                           "--lr", str(cfg.pt_lr), "--warmup-steps", str(cfg.pt_warmup), "--eval-every", "0",
-                           "--eval-batches", "0", "--sample-tokens", "0", "--checkpoint-every", "0",
-                           "--seed", str(seed), *dflag])
-    clock.add("pretrain", time.perf_counter() - t0, cfg.pt_steps * cfg.pt_batch * cfg.seq_len, "training tokens")
-    base_dir = out / "base" / (out / "base" / "latest").read_text().strip()
-    t0 = time.perf_counter()
-    base, tok = _load(base_dir, dev)
-    R["base"] = eval_lm(base, tok, D["val_docs"], dev)
-    fs = eval_few_shot(base, tok, D["heldout"], D["shots"], dev)
-    R["base"]["few_shot_accuracy"] = fs["accuracy"]
-    R["base"]["params"] = base.num_params()
-    bc = eval_chat(base, tok, D["heldout"], dev, 0.0, 0, "eval base chat")
-    R["base"]["chat_accuracy"] = bc["accuracy"]
-    R["base"]["chat_format_valid"] = bc["format_valid"]
-    clock.add("eval base", time.perf_counter() - t0, R["base"]["tokens"], "held-out tokens scored")
-    del base
-    print(f"base: val loss {R['base']['val_loss']:.3f}, {R['base']['bits_per_byte']:.3f} bits/byte, few-shot "
-          f"accuracy {fs['accuracy']:.3f}", flush=True)
+        # 2. pretraining ---------------------------------------------------------------------------------------
+        head(2, "pretraining the base model")
+        t0 = time.perf_counter()
+        stage_cli("pretrain", ["--data", str(out / "tokens"), "--out", str(out / "base"), "--dim", str(cfg.dim),
+                               "--n-layers", str(cfg.n_layers), "--n-heads", str(cfg.n_heads), "--seq-len",
+                               str(cfg.seq_len), "--batch-size", str(cfg.pt_batch), "--max-steps",
+                               str(cfg.pt_steps), "--lr", str(cfg.pt_lr), "--warmup-steps", str(cfg.pt_warmup),
+                               "--eval-every", "0", "--eval-batches", "0", "--sample-tokens", "0",
+                               "--checkpoint-every", "0", "--seed", str(seed), *dflag])
+        clock.add("pretrain", time.perf_counter() - t0, cfg.pt_steps * cfg.pt_batch * cfg.seq_len,
+                  "training tokens")
+        base_dir = out / "base" / (out / "base" / "latest").read_text().strip()
+        t0 = time.perf_counter()
+        base, tok = _load(base_dir, dev)
+        R["base"] = eval_lm(base, tok, D["val_docs"], dev)
+        fs = eval_few_shot(base, tok, D["heldout"], D["shots"], dev)
+        R["base"]["few_shot_accuracy"] = fs["accuracy"]
+        R["base"]["params"] = base.num_params()
+        bc = eval_chat(base, tok, D["heldout"], dev, 0.0, 0, "eval base chat")
+        R["base"]["chat_accuracy"] = bc["accuracy"]
+        R["base"]["chat_format_valid"] = bc["format_valid"]
+        clock.add("eval base", time.perf_counter() - t0, R["base"]["tokens"], "held-out tokens scored")
+        del base
+        print(f"base: val loss {R['base']['val_loss']:.3f}, {R['base']['bits_per_byte']:.3f} bits/byte, few-shot "
+              f"accuracy {fs['accuracy']:.3f}", flush=True)
+    else:
+        from .tokenizer import Tokenizer
+        tok = Tokenizer.load(tok_json)
+        print(f"reusing {', '.join(R['reused'])} from {out} (--from-stage {from_stage})", flush=True)
 
     # 3. SFT ---------------------------------------------------------------------------------------------------
-    head(3, "supervised fine-tuning")
-    t0 = time.perf_counter()
-    stage_cli("sft", ["--model", str(base_dir), "--data", str(F["sft"]), "--out", str(out / "sft"), "--steps",
-                      str(cfg.sft_steps), "--batch-size", str(cfg.sft_batch), "--lr", str(cfg.sft_lr),
-                      "--warmup-steps", "5", "--eval-frac", "0.05", "--eval-every", str(max(1, cfg.sft_steps // 4)),
-                      "--save-every", str(cfg.sft_steps), "--seed", str(seed), *dflag])
-    clock.add("sft", time.perf_counter() - t0, cfg.sft_steps * cfg.sft_batch * cfg.seq_len, "row tokens")
-    t0 = time.perf_counter()
-    sft, _ = _load(out / "sft", dev)
-    sg = eval_chat(sft, tok, D["heldout"], dev, 0.0, 0, "eval SFT greedy")
-    ss = eval_chat(sft, tok, D["heldout"], dev, 1.0, seed, "eval SFT sampled")
-    R["sft"] = {"accuracy": sg["accuracy"], "format_valid": sg["format_valid"], "sampled_accuracy": ss["accuracy"],
-                "sampled_format_valid": ss["format_valid"]}
-    clock.add("eval sft", time.perf_counter() - t0, 2 * len(D["heldout"]) * 4, "generated tokens (approx.)")
-    print(f"sft: accuracy {sg['accuracy']:.3f}, format-valid {sg['format_valid']:.3f}", flush=True)
+    if "sft" in run:
+        if base_dir is None:
+            base_dir = out / "base" / (out / "base" / "latest").read_text().strip()
+        head(3, "supervised fine-tuning")
+        t0 = time.perf_counter()
+        stage_cli("sft", ["--model", str(base_dir), "--data", str(F["sft"]), "--out", str(out / "sft"), "--steps",
+                          str(cfg.sft_steps), "--batch-size", str(cfg.sft_batch), "--lr", str(cfg.sft_lr),
+                          "--warmup-steps", "5", "--eval-frac", "0.05", "--eval-every", str(max(1, cfg.sft_steps // 4)),
+                          "--save-every", str(cfg.sft_steps), "--seed", str(seed), *dflag])
+        clock.add("sft", time.perf_counter() - t0, cfg.sft_steps * cfg.sft_batch * cfg.seq_len, "row tokens")
+        t0 = time.perf_counter()
+        sft, _ = _load(out / "sft", dev)
+        sg = eval_chat(sft, tok, D["heldout"], dev, 0.0, 0, "eval SFT greedy")
+        ss = eval_chat(sft, tok, D["heldout"], dev, 1.0, seed, "eval SFT sampled")
+        R["sft"] = {"accuracy": sg["accuracy"], "format_valid": sg["format_valid"], "sampled_accuracy": ss["accuracy"],
+                    "sampled_format_valid": ss["format_valid"]}
+        clock.add("eval sft", time.perf_counter() - t0, 2 * len(D["heldout"]) * 4, "generated tokens (approx.)")
+        print(f"sft: accuracy {sg['accuracy']:.3f}, format-valid {sg['format_valid']:.3f}", flush=True)
+    else:
+        sft, _ = _load(out / "sft", dev)
+        if "reward" in run:  # the RM section scores the SFT policy's sampled replies
+            ss = eval_chat(sft, tok, D["heldout"], dev, 1.0, seed, "eval SFT sampled")
 
     # 4. reward model ------------------------------------------------------------------------------------------
-    head(4, "reward model")
-    t0 = time.perf_counter()
-    stage_cli("reward", ["--model", str(out / "sft"), "--data", str(F["prefs"]), "--eval-data",
-                         str(F["prefs_heldout"]), "--out", str(out / "rm"), "--steps", str(cfg.rm_steps),
-                         "--batch-size", str(cfg.rm_batch), "--lr", str(cfg.rm_lr), "--warmup-steps", "10",
-                         "--eval-every", str(max(1, cfg.rm_steps // 5)), "--save-every", str(cfg.rm_steps),
-                         "--seed", str(seed), *dflag])
-    clock.add("reward model", time.perf_counter() - t0, cfg.rm_steps * cfg.rm_batch * 2 * 16, "pair tokens (approx.)")
-    t0 = time.perf_counter()
     held = D["heldout"]
-    prefs = _metrics(F["prefs_heldout"])
-    pc = [chat_prompt(tok, p) for p in held]
-    ch = [tok.encode(r["chosen"]) + [tok.end_id] for r in prefs]
-    rj = [tok.encode(r["rejected"]) + [tok.end_id] for r in prefs]
-    sc, sr = rm_scores(out / "rm", tok, pc, ch, dev), rm_scores(out / "rm", tok, pc, rj, dev)
-    R["rm"] = {"accuracy": sum(a > b for a, b in zip(sc, sr)) / len(sc), "chance": 0.5,
-               "length_baseline": rm_length_baseline(F["prefs_heldout"]),
-               "margin": sum(a - b for a, b in zip(sc, sr)) / len(sc)}
-    # how well does the RM's score track truth on the SFT policy's own samples (what RL will optimise)?
-    rs = rm_scores(out / "rm", tok, ss["prompts"], ss["responses"], dev)
-    R["sft"]["rm_score_sampled"] = sum(rs) / len(rs)
-    R["sft"]["verifier_sampled"] = ss["accuracy"]
-    clock.add("eval rm", time.perf_counter() - t0, 0, "")
-    print(f"reward model: held-out pairwise accuracy {R['rm']['accuracy']:.3f} (length-only "
-          f"{R['rm']['length_baseline']:.3f}, chance 0.5)", flush=True)
+    if "reward" in run:
+        head(4, "reward model")
+        t0 = time.perf_counter()
+        stage_cli("reward", ["--model", str(out / "sft"), "--data", str(F["prefs"]), "--eval-data",
+                             str(F["prefs_heldout"]), "--out", str(out / "rm"), "--steps", str(cfg.rm_steps),
+                             "--batch-size", str(cfg.rm_batch), "--lr", str(cfg.rm_lr), "--warmup-steps", "10",
+                             "--eval-every", str(max(1, cfg.rm_steps // 5)), "--save-every", str(cfg.rm_steps),
+                             "--seed", str(seed), *dflag])
+        clock.add("reward model", time.perf_counter() - t0, cfg.rm_steps * cfg.rm_batch * 2 * 16, "pair tokens (approx.)")
+        t0 = time.perf_counter()
+        prefs = _metrics(F["prefs_heldout"])
+        pc = [chat_prompt(tok, p) for p in held]
+        ch = [tok.encode(r["chosen"]) + [tok.end_id] for r in prefs]
+        rj = [tok.encode(r["rejected"]) + [tok.end_id] for r in prefs]
+        sc, sr = rm_scores(out / "rm", tok, pc, ch, dev), rm_scores(out / "rm", tok, pc, rj, dev)
+        R["rm"] = {"accuracy": sum(a > b for a, b in zip(sc, sr)) / len(sc), "chance": 0.5,
+                   "length_baseline": rm_length_baseline(F["prefs_heldout"]),
+                   "margin": sum(a - b for a, b in zip(sc, sr)) / len(sc)}
+        # how well does the RM's score track truth on the SFT policy's own samples (what RL will optimise)?
+        rs = rm_scores(out / "rm", tok, ss["prompts"], ss["responses"], dev)
+        R["sft"]["rm_score_sampled"] = sum(rs) / len(rs)
+        R["sft"]["verifier_sampled"] = ss["accuracy"]
+        clock.add("eval rm", time.perf_counter() - t0, 0, "")
+        print(f"reward model: held-out pairwise accuracy {R['rm']['accuracy']:.3f} (length-only "
+              f"{R['rm']['length_baseline']:.3f}, chance 0.5)", flush=True)
 
     # 5. RL ----------------------------------------------------------------------------------------------------
     head(5, "RL (GRPO), reward: " + {"rm": "the reward model", "verifier": "the program verifier",
@@ -370,8 +438,13 @@ def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "
                      str(out / "rl"), "--algo", "grpo", "--num-samples", str(cfg.rl_k), "--batch-size",
                      str(cfg.rl_batch), "--steps", str(cfg.rl_steps), "--lr", str(cfg.rl_lr), "--kl-coef",
                      str(cfg.rl_kl), "--max-new-tokens", "6", "--ppo-epochs", "1", "--warmup-steps",
-                     str(cfg.rl_warmup), "--save-every",
-                     str(cfg.rl_steps), "--seed", str(seed), *dflag])
+                     str(cfg.rl_warmup), "--save-every", str(cfg.rl_steps), "--seed", str(seed),
+                     "--reward-model-weight", str(cfg.rl_rm_weight), "--scale-rewards", cfg.rl_scale_rewards,
+                     "--temperature", str(cfg.rl_temperature), *(["--filter-groups"] if cfg.rl_filter_groups else []),
+                     *(["--lora-r", str(cfg.rl_lora_r)] if cfg.rl_lora_r else []),
+                     *(["--prefilter-samples", str(cfg.rl_prefilter)] if cfg.rl_prefilter and "verifier" in reward
+                       else []),
+                     *dflag])
     rl_rows = _metrics(out / "rl" / "metrics.jsonl")
     gen = sum(r.get("response_length", 0) for r in rl_rows) * cfg.rl_batch * cfg.rl_k
     clock.add("rl", time.perf_counter() - t0, gen, "sampled tokens")
@@ -401,7 +474,7 @@ def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "
         clock.add("pyllm-run (C)", R["binary"]["seconds"], R["binary"]["tokens"], "generated tokens")
     head(8, "report")
     R["timing"] = clock.rows
-    R["total_seconds"] = time.perf_counter() - t_all
+    R["total_seconds"] = time.perf_counter() - t_all + reused_s
     R["curves"] = {"pretrain": _metrics(out / "base" / "metrics.jsonl"), "sft": _metrics(out / "sft" / "metrics.jsonl"),
                    "rm": _metrics(out / "rm" / "metrics.jsonl"), "rl": rl_rows}
     write_report(out, R)
@@ -464,7 +537,9 @@ def write_report(out: Path, R: dict) -> None:
          f"every number below is measured on {cfg['n_eval']} held-out problems the model never saw in any stage. "
          f"Model: {b['params'] / 1e6:.2f}M parameters ({cfg['n_layers']} layers, dim {cfg['dim']}, vocab "
          f"{cfg['vocab_size']}, context {cfg['seq_len']}). Device {R['device']}, {R['threads']} threads. "
-         f"Total wall time {R['total_seconds']:.0f} s.", "",
+         f"Total wall time {R['total_seconds']:.0f} s."
+         + (f" Stages {', '.join(R['reused'])} were reused from an earlier run in this directory "
+            "(`--from-stage`); their rows below are that run's." if R.get("reused") else ""), "",
          "| stage | held-out accuracy (greedy) | sampled (T=1) | format-valid |", "|---|---|---|---|",
          f"| base (few-shot prompt) | {_f(b['few_shot_accuracy'])} | - | - |",
          f"| SFT | {_f(s['accuracy'])} | {_f(s['sampled_accuracy'])} | {_f(s['format_valid'])} |",
@@ -497,8 +572,16 @@ def write_report(out: Path, R: dict) -> None:
             "GRPO against it alone learns to please it (`pyllm demo --reward rm` shows the RM score rising while "
             "verifier success falls); the program check anchors the reward to the truth while the RM still "
             "ranks format" if R["reward"] == "rm+verifier" else ""),
-         f"- verifier reward for a correct reply: {cfg['rl_verifier_weight']} (the RM's scores span a few units; at "
-         "weight 1 its noise drowned the verifier); warmup {} steps".format(cfg["rl_warmup"]),
+         f"- score = {cfg.get('rl_rm_weight', 1.0)} x RM score + verifier ({cfg['rl_verifier_weight']} for a "
+         f"correct reply); advantages = score - group mean, divided by "
+         + {"group": "the group's std", "batch": "the batch's std", "none": "nothing"}[cfg.get("rl_scale_rewards",
+                                                                                             "group")]
+         + ("; groups whose samples the verifier scored all alike (all right or all wrong: no signal, only RM "
+            "noise) are dropped from the update" if cfg.get("rl_filter_groups") else "")
+         + f"; rollout temperature {cfg.get('rl_temperature', 1.0)}; warmup {cfg['rl_warmup']} steps"
+         + (f"; only prompts on which {cfg['rl_prefilter']} samples of the SFT policy were sometimes right and "
+            "sometimes wrong (the others give GRPO no signal)" if cfg.get("rl_prefilter") else "")
+         + (f"; LoRA rank {cfg['rl_lora_r']} update (merged into the saved policy)" if cfg.get("rl_lora_r") else ""),
          f"- accuracy greedy: {_f(r['accuracy'])} (SFT {_f(s['accuracy'])})"
          + ("" if r["accuracy"] > s["accuracy"] else " -- RL did NOT improve greedy held-out accuracy in this run"),
          f"- accuracy sampled: {_f(r['sampled_accuracy'])} (SFT {_f(s['sampled_accuracy'])})",
@@ -543,12 +626,41 @@ def add_arguments(p):
     p.add_argument("--reward", default="rm+verifier", choices=["rm", "rm+verifier", "verifier"],
                    help="RL reward: reward model + program verifier (default; at this scale the RM alone gets "
                         "hacked, which the report shows with --reward rm), the RM alone, or the verifier alone")
+    p.add_argument("--from-stage", default="pretrain", choices=STAGES,
+                   help="rerun from this stage on, reusing the earlier stages' checkpoints and numbers from an "
+                        "earlier run in --out (e.g. `--from-stage rl --set rl_lr=1e-4` to try an RL setting)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one DemoConfig size/setting (repeatable), e.g. --set rl_steps=300")
+
+
+def apply_overrides(cfg: DemoConfig, sets: list[str]) -> DemoConfig:
+    """--set key=value pairs onto a DemoConfig, each converted to the field's type."""
+    fields = {f.name: f for f in dataclasses.fields(DemoConfig)}
+    kw = {}
+    for item in sets:
+        key, eq, val = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in fields:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
+        cur = getattr(cfg, key)
+        try:
+            if isinstance(cur, bool):
+                if val.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(val)
+                kw[key] = val.lower() in ("1", "true", "yes")
+            elif isinstance(cur, tuple):
+                kw[key] = tuple(v.strip() for v in val.split(",") if v.strip())
+            else:
+                kw[key] = type(cur)(val)
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {val!r} is not a valid {type(cur).__name__}") from None
+    return dataclasses.replace(cfg, **kw)
 
 
 def main(args) -> int:
-    cfg = QUICK if args.quick else FULL
+    cfg = apply_overrides(QUICK if args.quick else FULL, args.set)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
-    run_demo(out, cfg, args.seed, args.device, args.reward)
+    run_demo(out, cfg, args.seed, args.device, args.reward, args.from_stage)
     return 0

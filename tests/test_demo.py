@@ -130,3 +130,30 @@ def test_out_is_a_file(tmp_path, capsys):
     f.write_text("not a directory")
     assert cli.main(["demo", "--quick", "--out", str(f)]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_from_stage_rl_reuses_earlier_stages(quick_run, tmp_path):
+    """`--from-stage rl --set ...` reruns RL only: the earlier stages' numbers and checkpoints are the first run's,
+    the RL setting is the new one; changing a reused stage's setting is refused."""
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(quick_run, out)
+    R0 = json.loads((out / "results.json").read_text())
+    sft_mtime = (out / "sft" / "model.safetensors").stat().st_mtime_ns
+    assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "3", "--from-stage", "rl", "--set",
+                     "rl_lr=3e-4", "--set", "rl_filter_groups=true", "--set", "rl_scale_rewards=batch", "--set",
+                     "rl_lora_r=2"]) == 0
+    R = json.loads((out / "results.json").read_text())
+    assert R["reused"] == ["pretrain", "sft", "reward"]
+    assert R["config"]["rl_lr"] == 3e-4 and R["config"]["rl_filter_groups"] is True and R["config"]["rl_lora_r"] == 2
+    assert (out / "rl" / "adapter.safetensors").is_file()          # the RL stage really trained a LoRA adapter
+    assert "LoRA rank 2 update" in (out / "report.md").read_text()
+    for k in ("base", "sft", "rm"):
+        assert R[k] == R0[k], k
+    assert (out / "sft" / "model.safetensors").stat().st_mtime_ns == sft_mtime
+    assert "(reused)" in (out / "report.md").read_text()
+    assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "3", "--from-stage", "rl", "--set",
+                     "sft_lr=1"]) == 2
+    assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "4", "--from-stage", "rl"]) == 2
+    assert cli.main(["demo", "--quick", "--out", str(out), "--set", "rl_nope=1"]) == 2
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "empty"), "--from-stage", "sft"]) == 2

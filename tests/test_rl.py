@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyllm.rl import gae, whiten
+from pyllm.checkpoint import load_checkpoint
+from pyllm.rl import gae, grpo_advantages, whiten
 from pyllm.sft import read_metrics
 
 from chat_util import cli, tiny_checkpoint, write_jsonl
@@ -89,3 +90,100 @@ def test_rl_bad_prompts(tmp_path, capsys):
     assert cli(args + ["--skip-bad-lines"]) == 0
     assert cli(args[:3] + args[5:]) == 2  # neither --reward-model nor --reward-fn
     assert "give --reward-model and/or --reward-fn" in capsys.readouterr().err
+
+
+def test_grpo_advantage_scales():
+    s = torch.tensor([1.0, 0.0, 0.0, 0.0, 5.0, 5.0, 5.0, 5.0, 0.0, 2.0, 4.0, 6.0])   # 3 groups of 4
+    g = grpo_advantages(s, 4, "group").view(3, 4)
+    assert torch.allclose(g.sum(1), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(g[0].std(), torch.tensor(1.0), atol=1e-3) and torch.allclose(g[2].std(),
+                                                                                      torch.tensor(1.0), atol=1e-3)
+    assert torch.equal(g[1], torch.zeros(4))                                    # a uniform group: no advantage
+    n = grpo_advantages(s, 4, "none").view(3, 4)
+    torch.testing.assert_close(n[2], torch.tensor([-3.0, -1.0, 1.0, 3.0]))
+    b = grpo_advantages(s, 4, "batch")
+    torch.testing.assert_close(b, n.reshape(-1) / (s.std() + 1e-4))
+    with pytest.raises(ValueError):
+        grpo_advantages(s, 4, "token")
+
+
+def _rm(tmp_path, base):
+    write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "q", "chosen": "aa", "rejected": "zz"}] * 4)
+    assert cli(["reward", "--model", str(base), "--data", str(tmp_path / "prefs.jsonl"), "--out",
+                str(tmp_path / "rm"), "--steps", "2", "--eval-frac", "0", "--lr", "1e-2"]) == 0
+    return tmp_path / "rm"
+
+
+def test_filter_groups_ignores_rm_noise_without_verifier_signal(tmp_path):
+    """A reward fn that is the same for every sample carries no signal: with --filter-groups GRPO leaves the policy
+    alone although the RM scores differ; without it the group-normalised RM differences move the policy.
+    --reward-model-weight 0 leaves the fn score alone in the reward."""
+    base, _, prompts = _setup(tmp_path)
+    (tmp_path / "const.py").write_text("def const(prompt, response, **kw):\n    return 1.0\n")
+    rm = _rm(tmp_path, base)
+    moved = {}
+    for flt in (False, True):
+        out = tmp_path / f"f{int(flt)}"
+        assert cli(["rl", "--algo", "grpo", "--policy", str(base), "--reward-model", str(rm), "--reward-fn",
+                    f"{tmp_path / 'const.py'}:const", "--prompts", str(prompts), "--out", str(out), "--steps", "2",
+                    "--lr", "1e-2", "--batch-size", "4", "--num-samples", "4", "--max-new-tokens", "6",
+                    "--kl-coef", "0.1", "--seed", "1"] + (["--filter-groups"] if flt else [])) == 0
+        a, _ = load_checkpoint(str(base))
+        b, _ = load_checkpoint(str(out))
+        moved[flt] = max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters()))
+        rows = read_metrics(out / "metrics.jsonl")
+        assert ("kept_groups" in rows[0]) == flt and all(r.get("kept_groups", 0.0) == 0.0 for r in rows)
+    assert moved[False] > 1e-4 and moved[True] == 0.0, moved
+    out = tmp_path / "w0"
+    assert cli(["rl", "--algo", "grpo", "--policy", str(base), "--reward-model", str(rm), "--reward-fn",
+                f"{tmp_path / 'const.py'}:const", "--prompts", str(prompts), "--out", str(out), "--steps", "1",
+                "--batch-size", "2", "--num-samples", "2", "--max-new-tokens", "4", "--reward-model-weight", "0"]) == 0
+    r = read_metrics(out / "metrics.jsonl")[0]
+    assert r["reward"] == pytest.approx(1.0) and abs(r["rm_score"]) > 1e-6
+
+
+def test_batched_rollout_keeps_each_prompts_group_together(tmp_path):
+    """rollout() batches prompts of equal length into one generate call; greedy, every sample of a prompt must be
+    what generate gives for that prompt alone, the k samples of a prompt consecutive, prompt order kept."""
+    import argparse
+    from pyllm.chat import render
+    from pyllm.rl import rollout
+    base, _, _ = _setup(tmp_path)
+    model, tok = load_checkpoint(str(base))
+    model.eval()
+    texts = ["write 1", "write 22", "write 3", "write 4444", "write 55", "w"]   # three distinct lengths, mixed
+    prompts = [(10 + i, render([{"role": "user", "content": t}], tok, add_generation_prompt=True)[0])
+               for i, t in enumerate(texts)]
+    args = argparse.Namespace(max_new_tokens=7, temperature=0.0, top_k=0)
+    out = rollout(model, tok, prompts, 3, args, seed=5, device="cpu")
+    assert [o[0] for o in out] == [pi for pi, _ in prompts for _ in range(3)]
+    end = tok.special_ids["<|end|>"]
+    for j, (pi, ids) in enumerate(prompts):
+        want = model.generate(torch.tensor([ids]), 7, temperature=0.0, stop_tokens=(end,))[0, len(ids):].tolist()
+        if end in want:
+            want = want[:want.index(end) + 1]
+        for o in out[3 * j:3 * j + 3]:
+            assert o[1] == ids and o[2] == want, (texts[j], o[2], want)
+
+
+PARITY_FN = '''
+def parity(prompt, response, tag, **extra):
+    """Even tags: a constant (no spread, dropped by --prefilter-samples); odd tags: varies with the response."""
+    return 0.5 if tag % 2 == 0 else float(sum(map(ord, response)) % 7)
+'''
+
+
+def test_prefilter_keeps_prompts_with_verifier_spread(tmp_path, capsys):
+    base, _, prompts = _setup(tmp_path)
+    (tmp_path / "par.py").write_text(PARITY_FN)
+    args = ["rl", "--algo", "grpo", "--policy", str(base), "--reward-fn", f"{tmp_path / 'par.py'}:parity",
+            "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--steps", "1", "--batch-size", "2",
+            "--num-samples", "2", "--max-new-tokens", "8", "--seed", "2"]
+    assert cli(args + ["--prefilter-samples", "4"]) == 0
+    assert "prefilter kept 8 of 16 prompts" in capsys.readouterr().out
+    (tmp_path / "const.py").write_text("def const(prompt, response, **kw):\n    return 1.0\n")
+    bad = args[:6] + [f"{tmp_path / 'const.py'}:const"] + args[7:]
+    assert cli(bad + ["--prefilter-samples", "4"]) == 2
+    assert "no prompt has a spread" in capsys.readouterr().err
+    assert cli(bad[:5] + bad[7:] + ["--reward-model", str(_rm(tmp_path, base)), "--prefilter-samples", "4"]) == 2
+    assert "--prefilter-samples needs --reward-fn" in capsys.readouterr().err
