@@ -8,16 +8,14 @@ rewards/accuracies and rewards/margins.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .reward import pad_batch, pad_id_of, parse_preference
-from .sft import (Bar, Dist, Metrics, add_common_args, clip_and_step, load_optimizer_tensors, load_policy, lr_at,
-                  make_optimizer, prepare_model, read_jsonl, render_checked, resume_state, save_stage, set_lr,
-                  split_eval)
+from .reward import pad_batch, pad_id_of, pair_training_setup, parse_preference
+from .sft import (Bar, Dist, Metrics, add_common_args, clip_and_step, load_policy, lr_at, prepare_model, read_jsonl,
+                  render_checked, resume_state, save_stage, set_lr, step_items)
 
 
 def load_dpo_pairs(path, tok, max_len: int, skip_bad: bool):
@@ -87,21 +85,9 @@ def main(args) -> int:
     policy, tok = prepare_model(args, dist, args.out if st else None)
     ref, _ = load_policy(args.ref_model or args.model, dist.device, args.tokenizer)
     ref.eval().requires_grad_(False)
-    T = policy.config.max_seq_len
-    pairs = load_dpo_pairs(args.data, tok, T, args.skip_bad_lines)
-    if args.eval_data:
-        train, ev = pairs, load_dpo_pairs(args.eval_data, tok, T, args.skip_bad_lines)
-    else:
-        train, ev = split_eval(pairs, args.eval_frac, args.seed)
+    train, ev, per_step, steps, lr, opt, step = pair_training_setup(args, dist, policy, st, load_dpo_pairs, tok,
+                                                                    policy.config.max_seq_len, (5e-6, 5e-4))
     pad = pad_id_of(tok)
-    per_step = args.batch_size * dist.world
-    steps = args.steps or max(1, math.ceil(args.epochs * len(train) / per_step))
-    lr = args.lr if args.lr is not None else (5e-6 if args.lora_r == 0 else 5e-4)
-    opt = make_optimizer(policy.parameters(), lr, args.weight_decay, device=dist.device)
-    step = 0
-    if st:
-        load_optimizer_tensors(opt, st[1], st[0]["optimizer"])
-        step = st[0]["step"]
     if dist.main:
         print(f"dpo: {len(train)} train / {len(ev)} eval pairs; beta {args.beta}; {steps} steps of {per_step}"
               + (f"; resuming at step {step}" if st else ""))
@@ -109,13 +95,9 @@ def main(args) -> int:
     metrics = Metrics(Path(args.out) / "metrics.jsonl", dist.main, resume=bool(st))
     bar = Bar(steps, "dpo", dist.main, initial=step)
     params = [p for p in policy.parameters() if p.requires_grad]
-    g = torch.Generator()
     policy.train()
     while step < steps:
-        epoch, pos = divmod(step * per_step, len(train))
-        g.manual_seed(args.seed + epoch)
-        perm = torch.randperm(len(train), generator=g).tolist() * 2
-        batch = [train[i] for i in perm[pos:pos + per_step][dist.rank::dist.world]]
+        batch = step_items(train, step, per_step, args.seed, dist)
         loss, rc, rr = dpo_batch(dpol, ref, batch, pad, dist.device, args.beta, args.label_smoothing)
         set_lr(opt, lr_at(step, steps, lr, args.warmup_steps))
         loss.backward()

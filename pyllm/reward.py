@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .sft import (BadLine, Bar, Dist, Metrics, add_common_args, as_messages, clip_and_step, load_optimizer_tensors,
                   lr_at, make_optimizer, prepare_model, read_jsonl, render_checked, resume_state, save_stage, set_lr,
-                  split_eval)
+                  split_eval, step_items)
 
 HEAD_FILE = "reward_head.safetensors"
 
@@ -147,6 +147,25 @@ def evaluate(rm, pairs, pad_id, device, batch_size) -> dict:
     return {"eval_accuracy": float((rc > rr).float().mean()), "eval_margin": float((rc - rr).mean())}
 
 
+def pair_training_setup(args, dist, module, st, load_pairs, tok, T: int, default_lr: tuple):
+    """What the pairwise stages (reward, dpo) share before their loop -> (train, eval, pairs per step, steps, lr,
+    optimizer, start step). default_lr: (full fine-tuning, LoRA) when --lr is not given."""
+    pairs = load_pairs(args.data, tok, T, args.skip_bad_lines)
+    if args.eval_data:
+        train, ev = pairs, load_pairs(args.eval_data, tok, T, args.skip_bad_lines)
+    else:
+        train, ev = split_eval(pairs, args.eval_frac, args.seed)
+    per_step = args.batch_size * dist.world
+    steps = args.steps or max(1, math.ceil(args.epochs * len(train) / per_step))
+    lr = args.lr if args.lr is not None else default_lr[args.lora_r != 0]
+    opt = make_optimizer(module.parameters(), lr, args.weight_decay, device=dist.device)
+    step = 0
+    if st:
+        load_optimizer_tensors(opt, st[1], st[0]["optimizer"])
+        step = st[0]["step"]
+    return train, ev, per_step, steps, lr, opt, step
+
+
 def main(args) -> int:
     dist = Dist(args.device)
     torch.manual_seed(args.seed)
@@ -155,21 +174,9 @@ def main(args) -> int:
     rm = RewardModel(model).to(dist.device)
     if st:
         rm.load_head(Path(args.out) / HEAD_FILE)
-    T = model.config.max_seq_len
-    pairs = load_preferences(args.data, tok, T, args.skip_bad_lines)
-    if args.eval_data:
-        train, ev = pairs, load_preferences(args.eval_data, tok, T, args.skip_bad_lines)
-    else:
-        train, ev = split_eval(pairs, args.eval_frac, args.seed)
+    train, ev, per_step, steps, lr, opt, step = pair_training_setup(args, dist, rm, st, load_preferences, tok,
+                                                                    model.config.max_seq_len, (1e-4, 1e-3))
     pad = pad_id_of(tok)
-    per_step = args.batch_size * dist.world
-    steps = args.steps or max(1, math.ceil(args.epochs * len(train) / per_step))
-    lr = args.lr if args.lr is not None else (1e-4 if args.lora_r == 0 else 1e-3)
-    opt = make_optimizer(rm.parameters(), lr, args.weight_decay, device=dist.device)
-    step = 0
-    if st:
-        load_optimizer_tensors(opt, st[1], st[0]["optimizer"])
-        step = st[0]["step"]
     if dist.main:
         print(f"reward: {len(train)} train / {len(ev)} eval pairs; {steps} steps of {per_step} pairs"
               + (f"; resuming at step {step}" if st else ""))
@@ -177,13 +184,9 @@ def main(args) -> int:
     metrics = Metrics(Path(args.out) / "metrics.jsonl", dist.main, resume=bool(st))
     bar = Bar(steps, "reward", dist.main, initial=step)
     params = [p for p in rm.parameters() if p.requires_grad]
-    g = torch.Generator()
     rm.train()
     while step < steps:
-        epoch, pos = divmod(step * per_step, len(train))
-        g.manual_seed(args.seed + epoch)
-        perm = torch.randperm(len(train), generator=g).tolist() * 2
-        batch = [train[i] for i in perm[pos:pos + per_step][dist.rank::dist.world]]
+        batch = step_items(train, step, per_step, args.seed, dist)
         B = len(batch)
         idx, m = pad_batch([b[0] for b in batch] + [b[1] for b in batch], pad, "right", dist.device)
         r = drm(idx, m)  # (2B,): chosen then rejected, one forward

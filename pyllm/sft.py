@@ -447,6 +447,16 @@ def resume_state(args):
     return st
 
 
+def step_items(items: list, step: int, per_step: int, seed: int, dist: "Dist") -> list:
+    """This rank's share of step `step`'s items: one shuffle per epoch seeded by seed + epoch and read in order, so a
+    resumed run continues the same sequence (per_step may exceed len(items))."""
+    epoch, pos = divmod(step * per_step, len(items))
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    perm = torch.randperm(len(items), generator=g).tolist() * (per_step // len(items) + 2)
+    return [items[i] for i in perm[pos:pos + per_step][dist.rank::dist.world]]
+
+
 def clip_and_step(opt, params, grad_clip: float) -> float:
     gn = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     opt.step()
