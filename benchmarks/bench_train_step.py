@@ -1,24 +1,55 @@
 """Issue 3's training-step benchmark: a full step (forward, backward, AdamW) of a 6-layer, d=384, 6-head model at
 B=8, T=256, vocab 8192, in tokens/s — pyllm kernels vs torch eager fp32 (and torch bf16 autocast), same process,
 steps interleaved, median per side.   Run: python benchmarks/bench_train_step.py [--threads 1 2] [--steps 5]
+  --shape shakespeare: issue 4's nanoGPT recipe model (4 layers, d=128, 4 heads, T=64, B=12, vocab 262) instead.
+  --kernels: also time every pyllm._C call inside the pyllm steps: ms/step per kernel, the GEMM share, and the
+             rest (Python, autograd, torch glue) — the per-op profile behind the ratios.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import time
 
 import torch
 
+import pyllm._ext as ext
 from pyllm._ext import C
 from pyllm.config import ModelConfig
 from pyllm.model import GPT
 from pyllm import ops
 
 
-def make(backend: str, seed: int = 0):
+SHAPES = {  # name: (config, B, T)
+    "issue3": (dict(vocab_size=8192, dim=384, n_layers=6, n_heads=6, max_seq_len=256), 8, 256),
+    "shakespeare": (dict(vocab_size=262, dim=128, n_layers=4, n_heads=4, max_seq_len=64), 12, 64),
+}
+
+
+class KernelTimer:
+    """Stands in for pyllm._C and times each kernel call (wall time, GIL released inside)."""
+
+    def __init__(self, real):
+        self.real, self.t, self.n = real, collections.defaultdict(float), collections.Counter()
+
+    def __getattr__(self, name):
+        f = getattr(self.real, name)
+        if not callable(f):
+            return f
+
+        def timed(*a):
+            t0 = time.perf_counter()
+            r = f(*a)
+            self.t[name] += time.perf_counter() - t0
+            self.n[name] += 1
+            return r
+        return timed
+
+
+def make(backend: str, shape: str = "issue3", seed: int = 0):
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=8192, dim=384, n_layers=6, n_heads=6, max_seq_len=256)
+    cfg = ModelConfig(**SHAPES[shape][0])
     m = GPT(cfg, backend=backend)
     decay = [p for p in m.parameters() if p.dim() >= 2]
     no_decay = [p for p in m.parameters() if p.dim() < 2]
@@ -41,19 +72,21 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to measure")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 1 warm-up step)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="issue3", help="model and batch (issue3)")
+    ap.add_argument("--kernels", action="store_true", help="also print the per-kernel time of a pyllm step")
     args = ap.parse_args()
-    B, T = 8, 256
+    cfg, B, T = SHAPES[args.shape]
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 8192, (B, T), generator=g)
-    y = torch.randint(0, 8192, (B, T), generator=g)
+    x = torch.randint(0, cfg["vocab_size"], (B, T), generator=g)
+    y = torch.randint(0, cfg["vocab_size"], (B, T), generator=g)
     print(f"| threads | pyllm fp32 tok/s | torch eager fp32 tok/s | torch bf16 autocast tok/s | pyllm / torch fp32 |"
           f" pyllm / torch bf16 |")
     print("|---|---|---|---|---|---|")
     for th in args.threads:
         torch.set_num_threads(th)
         C().set_threads(th)
-        variants = {"pyllm": (*make("pyllm"), False), "torch": (*make("torch"), False),
-                    "torch_bf16": (*make("torch"), True)}
+        variants = {"pyllm": (*make("pyllm", args.shape), False), "torch": (*make("torch", args.shape), False),
+                    "torch_bf16": (*make("torch", args.shape), True)}
         times = {k: [] for k in variants}
         for k, (m, opt, ac) in variants.items():
             step(m, opt, x, y, ac)  # warm-up
@@ -63,6 +96,21 @@ def main():
         tps = {k: B * T / statistics.median(v) for k, v in times.items()}
         print(f"| {th} | {tps['pyllm']:.0f} | {tps['torch']:.0f} | {tps['torch_bf16']:.0f} | "
               f"{tps['pyllm'] / tps['torch']:.2f}x | {tps['pyllm'] / tps['torch_bf16']:.2f}x |", flush=True)
+        if args.kernels:
+            kt = KernelTimer(ext._C)
+            ext._C, real = kt, ext._C
+            try:
+                wall = [step(*variants["pyllm"][:2], x, y) for _ in range(args.steps)]
+            finally:
+                ext._C = real
+            n, tot = args.steps, sum(wall)
+            kern = sum(kt.t.values())
+            print(f"\n{th} thread(s), pyllm step {1e3 * tot / n:.1f} ms: kernels {1e3 * kern / n:.1f} ms, the rest "
+                  f"(Python, autograd, torch glue) {1e3 * (tot - kern) / n:.1f} ms; GEMM (matmul_forward) "
+                  f"{100 * kt.t['matmul_forward'] / tot:.0f}% of the step\n\n| kernel | ms/step | calls/step |\n|---|---|---|")
+            for k, v in sorted(kt.t.items(), key=lambda kv: -kv[1]):
+                print(f"| {k} | {1e3 * v / n:.2f} | {kt.n[k] / n:.0f} |")
+            print(flush=True)
 
 
 if __name__ == "__main__":

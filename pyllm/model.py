@@ -81,12 +81,46 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One decoder layer. It runs through its module call (Block.forward), so per-block hooks fire: FSDP2
+    groups wrapped around each Block are gathered for exactly its forward and backward."""
+
     def __init__(self, c: ModelConfig):
         super().__init__()
+        self.config = c
         self.input_layernorm = RMSNorm(c.dim, c.norm_eps)
         self.self_attn = Attention(c)
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
         self.mlp = MLP(c)
+
+    def forward(self, o: dict, x, cos, sin, doc_ids=None, cache: KVCache | None = None, layer: int = 0,
+                pos: int = 0):
+        """x (B, T, C) whose first token sits at position `pos`; cos/sin (T, D/2) for those positions; o the
+        backend's op table (GPT._ops)."""
+        c = self.config
+        B, T, _ = x.shape
+        H, Hkv, D = c.n_heads, c.n_kv_heads, c.head_dim
+        a = self.self_attn
+        h = o["rmsnorm"](x, self.input_layernorm.weight, c.norm_eps)
+        q = o["linear"](h, a.q_proj.weight).view(B, T, H, D)
+        k = o["linear"](h, a.k_proj.weight).view(B, T, Hkv, D)
+        v = o["linear"](h, a.v_proj.weight).view(B, T, Hkv, D)
+        q, k = o["rope"](q, cos, sin), o["rope"](k, cos, sin)
+        if cache is None:
+            y = o["attention"](q, k, v, doc_ids)                           # (B, T, H, D)
+        else:
+            cache.k[layer][:, pos:pos + T] = k
+            cache.v[layer][:, pos:pos + T] = v
+            if T == 1:   # the decode step: one query against the cache
+                y = o["decode_attention"](q[:, 0].contiguous(), cache.k[layer], cache.v[layer], pos + 1)[:, None]
+            elif pos == 0:   # the prompt: plain causal attention over it
+                y = o["attention"](q, k, v, None)
+            else:
+                raise ValueError("KV cache: a multi-token chunk after the prompt is not supported")
+        x = x + o["linear"](y.reshape(B, T, H * D), a.o_proj.weight)
+        h = o["rmsnorm"](x, self.post_attention_layernorm.weight, c.norm_eps)
+        m = self.mlp
+        g = o["swiglu"](o["linear"](h, m.gate_proj.weight), o["linear"](h, m.up_proj.weight))
+        return x + o["linear"](g, m.down_proj.weight)
 
 
 class KVCache:
@@ -161,35 +195,6 @@ class GPT(nn.Module):
         return self._tables[key]
 
     # --- forward --------------------------------------------------------------------------------------------
-    def _block(self, o, blk: Block, x, pos: int, doc_ids=None, cache: KVCache | None = None, layer: int = 0):
-        """One decoder layer on x (B, T, C) whose first token sits at position `pos`."""
-        c = self.config
-        B, T, _ = x.shape
-        H, Hkv, D = c.n_heads, c.n_kv_heads, c.head_dim
-        a = blk.self_attn
-        h = o["rmsnorm"](x, blk.input_layernorm.weight, c.norm_eps)
-        q = o["linear"](h, a.q_proj.weight).view(B, T, H, D)
-        k = o["linear"](h, a.k_proj.weight).view(B, T, Hkv, D)
-        v = o["linear"](h, a.v_proj.weight).view(B, T, Hkv, D)
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]   # (T, D/2)
-        q, k = o["rope"](q, cos, sin), o["rope"](k, cos, sin)
-        if cache is None:
-            y = o["attention"](q, k, v, doc_ids)                           # (B, T, H, D)
-        else:
-            cache.k[layer][:, pos:pos + T] = k
-            cache.v[layer][:, pos:pos + T] = v
-            if T == 1:   # the decode step: one query against the cache
-                y = o["decode_attention"](q[:, 0].contiguous(), cache.k[layer], cache.v[layer], pos + 1)[:, None]
-            elif pos == 0:   # the prompt: plain causal attention over it
-                y = o["attention"](q, k, v, None)
-            else:
-                raise ValueError("KV cache: a multi-token chunk after the prompt is not supported")
-        x = x + o["linear"](y.reshape(B, T, H * D), a.o_proj.weight)
-        h = o["rmsnorm"](x, blk.post_attention_layernorm.weight, c.norm_eps)
-        m = blk.mlp
-        g = o["swiglu"](o["linear"](h, m.gate_proj.weight), o["linear"](h, m.up_proj.weight))
-        return x + o["linear"](g, m.down_proj.weight)
-
     def _trunk(self, idx, doc_ids=None, cache: KVCache | None = None, pos: int = 0):
         """idx (B, T) -> final-norm hidden states (B, T, C)."""
         if idx.dim() != 2:
@@ -203,8 +208,9 @@ class GPT(nn.Module):
             doc_ids = doc_ids.to(device=idx.device, dtype=torch.int32).contiguous()
         o = self._ops(idx.device)
         x = self.embed_tokens(idx)                                           # (B, T, C)
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]     # (T, D/2)
         for i, blk in enumerate(self.layers):
-            x = self._block(o, blk, x, pos, doc_ids, cache, i)
+            x = blk(o, x, cos, sin, doc_ids, cache, i, pos)
         return o["rmsnorm"](x, self.norm.weight, self.config.norm_eps)
 
     def forward(self, idx, targets=None, doc_ids=None, return_hidden: bool = False):

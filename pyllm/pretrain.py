@@ -121,6 +121,22 @@ def _dist_setup(device_arg: str):
     return rank, world, device
 
 
+def fsdp_layout(model) -> dict:
+    """What fully_shard did, read back from the model (run.json records it; tests check it): the FSDP groups by
+    module name, and per group whether every parameter is a DTensor sharded on dim 0 across all ranks."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, Shard
+    world = torch.distributed.get_world_size()
+    mods = {name or "<root>": m for name, m in model.named_modules() if isinstance(m, FSDPModule)}
+    groups, seen = {}, set()
+    for name in sorted(mods, key=lambda n: -n.count(".") if n != "<root>" else 1):  # innermost groups first
+        own = [p for p in mods[name].parameters() if id(p) not in seen]
+        seen.update(id(p) for p in own)
+        groups[name] = len(own) > 0 and all(isinstance(p, DTensor) and tuple(p.placements) == (Shard(0),)
+                                            and p.device_mesh.size() == world for p in own)
+    return {"groups": list(groups), "sharded": groups}
+
+
 def _all_mean(x: torch.Tensor, world: int) -> torch.Tensor:
     if world > 1:
         x = x.clone()
@@ -241,12 +257,17 @@ def train(args) -> dict:
     model.to(device)
     raw = model
     args.fsdp = bool(args.fsdp and world > 1)
+    fsdp_info = None
     if args.fsdp:
-        # FSDP2 (per-parameter sharding; CPU/gloo and GPU). One root group: GPT runs its blocks through
-        # GPT._block, not Block.forward, so per-block groups would never be gathered. Parameters, gradients and
-        # optimizer moments are sharded at rest; the whole model is gathered for forward/backward.
+        # FSDP2 (per-parameter sharding; CPU/gloo and GPU), as its docs wrap a transformer: each Block is its own
+        # group (GPT runs blocks through their module call, so a block's parameters are gathered just for its
+        # forward and backward and freed after), then the root takes what is left (embeddings, final norm, head).
+        # Parameters, gradients and optimizer moments are sharded at rest.
         from torch.distributed.fsdp import fully_shard
+        for blk in model.layers:
+            fully_shard(blk)
         fully_shard(model)
+        fsdp_info = fsdp_layout(model)
     elif world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                           else None)
@@ -266,7 +287,8 @@ def train(args) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         D.atomic_write_text(out / "run.json", json.dumps(dict(args=_jsonable(vars(args)), config=config.to_dict(),
                                                               world_size=world, accum=accum, device=str(device),
-                                                              backend=backend, params=config.num_params()), indent=1))
+                                                              backend=backend, params=config.num_params(),
+                                                              fsdp=fsdp_info), indent=1))
         metrics = _open_metrics(out / "metrics.jsonl", step)
         print(f"pretrain: {config.num_params() / 1e6:.2f}M params ({config.n_layers} layers, dim {config.dim}), "
               f"{train_stream.n_tokens} train tokens, {total} tokens/step = {world} rank(s) x {accum} micro x {B}x{T}, "

@@ -137,16 +137,23 @@ def one_process(data_dir, tmp_path_factory):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process(data_dir, tmp_path, one_process, mode):
     """torchrun, 2 gloo ranks x 2 rows == 1 process x 2 rows x 2 accumulation steps (the same 4 windows per step),
-    with DDP and with FSDP2 sharding (its checkpoint, gathered to rank 0, loads as a normal checkpoint)."""
+    with DDP and with FSDP2 sharding (its checkpoint, gathered to rank 0, loads as a normal checkpoint).
+    FSDP: each Block is its own group, every parameter a DTensor sharded across both ranks, and the run is
+    stopped after 2 steps and resumed from the sharded checkpoint (optimizer state included)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYLLM_PROGRESS="0")
     out = tmp_path / mode
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        str(_free_port()), "-m", "pyllm", "pretrain", "--data", str(data_dir), "--dim", "32", *DIST,
-                        "--out", str(out)] + (["--fsdp"] if mode == "fsdp" else []),
-                       capture_output=True, text=True, env=env, timeout=240)
-    assert r.returncode == 0, "\n".join(x for x in r.stderr.splitlines() if "rror" in x or "what()" in x)[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "pyllm", "pretrain", "--data", str(data_dir), "--dim", "32", *DIST, "--out", str(out)]
+    runs = [cmd] if mode == "ddp" else [cmd + ["--fsdp", "--stop-at", "2"], cmd + ["--fsdp", "--resume"]]
+    for c in runs:
+        c[c.index("--master-port") + 1] = str(_free_port())
+        r = subprocess.run(c, capture_output=True, text=True, env=env, timeout=240)
+        assert r.returncode == 0, "\n".join(x for x in r.stderr.splitlines() if "rror" in x or "what()" in x)[-3000:]
     run = json.loads((out / "run.json").read_text())
     assert run["world_size"] == 2 and run["accum"] == 1
+    if mode == "fsdp":
+        assert run["fsdp"]["groups"] == ["layers.0", "layers.1", "<root>"]
+        assert all(run["fsdp"]["sharded"].values())
     l2 = _losses(out)
     assert len(one_process) == len(l2) == 4
     assert max(abs(a - b) for a, b in zip(one_process, l2)) < 1e-5
