@@ -193,3 +193,27 @@ def test_matmul_small_m_boundary(isa, rng, M):
     out = c0.clone()
     ops.matmul(a, b, bias, out=out, accumulate=True)
     torch.testing.assert_close(out, c0 + a @ b.T + bias, **_tol(300))
+
+
+# Shapes that cross the GEMM driver's blocking paths (impl_matmul.h): K split into several blocks (K > 384),
+# N split into B blocks shared out to threads (N > 512), A in several row chunks (M * kc > 2M floats), M just
+# above the small-M path, and M % 14 / N % 32 leftovers; on 1 and 2 threads, with bias and accumulate.
+@pytest.mark.parametrize("M,N,K", [(70, 1100, 800), (5, 33, 1000), (5500, 37, 384), (29, 64, 9)])
+@pytest.mark.parametrize("ta,tb", [(0, 0), (0, 1), (1, 1)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matmul_blocking_paths(isa, rng, M, N, K, ta, tb, threads):
+    a, b = _operands(rng, M, N, K, ta, tb)
+    bias = torch.randn(N, generator=rng)
+    c0 = torch.randn(M, N, generator=rng)
+    expect = ref.matmul(a.double(), b.double(), bias.double(), trans_a=bool(ta), trans_b=bool(tb))
+    before = C().get_threads()
+    C().set_threads(threads)
+    try:
+        out = poison(torch.empty(M, N))
+        ops.matmul(a, b, bias, trans_a=bool(ta), trans_b=bool(tb), out=out)
+        torch.testing.assert_close(out, expect.float(), **_tol(K))
+        out = c0.clone()
+        ops.matmul(a, b, bias, trans_a=bool(ta), trans_b=bool(tb), out=out, accumulate=True)
+        torch.testing.assert_close(out, (c0.double() + expect).float(), **_tol(K))
+    finally:
+        C().set_threads(before)

@@ -1,15 +1,18 @@
 // impl_matmul.h — GEMM C(M,N) (+)= op(A)·op(B)ᵀ (fp32, and bf16 inputs with fp32 accumulate); M <= MM_SMALL_M
 // goes to mm_small_m (impl_matvec.h). Included by kernels_impl.h; KFN() names the per-path symbol.
 //
-// GEMM design (Goto/BLIS): for each K block of MM_KC, both operands are packed into zero-padded panels —
-// A into MR-row panels (kc, MR), B into NR-column panels (kc, NR) — so one register-blocked micro-kernel
-// (MR x NR accumulators, NR = 2 vectors, A broadcast, B loaded) serves every transpose, and edges cost only
-// the padding. C is split into MM_MC x MM_NC tiles handed to OpenMP threads; inside a tile the A micro-panel
-// (kc*MR floats, 14 KiB on avx512) stays in L1 while the B micro-panels (NC*kc, 512 KiB) stream from L2
-// (measured a few % faster than keeping the 32 KiB B micro-panel in L1 instead).
-// Packing costs (M+N)*K copies per call against 2*M*N*K flops; scratch is malloc'd per call (see mm_gemm).
+// GEMM design (Goto/BLIS): per K block (K split evenly into blocks of <= MM_KC_MAX), both operands are packed
+// into zero-padded panels — A into MR-row panels (kc, MR), B into NR-column panels (kc, NR) — so one
+// register-blocked micro-kernel (MR x NR accumulators, NR = 2 vectors, A broadcast, B loaded) serves every
+// transpose, and edges cost only the padding. The A micro-panel (kc*MR floats, 21 KiB on avx512) stays in L1
+// while the B micro-panels of one B block (<= MM_NC_MAX columns, <= 768 KiB) stream from L2. Packing costs
+// (M+N)*K copies per call against 2*M*N*K flops, and was the measured gap to torch: the packers prefetch their
+// strided source rows, and the scratch is reused across calls (no malloc or page faults per call).
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
 #endif
 
 #ifdef MM_MR
@@ -19,16 +22,16 @@
 #define MM_MR 6         // 12 ymm/xmm accumulators + 2 B vectors + 1 broadcast of 16 registers
 #endif
 #define MM_NR (2 * VLEN)
-#ifndef MM_KC               // (tuning overrides: -DMM_KC=... for benchmarks/ experiments only)
-#define MM_KC 256
-#endif
-#ifndef MM_MC
-#define MM_MC (MM_MR * 8)
-#endif
-#ifndef MM_NC
-#define MM_NC (MM_NR * 16)
-#endif
 
+#ifndef MM_PACK_GROUP
+#define MM_PACK_GROUP 8
+#endif
+#ifndef MM_PF_ROWS
+#define MM_PF_ROWS 4
+#endif
+#ifndef MM_PF_PACK
+#define MM_PF_PACK 4
+#endif
 static inline float mm_bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
 // Element X[r, k] of an operand stored (R, K) with row stride ld, or (K, R) when trans.
@@ -56,6 +59,11 @@ static void mm_pack_f32(float* restrict dst, const void* src, int bf16, int ld, 
         float* d = dst + (size_t)kb * R;
         for (int i = 0; i < rn; i++) {
             const size_t o = (size_t)(r0 + i) * ld + k0 + kb;
+#if MM_PF_PACK
+            // rn rows are rn separate streams (one page each): fetch MM_PF_PACK lines ahead along each row
+            if (kb + 16 * MM_PF_PACK < kc) __builtin_prefetch(bf16 ? (const void*)(sh + o + 16 * MM_PF_PACK)
+                                                                   : (const void*)(sf + o + 16 * MM_PF_PACK));
+#endif
             if (bf16) for (int k = 0; k < kn; k++) d[k * R + i] = mm_bf16_to_f32(sh[o + k]);
             else      for (int k = 0; k < kn; k++) d[k * R + i] = sf[o + k];
         }
@@ -64,30 +72,47 @@ static void mm_pack_f32(float* restrict dst, const void* src, int bf16, int ld, 
     }
 }
 
-// Packs panels [p0, p1) of X (rows rbase + p*R ..., `rows` valid rows in all) into base + p*R*kr.
-// Transposed fp32/bf16 sources are read k-outer across the whole group, so each source row segment is
-// R*(p1-p0) contiguous values (whole cache lines, one page) rather than R values per page.
-#define MM_PACK_GROUP 8
-static void mm_pack_group(int bf16, float* base, size_t kr, const void* src, int ld, int trans, int rbase,
-                          int rows, int p0, int p1, int K, int R) {
+// Packs panels [p0, p1) of X (panel p = rows rbase + p*R ..., `rows` valid rows from rbase), K range
+// [k0, k0+kc), into base + p*R*kc (each panel (kc, R)). Transposed sources are read k-outer across the whole
+// group, so each source row segment is R*(p1-p0) contiguous values (whole cache lines) rather than R values.
+static void mm_pack_group(int bf16, float* base, const void* src, int ld, int trans, int rbase, int rows, int p0,
+                          int p1, int k0, int kc, int R) {
     if (trans) {
         const float* sf = (const float*)src;
         const uint16_t* sh = (const uint16_t*)src;
-        for (int k = 0; k < K; k++)
+        const int esz = bf16 ? 2 : 4, seg = (rows - p0 * R < (p1 - p0) * R ? rows - p0 * R : (p1 - p0) * R) * esz;
+        for (int k = 0; k < kc; k++) {
+#if MM_PF_ROWS
+            // Each source row segment is a short run one row (ld) apart: prefetch MM_PF_ROWS rows ahead, so the
+            // copy is not latency-bound on one new page per row.
+            if (k + MM_PF_ROWS < kc) {
+                const char* q = (const char*)src + ((size_t)(k0 + k + MM_PF_ROWS) * ld + rbase + (size_t)p0 * R) * esz;
+                for (int x = 0; x < seg; x += 64) __builtin_prefetch(q + x);
+                __builtin_prefetch(q + seg - 1);
+            }
+#endif
             for (int p = p0; p < p1; p++) {
                 const int rn = rows - p * R < R ? rows - p * R : R;
-                float* d = base + (size_t)p * R * kr + (size_t)k * R;
-                const size_t o = (size_t)k * ld + rbase + (size_t)p * R;
-                if (bf16) for (int i = 0; i < rn; i++) d[i] = mm_bf16_to_f32(sh[o + i]);
-                else      for (int i = 0; i < rn; i++) d[i] = sf[o + i];
+                float* d = base + (size_t)p * R * kc + (size_t)k * R;
+                const size_t o = (size_t)(k0 + k) * ld + rbase + (size_t)p * R;
+                if (bf16) {
+                    for (int i = 0; i < rn; i++) d[i] = mm_bf16_to_f32(sh[o + i]);
+                } else if (rn == R) {  // constant trip counts: a few vector moves
+                    if (R == MM_MR) for (int i = 0; i < MM_MR; i++) d[i] = sf[o + i];
+                    else            for (int i = 0; i < MM_NR; i++) d[i] = sf[o + i];
+                    continue;
+                } else {
+                    for (int i = 0; i < rn; i++) d[i] = sf[o + i];
+                }
                 for (int i = rn; i < R; i++) d[i] = 0.f;
             }
+        }
+        (void)esz; (void)seg;
         return;
     }
     for (int p = p0; p < p1; p++) {
         const int rn = rows - p * R < R ? rows - p * R : R;
-        float* d = base + (size_t)p * R * kr;
-        mm_pack_f32(d, src, bf16, ld, trans, rbase + p * R, rn, 0, K, R);
+        mm_pack_f32(base + (size_t)p * R * kc, src, bf16, ld, trans, rbase + p * R, rn, k0, kc, R);
     }
 }
 
@@ -126,7 +151,9 @@ static void mm_kernel_f32(int kc, const float* restrict a, const float* restrict
     vf acc[MM_MR][2];
     _Pragma("GCC unroll 16")
     for (int i = 0; i < MM_MR; i++) acc[i][0] = acc[i][1] = (vf){0};
-    for (int i = 0; i < mr; i++) {  // C tile is read/written after the k loop: start its lines on their way
+    // The C tile is read/written after the k loop: start its lines on their way now. (Prefetching them to L2
+    // here and to L1 a few dozen steps before the end measured no better.)
+    for (int i = 0; i < mr; i++) {
         __builtin_prefetch(c + (size_t)i * ldc, 1);
         __builtin_prefetch(c + (size_t)i * ldc + MM_NR - 1, 1);
     }
@@ -144,13 +171,39 @@ static void mm_kernel_f32(int kc, const float* restrict a, const float* restrict
     MM_TILE_WRITE(acc, c, ldc, mr, nr, bias, add);
 }
 
+// Packing scratch, kept per calling thread and grown on demand (64-byte aligned): no malloc or page faults per
+// call. Bounded by the block sizes: MM_A_FLOATS + threads * MM_NC_MAX * MM_KC_MAX floats (~10 MiB), held until
+// the thread exits.
+static _Thread_local float* mm_scratch_buf;
+static _Thread_local size_t mm_scratch_cap;
+static float* mm_scratch(size_t floats) {
+    if (floats > mm_scratch_cap) {
+        free(mm_scratch_buf);
+        mm_scratch_cap = (floats + 4095) / 4096 * 4096;
+        mm_scratch_buf = (float*)aligned_alloc(64, mm_scratch_cap * sizeof(float));
+        if (!mm_scratch_buf) mm_scratch_cap = 0;
+    }
+    return mm_scratch_buf;
+}
 
 // The shared driver: A and B are fp32, or bf16 (bf16 = 1) converted to fp32 while packing.
-// B is packed whole (np panels of (K, NR)); A in super-blocks of at most MM_A_FLOATS floats (whole when it
-// fits) so the scratch stays bounded for huge M·K (e.g. the LM-head dW). Each C tile then runs the whole K
-// loop, so C is read and written once per call and stays in L2 across the K blocks.
+// Loops (BLIS, with the operand roles swapped because B is the vector-loaded operand here):
+//   A chunk (<= MM_A_FLOATS rows*kc) -> K block kc (K split evenly, <= MM_KC_MAX) -> pack the A chunk
+//   (shared, all threads) -> B blocks of <= MM_NC_MAX columns, each packed by the thread that uses it into its
+//   own L2-resident buffer -> A micro-panel (kc, MR) (L1) -> B micro-panels (kc, NR) streamed from L2.
+// Threads split the B blocks when there are at least as many as threads (each thread packs only its own B);
+// otherwise (small N) they split the A micro-panels and each packs all of B (small then).
+#ifndef MM_KC_MAX
+#define MM_KC_MAX 384
+#endif
+#ifndef MM_NC_MAX
+#define MM_NC_MAX 512
+#endif
 #ifndef MM_A_FLOATS
-#define MM_A_FLOATS (8L << 20)       // 32 MiB
+#define MM_A_FLOATS (2L << 20)       // 8 MiB
+#endif
+#ifndef MM_PAR_FLOPS
+#define MM_PAR_FLOPS 4e6
 #endif
 static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B, int ldb, int trans_b, float* C,
                     int ldc, const float* bias, int M, int N, int K, int accumulate) {
@@ -167,56 +220,66 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
             }
         return;
     }
-    const size_t kr = (size_t)K;                                        // rows of a packed panel
-    const int np = (N + MM_NR - 1) / MM_NR;                             // B panels
-    const int nt = (N + MM_NC - 1) / MM_NC;                             // tile columns
-    long mb = MM_A_FLOATS / (long)kr / MM_MC * MM_MC;                  // rows per A super-block
-    if (mb < MM_MC) mb = MM_MC;
-    if (mb > M) mb = M;
-    const int mbp = (int)((mb + MM_MR - 1) / MM_MR);                   // A panels per super-block
-    const size_t b_sz = (size_t)np * MM_NR * kr, a_sz = (size_t)mbp * MM_MR * kr;  // 4-byte elements
-    float* Bp = (float*)aligned_alloc(64, ((a_sz + b_sz) * sizeof(float) + 63) / 64 * 64);  // (np, kr, NR)
-    if (!Bp) return;
-    float* Ap = Bp + b_sz;                                                                   // (mbp, kr, MR)
-    const double flops = 2.0 * M * N * K;
-    #pragma omp parallel if (flops > 4e6)
+    int T = 1;
+#ifdef _OPENMP
+    if (2.0 * M * N * K > MM_PAR_FLOPS && !omp_in_parallel()) T = omp_get_max_threads();
+#endif
+    const int nkb = (K + MM_KC_MAX - 1) / MM_KC_MAX, kcm = (K + nkb - 1) / nkb;   // K blocks, balanced
+    const int npn = (N + MM_NR - 1) / MM_NR;                                        // B panels in all
+    int nb = (npn * MM_NR + MM_NC_MAX - 1) / MM_NC_MAX;                             // B blocks
+    const int nsplit = T > 1 && nb >= T;
+    if (nsplit) nb = (nb + T - 1) / T * T;
+    const int bpp = (npn + nb - 1) / nb;                                            // panels per B block
+    nb = (npn + bpp - 1) / bpp;
+    long mc = MM_A_FLOATS / kcm / MM_MR * MM_MR;                                    // rows per A chunk
+    if (mc < MM_MR) mc = MM_MR;
+    if (mc > M) mc = M;
+    const int mpc = (int)((mc + MM_MR - 1) / MM_MR);                                // A panels per chunk
+    const size_t a_sz = (size_t)mpc * MM_MR * kcm, b_sz = (size_t)bpp * MM_NR * kcm;
+    float* Ap = mm_scratch(a_sz + (size_t)T * b_sz);                                // (mpc, kc, MR)
+    if (!Ap) return;
+    #pragma omp parallel num_threads(T) if (T > 1)
     {
-        #pragma omp for schedule(static)
-        for (int g = 0; g < np; g += MM_PACK_GROUP)
-            mm_pack_group(bf16, Bp, kr, B, ldb, trans_b, 0, N, g, g + MM_PACK_GROUP < np ? g + MM_PACK_GROUP : np,
-                          K, MM_NR);
-        for (int ms = 0; ms < M; ms += (int)mb) {
-            const int msn = M - ms < mb ? M - ms : (int)mb;                 // rows in this super-block
-            const int mp = (msn + MM_MR - 1) / MM_MR, mt = (msn + MM_MC - 1) / MM_MC;
-            #pragma omp for schedule(static)
-            for (int g = 0; g < mp; g += MM_PACK_GROUP)
-                mm_pack_group(bf16, Ap, kr, A, lda, trans_a, ms, msn, g,
-                              g + MM_PACK_GROUP < mp ? g + MM_PACK_GROUP : mp, K, MM_MR);
-            #pragma omp for collapse(2) schedule(dynamic, 1)
-            for (int ti = 0; ti < mt; ti++)
-                for (int tj = 0; tj < nt; tj++) {
-                    const int i0 = ti * (MM_MC / MM_MR), j0 = tj * (MM_NC / MM_NR);
-                    const int i1 = i0 + MM_MC / MM_MR < mp ? i0 + MM_MC / MM_MR : mp;
-                    const int j1 = j0 + MM_NC / MM_NR < np ? j0 + MM_NC / MM_NR : np;
-                    for (int k0 = 0; k0 < K; k0 += MM_KC) {
-                        const int kc = K - k0 < MM_KC ? K - k0 : MM_KC;
-                        const size_t ko = (size_t)k0;
-                        const int add = accumulate || k0 > 0;
-                        for (int i = i0; i < i1; i++)
-                            for (int j = j0; j < j1; j++) {
-                                const int n0 = j * MM_NR, nr = N - n0 < MM_NR ? N - n0 : MM_NR;
-                                const float* bp = Bp + (size_t)j * MM_NR * kr + ko * MM_NR;
-                                const float* bj = bias && k0 == 0 ? bias + n0 : NULL;
-                                const int m0 = i * MM_MR, mr = msn - m0 < MM_MR ? msn - m0 : MM_MR;
-                                const float* ap = Ap + (size_t)i * MM_MR * kr + ko * MM_MR;
-                                float* c = C + (size_t)(ms + m0) * ldc + n0;
-                                mm_kernel_f32(kc, ap, bp, c, ldc, mr, nr, bj, add);
-                            }
+#ifdef _OPENMP
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const int t = 0, nt = 1;
+#endif
+        float* Bp = Ap + a_sz + (size_t)t * b_sz;                                   // (bpp, kc, NR), this thread's
+        for (int ms = 0; ms < M; ms += (int)mc) {
+            const int msn = M - ms < mc ? M - ms : (int)mc;                         // rows in this chunk
+            const int mp = (msn + MM_MR - 1) / MM_MR;
+            // this thread's A panels and B blocks
+            const int i0 = nsplit || nt == 1 ? 0 : (int)((long)mp * t / nt);
+            const int i1 = nsplit || nt == 1 ? mp : (int)((long)mp * (t + 1) / nt);
+            const int b0 = nsplit ? t : 0, bs = nsplit ? nt : 1;
+            for (int k0 = 0; k0 < K; k0 += kcm) {
+                const int kc = K - k0 < kcm ? K - k0 : kcm;
+                const int add = accumulate || k0 > 0;
+                #pragma omp for schedule(static)
+                for (int g = 0; g < mp; g += MM_PACK_GROUP)
+                    mm_pack_group(bf16, Ap, A, lda, trans_a, ms, msn, g, g + MM_PACK_GROUP < mp ? g + MM_PACK_GROUP : mp,
+                                  k0, kc, MM_MR);
+                for (int bk = b0; bk < nb; bk += bs) {
+                    const int j0 = bk * bpp, j1 = j0 + bpp < npn ? j0 + bpp : npn;
+                    for (int g = 0; g < j1 - j0; g += MM_PACK_GROUP)
+                        mm_pack_group(bf16, Bp, B, ldb, trans_b, j0 * MM_NR, N - j0 * MM_NR, g,
+                                      g + MM_PACK_GROUP < j1 - j0 ? g + MM_PACK_GROUP : j1 - j0, k0, kc, MM_NR);
+                    for (int i = i0; i < i1; i++) {
+                        const int m0 = i * MM_MR, mr = msn - m0 < MM_MR ? msn - m0 : MM_MR;
+                        const float* ap = Ap + (size_t)i * MM_MR * kc;
+                        for (int j = j0; j < j1; j++) {
+                            const int n0 = j * MM_NR, nr = N - n0 < MM_NR ? N - n0 : MM_NR;
+                            const float* bp = Bp + (size_t)(j - j0) * MM_NR * kc;
+                            const float* bj = bias && k0 == 0 ? bias + n0 : NULL;
+                            mm_kernel_f32(kc, ap, bp, C + (size_t)(ms + m0) * ldc + n0, ldc, mr, nr, bj, add);
+                        }
                     }
                 }
+                #pragma omp barrier
+            }
         }
     }
-    free(Bp);
 }
 
 void KFN(matmul_forward)(const matmul_params* p) {

@@ -40,7 +40,7 @@ typedef struct {
 //   forward  Y(M,N)  = X·Wᵀ      : A=X,  B=W                      (trans_a=0, trans_b=0)
 //   dX(M,K)          = dY·W      : A=dY, B=W  stored (N,K)=(K',N') (trans_a=0, trans_b=1), inner dim N
 //   dW(N,K)          = dYᵀ·X     : A=dY stored (M,N), B=X (M,K)    (trans_a=1, trans_b=1), inner dim M
-// Allocates packing scratch per call: (N + min(M, ~8M/K)) * K floats, rounded up to tiles (malloc; returns
+// Packing scratch (<= ~10 MiB) is kept per calling thread and reused across calls (aligned_alloc; returns
 // without writing C if that fails).
 typedef struct {
     float* C;            // (M, N) row stride ldc
