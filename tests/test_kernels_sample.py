@@ -179,3 +179,28 @@ def test_sample_rejects_bad_input():
         ops.sample(torch.randn(2, 5), top_k=-2)
     with pytest.raises(ValueError, match=r"\(B, V\)"):
         ops.sample(torch.randn(5))
+
+
+@pytest.mark.parametrize("V", [1000, 4099])
+def test_top_p_cut_inside_equal_weights(isa, rng, V):
+    # every logit equal: the nucleus is the first ceil(top_p * V) ids (ties rank the lower id first), so the
+    # cut falls inside one group of identical weights; flat rows also make the boundary octave the whole row
+    p = 0.1049
+    n_in = math.ceil(p * V - 1e-9)
+    tokens, _ = ops.sample(torch.zeros(4000, V), 1.0, top_p=p, seed=int(torch.randint(0, 2**62, (1,), generator=rng)))
+    assert int(tokens.max()) < n_in and int(tokens.max()) >= n_in - 20  # drawn up to the cut, never past it
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0])
+def test_top_p_chi_square_large_vocab(isa, rng, scale):
+    # V = 4099 (a tail block), quantised logits (many equal weights across the boundary): exact nucleus
+    n, V = 20000, 4099
+    logits = torch.round(torch.randn(1, V, generator=rng) * scale * 8) / 8
+    for k, p in [(0, 0.3), (200, 0.6)]:
+        probs = ref.sample_probs(logits, 1.0, k, p)[0]
+        tokens, _ = ops.sample(logits.expand(n, V).contiguous(), 1.0, k, p,
+                               seed=int(torch.randint(0, 2**62, (1,), generator=rng)))
+        counts = torch.bincount(tokens, minlength=V)
+        assert counts[probs == 0].sum() == 0, "drew a token outside the nucleus"
+        stat, df = chi2_stat(counts, probs, n)
+        assert stat < chi2_critical(max(df, 3), 1e-6)

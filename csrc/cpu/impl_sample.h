@@ -1,7 +1,13 @@
 // impl_sample.h — batched sampling from logits (B, V): greedy, temperature, top-k, top-p, min-p, allowed mask.
-// Included by kernels_impl.h; KFN() names the per-path symbol. Cost per row: one max pass, one exp pass that
-// stores the weights (V floats of scratch per thread), then for top-k/top-p a radix selection on the weights' bits
-// (one histogram pass over the row, then passes over the shrinking boundary group). No sort of the vocabulary.
+// Included by kernels_impl.h; KFN() names the per-path symbol. Cost per row (no sort of the vocabulary):
+//   1. max pass (vector): the shift, NaN/+inf check;
+//   2. exp pass (vector): w_i = exp((l_i - max) / T) stored (V floats of scratch), block sums and maxima;
+//   3. top-k / top-p only: the cut. One scalar histogram pass over the row on the weight's exponent byte (the
+//      logit's octave below the max: mass or count per octave, 8 interleaved tables), then the boundary octave's
+//      tokens are gathered (vector compress on avx512; blocks whose maximum lies below that octave are skipped)
+//      and refined on the next mantissa bits until the cut is exact. The set is never listed: it is a cut
+//      (w*, id*), "w_i > w* or (w_i == w* and i <= id*)", so top-k, top-p and min-p intersect by comparing cuts;
+//   4. the draw (vector): per-block masses of the set, inverse CDF over the blocks, then one block scalar.
 //
 // Same seed -> same token on every ISA path: the kernels build with -std=c11 (no FMA contraction), vf_exp uses
 // only lane-wise IEEE ops, and every sum that can change the choice is accumulated in a layout that does not
@@ -44,12 +50,13 @@ static inline vf vf_exp_neg(vf x) {
     return vf_select(x > vf_set1(-87.f), p * (vf)e, vf_set1(0.f));
 }
 
-static inline double sum16(const vf* acc) {       // the 16 lanes in a fixed order, in double
-    float lanes[16];
-    memcpy(lanes, acc, sizeof(lanes));
-    double s = 0;
-    for (int q = 0; q < 16; q++) s += lanes[q];
-    return s;
+static inline double sum16(const vf* acc) {  // the 16 lanes in double, a fixed pairwise tree (any VLEN)
+    float l[16];
+    memcpy(l, acc, sizeof(l));
+    double a[8];
+    for (int q = 0; q < 8; q++) a[q] = (double)l[q] + (double)l[q + 8];
+    for (int q = 0; q < 4; q++) a[q] += a[q + 4];
+    return (a[0] + a[2]) + (a[1] + a[3]);
 }
 
 // One 16-token chunk of the exp pass. zref/wref: the shifts for Z (all tokens) and for w (allowed tokens).
@@ -104,112 +111,206 @@ static double exp_pass(const float* l, const uint8_t* mk, int V, float zref, flo
     return Z;
 }
 
-// Candidate order: higher weight first, then lower id. Radix selection on the weight's bits (for w >= 0 the
-// IEEE bits order like the values), 8 bits per level: a histogram (count and mass) per level finds the digit
-// where the prefix ends, tokens above it are in, tokens on it go to the next level. O(n) per level, no sort.
-static inline uint32_t wbits(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
+// Candidate order: higher weight first, then lower id. A best-first prefix of that order is a cut (w*, id*):
+// token i is in iff w_i > 0 and (w_i > w* or (w_i == w* and i <= id*)). {0, -1} = every token with weight.
+// The shorter of two prefixes is the intersection, so the filters compose by comparing cuts.
+typedef struct { float w; int id; } smp_cut;
 
-// Appends to out[*no] the tokens of grp (ng ids in id order, all sharing the digits above `level`) that belong to
-// the shortest best-first prefix whose count (by_count) or mass reaches need; acc = what out already holds.
-static void radix_refine(int* out, int* no, int* grp, int ng, int* tmp, const float* w, int level, double acc,
-                         int by_count, double need) {
+static inline uint32_t wbits(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
+static inline int smp_in(float x, int i, smp_cut c) { return x > c.w || (x == c.w && i <= c.id); }
+static inline smp_cut smp_tighter(smp_cut a, smp_cut b) {  // the shorter prefix
+    if (a.w != b.w) return a.w > b.w ? a : b;
+    return a.id < b.id ? a : b;
+}
+static inline int smp_blk_end(int blk, int V) { return (blk + 1) * SBLK < V ? (blk + 1) * SBLK : V; }
+
+// Appends to out[n] the ids i in [i0, i1) with exponent byte e (w_i in [2^(e-127), 2^(e-126))), in id order;
+// returns the new count. out needs 16 entries of slack (the avx512 path stores whole vectors).
+static int smp_gather_octave(const float* w, int i0, int i1, int e, int* out, int n) {
+    int i = i0;
+#if VLEN == 16
+    const __m512i ev = _mm512_set1_epi32(e), sixteen = _mm512_set1_epi32(16);
+    __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(i0),
+                                   _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    for (; i + 16 <= i1; i += 16, ids = _mm512_add_epi32(ids, sixteen)) {
+        const __mmask16 k = _mm512_cmpeq_epi32_mask(_mm512_srli_epi32(_mm512_loadu_si512(w + i), 23), ev);
+        _mm512_storeu_si512(out + n, _mm512_maskz_compress_epi32(k, ids));
+        n += __builtin_popcount(k);
+    }
+#endif
+    for (; i < i1; i++) {  // branch-free: which side a token falls on is unpredictable
+        out[n] = i;
+        n += (int)(wbits(w[i]) >> 23) == e;
+    }
+    return n;
+}
+
+// The same for the tokens inside cut c.
+static int smp_gather_cut(const float* w, int i0, int i1, smp_cut c, int* out, int n) {
+    int i = i0;
+#if VLEN == 16
+    const __m512 cw = _mm512_set1_ps(c.w);
+    const __m512i cid = _mm512_set1_epi32(c.id), sixteen = _mm512_set1_epi32(16);
+    __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(i0),
+                                   _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    for (; i + 16 <= i1; i += 16, ids = _mm512_add_epi32(ids, sixteen)) {
+        const __m512 x = _mm512_loadu_ps(w + i);
+        const __mmask16 k = _mm512_cmp_ps_mask(x, cw, _CMP_GT_OQ) |
+                            (_mm512_cmp_ps_mask(x, cw, _CMP_EQ_OQ) & _mm512_cmple_epi32_mask(ids, cid));
+        _mm512_storeu_si512(out + n, _mm512_maskz_compress_epi32(k, ids));
+        n += __builtin_popcount(k);
+    }
+#endif
+    for (; i < i1; i++) {
+        out[n] = i;
+        n += smp_in(w[i], i, c) && w[i] > 0.f;
+    }
+    return n;
+}
+
+// Masses by weight digit, exactly: a weight with exponent byte e >= 1 is 2^(e-150) * sig, sig = 2^23 + its 23
+// mantissa bits, so the mass of tokens sharing e is 2^(e-150) * (sum of their sig), an integer sum (no rounding,
+// and integer adds, which chain through the histogram tables far faster than float ones). Counts likewise.
+static inline uint64_t smp_sig(uint32_t b) { return (b & 0x7FFFFFu) | 0x800000u; }
+
+// The cut of the shortest best-first prefix of grp whose count (by_count) or mass, added to acc (what precedes
+// grp), reaches need. grp: ng ids in id order sharing the weight bits above `level` (level 0: any list of
+// positive weights), acc < need. Radix on the weight's bits (for w >= 0 the IEEE bits order like the values):
+// exponent byte, then 8, 8, 7 mantissa bits; per level a histogram finds the digit where the prefix ends, and
+// the group shrinks to that digit.
+static smp_cut smp_refine(int* grp, int ng, int* tmp, const float* w, int level, double acc, int by_count,
+                          double need) {
     static const int shifts[4] = {23, 15, 7, 0};
-    for (; level < 4 && ng > 0; level++) {
+    for (; level < 4 && ng > 48; level++) {
         const int sh = shifts[level];
-        int cnt[256] = {0};
-        double mass[256] = {0};
-        for (int i = 0; i < ng; i++) {
-            const int d = (wbits(w[grp[i]]) >> sh) & 0xFF;
-            cnt[d]++;
-            mass[d] += w[grp[i]];
-        }
-        int db = -1;  // the digit where the prefix ends; -1: the whole group is in
+        uint64_t h4[4][256 + 8];  // + 8: tables 2112 bytes apart, so none alias another modulo 4 KiB
+        memset(h4, 0, sizeof(h4));
+        if (by_count)
+            for (int i = 0; i < ng; i++) h4[i & 3][(wbits(w[grp[i]]) >> sh) & 0xFF] += 1;
+        else
+            for (int i = 0; i < ng; i++) {
+                const uint32_t b = wbits(w[grp[i]]);
+                h4[i & 3][(b >> sh) & 0xFF] += smp_sig(b);
+            }
+        const int e = (int)(wbits(w[grp[0]]) >> 23);  // the group's exponent (levels >= 1)
+        int db = -1;
         for (int d = 255; d >= 0; d--) {
-            const double add = by_count ? cnt[d] : mass[d];
+            const uint64_t sum = h4[0][d] + h4[1][d] + h4[2][d] + h4[3][d];
+            if (!sum) continue;
+            const double add = by_count ? (double)sum : ldexp((double)sum, (level ? e : d) - 150);
             if (acc + add >= need) { db = d; break; }
             acc += add;
         }
-        int nt = 0, n_out = *no;
-        for (int i = 0; i < ng; i++) {  // stable: the group stays in id order; branch-free
-            const int d = (wbits(w[grp[i]]) >> sh) & 0xFF;
-            out[n_out] = grp[i];
-            n_out += d > db;
-            tmp[nt] = grp[i];
-            nt += d == db;
+        if (db < 0) {  // rounding: the whole group is in; the cut is its last token (smallest weight, last id)
+            int b = grp[0];
+            for (int i = 1; i < ng; i++) if (w[grp[i]] <= w[b]) b = grp[i];
+            return (smp_cut){w[b], b};
         }
-        *no = n_out;
-        if (db < 0) return;
-        memcpy(grp, tmp, (size_t)nt * sizeof(int));
+        int nt = 0;
+        for (int i = 0; i < ng; i++) {  // stable: the group stays in id order
+            tmp[nt] = grp[i];
+            nt += (int)((wbits(w[grp[i]]) >> sh) & 0xFF) == db;
+        }
+        int* t = grp; grp = tmp; tmp = t;
         ng = nt;
     }
-    for (int i = 1; i < ng; i++)  // equal weights: lower id first (the group is tiny; insertion sort)
-        for (int j = i; j > 0 && grp[j - 1] > grp[j]; j--) { int t = grp[j]; grp[j] = grp[j - 1]; grp[j - 1] = t; }
-    for (int i = 0; i < ng && acc < need; i++) { out[(*no)++] = grp[i]; acc += by_count ? 1.0 : w[grp[i]]; }
+    // small group (or equal weights): sort best-first (insertion sort; stable, so ties stay in id order), walk
+    for (int i = 1; i < ng; i++)
+        for (int j = i; j > 0 && w[grp[j - 1]] < w[grp[j]]; j--) { int t = grp[j]; grp[j] = grp[j - 1]; grp[j - 1] = t; }
+    for (int i = 0; i < ng; i++) {
+        acc += by_count ? 1.0 : w[grp[i]];
+        if (acc >= need) return (smp_cut){w[grp[i]], grp[i]};
+    }
+    return (smp_cut){w[grp[ng - 1]], grp[ng - 1]};
 }
 
-// The prefix over a whole row of weights (V): the first level reads w directly and skips blocks whose maximum is
-// below the boundary octave. Writes the prefix to out, returns its length. grp, tmp: (V) scratch.
-static int radix_prefix_row(const float* w, int V, int nblk, const float* bmax, int by_count, double need,
-                            int* out, int* grp, int* tmp) {
-    // 4 interleaved histograms (token i -> copy i % 4): neighbours mostly share an octave, and one table would
-    // chain every add through the same memory slot. Combined in a fixed order, so still path-independent.
-    int cnt4[4][256];
-    double mass4[4][256];
-    memset(cnt4, 0, sizeof(cnt4));
-    memset(mass4, 0, sizeof(mass4));
+// The cut over a whole row of weights (V): one histogram pass on the exponent byte reads w directly (8
+// interleaved tables: neighbours mostly share an octave, and one table would chain every add through the same
+// slot), then the boundary octave is gathered, skipping blocks whose maximum lies below it, and refined.
+// grp, tmp: V + 16.
+static smp_cut smp_cut_row(const float* w, int V, int nblk, const float* bmax, int by_count, double need,
+                           int* grp, int* tmp) {
+    uint64_t h8[8][256 + 8];
+    memset(h8, 0, sizeof(h8));
     for (int blk = 0; blk < nblk; blk++) {
         if (!(bmax[blk] > 0.f)) continue;
-        const int i1 = (blk + 1) * SBLK < V ? (blk + 1) * SBLK : V;
-        for (int i = blk * SBLK; i < i1; i++) {  // w == 0 lands in digit 0, which no prefix ever reaches first
-            const int d = wbits(w[i]) >> 23;
-            cnt4[i & 3][d]++;
-            mass4[i & 3][d] += w[i];
+        const int i1 = smp_blk_end(blk, V);
+        const uint32_t* wb = (const uint32_t*)w;
+        int i = blk * SBLK;
+        if (by_count) {
+            for (; i + 8 <= i1; i += 8)  // unrolled: table c is a constant offset
+                for (int c = 0; c < 8; c++) h8[c][wb[i + c] >> 23] += 1;
+            for (; i < i1; i++) h8[i & 7][wb[i] >> 23] += 1;
+        } else {
+            for (; i + 8 <= i1; i += 8)
+                for (int c = 0; c < 8; c++) h8[c][wb[i + c] >> 23] += smp_sig(wb[i + c]);
+            for (; i < i1; i++) h8[i & 7][wb[i] >> 23] += smp_sig(wb[i]);
         }
     }
-    int cnt[256];
-    double mass[256];
-    for (int d = 0; d < 256; d++) {
-        cnt[d] = cnt4[0][d] + cnt4[1][d] + cnt4[2][d] + cnt4[3][d];
-        mass[d] = ((mass4[0][d] + mass4[1][d]) + mass4[2][d]) + mass4[3][d];
-    }
-    cnt[0] = 0;  // zero weights (masked / underflow) are never candidates
-    mass[0] = 0;
     double acc = 0;
     int db = -1;
-    for (int d = 255; d >= 0; d--) {
-        const double add = by_count ? cnt[d] : mass[d];
+    for (int d = 255; d >= 1; d--) {  // digit 0 holds the zero weights (masked / underflow): never candidates
+        uint64_t sum = 0;
+        for (int c = 0; c < 8; c++) sum += h8[c][d];
+        if (!sum) continue;
+        const double add = by_count ? (double)sum : ldexp((double)sum, d - 150);
         if (acc + add >= need) { db = d; break; }
         acc += add;
     }
-    int no = 0, ng = 0;
-    for (int blk = 0; blk < nblk; blk++) {
-        if (!(bmax[blk] > 0.f) || (int)(wbits(bmax[blk]) >> 23) < db) continue;
-        const int i1 = (blk + 1) * SBLK < V ? (blk + 1) * SBLK : V;
-        for (int i = blk * SBLK; i < i1; i++) {  // branch-free: which side a token falls on is unpredictable
-            const int d = wbits(w[i]) >> 23;
-            out[no] = i;
-            no += d > db && d > 0;
-            grp[ng] = i;
-            ng += d == db && d > 0;
-        }
-    }
-    if (db >= 0) radix_refine(out, &no, grp, ng, tmp, w, 1, acc, by_count, need);
-    return no;
+    if (db < 0) return (smp_cut){0.f, -1};  // every token with weight
+    int ng = 0;
+    for (int blk = 0; blk < nblk; blk++)
+        if ((int)(wbits(bmax[blk]) >> 23) >= db) ng = smp_gather_octave(w, blk * SBLK, smp_blk_end(blk, V), db, grp, ng);
+    return smp_refine(grp, ng, tmp, w, 1, acc, by_count, need);
 }
 
-// The same over a list of ids cand[0, n) (rewritten in place with the prefix); returns its length.
-static int radix_prefix_list(int* cand, int n, const float* w, int by_count, double need, int* grp, int* tmp) {
-    memcpy(grp, cand, (size_t)n * sizeof(int));
-    for (int i = 1; i < n; i++)  // id order, so that ties resolve by id (n <= top_k: small)
-        for (int j = i; j > 0 && grp[j - 1] > grp[j]; j--) { int t = grp[j]; grp[j] = grp[j - 1]; grp[j - 1] = t; }
-    int no = 0;
-    radix_refine(cand, &no, grp, n, tmp, w, 0, 0.0, by_count, need);
-    return no;
+// Inverse-CDF draw from the tokens inside cut c (mass per block in 16 fixed lanes, blocks summed in double in
+// order), then the chosen block token by token. bs: (nblk) scratch.
+static int64_t smp_draw(const float* w, int V, int nblk, const float* bmax, smp_cut c, double u, double* bs) {
+    vi iota;
+    for (int q = 0; q < VLEN; q++) iota[q] = q;
+    const vf cw = vf_set1(c.w);
+    double S = 0;
+    for (int blk = 0; blk < nblk; blk++) {
+        bs[blk] = 0;
+        if (!(bmax[blk] >= c.w) || !(bmax[blk] > 0.f)) continue;  // no token of this block reaches the cut
+        const int i0 = blk * SBLK, i1 = smp_blk_end(blk, V);
+        vf acc[SNV];
+        for (int j = 0; j < SNV; j++) acc[j] = vf_set1(0.f);
+        int i = i0;
+        for (; i + 16 <= i1; i += 16)
+            for (int j = 0; j < SNV; j++) {
+                const vf x = vf_load(w + i + j * VLEN);
+                const vi id = iota + (i + j * VLEN);
+                const vi in = (x > cw) | ((x == cw) & (id <= c.id));
+                acc[j] += vf_select(in, x, vf_set1(0.f));
+            }
+        if (i < i1) {  // tail: zero weights pad the lanes
+            float xp[16] = {0};
+            for (int q = 0; q < i1 - i; q++) xp[q] = smp_in(w[i + q], i + q, c) ? w[i + q] : 0.f;
+            for (int j = 0; j < SNV; j++) acc[j] += vf_load(xp + j * VLEN);
+        }
+        bs[blk] = sum16(acc);
+        S += bs[blk];
+    }
+    const double t = u * S;
+    double acc = 0;
+    int blk = 0;
+    while (blk < nblk - 1 && acc + bs[blk] <= t) acc += bs[blk++];
+    int64_t tok = -1;
+    for (int i = blk * SBLK, i1 = smp_blk_end(blk, V); i < i1; i++) {
+        if (!(w[i] > 0.f) || !smp_in(w[i], i, c)) continue;
+        tok = i;
+        acc += w[i];
+        if (acc > t) break;
+    }
+    for (int i = V - 1; i >= 0 && tok < 0; i--)  // rounding left the chosen block empty: the last token in the set
+        if (w[i] > 0.f && smp_in(w[i], i, c)) tok = i;
+    return tok;
 }
 
 // One row. Returns the token, or -1 (no allowed token with a finite logit) / -2 (NaN or +inf in the logits).
-static int64_t sample_row(const sample_params* p, int b, float* w, int* cand, int* grp, int* tmp, double* bsum,
-                          float* bmax,
+static int64_t sample_row(const sample_params* p, int b, float* w, int* grp, int* tmp, double* bsum, float* bmax,
                           float* logprob) {
     const int V = p->V;
     const float* l = p->logits + (size_t)b * V;                 // (V)
@@ -240,7 +341,17 @@ static int64_t sample_row(const sample_params* p, int b, float* w, int* cand, in
 
     if (p->temperature <= 0.f) {  // greedy: the first allowed argmax; logprob under T = 1
         int64_t tok = 0;
-        for (i = 0; i < V; i++) if (l[i] == m_a && (!mk || mk[i])) { tok = i; break; }
+        i = 0;
+        if (!mk) {  // skip whole vectors without the maximum
+            const vf vm = vf_set1(m_a);
+            for (; i + VLEN <= V; i += VLEN) {
+                const vi eq = vf_load(l + i) == vm;
+                int any = 0;
+                for (int q = 0; q < VLEN; q++) any |= eq[q];
+                if (any) break;
+            }
+        }
+        for (; i < V; i++) if (l[i] == m_a && (!mk || mk[i])) { tok = i; break; }
         double Z = exp_pass(l, NULL, V, m_all, m_all, 1.f, NULL, NULL, NULL);
         *logprob = (float)((double)l[tok] - m_all - log(Z));
         return tok;
@@ -249,19 +360,19 @@ static int64_t sample_row(const sample_params* p, int b, float* w, int* cand, in
     const int nblk = (V + SBLK - 1) / SBLK;
     // pass 2: w_i = exp((l_i - m_a)/T) on allowed tokens (so the top allowed token weighs exactly 1)
     const double Z = exp_pass(l, mk, V, m_all, m_a, invT, w, bsum, bmax);
-    double Za = 0;
-    for (int k = 0; k < nblk; k++) Za += bsum[k];
     const double u = sample_uniform(p->seed, (uint64_t)b, p->step);
     const int k = p->top_k > 0 && p->top_k < V ? p->top_k : 0;
     const double top_p = p->top_p, min_p = p->min_p;
     int64_t tok = -1;
 
     if (k == 0 && top_p >= 1.0 && min_p <= 0.0) {  // no truncation: inverse CDF over the block sums
+        double Za = 0;
+        for (int q = 0; q < nblk; q++) Za += bsum[q];
         const double t = u * Za;
         double acc = 0;
         int blk = 0;
         while (blk < nblk - 1 && acc + bsum[blk] <= t) acc += bsum[blk++];
-        const int i1 = (blk + 1) * SBLK < V ? (blk + 1) * SBLK : V;
+        const int i1 = smp_blk_end(blk, V);
         for (i = blk * SBLK; i < i1; i++) {
             if (w[i] > 0.f) tok = i;
             acc += w[i];
@@ -271,37 +382,24 @@ static int64_t sample_row(const sample_params* p, int b, float* w, int* cand, in
             for (i = V - 1; i >= 0 && tok < 0; i--) if (w[i] > 0.f) tok = i;
     } else {
         // Truncation: top-k by count, then top-p by mass on the top-k set, then min-p (w is relative to the top).
-        int n = 0;
+        smp_cut c = {0.f, -1};
         if (k > 0) {
-            n = radix_prefix_row(w, V, nblk, bmax, 1, (double)k, cand, grp, tmp);
-            if (top_p < 1.0) {
+            c = smp_cut_row(w, V, nblk, bmax, 1, (double)k, grp, tmp);
+            if (top_p < 1.0) {  // list the top-k set (id order) and cut it by mass
+                int n = 0;
+                for (int blk = 0; blk < nblk; blk++)
+                    if (bmax[blk] >= c.w && bmax[blk] > 0.f) n = smp_gather_cut(w, blk * SBLK, smp_blk_end(blk, V), c, grp, n);
                 double M = 0;
-                for (i = 0; i < n; i++) M += w[cand[i]];
-                n = radix_prefix_list(cand, n, w, 0, top_p * M, grp, tmp);
+                for (i = 0; i < n; i++) M += w[grp[i]];
+                c = smp_refine(grp, n, tmp, w, 0, 0.0, 0, top_p * M);
             }
         } else if (top_p < 1.0) {
-            n = radix_prefix_row(w, V, nblk, bmax, 0, top_p * Za, cand, grp, tmp);
-        } else {
-            for (int blk = 0; blk < nblk; blk++) {
-                if (bmax[blk] < (float)min_p) continue;
-                const int i1 = (blk + 1) * SBLK < V ? (blk + 1) * SBLK : V;
-                for (i = blk * SBLK; i < i1; i++) if (w[i] >= (float)min_p && w[i] > 0.f) cand[n++] = i;
-            }
+            double Za = 0;
+            for (int q = 0; q < nblk; q++) Za += bsum[q];
+            c = smp_cut_row(w, V, nblk, bmax, 0, top_p * Za, grp, tmp);
         }
-        if (min_p > 0) {
-            int r = 0;
-            for (i = 0; i < n; i++) if (w[cand[i]] >= (float)min_p) cand[r++] = cand[i];
-            n = r;
-        }
-        double S = 0;
-        for (i = 0; i < n; i++) S += w[cand[i]];
-        const double t = u * S;
-        double acc = 0;
-        for (i = 0; i < n; i++) {
-            tok = cand[i];
-            acc += w[cand[i]];
-            if (acc > t) break;
-        }
+        if (min_p > 0) c = smp_tighter(c, (smp_cut){(float)min_p, V});
+        tok = smp_draw(w, V, nblk, bmax, c, u, bsum);
     }
     *logprob = (float)(((double)l[tok] - m_all) * invT - log(Z));
     return tok;
@@ -312,18 +410,24 @@ void KFN(sample_forward)(const sample_params* p) {
     const int nblk = (V + SBLK - 1) / SBLK;
     #pragma omp parallel if (B > 1)
     {
-        // per-thread scratch: weights (V), candidate ids and two radix buffers (3V), block sums and maxima (nblk)
-        float* w = (float*)malloc((size_t)V * sizeof(float));
-        int* cand = (int*)malloc((size_t)3 * V * sizeof(int));
-        double* bsum = (double*)malloc((size_t)nblk * sizeof(double));
-        float* bmax = (float*)malloc((size_t)nblk * sizeof(float));
+        // per-thread scratch: weights (V), two id lists (V + 16 each), block sums (nblk, double) and maxima (nblk)
+        const size_t nw = ((size_t)V + 15) / 16 * 16, ni = nw + 16;
+        char* buf = (char*)malloc(nw * 4 + 2 * ni * 4 + (size_t)nblk * 12 + 64);
         #pragma omp for schedule(static)
         for (int b = 0; b < B; b++) {
             float lp = NAN;
-            int64_t tok = (w && cand && bsum && bmax) ? sample_row(p, b, w, cand, cand + V, cand + 2 * (size_t)V, bsum, bmax, &lp) : -3;
+            int64_t tok = -3;
+            if (buf) {
+                float* w = (float*)buf;
+                int* grp = (int*)(w + nw);
+                int* tmp = grp + ni;
+                double* bsum = (double*)(tmp + ni);
+                float* bmax = (float*)(bsum + nblk);
+                tok = sample_row(p, b, w, grp, tmp, bsum, bmax, &lp);
+            }
             p->tokens[b] = tok;
             p->logprobs[b] = lp;
         }
-        free(w); free(cand); free(bsum); free(bmax);
+        free(buf);
     }
 }
