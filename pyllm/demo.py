@@ -582,8 +582,9 @@ def write_report(out: Path, R: dict) -> None:
          + "); advantages = score - group mean, divided by "
          + {"group": "the group's std", "batch": "the batch's std", "none": "nothing"}[cfg.get("rl_scale_rewards",
                                                                                              "group")]
-         + ("; groups whose samples the verifier scored all alike (all right or all wrong: no signal, only RM "
-            "noise) are dropped from the update" if cfg.get("rl_filter_groups") else "")
+         + ("; groups whose samples the verifier scored all alike ("
+            + ("e.g. all right, or all far off" if cfg.get("rl_partial") else "all right or all wrong")
+            + ": no signal, only RM noise) are dropped from the update" if cfg.get("rl_filter_groups") else "")
          + f"; rollout temperature {cfg.get('rl_temperature', 1.0)}; warmup {cfg['rl_warmup']} steps"
          + (f"; only prompts on which {cfg['rl_prefilter']} samples of the SFT policy got "
             + ("differing verifier scores" if cfg.get("rl_partial") else "sometimes right and sometimes wrong")
