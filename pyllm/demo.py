@@ -58,6 +58,7 @@ class DemoConfig:
     rl_kl: float = 0.0
     rl_warmup: int = 15          # Adam's first steps are sign-like: without warmup one step wrecks the policy
     rl_verifier_weight: float = 1.0  # verifier reward for a correct reply (the RM's score spans ~+-3, weighted below)
+    rl_partial: float = 0.0      # graded verifier: a near miss off by d gets weight x partial x max(0, 1 - d/10)
     rl_rm_weight: float = 0.1    # reward = rl_rm_weight * RM score + verifier: the RM is a small shaping term
     rl_scale_rewards: str = "group"  # GRPO advantage scale: group std, batch std, or none
     rl_filter_groups: bool = True    # drop groups whose verifier scores are all equal (no signal, only RM noise)
@@ -254,7 +255,8 @@ def write_data(d: Path, cfg: DemoConfig, seed: int) -> dict:
     rl_pool = [p for p in train if p.kind in cfg.rl_kinds]
     rl = rng.sample(rl_pool, min(cfg.rl_prompts, len(rl_pool)))
     f["prompts"] = _jsonl(d / "rl_prompts.jsonl", ({"prompt": p.question, "answer": p.answer,
-                                                    "weight": cfg.rl_verifier_weight} for p in rl))
+                                                    "weight": cfg.rl_verifier_weight, "partial": cfg.rl_partial}
+                                                   for p in rl))
     return {"files": f, "val_docs": val_docs, "heldout": held, "shots": tasks.problems(seed + 3, cfg.n_shots, "train", K)}
 
 
@@ -573,14 +575,20 @@ def write_report(out: Path, R: dict) -> None:
             "verifier success falls); the program check anchors the reward to the truth while the RM still "
             "ranks format" if R["reward"] == "rm+verifier" else ""),
          f"- score = {cfg.get('rl_rm_weight', 1.0)} x RM score + verifier ({cfg['rl_verifier_weight']} for a "
-         f"correct reply); advantages = score - group mean, divided by "
+         f"correct reply"
+         + (f", {cfg['rl_verifier_weight']} x {cfg['rl_partial']} x max(0, 1 - d/10) for an integer reply off by d: "
+            "a graded reward, so a group's wrong replies are ranked by how close they are"
+            if cfg.get("rl_partial") else "")
+         + "); advantages = score - group mean, divided by "
          + {"group": "the group's std", "batch": "the batch's std", "none": "nothing"}[cfg.get("rl_scale_rewards",
                                                                                              "group")]
-         + ("; groups whose samples the verifier scored all alike (all right or all wrong: no signal, only RM "
-            "noise) are dropped from the update" if cfg.get("rl_filter_groups") else "")
+         + ("; groups whose samples the verifier scored all alike ("
+            + ("e.g. all right, or all far off" if cfg.get("rl_partial") else "all right or all wrong")
+            + ": no signal, only RM noise) are dropped from the update" if cfg.get("rl_filter_groups") else "")
          + f"; rollout temperature {cfg.get('rl_temperature', 1.0)}; warmup {cfg['rl_warmup']} steps"
-         + (f"; only prompts on which {cfg['rl_prefilter']} samples of the SFT policy were sometimes right and "
-            "sometimes wrong (the others give GRPO no signal)" if cfg.get("rl_prefilter") else "")
+         + (f"; only prompts on which {cfg['rl_prefilter']} samples of the SFT policy got "
+            + ("differing verifier scores" if cfg.get("rl_partial") else "sometimes right and sometimes wrong")
+            + " (the others give GRPO no signal)" if cfg.get("rl_prefilter") else "")
          + (f"; LoRA rank {cfg['rl_lora_r']} update (merged into the saved policy)" if cfg.get("rl_lora_r") else ""),
          f"- accuracy greedy: {_f(r['accuracy'])} (SFT {_f(s['accuracy'])})"
          + ("" if r["accuracy"] > s["accuracy"] else " -- RL did NOT improve greedy held-out accuracy in this run"),
@@ -591,7 +599,9 @@ def write_report(out: Path, R: dict) -> None:
          + (" -- the RM score rose while true success did not: reward hacking" if hack else ""), "",
          "![reward and KL during RL](rl.png)", "",
          "(rl.png: per RL step on train prompts, `reward` = the total score, `kl` = sampled KL to SFT per response, "
-         "`rm_score` = reward-model score, `fn_score` = verifier success when the verifier is part of the reward.)",
+         "`rm_score` = reward-model score, `fn_score` = verifier reward when the verifier is part of the reward"
+         + (" (graded: partial credit included), `fn_full` = exact-match verifier success" if cfg.get("rl_partial")
+            else " (= exact-match success)") + "; held-out accuracies above are exact match.)",
          "",
          "## Timing", "", "| stage | wall time (s) | tokens | tokens/s | counted |", "|---|---|---|---|---|"]
     for t in R["timing"]:

@@ -231,8 +231,8 @@ def prefilter(model, tok, prompts, fn, args, dist, chunk: int = 256):
         bar.update(len(part))
     bar.close()
     if dist.main:
-        print(f"rl: prefilter kept {len(keep)} of {len(prompts)} prompts (pass rate strictly between 0 and 1 "
-              f"over {k} samples)")
+        print(f"rl: prefilter kept {len(keep)} of {len(prompts)} prompts (differing --reward-fn scores over {k} "
+              f"samples: for a pass/fail verifier, a pass rate strictly between 0 and 1)")
     if not keep:
         raise ValueError(f"rl: --prefilter-samples {k}: no prompt has a spread of --reward-fn scores under the "
                          "starting policy (all right or all wrong); nothing to learn from")
@@ -317,6 +317,10 @@ def main(args) -> int:
             s_fn = fn_scores(fn, tok, prompts, samples, end_id)
             score += s_fn
             info["fn_score"] = s_fn.mean().item()
+            # full-credit rate: the score reached the prompt's `weight` field (default 1), i.e. exact-match success
+            # when the reward fn is graded (partial credit for near misses stays below it)
+            full = torch.tensor([float(prompts[pi][2].get("weight", 1.0)) for pi, _, _ in samples])
+            info["fn_full"] = (s_fn >= full - 1e-6).float().mean().item()
         raw_score = score.clone()
         no_signal = False
         if args.reward_clip > 0:

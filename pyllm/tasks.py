@@ -145,10 +145,20 @@ def malformed_answer(p: Problem, rng: random.Random) -> str:
                        rng.choice(_WORDS), f"{a}+{a}"])
 
 
-def verifier_reward(prompt=None, response: str = "", answer: str = "", weight: float = 1.0, **_) -> float:
+def verifier_reward(prompt=None, response: str = "", answer: str = "", weight: float = 1.0, partial: float = 0.0,
+                    **_) -> float:
     """`pyllm rl --reward-fn pyllm.tasks:verifier_reward`: `weight` (default 1.0) when the reply is exactly the
-    answer, else 0.0 (the prompts JSONL carries the answer, and optionally the weight, as extra fields)."""
-    return float(weight) if response.strip() == str(answer) else 0.0
+    answer; with `partial` > 0 a graded reward for near misses: a reply that is an integer off by d from an integer
+    answer gets weight x partial x max(0, 1 - d / 10) (so GRPO ranks a group's wrong replies by how close they are);
+    anything else 0.0. The prompts JSONL carries the answer, and optionally weight and partial, as extra fields."""
+    r = response.strip()
+    if r == str(answer):
+        return float(weight)
+    partial = float(partial)
+    if partial > 0 and re.fullmatch(r"-?\d+", r) and re.fullmatch(r"-?\d+", str(answer).strip()):
+        d = abs(int(r) - int(str(answer).strip()))
+        return float(weight) * partial * max(0.0, 1.0 - d / 10.0)
+    return 0.0
 
 
 def few_shot_prompt(p: Problem, shots: list[Problem]) -> str:
