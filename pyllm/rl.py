@@ -32,7 +32,7 @@ from torch.nn.utils import parametrize
 from .reward import pad_batch, pad_id_of
 from .sft import (BadLine, Bar, Dist, Metrics, add_common_args, as_messages, check_messages, clip_and_step,
                   load_optimizer_tensors, load_policy, make_optimizer, prepare_model, read_jsonl, render_checked,
-                  resume_state, save_stage, set_lr, lr_at)
+                  resume_state, save_stage, set_lr, lr_at, step_items)
 
 VALUE_FILE = "value_head.safetensors"
 
@@ -293,13 +293,9 @@ def main(args) -> int:
     bar = Bar(steps, args.algo, dist.main, initial=step)
     params = [p for p in ac.parameters() if p.requires_grad]
     tau = args.temperature if args.temperature > 0 else 1.0   # the sampling distribution's temperature
-    g = torch.Generator()
     per_step = args.batch_size * dist.world
     while step < steps:
-        epoch, pos = divmod(step * per_step, len(prompts))
-        g.manual_seed(args.seed + epoch)
-        perm = torch.randperm(len(prompts), generator=g).tolist() * (per_step // len(prompts) + 2)
-        chosen = perm[pos:pos + per_step][dist.rank::dist.world]
+        chosen = step_items(list(range(len(prompts))), step, per_step, args.seed, dist)
         samples = rollout(model, tok, [(i, prompts[i][0]) for i in chosen], k, args, args.seed + step * 7919 +
                           dist.rank, dist.device)
         # ---- scores --------------------------------------------------------------------------------------
