@@ -40,25 +40,22 @@ def _load():
     return _lib
 
 
-def fma_peak_gflops(threads: int, repeats: int = 5) -> float:
-    lib = _load()
+def _best_gflops(peak_fn, threads: int, repeats: int) -> float:
     best = []
     for _ in range(repeats):
         t = time.perf_counter()
-        flops = lib.peak_fma(2_000_000, threads)
+        flops = peak_fn(2_000_000, threads)
         best.append(flops / (time.perf_counter() - t) / 1e9)
     return max(best)  # the peak is the best the core can do; noise only lowers it
 
 
+def fma_peak_gflops(threads: int, repeats: int = 5) -> float:
+    return _best_gflops(_load().peak_fma, threads, repeats)
+
+
 def bf16_dot_peak_gflops(threads: int, repeats: int = 5) -> float:
     """AVX512_BF16 vdpbf16ps peak (0 where the CPU lacks it): the ceiling of a bf16 matmul without AMX."""
-    lib = _load()
-    best = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        flops = lib.peak_bf16_dot(2_000_000, threads)
-        best.append(flops / (time.perf_counter() - t) / 1e9)
-    return max(best)
+    return _best_gflops(_load().peak_bf16_dot, threads, repeats)
 
 
 def copy_bandwidth_gbs(threads: int, mbytes: int = 256, repeats: int = 7) -> float:
