@@ -72,8 +72,12 @@ def main():
     for r in res:
         lines.append(f"| {r['backend']} | {r['val_loss']:.4f} | {r['train_loss']:.4f} | {r['train_s']:.1f} | "
                      f"{r['wall_s']:.1f} | {r['train_s'] / base['train_s']:.2f}x |")
-    target = "met" if any(r["backend"] == "pyllm" and r["val_loss"] <= 1.88 for r in res) else "NOT met"
-    lines += ["", f"Target (pyllm val loss <= 1.88 at 2000 iters, faster than torch): loss target {target}"
+    py = next((r for r in res if r["backend"] == "pyllm"), None)
+    loss_ok = "met" if py and py["val_loss"] <= 1.88 else "NOT met"
+    # One pair of runs: torch's own time moves ~10% between runs on this machine, so a few % is not a win.
+    speed = (f"; speed: pyllm {py['train_s'] / base['train_s']:.2f}x torch's training time (one pair of runs)"
+             if py and base is not py else "")
+    lines += ["", f"Target (pyllm val loss <= 1.88 at 2000 iters, faster than torch): loss target {loss_ok}{speed}"
               + ("" if a.iters == 2000 else f" (only {a.iters} iterations: a smoke run, not the target)"), ""]
     print("\n".join(lines))
     if a.record:
