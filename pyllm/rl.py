@@ -182,6 +182,7 @@ def rollout(policy, tok, prompts, k, args, seed, device):
     batch): a call per prompt made short rollouts cost mostly Python overhead (~4x slower at 6 new tokens)."""
     end_id = tok.special_ids.get("<|end|>") if hasattr(tok, "special_ids") else None
     stops = (end_id,) if end_id is not None else ()
+    was_training = policy.training
     policy.eval()
     rows: list = [None] * len(prompts)
     by_len: dict = {}
@@ -201,7 +202,7 @@ def rollout(policy, tok, prompts, k, args, seed, device):
             if end_id is not None and end_id in row:
                 row = row[:row.index(end_id) + 1]
             out.append((pi, ids, row[:args.max_new_tokens]))
-    policy.train()
+    policy.train(was_training)  # the mode it came in with (the prefilter samples from the frozen reference)
     return out
 
 
@@ -275,7 +276,6 @@ def main(args) -> int:
     prompts, _ = read_jsonl(args.prompts, parse, args.skip_bad_lines, "prompt")
     if args.prefilter_samples:
         prompts = prefilter(ref, tok, prompts, fn, args, dist)  # the starting policy, also when resuming
-        ref.eval()
     pad = pad_id_of(tok)
     end_id = tok.special_ids.get("<|end|>")
     steps = args.steps or max(1, math.ceil(args.epochs * len(prompts) / (args.batch_size * dist.world)))
@@ -294,6 +294,7 @@ def main(args) -> int:
     params = [p for p in ac.parameters() if p.requires_grad]
     tau = args.temperature if args.temperature > 0 else 1.0   # the sampling distribution's temperature
     per_step = args.batch_size * dist.world
+    ac.train()
     while step < steps:
         chosen = step_items(list(range(len(prompts))), step, per_step, args.seed, dist)
         samples = rollout(model, tok, [(i, prompts[i][0]) for i in chosen], k, args, args.seed + step * 7919 +
