@@ -14,6 +14,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#include <pthread.h>
 
 #ifdef MM_MR
 #elif VLEN == 16
@@ -172,16 +173,21 @@ static void mm_kernel_f32(int kc, const float* restrict a, const float* restrict
 }
 
 // Packing scratch, kept per calling thread and grown on demand (64-byte aligned): no malloc or page faults per
-// call. Bounded by the block sizes: MM_A_FLOATS + threads * MM_NC_MAX * MM_KC_MAX floats (~10 MiB), held until
-// the thread exits.
+// call. Bounded by the block sizes: MM_A_FLOATS + threads * MM_NC_MAX * MM_KC_MAX floats (~10 MiB), freed when
+// the thread exits (a pthread key's destructor: a server that starts and ends threads must not leak 10 MiB each).
 static _Thread_local float* mm_scratch_buf;
 static _Thread_local size_t mm_scratch_cap;
+static pthread_key_t mm_scratch_key;
+static pthread_once_t mm_scratch_once = PTHREAD_ONCE_INIT;
+static void mm_scratch_key_make(void) { (void)pthread_key_create(&mm_scratch_key, free); }
 static float* mm_scratch(size_t floats) {
     if (floats > mm_scratch_cap) {
         free(mm_scratch_buf);
         mm_scratch_cap = (floats + 4095) / 4096 * 4096;
         mm_scratch_buf = (float*)aligned_alloc(64, mm_scratch_cap * sizeof(float));
         if (!mm_scratch_buf) mm_scratch_cap = 0;
+        pthread_once(&mm_scratch_once, mm_scratch_key_make);
+        (void)pthread_setspecific(mm_scratch_key, mm_scratch_buf);   // the destructor frees the current buffer
     }
     return mm_scratch_buf;
 }
