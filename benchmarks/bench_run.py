@@ -46,6 +46,9 @@ _READ_C = r"""
 #include <immintrin.h>
 #include <omp.h>
 // Sums n floats with `threads` threads (static chunks, 8 independent AVX-512 accumulators); returns the sum.
+// Each 512-byte step prefetches 16 KiB ahead into L2 (prefetcht1): on this VM one core then reads 10-15% faster
+// than with the hardware prefetchers alone (or prefetcht0, which ties up L1 fill buffers), and the matvecs use the
+// same prefetch, so this is the rate they can reach.
 double read_sum(const float* x, long n, int threads) {
     double total = 0;
     #pragma omp parallel num_threads(threads) reduction(+:total)
@@ -54,8 +57,10 @@ double read_sum(const float* x, long n, int threads) {
         long lo = n * t / nt / 128 * 128, hi = t == nt - 1 ? n : n * (t + 1) / nt / 128 * 128;
         __m512 a[8];
         for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_ps();
-        for (long i = lo; i + 128 <= hi; i += 128)
+        for (long i = lo; i + 128 <= hi; i += 128) {
+            for (int j = 0; j < 8; j++) _mm_prefetch((const char*)(x + i + 4096 + 16 * j), _MM_HINT_T1);
             for (int j = 0; j < 8; j++) a[j] = _mm512_add_ps(a[j], _mm512_loadu_ps(x + i + 16 * j));
+        }
         for (int i = 1; i < 8; i++) a[0] = _mm512_add_ps(a[0], a[i]);
         total += _mm512_reduce_add_ps(a[0]);
     }
@@ -66,7 +71,8 @@ _read_lib = None
 
 
 def read_bandwidth_gbs(threads: int, mbytes: int = 256, repeats: int = 7) -> float:
-    """What `threads` cores can read from memory: a vectorised sum over `mbytes` MiB (bytes read / time, median)."""
+    """What `threads` cores can read from memory: a vectorised, prefetching sum over `mbytes` MiB (bytes read / time,
+    median)."""
     global _read_lib
     if _read_lib is None:
         tag = hashlib.sha1(_READ_C.encode()).hexdigest()[:10]
