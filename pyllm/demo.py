@@ -1,6 +1,6 @@
 """`pyllm demo`: tokenizer -> pretraining -> SFT -> reward model -> RL -> export -> the C binary, with a report card.
 
-    pyllm demo                      # the full run (~6 min on the 2-core VM), writes ./pyllm-demo/report.md
+    pyllm demo                      # the full run (~8 min on the 2-core VM), writes ./pyllm-demo/report.md
     pyllm demo --quick --out /tmp/d # the plumbing only, tiny sizes (< 1 min)
 
 Every stage runs through the public command a user would type (`pyllm.cli.main(["pretrain", ...])` etc.) on files
@@ -655,8 +655,9 @@ def add_arguments(p):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="device for every stage (auto = cuda if available)")
     p.add_argument("--reward", default="rm+verifier", choices=["rm", "rm+verifier", "verifier"],
-                   help="RL reward: reward model + program verifier (default; at this scale the RM alone gets "
-                        "hacked, which the report shows with --reward rm), the RM alone, or the verifier alone")
+                   help="RL reward: reward model + program verifier (default; the default RL stage, rft, learns "
+                        "from what the verifier accepts and scores the RM beside it), the RM alone (runs GRPO; at "
+                        "this scale the RM alone gets hacked, which the report shows), or the verifier alone")
     p.add_argument("--from-stage", default="pretrain", choices=STAGES,
                    help="rerun from this stage on, reusing the earlier stages' checkpoints and numbers from an "
                         "earlier run in --out (e.g. `--from-stage rl --set rl_lr=1e-4` to try an RL setting)")
@@ -692,6 +693,12 @@ def main(args) -> int:
     cfg = apply_overrides(QUICK if args.quick else FULL, args.set)
     if cfg.rl_algo not in ("grpo", "rft"):
         raise ValueError(f"--set rl_algo={cfg.rl_algo}: expected grpo or rft")
+    if cfg.rl_algo == "rft" and "verifier" not in args.reward:
+        # rejection sampling keeps what the program verifier accepts: with the RM alone the RL stage is GRPO
+        if any(s_.replace("-", "_").startswith("rl_algo=") for s_ in args.set):
+            raise ValueError(f"--set rl_algo=rft needs the verifier in --reward (got --reward {args.reward})")
+        cfg = dataclasses.replace(cfg, rl_algo="grpo")
+        print(f"demo: --reward {args.reward} has no verifier to reject samples with: the RL stage runs GRPO")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
