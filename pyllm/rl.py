@@ -189,7 +189,7 @@ def add_arguments(p):
     p.add_argument("--prompts", required=True, help="JSONL of {'prompt': ..., extra fields} or {'messages': ...}")
     p.add_argument("--algo", default="ppo", choices=["ppo", "grpo", "rft"],
                    help="PPO with a value head, GRPO, or rejection-sampling fine-tuning on verified samples (rft)")
-    p.add_argument("--num-samples", type=int, default=0, help="responses per prompt (default 1 PPO, 4 GRPO)")
+    p.add_argument("--num-samples", type=int, default=0, help="responses per prompt (default 1 PPO, 4 GRPO / rft)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="response length cap")
     p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
     p.add_argument("--top-k", type=int, default=0, help="rollout top-k (0 = off)")
