@@ -1,6 +1,6 @@
 """`pyllm demo`: tokenizer -> pretraining -> SFT -> reward model -> RL -> export -> the C binary, with a report card.
 
-    pyllm demo                      # the full run (~6 min on the 2-core VM), writes ./pyllm-demo/report.md
+    pyllm demo                      # the full run (~8 min on the 2-core VM), writes ./pyllm-demo/report.md
     pyllm demo --quick --out /tmp/d # the plumbing only, tiny sizes (< 1 min)
 
 Every stage runs through the public command a user would type (`pyllm.cli.main(["pretrain", ...])` etc.) on files
@@ -51,10 +51,12 @@ class DemoConfig:
     rm_batch: int = 16
     rm_lr: float = 3e-4
     rl_prompts: int = 2000
-    rl_steps: int = 150
+    rl_algo: str = "rft"         # rft (rejection-sampling fine-tuning on verified samples: expert iteration) or grpo
+    rl_mode_wrong: bool = False  # rft: learn only from prompts whose most frequent sample is wrong
+    rl_steps: int = 500
     rl_batch: int = 32           # prompts per step
-    rl_k: int = 16               # samples per prompt (GRPO group)
-    rl_lr: float = 1e-3          # LoRA learning rate (full fine-tuning drifted: see results_demo.md)
+    rl_k: int = 16               # samples per prompt (GRPO group / RFT candidates)
+    rl_lr: float = 1.5e-4        # full-parameter RFT (GRPO: LoRA at 1e-3 drifted least; see results_demo.md)
     rl_kl: float = 0.0
     rl_warmup: int = 15          # Adam's first steps are sign-like: without warmup one step wrecks the policy
     rl_verifier_weight: float = 1.0  # verifier reward for a correct reply (the RM's score spans ~+-3, weighted below)
@@ -62,9 +64,9 @@ class DemoConfig:
     rl_rm_weight: float = 0.1    # reward = rl_rm_weight * RM score + verifier: the RM is a small shaping term
     rl_scale_rewards: str = "group"  # GRPO advantage scale: group std, batch std, or none
     rl_filter_groups: bool = True    # drop groups whose verifier scores are all equal (no signal, only RM noise)
-    rl_temperature: float = 0.5  # rollout temperature (samples among the top candidates: what greedy decides)
+    rl_temperature: float = 1.0  # rollout temperature (RFT: coverage of right answers; GRPO was best at 0.5)
     rl_prefilter: int = 8        # samples per RL prompt to estimate SFT's pass rate; keep prompts with 0 < rate < 1
-    rl_lora_r: int = 8           # LoRA rank of the RL update (0 = full fine-tuning)
+    rl_lora_r: int = 0           # LoRA rank of the RL update (0 = full fine-tuning; GRPO was best with 8)
     rl_kinds: tuple = ("add", "sub")  # task kinds of the RL prompts (RL where SFT is weakest)
     n_eval: int = 300            # held-out problems per accuracy number
     n_shots: int = 3             # few-shot examples for the base model
@@ -292,7 +294,7 @@ def reused_results(out: Path, cfg: DemoConfig, seed: int, from_stage: str) -> di
     draw = lambda c: max(c["sft_examples"], c["rm_pairs"], c["rl_prompts"])  # noqa: E731
     diff = [f for st in STAGES[:STAGES.index(from_stage)] for f in new
             if f.startswith(_STAGE_FIELDS[st]) and old.get(f) != new[f]]
-    if draw(old) != draw(new):
+    if from_stage in ("reward", "rl") and draw(old) != draw(new):  # from sft on, every file is rewritten
         diff.append("max(sft_examples, rm_pairs, rl_prompts)")
     if diff:
         raise ValueError(f"--from-stage {from_stage}: {path} was made with different {', '.join(diff)}; "
@@ -428,7 +430,8 @@ def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "
               f"{R['rm']['length_baseline']:.3f}, chance 0.5)", flush=True)
 
     # 5. RL ----------------------------------------------------------------------------------------------------
-    head(5, "RL (GRPO), reward: " + {"rm": "the reward model", "verifier": "the program verifier",
+    head(5, f"RL ({ {'grpo': 'GRPO', 'rft': 'rejection-sampling fine-tuning'}.get(cfg.rl_algo, cfg.rl_algo)}), "
+            "reward: " + {"rm": "the reward model", "verifier": "the program verifier",
                                      "rm+verifier": "reward model + program verifier"}[reward])
     t0 = time.perf_counter()
     rflags = []
@@ -437,12 +440,13 @@ def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "
     if "verifier" in reward:
         rflags += ["--reward-fn", "pyllm.tasks:verifier_reward"]
     stage_cli("rl", ["--policy", str(out / "sft"), *rflags, "--prompts", str(F["prompts"]), "--out",
-                     str(out / "rl"), "--algo", "grpo", "--num-samples", str(cfg.rl_k), "--batch-size",
+                     str(out / "rl"), "--algo", cfg.rl_algo, "--num-samples", str(cfg.rl_k), "--batch-size",
                      str(cfg.rl_batch), "--steps", str(cfg.rl_steps), "--lr", str(cfg.rl_lr), "--kl-coef",
                      str(cfg.rl_kl), "--max-new-tokens", "6", "--ppo-epochs", "1", "--warmup-steps",
                      str(cfg.rl_warmup), "--save-every", str(cfg.rl_steps), "--seed", str(seed),
                      "--reward-model-weight", str(cfg.rl_rm_weight), "--scale-rewards", cfg.rl_scale_rewards,
                      "--temperature", str(cfg.rl_temperature), *(["--filter-groups"] if cfg.rl_filter_groups else []),
+                     *(["--rft-mode-wrong"] if cfg.rl_mode_wrong and cfg.rl_algo == "rft" else []),
                      *(["--lora-r", str(cfg.rl_lora_r)] if cfg.rl_lora_r else []),
                      *(["--prefilter-samples", str(cfg.rl_prefilter)] if cfg.rl_prefilter and "verifier" in reward
                        else []),
@@ -567,6 +571,22 @@ def write_report(out: Path, R: dict) -> None:
          "- pairs: the correct answer vs a near miss (off by a carry, a digit or one; 3 in 4) or a malformed reply "
          "(1 in 4), on held-out problems", "",
          "## RL", "",
+         (f"- algorithm: rejection-sampling fine-tuning (expert iteration, as in STaR / RAFT / ReST): each step "
+          f"samples {cfg['rl_k']} replies to each of {cfg['rl_batch']} prompts, keeps the replies the program verifier "
+          "accepts, and takes one supervised (cross-entropy) step on them (each distinct accepted reply once, every "
+          "prompt with one weighted equally); no demonstration is used, only the verifier's check of the policy's own "
+          "samples; the reward model is scored on the samples (reward curve below) but not optimised"
+          + ("; prompts every sample already solves are skipped" if cfg.get("rl_filter_groups") else "")
+          + ("; only prompts whose most frequent sampled reply is wrong are learned from (where a verified reply "
+             "exists but is not yet the policy's choice)" if cfg.get("rl_mode_wrong") else "")
+          + f"; {cfg['rl_steps']} steps, lr {cfg['rl_lr']}, rollout temperature {cfg.get('rl_temperature', 1.0)}, "
+          f"warmup {cfg['rl_warmup']} steps"
+          + (f"; only prompts on which {cfg['rl_prefilter']} samples of the SFT policy were sometimes right and "
+             "sometimes wrong" if cfg.get("rl_prefilter") else "")
+          + (f"; LoRA rank {cfg['rl_lora_r']} update (merged into the saved policy)" if cfg.get("rl_lora_r")
+             else "; full-parameter update")
+          + ". Prompts are train-side problems only")
+         if cfg.get("rl_algo", "grpo") == "rft" else
          f"- algorithm: GRPO, reward = {R['reward'].replace('+', ' + ')}, {cfg['rl_steps']} steps x "
          f"{cfg['rl_batch']} prompts x {cfg['rl_k']} samples, lr {cfg['rl_lr']}, KL coefficient {cfg['rl_kl']}; "
          "prompts are train-side problems only"
@@ -574,6 +594,7 @@ def write_report(out: Path, R: dict) -> None:
             "GRPO against it alone learns to please it (`pyllm demo --reward rm` shows the RM score rising while "
             "verifier success falls); the program check anchors the reward to the truth while the RM still "
             "ranks format" if R["reward"] == "rm+verifier" else ""),
+         None if cfg.get("rl_algo", "grpo") == "rft" else
          f"- score = {cfg.get('rl_rm_weight', 1.0)} x RM score + verifier ({cfg['rl_verifier_weight']} for a "
          f"correct reply"
          + (f", {cfg['rl_verifier_weight']} x {cfg['rl_partial']} x max(0, 1 - d/10) for an integer reply off by d: "
@@ -615,7 +636,7 @@ def write_report(out: Path, R: dict) -> None:
     if bn.get("error"):
         L.append(f"- error: {bn['error']}")
     L += ["", "```", (bn.get("stdout") or "").strip(), "```", ""]
-    text = "\n".join(L)
+    text = "\n".join(x for x in L if x is not None)
     tmp = out / "report.md.tmp"
     tmp.write_text(text)
     os.replace(tmp, out / "report.md")
@@ -634,8 +655,9 @@ def add_arguments(p):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="device for every stage (auto = cuda if available)")
     p.add_argument("--reward", default="rm+verifier", choices=["rm", "rm+verifier", "verifier"],
-                   help="RL reward: reward model + program verifier (default; at this scale the RM alone gets "
-                        "hacked, which the report shows with --reward rm), the RM alone, or the verifier alone")
+                   help="RL reward: reward model + program verifier (default; the default RL stage, rft, learns "
+                        "from what the verifier accepts and scores the RM beside it), the RM alone (runs GRPO; at "
+                        "this scale the RM alone gets hacked, which the report shows), or the verifier alone")
     p.add_argument("--from-stage", default="pretrain", choices=STAGES,
                    help="rerun from this stage on, reusing the earlier stages' checkpoints and numbers from an "
                         "earlier run in --out (e.g. `--from-stage rl --set rl_lr=1e-4` to try an RL setting)")
@@ -669,6 +691,14 @@ def apply_overrides(cfg: DemoConfig, sets: list[str]) -> DemoConfig:
 
 def main(args) -> int:
     cfg = apply_overrides(QUICK if args.quick else FULL, args.set)
+    if cfg.rl_algo not in ("grpo", "rft"):
+        raise ValueError(f"--set rl_algo={cfg.rl_algo}: expected grpo or rft")
+    if cfg.rl_algo == "rft" and "verifier" not in args.reward:
+        # rejection sampling keeps what the program verifier accepts: with the RM alone the RL stage is GRPO
+        if any(s_.replace("-", "_").startswith("rl_algo=") for s_ in args.set):
+            raise ValueError(f"--set rl_algo=rft needs the verifier in --reward (got --reward {args.reward})")
+        cfg = dataclasses.replace(cfg, rl_algo="grpo")
+        print(f"demo: --reward {args.reward} has no verifier to reject samples with: the RL stage runs GRPO")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")

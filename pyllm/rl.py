@@ -7,6 +7,11 @@ cache and pyllm's sampling op), score them, then update the policy:
               advantages; clipped policy loss and clipped value loss, --ppo-epochs passes over minibatches.
   --algo grpo (DeepSeekMath): k samples per prompt, advantage = (score - group mean) / group std, no critic; KL to
               the reference as a loss term (k3 estimator, --kl-coef) instead of in the reward.
+  --algo rft  (rejection-sampling fine-tuning / expert iteration: STaR, RAFT, ReST): k samples per prompt, keep the
+              ones the --reward-fn verifies (score reaches the prompt's `weight`, default 1), one supervised step
+              (cross-entropy) on them, each distinct kept reply once and every prompt with a kept reply weighted
+              equally. A mean-probability shift (GRPO) rarely flips an argmax between near-tied answers; a
+              cross-entropy step on the verified answer does. The reward model, if given, is only scored (logged).
 The score is the reward model's output and/or a Python function (--reward-fn module:function or file.py:function)
 called as fn(prompt=..., response=..., **other JSONL fields) -> float; with both, they add (the RM's share scaled by
 --reward-model-weight). GRPO options after TRL / DAPO: --scale-rewards group|batch|none (divide advantages by the
@@ -124,6 +129,41 @@ def grpo_advantages(score: torch.Tensor, k: int, scale: str = "group") -> torch.
     return a.reshape(-1)
 
 
+def rft_select(responses: list, correct: torch.Tensor, k: int, drop_solved: bool = False,
+               mode_wrong_only: bool = False):
+    """Rejection sampling: responses (N lists of ids) in N/k groups of k, correct (N,) bool -> (kept indices, their
+    weights, fraction of groups with a kept reply). Each distinct correct reply of a group is kept once (the first
+    sample of it) with weight 1 / (distinct correct replies of its group), so every prompt the policy solved at least
+    once counts the same however often it solved it; drop_solved also drops groups solved by all k samples;
+    mode_wrong_only keeps only groups whose most frequent reply (the k samples' estimate of the greedy answer; a tie
+    counts as wrong) is not verified: the prompts where a right answer exists but is not yet the policy's choice."""
+    ok = correct.view(-1, k).clone()                                        # (groups, k), the caller's kept
+    if drop_solved:
+        ok = ok & ~ok.all(1, keepdim=True)
+    if mode_wrong_only:
+        for g in range(ok.shape[0]):
+            count: dict = {}
+            for j in range(k):
+                r = tuple(responses[g * k + j])
+                count[r] = count.get(r, 0) + 1
+            top = max(count.values())
+            modes = [r for r, c in count.items() if c == top]
+            if len(modes) == 1 and bool(correct[g * k + [tuple(x) for x in responses[g * k:(g + 1) * k]]
+                                                .index(modes[0])]):
+                ok[g] = False
+    sel, w = [], []
+    for g in range(ok.shape[0]):
+        uniq: dict = {}
+        for j in range(k):
+            if ok[g, j]:
+                uniq.setdefault(tuple(responses[g * k + j]), g * k + j)
+        if not uniq:
+            continue
+        sel += list(uniq.values())
+        w += [1.0 / len(uniq)] * len(uniq)  # (nothing when the group has no verified reply)
+    return sel, w, ok.any(1).float().mean().item()
+
+
 def parse_prompt(obj: dict, where: str):
     """-> (messages so far, the raw prompt for the reward fn, extra fields)."""
     if "prompt" in obj:
@@ -147,8 +187,9 @@ def add_arguments(p):
     p.add_argument("--reward-fn", default=None, help="Python reward: module:function or file.py:function, called "
                                                      "as fn(prompt=, response=, **extra JSONL fields) -> float")
     p.add_argument("--prompts", required=True, help="JSONL of {'prompt': ..., extra fields} or {'messages': ...}")
-    p.add_argument("--algo", default="ppo", choices=["ppo", "grpo"], help="PPO with a value head, or GRPO")
-    p.add_argument("--num-samples", type=int, default=0, help="responses per prompt (default 1 PPO, 4 GRPO)")
+    p.add_argument("--algo", default="ppo", choices=["ppo", "grpo", "rft"],
+                   help="PPO with a value head, GRPO, or rejection-sampling fine-tuning on verified samples (rft)")
+    p.add_argument("--num-samples", type=int, default=0, help="responses per prompt (default 1 PPO, 4 GRPO / rft)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="response length cap")
     p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
     p.add_argument("--top-k", type=int, default=0, help="rollout top-k (0 = off)")
@@ -166,11 +207,15 @@ def add_arguments(p):
     p.add_argument("--scale-rewards", default="group", choices=["group", "batch", "none"],
                    help="GRPO: divide advantages by the group's score std (DeepSeekMath), the batch's, or not")
     p.add_argument("--filter-groups", action="store_true",
-                   help="GRPO: drop groups whose --reward-fn scores are all equal (no verifier signal)")
+                   help="GRPO: drop groups whose --reward-fn scores are all equal (no verifier signal); rft: drop "
+                        "groups every sample of which is verified (already solved)")
     p.add_argument("--prefilter-samples", type=int, default=0,
                    help="before training, sample this many responses per prompt from the starting policy and keep "
                         "only prompts whose --reward-fn scores differ (sometimes right, sometimes wrong): the others "
                         "give GRPO no signal (0 = keep all prompts)")
+    p.add_argument("--rft-mode-wrong", action="store_true",
+                   help="rft: learn only from prompts whose most frequent sampled reply is wrong (where a verified "
+                        "reply exists but is not yet the policy's choice: what flips greedy answers)")
     p.add_argument("--no-whiten", action="store_true", help="do not whiten PPO advantages")
     add_common_args(p)
 
@@ -261,9 +306,11 @@ def main(args) -> int:
         rm, _ = load_reward_model(args.reward_model, dist.device, args.tokenizer)
         rm.eval().requires_grad_(False)
     fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
-    k = args.num_samples or (4 if args.algo == "grpo" else 1)
+    k = args.num_samples or (1 if args.algo == "ppo" else 4)
     if args.algo == "grpo" and k < 2:
         raise ValueError("rl: GRPO needs --num-samples >= 2 (advantages are relative within a group)")
+    if args.algo == "rft" and fn is None:
+        raise ValueError("rl: --algo rft needs --reward-fn (it keeps the samples the verifier accepts)")
     T = model.config.max_seq_len
     if args.max_new_tokens >= T - 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in context {T}")
@@ -317,12 +364,23 @@ def main(args) -> int:
             # full-credit rate: the score reached the prompt's `weight` field (default 1), i.e. exact-match success
             # when the reward fn is graded (partial credit for near misses stays below it)
             full = torch.tensor([float(prompts[pi][2].get("weight", 1.0)) for pi, _, _ in samples])
-            info["fn_full"] = (s_fn >= full - 1e-6).float().mean().item()
+            correct = s_fn >= full - 1e-6                                   # (N,) verified (full credit)
+            info["fn_full"] = correct.float().mean().item()
         raw_score = score.clone()
         no_signal = False
         if args.reward_clip > 0:
             score = score.clamp(-args.reward_clip, args.reward_clip)
-        if args.algo == "grpo" and args.filter_groups:
+        if args.algo == "rft":
+            sel, rft_w, info["kept_groups"] = rft_select([r for _, _, r in samples], correct, k, args.filter_groups,
+                                                         args.rft_mode_wrong)
+            no_signal = not sel
+            if no_signal:  # nothing verified: a zero-weight step keeps every rank in step
+                sel, rft_w = [0], [0.0]
+            samples = [samples[i] for i in sel]
+            score = score[sel]
+            rft_w = torch.tensor(rft_w)
+            N = len(samples)
+        elif args.algo == "grpo" and args.filter_groups:
             sig = (s_fn if fn is not None else score).view(-1, k)
             keep = (sig.max(1).values - sig.min(1).values) > 1e-6           # (groups,) any spread in the group
             info["kept_groups"] = keep.float().mean().item()
@@ -345,7 +403,7 @@ def main(args) -> int:
             last[i] = len(p) - 2 + len(r)
         # GRPO with one pass over one minibatch is on-policy: the rollout policy's log-probs are the training
         # forward's own (ratio exactly 1), so the extra no-grad forward is skipped (~20% of a step)
-        one_pass = args.algo == "grpo" and args.ppo_epochs == 1 and args.minibatches <= 1
+        one_pass = args.algo in ("grpo", "rft") and args.ppo_epochs == 1 and args.minibatches <= 1
         with torch.no_grad():
             ref_lp = token_logps(ref(idx)[0], idx, tau)
             if not one_pass:
@@ -359,6 +417,8 @@ def main(args) -> int:
                 adv, returns = gae(rewards, values, m, args.gamma, args.lam)
                 if not args.no_whiten:
                     adv = whiten(adv, m)
+            elif args.algo == "rft":  # weighted cross-entropy on the kept samples (the ratio is 1 on-policy)
+                adv = rft_w.to(dist.device)[:, None] * m
             else:
                 a = grpo_advantages(score, k, args.scale_rewards)
                 if no_signal:

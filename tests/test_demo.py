@@ -157,3 +157,35 @@ def test_from_stage_rl_reuses_earlier_stages(quick_run, tmp_path):
     assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "4", "--from-stage", "rl"]) == 2
     assert cli.main(["demo", "--quick", "--out", str(out), "--set", "rl_nope=1"]) == 2
     assert cli.main(["demo", "--quick", "--out", str(tmp_path / "empty"), "--from-stage", "sft"]) == 2
+
+
+def test_rl_algorithms_and_sft_budget(quick_run, tmp_path):
+    """The default RL stage is rejection-sampling fine-tuning and the report says so (with KL and the RM score
+    beside verifier success); `--set rl_algo=grpo` reruns it as GRPO; a new SFT demonstration budget reruns from
+    SFT, where a changed train draw is allowed, but is refused for a run reusing SFT."""
+    import shutil
+    text = (quick_run / "report.md").read_text()
+    assert "rejection-sampling fine-tuning" in text and "advantages = score - group mean" not in text
+    assert "KL to SFT" in text and "reward-model score vs true verifier success" in text
+    rows = [json.loads(x) for x in (quick_run / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all("kept_groups" in r and "rm_score" in r and "fn_full" in r for r in rows)
+    out = tmp_path / "run"
+    shutil.copytree(quick_run, out)
+    assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "3", "--from-stage", "rl", "--set",
+                     "rl_algo=grpo", "--set", "rl_k=4"]) == 0
+    text = (out / "report.md").read_text()
+    assert "algorithm: GRPO" in text and "advantages = score - group mean" in text
+    assert "rejection-sampling" not in text
+    assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "3", "--set", "rl_algo=ppo"]) == 2
+    # the RM alone as the reward: nothing to reject samples with, so the default RL stage runs GRPO
+    assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "3", "--from-stage", "rl", "--reward", "rm"]) == 0
+    assert "algorithm: GRPO" in (out / "report.md").read_text()
+    assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "3", "--from-stage", "rl", "--reward", "rm",
+                     "--set", "rl_algo=rft"]) == 2
+    assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "3", "--from-stage", "rl", "--set",
+                     "sft_examples=80"]) == 2
+    assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "3", "--from-stage", "sft", "--set",
+                     "sft_examples=80", "--set", "sft_steps=2"]) == 0
+    R = json.loads((out / "results.json").read_text())
+    assert R["reused"] == ["pretrain"] and R["config"]["sft_examples"] == 80
+    assert len((out / "data" / "sft.jsonl").read_text().splitlines()) == 80

@@ -187,3 +187,63 @@ def test_prefilter_keeps_prompts_with_verifier_spread(tmp_path, capsys):
     assert "no prompt has a spread" in capsys.readouterr().err
     assert cli(bad[:5] + bad[7:] + ["--reward-model", str(_rm(tmp_path, base)), "--prefilter-samples", "4"]) == 2
     assert "--prefilter-samples needs --reward-fn" in capsys.readouterr().err
+
+
+def test_rft_select_keeps_each_distinct_verified_reply_once_per_prompt():
+    from pyllm.rl import rft_select
+    # 3 groups of k=4: group 0 two correct copies of one reply + one other correct reply; group 1 none; group 2 all
+    resp = [[1, 2], [1, 2], [3], [9], [5], [6], [7], [8], [4], [4], [4, 0], [4]]
+    ok = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.bool)
+    sel, w, frac = rft_select(resp, ok, 4)
+    assert sel == [0, 2, 8, 10] and w == [0.5, 0.5, 0.5, 0.5] and frac == pytest.approx(2 / 3)
+    sel, w, frac = rft_select(resp, ok, 4, drop_solved=True)     # group 2 is solved by every sample
+    assert sel == [0, 2] and w == [0.5, 0.5] and frac == pytest.approx(1 / 3)
+    assert rft_select(resp, torch.zeros(12, dtype=torch.bool), 4) == ([], [], 0.0)
+
+
+FIRST_A = '''
+def first_a(prompt, response, **extra):
+    """Verified when the reply starts with a lowercase letter (pass/fail, like the demo's arithmetic verifier)."""
+    return 1.0 if response[:1].islower() else 0.0
+'''
+
+
+def test_rft_raises_verified_success_and_needs_a_verifier(tmp_path, capsys):
+    base, _, prompts = _setup(tmp_path)
+    (tmp_path / "fa.py").write_text(FIRST_A)
+    out = tmp_path / "rft"
+    args = ["rl", "--algo", "rft", "--policy", str(base), "--reward-fn", f"{tmp_path / 'fa.py'}:first_a",
+            "--prompts", str(prompts), "--out", str(out), "--lr", "3e-2", "--batch-size", "8",
+            "--num-samples", "8", "--max-new-tokens", "4", "--ppo-epochs", "1", "--seed", "3"]
+    assert cli(args + ["--steps", "16"]) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    first = sum(r["fn_full"] for r in rows[:3]) / 3
+    last = sum(r["fn_full"] for r in rows[-3:]) / 3
+    assert 0 < first < 0.25 and last > 3 * first, (first, last)   # verified success rises (chance ~26/vocab)
+    assert all("kept_groups" in r and "entropy" in r for r in rows)
+    # a verifier that accepts nothing leaves the policy exactly where it was (zero-weight steps)
+    (tmp_path / "no.py").write_text("def no(prompt, response, **kw):\n    return 0.0\n")
+    out2 = tmp_path / "none"
+    a2 = [x if x != f"{tmp_path / 'fa.py'}:first_a" else f"{tmp_path / 'no.py'}:no" for x in args]
+    a2[a2.index(str(out))] = str(out2)
+    assert cli(a2 + ["--steps", "2"]) == 0
+    a, _ = load_checkpoint(str(base))
+    b, _ = load_checkpoint(str(out2))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(r["kept_groups"] == 0.0 for r in read_metrics(out2 / "metrics.jsonl"))
+    # rft keeps what a program verified: a reward model alone is refused
+    rm = _rm(tmp_path, base)
+    assert cli(["rl", "--algo", "rft", "--policy", str(base), "--reward-model", str(rm), "--prompts", str(prompts),
+                "--out", str(tmp_path / "x"), "--steps", "1"]) == 2
+    assert "--algo rft needs --reward-fn" in capsys.readouterr().err
+
+
+def test_rft_select_mode_wrong_keeps_only_groups_whose_plurality_is_wrong():
+    from pyllm.rl import rft_select
+    # k=4: g0 mode [1] right (3 of 4) -> dropped; g1 mode [2] wrong, one right [1] -> kept; g2 tie [1]/[2] -> kept;
+    # g3 mode [1] right, nothing wrong -> dropped; g4 all wrong -> nothing to keep
+    resp = [[1], [1], [1], [2], [2], [2], [2], [1], [1], [2], [1], [2], [1], [1], [1], [1], [3], [3], [4], [3]]
+    ok = torch.tensor([r == [1] for r in resp])
+    sel, w, frac = rft_select(resp, ok, 4, mode_wrong_only=True)
+    assert sel == [7, 8] and w == [1.0, 1.0] and frac == pytest.approx(2 / 5)
+    assert rft_select(resp, ok, 4)[0] == [0, 7, 8, 12]
