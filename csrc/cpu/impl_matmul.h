@@ -8,6 +8,8 @@
 // while the B micro-panels of one B block (<= MM_NC_MAX columns, <= 768 KiB) stream from L2. Packing costs
 // (M+N)*K copies per call against 2*M*N*K flops, and was the measured gap to torch: the packers prefetch their
 // strided source rows, and the scratch is reused across calls (no malloc or page faults per call).
+// Small and mid-size products (the training GEMMs of d = 128..384 models) take the direct path (mm_direct below):
+// the micro-kernel reads A in place and B in place where its layout allows, so little or nothing is packed.
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
