@@ -29,6 +29,8 @@ LAB_C = """
 #include <omp.h>
 #include "kernels.h"
 #include "simd.h"
+#include "isa.h"
+const cpu_features* cpu_features_get(void) { static cpu_features f; return &f; }  // the lab times fp32 only
 #define KFN(name) name##_lab
 #include "impl_matvec.h"
 #include IMPL

@@ -14,9 +14,13 @@ def check(t: torch.Tensor, name: str, dtype=torch.float32, shape: tuple | None =
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype != dtype:
         raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
-    want = torch.device(device)
-    if t.device.type != want.type or (want.index is not None and t.device != want):
-        raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
+    if device == "cpu":   # the common case, without building a torch.device per call (~1 us: 400 calls a step)
+        if t.device.type != "cpu":
+            raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
+    else:
+        want = torch.device(device)
+        if t.device.type != want.type or (want.index is not None and t.device != want):
+            raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
     if shape is not None:
         if len(shape) != t.dim() or any(s is not None and s != d for s, d in zip(shape, t.shape)):
             raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
@@ -100,27 +104,45 @@ def matmul_bf16(a, b):
     return matmul(a, b)
 
 
+def _gemm(a, b, M, N, K, trans_a=False, trans_b=False, bias=None):
+    """matmul() without the checks, for callers whose tensors are already checked fp32 contiguous on the CPU
+    (linear's forward and backward: 3 GEMMs per linear, ~87 a step of a small model, where checks cost ~10 us
+    each against ~100-500 us kernels)."""
+    out = torch.empty(M, N, dtype=torch.float32)
+    if K == 0:    # the empty sum (the operands have no data pointer)
+        return out.zero_() if bias is None else out.copy_(bias.expand(M, N))
+    if M and N:
+        C().matmul_forward(out.data_ptr(), a.data_ptr(), b.data_ptr(), 0 if bias is None else bias.data_ptr(), M, N, K,
+                           max(1, a.shape[1]), max(1, b.shape[1]), N, trans_a, trans_b, False)
+    return out
+
+
 class _Linear(torch.autograd.Function):
     # Backward uses the kernel's transpose flags on the saved tensors: no transposed copies are made.
     @staticmethod
     def forward(ctx, x, weight, bias):
         K = x.shape[-1]
         x2 = x.reshape(-1, K)                                    # (M, K) view
-        y = matmul(x2, weight, bias)                             # (M, N)
+        N = weight.shape[0]
+        y = _gemm(x2, weight, x2.shape[0], N, K, bias=bias)     # (M, N)
         ctx.save_for_backward(x2, weight)
         ctx.has_bias = bias is not None
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return y.view(*x.shape[:-1], N)
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight = ctx.saved_tensors
         N, K = weight.shape
-        dy2 = dy.reshape(-1, N).contiguous()                     # (M, N)
+        M = x2.shape[0]
+        dy2 = dy.reshape(-1, N)                                  # (M, N)
+        if dy2.dtype != torch.float32 or dy2.device.type != "cpu":
+            raise TypeError(f"linear backward: expected a float32 cpu gradient, got {dy2.dtype} on {dy2.device}")
+        dy2 = dy2.contiguous()
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = matmul(dy2, weight, trans_b=True).view(*dy.shape[:-1], K)   # (M, K) = dY·W
-        if ctx.needs_input_grad[1]:
-            dw = matmul(dy2, x2, trans_a=True, trans_b=True)                  # (N, K) = dYᵀ·X
+            dx = _gemm(dy2, weight, M, K, N, trans_b=True).view(*dy.shape[:-1], K)
+        if ctx.needs_input_grad[1]:                              # (N, K) = dYᵀ·X;  dX (M, K) = dY·W above
+            dw = _gemm(dy2, x2, N, K, M, trans_a=True, trans_b=True)   # M = 0: zeros (empty sum)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0)
         return dx, dw, db
@@ -380,10 +402,20 @@ def _check_attention(q, k, v, doc_ids):
     return B, T, H, Hkv, D
 
 
+def _one_doc_per_row(doc_ids) -> bool:
+    """True when every row of doc_ids (B, T) holds a single document, i.e. the document mask masks nothing beyond
+    causality (a packed pretraining batch whose windows fall inside one long document, as on Tiny Shakespeare).
+    The kernel's masked path costs ~25% more at T = 64 (2.4 vs 1.9 ms fwd+bwd per layer); this check ~6 us."""
+    a = doc_ids.numpy()
+    return bool((a == a[:, :1]).all())
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, doc_ids):
         B, T, H, Hkv, D = _check_attention(q, k, v, doc_ids)
+        if doc_ids is not None and _one_doc_per_row(doc_ids):
+            doc_ids = None                                   # same result: plain causal attention
         out = torch.empty_like(q)
         lse = torch.empty(B, H, T, dtype=torch.float32)
         C().attention_forward(ptr(out), ptr(lse), ptr(q), ptr(k), ptr(v), ptr(doc_ids), B, T, H, Hkv, D)

@@ -75,6 +75,23 @@ def test_attention_one_document_equals_causal(rng):
     q, k, v = make_qkv(2, 130, 4, 2, 64, rng)
     doc = torch.full((2, 130), 7, dtype=torch.int32)
     torch.testing.assert_close(ops.attention(q, k, v, doc), ops.attention(q, k, v), rtol=0, atol=0)
+    # ops drops a mask that masks nothing; the kernel's masked path itself must agree too (raw calls)
+    outs = []
+    for d in (doc, None):
+        out, lse = poison(torch.empty_like(q)), poison(torch.empty(2, 4, 130))
+        C().attention_forward(out.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                              0 if d is None else d.data_ptr(), 2, 130, 4, 2, 64)
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_attention_one_document_per_row_skip_matches_ref(rng):
+    # Rows with different single documents (ops skips the mask), then one row split in two (the masked path).
+    q, k, v = make_qkv(3, 37, 4, 2, 16, rng)
+    doc = torch.tensor([5, 9, 2], dtype=torch.int32)[:, None].expand(3, 37).contiguous()
+    check_against_ref(q, k, v, doc, rng)
+    doc[1, 20:] = 10
+    check_against_ref(q, k, v, doc, rng)
 
 
 def test_attention_two_threads_no_races(rng):

@@ -11,6 +11,17 @@ from conftest import poison
 SIZES = [(1, 1, 1), (3, 17, 1), (17, 127, 3), (127, 3, 1000), (1000, 17, 127), (33, 300, 65), (1, 1000, 17)]
 
 
+@pytest.fixture(params=["auto", "packed", "direct"])
+def gemm_path(request, monkeypatch):
+    """The fp32 GEMM's two drivers (impl_matmul.h): packed panels, or direct (A read in place, B packed only when
+    stored (N, K)); "auto" = the kernel's own choice by shape. PYLLM_GEMM is read by the kernel on every call."""
+    if request.param == "auto":
+        monkeypatch.delenv("PYLLM_GEMM", raising=False)
+    else:
+        monkeypatch.setenv("PYLLM_GEMM", request.param)
+    return request.param
+
+
 def _operands(rng, M, N, K, ta, tb, dtype=torch.float32):
     a = torch.randn(*((K, M) if ta else (M, K)), generator=rng).to(dtype)
     b = torch.randn(*((K, N) if tb else (N, K)), generator=rng).to(dtype)
@@ -24,7 +35,7 @@ def _tol(K):
 
 @pytest.mark.parametrize("M,N,K", SIZES)
 @pytest.mark.parametrize("ta,tb", [(0, 0), (0, 1), (1, 0), (1, 1)])
-def test_matmul_transposes_bias(isa, rng, M, N, K, ta, tb):
+def test_matmul_transposes_bias(isa, gemm_path, rng, M, N, K, ta, tb):
     a, b = _operands(rng, M, N, K, ta, tb)
     bias = torch.randn(N, generator=rng) if (M + N + K + ta + tb) % 2 else None
     out = poison(torch.empty(M, N))
@@ -34,7 +45,7 @@ def test_matmul_transposes_bias(isa, rng, M, N, K, ta, tb):
 
 
 @pytest.mark.parametrize("M,N,K", [(17, 127, 3), (130, 70, 600), (1, 33, 257)])
-def test_matmul_accumulate(isa, rng, M, N, K):
+def test_matmul_accumulate(isa, gemm_path, rng, M, N, K):
     a, b = _operands(rng, M, N, K, 0, 1)
     bias = torch.randn(N, generator=rng)
     c0 = torch.randn(M, N, generator=rng)
@@ -43,7 +54,7 @@ def test_matmul_accumulate(isa, rng, M, N, K):
     torch.testing.assert_close(out, c0 + a @ b + bias, **_tol(K))
 
 
-def test_matmul_strided_ld_and_k0(isa, rng):
+def test_matmul_strided_ld_and_k0(isa, gemm_path, rng):
     # Raw kernel call with row strides larger than the logical width (a view into a wider buffer); the padding
     # columns of C must stay untouched. K = 0 gives C = bias.
     M, N, K = 19, 35, 41
@@ -201,7 +212,7 @@ def test_matmul_small_m_boundary(isa, rng, M):
 @pytest.mark.parametrize("M,N,K", [(70, 1100, 800), (5, 33, 1000), (5500, 37, 384), (29, 64, 9)])
 @pytest.mark.parametrize("ta,tb", [(0, 0), (0, 1), (1, 1)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_matmul_blocking_paths(isa, rng, M, N, K, ta, tb, threads):
+def test_matmul_blocking_paths(isa, gemm_path, rng, M, N, K, ta, tb, threads):
     a, b = _operands(rng, M, N, K, ta, tb)
     bias = torch.randn(N, generator=rng)
     c0 = torch.randn(M, N, generator=rng)
@@ -217,6 +228,47 @@ def test_matmul_blocking_paths(isa, rng, M, N, K, ta, tb, threads):
         torch.testing.assert_close(out, (c0.double() + expect).float(), **_tol(K))
     finally:
         C().set_threads(before)
+
+
+# The training GEMMs of the Shakespeare (d=128, M = 768) and issue-3 (d=384) models through linear's autograd, on
+# both drivers and 1-2 threads: fwd x·Wᵀ, dX = dY·W, dW = dYᵀ·X against float64 autograd. Odd M / N leave an
+# edge A tile (M % 14) and an edge B panel (N % 32); K = 768 > 384 crosses the direct path's K blocks (dW).
+@pytest.mark.parametrize("M,K,N", [(768, 128, 128), (768, 352, 128), (768, 128, 262), (131, 1024, 45),
+                                   (2048, 384, 1024)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_training_shapes(gemm_path, rng, M, K, N, threads):
+    x = torch.randn(M, K, generator=rng, requires_grad=True)
+    w = torch.randn(N, K, generator=rng, requires_grad=True)
+    dy = torch.randn(M, N, generator=rng)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    (x64 @ w64.T).backward(dy.double())
+    before = C().get_threads()
+    C().set_threads(threads)
+    try:
+        y = ops.linear(x, w)
+        y.backward(dy)
+    finally:
+        C().set_threads(before)
+    torch.testing.assert_close(y, (x64 @ w64.T).detach().float(), **_tol(K))
+    torch.testing.assert_close(x.grad, x64.grad.float(), **_tol(N))
+    torch.testing.assert_close(w.grad, w64.grad.float(), **_tol(M))
+
+
+@pytest.mark.parametrize("ld", [1024, 2048])
+def test_matmul_4k_strides(isa, gemm_path, rng, ld):
+    # Row strides that are multiples of 4 KiB (the auto choice avoids the direct path there; forced, it must still
+    # be right): A, B and C are views into (.., ld) buffers.
+    M, N, K = 45, 70, 200
+    for ta, tb in ((0, 0), (0, 1), (1, 1)):
+        A = torch.randn(*((K, ld) if ta else (M, ld)), generator=rng)
+        B = torch.randn(*((K, ld) if tb else (N, ld)), generator=rng)
+        Cbuf = poison(torch.empty(M, ld))
+        C().matmul_forward(Cbuf.data_ptr(), A.data_ptr(), B.data_ptr(), 0, M, N, K, ld, ld, ld, ta, tb, False)
+        a = A[:, :M] if ta else A[:, :K]
+        b = B[:, :N] if tb else B[:, :K]
+        expect = ref.matmul(a.double(), b.double(), trans_a=bool(ta), trans_b=bool(tb)).float()
+        torch.testing.assert_close(Cbuf[:, :N], expect, **_tol(K))
+        assert torch.isnan(Cbuf[:, N:]).all()
 
 
 def test_gemm_scratch_freed_when_a_thread_exits():

@@ -8,6 +8,8 @@
 // while the B micro-panels of one B block (<= MM_NC_MAX columns, <= 768 KiB) stream from L2. Packing costs
 // (M+N)*K copies per call against 2*M*N*K flops, and was the measured gap to torch: the packers prefetch their
 // strided source rows, and the scratch is reused across calls (no malloc or page faults per call).
+// Small and mid-size products (the training GEMMs of d = 128..384 models) take the direct path (mm_direct below):
+// the micro-kernel reads A in place and B in place where its layout allows, so little or nothing is packed.
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -146,9 +148,14 @@ static void mm_pack_group(int bf16, float* base, const void* src, int ld, int tr
         }                                                                                                  \
     } while (0)
 
-// acc(MR, NR) = sum_k a[k*MR + i] * b[k*NR + j]; a (kc, MR) and b (kc, NR) packed panels.
-static void mm_kernel_f32(int kc, const float* restrict a, const float* restrict b, float* c, int ldc, int mr,
-                          int nr, const float* bias, int add) {
+// acc(MR, NR) = sum_k A(i, k) * B(k, 0..NR): A(i, k) = a[i*asi + k*ask], B(k, :) = b + k*bsk (NR contiguous
+// floats). Inlined with constant strides into three kernels: packed A (asi 1, ask MR), A rows read in place
+// (asi lda, ask 1: row-major A, broadcast from MR rows side by side) and A columns read in place (asi 1, ask lda:
+// a transposed A, MR contiguous values per k). B is a packed panel (bsk NR) or rows of a (K, N) B read in place.
+static inline __attribute__((always_inline)) void mm_kernel_gen(int kc, const float* restrict a, size_t asi,
+                                                                size_t ask, const float* restrict b, size_t bsk,
+                                                                float* c, int ldc, int mr, int nr,
+                                                                const float* bias, int add) {
     vf acc[MM_MR][2];
     _Pragma("GCC unroll 16")
     for (int i = 0; i < MM_MR; i++) acc[i][0] = acc[i][1] = (vf){0};
@@ -162,14 +169,30 @@ static void mm_kernel_f32(int kc, const float* restrict a, const float* restrict
         vf b0 = vf_load(b), b1 = vf_load(b + VLEN);
         _Pragma("GCC unroll 16")
         for (int i = 0; i < MM_MR; i++) {
-            vf ai = vf_set1(a[i]);
+            vf ai = vf_set1(a[i * asi]);
             acc[i][0] = vf_fma(ai, b0, acc[i][0]);
             acc[i][1] = vf_fma(ai, b1, acc[i][1]);
         }
-        a += MM_MR;
-        b += MM_NR;
+        a += ask;
+        b += bsk;
     }
     MM_TILE_WRITE(acc, c, ldc, mr, nr, bias, add);
+}
+
+// a (kc, MR) and b (kc, NR) packed panels.
+static void mm_kernel_f32(int kc, const float* restrict a, const float* restrict b, float* c, int ldc, int mr,
+                          int nr, const float* bias, int add) {
+    mm_kernel_gen(kc, a, 1, MM_MR, b, MM_NR, c, ldc, mr, nr, bias, add);
+}
+// a: MR rows (stride lda) read along k in place; b rows bsk apart.
+static void mm_kernel_arows(int kc, const float* restrict a, size_t lda, const float* restrict b, size_t bsk,
+                            float* c, int ldc, const float* bias, int add) {
+    mm_kernel_gen(kc, a, lda, 1, b, bsk, c, ldc, MM_MR, MM_NR, bias, add);
+}
+// a: k-th MR values at a + k*lda (a transposed A read in place); b rows bsk apart.
+static void mm_kernel_acols(int kc, const float* restrict a, size_t lda, const float* restrict b, size_t bsk,
+                            float* c, int ldc, const float* bias, int add) {
+    mm_kernel_gen(kc, a, 1, lda, b, bsk, c, ldc, MM_MR, MM_NR, bias, add);
 }
 
 // Packing scratch, kept per calling thread and grown on demand (64-byte aligned): no malloc or page faults per
@@ -199,6 +222,77 @@ static float* mm_scratch(size_t floats) {
 //   own L2-resident buffer -> A micro-panel (kc, MR) (L1) -> B micro-panels (kc, NR) streamed from L2.
 // Threads split the B blocks when there are at least as many as threads (each thread packs only its own B);
 // otherwise (small N) they split the A micro-panels and each packs all of B (small then).
+// Direct path (fp32, small and mid-size products, e.g. the training GEMMs of a d=128..384 model): no A packing —
+// the micro-kernel broadcasts A straight from its rows (row-major A) or columns (transposed A) — and B packed only
+// when its k-th NR values are not contiguous (B stored (N, K): the forward x·Wᵀ, B = the small weight). dX = dY·W
+// and dW = dYᵀ·X then pack nothing (but an edge panel). Packing cost (M+N)*K strided copies per call, measured as
+// 1/4 of the GEMM at K = 128. Loops: K blocks of <= MM_DKC -> B blocks of MM_DNB panels (L2) -> A tiles (MR rows,
+// L1, split across threads) -> B panels. An edge A tile (< MR rows) and an edge B panel (< NR columns) are packed
+// zero-padded, so no load runs past the end of an operand.
+#ifndef MM_DKC
+#define MM_DKC 384
+#endif
+#ifndef MM_DNB
+#define MM_DNB 8
+#endif
+static void mm_direct(const float* A, int lda, int trans_a, const float* B, int ldb, int trans_b, float* C, int ldc,
+                      const float* bias, int M, int N, int K, int accumulate, int T) {
+    const int nkb = (K + MM_DKC - 1) / MM_DKC, kcm = (K + nkb - 1) / nkb;          // K blocks, balanced
+    const int npn = (N + MM_NR - 1) / MM_NR, mp = (M + MM_MR - 1) / MM_MR;          // B panels, A tiles
+    const int bedge = trans_b && N % MM_NR;                                         // in-place B: edge panel packed
+    const int bpn = trans_b ? bedge : npn;                                          // packed B panels
+    const size_t b_sz = (size_t)bpn * MM_NR * kcm, a_sz = (size_t)MM_MR * kcm;
+    float* Bp = mm_scratch(b_sz + (size_t)T * a_sz);                                // (bpn, kc, NR) + T x (kc, MR)
+    if (!Bp) return;
+    #pragma omp parallel num_threads(T) if (T > 1)
+    {
+#ifdef _OPENMP
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const int t = 0, nt = 1;
+#endif
+        float* Ae = Bp + b_sz + (size_t)t * a_sz;                                   // this thread's edge A tile
+        const int i0 = (int)((long)mp * t / nt), i1 = (int)((long)mp * (t + 1) / nt);
+        for (int k0 = 0; k0 < K; k0 += kcm) {
+            const int kc = K - k0 < kcm ? K - k0 : kcm;
+            const int add = accumulate || k0 > 0;
+            if (!trans_b) {
+                #pragma omp for schedule(static)
+                for (int g = 0; g < npn; g += MM_PACK_GROUP)
+                    mm_pack_group(0, Bp, B, ldb, 0, 0, N, g, g + MM_PACK_GROUP < npn ? g + MM_PACK_GROUP : npn,
+                                  k0, kc, MM_NR);
+            } else if (bedge) {
+                #pragma omp single
+                mm_pack_f32(Bp, B, 0, ldb, 1, (npn - 1) * MM_NR, N - (npn - 1) * MM_NR, k0, kc, MM_NR);
+            }
+            if (i1 > i0 && M % MM_MR && i1 == mp)                                   // the edge A tile is ours
+                mm_pack_f32(Ae, A, 0, lda, trans_a, (mp - 1) * MM_MR, M - (mp - 1) * MM_MR, k0, kc, MM_MR);
+            for (int jb = 0; jb < npn; jb += MM_DNB) {
+                const int je = jb + MM_DNB < npn ? jb + MM_DNB : npn;
+                for (int i = i0; i < i1; i++) {
+                    const int m0 = i * MM_MR, mr = M - m0 < MM_MR ? M - m0 : MM_MR;
+                    const float* ai = trans_a ? A + (size_t)k0 * lda + m0 : A + (size_t)m0 * lda + k0;
+                    for (int j = jb; j < je; j++) {
+                        const int n0 = j * MM_NR, nr = N - n0 < MM_NR ? N - n0 : MM_NR;
+                        const float* bj = !trans_b ? Bp + (size_t)j * MM_NR * kc
+                                        : nr < MM_NR ? Bp : B + (size_t)k0 * ldb + n0;
+                        const size_t bsk = !trans_b || nr < MM_NR ? MM_NR : (size_t)ldb;
+                        const float* bb = bias && k0 == 0 ? bias + n0 : NULL;
+                        float* c = C + (size_t)m0 * ldc + n0;
+                        if (mr < MM_MR)    mm_kernel_gen(kc, Ae, 1, MM_MR, bj, bsk, c, ldc, mr, nr, bb, add);
+                        else if (nr < MM_NR)
+                            mm_kernel_gen(kc, ai, trans_a ? 1 : (size_t)lda, trans_a ? (size_t)lda : 1, bj, bsk, c,
+                                          ldc, mr, nr, bb, add);
+                        else if (trans_a)  mm_kernel_acols(kc, ai, lda, bj, bsk, c, ldc, bb, add);
+                        else               mm_kernel_arows(kc, ai, lda, bj, bsk, c, ldc, bb, add);
+                    }
+                }
+            }
+            #pragma omp barrier
+        }
+    }
+}
+
 #ifndef MM_KC_MAX
 #define MM_KC_MAX 384
 #endif
@@ -211,6 +305,21 @@ static float* mm_scratch(size_t floats) {
 #ifndef MM_PAR_FLOPS
 #define MM_PAR_FLOPS 4e6
 #endif
+#ifndef MM_DIRECT_FLOPS
+#define MM_DIRECT_FLOPS 2e9
+#endif
+// The direct path where it measured faster than packing both operands (bench_matmul_lab.py, 1 thread, in-process
+// A/B): every layout of the d=128 Shakespeare model (M = 768, K <= 768: 0.90-0.98x torch against 0.68-0.90x),
+// and fwd/dx of the issue-3 d=384 model (M = 2048, K = 384); not the products with K >= 2048 or >= 5 GFLOP
+// (dW of 2048 tokens: in-place columns of A are 2048 strided rows; 0.57 against 0.81), nor a row stride that is
+// a multiple of 4 KiB (all rows in the same L1 set: dX 2048x1024x384 0.60 against 0.82). PYLLM_GEMM=packed|direct
+// forces a path (tests cover both on every shape).
+static int mm_use_direct(int M, int N, int K, int lda, int trans_b, int ldb) {
+    const char* e = getenv("PYLLM_GEMM");
+    if (e && e[0] == 'p') return 0;
+    if (e && e[0] == 'd') return 1;
+    return 2.0 * M * N * K <= MM_DIRECT_FLOPS && K <= 1024 && lda % 1024 && (!trans_b || ldb % 1024);
+}
 static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B, int ldb, int trans_b, float* C,
                     int ldc, const float* bias, int M, int N, int K, int accumulate) {
     if (M <= 0 || N <= 0) return;
@@ -230,6 +339,10 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
 #ifdef _OPENMP
     if (2.0 * M * N * K > MM_PAR_FLOPS && !omp_in_parallel()) T = omp_get_max_threads();
 #endif
+    if (!bf16 && mm_use_direct(M, N, K, lda, trans_b, ldb)) {
+        mm_direct((const float*)A, lda, trans_a, (const float*)B, ldb, trans_b, C, ldc, bias, M, N, K, accumulate, T);
+        return;
+    }
     const int nkb = (K + MM_KC_MAX - 1) / MM_KC_MAX, kcm = (K + nkb - 1) / nkb;   // K blocks, balanced
     const int npn = (N + MM_NR - 1) / MM_NR;                                        // B panels in all
     int nb = (npn * MM_NR + MM_NC_MAX - 1) / MM_NC_MAX;                             // B blocks

@@ -38,8 +38,14 @@ void KFN(rmsnorm_backward)(const rmsnorm_backward_params* p) {
             const float* dy = p->dout + (size_t)n * C;
             float* dx = p->dx + (size_t)n * C;
             const float r = p->rstd[n];
-            float dot = 0.f;
-            for (int i = 0; i < C; i++) dot += dy[i] * p->weight[i] * x[i];
+            // sum(dy*w*x) in VLEN lanes: a scalar chain of C dependent adds ran at one add per 4 cycles
+            // (0.15 ms per (768, 128) call, measured in the Shakespeare training step)
+            vf vd = vf_set1(0.f);
+            int i0 = 0;
+            for (; i0 + VLEN <= C; i0 += VLEN)
+                vd = vf_fma(vf_load(dy + i0) * vf_load(p->weight + i0), vf_load(x + i0), vd);
+            float dot = vf_sum(vd);
+            for (; i0 < C; i0++) dot += dy[i0] * p->weight[i0] * x[i0];
             const float k = dot * r * r * r / C;
             for (int i = 0; i < C; i++) {
                 dx[i] = r * p->weight[i] * dy[i] - k * x[i];
