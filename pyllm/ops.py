@@ -402,20 +402,10 @@ def _check_attention(q, k, v, doc_ids):
     return B, T, H, Hkv, D
 
 
-def _one_doc_per_row(doc_ids) -> bool:
-    """True when every row of doc_ids (B, T) holds a single document, i.e. the document mask masks nothing beyond
-    causality (a packed pretraining batch whose windows fall inside one long document, as on Tiny Shakespeare).
-    The kernel's masked path costs ~25% more at T = 64 (2.4 vs 1.9 ms fwd+bwd per layer); this check ~6 us."""
-    a = doc_ids.numpy()
-    return bool((a == a[:, :1]).all())
-
-
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, doc_ids):
         B, T, H, Hkv, D = _check_attention(q, k, v, doc_ids)
-        if doc_ids is not None and _one_doc_per_row(doc_ids):
-            doc_ids = None                                   # same result: plain causal attention
         out = torch.empty_like(q)
         lse = torch.empty(B, H, T, dtype=torch.float32)
         C().attention_forward(ptr(out), ptr(lse), ptr(q), ptr(k), ptr(v), ptr(doc_ids), B, T, H, Hkv, D)

@@ -215,13 +215,17 @@ static float* mm_scratch(size_t floats) {
     return mm_scratch_buf;
 }
 
-// The shared driver: A and B are fp32, or bf16 (bf16 = 1) converted to fp32 while packing.
-// Loops (BLIS, with the operand roles swapped because B is the vector-loaded operand here):
-//   A chunk (<= MM_A_FLOATS rows*kc) -> K block kc (K split evenly, <= MM_KC_MAX) -> pack the A chunk
-//   (shared, all threads) -> B blocks of <= MM_NC_MAX columns, each packed by the thread that uses it into its
-//   own L2-resident buffer -> A micro-panel (kc, MR) (L1) -> B micro-panels (kc, NR) streamed from L2.
-// Threads split the B blocks when there are at least as many as threads (each thread packs only its own B);
-// otherwise (small N) they split the A micro-panels and each packs all of B (small then).
+// This thread's index t of nt inside a parallel region (0 of 1 without OpenMP).
+static inline void mm_thread_slot(int* t, int* nt) {
+#ifdef _OPENMP
+    *t = omp_get_thread_num();
+    *nt = omp_get_num_threads();
+#else
+    *t = 0;
+    *nt = 1;
+#endif
+}
+
 // Direct path (fp32, small and mid-size products, e.g. the training GEMMs of a d=128..384 model): no A packing —
 // the micro-kernel broadcasts A straight from its rows (row-major A) or columns (transposed A) — and B packed only
 // when its k-th NR values are not contiguous (B stored (N, K): the forward x·Wᵀ, B = the small weight). dX = dY·W
@@ -246,11 +250,8 @@ static void mm_direct(const float* A, int lda, int trans_a, const float* B, int 
     if (!Bp) return;
     #pragma omp parallel num_threads(T) if (T > 1)
     {
-#ifdef _OPENMP
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        const int t = 0, nt = 1;
-#endif
+        int t, nt;
+        mm_thread_slot(&t, &nt);
         float* Ae = Bp + b_sz + (size_t)t * a_sz;                                   // this thread's edge A tile
         const int i0 = (int)((long)mp * t / nt), i1 = (int)((long)mp * (t + 1) / nt);
         for (int k0 = 0; k0 < K; k0 += kcm) {
@@ -320,6 +321,14 @@ static int mm_use_direct(int M, int N, int K, int lda, int trans_b, int ldb) {
     if (e && e[0] == 'd') return 1;
     return 2.0 * M * N * K <= MM_DIRECT_FLOPS && K <= 1024 && lda % 1024 && (!trans_b || ldb % 1024);
 }
+
+// The shared driver: A and B are fp32, or bf16 (bf16 = 1) converted to fp32 while packing.
+// Loops (BLIS, with the operand roles swapped because B is the vector-loaded operand here):
+//   A chunk (<= MM_A_FLOATS rows*kc) -> K block kc (K split evenly, <= MM_KC_MAX) -> pack the A chunk
+//   (shared, all threads) -> B blocks of <= MM_NC_MAX columns, each packed by the thread that uses it into its
+//   own L2-resident buffer -> A micro-panel (kc, MR) (L1) -> B micro-panels (kc, NR) streamed from L2.
+// Threads split the B blocks when there are at least as many as threads (each thread packs only its own B);
+// otherwise (small N) they split the A micro-panels and each packs all of B (small then).
 static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B, int ldb, int trans_b, float* C,
                     int ldc, const float* bias, int M, int N, int K, int accumulate) {
     if (M <= 0 || N <= 0) return;
@@ -359,11 +368,8 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
     if (!Ap) return;
     #pragma omp parallel num_threads(T) if (T > 1)
     {
-#ifdef _OPENMP
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        const int t = 0, nt = 1;
-#endif
+        int t, nt;
+        mm_thread_slot(&t, &nt);
         float* Bp = Ap + a_sz + (size_t)t * b_sz;                                   // (bpp, kc, NR), this thread's
         for (int ms = 0; ms < M; ms += (int)mc) {
             const int msn = M - ms < mc ? M - ms : (int)mc;                         // rows in this chunk
