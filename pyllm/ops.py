@@ -67,6 +67,24 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.T
 
 
 # --- matmul -----------------------------------------------------------------------------------------------
+def _gemm(a, b, M, N, K, trans_a=False, trans_b=False, bias=None, out=None, accumulate=False):
+    """The one launch of the GEMM kernel, without checks: matmul() checks first; linear's tensors are checked once
+    per layer call (3 GEMMs per linear, ~87 a step of a small model, where checks cost ~10 us each against
+    ~100-500 us kernels). Shapes and flags as in matmul()."""
+    if out is None:
+        out = torch.empty(M, N, dtype=torch.float32)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:    # the empty sum (the operands have no data pointer)
+        if not accumulate:
+            out.zero_()
+        return out if bias is None else out.add_(bias)
+    fn = C().matmul_bf16_forward if a.dtype == torch.bfloat16 else C().matmul_forward
+    fn(ptr(out), ptr(a), ptr(b), ptr(bias), M, N, K, max(1, a.shape[1]), max(1, b.shape[1]), N,
+       bool(trans_a), bool(trans_b), bool(accumulate))
+    return out
+
+
 def matmul(a, b, bias=None, trans_a=False, trans_b=False, out=None, accumulate=False):
     """C (M, N) = op(a) @ op(b).T (+ bias), one call of the packed GEMM kernel (no autograd).
     op(a) = a (M, K), or a.T when trans_a (a stored (K, M)); op(b) = b (N, K), or b.T when trans_b (b (K, N)).
@@ -86,15 +104,9 @@ def matmul(a, b, bias=None, trans_a=False, trans_b=False, out=None, accumulate=F
     if out is None:
         if accumulate:
             raise ValueError("matmul: accumulate=True needs out")
-        out = torch.empty(M, N, dtype=torch.float32)
     else:
         check(out, "matmul out", shape=(M, N))
-    if M == 0 or N == 0:
-        return out
-    fn = C().matmul_bf16_forward if dt == torch.bfloat16 else C().matmul_forward
-    fn(ptr(out), ptr(a), ptr(b), ptr(bias), M, N, K, max(1, a.shape[1]), max(1, b.shape[1]), N,
-       bool(trans_a), bool(trans_b), bool(accumulate))
-    return out
+    return _gemm(a, b, M, N, K, trans_a, trans_b, bias, out, accumulate)
 
 
 def matmul_bf16(a, b):
@@ -102,19 +114,6 @@ def matmul_bf16(a, b):
     check(a, "matmul_bf16 a", torch.bfloat16)
     check(b, "matmul_bf16 b", torch.bfloat16)
     return matmul(a, b)
-
-
-def _gemm(a, b, M, N, K, trans_a=False, trans_b=False, bias=None):
-    """matmul() without the checks, for callers whose tensors are already checked fp32 contiguous on the CPU
-    (linear's forward and backward: 3 GEMMs per linear, ~87 a step of a small model, where checks cost ~10 us
-    each against ~100-500 us kernels)."""
-    out = torch.empty(M, N, dtype=torch.float32)
-    if K == 0:    # the empty sum (the operands have no data pointer)
-        return out.zero_() if bias is None else out.copy_(bias.expand(M, N))
-    if M and N:
-        C().matmul_forward(out.data_ptr(), a.data_ptr(), b.data_ptr(), 0 if bias is None else bias.data_ptr(), M, N, K,
-                           max(1, a.shape[1]), max(1, b.shape[1]), N, trans_a, trans_b, False)
-    return out
 
 
 class _Linear(torch.autograd.Function):

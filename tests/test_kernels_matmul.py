@@ -68,6 +68,12 @@ def test_matmul_strided_ld_and_k0(isa, gemm_path, rng):
     out = poison(torch.empty(M, N))
     C().matmul_forward(out.data_ptr(), A.data_ptr(), B.data_ptr(), bias.data_ptr(), M, N, 0, 1, 1, N)
     torch.testing.assert_close(out, bias.expand(M, N))
+    # Through ops.matmul, K = 0 operands (no data pointer): the empty sum, plus bias, or added to `out`.
+    a0, b0 = torch.empty(M, 0), torch.empty(N, 0)
+    torch.testing.assert_close(ops.matmul(a0, b0), torch.zeros(M, N))
+    torch.testing.assert_close(ops.matmul(a0, b0, bias=bias), bias.expand(M, N))
+    acc = torch.randn(M, N, generator=rng)
+    torch.testing.assert_close(ops.matmul(a0, b0, out=acc.clone(), accumulate=True), acc)
 
 
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (17, 127, 3), (127, 33, 1000), (65, 40, 257)])
