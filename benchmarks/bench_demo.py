@@ -9,6 +9,8 @@ these per-seed gaps exceeds their standard deviation over seeds (sample std, n-1
 The unpaired view is printed beside it: every seed's value above every seed's value of the earlier stage
 (min > max), and the mean gap against the sum of the two stages' standard deviations; seeds differ in their
 whole pipeline (data, pretraining, SFT), so the unpaired spread mostly measures how good each seed's SFT model is.
+Per seed, RL vs SFT is also tested per problem: the greedy answers that flipped wrong->right vs right->wrong on the
+same held-out prompts, with a one-sided exact sign test (a gain is real on a seed when p < 0.05).
 """
 from __future__ import annotations
 
@@ -118,6 +120,12 @@ def main() -> int:
         lines.append(f"- {hi} > {lo}: paired per-seed gaps {', '.join(f'{x:+.3f}' for x in d)}, mean "
                      f"{statistics.mean(d):+.3f} vs std {sd:.3f} -> {'yes' if ok else 'NO'} (unpaired view: "
                      f"{unpaired})")
+    fl = [r["rl"].get("flips") for r in runs]
+    if all(fl):  # per problem, the same held-out prompts: SFT vs RL greedy answers (pyllm.demo.flips)
+        lines.append("- RL vs SFT greedy, per problem (wrong->right / right->wrong, one-sided sign test p): "
+                     + ", ".join(f"seed {s_} {f['wrong_to_right']}/{f['right_to_wrong']} p {f['sign_test_p']:.2g}"
+                                 for s_, f in zip(a.seeds, fl))
+                     + f" -> every seed p < 0.05: {'yes' if all(f['sign_test_p'] < 0.05 for f in fl) else 'NO'}")
     text = "\n".join(lines) + "\n"
     print(text)
     with open(a.results, "a") as f:

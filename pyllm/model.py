@@ -243,15 +243,22 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  min_p: float = 0.0, seed: int | None = None, stop_tokens=(), callback=None,
-                 return_logprobs: bool = False):
+                 return_logprobs: bool = False, num_samples: int = 1):
         """Sample max_new_tokens after idx (B, T) with a KV cache -> LongTensor (B, T + n_new).
         temperature 0 = greedy. seed None = drawn from torch's global RNG (so torch.manual_seed fixes it).
         stop_tokens: a row that emits one stops (later positions repeat that token); all rows stopped = done.
         callback(tokens (B,)) is called after each step (streaming); returning True stops generation.
-        return_logprobs=True also returns the chosen tokens' log-probs (B, n_new) under log_softmax(logits/T)."""
+        return_logprobs=True also returns the chosen tokens' log-probs (B, n_new) under log_softmax(logits/T).
+        num_samples=k: k samples per prompt -> (B*k, T + n_new), row b*k+j = sample j of prompt b (the same rows as
+        idx.repeat_interleave(k, 0)), but each prompt is prefilled once and its KV cache copied k times (RL rollouts:
+        the prompt is most of the tokens of a short reply)."""
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"idx: expected a non-empty (B, T) prompt, got shape {tuple(idx.shape)}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples: expected >= 1, got {num_samples}")
+        k = num_samples
         B, T = idx.shape
+        B *= k
         if T + max_new_tokens > self.config.max_seq_len:
             raise ValueError(f"prompt {T} + max_new_tokens {max_new_tokens} exceeds max_seq_len "
                              f"{self.config.max_seq_len}")
@@ -263,10 +270,17 @@ class GPT(nn.Module):
         stop = torch.tensor(sorted(set(int(s) for s in stop_tokens)), dtype=torch.long, device=idx.device)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         last = torch.zeros(B, dtype=torch.long, device=idx.device)
-        out, lps = [idx], []
+        out, lps = [idx.repeat_interleave(k, 0) if k > 1 else idx], []
         x, pos = idx, 0
         for step in range(max_new_tokens):
-            h = self._trunk(x, cache=cache, pos=pos)[:, -1].contiguous()                # (B, C)
+            if step == 0 and k > 1:  # prefill the B/k distinct prompts, then give each of their k rows the cache
+                pc = KVCache(self.config, B // k, T, p.device, p.dtype)
+                h = self._trunk(x, cache=pc, pos=0)[:, -1].repeat_interleave(k, 0)          # (B, C)
+                for kc, vc, kp, vp in zip(cache.k, cache.v, pc.k, pc.v):
+                    kc[:, :T] = kp.repeat_interleave(k, 0)
+                    vc[:, :T] = vp.repeat_interleave(k, 0)
+            else:
+                h = self._trunk(x, cache=cache, pos=pos)[:, -1].contiguous()                # (B, C)
             pos += x.shape[1]
             logits = o["linear"](h, self.lm_head_weight).float().contiguous()  # (B, V)
             tok, lp = o["sample"](logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,

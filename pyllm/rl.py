@@ -11,7 +11,8 @@ cache and pyllm's sampling op), score them, then update the policy:
               ones the --reward-fn verifies (score reaches the prompt's `weight`, default 1), one supervised step
               (cross-entropy) on them, each distinct kept reply once and every prompt with a kept reply weighted
               equally. A mean-probability shift (GRPO) rarely flips an argmax between near-tied answers; a
-              cross-entropy step on the verified answer does. The reward model, if given, is only scored (logged).
+              cross-entropy step on the verified answer does. The reward model, if given, is only scored (logged,
+              on the first of each group's k samples).
 The score is the reward model's output and/or a Python function (--reward-fn module:function or file.py:function)
 called as fn(prompt=..., response=..., **other JSONL fields) -> float; with both, they add (the RM's share scaled by
 --reward-model-weight). GRPO options after TRL / DAPO: --scale-rewards group|batch|none (divide advantages by the
@@ -224,7 +225,9 @@ def add_arguments(p):
 def rollout(policy, tok, prompts, k, args, seed, device):
     """-> list of (prompt_index, prompt_ids, response_ids): k samples per prompt via model.generate, the k samples
     of one prompt consecutive (GRPO's groups). Prompts of equal length share one generate call (one (n*k, T)
-    batch): a call per prompt made short rollouts cost mostly Python overhead (~4x slower at 6 new tokens)."""
+    batch): a call per prompt made short rollouts cost mostly Python overhead (~4x slower at 6 new tokens). Each
+    prompt is prefilled once for its k samples (generate's num_samples): the prompt is most of a short rollout's
+    tokens."""
     end_id = tok.special_ids.get("<|end|>") if hasattr(tok, "special_ids") else None
     stops = (end_id,) if end_id is not None else ()
     was_training = policy.training
@@ -235,9 +238,9 @@ def rollout(policy, tok, prompts, k, args, seed, device):
         by_len.setdefault(len(ids), []).append(i)
     with parametrize.cached():  # LoRA: fold B @ A once per rollout, not once per decoded token
         for members in by_len.values():
-            idx = torch.tensor([prompts[i][1] for i in members for _ in range(k)], dtype=torch.long, device=device)
+            idx = torch.tensor([prompts[i][1] for i in members], dtype=torch.long, device=device)
             gen = policy.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                  seed=seed * 100003 + members[0], stop_tokens=stops)
+                                  seed=seed * 100003 + members[0], stop_tokens=stops, num_samples=k)
             new = gen[:, idx.shape[1]:].tolist()
             for j, i in enumerate(members):
                 rows[i] = new[j * k:(j + 1) * k]
@@ -351,11 +354,14 @@ def main(args) -> int:
         score = torch.zeros(N)
         info = {}
         if rm is not None:
-            seqs = [p + (r if r and r[-1] == end_id else r + [end_id]) for _, p, r in samples]
+            # rft only logs the RM (it is not optimised): the first sample of each group estimates its mean at 1/k
+            # of the cost (scoring all k samples was a third of an RFT step)
+            scored = samples[::k] if args.algo == "rft" else samples
+            seqs = [p + (r if r and r[-1] == end_id else r + [end_id]) for _, p, r in scored]
             idx, am = pad_batch(seqs, pad, "right", dist.device)
             with torch.no_grad():
                 s_rm = rm(idx, am).float().cpu()
-            score += args.reward_model_weight * s_rm
+            score += args.reward_model_weight * (s_rm.mean() if args.algo == "rft" else s_rm)
             info["rm_score"] = s_rm.mean().item()
         if fn is not None:
             s_fn = fn_scores(fn, tok, prompts, samples, end_id)

@@ -47,6 +47,11 @@ def test_report_sections_and_numbers(quick_run):
     assert acc["sft_acc"] == pytest.approx(R["sft"]["accuracy"], abs=1e-3)
     assert acc["rl_greedy"] == pytest.approx(R["rl"]["accuracy"], abs=1e-3)
     assert acc["rm_acc"] == pytest.approx(R["rm"]["accuracy"], abs=1e-3)
+    # per-problem flips SFT -> RL (greedy, same prompts) account exactly for the accuracy change
+    fl, n = R["rl"]["flips"], R["config"]["n_eval"]
+    assert fl["wrong_to_right"] - fl["right_to_wrong"] == round((R["rl"]["accuracy"] - R["sft"]["accuracy"]) * n)
+    assert fl["wrong_to_right"] + fl["right_to_wrong"] <= n and 0 < fl["sign_test_p"] <= 1
+    assert f"{fl['wrong_to_right']} wrong->right and {fl['right_to_wrong']} right->wrong" in text
     assert _num(text, r"chance " + num) == 0.5
     assert _num(text, r"bits per byte: " + num) > 0
     assert _num(text, r"KL to SFT: (-?[0-9]+\.[0-9]+)") > -0.5  # a sampled KL estimate: noisy but not very negative
@@ -123,6 +128,18 @@ def test_split_and_answers():
         assert tasks.verifier_reward(response=f" {p.answer}", answer=p.answer) == 1.0
         assert tasks.verifier_reward(response=w, answer=p.answer) == 0.0
     assert tasks.problems(5, 10, "heldout") == tasks.problems(5, 10, "heldout")
+
+
+def test_flips_sign_test():
+    """The per-problem sign test: counts of wrong->right / right->wrong and the one-sided exact binomial p."""
+    from pyllm.demo import flips
+    f = flips([False, True, False, False, True, True], [True, True, True, False, False, True])
+    assert (f["wrong_to_right"], f["right_to_wrong"]) == (2, 1) and f["sign_test_p"] == pytest.approx(4 / 8)
+    f = flips([False] * 10, [True] * 10)
+    assert f["sign_test_p"] == pytest.approx(2 ** -10)              # ten flips, all one way
+    assert flips([True, False], [True, False])["sign_test_p"] == 1.0  # nothing flipped: no evidence
+    with pytest.raises(ValueError, match="flips"):
+        flips([True], [True, False])
 
 
 def test_out_is_a_file(tmp_path, capsys):

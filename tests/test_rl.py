@@ -166,6 +166,33 @@ def test_batched_rollout_keeps_each_prompts_group_together(tmp_path):
             assert o[1] == ids and o[2] == want, (texts[j], o[2], want)
 
 
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_generate_num_samples_prefills_once_and_matches_repeated_prompts(isa, rng, k):
+    """generate(idx, num_samples=k) (the rollouts' shared prefill: the prompt's KV cache copied to its k rows) must
+    sample exactly what generate gives the prompts repeated k times (same seed: the sampler's RNG is per row), with
+    the same log-probs and stop handling, on every ISA path and odd sizes."""
+    from pyllm.config import ModelConfig
+    from pyllm.model import GPT
+    seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=rng))
+    torch.manual_seed(seed)
+    c = ModelConfig(vocab_size=37, dim=24, n_layers=2, n_heads=3, n_kv_heads=1, hidden_dim=40, max_seq_len=32)
+    model = GPT(c).eval()
+    for p_ in model.parameters():
+        p_.data.mul_(8.0)                                   # peaked logits: rows diverge and some hit the stop token
+    idx = torch.randint(0, 37, (5, 7), generator=rng)
+    a, la = model.generate(idx, 9, temperature=1.0, seed=seed, stop_tokens=(3, 4), return_logprobs=True,
+                           num_samples=k)
+    b, lb = model.generate(idx.repeat_interleave(k, 0), 9, temperature=1.0, seed=seed, stop_tokens=(3, 4),
+                           return_logprobs=True)
+    assert a.shape == (5 * k, 7 + la.shape[1]) and torch.equal(a, b)
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+    if k > 1:
+        assert len({tuple(r) for r in a[:k].tolist()}) > 1      # the k samples of a prompt are not copies
+    with pytest.raises(ValueError, match="num_samples"):
+        model.generate(idx, 2, num_samples=0)
+
+
 PARITY_FN = '''
 def parity(prompt, response, tag, **extra):
     """Even tags: a constant (no spread, dropped by --prefilter-samples); odd tags: varies with the response."""
@@ -233,6 +260,13 @@ def test_rft_raises_verified_success_and_needs_a_verifier(tmp_path, capsys):
     assert all(r["kept_groups"] == 0.0 for r in read_metrics(out2 / "metrics.jsonl"))
     # rft keeps what a program verified: a reward model alone is refused
     rm = _rm(tmp_path, base)
+    # ... beside a verifier, the RM is only logged (scored on one sample per prompt): reward = fn + w * RM mean
+    out3 = tmp_path / "withrm"
+    a3 = args[:]
+    a3[a3.index(str(out))] = str(out3)
+    assert cli(a3 + ["--steps", "2", "--reward-model", str(rm), "--reward-model-weight", "0.5"]) == 0
+    for r in read_metrics(out3 / "metrics.jsonl"):
+        assert r["reward"] == pytest.approx(r["fn_score"] + 0.5 * r["rm_score"], abs=1e-5)
     assert cli(["rl", "--algo", "rft", "--policy", str(base), "--reward-model", str(rm), "--prompts", str(prompts),
                 "--out", str(tmp_path / "x"), "--steps", "1"]) == 2
     assert "--algo rft needs --reward-fn" in capsys.readouterr().err
