@@ -120,6 +120,10 @@ class BuildExt(build_ext):
             print(" ".join(cmd))
             subprocess.check_call(cmd)
             os.replace(tmp, out)  # atomic: a failed link never leaves a half-written binary
+        # The C API's one declaration: pyllm/runtime.py hands this header to cffi, so it ships beside the library.
+        hdr = pkg / "lib" / "run.h"
+        shutil.copyfile(ROOT / "csrc" / "run.h", hdr.with_name("run.h.tmp"))
+        os.replace(hdr.with_name("run.h.tmp"), hdr)
 
 
 # Sources that csrc/run.c needs besides the CPU kernels (its tokenizer, model loader).
@@ -141,5 +145,5 @@ setup(
     version=VERSION,
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExt},
-    package_data={"pyllm": ["bin/pyllm-run", "lib/libpyllm_run.so"]},
+    package_data={"pyllm": ["bin/pyllm-run", "lib/libpyllm_run.so", "lib/run.h"]},
 )

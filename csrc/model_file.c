@@ -32,15 +32,21 @@ const char* model_format_name(model_format f) {
     return "unknown";
 }
 
-static int fail(char* err, size_t errlen, const char* path, const char* fmt, ...) {
+// "path: message" into err (one line); returns -1 so callers can `return fail(...)`.
+static int vfail(char* err, size_t errlen, const char* path, const char* fmt, va_list ap) {
     if (err && errlen) {
         int n = snprintf(err, errlen, "%s: ", path);
         if (n < 0 || (size_t)n >= errlen) n = 0;
-        va_list ap;
-        va_start(ap, fmt);
         vsnprintf(err + n, errlen - (size_t)n, fmt, ap);
-        va_end(ap);
     }
+    return -1;
+}
+
+static int fail(char* err, size_t errlen, const char* path, const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vfail(err, errlen, path, fmt, ap);
+    va_end(ap);
     return -1;
 }
 
@@ -48,14 +54,10 @@ static int fail(char* err, size_t errlen, const char* path, const char* fmt, ...
 static int bail(model_file* m, char* err, size_t errlen, const char* path, const char* fmt, ...)
     __attribute__((format(printf, 5, 6)));
 static int bail(model_file* m, char* err, size_t errlen, const char* path, const char* fmt, ...) {
-    if (err && errlen) {
-        int n = snprintf(err, errlen, "%s: ", path);
-        if (n < 0 || (size_t)n >= errlen) n = 0;
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err + n, errlen - (size_t)n, fmt, ap);
-        va_end(ap);
-    }
+    va_list ap;
+    va_start(ap, fmt);
+    vfail(err, errlen, path, fmt, ap);
+    va_end(ap);
     model_file_free(m);
     return -1;
 }

@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("pyllm.sft", "supervised fine-tuning on chat JSONL (loss on assistant tokens, packed rows)"),
     "reward": ("pyllm.reward", "train a reward model on preference JSONL {prompt, chosen, rejected}"),
     "score": ("pyllm.score", "score (prompt, response) JSONL lines with a reward model"),
-    "rl": ("pyllm.rl", "RL from a reward model and/or a Python reward function (PPO or GRPO)"),
+    "rl": ("pyllm.rl", "RL from a reward model and/or a Python reward function (PPO, GRPO or rejection-sampling fine-tuning)"),
     "dpo": ("pyllm.dpo", "direct preference optimization on preference JSONL (sigmoid loss)"),
     "export": ("pyllm.export", "write model.bin + tokenizer.bin for pyllm-run (or llama2.c), fp32 or Q8_0"),
     "demo": ("pyllm.demo", "the whole recipe on a built-in task: tokenizer, pretrain, SFT, RM, RL, export, C binary"),

@@ -10,6 +10,7 @@ The library is pyllm/lib/libpyllm_run.so, built with the extension (`python setu
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -20,23 +21,13 @@ LIB_PATH = _PKG / "lib" / "libpyllm_run.so"
 BIN_PATH = _PKG / "bin" / "pyllm-run"
 FORMATS = {0: "pyllm", 1: "llama2c-v0", 2: "llama2c-v1", 3: "llama2c-v2"}
 
-_CDEF = """
-typedef struct run_model run_model;
-typedef struct run_tokenizer run_tokenizer;
-run_model* run_model_build(const char* path, char* err, size_t errlen);
-void run_model_free(run_model* m);
-int run_model_config(const run_model* m, int* out, int n);
-float run_model_norm_eps(const run_model* m);
-float run_model_rope_theta(const run_model* m);
-float* run_forward(run_model* m, int token, int pos);
-int run_sample(float* logits, int n, float temperature, float top_p, int top_k, uint64_t seed, int step);
-run_tokenizer* run_tokenizer_build(const char* path, int vocab_size, char* err, size_t errlen);
-void run_tokenizer_free(run_tokenizer* t);
-int run_encode(run_tokenizer* t, const char* text, int add_bos, int* ids, int max_ids);
-const char* run_decode(run_tokenizer* t, int prev, int id, int* len);
-int run_token_id(run_tokenizer* t, const char* piece);
-int run_bos_id(run_tokenizer* t);
-"""
+HEADER_PATH = _PKG / "lib" / "run.h"  # csrc/run.h, copied beside the library by the build
+
+
+def cdef_from_header(text: str) -> str:
+    """run.h as cffi's cdef takes it: without the preprocessor lines and the C++ `extern "C"` wrapper."""
+    text = re.sub(r"#ifdef __cplusplus.*?#endif", "", text, flags=re.S)
+    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
 
 _ffi = None
 _lib = None
@@ -49,9 +40,11 @@ def lib():
         if not LIB_PATH.exists():
             raise FileNotFoundError(f"{LIB_PATH} not found: build it with "
                                     "`python setup.py build_ext --inplace` (or `pip install .`)")
+        if not HEADER_PATH.exists():
+            raise FileNotFoundError(f"{HEADER_PATH} not found: rebuild with `python setup.py build_ext --inplace`")
         import cffi
         ffi = cffi.FFI()
-        ffi.cdef(_CDEF)
+        ffi.cdef(cdef_from_header(HEADER_PATH.read_text()))
         _lib = ffi.dlopen(str(LIB_PATH))
         _ffi = ffi
     return _ffi, _lib

@@ -476,3 +476,22 @@ def test_logits_do_not_depend_on_the_thread_count(tmp_path, rng, quant, G):
         assert np.array_equal(outs[nt], outs[1]), nt
     err = np.abs(outs[1] - want).max()
     assert err < (1e-4 if quant is None else 0.06 * np.abs(want).max()), err
+
+
+def test_cffi_declarations_come_from_run_h():
+    """The cffi binding reads csrc/run.h itself (shipped as pyllm/lib/run.h): every function the header declares is
+    bound, with no second copy of the declarations to drift."""
+    from pathlib import Path
+    import re
+
+    import cffi
+
+    hdr = (Path(__file__).resolve().parents[1] / "csrc" / "run.h").read_text()
+    assert runtime.HEADER_PATH.read_text() == hdr, "pyllm/lib/run.h is stale: rebuild the extension"
+    declared = set(re.findall(r"\b(run_\w+)\s*\(", hdr))
+    assert {"run_model_build", "run_forward", "run_sample", "run_encode", "run_decode"} <= declared
+    ffi = cffi.FFI()
+    ffi.cdef(runtime.cdef_from_header(hdr))
+    lib = ffi.dlopen(str(runtime.LIB_PATH))
+    for name in declared:
+        assert callable(getattr(lib, name)), name
