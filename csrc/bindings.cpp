@@ -99,15 +99,15 @@ PYBIND11_MODULE(_C, m) {
         rmsnorm_forward(&p);
     }, py::arg("out"), py::arg("rstd"), py::arg("x"), py::arg("weight"), py::arg("N"), py::arg("C"), py::arg("eps"));
     m.def("rmsnorm_backward", [](uintptr_t dx, uintptr_t dw, uintptr_t dout, uintptr_t x, uintptr_t w, uintptr_t rstd,
-                                  int N, int C) {
+                                  int N, int C, uintptr_t dres) {
         CHECK_PTR(dx); CHECK_PTR(dw); CHECK_PTR(dout); CHECK_PTR(x); CHECK_PTR(w); CHECK_PTR(rstd);
         CHECK_POS(N); CHECK_POS(C);
         rmsnorm_backward_params p{P<float>(dx), P<float>(dw), P<const float>(dout), P<const float>(x),
-                                  P<const float>(w), P<const float>(rstd), N, C};
+                                  P<const float>(w), P<const float>(rstd), N, C, P<const float>(dres)};
         py::gil_scoped_release nogil;
         rmsnorm_backward(&p);
     }, py::arg("dx"), py::arg("dweight"), py::arg("dout"), py::arg("x"), py::arg("weight"), py::arg("rstd"),
-       py::arg("N"), py::arg("C"));
+       py::arg("N"), py::arg("C"), py::arg("dres") = 0);
     // --- matmul (impl_matmul.h) ----------------------------------------------------------------------------
     // Strides/transposes are passed through; ops.py checks shapes so every index stays inside the tensors.
     m.def("matmul_forward", [](uintptr_t c, uintptr_t a, uintptr_t b, uintptr_t bias, int M, int N, int K, int lda,
@@ -168,28 +168,37 @@ PYBIND11_MODULE(_C, m) {
        py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("seed"), py::arg("step"));
     // --- fused training ops (impl_fused.h) -------------------------------------------------------------------
     m.def("rope_forward", [](uintptr_t out, uintptr_t x, uintptr_t cos, uintptr_t sin, int B, int T, int H, int D,
-                             int backward) {
+                             int backward, int ldx, int ldo) {
         CHECK_PTR(out); CHECK_PTR(x); CHECK_PTR(cos); CHECK_PTR(sin);
         CHECK_POS(B); CHECK_POS(T); CHECK_POS(H); CHECK_POS(D);
         if (D % 2) throw std::invalid_argument("rope_forward: head dim D must be even, got " + std::to_string(D));
-        rope_params p{P<float>(out), P<const float>(x), P<const float>(cos), P<const float>(sin), B, T, H, D, backward};
+        if (ldx < 0 || ldo < 0 || (ldx && ldx < H * D) || (ldo && ldo < H * D))
+            throw std::invalid_argument("rope_forward: row strides ldx/ldo must be 0 or >= H*D");
+        rope_params p{P<float>(out), P<const float>(x), P<const float>(cos), P<const float>(sin), B, T, H, D, backward,
+                      ldx, ldo};
         py::gil_scoped_release nogil;
         rope_forward(&p);
     }, py::arg("out"), py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("B"), py::arg("T"), py::arg("H"),
-       py::arg("D"), py::arg("backward"));
-    m.def("swiglu_forward", [](uintptr_t out, uintptr_t gate, uintptr_t up, long n) {
+       py::arg("D"), py::arg("backward"), py::arg("ldx") = 0, py::arg("ldo") = 0);
+    m.def("swiglu_forward", [](uintptr_t out, uintptr_t gate, uintptr_t up, long n, int cols, int ld) {
         CHECK_PTR(out); CHECK_PTR(gate); CHECK_PTR(up); CHECK_POS(n);
-        swiglu_params p{P<float>(out), P<const float>(gate), P<const float>(up), n};
+        if (cols < 0 || (cols && (n % cols || ld < cols)))
+            throw std::invalid_argument("swiglu_forward: cols must be 0 or divide n, with ld >= cols");
+        swiglu_params p{P<float>(out), P<const float>(gate), P<const float>(up), n, cols, ld};
         py::gil_scoped_release nogil;
         swiglu_forward(&p);
-    }, py::arg("out"), py::arg("gate"), py::arg("up"), py::arg("n"));
-    m.def("swiglu_backward", [](uintptr_t dgate, uintptr_t dup, uintptr_t dout, uintptr_t gate, uintptr_t up, long n) {
+    }, py::arg("out"), py::arg("gate"), py::arg("up"), py::arg("n"), py::arg("cols") = 0, py::arg("ld") = 0);
+    m.def("swiglu_backward", [](uintptr_t dgate, uintptr_t dup, uintptr_t dout, uintptr_t gate, uintptr_t up, long n,
+                                int cols, int ld) {
         CHECK_PTR(dgate); CHECK_PTR(dup); CHECK_PTR(dout); CHECK_PTR(gate); CHECK_PTR(up); CHECK_POS(n);
+        if (cols < 0 || (cols && (n % cols || ld < cols)))
+            throw std::invalid_argument("swiglu_backward: cols must be 0 or divide n, with ld >= cols");
         swiglu_backward_params p{P<float>(dgate), P<float>(dup), P<const float>(dout), P<const float>(gate),
-                                 P<const float>(up), n};
+                                 P<const float>(up), n, cols, ld};
         py::gil_scoped_release nogil;
         swiglu_backward(&p);
-    }, py::arg("dgate"), py::arg("dup"), py::arg("dout"), py::arg("gate"), py::arg("up"), py::arg("n"));
+    }, py::arg("dgate"), py::arg("dup"), py::arg("dout"), py::arg("gate"), py::arg("up"), py::arg("n"),
+       py::arg("cols") = 0, py::arg("ld") = 0);
     m.def("cross_entropy_forward", [](uintptr_t loss, uintptr_t lse, uintptr_t logits, uintptr_t targets, int N, int V,
                                       int64_t ignore_index) {
         CHECK_PTR(loss); CHECK_PTR(lse); CHECK_PTR(logits); CHECK_PTR(targets); CHECK_POS(N); CHECK_POS(V);

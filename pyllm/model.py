@@ -37,6 +37,8 @@ def backend_table(name: str, device_type: str = "cpu") -> dict[str, Callable]:
     for n in OP_NAMES:
         if n in have and hasattr(ops, n):
             table[n] = getattr(ops, n)
+    if device_type == "cpu":
+        table["block"] = ops.block   # a whole decoder layer as one autograd node (Block.forward uses it)
     return table
 
 
@@ -100,6 +102,12 @@ class Block(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = c.n_heads, c.n_kv_heads, c.head_dim
         a = self.self_attn
+        if cache is None and "block" in o and x.dtype == torch.float32:   # pyllm on CPU: the same math, one node
+            m = self.mlp
+            return o["block"](x.contiguous(), self.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight,
+                              a.v_proj.weight, a.o_proj.weight, self.post_attention_layernorm.weight,
+                              m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight, cos, sin, doc_ids, H, Hkv,
+                              c.norm_eps)
         h = o["rmsnorm"](x, self.input_layernorm.weight, c.norm_eps)
         q = o["linear"](h, a.q_proj.weight).view(B, T, H, D)
         k = o["linear"](h, a.k_proj.weight).view(B, T, Hkv, D)

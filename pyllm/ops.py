@@ -463,6 +463,122 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
+# --- one transformer block as one autograd Function (the training path) -----------------------------------
+class _Block(torch.autograd.Function):
+    """x + attn(rmsnorm(x)) then + mlp(rmsnorm(.)) with a hand-written backward, as llm.c does: one autograd node
+    per layer instead of ~16 (the per-op path's Python/autograd glue was ~14 ms of a 70 ms Tiny Shakespeare step),
+    q|k|v and gate|up as one GEMM each over the concatenated weights (the model's parameters are unchanged; the
+    concatenation is a ~0.2 MB copy per call), the residual adds folded into the GEMM (accumulate) and RMSNorm's
+    backward (dres), and no gradient sums: dX of q, k, v is one GEMM with K = (H + 2 Hkv) D."""
+
+    @staticmethod
+    def forward(ctx, x, w_in, wq, wk, wv, wo, w_post, wg, wu, wd, cos, sin, doc_ids, H, Hkv, eps):
+        B, T, Cm = x.shape
+        M, HD, F = B * T, wq.shape[0], wg.shape[0]
+        D = HD // H
+        KD = Hkv * D
+        N3 = HD + 2 * KD
+        k_ = C()
+        x2d = x.reshape(M, Cm)                                              # (M, C)
+        h1, r1 = torch.empty(M, Cm), torch.empty(M)
+        k_.rmsnorm_forward(ptr(h1), ptr(r1), ptr(x2d), ptr(w_in), M, Cm, float(eps))
+        wqkv = torch.cat((wq, wk, wv))                                      # (N3, C)
+        qkv = _gemm(h1, wqkv, M, N3, Cm)                                    # (M, N3) = [q | k | v] per row
+        q, k = torch.empty(B, T, H, D), torch.empty(B, T, Hkv, D)
+        k_.rope_forward(ptr(q), ptr(qkv), ptr(cos), ptr(sin), B, T, H, D, 0, N3, 0)
+        k_.rope_forward(ptr(k), qkv.data_ptr() + 4 * HD, ptr(cos), ptr(sin), B, T, Hkv, D, 0, N3, 0)
+        v = qkv[:, HD + KD:].contiguous().view(B, T, Hkv, D)
+        y, lse = torch.empty(B, T, H, D), torch.empty(B, H, T)
+        k_.attention_forward(ptr(y), ptr(lse), ptr(q), ptr(k), ptr(v), ptr(doc_ids), B, T, H, Hkv, D)
+        y2d = y.view(M, HD)
+        x2 = x2d.clone()                                                    # x + y Woᵀ
+        _gemm(y2d, wo, M, Cm, HD, out=x2, accumulate=True)
+        h2, r2 = torch.empty(M, Cm), torch.empty(M)
+        k_.rmsnorm_forward(ptr(h2), ptr(r2), ptr(x2), ptr(w_post), M, Cm, float(eps))
+        wgu = torch.cat((wg, wu))                                           # (2F, C)
+        gu = _gemm(h2, wgu, M, 2 * F, Cm)                                   # (M, 2F) = [gate | up] per row
+        s = torch.empty(M, F)
+        k_.swiglu_forward(ptr(s), ptr(gu), gu.data_ptr() + 4 * F, M * F, F, 2 * F)
+        out = x2.clone()                                                    # x2 + s Wdᵀ
+        _gemm(s, wd, M, Cm, F, out=out, accumulate=True)
+        ctx.save_for_backward(x2d, h1, r1, q, k, v, y, lse, x2, h2, r2, gu, s, w_in, wqkv, wo, w_post, wgu, wd,
+                              cos, sin, doc_ids)
+        ctx.dims = (B, T, Cm, H, Hkv, D, F)
+        return out.view(B, T, Cm)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (x2d, h1, r1, q, k, v, y, lse, x2, h2, r2, gu, s, w_in, wqkv, wo, w_post, wgu, wd, cos, sin,
+         doc_ids) = ctx.saved_tensors
+        B, T, Cm, H, Hkv, D, F = ctx.dims
+        M, HD, KD = B * T, H * D, Hkv * D
+        N3 = HD + 2 * KD
+        if dout.dtype != torch.float32 or dout.device.type != "cpu":
+            raise TypeError(f"block backward: expected a float32 cpu gradient, got {dout.dtype} on {dout.device}")
+        k_ = C()
+        d = dout.reshape(M, Cm).contiguous()                                # (M, C)
+        need = ctx.needs_input_grad
+        # MLP: out = x2 + swiglu(h2 Wgᵀ, h2 Wuᵀ) Wdᵀ
+        dwd = _gemm(d, s, Cm, F, M, trans_a=True, trans_b=True) if need[9] else None     # (C, F)
+        ds = _gemm(d, wd, M, F, Cm, trans_b=True)                          # (M, F)
+        dgu = torch.empty(M, 2 * F)                                         # [dgate | dup] per row
+        k_.swiglu_backward(ptr(dgu), dgu.data_ptr() + 4 * F, ptr(ds), ptr(gu), gu.data_ptr() + 4 * F, M * F, F, 2 * F)
+        dwgu = _gemm(dgu, h2, 2 * F, Cm, M, trans_a=True, trans_b=True) if (need[7] or need[8]) else None
+        dh2 = _gemm(dgu, wgu, M, Cm, 2 * F, trans_b=True)                   # (M, C), one GEMM for gate and up
+        dx2, dw_post = torch.empty(M, Cm), torch.zeros(Cm)
+        k_.rmsnorm_backward(ptr(dx2), ptr(dw_post), ptr(dh2), ptr(x2), ptr(w_post), ptr(r2), M, Cm, ptr(d))
+        # attention: x2 = x + attn(rmsnorm(x)) Woᵀ
+        y2d = y.view(M, HD)
+        dwo = _gemm(dx2, y2d, Cm, HD, M, trans_a=True, trans_b=True) if need[5] else None  # (C, HD)
+        dy = _gemm(dx2, wo, M, HD, Cm, trans_b=True)                       # (M, HD)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        k_.attention_backward(ptr(dq), ptr(dk), ptr(dv), ptr(dy), ptr(y), ptr(lse), ptr(q), ptr(k), ptr(v),
+                              ptr(doc_ids), B, T, H, Hkv, D)
+        dqkv = torch.empty(M, N3)                                           # [dq | dk | dv] per row, pre-RoPE
+        k_.rope_forward(ptr(dqkv), ptr(dq), ptr(cos), ptr(sin), B, T, H, D, 1, 0, N3)
+        k_.rope_forward(dqkv.data_ptr() + 4 * HD, ptr(dk), ptr(cos), ptr(sin), B, T, Hkv, D, 1, 0, N3)
+        dqkv[:, HD + KD:].copy_(dv.view(M, KD))
+        dwqkv = (_gemm(dqkv, h1, N3, Cm, M, trans_a=True, trans_b=True)     # (N3, C)
+                 if (need[2] or need[3] or need[4]) else None)
+        dh1 = _gemm(dqkv, wqkv, M, Cm, N3, trans_b=True)                    # (M, C), one GEMM for q, k and v
+        dx, dw_in = torch.empty(M, Cm), torch.zeros(Cm)
+        k_.rmsnorm_backward(ptr(dx), ptr(dw_in), ptr(dh1), ptr(x2d), ptr(w_in), ptr(r1), M, Cm, ptr(dx2))
+        dq_w = dk_w = dv_w = dg_w = du_w = None
+        if dwqkv is not None:
+            dq_w, dk_w, dv_w = dwqkv[:HD], dwqkv[HD:HD + KD], dwqkv[HD + KD:]
+        if dwgu is not None:
+            dg_w, du_w = dwgu[:F], dwgu[F:]
+        return (dx.view(B, T, Cm), dw_in, dq_w, dk_w, dv_w, dwo, dw_post, dg_w, du_w, dwd,
+                None, None, None, None, None, None)
+
+
+def block(x, w_in, wq, wk, wv, wo, w_post, wg, wu, wd, cos, sin, doc_ids=None, n_heads: int = 1,
+          n_kv_heads: int = 1, eps: float = 1e-5) -> torch.Tensor:
+    """One pre-norm decoder layer in one autograd node: h = x + attention(rope(q), rope(k), v) Woᵀ with
+    q|k|v = rmsnorm(x, w_in) W{q,k,v}ᵀ, then out = h + swiglu(g, u) Wdᵀ with g|u = rmsnorm(h, w_post) W{g,u}ᵀ.
+    x (B, T, C); wq (H*D, C), wk/wv (Hkv*D, C), wo (C, H*D), wg/wu (F, C), wd (C, F); cos/sin (T, D/2);
+    doc_ids (B, T) int32 or None -> (B, T, C). Same values and gradients as the per-op composition (model.Block)."""
+    check(x, "block x")
+    if x.dim() != 3 or x.numel() == 0:
+        raise ValueError(f"block x: expected a non-empty (B, T, C) tensor, got {tuple(x.shape)}")
+    B, T, Cm = x.shape
+    H, Hkv = int(n_heads), int(n_kv_heads)
+    if H <= 0 or Hkv <= 0 or H % Hkv or wq.shape[0] % H:
+        raise ValueError(f"block: bad heads H={H}, Hkv={Hkv} for wq of shape {tuple(wq.shape)}")
+    D = wq.shape[0] // H
+    if D % 2 or D > 256:
+        raise ValueError(f"block: head dim {D} must be even and <= 256")
+    F = wg.shape[0]
+    for t, name, shp in ((w_in, "w_in", (Cm,)), (wq, "wq", (H * D, Cm)), (wk, "wk", (Hkv * D, Cm)),
+                         (wv, "wv", (Hkv * D, Cm)), (wo, "wo", (Cm, H * D)), (w_post, "w_post", (Cm,)),
+                         (wg, "wg", (F, Cm)), (wu, "wu", (F, Cm)), (wd, "wd", (Cm, F)),
+                         (cos, "cos", (T, D // 2)), (sin, "sin", (T, D // 2))):
+        check(t, f"block {name}", shape=shp)
+    if doc_ids is not None:
+        check(doc_ids, "block doc_ids", dtype=torch.int32, shape=(B, T))
+    return _Block.apply(x, w_in, wq, wk, wv, wo, w_post, wg, wu, wd, cos, sin, doc_ids, H, Hkv, eps)
+
+
 # === CUDA section (cuda helper). Keep it LAST in this file: it wraps the op functions defined above so that
 # CUDA tensors go to pyllm/ops_cuda.py and everything else to the unchanged CPU code (or to ref.<op> where no CPU
 # kernel exists yet). tests/test_cuda.py checks that every name in CUDA_OPS is wrapped. ===

@@ -8,12 +8,14 @@
 void KFN(rope_forward)(const rope_params* p) {
     const int T = p->T, H = p->H, D = p->D, h2 = D / 2;
     const long rows = (long)p->B * T * H;
+    const long ldx = p->ldx ? p->ldx : (long)H * D, ldo = p->ldo ? p->ldo : (long)H * D;
     const float sg = p->backward ? -1.f : 1.f;
     #pragma omp parallel for schedule(static) if (rows * D > 65536)
     for (long r = 0; r < rows; r++) {
-        const int t = (int)((r / H) % T);
-        const float* x = p->x + r * D;           // (D)
-        float* out = p->out + r * D;             // (D)
+        const long bt = r / H, h = r % H;
+        const int t = (int)(bt % T);
+        const float* x = p->x + bt * ldx + h * D;     // (D)
+        float* out = p->out + bt * ldo + h * D;       // (D)
         const float* c = p->cos + (size_t)t * h2;  // (D/2)
         const float* s = p->sin + (size_t)t * h2;  // (D/2)
         int i = 0;
@@ -43,39 +45,61 @@ static inline float sigmoidf_(float g) {  // scalar tail: same formula through a
     return vf_sigmoid(v)[0];
 }
 
+// One span of len elements; the flat kernels cut n into 4096-element spans, the row form (cols > 0) takes rows.
+static inline void swiglu_span(float* out, const float* gate, const float* up, long len) {
+    long i = 0;
+    for (; i + VLEN <= len; i += VLEN) {
+        vf g = vf_load(gate + i);
+        vf_store(out + i, g * vf_sigmoid(g) * vf_load(up + i));
+    }
+    for (; i < len; i++) out[i] = gate[i] * sigmoidf_(gate[i]) * up[i];
+}
+
 void KFN(swiglu_forward)(const swiglu_params* p) {
     const long n = p->n;
-    #pragma omp parallel for schedule(static) if (n > 65536)
-    for (long i0 = 0; i0 < n; i0 += 4096) {
-        const long i1 = i0 + 4096 < n ? i0 + 4096 : n;
-        long i = i0;
-        for (; i + VLEN <= i1; i += VLEN) {
-            vf g = vf_load(p->gate + i);
-            vf_store(p->out + i, g * vf_sigmoid(g) * vf_load(p->up + i));
-        }
-        for (; i < i1; i++) p->out[i] = p->gate[i] * sigmoidf_(p->gate[i]) * p->up[i];
+    if (p->cols > 0) {   // rows of the fused (rows, ld) gate|up buffer
+        const long rows = n / p->cols;
+        #pragma omp parallel for schedule(static) if (n > 65536)
+        for (long r = 0; r < rows; r++)
+            swiglu_span(p->out + r * p->cols, p->gate + r * p->ld, p->up + r * p->ld, p->cols);
+        return;
     }
+    #pragma omp parallel for schedule(static) if (n > 65536)
+    for (long i0 = 0; i0 < n; i0 += 4096)
+        swiglu_span(p->out + i0, p->gate + i0, p->up + i0, (i0 + 4096 < n ? i0 + 4096 : n) - i0);
 }
 
 // dgate = dy * up * s * (1 + g * (1 - s)), dup = dy * g * s, s = sigmoid(g). dgate/dup may alias gate/up.
+static inline void swiglu_backward_span(float* dgate, float* dup, const float* dout, const float* gate,
+                                        const float* up, long len) {
+    long i = 0;
+    for (; i + VLEN <= len; i += VLEN) {
+        vf g = vf_load(gate + i), u = vf_load(up + i), dy = vf_load(dout + i);
+        vf s = vf_sigmoid(g);
+        vf_store(dgate + i, dy * u * s * (1.f + g * (1.f - s)));
+        vf_store(dup + i, dy * g * s);
+    }
+    for (; i < len; i++) {
+        const float g = gate[i], u = up[i], dy = dout[i], s = sigmoidf_(g);
+        dgate[i] = dy * u * s * (1.f + g * (1.f - s));
+        dup[i] = dy * g * s;
+    }
+}
+
 void KFN(swiglu_backward)(const swiglu_backward_params* p) {
     const long n = p->n;
-    #pragma omp parallel for schedule(static) if (n > 65536)
-    for (long i0 = 0; i0 < n; i0 += 4096) {
-        const long i1 = i0 + 4096 < n ? i0 + 4096 : n;
-        long i = i0;
-        for (; i + VLEN <= i1; i += VLEN) {
-            vf g = vf_load(p->gate + i), u = vf_load(p->up + i), dy = vf_load(p->dout + i);
-            vf s = vf_sigmoid(g);
-            vf_store(p->dgate + i, dy * u * s * (1.f + g * (1.f - s)));
-            vf_store(p->dup + i, dy * g * s);
-        }
-        for (; i < i1; i++) {
-            const float g = p->gate[i], u = p->up[i], dy = p->dout[i], s = sigmoidf_(g);
-            p->dgate[i] = dy * u * s * (1.f + g * (1.f - s));
-            p->dup[i] = dy * g * s;
-        }
+    if (p->cols > 0) {
+        const long rows = n / p->cols, ld = p->ld;
+        #pragma omp parallel for schedule(static) if (n > 65536)
+        for (long r = 0; r < rows; r++)
+            swiglu_backward_span(p->dgate + r * ld, p->dup + r * ld, p->dout + r * p->cols, p->gate + r * ld,
+                                 p->up + r * ld, p->cols);
+        return;
     }
+    #pragma omp parallel for schedule(static) if (n > 65536)
+    for (long i0 = 0; i0 < n; i0 += 4096)
+        swiglu_backward_span(p->dgate + i0, p->dup + i0, p->dout + i0, p->gate + i0, p->up + i0,
+                             (i0 + 4096 < n ? i0 + 4096 : n) - i0);
 }
 
 // --- cross-entropy ----------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ void KFN(rmsnorm_forward)(const rmsnorm_params* p) {
     }
 }
 
-// dx = r*w*dy - x * r^3/C * sum(dy*w*x);  dweight += sum_n dy*x*r.
+// dx = r*w*dy - x * r^3/C * sum(dy*w*x) (+ dres);  dweight += sum_n dy*x*r.
 // dweight is reduced per thread then added under a critical section: (threads x C) extra floats.
 void KFN(rmsnorm_backward)(const rmsnorm_backward_params* p) {
     const int N = p->N, C = p->C;
@@ -50,6 +50,10 @@ void KFN(rmsnorm_backward)(const rmsnorm_backward_params* p) {
             for (int i = 0; i < C; i++) {
                 dx[i] = r * p->weight[i] * dy[i] - k * x[i];
                 dw[i] += dy[i] * x[i] * r;
+            }
+            if (p->dres) {
+                const float* res = p->dres + (size_t)n * C;   // (C)
+                for (int i = 0; i < C; i++) dx[i] += res[i];
             }
         }
         #pragma omp critical

@@ -31,6 +31,7 @@ typedef struct {
     const float* weight; // (C)
     const float* rstd;   // (N)     from rmsnorm_forward
     int N, C;
+    const float* dres;   // (N, C) or NULL: a residual gradient added to dx (saves the block op a pass)
 } rmsnorm_backward_params;
 
 // --- matmul (impl_matmul.h) -----------------------------------------------------------------------------
@@ -120,6 +121,8 @@ typedef struct {
     const float* sin;     // (T, D/2)
     int B, T, H, D;       // D even
     int backward;         // 1: rotate by -angle (the gradient of the forward rotation)
+    int ldx, ldo;         // row stride per token (b, t) of x / out in floats; 0 = H*D (contiguous). Lets the
+                          // block op read q, k from (and write dq, dk into) one fused (B*T, (H+2Hkv)*D) buffer
 } rope_params;
 
 typedef struct {
@@ -127,6 +130,8 @@ typedef struct {
     const float* gate;    // (n)
     const float* up;      // (n)
     long n;
+    int cols, ld;         // cols > 0: n = rows*cols, gate/up rows at stride ld (out contiguous): the halves of
+                          // one fused (rows, 2*cols) gate|up GEMM output. 0: flat
 } swiglu_params;
 
 typedef struct {
@@ -136,6 +141,7 @@ typedef struct {
     const float* gate;    // (n)
     const float* up;      // (n)
     long n;
+    int cols, ld;         // as swiglu_params: dgate/dup/gate/up rows at stride ld, dout contiguous; 0: flat
 } swiglu_backward_params;
 
 typedef struct {

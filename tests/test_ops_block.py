@@ -1,0 +1,179 @@
+"""ops.block (a whole decoder layer as one autograd Function) vs the per-op torch composition (model.Block on the
+"torch" backend = pyllm.ref ops): output and every gradient, GQA, document masks, odd sizes, every ISA path, every
+buffer the op allocates poisoned; plus the strided kernel forms it relies on (RoPE row strides, SwiGLU rows of a fused
+gate|up buffer, RMSNorm backward's residual). Run: pytest tests/test_ops_block.py"""
+import pytest
+import torch
+
+from pyllm import ops, ref
+from pyllm._ext import C
+from pyllm.config import ModelConfig
+from pyllm.model import GPT, Block, backend_table
+from conftest import poison
+
+
+@pytest.fixture
+def poisoned_alloc(monkeypatch):
+    """Every torch.empty / empty_like in the op returns NaNs: an element a kernel never writes shows up."""
+    empty, empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
+
+
+def _docs(B, T, rng):
+    """(B, T) int32 document ids with 1-3 documents per row (row 0 always has a boundary when T > 2)."""
+    d = torch.zeros(B, T, dtype=torch.int32)
+    for b in range(B):
+        cuts = sorted(torch.randint(1, max(T, 2), (int(torch.randint(0, 3, (1,), generator=rng)) + (b == 0),),
+                                    generator=rng).tolist())
+        for c in cuts:
+            d[b, c:] += 1
+    return d
+
+
+@pytest.mark.parametrize("B,T,dim,H,Hkv,F,docs", [
+    (1, 1, 8, 1, 1, 3, False),          # one token
+    (3, 17, 48, 4, 4, 37, False),       # odd T and hidden
+    (2, 33, 48, 4, 2, 40, True),        # GQA 2:1, document mask
+    (2, 64, 128, 4, 1, 352, True),      # MQA, the Tiny Shakespeare layer
+    (1, 9, 96, 6, 3, 127, False),       # head dim 16, GQA
+])
+def test_block_matches_per_op_path(isa, rng, poisoned_alloc, B, T, dim, H, Hkv, F, docs):
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
+    c = ModelConfig(vocab_size=32, dim=dim, n_layers=2, n_heads=H, n_kv_heads=Hkv, hidden_dim=F, max_seq_len=T)
+    blk = Block(c)
+    for p in blk.parameters():  # non-trivial norm weights too; matrices ~ 1/sqrt(fan-in) so activations stay O(1)
+        p.data.normal_(1.0 if p.dim() == 1 else 0.0, 0.3 if p.dim() == 1 else p.shape[-1] ** -0.5, generator=rng)
+    x = torch.randn(B, T, dim, generator=rng, requires_grad=True)
+    model = GPT(c)
+    cos, sin = model.rope_cos[:T].contiguous(), model.rope_sin[:T].contiguous()
+    d = _docs(B, T, rng) if docs else None
+    o_torch, o_pyllm = backend_table("torch"), backend_table("pyllm")
+    assert "block" in o_pyllm and "block" not in o_torch
+    y_ref = blk(o_torch, x, cos, sin, d)
+    dy = torch.randn(B, T, dim, generator=rng)
+    g_ref = torch.autograd.grad(y_ref, [x, *blk.parameters()], dy)
+    y = blk(o_pyllm, x, cos, sin, d)                 # Block.forward takes the block op here
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ == "_BlockBackward"
+    g = torch.autograd.grad(y, [x, *blk.parameters()], dy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5 * float(y_ref.detach().abs().max()))
+    names = ["x"] + [n for n, _ in blk.named_parameters()]
+    for n, a, b in zip(names, g, g_ref):   # fp32 sums in another order: tolerance relative to the gradient's scale
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=max(1e-5, 2e-5 * float(b.abs().max())),
+                                   msg=lambda m: f"grad {n}: {m}")
+
+
+def test_model_pyllm_and_torch_agree_with_docs_and_gqa(rng):
+    c = ModelConfig(vocab_size=61, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=37, max_seq_len=32)
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
+    a = GPT(c, backend="pyllm")
+    b = GPT(c, backend="torch")
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, 61, (3, 19), generator=rng)
+    y = torch.randint(0, 61, (3, 19), generator=rng)
+    y[0, :4] = -1
+    d = _docs(3, 19, rng)
+    la, lb = a(x, y, d)[1], b(x, y, d)[1]
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=2e-5 * float(q.grad.abs().max()),
+                                   msg=lambda m: f"grad {n}: {m}")
+
+
+def test_block_frozen_weights_and_no_grad(rng):
+    """needs_input_grad: frozen weights get no gradient, x's gradient is unchanged; no_grad gives the same values."""
+    c = ModelConfig(vocab_size=32, dim=32, n_layers=1, n_heads=2, hidden_dim=24, max_seq_len=8)
+    blk = Block(c)
+    for p in blk.parameters():
+        p.data.normal_(0.0, 0.2, generator=rng)
+    cos, sin = GPT(c).rope_cos[:8].contiguous(), GPT(c).rope_sin[:8].contiguous()
+    x = torch.randn(2, 8, 32, generator=rng, requires_grad=True)
+    o = backend_table("pyllm")
+    gx_all = torch.autograd.grad(blk(o, x, cos, sin).sum(), x)[0]
+    for n, p in blk.named_parameters():
+        if "q_proj" in n or "gate_proj" in n:
+            p.requires_grad_(False)
+    y = blk(o, x, cos, sin)
+    y.sum().backward()
+    assert blk.self_attn.q_proj.weight.grad is None and blk.mlp.gate_proj.weight.grad is None
+    assert blk.self_attn.k_proj.weight.grad is not None and blk.mlp.up_proj.weight.grad is not None
+    torch.testing.assert_close(x.grad, gx_all)
+    with torch.no_grad():
+        torch.testing.assert_close(blk(o, x, cos, sin), y)
+
+
+def test_block_bad_input():
+    c = ModelConfig(vocab_size=32, dim=32, n_layers=1, n_heads=2, hidden_dim=24, max_seq_len=8)
+    blk = Block(c)
+    a, m = blk.self_attn, blk.mlp
+    w = (blk.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
+         blk.post_attention_layernorm.weight, m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)
+    cos = sin = torch.zeros(8, 8)
+    with pytest.raises(ValueError, match="block x"):
+        ops.block(torch.zeros(2, 8, 32).transpose(0, 1), *w, cos, sin, None, 2, 2)
+    with pytest.raises(ValueError, match="block wo"):
+        ops.block(torch.zeros(2, 8, 32), *w[:4], w[4].t().contiguous()[:, :16], *w[5:], cos, sin, None, 2, 2)
+    with pytest.raises(ValueError, match="bad heads"):
+        ops.block(torch.zeros(2, 8, 32), *w, cos, sin, None, 2, 3)
+    with pytest.raises(TypeError, match="block doc_ids"):
+        ops.block(torch.zeros(2, 8, 32), *w, cos, sin, torch.zeros(2, 8, dtype=torch.int64), 2, 2)
+
+
+# --- the strided kernel forms -----------------------------------------------------------------------------
+@pytest.mark.parametrize("B,T,H,D,pad", [(1, 1, 1, 2, 0), (2, 5, 3, 6, 7), (1, 17, 2, 34, 34), (3, 4, 4, 64, 1)])
+def test_rope_row_strides(isa, rng, B, T, H, D, pad):
+    """x read from, or out written into, rows of stride H*D + pad: same values; the gaps are never written."""
+    ld = H * D + pad
+    buf = torch.randn(B * T, ld, generator=rng)
+    x = buf[:, :H * D].contiguous().view(B, T, H, D)
+    ang = torch.rand(T, D // 2, generator=rng) * 6.3
+    cos, sin = ang.cos().contiguous(), ang.sin().contiguous()
+    for bwd in (0, 1):
+        want = ref.rope(x, cos, -sin if bwd else sin)
+        out = poison(torch.empty(B, T, H, D))
+        C().rope_forward(out.data_ptr(), buf.data_ptr(), cos.data_ptr(), sin.data_ptr(), B, T, H, D, bwd, ld, 0)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+        wide = torch.full((B * T, ld), 7.0)
+        C().rope_forward(wide.data_ptr(), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), B, T, H, D, bwd, 0, ld)
+        torch.testing.assert_close(wide[:, :H * D].reshape(B, T, H, D), want, rtol=1e-5, atol=1e-6)
+        assert bool((wide[:, H * D:] == 7.0).all())
+    with pytest.raises(ValueError, match="ldx/ldo"):
+        C().rope_forward(out.data_ptr(), buf.data_ptr(), cos.data_ptr(), sin.data_ptr(), B, T, H, D, 0, H * D - 1, 0)
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 17), (5, 127), (7, 352), (2, 1000)])
+def test_swiglu_rows_of_fused_buffer(isa, rng, rows, cols):
+    gu = torch.randn(rows, 2 * cols, generator=rng) * 4                 # [gate | up] per row
+    g, u = gu[:, :cols], gu[:, cols:]
+    out = poison(torch.empty(rows, cols))
+    C().swiglu_forward(out.data_ptr(), gu.data_ptr(), gu.data_ptr() + 4 * cols, rows * cols, cols, 2 * cols)
+    torch.testing.assert_close(out, ref.swiglu(g, u), rtol=1e-5, atol=1e-6)
+    dy = torch.randn(rows, cols, generator=rng)
+    gr, ur = g.clone().requires_grad_(), u.clone().requires_grad_()
+    ref.swiglu(gr, ur).backward(dy)
+    dgu = poison(torch.empty(rows, 2 * cols))
+    C().swiglu_backward(dgu.data_ptr(), dgu.data_ptr() + 4 * cols, dy.data_ptr(), gu.data_ptr(),
+                        gu.data_ptr() + 4 * cols, rows * cols, cols, 2 * cols)
+    torch.testing.assert_close(dgu[:, :cols], gr.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dgu[:, cols:], ur.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="cols"):
+        C().swiglu_forward(out.data_ptr(), gu.data_ptr(), gu.data_ptr(), rows * cols, cols, cols - 1)
+
+
+@pytest.mark.parametrize("N,C_", [(1, 1), (3, 17), (64, 128), (5, 1000)])
+def test_rmsnorm_backward_residual(isa, rng, N, C_):
+    x = torch.randn(N, C_, generator=rng)
+    w = torch.randn(C_, generator=rng)
+    dy = torch.randn(N, C_, generator=rng)
+    res = torch.randn(N, C_, generator=rng)
+    xr = x.clone().requires_grad_()
+    wr = w.clone().requires_grad_()
+    ref.rmsnorm(xr, wr, 1e-5).backward(dy)
+    rstd = torch.rsqrt(x.pow(2).mean(-1) + 1e-5).contiguous()
+    dx, dw = poison(torch.empty(N, C_)), torch.zeros(C_)
+    C().rmsnorm_backward(dx.data_ptr(), dw.data_ptr(), dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(),
+                         N, C_, res.data_ptr())
+    torch.testing.assert_close(dx, xr.grad + res, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw, wr.grad, rtol=1e-4, atol=1e-5)
