@@ -130,6 +130,27 @@ def test_split_and_answers():
     assert tasks.problems(5, 10, "heldout") == tasks.problems(5, 10, "heldout")
 
 
+def test_heldout_split_eval_and_dev():
+    from pyllm import demo
+    K = ("add", "sub")
+    ev, dev = demo.heldout_split(K)
+    pool = {p.key for p in tasks.all_problems("heldout", K)}
+    ek, dk = [p.key for p in ev], [p.key for p in dev]
+    assert len(set(ek)) == len(ek) and len(set(dk)) == len(dk) == demo.N_DEV
+    assert not set(ek) & set(dk)                                  # dev is never reported
+    assert set(ek) | set(dk) == pool                              # together: the whole held-out pool
+    # the report's set starts with the 300 problems earlier reports used, so old and new numbers line up
+    assert ek[:demo.N_FIRST] == [p.key for p in tasks.problems(demo.EVAL_SEED, demo.N_FIRST, "heldout", K)]
+    assert [p.key for p in demo.heldout_split(K, 500)[0]] == ek[:500]
+    assert demo.heldout_split(K) == (ev, dev)                     # the same for every call (and every --seed)
+    small, none = demo.heldout_split(K, 12)
+    assert [p.key for p in small] == [p.key for p in tasks.problems(demo.EVAL_SEED, 12, "heldout", K)] and none == []
+    with pytest.raises(ValueError, match="outside the dev split"):
+        demo.heldout_split(K, len(ev) + 1)
+    with pytest.raises(ValueError, match="arithmetic"):
+        demo.heldout_split(("reverse",), 0)
+
+
 def test_flips_sign_test():
     """The per-problem sign test: counts of wrong->right / right->wrong and the one-sided exact binomial p."""
     from pyllm.demo import flips
