@@ -54,6 +54,7 @@ class DemoConfig:
     rl_algo: str = "rft"         # rft (rejection-sampling fine-tuning on verified samples: expert iteration) or grpo
     rl_mode_wrong: bool = False  # rft: learn only from prompts whose most frequent sample is wrong
     rl_hard_weight: float = 0.0  # rft: scale each kept group by (1 - its pass rate) ** this (0 = prompts equal)
+    rl_neg_mode: float = 0.0     # rft: also push a wrong plurality reply down, weight relative to the verified ones
     rl_hard_prompts: float = 0.0  # draw prompts with prob. ~ (1.05 - running pass rate) ** this (0 = uniform)
     rl_steps: int = 1400         # RFT steps (~5.9 steps/s on 2 threads: rollouts share the prompt prefill)
     rl_batch: int = 32           # prompts per step
@@ -464,6 +465,8 @@ def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "
                      *(["--rft-mode-wrong"] if cfg.rl_mode_wrong and cfg.rl_algo == "rft" else []),
                      *(["--rft-hard-weight", str(cfg.rl_hard_weight)] if cfg.rl_hard_weight and cfg.rl_algo == "rft"
                        else []),
+                     *(["--rft-neg-mode", str(cfg.rl_neg_mode)] if cfg.rl_neg_mode and cfg.rl_algo == "rft"
+                       else []),
                      *(["--hard-prompts", str(cfg.rl_hard_prompts)] if cfg.rl_hard_prompts and "verifier" in reward
                        else []),
                      *(["--lora-r", str(cfg.rl_lora_r)] if cfg.rl_lora_r else []),
@@ -605,6 +608,9 @@ def write_report(out: Path, R: dict) -> None:
              "exists but is not yet the policy's choice)" if cfg.get("rl_mode_wrong") else "")
           + (f"; each prompt's kept replies weighted by (1 - its pass rate over the {cfg['rl_k']} samples) ^ "
              f"{cfg['rl_hard_weight']} (prompts it still mostly fails count more)" if cfg.get("rl_hard_weight") else "")
+          + (f"; where a prompt's most frequent sampled reply is wrong but some reply is verified, that wrong reply "
+             f"is pushed down with weight {cfg['rl_neg_mode']} relative to the verified ones" if cfg.get("rl_neg_mode")
+             else "")
           + (f"; each step's prompts drawn with probability ~ (1.05 - the prompt's running pass rate in the policy's "
              f"own rollouts) ^ {cfg['rl_hard_prompts']}" if cfg.get("rl_hard_prompts") else "")
           + f"; {cfg['rl_steps']} steps, lr {cfg['rl_lr']}, rollout temperature {cfg.get('rl_temperature', 1.0)}, "

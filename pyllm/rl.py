@@ -131,7 +131,7 @@ def grpo_advantages(score: torch.Tensor, k: int, scale: str = "group") -> torch.
 
 
 def rft_select(responses: list, correct: torch.Tensor, k: int, drop_solved: bool = False,
-               mode_wrong_only: bool = False, hard_weight: float = 0.0):
+               mode_wrong_only: bool = False, hard_weight: float = 0.0, neg_mode: float = 0.0):
     """Rejection sampling: responses (N lists of ids) in N/k groups of k, correct (N,) bool -> (kept indices, their
     weights, fraction of groups with a kept reply). Each distinct correct reply of a group is kept once (the first
     sample of it) with weight 1 / (distinct correct replies of its group), so every prompt the policy solved at least
@@ -140,20 +140,26 @@ def rft_select(responses: list, correct: torch.Tensor, k: int, drop_solved: bool
     counts as wrong) is not verified: the prompts where a right answer exists but is not yet the policy's choice.
     hard_weight a > 0 scales each kept group by (1 - its pass rate over the k samples) ** a, renormalised so the kept
     groups' mean scale stays 1: prompts the policy still mostly fails (where greedy decoding is likely wrong) count
-    more, nearly solved ones less but not zero (they keep anchoring the answers already right)."""
+    more, nearly solved ones less but not zero (they keep anchoring the answers already right).
+    neg_mode b > 0: in a kept group whose most frequent reply (a unique plurality) is wrong, that reply is also
+    selected, once, with weight -b x the group's total positive weight: the step pushes the policy's wrong choice
+    down beside pulling the verified replies up (a wrong reply that is not the plurality is left alone)."""
     ok = correct.view(-1, k).clone()                                        # (groups, k), the caller's kept
+
+    def plurality(g):  # -> index of the first sample of the group's unique most frequent reply, or None on a tie
+        count: dict = {}
+        for j in range(k):
+            r = tuple(responses[g * k + j])
+            count[r] = count.get(r, 0) + 1
+        top = max(count.values())
+        modes = [r for r, c in count.items() if c == top]
+        return None if len(modes) > 1 else g * k + [tuple(x) for x in responses[g * k:(g + 1) * k]].index(modes[0])
     if drop_solved:
         ok = ok & ~ok.all(1, keepdim=True)
     if mode_wrong_only:
         for g in range(ok.shape[0]):
-            count: dict = {}
-            for j in range(k):
-                r = tuple(responses[g * k + j])
-                count[r] = count.get(r, 0) + 1
-            top = max(count.values())
-            modes = [r for r, c in count.items() if c == top]
-            if len(modes) == 1 and bool(correct[g * k + [tuple(x) for x in responses[g * k:(g + 1) * k]]
-                                                .index(modes[0])]):
+            i = plurality(g)
+            if i is not None and bool(correct[i]):
                 ok[g] = False
     rate = correct.view(-1, k).float().mean(1)                              # (groups,) pass rate over k samples
     sel, w, gw = [], [], []
@@ -171,6 +177,12 @@ def rft_select(responses: list, correct: torch.Tensor, k: int, drop_solved: bool
         n_groups = sum(w)                                                   # each kept group's w sums to 1
         scale = n_groups / max(sum(a * b for a, b in zip(w, gw)), 1e-12)
         w = [a * b * scale for a, b in zip(w, gw)]
+    if neg_mode > 0:
+        for g in sorted({i // k for i in sel}):
+            i = plurality(g)
+            if i is not None and not bool(correct[i]):
+                sel.append(i)
+                w.append(-neg_mode * sum(wi for si, wi in zip(sel, w) if si // k == g))
     return sel, w, ok.any(1).float().mean().item()
 
 
@@ -229,6 +241,9 @@ def add_arguments(p):
     p.add_argument("--rft-hard-weight", type=float, default=0.0,
                    help="rft: scale each kept group by (1 - its pass rate over the k samples) ** this (renormalised "
                         "to mean 1): prompts the policy still mostly fails count more (0 = every prompt equal)")
+    p.add_argument("--rft-neg-mode", type=float, default=0.0,
+                   help="rft: where a prompt has a verified reply but its most frequent sampled reply is wrong, also "
+                        "push that wrong reply down with this weight relative to the verified ones (0 = off)")
     p.add_argument("--hard-prompts", type=float, default=0.0,
                    help="draw each step's prompts with probability proportional to (1.05 - p) ** this, p = the "
                         "prompt's running pass rate in the policy's own rollouts (starts at its --prefilter-samples "
@@ -418,7 +433,8 @@ def main(args) -> int:
             score = score.clamp(-args.reward_clip, args.reward_clip)
         if args.algo == "rft":
             sel, rft_w, info["kept_groups"] = rft_select([r for _, _, r in samples], correct, k, args.filter_groups,
-                                                         args.rft_mode_wrong, args.rft_hard_weight)
+                                                         args.rft_mode_wrong, args.rft_hard_weight,
+                                                         args.rft_neg_mode)
             no_signal = not sel
             if no_signal:  # nothing verified: a zero-weight step keeps every rank in step
                 sel, rft_w = [0], [0.0]

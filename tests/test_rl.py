@@ -326,3 +326,16 @@ def test_hard_prompts_draws_the_prompts_the_policy_fails(tmp_path, capsys):
                 "--prompts", str(prompts), "--out", str(tmp_path / "x"), "--steps", "1", "--max-new-tokens", "8",
                 "--hard-prompts", "1"]) == 2
     assert "--hard-prompts needs --reward-fn" in capsys.readouterr().err
+
+
+def test_rft_select_neg_mode_pushes_a_wrong_plurality_down():
+    from pyllm.rl import rft_select
+    # k=4: g0 plurality [1] right -> no negative; g1 plurality [2] wrong with one right [1] -> [2] pushed down;
+    # g2 tie [1]/[2] -> none; g3 all wrong (nothing verified) -> no step at all on it
+    resp = [[1], [1], [1], [2], [2], [2], [2], [1], [1], [2], [1], [2], [3], [3], [4], [3]]
+    ok = torch.tensor([r == [1] for r in resp])
+    assert rft_select(resp, ok, 4) == ([0, 7, 8], [1.0, 1.0, 1.0], 0.75)
+    sel, w, _ = rft_select(resp, ok, 4, neg_mode=0.5)
+    assert sel == [0, 7, 8, 4] and w == [1.0, 1.0, 1.0, -0.5]
+    sel, w, _ = rft_select(resp, ok, 4, hard_weight=1.0, neg_mode=0.5)  # relative to the group's scaled weight
+    assert sel == [0, 7, 8, 4] and w[3] == pytest.approx(-0.5 * w[1]) and w[1] > w[0]
