@@ -21,6 +21,10 @@ group's std, the batch's, or not at all: a group std blows tiny score difference
 signal, only RM noise, and dilute the update; DAPO's dynamic sampling without the re-sampling), --prefilter-samples N
 (before training, keep only the prompts on which N samples of the starting policy got differing --reward-fn scores:
 the same criterion once up front, so no step is spent on prompts it already always or never solves).
+--hard-prompts a (any algo with --reward-fn): instead of uniform epochs, each step draws its prompts with probability
+~ (1.05 - p)^a, p = the prompt's running pass rate in the policy's own rollouts (the prefilter's estimate at first):
+rollouts go where the policy still fails, prompts it has learned are revisited rarely. --rft-hard-weight and
+--rft-neg-mode reweight rft's update toward such prompts (see rft_select).
 Prompts JSONL: {"prompt": str|messages, ...extra fields} or {"messages": [...]} (the conversation so far).
 Logs reward, KL, clip fraction, entropy, response length (metrics.jsonl) and plots them when pyllm.plot exists.
 """
