@@ -1,6 +1,6 @@
 """`pyllm demo`: tokenizer -> pretraining -> SFT -> reward model -> RL -> export -> the C binary, with a report card.
 
-    pyllm demo                      # the full run (~6.5 min on the 2-core VM), writes ./pyllm-demo/report.md
+    pyllm demo                      # the full run (~8 min on the 2-core VM), writes ./pyllm-demo/report.md
     pyllm demo --quick --out /tmp/d # the plumbing only, tiny sizes (< 1 min)
 
 Every stage runs through the public command a user would type (`pyllm.cli.main(["pretrain", ...])` etc.) on files
@@ -57,7 +57,7 @@ class DemoConfig:
     rl_neg_mode: float = 0.0     # rft: also push a wrong plurality reply down, weight relative to the verified ones
     rl_hard_prompts: float = 1.0  # draw prompts with prob. ~ (1.05 - running pass rate) ** this (0 = uniform);
                                   # with 4000 prompts: +0.08..+0.12 dev greedy vs +0.03..+0.05 (results_demo.md)
-    rl_steps: int = 1400         # RFT steps (~5.9 steps/s on 2 threads: rollouts share the prompt prefill)
+    rl_steps: int = 1400         # RFT steps (~4.9 steps/s on 2 threads with hard prompts: ~290 s with the prefilter)
     rl_batch: int = 32           # prompts per step
     rl_k: int = 16               # samples per prompt (GRPO group / RFT candidates)
     rl_lr: float = 1.5e-4        # full-parameter RFT (GRPO: LoRA at 1e-3 drifted least; see results_demo.md)
