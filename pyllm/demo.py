@@ -50,14 +50,14 @@ class DemoConfig:
     rm_steps: int = 200
     rm_batch: int = 16
     rm_lr: float = 3e-4
-    rl_prompts: int = 4000       # train-side RL prompts (hard-prompt sampling finds the unsolved ones in a larger pool)
+    rl_prompts: int = 6000       # train-side RL prompts (hard-prompt sampling finds the unsolved ones in a larger pool)
     rl_algo: str = "rft"         # rft (rejection-sampling fine-tuning on verified samples: expert iteration) or grpo
     rl_mode_wrong: bool = False  # rft: learn only from prompts whose most frequent sample is wrong
     rl_hard_weight: float = 0.0  # rft: scale each kept group by (1 - its pass rate) ** this (0 = prompts equal)
     rl_neg_mode: float = 0.0     # rft: also push a wrong plurality reply down, weight relative to the verified ones
     rl_hard_prompts: float = 1.0  # draw prompts with prob. ~ (1.05 - running pass rate) ** this (0 = uniform);
-                                  # with 4000 prompts: +0.08..+0.12 dev greedy vs +0.03..+0.05 (results_demo.md)
-    rl_steps: int = 1400         # RFT steps (~4.9 steps/s on 2 threads with hard prompts: ~290 s with the prefilter)
+                                  # with 6000 prompts: +0.10..+0.13 dev greedy vs +0.03..+0.05 (results_demo.md)
+    rl_steps: int = 1400         # RFT steps (~4.9 steps/s on 2 threads with hard prompts: ~300 s with the prefilter)
     rl_batch: int = 32           # prompts per step
     rl_k: int = 16               # samples per prompt (GRPO group / RFT candidates)
     rl_lr: float = 1.5e-4        # full-parameter RFT (GRPO: LoRA at 1e-3 drifted least; see results_demo.md)
