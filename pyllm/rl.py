@@ -21,6 +21,10 @@ group's std, the batch's, or not at all: a group std blows tiny score difference
 signal, only RM noise, and dilute the update; DAPO's dynamic sampling without the re-sampling), --prefilter-samples N
 (before training, keep only the prompts on which N samples of the starting policy got differing --reward-fn scores:
 the same criterion once up front, so no step is spent on prompts it already always or never solves).
+--hard-prompts a (any algo with --reward-fn): instead of uniform epochs, each step draws its prompts with probability
+~ (1.05 - p)^a, p = the prompt's running pass rate in the policy's own rollouts (the prefilter's estimate at first):
+rollouts go where the policy still fails, prompts it has learned are revisited rarely. --rft-hard-weight and
+--rft-neg-mode reweight rft's update toward such prompts (see rft_select).
 Prompts JSONL: {"prompt": str|messages, ...extra fields} or {"messages": [...]} (the conversation so far).
 Logs reward, KL, clip fraction, entropy, response length (metrics.jsonl) and plots them when pyllm.plot exists.
 """
@@ -131,28 +135,38 @@ def grpo_advantages(score: torch.Tensor, k: int, scale: str = "group") -> torch.
 
 
 def rft_select(responses: list, correct: torch.Tensor, k: int, drop_solved: bool = False,
-               mode_wrong_only: bool = False):
+               mode_wrong_only: bool = False, hard_weight: float = 0.0, neg_mode: float = 0.0):
     """Rejection sampling: responses (N lists of ids) in N/k groups of k, correct (N,) bool -> (kept indices, their
     weights, fraction of groups with a kept reply). Each distinct correct reply of a group is kept once (the first
     sample of it) with weight 1 / (distinct correct replies of its group), so every prompt the policy solved at least
     once counts the same however often it solved it; drop_solved also drops groups solved by all k samples;
     mode_wrong_only keeps only groups whose most frequent reply (the k samples' estimate of the greedy answer; a tie
-    counts as wrong) is not verified: the prompts where a right answer exists but is not yet the policy's choice."""
+    counts as wrong) is not verified: the prompts where a right answer exists but is not yet the policy's choice.
+    hard_weight a > 0 scales each kept group by (1 - its pass rate over the k samples) ** a, renormalised so the kept
+    groups' mean scale stays 1: prompts the policy still mostly fails (where greedy decoding is likely wrong) count
+    more, nearly solved ones less but not zero (they keep anchoring the answers already right).
+    neg_mode b > 0: in a kept group whose most frequent reply (a unique plurality) is wrong, that reply is also
+    selected, once, with weight -b x the group's total positive weight: the step pushes the policy's wrong choice
+    down beside pulling the verified replies up (a wrong reply that is not the plurality is left alone)."""
     ok = correct.view(-1, k).clone()                                        # (groups, k), the caller's kept
+
+    def plurality(g):  # -> index of the first sample of the group's unique most frequent reply, or None on a tie
+        count: dict = {}
+        for j in range(k):
+            r = tuple(responses[g * k + j])
+            count[r] = count.get(r, 0) + 1
+        top = max(count.values())
+        modes = [r for r, c in count.items() if c == top]
+        return None if len(modes) > 1 else g * k + [tuple(x) for x in responses[g * k:(g + 1) * k]].index(modes[0])
     if drop_solved:
         ok = ok & ~ok.all(1, keepdim=True)
     if mode_wrong_only:
         for g in range(ok.shape[0]):
-            count: dict = {}
-            for j in range(k):
-                r = tuple(responses[g * k + j])
-                count[r] = count.get(r, 0) + 1
-            top = max(count.values())
-            modes = [r for r, c in count.items() if c == top]
-            if len(modes) == 1 and bool(correct[g * k + [tuple(x) for x in responses[g * k:(g + 1) * k]]
-                                                .index(modes[0])]):
+            i = plurality(g)
+            if i is not None and bool(correct[i]):
                 ok[g] = False
-    sel, w = [], []
+    rate = correct.view(-1, k).float().mean(1)                              # (groups,) pass rate over k samples
+    sel, w, gw = [], [], []
     for g in range(ok.shape[0]):
         uniq: dict = {}
         for j in range(k):
@@ -162,6 +176,17 @@ def rft_select(responses: list, correct: torch.Tensor, k: int, drop_solved: bool
             continue
         sel += list(uniq.values())
         w += [1.0 / len(uniq)] * len(uniq)  # (nothing when the group has no verified reply)
+        gw += [float(1.0 - rate[g]) ** hard_weight if hard_weight > 0 else 1.0] * len(uniq)
+    if hard_weight > 0 and sel:
+        n_groups = sum(w)                                                   # each kept group's w sums to 1
+        scale = n_groups / max(sum(a * b for a, b in zip(w, gw)), 1e-12)
+        w = [a * b * scale for a, b in zip(w, gw)]
+    if neg_mode > 0:
+        for g in sorted({i // k for i in sel}):
+            i = plurality(g)
+            if i is not None and not bool(correct[i]):
+                sel.append(i)
+                w.append(-neg_mode * sum(wi for si, wi in zip(sel, w) if si // k == g))
     return sel, w, ok.any(1).float().mean().item()
 
 
@@ -217,6 +242,17 @@ def add_arguments(p):
     p.add_argument("--rft-mode-wrong", action="store_true",
                    help="rft: learn only from prompts whose most frequent sampled reply is wrong (where a verified "
                         "reply exists but is not yet the policy's choice: what flips greedy answers)")
+    p.add_argument("--rft-hard-weight", type=float, default=0.0,
+                   help="rft: scale each kept group by (1 - its pass rate over the k samples) ** this (renormalised "
+                        "to mean 1): prompts the policy still mostly fails count more (0 = every prompt equal)")
+    p.add_argument("--rft-neg-mode", type=float, default=0.0,
+                   help="rft: where a prompt has a verified reply but its most frequent sampled reply is wrong, also "
+                        "push that wrong reply down with this weight relative to the verified ones (0 = off)")
+    p.add_argument("--hard-prompts", type=float, default=0.0,
+                   help="draw each step's prompts with probability proportional to (1.05 - p) ** this, p = the "
+                        "prompt's running pass rate in the policy's own rollouts (starts at its --prefilter-samples "
+                        "rate, else 0.5; each visit moves it halfway to that group's rate), instead of uniform "
+                        "epochs: rollouts go to the prompts not yet solved (0 = off)")
     p.add_argument("--no-whiten", action="store_true", help="do not whiten PPO advantages")
     add_common_args(p)
 
@@ -260,23 +296,32 @@ def fn_scores(fn, tok, prompts, samples, end_id) -> torch.Tensor:
                                   **prompts[pi][2])) for pi, _, r in samples])
 
 
+def _passfail(prompt, row) -> bool:
+    """Did some sample of this prompt get its full verifier credit (the `weight` field, default 1)?"""
+    return float(row.max()) >= float(prompt[2].get("weight", 1.0)) - 1e-6
+
+
 def prefilter(model, tok, prompts, fn, args, dist, chunk: int = 256):
     """Keep the prompts on which the starting policy's --prefilter-samples samples get differing --reward-fn
     scores (the pass rate is strictly between 0 and 1), estimated with the rollout settings; every rank keeps
-    the same list (same seed, same samples)."""
+    the same list (same seed, same samples). -> (kept prompts, their pass rates: the share of samples that got the
+    prompt's full `weight`, 0.5 where no sample did, e.g. a graded score's near misses only)."""
     if fn is None:
         raise ValueError("rl: --prefilter-samples needs --reward-fn (it keeps prompts by the verifier's spread)")
     k = args.prefilter_samples
     if k < 2:
         raise ValueError(f"rl: --prefilter-samples {k}: need at least 2 samples to see a spread")
     end_id = tok.special_ids.get("<|end|>")
-    keep = []
+    keep, rates = [], []
     bar = Bar(len(prompts), "prefilter", dist.main)
     for s0 in range(0, len(prompts), chunk):
         part = [(i, prompts[i][0]) for i in range(s0, min(len(prompts), s0 + chunk))]
         samples = rollout(model, tok, part, k, args, args.seed * 31 + 7 + s0, dist.device)
         sc = fn_scores(fn, tok, prompts, samples, end_id).view(-1, k)
-        keep += [i for (i, _), row in zip(part, sc) if float(row.max() - row.min()) > 1e-6]
+        for (i, _), row in zip(part, sc):
+            if float(row.max() - row.min()) > 1e-6:
+                keep.append(i)
+                rates.append(float((row >= row.max() - 1e-6).float().mean()) if _passfail(prompts[i], row) else 0.5)
         bar.update(len(part))
     bar.close()
     if dist.main:
@@ -285,7 +330,7 @@ def prefilter(model, tok, prompts, fn, args, dist, chunk: int = 256):
     if not keep:
         raise ValueError(f"rl: --prefilter-samples {k}: no prompt has a spread of --reward-fn scores under the "
                          "starting policy (all right or all wrong); nothing to learn from")
-    return [prompts[i] for i in keep]
+    return [prompts[i] for i in keep], rates
 
 
 def main(args) -> int:
@@ -325,7 +370,13 @@ def main(args) -> int:
         return ids, raw, extra
     prompts, _ = read_jsonl(args.prompts, parse, args.skip_bad_lines, "prompt")
     if args.prefilter_samples:
-        prompts = prefilter(ref, tok, prompts, fn, args, dist)  # the starting policy, also when resuming
+        prompts, rates = prefilter(ref, tok, prompts, fn, args, dist)  # the starting policy, also when resuming
+    else:
+        rates = [0.5] * len(prompts)
+    # --hard-prompts: each prompt's running pass rate in the policy's own rollouts (per rank; restarts on resume)
+    pass_rate = torch.tensor(rates, dtype=torch.float)
+    if args.hard_prompts > 0 and fn is None:
+        raise ValueError("rl: --hard-prompts needs --reward-fn (it tracks each prompt's verified pass rate)")
     pad = pad_id_of(tok)
     end_id = tok.special_ids.get("<|end|>")
     steps = args.steps or max(1, math.ceil(args.epochs * len(prompts) / (args.batch_size * dist.world)))
@@ -346,7 +397,13 @@ def main(args) -> int:
     per_step = args.batch_size * dist.world
     ac.train()
     while step < steps:
-        chosen = step_items(list(range(len(prompts))), step, per_step, args.seed, dist)
+        if args.hard_prompts > 0:  # prompts the policy still fails are drawn more often
+            g = torch.Generator()
+            g.manual_seed(args.seed * 1000003 + step * dist.world + dist.rank)
+            chosen = torch.multinomial((1.05 - pass_rate) ** args.hard_prompts, min(args.batch_size, len(prompts)),
+                                       replacement=False, generator=g).tolist()
+        else:
+            chosen = step_items(list(range(len(prompts))), step, per_step, args.seed, dist)
         samples = rollout(model, tok, [(i, prompts[i][0]) for i in chosen], k, args, args.seed + step * 7919 +
                           dist.rank, dist.device)
         # ---- scores --------------------------------------------------------------------------------------
@@ -372,13 +429,16 @@ def main(args) -> int:
             full = torch.tensor([float(prompts[pi][2].get("weight", 1.0)) for pi, _, _ in samples])
             correct = s_fn >= full - 1e-6                                   # (N,) verified (full credit)
             info["fn_full"] = correct.float().mean().item()
+            if args.hard_prompts > 0:  # each visit moves the prompt's estimate halfway to this group's pass rate
+                pass_rate[chosen] = 0.5 * pass_rate[chosen] + 0.5 * correct.view(-1, k).float().mean(1)
         raw_score = score.clone()
         no_signal = False
         if args.reward_clip > 0:
             score = score.clamp(-args.reward_clip, args.reward_clip)
         if args.algo == "rft":
             sel, rft_w, info["kept_groups"] = rft_select([r for _, _, r in samples], correct, k, args.filter_groups,
-                                                         args.rft_mode_wrong)
+                                                         args.rft_mode_wrong, args.rft_hard_weight,
+                                                         args.rft_neg_mode)
             no_signal = not sel
             if no_signal:  # nothing verified: a zero-weight step keeps every rank in step
                 sel, rft_w = [0], [0.0]

@@ -180,12 +180,18 @@ def test_from_stage_rl_reuses_earlier_stages(quick_run, tmp_path):
     sft_mtime = (out / "sft" / "model.safetensors").stat().st_mtime_ns
     assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "3", "--from-stage", "rl", "--set",
                      "rl_lr=3e-4", "--set", "rl_filter_groups=true", "--set", "rl_scale_rewards=batch", "--set",
-                     "rl_lora_r=2"]) == 0
+                     "rl_lora_r=2", "--set", "rl_hard_prompts=0", "--set", "rl_hard_weight=1", "--set",
+                     "rl_neg_mode=0.5"]) == 0
     R = json.loads((out / "results.json").read_text())
     assert R["reused"] == ["pretrain", "sft", "reward"]
     assert R["config"]["rl_lr"] == 3e-4 and R["config"]["rl_filter_groups"] is True and R["config"]["rl_lora_r"] == 2
     assert (out / "rl" / "adapter.safetensors").is_file()          # the RL stage really trained a LoRA adapter
     assert "LoRA rank 2 update" in (out / "report.md").read_text()
+    assert "drawn with probability" in (quick_run / "report.md").read_text()   # the default: hard prompts
+    assert "drawn with probability" not in (out / "report.md").read_text()     # --set rl_hard_prompts=0 below
+    assert "weighted by (1 - its pass rate" in (out / "report.md").read_text()
+    assert "is pushed down with weight 0.5" in (out / "report.md").read_text()
+    assert R["config"]["rl_hard_prompts"] == 0 and R["config"]["rl_neg_mode"] == 0.5
     for k in ("base", "sft", "rm"):
         assert R[k] == R0[k], k
     assert (out / "sft" / "model.safetensors").stat().st_mtime_ns == sft_mtime

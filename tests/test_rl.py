@@ -282,3 +282,60 @@ def test_rft_select_mode_wrong_keeps_only_groups_whose_plurality_is_wrong():
     sel, w, frac = rft_select(resp, ok, 4, mode_wrong_only=True)
     assert sel == [7, 8] and w == [1.0, 1.0] and frac == pytest.approx(2 / 5)
     assert rft_select(resp, ok, 4)[0] == [0, 7, 8, 12]
+
+
+def test_rft_select_hard_weight_counts_mostly_failed_prompts_more():
+    from pyllm.rl import rft_select
+    # k=4: g0 pass rate 3/4 (one distinct reply), g1 1/4, g2 2/4 with two distinct replies, g3 none
+    resp = [[1], [1], [1], [2], [3], [1], [3], [3], [1], [4], [2], [3], [5], [6], [7], [8]]
+    ok = torch.tensor([1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0], dtype=torch.bool)
+    sel, w, _ = rft_select(resp, ok, 4)
+    assert sel == [0, 5, 8, 9] and w == [1.0, 1.0, 0.5, 0.5]
+    sel2, w2, _ = rft_select(resp, ok, 4, hard_weight=1.0)
+    assert sel2 == sel
+    # group scales (1 - rate) = 1/4, 3/4, 2/4, renormalised to mean 1 over the 3 kept groups: x 2
+    assert w2 == pytest.approx([0.5, 1.5, 0.5, 0.5])
+    assert sum(w2) == pytest.approx(3.0)                  # kept groups' total weight unchanged
+    w3 = rft_select(resp, ok, 4, hard_weight=2.0)[1]      # a stronger exponent: the hard group gains more
+    assert w3[1] > w2[1] and w3[0] < w2[0]
+
+
+SPLIT_FN = '''
+def split(prompt, response, tag, **extra):
+    """Even tags: always verified (solved); odd tags: never."""
+    return 1.0 if tag % 2 == 0 else 0.0
+'''
+
+
+def test_hard_prompts_draws_the_prompts_the_policy_fails(tmp_path, capsys):
+    base, _, prompts = _setup(tmp_path)
+    (tmp_path / "split.py").write_text(SPLIT_FN)
+    runs = {}
+    for name, extra in (("uniform", []), ("hard", ["--hard-prompts", "2"])):
+        out = tmp_path / name
+        assert cli(["rl", "--algo", "rft", "--policy", str(base), "--reward-fn", f"{tmp_path / 'split.py'}:split",
+                    "--prompts", str(prompts), "--out", str(out), "--steps", "30", "--lr", "1e-5",
+                    "--batch-size", "4", "--num-samples", "2", "--max-new-tokens", "2", "--seed", "5", *extra]) == 0
+        runs[name] = [r["fn_full"] for r in read_metrics(out / "metrics.jsonl")]
+    # uniform epochs (4 steps of 4 of the 16 prompts) draw solved and failed prompts alike: half verified
+    assert sum(runs["uniform"][:28]) / 28 == pytest.approx(0.5)
+    # hard sampling learns which prompts are solved and draws them rarely ((1.05 - 1)^2 vs (1.05 - 0)^2 weight)
+    late = runs["hard"][15:]
+    assert sum(late) / len(late) < 0.15, runs["hard"]
+    assert cli(["rl", "--algo", "grpo", "--policy", str(base), "--reward-model", str(_rm(tmp_path, base)),
+                "--prompts", str(prompts), "--out", str(tmp_path / "x"), "--steps", "1", "--max-new-tokens", "8",
+                "--hard-prompts", "1"]) == 2
+    assert "--hard-prompts needs --reward-fn" in capsys.readouterr().err
+
+
+def test_rft_select_neg_mode_pushes_a_wrong_plurality_down():
+    from pyllm.rl import rft_select
+    # k=4: g0 plurality [1] right -> no negative; g1 plurality [2] wrong with one right [1] -> [2] pushed down;
+    # g2 tie [1]/[2] -> none; g3 all wrong (nothing verified) -> no step at all on it
+    resp = [[1], [1], [1], [2], [2], [2], [2], [1], [1], [2], [1], [2], [3], [3], [4], [3]]
+    ok = torch.tensor([r == [1] for r in resp])
+    assert rft_select(resp, ok, 4) == ([0, 7, 8], [1.0, 1.0, 1.0], 0.75)
+    sel, w, _ = rft_select(resp, ok, 4, neg_mode=0.5)
+    assert sel == [0, 7, 8, 4] and w == [1.0, 1.0, 1.0, -0.5]
+    sel, w, _ = rft_select(resp, ok, 4, hard_weight=1.0, neg_mode=0.5)  # relative to the group's scaled weight
+    assert sel == [0, 7, 8, 4] and w[3] == pytest.approx(-0.5 * w[1]) and w[1] > w[0]
