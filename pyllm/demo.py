@@ -1,6 +1,6 @@
 """`pyllm demo`: tokenizer -> pretraining -> SFT -> reward model -> RL -> export -> the C binary, with a report card.
 
-    pyllm demo                      # the full run (~8 min on the 2-core VM), writes ./pyllm-demo/report.md
+    pyllm demo                      # the full run (378-409 s on the 2-core VM), writes ./pyllm-demo/report.md
     pyllm demo --quick --out /tmp/d # the plumbing only, tiny sizes (< 1 min)
 
 Every stage runs through the public command a user would type (`pyllm.cli.main(["pretrain", ...])` etc.) on files
