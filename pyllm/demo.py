@@ -590,6 +590,10 @@ def write_report(out: Path, R: dict) -> None:
                                           "sampled": ([1, 2], [s["sampled_accuracy"], r["sampled_accuracy"]])})
     hack = r["rm_score_sampled"] - s["rm_score_sampled"] > 0 and r["verifier_sampled"] <= s["verifier_sampled"]
     cfg = R["config"]
+    # hard-prompt sampling runs only where the verifier tracks pass rates (demo passes --hard-prompts only then)
+    hard = (f"; each step's prompts drawn with probability ~ (1.05 - the prompt's running pass rate in the policy's "
+            f"own rollouts) ^ {cfg['rl_hard_prompts']}" if cfg.get("rl_hard_prompts") and "verifier" in R["reward"]
+            else "")
     L = [f"# pyllm demo report card (seed {R['seed']})", "",
          f"Task: 2-digit {' and '.join({'add': 'addition', 'sub': 'subtraction'}[k] for k in cfg['kinds'])}, "
          f"answers checked by a program. {R['corpus']['train_problems']} "
@@ -639,8 +643,7 @@ def write_report(out: Path, R: dict) -> None:
           + (f"; where a prompt's most frequent sampled reply is wrong but some reply is verified, that wrong reply "
              f"is pushed down with weight {cfg['rl_neg_mode']} relative to the verified ones" if cfg.get("rl_neg_mode")
              else "")
-          + (f"; each step's prompts drawn with probability ~ (1.05 - the prompt's running pass rate in the policy's "
-             f"own rollouts) ^ {cfg['rl_hard_prompts']}" if cfg.get("rl_hard_prompts") else "")
+          + hard
           + f"; {cfg['rl_steps']} steps, lr {cfg['rl_lr']}, rollout temperature {cfg.get('rl_temperature', 1.0)}, "
           f"warmup {cfg['rl_warmup']} steps"
           + (f"; only prompts on which {cfg['rl_prefilter']} samples of the SFT policy were sometimes right and "
@@ -650,8 +653,8 @@ def write_report(out: Path, R: dict) -> None:
           + ". Prompts are train-side problems only")
          if cfg.get("rl_algo", "grpo") == "rft" else
          f"- algorithm: GRPO, reward = {R['reward'].replace('+', ' + ')}, {cfg['rl_steps']} steps x "
-         f"{cfg['rl_batch']} prompts x {cfg['rl_k']} samples, lr {cfg['rl_lr']}, KL coefficient {cfg['rl_kl']}; "
-         "prompts are train-side problems only"
+         f"{cfg['rl_batch']} prompts x {cfg['rl_k']} samples, lr {cfg['rl_lr']}, KL coefficient {cfg['rl_kl']}"
+         + hard + "; prompts are train-side problems only"
          + (". Why the verifier is in the reward: a reward model this small is a noisy judge of arithmetic, and "
             "GRPO against it alone learns to please it (`pyllm demo --reward rm` shows the RM score rising while "
             "verifier success falls); the program check anchors the reward to the truth while the RM still "

@@ -220,10 +220,12 @@ def test_rl_algorithms_and_sft_budget(quick_run, tmp_path):
     text = (out / "report.md").read_text()
     assert "algorithm: GRPO" in text and "advantages = score - group mean" in text
     assert "rejection-sampling" not in text
+    assert "drawn with probability" in text                         # GRPO with the verifier: hard prompts too
     assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "3", "--set", "rl_algo=ppo"]) == 2
     # the RM alone as the reward: nothing to reject samples with, so the default RL stage runs GRPO
     assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "3", "--from-stage", "rl", "--reward", "rm"]) == 0
     assert "algorithm: GRPO" in (out / "report.md").read_text()
+    assert "drawn with probability" not in (out / "report.md").read_text()   # no verifier: no pass rates to track
     assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "3", "--from-stage", "rl", "--reward", "rm",
                      "--set", "rl_algo=rft"]) == 2
     assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "3", "--from-stage", "rl", "--set",
