@@ -33,6 +33,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ from .sft import (BadLine, Bar, Dist, Metrics, add_common_args, as_messages, che
                   resume_state, save_stage, set_lr, lr_at, step_items)
 
 VALUE_FILE = "value_head.safetensors"
+PASS_RATE_KEY = "hard_prompts.pass_rate"   # in trainer_state.safetensors: (n_prompts) fp32
 
 
 def load_reward_fn(spec: str):
@@ -373,10 +375,18 @@ def main(args) -> int:
         prompts, rates = prefilter(ref, tok, prompts, fn, args, dist)  # the starting policy, also when resuming
     else:
         rates = [0.5] * len(prompts)
-    # --hard-prompts: each prompt's running pass rate in the policy's own rollouts (per rank; restarts on resume)
+    # --hard-prompts: each prompt's running pass rate in the policy's own rollouts (per rank; rank 0's is saved in
+    # every checkpoint and all ranks continue from it on --resume, so a resumed run draws what the saved one would)
     pass_rate = torch.tensor(rates, dtype=torch.float)
     if args.hard_prompts > 0 and fn is None:
         raise ValueError("rl: --hard-prompts needs --reward-fn (it tracks each prompt's verified pass rate)")
+    if st and args.hard_prompts > 0:
+        saved = st[1].get(PASS_RATE_KEY)
+        if saved is not None and saved.shape == pass_rate.shape:
+            pass_rate = saved.float().clone()
+        elif dist.main:
+            print(f"{args.out}: no saved --hard-prompts pass rates for these {len(prompts)} prompts "
+                  "(another prompt set, or saved without --hard-prompts): starting them afresh", file=sys.stderr)
     pad = pad_id_of(tok)
     end_id = tok.special_ids.get("<|end|>")
     steps = args.steps or max(1, math.ceil(args.epochs * len(prompts) / (args.batch_size * dist.world)))
@@ -539,7 +549,8 @@ def main(args) -> int:
             extra = {VALUE_FILE: {k_: v.detach().cpu() for k_, v in ac.v_head.state_dict().items()}} \
                 if ac.v_head is not None else None
             save_stage(args.out, model, tok, step=step, opt=opt, base=str(args.policy), extra_tensors=extra,
-                       state={"stage": "rl", "algo": args.algo, "steps": steps})
+                       state={"stage": "rl", "algo": args.algo, "steps": steps},
+                       trainer_tensors={PASS_RATE_KEY: pass_rate} if args.hard_prompts > 0 else None)
     bar.close()
     if dist.main:
         plot_metrics(Path(args.out))

@@ -322,6 +322,14 @@ def test_hard_prompts_draws_the_prompts_the_policy_fails(tmp_path, capsys):
     # hard sampling learns which prompts are solved and draws them rarely ((1.05 - 1)^2 vs (1.05 - 0)^2 weight)
     late = runs["hard"][15:]
     assert sum(late) / len(late) < 0.15, runs["hard"]
+    # the pass rates are part of the checkpoint: 15 steps, then --resume to 30, draws what the 30-step run drew
+    args = ["rl", "--algo", "rft", "--policy", str(base), "--reward-fn", f"{tmp_path / 'split.py'}:split",
+            "--prompts", str(prompts), "--out", str(tmp_path / "resumed"), "--lr", "1e-5", "--batch-size", "4",
+            "--num-samples", "2", "--max-new-tokens", "2", "--seed", "5", "--hard-prompts", "2"]
+    assert cli(args + ["--steps", "15"]) == 0
+    assert cli(args + ["--steps", "30", "--resume"]) == 0
+    resumed = [r["fn_full"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")]
+    assert resumed == runs["hard"]  # restarting the estimates at 0.5 would draw ~half solved prompts at step 16+
     assert cli(["rl", "--algo", "grpo", "--policy", str(base), "--reward-model", str(_rm(tmp_path, base)),
                 "--prompts", str(prompts), "--out", str(tmp_path / "x"), "--steps", "1", "--max-new-tokens", "8",
                 "--hard-prompts", "1"]) == 2
