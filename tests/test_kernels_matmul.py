@@ -172,6 +172,9 @@ def test_q8_quantize_and_matvec(isa, rng, n, k, G):
     x = torch.randn(k, generator=rng)
     x[:G] *= 0 if k > G else 1
     y = ops.matvec_q8(q, s, x)
+    yp = poison(torch.empty(n))                    # every row written, rows paired across the matrix included
+    C().matvec_q8(ops.ptr(yp), ops.ptr(q), ops.ptr(s), ops.ptr(x), n, k, G)
+    assert torch.equal(yp, y)
     # Same quantization semantics: only fp32-vs-float64 rounding of the scaled group sums may differ.
     yr = ref.matvec_q8(q, s, x)
     torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5 * (k ** 0.5))

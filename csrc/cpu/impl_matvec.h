@@ -214,11 +214,14 @@ void KFN(matvec_q8)(const matvec_q8_params* p) {
         for (int j = 0; j < k; j++) xbias[j / 4] -= 128 * xq[j];
     }
 #if defined(__AVX512F__)
-    if (vnni) {                                                        // rows two at a time (an odd last one alone)
+    if (vnni) {
+        // Rows two at a time (an odd last one alone), taken half the matrix apart: rows i and i + npair are two
+        // separate memory streams where adjacent rows are one. +14% (1 thread) and +11% (2 threads) on llama2.c
+        // 110M Q8_0 decode (pyllm-run A/B, 15 interleaved pairs each, session 7); no change on 15M.
         const int npair = (n + 1) / 2;
         #pragma omp parallel for schedule(static) if ((long)n * k > 65536)
         for (int i2 = 0; i2 < npair; i2++) {
-            const int i = 2 * i2, i1 = i + 1 < n ? i + 1 : i;
+            const int i = i2, i1 = i2 + npair < n ? i2 + npair : i2;
             float y1;
             q8_rows2_vnni(p->y + i, &y1, p->wq + (size_t)i * k, p->wq + (size_t)i1 * k, p->ws + (size_t)i * ng,
                           p->ws + (size_t)i1 * ng, xs, xq, xbias, k, G);
