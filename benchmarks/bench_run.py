@@ -5,7 +5,7 @@ floor: weight bytes read per token / copy bandwidth measured now (benchmarks/mac
 Also measured now: what the cores can *read* (a vectorised sum over 256 MiB, `read_bandwidth_gbs`), the rate a
 matvec actually needs; where it is below the copy figure, the copy floor is out of reach. fp32 and Q8_0, 1 and 2
 threads, medians of --repeats runs, load average recorded. --baseline-bin times a second binary (e.g. main's
-pyllm-run) on the same files in the same run. Appends rows to benchmarks/results_run.md.
+pyllm-run) on the same files in the same run, the two interleaved run by run. Appends rows to benchmarks/results_run.md.
 
     PYTHONPATH=$PWD python benchmarks/bench_run.py                      # both shapes (a few minutes)
     PYTHONPATH=$PWD python benchmarks/bench_run.py --shapes 15M --threads 1
@@ -136,7 +136,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
     ap.add_argument("--weights", nargs="+", default=["fp32", "q8_0"], help="fp32 and/or q8_0")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch generate baseline")
-    ap.add_argument("--baseline-bin", default="", help="also time this pyllm-run binary on the same files")
+    ap.add_argument("--baseline-bin", default="", help="also time this pyllm-run binary on the same files, its runs "
+                    "interleaved with the main binary's")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results_run.md"), help="markdown file to append to")
     ap.add_argument("--note", default="", help="a line written under the table")
     args = ap.parse_args()
@@ -169,9 +170,16 @@ def main():
                 tt = None if args.no_torch else med(lambda: torch_generate_tps(model, th, prompt_len, steps))
                 for wt, p in paths.items():
                     run_binary(p, th, 8)  # page the file in
-                    tps = med(lambda: run_binary(p, th, steps))
-                    base = med(lambda: run_binary(p, th, steps, Path(args.baseline_bin))) if args.baseline_bin \
-                        else None
+                    if args.baseline_bin:  # interleaved, alternating which goes first: drift hits both alike
+                        runs = []
+                        for i in range(args.repeats):
+                            ab = [lambda: run_binary(p, th, steps),
+                                  lambda: run_binary(p, th, steps, Path(args.baseline_bin))]
+                            r = [f() for f in (ab if i % 2 == 0 else ab[::-1])]
+                            runs.append(r if i % 2 == 0 else r[::-1])
+                        tps, base = (statistics.median(x[j] for x in runs) for j in (0, 1))
+                    else:
+                        tps, base = med(lambda: run_binary(p, th, steps)), None
                     wb = weight_bytes_per_token(p, cfg)
                     floor, rfloor = bw[th] * 1e9 / wb, rd[th] * 1e9 / wb
                     rows.append((shape, wt, th, steps, tps, tt, floor, rfloor, wb, bw[th], rd[th], base))

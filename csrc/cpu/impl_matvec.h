@@ -216,8 +216,8 @@ void KFN(matvec_q8)(const matvec_q8_params* p) {
 #if defined(__AVX512F__)
     if (vnni) {
         // Rows two at a time (an odd last one alone), taken half the matrix apart: rows i and i + npair are two
-        // separate memory streams where adjacent rows are one. +14% (1 thread) and +11% (2 threads) on llama2.c
-        // 110M Q8_0 decode (pyllm-run A/B, 15 interleaved pairs each, session 7); no change on 15M.
+        // separate memory streams where adjacent rows are one. llama2.c 110M Q8_0 decode +14% on 1 thread and +5%
+        // on 2 (pyllm-run A/Bs, 9-21 interleaved pairs each, session 7); 15M (17 MB) -3% on 1 thread, 0 on 2.
         const int npair = (n + 1) / 2;
         #pragma omp parallel for schedule(static) if ((long)n * k > 65536)
         for (int i2 = 0; i2 < npair; i2++) {
