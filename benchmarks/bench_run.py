@@ -5,7 +5,8 @@ floor: weight bytes read per token / copy bandwidth measured now (benchmarks/mac
 Also measured now: what the cores can *read* (a vectorised sum over 256 MiB, `read_bandwidth_gbs`), the rate a
 matvec actually needs; where it is below the copy figure, the copy floor is out of reach. fp32 and Q8_0, 1 and 2
 threads, medians of --repeats runs, load average recorded. --baseline-bin times a second binary (e.g. main's
-pyllm-run) on the same files in the same run, the two interleaved run by run. Appends rows to benchmarks/results_run.md.
+pyllm-run) on the same files in the same run, the two interleaved run by run. Appends rows to
+benchmarks/results_run.md.
 
     PYTHONPATH=$PWD python benchmarks/bench_run.py                      # both shapes (a few minutes)
     PYTHONPATH=$PWD python benchmarks/bench_run.py --shapes 15M --threads 1
@@ -171,10 +172,10 @@ def main():
                 for wt, p in paths.items():
                     run_binary(p, th, 8)  # page the file in
                     if args.baseline_bin:  # interleaved, alternating which goes first: drift hits both alike
+                        ab = [lambda: run_binary(p, th, steps),
+                              lambda: run_binary(p, th, steps, Path(args.baseline_bin))]
                         runs = []
                         for i in range(args.repeats):
-                            ab = [lambda: run_binary(p, th, steps),
-                                  lambda: run_binary(p, th, steps, Path(args.baseline_bin))]
                             r = [f() for f in (ab if i % 2 == 0 else ab[::-1])]
                             runs.append(r if i % 2 == 0 else r[::-1])
                         tps, base = (statistics.median(x[j] for x in runs) for j in (0, 1))

@@ -188,7 +188,7 @@ def test_from_stage_rl_reuses_earlier_stages(quick_run, tmp_path):
     assert (out / "rl" / "adapter.safetensors").is_file()          # the RL stage really trained a LoRA adapter
     assert "LoRA rank 2 update" in (out / "report.md").read_text()
     assert "drawn with probability" in (quick_run / "report.md").read_text()   # the default: hard prompts
-    assert "drawn with probability" not in (out / "report.md").read_text()     # --set rl_hard_prompts=0 below
+    assert "drawn with probability" not in (out / "report.md").read_text()     # --set rl_hard_prompts=0 above
     assert "weighted by (1 - its pass rate" in (out / "report.md").read_text()
     assert "is pushed down with weight 0.5" in (out / "report.md").read_text()
     assert R["config"]["rl_hard_prompts"] == 0 and R["config"]["rl_neg_mode"] == 0.5
