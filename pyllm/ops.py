@@ -1,6 +1,11 @@
 """torch autograd Functions over pyllm._C: validate tensors here, pass data_ptr() and sizes to the kernels."""
 from __future__ import annotations
 
+import math
+import sys
+import threading
+
+import numpy as np
 import torch
 
 from ._ext import C
@@ -33,6 +38,54 @@ def ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+# --- big output buffers -----------------------------------------------------------------------------------
+# A fresh multi-MB tensor is fresh memory: glibc maps blocks over 32 MB anew on every allocation (and trims freed
+# heap), so each training step page-faults its logits, dlogits and activations in again, inside the kernels that
+# first write them: 115-150 ms of system time per step of the issue-3 model on 1 thread (6-7% of it; 6-9 ms with
+# the pool, and the step 2-3% faster), and 32 of the 47 ms of a 64 MB cross-entropy backward. So the ops take
+# their big fp32 outputs from a pool that keeps freed
+# buffers: a pooled buffer is free again when nothing but the pool references it (torch.from_numpy's storage holds
+# one reference to the array; CPython counts it). Bounded by POOL_MAX_BYTES; past it, plain torch.empty.
+POOL_MIN_BYTES = 1 << 20
+POOL_MAX_BYTES = 2 << 30
+_pool: dict[int, list] = {}   # element count -> arrays of that size
+_pool_bytes = 0
+_pool_lock = threading.Lock()
+
+
+def empty(*shape: int) -> torch.Tensor:
+    """An uninitialised fp32 tensor of `shape`; from the pool when it is at least POOL_MIN_BYTES."""
+    global _pool_bytes
+    n = math.prod(shape)
+    if n * 4 < POOL_MIN_BYTES:
+        return torch.empty(shape, dtype=torch.float32)
+    with _pool_lock:
+        arrays = _pool.setdefault(n, [])
+        for a in arrays:
+            if sys.getrefcount(a) == 3:   # `arrays`, `a` and getrefcount's argument: no tensor holds it
+                return torch.from_numpy(a).view(shape)
+        if _pool_bytes + n * 4 <= POOL_MAX_BYTES:
+            a = np.empty(n, dtype=np.float32)
+            arrays.append(a)
+            _pool_bytes += n * 4
+            return torch.from_numpy(a).view(shape)
+    return torch.empty(shape, dtype=torch.float32)
+
+
+def empty_pool_release() -> int:
+    """Give the pool's free buffers back to the allocator (e.g. after training, in a long-lived process).
+    Buffers still in use stay. Returns the bytes released."""
+    global _pool_bytes
+    freed = 0
+    with _pool_lock:
+        for n, arrays in _pool.items():
+            keep = [a for a in arrays if sys.getrefcount(a) > 3]   # `arrays`, `a`, the argument: + a holder
+            freed += (len(arrays) - len(keep)) * n * 4
+            arrays[:] = keep
+        _pool_bytes -= freed
+    return freed
+
+
 # --- rmsnorm ----------------------------------------------------------------------------------------------
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
@@ -40,7 +93,7 @@ class _RMSNorm(torch.autograd.Function):
         C_ = x.shape[-1]
         x2 = x.reshape(-1, C_)
         N = x2.shape[0]
-        out = torch.empty_like(x2)
+        out = empty(*x2.shape)
         rstd = torch.empty(N, dtype=torch.float32)
         C().rmsnorm_forward(ptr(out), ptr(rstd), ptr(x2), ptr(weight), N, C_, float(eps))
         ctx.save_for_backward(x2, weight, rstd)
@@ -51,7 +104,7 @@ class _RMSNorm(torch.autograd.Function):
         x2, weight, rstd = ctx.saved_tensors
         N, C_ = x2.shape
         dout2 = dout.reshape(N, C_).contiguous()
-        dx = torch.empty_like(x2)
+        dx = empty(*x2.shape)
         dw = torch.zeros_like(weight)
         C().rmsnorm_backward(ptr(dx), ptr(dw), ptr(dout2), ptr(x2), ptr(weight), ptr(rstd), N, C_)
         return dx.view(dout.shape), dw, None
@@ -72,7 +125,7 @@ def _gemm(a, b, M, N, K, trans_a=False, trans_b=False, bias=None, out=None, accu
     per layer call (3 GEMMs per linear, ~87 a step of a small model, where checks cost ~10 us each against
     ~100-500 us kernels). Shapes and flags as in matmul()."""
     if out is None:
-        out = torch.empty(M, N, dtype=torch.float32)
+        out = empty(M, N)
     if M == 0 or N == 0:
         return out
     if K == 0:    # the empty sum (the operands have no data pointer)
@@ -264,7 +317,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
-        out = torch.empty_like(gate)
+        out = empty(*gate.shape)
         C().swiglu_forward(ptr(out), ptr(gate), ptr(up), gate.numel())
         ctx.save_for_backward(gate, up)
         return out
@@ -273,7 +326,7 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, dout):
         gate, up = ctx.saved_tensors
         dout = dout.contiguous()
-        dg, du = torch.empty_like(gate), torch.empty_like(up)
+        dg, du = empty(*gate.shape), empty(*up.shape)
         C().swiglu_backward(ptr(dg), ptr(du), ptr(dout), ptr(gate), ptr(up), gate.numel())
         return dg, du
 
@@ -303,7 +356,7 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx, dloss):
         logits, targets, lse = ctx.saved_tensors
         N, V = logits.shape
-        dlogits = torch.empty_like(logits)
+        dlogits = empty(N, V)
         scale = float(dloss) / max(ctx.n_valid, 1)
         C().cross_entropy_backward(ptr(dlogits), ptr(logits), ptr(lse), ptr(targets), N, V, int(ctx.ignore_index),
                                    scale)
@@ -405,7 +458,7 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, doc_ids):
         B, T, H, Hkv, D = _check_attention(q, k, v, doc_ids)
-        out = torch.empty_like(q)
+        out = empty(*q.shape)
         lse = torch.empty(B, H, T, dtype=torch.float32)
         C().attention_forward(ptr(out), ptr(lse), ptr(q), ptr(k), ptr(v), ptr(doc_ids), B, T, H, Hkv, D)
         ctx.save_for_backward(q, k, v, out, lse, doc_ids)
@@ -418,7 +471,7 @@ class _Attention(torch.autograd.Function):
         B, T, H, D = q.shape
         Hkv = k.shape[2]
         dout = dout.contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq, dk, dv = empty(*q.shape), empty(*k.shape), empty(*v.shape)
         C().attention_backward(ptr(dq), ptr(dk), ptr(dv), ptr(dout), ptr(out), ptr(lse), ptr(q), ptr(k), ptr(v),
                                ptr(doc_ids), B, T, H, Hkv, D)
         return dq, dk, dv, None
@@ -480,26 +533,27 @@ class _Block(torch.autograd.Function):
         N3 = HD + 2 * KD
         k_ = C()
         x2d = x.reshape(M, Cm)                                              # (M, C)
-        h1, r1 = torch.empty(M, Cm), torch.empty(M)
+        h1, r1 = empty(M, Cm), torch.empty(M)
         k_.rmsnorm_forward(ptr(h1), ptr(r1), ptr(x2d), ptr(w_in), M, Cm, float(eps))
         wqkv = torch.cat((wq, wk, wv))                                      # (N3, C)
         qkv = _gemm(h1, wqkv, M, N3, Cm)                                    # (M, N3) = [q | k | v] per row
-        q, k = torch.empty(B, T, H, D), torch.empty(B, T, Hkv, D)
+        q, k = empty(B, T, H, D), empty(B, T, Hkv, D)
         k_.rope_forward(ptr(q), ptr(qkv), ptr(cos), ptr(sin), B, T, H, D, 0, N3, 0)
         k_.rope_forward(ptr(k), qkv.data_ptr() + 4 * HD, ptr(cos), ptr(sin), B, T, Hkv, D, 0, N3, 0)
-        v = qkv[:, HD + KD:].contiguous().view(B, T, Hkv, D)
-        y, lse = torch.empty(B, T, H, D), torch.empty(B, H, T)
+        v = empty(B, T, Hkv, D)
+        v.view(M, KD).copy_(qkv[:, HD + KD:])
+        y, lse = empty(B, T, H, D), torch.empty(B, H, T)
         k_.attention_forward(ptr(y), ptr(lse), ptr(q), ptr(k), ptr(v), ptr(doc_ids), B, T, H, Hkv, D)
         y2d = y.view(M, HD)
-        x2 = x2d.clone()                                                    # x + y Woᵀ
+        x2 = empty(M, Cm).copy_(x2d)                                        # x + y Woᵀ
         _gemm(y2d, wo, M, Cm, HD, out=x2, accumulate=True)
-        h2, r2 = torch.empty(M, Cm), torch.empty(M)
+        h2, r2 = empty(M, Cm), torch.empty(M)
         k_.rmsnorm_forward(ptr(h2), ptr(r2), ptr(x2), ptr(w_post), M, Cm, float(eps))
         wgu = torch.cat((wg, wu))                                           # (2F, C)
         gu = _gemm(h2, wgu, M, 2 * F, Cm)                                   # (M, 2F) = [gate | up] per row
-        s = torch.empty(M, F)
+        s = empty(M, F)
         k_.swiglu_forward(ptr(s), ptr(gu), gu.data_ptr() + 4 * F, M * F, F, 2 * F)
-        out = x2.clone()                                                    # x2 + s Wdᵀ
+        out = empty(M, Cm).copy_(x2)                                        # x2 + s Wdᵀ
         _gemm(s, wd, M, Cm, F, out=out, accumulate=True)
         ctx.save_for_backward(x2d, h1, r1, q, k, v, y, lse, x2, h2, r2, gu, s, w_in, wqkv, wo, w_post, wgu, wd,
                               cos, sin, doc_ids)
@@ -521,27 +575,27 @@ class _Block(torch.autograd.Function):
         # MLP: out = x2 + swiglu(h2 Wgᵀ, h2 Wuᵀ) Wdᵀ
         dwd = _gemm(d, s, Cm, F, M, trans_a=True, trans_b=True) if need[9] else None     # (C, F)
         ds = _gemm(d, wd, M, F, Cm, trans_b=True)                          # (M, F)
-        dgu = torch.empty(M, 2 * F)                                         # [dgate | dup] per row
+        dgu = empty(M, 2 * F)                                               # [dgate | dup] per row
         k_.swiglu_backward(ptr(dgu), dgu.data_ptr() + 4 * F, ptr(ds), ptr(gu), gu.data_ptr() + 4 * F, M * F, F, 2 * F)
         dwgu = _gemm(dgu, h2, 2 * F, Cm, M, trans_a=True, trans_b=True) if (need[7] or need[8]) else None
         dh2 = _gemm(dgu, wgu, M, Cm, 2 * F, trans_b=True)                   # (M, C), one GEMM for gate and up
-        dx2, dw_post = torch.empty(M, Cm), torch.zeros(Cm)
+        dx2, dw_post = empty(M, Cm), torch.zeros(Cm)
         k_.rmsnorm_backward(ptr(dx2), ptr(dw_post), ptr(dh2), ptr(x2), ptr(w_post), ptr(r2), M, Cm, ptr(d))
         # attention: x2 = x + attn(rmsnorm(x)) Woᵀ
         y2d = y.view(M, HD)
         dwo = _gemm(dx2, y2d, Cm, HD, M, trans_a=True, trans_b=True) if need[5] else None  # (C, HD)
         dy = _gemm(dx2, wo, M, HD, Cm, trans_b=True)                       # (M, HD)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq, dk, dv = empty(*q.shape), empty(*k.shape), empty(*v.shape)
         k_.attention_backward(ptr(dq), ptr(dk), ptr(dv), ptr(dy), ptr(y), ptr(lse), ptr(q), ptr(k), ptr(v),
                               ptr(doc_ids), B, T, H, Hkv, D)
-        dqkv = torch.empty(M, N3)                                           # [dq | dk | dv] per row, pre-RoPE
+        dqkv = empty(M, N3)                                                 # [dq | dk | dv] per row, pre-RoPE
         k_.rope_forward(ptr(dqkv), ptr(dq), ptr(cos), ptr(sin), B, T, H, D, 1, 0, N3)
         k_.rope_forward(dqkv.data_ptr() + 4 * HD, ptr(dk), ptr(cos), ptr(sin), B, T, Hkv, D, 1, 0, N3)
         dqkv[:, HD + KD:].copy_(dv.view(M, KD))
         dwqkv = (_gemm(dqkv, h1, N3, Cm, M, trans_a=True, trans_b=True)     # (N3, C)
                  if (need[2] or need[3] or need[4]) else None)
         dh1 = _gemm(dqkv, wqkv, M, Cm, N3, trans_b=True)                    # (M, C), one GEMM for q, k and v
-        dx, dw_in = torch.empty(M, Cm), torch.zeros(Cm)
+        dx, dw_in = empty(M, Cm), torch.zeros(Cm)
         k_.rmsnorm_backward(ptr(dx), ptr(dw_in), ptr(dh1), ptr(x2d), ptr(w_in), ptr(r1), M, Cm, ptr(dx2))
         dq_w = dk_w = dv_w = dg_w = du_w = None
         if dwqkv is not None:

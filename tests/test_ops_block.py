@@ -2,6 +2,8 @@
 "torch" backend = pyllm.ref ops): output and every gradient, GQA, document masks, odd sizes, every ISA path, every
 buffer the op allocates poisoned; plus the strided kernel forms it relies on (RoPE row strides, SwiGLU rows of a fused
 gate|up buffer, RMSNorm backward's residual). Run: pytest tests/test_ops_block.py"""
+import sys
+
 import pytest
 import torch
 
@@ -14,10 +16,13 @@ from conftest import poison
 
 @pytest.fixture
 def poisoned_alloc(monkeypatch):
-    """Every torch.empty / empty_like in the op returns NaNs: an element a kernel never writes shows up."""
-    empty, empty_like = torch.empty, torch.empty_like
+    """Every torch.empty / empty_like / ops.empty in the op returns NaNs: an element a kernel never writes shows up.
+    Every ops.empty goes through the buffer pool (no size threshold), so reused buffers are poisoned too."""
+    empty, empty_like, ops_empty = torch.empty, torch.empty_like, ops.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(ops, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(ops, "empty", lambda *s: ops_empty(*s).fill_(float("nan")))
 
 
 def _docs(B, T, rng):
@@ -61,6 +66,56 @@ def test_block_matches_per_op_path(isa, rng, poisoned_alloc, B, T, dim, H, Hkv, 
     for n, a, b in zip(names, g, g_ref):   # fp32 sums in another order: tolerance relative to the gradient's scale
         torch.testing.assert_close(a, b, rtol=1e-4, atol=max(1e-5, 2e-5 * float(b.abs().max())),
                                    msg=lambda m: f"grad {n}: {m}")
+
+
+def test_pool_hands_out_only_unreferenced_buffers(monkeypatch):
+    monkeypatch.setattr(ops, "POOL_MIN_BYTES", 0)
+    a, b = ops.empty(301, 7), ops.empty(301, 7)
+    assert a.shape == (301, 7) and a.dtype == torch.float32 and a.data_ptr() != b.data_ptr()
+    pa = a.data_ptr()
+    del a
+    c = ops.empty(7, 301)                         # same element count: the freed buffer, in the new shape
+    assert c.data_ptr() == pa and c.shape == (7, 301)
+    view = c[1:]                                  # a view keeps the storage (and the buffer) in use
+    del c
+    d = ops.empty(301, 7)
+    assert d.data_ptr() not in (pa, b.data_ptr())
+    del view
+    e = ops.empty(2107)
+    assert e.data_ptr() == pa
+    monkeypatch.setattr(ops, "POOL_MAX_BYTES", 0)  # past the bound (and none free): plain torch.empty, not pooled
+    size = ops._pool_bytes
+    held = [ops.empty(301, 7) for _ in range(3)]
+    assert len({t.data_ptr() for t in held} | {pa, b.data_ptr(), d.data_ptr()}) == 6 and ops._pool_bytes == size
+    del e
+    assert ops.empty_pool_release() >= 2107 * 4
+    assert sorted(a.ctypes.data for a in ops._pool[2107]) == sorted([b.data_ptr(), d.data_ptr()])  # still held
+
+
+def test_pool_never_reuses_what_autograd_saved(rng, monkeypatch):
+    """Between forward and backward, take every free pooled buffer and fill it with NaN: a buffer the block saved
+    for backward (or returned) handed out again would corrupt the gradients."""
+    monkeypatch.setattr(ops, "POOL_MIN_BYTES", 0)
+    torch.manual_seed(3)
+    c = ModelConfig(vocab_size=32, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=24)
+    blk = Block(c)
+    for p in blk.parameters():
+        p.data.normal_(1.0 if p.dim() == 1 else 0.0, 0.3 if p.dim() == 1 else p.shape[-1] ** -0.5, generator=rng)
+    x = torch.randn(2, 24, 64, generator=rng, requires_grad=True)
+    model = GPT(c)
+    cos, sin = model.rope_cos[:24].contiguous(), model.rope_sin[:24].contiguous()
+    dy = torch.randn(2, 24, 64, generator=rng)
+    o_torch, o_pyllm = backend_table("torch"), backend_table("pyllm")
+    g_ref = torch.autograd.grad(blk(o_torch, x, cos, sin), [x, *blk.parameters()], dy)
+    y = blk(o_pyllm, x, cos, sin)
+    y_before = y.detach().clone()
+    free = {n: sum(sys.getrefcount(a) == 3 for a in arrays) for n, arrays in ops._pool.items()}  # as ops.empty counts
+    grabbed = [ops.empty(n).fill_(float("nan")) for n, k in free.items() for _ in range(k)]
+    assert grabbed and sum(free.values()) < sum(map(len, ops._pool.values()))  # some free, some held for backward
+    g = torch.autograd.grad(y, [x, *blk.parameters()], dy)
+    torch.testing.assert_close(y, y_before, rtol=0, atol=0)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=max(1e-5, 2e-5 * float(b.abs().max())))
 
 
 def test_model_pyllm_and_torch_agree_with_docs_and_gqa(rng):
