@@ -123,6 +123,8 @@ def stage_cli(cmd: str, argv: list[str]) -> None:
         p = argparse.ArgumentParser(prog=f"pyllm {cmd}")
         mod.add_arguments(p)
         rc = mod.main(p.parse_args(argv))
+    from . import ops
+    ops.empty_pool_release()  # the stage's output buffers: the next stage's shapes differ, so give them back
     if rc:
         raise cli.CLIError(f"stage `pyllm {cmd}` failed (exit {rc}); command: pyllm {cmd} {' '.join(argv)}")
 
