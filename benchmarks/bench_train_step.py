@@ -4,12 +4,17 @@ steps interleaved, median per side.   Run: python benchmarks/bench_train_step.py
   --shape shakespeare: issue 4's nanoGPT recipe model (4 layers, d=128, 4 heads, T=64, B=12, vocab 262) instead.
   --kernels: also time every pyllm._C call inside the pyllm steps: ms/step per kernel, the GEMM share, and the
              rest (Python, autograd, torch glue) — the per-op profile behind the ratios.
+  --separate R: instead, each variant in its own process (as a user runs it), R rounds alternating the order, and the
+             median of the per-round ratios. In one process the three models share the allocator and caches: on
+             2026-11-24 that slowed torch eager by up to 25% and overstated pyllm's ratio (RESULTS.md, session 8).
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -74,11 +79,25 @@ def main():
     ap.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 1 warm-up step)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="issue3", help="model and batch (issue3)")
     ap.add_argument("--kernels", action="store_true", help="also print the per-kernel time of a pyllm step")
+    ap.add_argument("--separate", type=int, default=0, metavar="R",
+                    help="run each variant in its own process, R rounds in alternating order (0: one process)")
+    ap.add_argument("--child", choices=["pyllm", "torch", "torch_bf16"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     cfg, B, T = SHAPES[args.shape]
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg["vocab_size"], (B, T), generator=g)
     y = torch.randint(0, cfg["vocab_size"], (B, T), generator=g)
+    if args.child:   # one variant alone: warm-up, then the median tok/s of --steps steps
+        torch.set_num_threads(args.threads[0])
+        C().set_threads(args.threads[0])
+        m, opt = make("pyllm" if args.child == "pyllm" else "torch", args.shape)
+        ac = args.child == "torch_bf16"
+        step(m, opt, x, y, ac)
+        print(B * T / statistics.median(step(m, opt, x, y, ac) for _ in range(args.steps)))
+        return
+    if args.separate:
+        separate(args)
+        return
     print(f"| threads | pyllm fp32 tok/s | torch eager fp32 tok/s | torch bf16 autocast tok/s | pyllm / torch fp32 |"
           f" pyllm / torch bf16 |")
     print("|---|---|---|---|---|---|")
@@ -111,6 +130,29 @@ def main():
             for k, v in sorted(kt.t.items(), key=lambda kv: -kv[1]):
                 print(f"| {k} | {1e3 * v / n:.2f} | {kt.n[k] / n:.0f} |")
             print(flush=True)
+
+
+def separate(args):
+    """Each variant in a fresh process, R rounds, the order reversed every other round; medians and paired ratios."""
+    names = ["pyllm", "torch", "torch_bf16"]
+    print(f"separate processes, {args.separate} rounds: tok/s medians; ratios the median of the per-round ratios")
+    print("| threads | pyllm fp32 tok/s | torch eager fp32 tok/s | torch bf16 autocast tok/s | pyllm / torch fp32 |"
+          " pyllm / torch bf16 |")
+    print("|---|---|---|---|---|---|")
+    for th in args.threads:
+        tps = {k: [] for k in names}
+        for r in range(args.separate):
+            for k in (names if r % 2 == 0 else names[::-1]):
+                out = subprocess.run([sys.executable, __file__, "--child", k, "--threads", str(th), "--steps",
+                                      str(args.steps), "--shape", args.shape], capture_output=True, text=True,
+                                     check=True).stdout
+                tps[k].append(float(out.split()[-1]))
+        med = {k: statistics.median(v) for k, v in tps.items()}
+        r32 = statistics.median(a / b for a, b in zip(tps["pyllm"], tps["torch"]))
+        r16 = statistics.median(a / b for a, b in zip(tps["pyllm"], tps["torch_bf16"]))
+        print(f"| {th} | {med['pyllm']:.0f} | {med['torch']:.0f} | {med['torch_bf16']:.0f} | {r32:.2f}x | {r16:.2f}x |"
+              f"   per round vs fp32: {' '.join(f'{a / b:.2f}' for a, b in zip(tps['pyllm'], tps['torch']))}",
+              flush=True)
 
 
 if __name__ == "__main__":
