@@ -43,14 +43,27 @@ def ptr(t: torch.Tensor | None) -> int:
 # heap), so each training step page-faults its logits, dlogits and activations in again, inside the kernels that
 # first write them: 115-150 ms of system time per step of the issue-3 model on 1 thread (6-7% of it; 6-9 ms with
 # the pool, and the step 2-3% faster), and 32 of the 47 ms of a 64 MB cross-entropy backward. So the ops take
-# their big fp32 outputs from a pool that keeps freed
-# buffers: a pooled buffer is free again when nothing but the pool references it (torch.from_numpy's storage holds
-# one reference to the array; CPython counts it). Bounded by POOL_MAX_BYTES; past it, plain torch.empty.
+# their big fp32 outputs from a pool that keeps freed buffers: a pooled buffer is free again when nothing but the
+# pool references it (torch.from_numpy's storage holds one reference to the array; CPython counts it). Bounded by
+# POOL_MAX_BYTES (the issue-3 model uses ~510 MB): when full, its free buffers go (shapes that changed, e.g.
+# variable-length batches), and past that, plain torch.empty.
 POOL_MIN_BYTES = 1 << 20
-POOL_MAX_BYTES = 2 << 30
+POOL_MAX_BYTES = 1 << 30
 _pool: dict[int, list] = {}   # element count -> arrays of that size
 _pool_bytes = 0
 _pool_lock = threading.Lock()
+
+
+def _pool_drop_free() -> int:
+    """With _pool_lock held: drop every buffer nothing else references. Returns the bytes dropped."""
+    global _pool_bytes
+    freed = 0
+    for n, arrays in _pool.items():
+        keep = [a for a in arrays if sys.getrefcount(a) > 3]   # `arrays`, `a`, the argument: + a holder
+        freed += (len(arrays) - len(keep)) * n * 4
+        arrays[:] = keep
+    _pool_bytes -= freed
+    return freed
 
 
 def empty(*shape: int) -> torch.Tensor:
@@ -64,9 +77,11 @@ def empty(*shape: int) -> torch.Tensor:
         for a in arrays:
             if sys.getrefcount(a) == 3:   # `arrays`, `a` and getrefcount's argument: no tensor holds it
                 return torch.from_numpy(a).view(shape)
+        if _pool_bytes + n * 4 > POOL_MAX_BYTES:   # full: free buffers of other sizes (shapes that changed) go
+            _pool_drop_free()
         if _pool_bytes + n * 4 <= POOL_MAX_BYTES:
             a = np.empty(n, dtype=np.float32)
-            arrays.append(a)
+            _pool.setdefault(n, []).append(a)
             _pool_bytes += n * 4
             return torch.from_numpy(a).view(shape)
     return torch.empty(shape, dtype=torch.float32)
@@ -75,15 +90,8 @@ def empty(*shape: int) -> torch.Tensor:
 def empty_pool_release() -> int:
     """Give the pool's free buffers back to the allocator (e.g. after training, in a long-lived process).
     Buffers still in use stay. Returns the bytes released."""
-    global _pool_bytes
-    freed = 0
     with _pool_lock:
-        for n, arrays in _pool.items():
-            keep = [a for a in arrays if sys.getrefcount(a) > 3]   # `arrays`, `a`, the argument: + a holder
-            freed += (len(arrays) - len(keep)) * n * 4
-            arrays[:] = keep
-        _pool_bytes -= freed
-    return freed
+        return _pool_drop_free()
 
 
 # --- rmsnorm ----------------------------------------------------------------------------------------------

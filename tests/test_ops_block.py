@@ -70,6 +70,7 @@ def test_block_matches_per_op_path(isa, rng, poisoned_alloc, B, T, dim, H, Hkv, 
 
 def test_pool_hands_out_only_unreferenced_buffers(monkeypatch):
     monkeypatch.setattr(ops, "POOL_MIN_BYTES", 0)
+    ops.empty_pool_release()                      # what earlier tests left free
     a, b = ops.empty(301, 7), ops.empty(301, 7)
     assert a.shape == (301, 7) and a.dtype == torch.float32 and a.data_ptr() != b.data_ptr()
     pa = a.data_ptr()
@@ -90,6 +91,19 @@ def test_pool_hands_out_only_unreferenced_buffers(monkeypatch):
     del e
     assert ops.empty_pool_release() >= 2107 * 4
     assert sorted(a.ctypes.data for a in ops._pool[2107]) == sorted([b.data_ptr(), d.data_ptr()])  # still held
+
+
+def test_pool_full_drops_free_buffers_of_other_sizes(monkeypatch):
+    monkeypatch.setattr(ops, "POOL_MIN_BYTES", 0)
+    ops.empty_pool_release()
+    monkeypatch.setattr(ops, "POOL_MAX_BYTES", ops._pool_bytes + 3 * 4000 * 4)   # room for three 4000-float buffers
+    held, old = ops.empty(4000), [ops.empty(4000) for _ in range(2)]
+    old_ptrs = {t.data_ptr() for t in old}
+    del old                                       # two free 4000s; the pool is full
+    new = ops.empty(3000)                         # another size: the free 4000s are dropped to make room
+    assert new.data_ptr() in [a.ctypes.data for a in ops._pool[3000]]
+    assert [a.ctypes.data for a in ops._pool[4000]] == [held.data_ptr()] and not old_ptrs & {new.data_ptr()}
+    assert ops._pool_bytes <= ops.POOL_MAX_BYTES
 
 
 def test_pool_never_reuses_what_autograd_saved(rng, monkeypatch):
