@@ -81,7 +81,7 @@ def empty(*shape: int) -> torch.Tensor:
             _pool_drop_free()
         if _pool_bytes + n * 4 <= POOL_MAX_BYTES:
             a = np.empty(n, dtype=np.float32)
-            _pool.setdefault(n, []).append(a)
+            arrays.append(a)                       # (_pool_drop_free filtered `arrays` in place)
             _pool_bytes += n * 4
             return torch.from_numpy(a).view(shape)
     return torch.empty(shape, dtype=torch.float32)
