@@ -98,6 +98,8 @@ def main():
     if args.separate:
         separate(args)
         return
+    print("one process, all three models (torch eager runs slower beside the others than alone: --separate R gives "
+          "the per-process figure)")
     print(f"| threads | pyllm fp32 tok/s | torch eager fp32 tok/s | torch bf16 autocast tok/s | pyllm / torch fp32 |"
           f" pyllm / torch bf16 |")
     print("|---|---|---|---|---|---|")
