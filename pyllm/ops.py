@@ -41,8 +41,8 @@ def ptr(t: torch.Tensor | None) -> int:
 # --- big output buffers -----------------------------------------------------------------------------------
 # A fresh multi-MB tensor is fresh memory: glibc maps blocks over 32 MB anew on every allocation (and trims freed
 # heap), so each training step page-faults its logits, dlogits and activations in again, inside the kernels that
-# first write them: 115-150 ms of system time per step of the issue-3 model on 1 thread (6-7% of it; 6-9 ms with
-# the pool, and the step 2-3% faster), and 32 of the 47 ms of a 64 MB cross-entropy backward. So the ops take
+# first write them: 115-150 ms of system time per step of the issue-3 model on 1 thread (6-7% of it; 6-14 ms with
+# the pool, and the step 0-6% faster), and 32 of the 47 ms of a 64 MB cross-entropy backward. So the ops take
 # their big fp32 outputs from a pool that keeps freed buffers: a pooled buffer is free again when nothing but the
 # pool references it (torch.from_numpy's storage holds one reference to the array; CPython counts it). Bounded by
 # POOL_MAX_BYTES (the issue-3 model uses ~510 MB): when full, its free buffers go (shapes that changed, e.g.
