@@ -161,7 +161,8 @@ def test_matvec_f32(isa, rng, n, k):
 
 
 @pytest.mark.parametrize("n,k,G", [(1, 32, 32), (3, 64, 16), (17, 192, 64), (127, 1000, 8), (130, 4096, 64),
-                                   (5, 96, 96), (9, 60, 3)])
+                                   (5, 96, 96), (9, 60, 3), (33, 288, 32), (5, 100, 4), (7, 512, 128),
+                                   (4, 768, 256)])
 def test_q8_quantize_and_matvec(isa, rng, n, k, G):
     w = torch.randn(n, k, generator=rng) * torch.rand(n, 1, generator=rng) * 3
     w[0, :G] = 0                                   # an all-zero group: scale 0, q 0
@@ -174,6 +175,12 @@ def test_q8_quantize_and_matvec(isa, rng, n, k, G):
     y = ops.matvec_q8(q, s, x)
     yp = poison(torch.empty(n))                    # every row written, rows paired across the matrix included
     C().matvec_q8(ops.ptr(yp), ops.ptr(q), ops.ptr(s), ops.ptr(x), n, k, G)
+    assert torch.equal(yp, y)
+    # Scales past each row's last group are never used: NaN there (after the last row) must not reach y.
+    s_nan = torch.full((s.numel() + 64,), float("nan"))
+    s_nan[:s.numel()] = s.flatten()
+    yp = poison(torch.empty(n))
+    C().matvec_q8(ops.ptr(yp), ops.ptr(q), ops.ptr(s_nan), ops.ptr(x), n, k, G)
     assert torch.equal(yp, y)
     # Same quantization semantics: only fp32-vs-float64 rounding of the scaled group sums may differ.
     yr = ref.matvec_q8(q, s, x)

@@ -123,40 +123,66 @@ static inline __m512i q8_dpbusd(__m512i acc, __m512i u, __m512i s) {
     return acc;
 }
 
-// The VNNI path needs the group structure to repeat every 64 bytes: G a multiple of 64, or 4 <= G dividing 64.
-static inline int q8_vnni_ok(int G) { return G % 64 == 0 || (G >= 4 && 64 % G == 0); }
+// The VNNI path needs the group structure to repeat every 64 bytes, and the group of a byte to be a shift of its
+// index: G a power of two >= 4 (llama2.c's and pyllm's group sizes are). Others take the AVX2 path.
+static inline int q8_vnni_ok(int G) { return G >= 4 && (G & (G - 1)) == 0; }
+
+// One 64-byte chunk of rows w and w2 (see q8_rows2_vnni); bm masks the bytes, sm the groups' scales.
+#define Q8_CHUNK(bm, sm)                                                                                              \
+    do {                                                                                                              \
+        const __m512i xv = _mm512_maskz_loadu_epi8(bm, xq + j), xb = _mm512_loadu_si512(xbias + j / 4);            \
+        const __m512 xsv = _mm512_maskz_loadu_ps(sm, xs + g);                                                         \
+        const __m512i d = q8_dpbusd(xb, _mm512_xor_si512(_mm512_maskz_loadu_epi8(bm, w + j), flip), xv);            \
+        const __m512i d2 = q8_dpbusd(xb, _mm512_xor_si512(_mm512_maskz_loadu_epi8(bm, w2 + j), flip), xv);          \
+        const __m512 sc = _mm512_permutexvar_ps(gidx, _mm512_mul_ps(_mm512_maskz_loadu_ps(sm, ws + g), xsv));       \
+        const __m512 sc2 = _mm512_permutexvar_ps(gidx, _mm512_mul_ps(_mm512_maskz_loadu_ps(sm, ws2 + g), xsv));     \
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc);                                                        \
+        acc2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d2), sc2, acc2);                                                    \
+    } while (0)
 
 // Rows w and w2 (k each) at once, sharing the loads of x: w goes in as the unsigned operand w ^ 0x80 = w + 128, so
 // each int32 lane holds dot(w, x) + 128 * (sum of its 4 x bytes); starting the lane at xbias = -128 * that sum
 // makes it exact. Lane l of the 64-byte chunk at j belongs to group (j + 4l) / G; its scale ws[g] * xs[g] is
 // gathered by a permute (gidx) from the chunk's first groups, so every chunk costs one dpbusd, one convert and one
-// FMA per row. The weight bytes are prefetched Q8_PREFETCH bytes ahead: with ~10 instructions per 64 weight bytes
-// the out-of-order window alone keeps too few cache misses in flight, and the stream ran at ~6 GB/s on one core
-// (half of what the core can read); prefetched, ~12-14 GB/s (measured on llama2.c 110M shapes, 1 thread).
+// FMA per row. The loop over whole chunks does no index arithmetic beyond a shift and no mask: a division (j / G)
+// and the masks computed per chunk made the kernel compute-bound, ~13-20 GB/s from L2 on one core (k = 288, 768);
+// the masked tail runs once per row. The weight bytes are prefetched Q8_PREFETCH bytes ahead: with ~10
+// instructions per 64 weight bytes the out-of-order window alone keeps too few cache misses in flight, and the
+// stream ran at ~6 GB/s on one core (half of what the core can read); prefetched, ~12-14 GB/s (llama2.c 110M
+// shapes, 1 thread).
 static void q8_rows2_vnni(float* y, float* y2, const int8_t* w, const int8_t* w2, const float* ws, const float* ws2,
                           const float* xs, const int8_t* xq, const int32_t* xbias, int k, int G) {
-    const int ng = k / G, per = G >= 64 ? 1 : 64 / G;   // groups per 64-byte chunk
+    const int lg = __builtin_ctz(G), per = G >= 64 ? 1 : 64 / G;   // log2(G), groups per 64-byte chunk
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     const __m512i gidx = _mm512_srli_epi32(_mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52,
-                                                             56, 60), __builtin_ctz(G >= 64 ? 64 : G));
+                                                             56, 60), lg < 6 ? lg : 6);
+    const __mmask16 sm = (__mmask16)((1u << per) - 1);
     __m512 acc = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps();
-    for (int j = 0; j < k; j += 64) {
+    int j = 0;
+    for (; j + 64 <= k; j += 64) {
         _mm_prefetch((const char*)(w + j + Q8_PREFETCH), PF_HINT);
         _mm_prefetch((const char*)(w2 + j + Q8_PREFETCH), PF_HINT);
-        const int g0 = j / G, left = ng - g0;
-        const __mmask16 sm = (__mmask16)((1u << (per < left ? per : left)) - 1);
-        const __mmask64 bm = k - j >= 64 ? ~0ULL : (1ULL << (k - j)) - 1;   // short last chunk: zero bytes
-        const __m512i xv = _mm512_maskz_loadu_epi8(bm, xq + j), xb = _mm512_loadu_si512(xbias + j / 4);
-        const __m512 xsv = _mm512_maskz_loadu_ps(sm, xs + g0);
-        const __m512i d = q8_dpbusd(xb, _mm512_xor_si512(_mm512_maskz_loadu_epi8(bm, w + j), flip), xv);
-        const __m512i d2 = q8_dpbusd(xb, _mm512_xor_si512(_mm512_maskz_loadu_epi8(bm, w2 + j), flip), xv);
-        const __m512 sc = _mm512_permutexvar_ps(gidx, _mm512_mul_ps(_mm512_maskz_loadu_ps(sm, ws + g0), xsv));
-        const __m512 sc2 = _mm512_permutexvar_ps(gidx, _mm512_mul_ps(_mm512_maskz_loadu_ps(sm, ws2 + g0), xsv));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc);
-        acc2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d2), sc2, acc2);
+        const int g = j >> lg;
+        Q8_CHUNK(~0ULL, sm);
+    }
+    if (j < k) {   // k - j < 64 bytes left: G < 64 (k is a multiple of G), whole groups
+        const int g = j >> lg;
+        Q8_CHUNK((1ULL << (k - j)) - 1, (__mmask16)((1u << ((k - j) >> lg)) - 1));
     }
     *y = _mm512_reduce_add_ps(acc);
     *y2 = _mm512_reduce_add_ps(acc2);
+}
+#undef Q8_CHUNK
+
+// -128 * (sum of each int32 lane's 4 bytes of xq): vpdpbusd of 0x80 bytes (unsigned 128) and xq, negated.
+// xbias: (k/4 rounded up to 16 lanes); the bytes past k count as 0.
+static void q8_xbias_vnni(int32_t* xbias, const int8_t* xq, int k) {
+    const __m512i u = _mm512_set1_epi8((char)0x80);
+    for (int j = 0; j < k; j += 64) {
+        const __mmask64 bm = k - j >= 64 ? ~0ULL : (1ULL << (k - j)) - 1;
+        const __m512i s = q8_dpbusd(_mm512_setzero_si512(), u, _mm512_maskz_loadu_epi8(bm, xq + j));
+        _mm512_storeu_si512(xbias + j / 4, _mm512_sub_epi32(_mm512_setzero_si512(), s));
+    }
 }
 #endif
 
@@ -209,12 +235,9 @@ void KFN(matvec_q8)(const matvec_q8_params* p) {
 #endif
     if (!xq || !xs || (vnni && !xbias)) goto done;
     if (!p->x_quantized) q8_quantize_row(xq, xs, p->x, k, G);
-    if (vnni) {                                                        // -128 * (sum of each lane's 4 x bytes)
-        memset(xbias, 0, ((size_t)k / 64 * 16 + 16) * sizeof(int32_t));
-        for (int j = 0; j < k; j++) xbias[j / 4] -= 128 * xq[j];
-    }
 #if defined(__AVX512F__)
     if (vnni) {
+        q8_xbias_vnni(xbias, xq, k);
         // Rows two at a time (an odd last one alone), taken half the matrix apart: rows i and i + npair are two
         // separate memory streams where adjacent rows are one. llama2.c 110M Q8_0 decode +14% on 1 thread and +5%
         // on 2 (pyllm-run A/Bs, 9-21 interleaved pairs each, session 7); 15M (17 MB) -3% on 1 thread, 0 on 2.
