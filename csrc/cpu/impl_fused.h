@@ -58,15 +58,14 @@ static inline void swiglu_span(float* out, const float* gate, const float* up, l
 void KFN(swiglu_forward)(const swiglu_params* p) {
     const long n = p->n;
     if (p->cols > 0) {   // rows of the fused (rows, ld) gate|up buffer
-        const long rows = n / p->cols;
-        #pragma omp parallel for schedule(static) if (n > 65536)
-        for (long r = 0; r < rows; r++)
-            swiglu_span(p->out + r * p->cols, p->gate + r * p->ld, p->up + r * p->ld, p->cols);
+        const int rows = (int)(n / p->cols);
+        K_FOR(n > 65536, r, rows,
+              swiglu_span(p->out + (long)r * p->cols, p->gate + (long)r * p->ld, p->up + (long)r * p->ld, p->cols));
         return;
     }
-    #pragma omp parallel for schedule(static) if (n > 65536)
-    for (long i0 = 0; i0 < n; i0 += 4096)
-        swiglu_span(p->out + i0, p->gate + i0, p->up + i0, (i0 + 4096 < n ? i0 + 4096 : n) - i0);
+    K_FOR(n > 65536, c, (int)((n + 4095) / 4096),
+          swiglu_span(p->out + (long)c * 4096, p->gate + (long)c * 4096, p->up + (long)c * 4096,
+                      (c + 1L) * 4096 < n ? 4096 : (int)(n - (long)c * 4096)));
 }
 
 // dgate = dy * up * s * (1 + g * (1 - s)), dup = dy * g * s, s = sigmoid(g). dgate/dup may alias gate/up.

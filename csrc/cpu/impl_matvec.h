@@ -24,12 +24,11 @@
 #ifndef PF_HINT
 #define PF_HINT _MM_HINT_T1
 #endif
-static void mm_small_m(const float* A, int lda, const float* B, int ldb, float* C, int ldc, const float* bias,
-                       int M, int N, int K, int accumulate) {
-    const int nblk = (N + MV_ROWS - 1) / MV_ROWS;
-    #pragma omp parallel for schedule(static) if ((long)N * K > 65536)
-    for (int blk = 0; blk < nblk; blk++) {
-        const int n0 = blk * MV_ROWS, nr = N - n0 < MV_ROWS ? N - n0 : MV_ROWS;
+// Rows [blk * MV_ROWS, + MV_ROWS) of B against the M rows of A.
+static void mm_small_m_block(const float* A, int lda, const float* B, int ldb, float* C, int ldc, const float* bias,
+                             int M, int N, int K, int accumulate, int blk) {
+    const int n0 = blk * MV_ROWS, nr = N - n0 < MV_ROWS ? N - n0 : MV_ROWS;
+    {
         const float* b[MV_ROWS];                           // MV_ROWS rows of B, each (K)
         for (int r = 0; r < MV_ROWS; r++) b[r] = B + (size_t)(n0 + (r < nr ? r : 0)) * ldb;
         for (int m = 0; m < M; m++) {
@@ -54,6 +53,12 @@ static void mm_small_m(const float* A, int lda, const float* B, int ldb, float* 
             }
         }
     }
+}
+
+static void mm_small_m(const float* A, int lda, const float* B, int ldb, float* C, int ldc, const float* bias,
+                       int M, int N, int K, int accumulate) {
+    K_FOR((long)N * K > 65536, blk, (N + MV_ROWS - 1) / MV_ROWS,
+          mm_small_m_block(A, lda, B, ldb, C, ldc, bias, M, N, K, accumulate, blk));
 }
 
 // --- matvec (decoding: batch 1, memory-bound) ---------------------------------------------------------------
@@ -96,9 +101,8 @@ static void q8_quantize_row(int8_t* restrict q, float* restrict s, const float* 
 
 void KFN(quantize_q8)(const quantize_q8_params* p) {
     const int G = p->G, k = p->k;
-    #pragma omp parallel for schedule(static) if ((long)p->n * k > 65536)
-    for (int i = 0; i < p->n; i++)
-        q8_quantize_row(p->q + (size_t)i * k, p->s + (size_t)i * (k / G), p->w + (size_t)i * k, k, G);
+    K_FOR((long)p->n * k > 65536, i, p->n,
+          q8_quantize_row(p->q + (size_t)i * k, p->s + (size_t)i * (k / G), p->w + (size_t)i * k, k, G));
 }
 
 #if defined(__AVX2__)
@@ -174,6 +178,16 @@ static void q8_rows2_vnni(float* y, float* y2, const int8_t* w, const int8_t* w2
 }
 #undef Q8_CHUNK
 
+// Rows i and i + npair of matvec_q8 (i alone when it is the odd last one).
+static void q8_pair_vnni(const matvec_q8_params* p, int i, int npair, const float* xs, const int8_t* xq,
+                         const int32_t* xbias) {
+    const int n = p->n, k = p->k, G = p->G, ng = k / G, i1 = i + npair < n ? i + npair : i;
+    float y1;
+    q8_rows2_vnni(p->y + i, &y1, p->wq + (size_t)i * k, p->wq + (size_t)i1 * k, p->ws + (size_t)i * ng,
+                  p->ws + (size_t)i1 * ng, xs, xq, xbias, k, G);
+    if (i1 != i) p->y[i1] = y1;
+}
+
 // -128 * (sum of each int32 lane's 4 bytes of xq): vpdpbusd of 0x80 bytes (unsigned 128) and xq, negated.
 // xbias: (k/4 rounded up to 16 lanes); the bytes past k count as 0.
 static void q8_xbias_vnni(int32_t* xbias, const int8_t* xq, int k) {
@@ -242,20 +256,12 @@ void KFN(matvec_q8)(const matvec_q8_params* p) {
         // separate memory streams where adjacent rows are one. llama2.c 110M Q8_0 decode +14% on 1 thread and +5%
         // on 2 (pyllm-run A/Bs, 9-21 interleaved pairs each, session 7); 15M (17 MB) -3% on 1 thread, 0 on 2.
         const int npair = (n + 1) / 2;
-        #pragma omp parallel for schedule(static) if ((long)n * k > 65536)
-        for (int i2 = 0; i2 < npair; i2++) {
-            const int i = i2, i1 = i2 + npair < n ? i2 + npair : i2;
-            float y1;
-            q8_rows2_vnni(p->y + i, &y1, p->wq + (size_t)i * k, p->wq + (size_t)i1 * k, p->ws + (size_t)i * ng,
-                          p->ws + (size_t)i1 * ng, xs, xq, xbias, k, G);
-            if (i1 != i) p->y[i1] = y1;
-        }
+        K_FOR((long)n * k > 65536, i, npair, q8_pair_vnni(p, i, npair, xs, xq, xbias));
         goto done;
     }
 #endif
-    #pragma omp parallel for schedule(static) if ((long)n * k > 65536)
-    for (int i = 0; i < n; i++)   // w (k) and its scales (k/G)
-        p->y[i] = q8_row(p->wq + (size_t)i * k, p->ws + (size_t)i * ng, xs, xq, k, G);
+    K_FOR((long)n * k > 65536, i, n,   // w (k) and its scales (k/G)
+          p->y[i] = q8_row(p->wq + (size_t)i * k, p->ws + (size_t)i * ng, xs, xq, k, G));
 done:
     free(xq_heap);
     free(xs_heap);

@@ -10,19 +10,20 @@ static float sumsq_row(const float* x, int C) {
     return s;
 }
 
+static void rmsnorm_row(const rmsnorm_params* p, int n) {
+    const int C = p->C;
+    const float* x = p->x + (size_t)n * C;             // (C)
+    float* out = p->out + (size_t)n * C;               // (C)
+    float r = 1.0f / sqrtf(sumsq_row(x, C) / C + p->eps);
+    if (p->rstd) p->rstd[n] = r;
+    vf vr = vf_set1(r);
+    int i = 0;
+    for (; i + VLEN <= C; i += VLEN) vf_store(out + i, vf_load(x + i) * vr * vf_load(p->weight + i));
+    for (; i < C; i++) out[i] = x[i] * r * p->weight[i];
+}
+
 void KFN(rmsnorm_forward)(const rmsnorm_params* p) {
-    const int N = p->N, C = p->C;
-    #pragma omp parallel for schedule(static) if (N * (long)C > 32768)
-    for (int n = 0; n < N; n++) {
-        const float* x = p->x + (size_t)n * C;             // (C)
-        float* out = p->out + (size_t)n * C;               // (C)
-        float r = 1.0f / sqrtf(sumsq_row(x, C) / C + p->eps);
-        if (p->rstd) p->rstd[n] = r;
-        vf vr = vf_set1(r);
-        int i = 0;
-        for (; i + VLEN <= C; i += VLEN) vf_store(out + i, vf_load(x + i) * vr * vf_load(p->weight + i));
-        for (; i < C; i++) out[i] = x[i] * r * p->weight[i];
-    }
+    K_FOR(p->N * (long)p->C > 32768, n, p->N, rmsnorm_row(p, n));
 }
 
 // dx = r*w*dy - x * r^3/C * sum(dy*w*x) (+ dres);  dweight += sum_n dy*x*r.

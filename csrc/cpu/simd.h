@@ -39,6 +39,17 @@ static inline vf vf_fmax(vf a, vf b) { return (vf)_mm_max_ps((__m128)a, (__m128)
 #endif
 // vf_fmax(a, b) is a > b ? a : b, NaN included: maxps returns its second operand when either is NaN. One
 // instruction; the compare-and-select it replaces was three, on the max loops' critical path.
-static inline float vf_sum(vf v) { float s = 0.f; for (int i = 0; i < VLEN; i++) s += v[i]; return s; }
+// vf_sum: a pairwise tree (halves added), log2(VLEN) dependent adds; the sequential lane loop it replaces was VLEN.
+static inline float vf_sum(vf v) {
+#if VLEN == 16
+    return _mm512_reduce_add_ps((__m512)v);
+#elif VLEN == 8
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+#else
+    return (v[0] + v[2]) + (v[1] + v[3]);
+#endif
+}
 static inline float vf_max(vf v) { float m = v[0]; for (int i = 1; i < VLEN; i++) m = v[i] > m ? v[i] : m; return m; }
 static inline vf vf_select(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }  // mask ? a : b
