@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -23,6 +24,20 @@ namespace py = pybind11;
     do { if ((n) < 0) throw std::invalid_argument(std::string(__func__) + ": " #n " must be >= 0, got " + std::to_string(n)); } while (0)
 
 template <typename T> static T* P(uintptr_t a) { return reinterpret_cast<T*>(a); }
+
+// Runs a CPU kernel; one that could not get its heap scratch (kernels_oom_count moved) left its outputs unwritten:
+// MemoryError (pybind11 maps std::bad_alloc, what() as the message). Called with the GIL released.
+struct kernel_oom : std::bad_alloc {
+    std::string msg;
+    explicit kernel_oom(const char* k) : msg(std::string(k) + ": out of memory for its scratch buffers") {}
+    const char* what() const noexcept override { return msg.c_str(); }
+};
+#define KCALL(kernel, params)                                  \
+    do {                                                       \
+        const unsigned oom0_ = kernels_oom_count();            \
+        kernel(params);                                        \
+        if (kernels_oom_count() != oom0_) throw kernel_oom(#kernel); \
+    } while (0)
 
 #ifdef PYLLM_WITH_CUDA
 #include "cuda/kernels_cuda.h"  // declares pyllm_cuda_device_count and the CUDA kernels' C API
@@ -96,7 +111,7 @@ PYBIND11_MODULE(_C, m) {
         CHECK_PTR(out); CHECK_PTR(x); CHECK_PTR(w); CHECK_POS(N); CHECK_POS(C);
         rmsnorm_params p{P<float>(out), P<float>(rstd), P<const float>(x), P<const float>(w), N, C, eps};
         py::gil_scoped_release nogil;
-        rmsnorm_forward(&p);
+        KCALL(rmsnorm_forward, &p);
     }, py::arg("out"), py::arg("rstd"), py::arg("x"), py::arg("weight"), py::arg("N"), py::arg("C"), py::arg("eps"));
     m.def("rmsnorm_backward", [](uintptr_t dx, uintptr_t dw, uintptr_t dout, uintptr_t x, uintptr_t w, uintptr_t rstd,
                                   int N, int C, uintptr_t dres) {
@@ -105,7 +120,7 @@ PYBIND11_MODULE(_C, m) {
         rmsnorm_backward_params p{P<float>(dx), P<float>(dw), P<const float>(dout), P<const float>(x),
                                   P<const float>(w), P<const float>(rstd), N, C, P<const float>(dres)};
         py::gil_scoped_release nogil;
-        rmsnorm_backward(&p);
+        KCALL(rmsnorm_backward, &p);
     }, py::arg("dx"), py::arg("dweight"), py::arg("dout"), py::arg("x"), py::arg("weight"), py::arg("rstd"),
        py::arg("N"), py::arg("C"), py::arg("dres") = 0);
     // --- matmul (impl_matmul.h) ----------------------------------------------------------------------------
@@ -117,7 +132,7 @@ PYBIND11_MODULE(_C, m) {
         matmul_params p{P<float>(c), P<const float>(a), P<const float>(b), P<const float>(bias), M, N, K,
                         lda, ldb, ldc, trans_a, trans_b, accumulate};
         py::gil_scoped_release nogil;
-        matmul_forward(&p);
+        KCALL(matmul_forward, &p);
     }, py::arg("C"), py::arg("A"), py::arg("B"), py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"),
        py::arg("lda"), py::arg("ldb"), py::arg("ldc"), py::arg("trans_a") = false, py::arg("trans_b") = false,
        py::arg("accumulate") = false, "C(M,N) (+)= op(A)·op(B)ᵀ (+bias), fp32; see kernels.h matmul_params.");
@@ -128,7 +143,7 @@ PYBIND11_MODULE(_C, m) {
         matmul_bf16_params p{P<float>(c), P<const uint16_t>(a), P<const uint16_t>(b), P<const float>(bias), M, N, K,
                              lda, ldb, ldc, trans_a, trans_b, accumulate};
         py::gil_scoped_release nogil;
-        matmul_bf16_forward(&p);
+        KCALL(matmul_bf16_forward, &p);
     }, py::arg("C"), py::arg("A"), py::arg("B"), py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"),
        py::arg("lda"), py::arg("ldb"), py::arg("ldc"), py::arg("trans_a") = false, py::arg("trans_b") = false,
        py::arg("accumulate") = false, "Same as matmul_forward with bf16 A and B, fp32 accumulate and C.");
@@ -136,14 +151,14 @@ PYBIND11_MODULE(_C, m) {
         CHECK_PTR(y); CHECK_PTR(w); CHECK_PTR(x); CHECK_POS(n); CHECK_POS(k);
         matvec_params p{P<float>(y), P<const float>(w), P<const float>(x), n, k};
         py::gil_scoped_release nogil;
-        matvec_f32(&p);
+        KCALL(matvec_f32, &p);
     }, py::arg("y"), py::arg("W"), py::arg("x"), py::arg("n"), py::arg("k"));
     m.def("quantize_q8", [](uintptr_t q, uintptr_t s, uintptr_t w, int n, int k, int G) {
         CHECK_PTR(q); CHECK_PTR(s); CHECK_PTR(w); CHECK_POS(n); CHECK_POS(k); CHECK_POS(G);
         if (k % G) throw std::invalid_argument("quantize_q8: k must be a multiple of the group size G");
         quantize_q8_params p{P<int8_t>(q), P<float>(s), P<const float>(w), n, k, G};
         py::gil_scoped_release nogil;
-        quantize_q8(&p);
+        KCALL(quantize_q8, &p);
     }, py::arg("q"), py::arg("s"), py::arg("w"), py::arg("n"), py::arg("k"), py::arg("G"));
     m.def("matvec_q8", [](uintptr_t y, uintptr_t wq, uintptr_t ws, uintptr_t x, int n, int k, int G) {
         CHECK_PTR(y); CHECK_PTR(wq); CHECK_PTR(ws); CHECK_PTR(x); CHECK_POS(n); CHECK_POS(k); CHECK_POS(G);
@@ -151,7 +166,7 @@ PYBIND11_MODULE(_C, m) {
         matvec_q8_params p{P<float>(y), P<const int8_t>(wq), P<const float>(ws), P<const float>(x), nullptr, nullptr,
                            n, k, G};
         py::gil_scoped_release nogil;
-        matvec_q8(&p);
+        KCALL(matvec_q8, &p);
     }, py::arg("y"), py::arg("wq"), py::arg("ws"), py::arg("x"), py::arg("n"), py::arg("k"), py::arg("G"));
     // --- sampling (impl_sample.h) ----------------------------------------------------------------------------
     m.def("sample_forward", [](uintptr_t tokens, uintptr_t logprobs, uintptr_t logits, uintptr_t mask, int B, int V,
@@ -163,7 +178,7 @@ PYBIND11_MODULE(_C, m) {
         sample_params p{P<int64_t>(tokens), P<float>(logprobs), P<const float>(logits), P<const uint8_t>(mask),
                         B, V, temperature, top_k, top_p, min_p, seed, step};
         py::gil_scoped_release nogil;
-        sample_forward(&p);
+        KCALL(sample_forward, &p);
     }, py::arg("tokens"), py::arg("logprobs"), py::arg("logits"), py::arg("mask"), py::arg("B"), py::arg("V"),
        py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("seed"), py::arg("step"));
     // --- fused training ops (impl_fused.h) -------------------------------------------------------------------
@@ -177,7 +192,7 @@ PYBIND11_MODULE(_C, m) {
         rope_params p{P<float>(out), P<const float>(x), P<const float>(cos), P<const float>(sin), B, T, H, D, backward,
                       ldx, ldo};
         py::gil_scoped_release nogil;
-        rope_forward(&p);
+        KCALL(rope_forward, &p);
     }, py::arg("out"), py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("B"), py::arg("T"), py::arg("H"),
        py::arg("D"), py::arg("backward"), py::arg("ldx") = 0, py::arg("ldo") = 0);
     m.def("swiglu_forward", [](uintptr_t out, uintptr_t gate, uintptr_t up, long n, int cols, int ld) {
@@ -186,7 +201,7 @@ PYBIND11_MODULE(_C, m) {
             throw std::invalid_argument("swiglu_forward: cols must be 0 or divide n, with ld >= cols");
         swiglu_params p{P<float>(out), P<const float>(gate), P<const float>(up), n, cols, ld};
         py::gil_scoped_release nogil;
-        swiglu_forward(&p);
+        KCALL(swiglu_forward, &p);
     }, py::arg("out"), py::arg("gate"), py::arg("up"), py::arg("n"), py::arg("cols") = 0, py::arg("ld") = 0);
     m.def("swiglu_backward", [](uintptr_t dgate, uintptr_t dup, uintptr_t dout, uintptr_t gate, uintptr_t up, long n,
                                 int cols, int ld) {
@@ -196,7 +211,7 @@ PYBIND11_MODULE(_C, m) {
         swiglu_backward_params p{P<float>(dgate), P<float>(dup), P<const float>(dout), P<const float>(gate),
                                  P<const float>(up), n, cols, ld};
         py::gil_scoped_release nogil;
-        swiglu_backward(&p);
+        KCALL(swiglu_backward, &p);
     }, py::arg("dgate"), py::arg("dup"), py::arg("dout"), py::arg("gate"), py::arg("up"), py::arg("n"),
        py::arg("cols") = 0, py::arg("ld") = 0);
     m.def("cross_entropy_forward", [](uintptr_t loss, uintptr_t lse, uintptr_t logits, uintptr_t targets, int N, int V,
@@ -205,7 +220,7 @@ PYBIND11_MODULE(_C, m) {
         cross_entropy_params p{P<float>(loss), P<float>(lse), P<const float>(logits), P<const int64_t>(targets), N, V,
                                ignore_index};
         py::gil_scoped_release nogil;
-        cross_entropy_forward(&p);
+        KCALL(cross_entropy_forward, &p);
     }, py::arg("loss"), py::arg("lse"), py::arg("logits"), py::arg("targets"), py::arg("N"), py::arg("V"),
        py::arg("ignore_index"));
     m.def("cross_entropy_backward", [](uintptr_t dlogits, uintptr_t logits, uintptr_t lse, uintptr_t targets, int N,
@@ -214,7 +229,7 @@ PYBIND11_MODULE(_C, m) {
         cross_entropy_backward_params p{P<float>(dlogits), P<const float>(logits), P<const float>(lse),
                                         P<const int64_t>(targets), N, V, ignore_index, scale};
         py::gil_scoped_release nogil;
-        cross_entropy_backward(&p);
+        KCALL(cross_entropy_backward, &p);
     }, py::arg("dlogits"), py::arg("logits"), py::arg("lse"), py::arg("targets"), py::arg("N"), py::arg("V"),
        py::arg("ignore_index"), py::arg("scale"));
     m.def("adamw_step", [](uintptr_t params, uintptr_t grads, uintptr_t m_, uintptr_t v_, long n, float lr, float beta1,
@@ -223,7 +238,7 @@ PYBIND11_MODULE(_C, m) {
         adamw_params p{P<float>(params), P<const float>(grads), P<float>(m_), P<float>(v_), n, lr, beta1, beta2, eps,
                        weight_decay, step};
         py::gil_scoped_release nogil;
-        adamw_step(&p);
+        KCALL(adamw_step, &p);
     }, py::arg("params"), py::arg("grads"), py::arg("m"), py::arg("v"), py::arg("n"), py::arg("lr"), py::arg("beta1"),
        py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("step"));
 
@@ -237,7 +252,7 @@ PYBIND11_MODULE(_C, m) {
         attention_params p{P<float>(out), P<float>(lse), P<const float>(q), P<const float>(k), P<const float>(v),
                            P<const int32_t>(doc_ids), B, T, H, Hkv, D};
         py::gil_scoped_release nogil;
-        attention_forward(&p);
+        KCALL(attention_forward, &p);
     }, py::arg("out"), py::arg("lse"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("doc_ids"), py::arg("B"),
        py::arg("T"), py::arg("H"), py::arg("Hkv"), py::arg("D"));
     m.def("attention_backward", [](uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t dout, uintptr_t out,
@@ -252,7 +267,7 @@ PYBIND11_MODULE(_C, m) {
                                     P<const float>(out), P<const float>(lse), P<const float>(q), P<const float>(k),
                                     P<const float>(v), P<const int32_t>(doc_ids), B, T, H, Hkv, D};
         py::gil_scoped_release nogil;
-        attention_backward(&p);
+        KCALL(attention_backward, &p);
     }, py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("dout"), py::arg("out"), py::arg("lse"), py::arg("q"),
        py::arg("k"), py::arg("v"), py::arg("doc_ids"), py::arg("B"), py::arg("T"), py::arg("H"), py::arg("Hkv"),
        py::arg("D"));
@@ -266,7 +281,7 @@ PYBIND11_MODULE(_C, m) {
         decode_attention_params p{P<float>(out), P<const float>(q), P<const float>(k_cache), P<const float>(v_cache),
                                   ld_b, ld_t, B, H, Hkv, D, n_ctx};
         py::gil_scoped_release nogil;
-        decode_attention(&p);
+        KCALL(decode_attention, &p);
     }, py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("ld_b"), py::arg("ld_t"),
        py::arg("B"), py::arg("H"), py::arg("Hkv"), py::arg("D"), py::arg("n_ctx"));
 

@@ -257,6 +257,7 @@ static void forward_thread(run_model* m, int token, int pos, int t, int nt) {
 float* run_forward(run_model* m, int token, int pos) {
     const model_config* p = &m->f.cfg;
     if (token < 0 || token >= p->vocab_size || pos < 0 || pos >= p->seq_len) return NULL;
+    const unsigned oom0 = kernels_oom_count();
     const int hd = p->dim / p->n_heads;
     // RoPE angles of this position, computed in fp32 the way pyllm's torch model does (inv_freq = 1/theta^(2i/hd);
     // angle = pos * inv_freq) so logits match closely.
@@ -282,7 +283,7 @@ float* run_forward(run_model* m, int token, int pos) {
 #else
     forward_thread(m, token, pos, 0, 1);
 #endif
-    return m->logits;
+    return kernels_oom_count() == oom0 ? m->logits : NULL;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -295,7 +296,7 @@ int run_sample(float* logits, int n, float temperature, float top_p, int top_k, 
                        .temperature = temperature, .top_k = top_k, .top_p = top_p, .min_p = 0.f, .seed = seed,
                        .step = (uint64_t)step};
     sample_forward(&p);
-    return token < 0 ? -1 : (int)token;  // -1: NaN/inf logits
+    return token == -3 ? -2 : token < 0 ? -1 : (int)token;  // -3: out of memory; -2: NaN/inf logits
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -356,6 +357,12 @@ typedef struct {
     uint64_t seed;
 } gen_opts;
 
+// The one-line error for a failed step: no logits (out of memory in the forward) or a negative run_sample code.
+static const char* step_error(const float* logits, int next) {
+    if (!logits) return "out of memory in the forward (a kernel's scratch buffers)";
+    return next == -2 ? "out of memory for the sampler's scratch buffers" : "the model produced NaN/inf logits";
+}
+
 static int next_token(run_model* m, float* logits, const gen_opts* o, int step) {
     return run_sample(logits, m->f.cfg.vocab_size, o->temperature, o->top_p, o->top_k, o->seed, step);
 }
@@ -371,8 +378,8 @@ static int generate(run_model* m, run_tokenizer* tok, const char* prompt, const 
     while (pos < o->steps) {
         float* logits = run_forward(m, token, pos);
         // step = index of the generated token, as pyllm's model.generate counts it: same seed -> same tokens
-        int next = pos + 1 < n ? ids[pos + 1] : next_token(m, logits, o, generated);
-        if (next < 0) { fprintf(stderr, "\npyllm-run: error: the model produced NaN/inf logits\n"); free(ids); return 1; }
+        int next = !logits ? -1 : pos + 1 < n ? ids[pos + 1] : next_token(m, logits, o, generated);
+        if (next < 0) { fprintf(stderr, "\npyllm-run: error: %s\n", step_error(logits, next)); free(ids); return 1; }
         pos++;
         if (pos >= n && next == bos) break;  // a new document: llama2.c's stop rule
         print_token(tok, token, next);
@@ -434,15 +441,15 @@ static int chat(run_model* m, run_tokenizer* tok, const char* first_user, const 
         ids[n++] = ast;
         if (pos + n >= o->steps) { fprintf(stderr, "pyllm-run: context full (%d positions)\n", o->steps); break; }
         float* logits = NULL;
-        for (int i = 0; i < n; i++) logits = run_forward(m, ids[i], pos++);
+        for (int i = 0; i < n && (i == 0 || logits); i++) logits = run_forward(m, ids[i], pos++);
         printf("Assistant: ");
         fflush(stdout);
         double t0 = now_s();
         int token = ast;
         pending = -1;
         while (pos < o->steps) {
-            int next = next_token(m, logits, o, (int)n_gen);
-            if (next < 0) { fprintf(stderr, "\npyllm-run: error: the model produced NaN/inf logits\n"); rc = 1; break; }
+            int next = logits ? next_token(m, logits, o, (int)n_gen) : -1;
+            if (next < 0) { fprintf(stderr, "\npyllm-run: error: %s\n", step_error(logits, next)); rc = 1; break; }
             n_gen++;
             if (next == end) { pending = end; break; }
             print_token(tok, token, next);

@@ -21,14 +21,15 @@ int run_model_config(const run_model* m, int* out, int n);
 float run_model_norm_eps(const run_model* m);
 float run_model_rope_theta(const run_model* m);
 // Logits (vocab_size) for `token` at position `pos`, given that positions [0, pos) were already run (KV cache).
-// NULL if token or pos is out of range. The pointer is owned by the model and overwritten by the next call.
+// NULL if token or pos is out of range, or a kernel ran out of memory for its scratch (then the KV cache row at pos
+// may be unwritten). The pointer is owned by the model and overwritten by the next call.
 float* run_forward(run_model* m, int token, int pos);
 
 // --- sampling ----------------------------------------------------------------------------------------------------
 // Next token from logits (n): greedy when temperature == 0, else softmax(logits/temperature) truncated to the top_k
 // (0 = off) most likely tokens and the smallest set with probability >= top_p; random numbers from (seed, step)
 // only (pyllm's shared sample kernel: the same draw as pyllm.ops.sample / model.generate with that seed and step).
-// Returns -1 for NaN/+inf logits.
+// Returns -1 for NaN/+inf logits, -2 when out of memory for the sampler's scratch.
 int run_sample(float* logits, int n, float temperature, float top_p, int top_k, uint64_t seed, int step);
 
 // --- tokenizer ---------------------------------------------------------------------------------------------------

@@ -78,6 +78,8 @@ class Model:
         if not (0 <= token < self.vocab_size) or not (0 <= pos < self.seq_len):
             raise ValueError(f"token {token} must be in [0, {self.vocab_size}) and pos {pos} in [0, {self.seq_len})")
         p = L.run_forward(self._m, int(token), int(pos))
+        if p == ffi.NULL:
+            raise MemoryError("run_forward: out of memory for a kernel's scratch buffers")
         return np.frombuffer(ffi.buffer(p, 4 * self.vocab_size), dtype=np.float32).copy()
 
     def close(self):
@@ -140,6 +142,8 @@ def sample(logits: np.ndarray, temperature: float = 1.0, top_p: float = 1.0, top
     ffi, L = lib()
     buf = np.ascontiguousarray(logits, dtype=np.float32).copy()
     t = int(L.run_sample(ffi.cast("float*", buf.ctypes.data), buf.size, temperature, top_p, top_k, seed, step))
+    if t == -2:
+        raise MemoryError("sample: out of memory for the sampler's scratch buffers")
     if t < 0:
         raise ValueError("sample: logits contain NaN or +inf")
     return t

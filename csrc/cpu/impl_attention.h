@@ -186,6 +186,7 @@ void KFN(attention_forward)(const attention_params* p) {
         // per-thread scratch: Q^T (D, BR), S^T/P^T (BC, BR), O (BR, Dp), and K, V (T, Dp) of kv head `packed`
         float* Qt = (float*)malloc(sizeof(float) * ((size_t)D * ATT_BR + ATT_BC * ATT_BR + (size_t)ATT_BR * Dp +
                                                     2 * (size_t)T * Dp));
+        if (!Qt) kernels_oom_note();
         float* ST = Qt + (size_t)D * ATT_BR;
         float* O = ST + ATT_BC * ATT_BR;
         float* Kall = O + (size_t)ATT_BR * Dp;
@@ -194,6 +195,7 @@ void KFN(attention_forward)(const attention_params* p) {
         float m[ATT_BR], l[ATT_BR], alpha[ATT_BR];
         #pragma omp for schedule(dynamic, 1)
         for (long it = 0; it < items; it++) {
+            if (!Qt) continue;  // out of memory: this thread's items stay unwritten (the caller sees the count)
             const int qb = nb - 1 - (int)(it % nb);  // longest rows (most key tiles) first
             const int h = (int)((it / nb) % H), b = (int)(it / ((long)nb * H)), hk = h / G;
             const int i0 = qb * ATT_BR, Mq = att_min(ATT_BR, T - i0);
@@ -277,6 +279,7 @@ void KFN(attention_backward)(const attention_backward_params* p) {
         const size_t n_scratch = 2 * (size_t)D * ATT_BR + 2 * ATT_BC * ATT_BR + (size_t)ATT_BR * Dp +
                                  4 * (size_t)T * Dp + 2 * (size_t)ATT_BR * Dp;
         float* Qt = (float*)malloc(sizeof(float) * n_scratch);
+        if (!Qt) kernels_oom_note();
         float* dOt = Qt + (size_t)D * ATT_BR;
         float* PT = dOt + (size_t)D * ATT_BR;
         float* dST = PT + ATT_BC * ATT_BR;
@@ -290,6 +293,7 @@ void KFN(attention_backward)(const attention_backward_params* p) {
         float lse[ATT_BR], Di[ATT_BR];
         #pragma omp for schedule(dynamic, 1)
         for (int it = 0; it < items; it++) {
+            if (!Qt) continue;  // out of memory: see attention_forward
             const int b = it / Hkv, g = it % Hkv;
             const int32_t* doc = p->doc_ids ? p->doc_ids + (size_t)b * T : NULL;  // (T)
             memset(dKa, 0, sizeof(float) * 2 * (size_t)T * Dp);                     // dKa and dVa

@@ -255,7 +255,7 @@ static void mm_direct(const float* A, int lda, int trans_a, const float* B, int 
     const int bpn = trans_b ? bedge : npn;                                          // packed B panels
     const size_t b_sz = (size_t)bpn * MM_NR * kcm, a_sz = (size_t)MM_MR * kcm;
     float* Bp = mm_scratch(b_sz + (size_t)T * a_sz);                                // (bpn, kc, NR) + T x (kc, MR)
-    if (!Bp) return;
+    if (!Bp) { kernels_oom_note(); return; }
     #pragma omp parallel num_threads(T) if (T > 1)
     {
         int t, nt;
@@ -373,7 +373,7 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
     const int mpc = (int)((mc + MM_MR - 1) / MM_MR);                                // A panels per chunk
     const size_t a_sz = (size_t)mpc * MM_MR * kcm, b_sz = (size_t)bpp * MM_NR * kcm;
     float* Ap = mm_scratch(a_sz + (size_t)T * b_sz);                                // (mpc, kc, MR)
-    if (!Ap) return;
+    if (!Ap) { kernels_oom_note(); return; }
     #pragma omp parallel num_threads(T) if (T > 1)
     {
         int t, nt;

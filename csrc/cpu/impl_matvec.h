@@ -247,7 +247,7 @@ void KFN(matvec_q8)(const matvec_q8_params* p) {
     vnni = cpu_features_get()->avx512vnni && q8_vnni_ok(G);
     if (vnni && !small) xbias = (int32_t*)malloc(((size_t)k / 64 * 16 + 16) * sizeof(int32_t));
 #endif
-    if (!xq || !xs || (vnni && !xbias)) goto done;
+    if (!xq || !xs || (vnni && !xbias)) { kernels_oom_note(); goto done; }
     if (!p->x_quantized) q8_quantize_row(xq, xs, p->x, k, G);
 #if defined(__AVX512F__)
     if (vnni) {

@@ -33,8 +33,10 @@ void KFN(rmsnorm_backward)(const rmsnorm_backward_params* p) {
     #pragma omp parallel if (N * (long)C > 32768)
     {
         float* dw = (float*)calloc((size_t)C, sizeof(float)); // (C) this thread's share of dweight
+        if (!dw) kernels_oom_note();
         #pragma omp for schedule(static)
         for (int n = 0; n < N; n++) {
+            if (!dw) continue;  // out of memory: this thread's rows stay unwritten (the caller sees the count)
             const float* x = p->x + (size_t)n * C;
             const float* dy = p->dout + (size_t)n * C;
             float* dx = p->dx + (size_t)n * C;
@@ -58,7 +60,7 @@ void KFN(rmsnorm_backward)(const rmsnorm_backward_params* p) {
             }
         }
         #pragma omp critical
-        for (int i = 0; i < C; i++) p->dweight[i] += dw[i];
+        for (int i = 0; i < C && dw; i++) p->dweight[i] += dw[i];
         free(dw);
     }
 }

@@ -413,6 +413,7 @@ void KFN(sample_forward)(const sample_params* p) {
         // per-thread scratch: weights (V), two id lists (V + 16 each), block sums (nblk, double) and maxima (nblk)
         const size_t nw = ((size_t)V + 15) / 16 * 16, ni = nw + 16;
         char* buf = (char*)malloc(nw * 4 + 2 * ni * 4 + (size_t)nblk * 12 + 64);
+        if (!buf) kernels_oom_note();   // and its rows get token -3
         #pragma omp for schedule(static)
         for (int b = 0; b < B; b++) {
             float lp = NAN;

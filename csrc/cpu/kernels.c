@@ -31,6 +31,10 @@ static const kernel_table g_tables[PYLLM_ISA_COUNT] = {
 PYLLM_KERNELS(X)
 #undef X
 
+static unsigned g_oom;
+void kernels_oom_note(void) { __atomic_add_fetch(&g_oom, 1u, __ATOMIC_RELAXED); }
+unsigned kernels_oom_count(void) { return __atomic_load_n(&g_oom, __ATOMIC_RELAXED); }
+
 void kernels_set_threads(int n) {
 #ifdef _OPENMP
     if (n <= 0) n = omp_get_num_procs();

@@ -241,6 +241,12 @@ typedef struct {
 PYLLM_KERNELS(PYLLM_DECLARE)
 #undef PYLLM_DECLARE
 
+// Out of memory: a kernel that cannot get its heap scratch leaves its outputs unwritten and counts one event here
+// (from any thread). Callers compare the count before and after a call: bindings.cpp raises MemoryError, run.c's
+// forward returns NULL. A count, not a flag, so concurrent callers never clear each other's event.
+void kernels_oom_note(void);
+unsigned kernels_oom_count(void);
+
 // Threads used by the kernels (OpenMP); n <= 0 means "all cores".
 void kernels_set_threads(int n);
 int kernels_get_threads(void);
