@@ -31,6 +31,7 @@ LAB_C = """
 #include "simd.h"
 #include "isa.h"
 const cpu_features* cpu_features_get(void) { static cpu_features f; return &f; }  // the lab times fp32 only
+void kernels_oom_note(void) {}
 #define KFN(name) name##_lab
 #include "impl_matvec.h"
 #include IMPL
