@@ -449,14 +449,16 @@ def test_every_isa_path_gives_the_same_logits(tmp_path, rng, quant):
             assert np.abs(got - want).max() < 0.06 * scale, isa  # plain random weights: Q8_0 error 2-4%
 
 
-@pytest.mark.parametrize("quant,G", [(None, 0), ("q8_0", 16), ("q8_0", 48)])
-def test_logits_do_not_depend_on_the_thread_count(tmp_path, rng, quant, G):
+@pytest.mark.parametrize("quant,G,vocab", [(None, 0, 131), ("q8_0", 16, 131), ("q8_0", 48, 131), (None, 0, 1100),
+                                           ("q8_0", 16, 1100)])
+def test_logits_do_not_depend_on_the_thread_count(tmp_path, rng, quant, G, vocab):
     """run_forward is one parallel region whose threads split the rows of every product, the heads, and the SwiGLU
     rows (whole Q8_0 groups): 1, 2, 3 and 5 threads (some with no heads or no rows: 2 kv heads, odd sizes) give the
-    same logits as each other, bit for bit, and match the reference. G = 48: the non-VNNI Q8_0 path."""
+    same logits as each other, bit for bit, and match the reference. G = 48: the non-VNNI Q8_0 path. vocab 1100: the
+    classifier in 512-row chunks from a shared counter (run.c CLS_CHUNK), the last one short."""
     import os
     import sys
-    c = tiny_config(dim=96, n_heads=6, n_kv_heads=2, hidden_dim=144, vocab_size=131, norm_eps=1e-5, max_seq_len=12)
+    c = tiny_config(dim=96, n_heads=6, n_kv_heads=2, hidden_dim=144, vocab_size=vocab, norm_eps=1e-5, max_seq_len=12)
     sd = random_state_dict(c, rng)
     write_model_bin(tmp_path / "m.bin", sd, c, quantize=quant, group_size=G or 64)
     tokens = torch.randint(0, c.vocab_size, (12,), generator=rng).tolist()
