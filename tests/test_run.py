@@ -480,6 +480,20 @@ def test_logits_do_not_depend_on_the_thread_count(tmp_path, rng, quant, G, vocab
     assert err < (1e-4 if quant is None else 0.06 * np.abs(want).max()), err
 
 
+def test_c_api_library_is_never_unloaded():
+    """libpyllm_run.so is linked -z nodelete. cffi dlcloses it at interpreter exit while libgomp's idle worker
+    threads still run libgomp code; unmapping libgomp under them segfaulted the exit of ~5% of 2-thread runs under
+    load (a gdb backtrace: dlclose on the main thread, SIGSEGV at an unmapped pc in the worker)."""
+    import shutil
+    from pathlib import Path
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("no readelf")
+    lib = Path(runtime.__file__).resolve().parent / "lib" / "libpyllm_run.so"
+    out = subprocess.run([readelf, "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+    assert any("FLAGS_1" in line and "NODELETE" in line for line in out.splitlines()), out
+
+
 def test_cffi_declarations_come_from_run_h():
     """The cffi binding reads csrc/run.h itself (shipped as pyllm/lib/run.h): every function the header declares is
     bound, with no second copy of the declarations to drift."""
