@@ -162,7 +162,7 @@ def test_matvec_f32(isa, rng, n, k):
 
 @pytest.mark.parametrize("n,k,G", [(1, 32, 32), (3, 64, 16), (17, 192, 64), (127, 1000, 8), (130, 4096, 64),
                                    (5, 96, 96), (9, 60, 3), (33, 288, 32), (5, 100, 4), (7, 512, 128),
-                                   (4, 768, 256)])
+                                   (4, 768, 256), (2, 96, 32), (6, 160, 16), (3, 32, 32), (7, 32, 8), (4, 288, 4)])
 def test_q8_quantize_and_matvec(isa, rng, n, k, G):
     w = torch.randn(n, k, generator=rng) * torch.rand(n, 1, generator=rng) * 3
     w[0, :G] = 0                                   # an all-zero group: scale 0, q 0
