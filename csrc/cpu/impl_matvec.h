@@ -144,18 +144,31 @@ static inline int q8_vnni_ok(int G) { return G >= 4 && (G & (G - 1)) == 0; }
         acc2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d2), sc2, acc2);                                                    \
     } while (0)
 
+// The whole chunks from j up to `end` (prefetching the weights Q8_PREFETCH bytes ahead).
+#define Q8_WHOLE_CHUNKS(end)                                                                                          \
+    for (; j + 64 <= (end); j += 64) {                                                                                \
+        _mm_prefetch((const char*)(w + j + Q8_PREFETCH), PF_HINT);                                                   \
+        _mm_prefetch((const char*)(w2 + j + Q8_PREFETCH), PF_HINT);                                                  \
+        const int g = j >> lg;                                                                                        \
+        Q8_CHUNK(~0ULL, sm);                                                                                          \
+    }
+
 // Rows w and w2 (k each) at once, sharing the loads of x: w goes in as the unsigned operand w ^ 0x80 = w + 128, so
 // each int32 lane holds dot(w, x) + 128 * (sum of its 4 x bytes); starting the lane at xbias = -128 * that sum
 // makes it exact. Lane l of the 64-byte chunk at j belongs to group (j + 4l) / G; its scale ws[g] * xs[g] is
 // gathered by a permute (gidx) from the chunk's first groups, so every chunk costs one dpbusd, one convert and one
 // FMA per row. The loop over whole chunks does no index arithmetic beyond a shift and no mask: a division (j / G)
-// and the masks computed per chunk made the kernel compute-bound, ~13-20 GB/s from L2 on one core (k = 288, 768);
-// the masked tail runs once per row. The weight bytes are prefetched Q8_PREFETCH bytes ahead: with ~10
-// instructions per 64 weight bytes the out-of-order window alone keeps too few cache misses in flight, and the
-// stream ran at ~6 GB/s on one core (half of what the core can read); prefetched, ~12-14 GB/s (llama2.c 110M
-// shapes, 1 thread).
+// and the masks computed per chunk made the kernel compute-bound, ~13-20 GB/s from L2 on one core (k = 288, 768).
+// The weight bytes are prefetched Q8_PREFETCH bytes ahead: with ~10 instructions per 64 weight bytes the
+// out-of-order window alone keeps too few cache misses in flight, and the stream ran at ~6 GB/s on one core (half
+// of what the core can read); prefetched, ~12-14 GB/s (llama2.c 110M shapes, 1 thread).
+// A row whose k is not a multiple of 64 ends in one masked chunk. Or, with `two` (k % 64 == 32, e.g. llama2.c 15M's
+// k = 288, 4.5 chunks), w and w2 are each two adjacent rows, one 2k-byte stream of whole chunks against x doubled
+// (xq, xs, xbias of x ++ x), the middle chunk split between the rows by lanes (0-7 / 8-15); y and y2 then get two
+// dots each. Against a half-empty masked chunk per row: pyllm-run 15M Q8_0 1.13x on 2 threads (21 interleaved
+// pairs), 1.11x on 1 (11).
 static void q8_rows2_vnni(float* y, float* y2, const int8_t* w, const int8_t* w2, const float* ws, const float* ws2,
-                          const float* xs, const int8_t* xq, const int32_t* xbias, int k, int G) {
+                          const float* xs, const int8_t* xq, const int32_t* xbias, int k, int G, int two) {
     const int lg = __builtin_ctz(G), per = G >= 64 ? 1 : 64 / G;   // log2(G), groups per 64-byte chunk
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     const __m512i gidx = _mm512_srli_epi32(_mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52,
@@ -163,80 +176,48 @@ static void q8_rows2_vnni(float* y, float* y2, const int8_t* w, const int8_t* w2
     const __mmask16 sm = (__mmask16)((1u << per) - 1);
     __m512 acc = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps();
     int j = 0;
-    for (; j + 64 <= k; j += 64) {
-        _mm_prefetch((const char*)(w + j + Q8_PREFETCH), PF_HINT);
-        _mm_prefetch((const char*)(w2 + j + Q8_PREFETCH), PF_HINT);
-        const int g = j >> lg;
-        Q8_CHUNK(~0ULL, sm);
-    }
-    if (j < k) {   // k - j < 64 bytes left: G < 64 (k is a multiple of G), whole groups
+    Q8_WHOLE_CHUNKS(k);
+    if (j < k && !two) {   // k - j < 64 bytes left: G < 64 (k is a multiple of G), whole groups
         const int g = j >> lg;
         Q8_CHUNK((1ULL << (k - j)) - 1, (__mmask16)((1u << ((k - j) >> lg)) - 1));
+    } else if (two) {
+        const __m512 a1 = acc, a2 = acc2;
+        acc = acc2 = _mm512_setzero_ps();
+        {   // the chunk across the two rows
+            const int g = j >> lg;
+            Q8_CHUNK(~0ULL, sm);
+        }
+        y[1] = _mm512_reduce_add_ps(_mm512_maskz_mov_ps(0xFF00, acc));      // the second rows start here
+        y2[1] = _mm512_reduce_add_ps(_mm512_maskz_mov_ps(0xFF00, acc2));
+        acc = _mm512_mask_add_ps(a1, 0x00FF, a1, acc);
+        acc2 = _mm512_mask_add_ps(a2, 0x00FF, a2, acc2);
+        const __m512 b1 = acc, b2 = acc2;
+        acc = acc2 = _mm512_setzero_ps();
+        j += 64;
+        Q8_WHOLE_CHUNKS(2 * k);
+        y[1] += _mm512_reduce_add_ps(acc);
+        y2[1] += _mm512_reduce_add_ps(acc2);
+        acc = b1;
+        acc2 = b2;
     }
-    *y = _mm512_reduce_add_ps(acc);
-    *y2 = _mm512_reduce_add_ps(acc2);
+    y[0] = _mm512_reduce_add_ps(acc);
+    y2[0] = _mm512_reduce_add_ps(acc2);
 }
-
-// k % 64 == 32 (llama2.c 15M: k = 288, 4.5 chunks): two adjacent rows are one 2k-byte stream of whole chunks, with
-// x doubled (xq, xs, xbias of x ++ x) and the middle chunk split between them (lanes 0-7 / 8-15), instead of each
-// row ending in a half-empty masked chunk. Pairs w and w2 (rows 2i, 2i+1 and another pair) are done together; y, y2
-// get the two dots of each pair. pyllm-run 15M Q8_0: 1.13x on 2 threads (21 interleaved pairs), 1.11x on 1 (11).
-static void q8_pairs2_vnni(float* y, float* y2, const int8_t* w, const int8_t* w2, const float* ws, const float* ws2,
-                           const float* xs, const int8_t* xq, const int32_t* xbias, int k, int G) {
-    const int lg = __builtin_ctz(G), per = 64 / G;   // G <= 32 here
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    const __m512i gidx = _mm512_srli_epi32(_mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52,
-                                                             56, 60), lg);
-    const __mmask16 sm = (__mmask16)((1u << per) - 1);
-    __m512 acc = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps();
-    int j = 0;
-    for (; j + 64 <= k; j += 64) {   // the first row's whole chunks
-        _mm_prefetch((const char*)(w + j + Q8_PREFETCH), PF_HINT);
-        _mm_prefetch((const char*)(w2 + j + Q8_PREFETCH), PF_HINT);
-        const int g = j >> lg;
-        Q8_CHUNK(~0ULL, sm);
-    }
-    const __m512 a1 = acc, a2 = acc2;
-    acc = acc2 = _mm512_setzero_ps();
-    {                                // the chunk across the two rows
-        const int g = j >> lg;
-        Q8_CHUNK(~0ULL, sm);
-    }
-    y[0] = _mm512_reduce_add_ps(_mm512_mask_add_ps(a1, 0x00FF, a1, acc));
-    y2[0] = _mm512_reduce_add_ps(_mm512_mask_add_ps(a2, 0x00FF, a2, acc2));
-    acc = _mm512_maskz_mov_ps(0xFF00, acc);
-    acc2 = _mm512_maskz_mov_ps(0xFF00, acc2);
-    for (j += 64; j < 2 * k; j += 64) {   // the second row's whole chunks
-        _mm_prefetch((const char*)(w + j + Q8_PREFETCH), PF_HINT);
-        _mm_prefetch((const char*)(w2 + j + Q8_PREFETCH), PF_HINT);
-        const int g = j >> lg;
-        Q8_CHUNK(~0ULL, sm);
-    }
-    y[1] = _mm512_reduce_add_ps(acc);
-    y2[1] = _mm512_reduce_add_ps(acc2);
-}
+#undef Q8_WHOLE_CHUNKS
 #undef Q8_CHUNK
 
-// Row pairs i and i + nq of matvec_q8 (rows 2i, 2i+1 and 2(i+nq), 2(i+nq)+1); x2: x doubled (see above).
-static void q8_pairpair_vnni(const matvec_q8_params* p, int i, int nq, int npairs, const float* xs2,
-                             const int8_t* xq2, const int32_t* xbias2) {
-    const int k = p->k, ng = k / p->G, i1 = i + nq < npairs ? i + nq : i;
+// Row blocks i and i + nb of matvec_q8, each one row (two = 0) or two adjacent rows (two = 1: rows 2i, 2i + 1,
+// with x doubled); block i alone when it is the odd last one.
+static void q8_pair_vnni(const matvec_q8_params* p, int i, int nb, int nblocks, const float* xs, const int8_t* xq,
+                         const int32_t* xbias, int two) {
+    const int k = p->k, ng = k / p->G, r = 1 + two, i1 = i + nb < nblocks ? i + nb : i;
     float y[2], y1[2];
-    q8_pairs2_vnni(y, y1, p->wq + (size_t)2 * i * k, p->wq + (size_t)2 * i1 * k, p->ws + (size_t)2 * i * ng,
-                   p->ws + (size_t)2 * i1 * ng, xs2, xq2, xbias2, k, p->G);
-    p->y[2 * i] = y[0];
-    p->y[2 * i + 1] = y[1];
-    if (i1 != i) { p->y[2 * i1] = y1[0]; p->y[2 * i1 + 1] = y1[1]; }
-}
-
-// Rows i and i + npair of matvec_q8 (i alone when it is the odd last one).
-static void q8_pair_vnni(const matvec_q8_params* p, int i, int npair, const float* xs, const int8_t* xq,
-                         const int32_t* xbias) {
-    const int n = p->n, k = p->k, G = p->G, ng = k / G, i1 = i + npair < n ? i + npair : i;
-    float y1;
-    q8_rows2_vnni(p->y + i, &y1, p->wq + (size_t)i * k, p->wq + (size_t)i1 * k, p->ws + (size_t)i * ng,
-                  p->ws + (size_t)i1 * ng, xs, xq, xbias, k, G);
-    if (i1 != i) p->y[i1] = y1;
+    q8_rows2_vnni(y, y1, p->wq + (size_t)r * i * k, p->wq + (size_t)r * i1 * k, p->ws + (size_t)r * i * ng,
+                  p->ws + (size_t)r * i1 * ng, xs, xq, xbias, k, p->G, two);
+    for (int q = 0; q < r; q++) {
+        p->y[r * i + q] = y[q];
+        if (i1 != i) p->y[r * i1 + q] = y1[q];
+    }
 }
 
 // -128 * (sum of each int32 lane's 4 bytes of xq): vpdpbusd of 0x80 bytes (unsigned 128) and xq, negated.
@@ -301,30 +282,28 @@ void KFN(matvec_q8)(const matvec_q8_params* p) {
     if (!xq || !xs || (vnni && !xbias)) { kernels_oom_note(); goto done; }
     if (!p->x_quantized) q8_quantize_row(xq, xs, p->x, k, G);
 #if defined(__AVX512F__)
-    if (vnni && k % 64 == 32 && n >= 2 && k <= 8192) {   // adjacent rows as one stream (q8_pairs2_vnni)
+    if (vnni && k % 64 == 32 && n >= 2 && k <= 8192) {   // adjacent rows as one stream (q8_rows2_vnni, two)
         int8_t xq2[2 * k];
         float xs2[2 * ng];
         int32_t xbias2[2 * k / 64 * 16 + 16];
         memcpy(xq2, xq, (size_t)k); memcpy(xq2 + k, xq, (size_t)k);
         memcpy(xs2, xs, (size_t)ng * 4); memcpy(xs2 + ng, xs, (size_t)ng * 4);
         q8_xbias_vnni(xbias2, xq2, 2 * k);
-        const int npairs = n / 2, nq = (npairs + 1) / 2;
-        K_FOR((long)n * k > 65536, i, nq, q8_pairpair_vnni(p, i, nq, npairs, xs2, xq2, xbias2));
+        const int npairs = n / 2, nb = (npairs + 1) / 2;
+        K_FOR((long)n * k > 65536, i, nb, q8_pair_vnni(p, i, nb, npairs, xs2, xq2, xbias2, 1));
         if (n % 2) {   // the odd last row alone
-            float y1;
             q8_xbias_vnni(xbias, xq, k);
-            q8_rows2_vnni(p->y + n - 1, &y1, p->wq + (size_t)(n - 1) * k, p->wq + (size_t)(n - 1) * k,
-                          p->ws + (size_t)(n - 1) * ng, p->ws + (size_t)(n - 1) * ng, xs, xq, xbias, k, G);
+            q8_pair_vnni(p, n - 1, 0, n, xs, xq, xbias, 0);
         }
         goto done;
     }
     if (vnni) {
         q8_xbias_vnni(xbias, xq, k);
-        // Rows two at a time (an odd last one alone), taken half the matrix apart: rows i and i + npair are two
+        // Rows two at a time (an odd last one alone), taken half the matrix apart: rows i and i + nb are two
         // separate memory streams where adjacent rows are one. llama2.c 110M Q8_0 decode +14% on 1 thread and +5%
         // on 2 (pyllm-run A/Bs, 9-21 interleaved pairs each, session 7); 15M (17 MB) -3% on 1 thread, 0 on 2.
-        const int npair = (n + 1) / 2;
-        K_FOR((long)n * k > 65536, i, npair, q8_pair_vnni(p, i, npair, xs, xq, xbias));
+        const int nb = (n + 1) / 2;
+        K_FOR((long)n * k > 65536, i, nb, q8_pair_vnni(p, i, nb, n, xs, xq, xbias, 0));
         goto done;
     }
 #endif
