@@ -315,7 +315,7 @@ int run_sample(float* logits, int n, float temperature, float top_p, int top_k, 
                        .temperature = temperature, .top_k = top_k, .top_p = top_p, .min_p = 0.f, .seed = seed,
                        .step = (uint64_t)step};
     sample_forward(&p);
-    return token == -3 ? -2 : token < 0 ? -1 : (int)token;  // -3: out of memory; -2: NaN/inf logits
+    return token == -3 ? -2 : token < 0 ? -1 : (int)token;  // the kernel's -3 (out of memory) -> -2, -2 (NaN) -> -1
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -401,7 +401,7 @@ static void decode_attention_head(const decode_attention_params* p, int bh) {
         l = l * alpha + vf_sum(vsum);
         m = mnew;
         for (int d = 0; d < D; d++) acc[d] *= alpha;
-        if (D % VLEN == 0 && D <= 2 * VLEN * 2) {  // small heads: the output stays in registers, two chains
+        if (D % VLEN == 0 && D <= 4 * VLEN) {  // small heads: the output stays in registers, two chains
             const int nv = D / VLEN;
             vf a[4], c[4];
             for (int j = 0; j < 4; j++) { a[j] = j < nv ? vf_load(acc + j * VLEN) : vf_set1(0.f); c[j] = vf_set1(0.f); }

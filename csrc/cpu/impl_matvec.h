@@ -28,29 +28,27 @@
 static void mm_small_m_block(const float* A, int lda, const float* B, int ldb, float* C, int ldc, const float* bias,
                              int M, int N, int K, int accumulate, int blk) {
     const int n0 = blk * MV_ROWS, nr = N - n0 < MV_ROWS ? N - n0 : MV_ROWS;
-    {
-        const float* b[MV_ROWS];                           // MV_ROWS rows of B, each (K)
-        for (int r = 0; r < MV_ROWS; r++) b[r] = B + (size_t)(n0 + (r < nr ? r : 0)) * ldb;
-        for (int m = 0; m < M; m++) {
-            const float* a = A + (size_t)m * lda;          // (K)
-            vf acc[MV_ROWS];
-            for (int r = 0; r < MV_ROWS; r++) acc[r] = vf_set1(0.f);
-            int k = 0;
-            for (; k + VLEN <= K; k += VLEN) {
-                const vf av = vf_load(a + k);
+    const float* b[MV_ROWS];                           // MV_ROWS rows of B, each (K)
+    for (int r = 0; r < MV_ROWS; r++) b[r] = B + (size_t)(n0 + (r < nr ? r : 0)) * ldb;
+    for (int m = 0; m < M; m++) {
+        const float* a = A + (size_t)m * lda;          // (K)
+        vf acc[MV_ROWS];
+        for (int r = 0; r < MV_ROWS; r++) acc[r] = vf_set1(0.f);
+        int k = 0;
+        for (; k + VLEN <= K; k += VLEN) {
+            const vf av = vf_load(a + k);
 #if MV_PREFETCH && VLEN >= 8 && (defined(__x86_64__) || defined(__i386__))
-                if (m == 0 && (k * 4) % 64 == 0)
-                    for (int r = 0; r < MV_ROWS; r++) _mm_prefetch((const char*)(b[r] + k) + MV_PREFETCH, PF_HINT);
+            if (m == 0 && (k * 4) % 64 == 0)
+                for (int r = 0; r < MV_ROWS; r++) _mm_prefetch((const char*)(b[r] + k) + MV_PREFETCH, PF_HINT);
 #endif
-                for (int r = 0; r < MV_ROWS; r++) acc[r] = vf_fma(av, vf_load(b[r] + k), acc[r]);
-            }
-            for (int r = 0; r < nr; r++) {
-                float s = vf_sum(acc[r]);
-                for (int kk = k; kk < K; kk++) s += a[kk] * b[r][kk];
-                if (bias) s += bias[n0 + r];
-                float* c = C + (size_t)m * ldc + n0 + r;
-                *c = accumulate ? *c + s : s;
-            }
+            for (int r = 0; r < MV_ROWS; r++) acc[r] = vf_fma(av, vf_load(b[r] + k), acc[r]);
+        }
+        for (int r = 0; r < nr; r++) {
+            float s = vf_sum(acc[r]);
+            for (int kk = k; kk < K; kk++) s += a[kk] * b[r][kk];
+            if (bias) s += bias[n0 + r];
+            float* c = C + (size_t)m * ldc + n0 + r;
+            *c = accumulate ? *c + s : s;
         }
     }
 }
