@@ -5,6 +5,7 @@
 #include <string.h>
 #include "kernels.h"
 #include "simd.h"
+
 #include "impl_norm.h"
 #include "impl_matvec.h"
 #include "impl_matmul.h"

@@ -1,6 +1,7 @@
 // simd.h — one vector type per compiled path (GCC vector extensions), so each kernel is written once.
 // VLEN floats per vector: 16 on avx512, 8 on avx2, 4 on the portable path (SSE2, part of x86-64 itself).
-// Included only from kernels_impl.h after the path's `#pragma GCC target`.
+// Also K_FOR, the kernels' parallel-loop helper. Included from kernels_impl.h (and benchmarks/bench_matmul_lab.py's
+// lab source) after the path's `#pragma GCC target`.
 #pragma once
 #include <immintrin.h>
 #include <string.h>
