@@ -420,10 +420,26 @@ void KFN(matmul_forward)(const matmul_params* p) {
             p->accumulate);
 }
 
-// bf16 panels are widened to fp32 while packing (exact) and run on the fp32 micro-kernel. An AVX512_BF16
-// micro-kernel (vdpbf16ps on k-pair panels, same register blocking) was written and tested, and measured
-// slower on this CPU: 85 vs 140 GFLOP/s at 4096x768x3072, 1 thread, so it was removed. AMX is not exposed.
+#include "impl_amx.h"
+
+// AMX tiles where the CPU and the OS allow them (impl_amx.h). Otherwise bf16 panels are widened to fp32 while
+// packing (exact) and run on the fp32 micro-kernel: an AVX512_BF16 micro-kernel (vdpbf16ps on k-pair panels, same
+// register blocking) was written and tested, and measured slower on the development CPU (no AMX there): 85 vs 140
+// GFLOP/s at 4096x768x3072, 1 thread, so it was removed.
 void KFN(matmul_bf16_forward)(const matmul_bf16_params* p) {
+#ifdef PYLLM_HAVE_AMX
+    const cpu_features* f = cpu_features_get();
+    if (f->amx_tile && f->amx_bf16 && p->M > 0 && p->N > 0 && p->K > 0) {
+        int T = 1;
+#ifdef _OPENMP
+        if (2.0 * p->M * p->N * p->K > MM_PAR_FLOPS && !omp_in_parallel()) T = omp_get_max_threads();
+#endif
+        if (mm_amx_bf16(p->A, p->lda, p->trans_a, p->B, p->ldb, p->trans_b, p->C, p->ldc, p->bias, p->M, p->N, p->K,
+                        p->accumulate, T))
+            kernels_oom_note();
+        return;
+    }
+#endif
     mm_gemm(1, p->A, p->lda, p->trans_a, p->B, p->ldb, p->trans_b, p->C, p->ldc, p->bias, p->M, p->N, p->K,
             p->accumulate);
 }

@@ -1,4 +1,5 @@
 // isa.c — cpuid feature detection and the PYLLM_ISA override; see isa.h.
+#define _GNU_SOURCE   // syscall() under -std=c11
 #include "isa.h"
 #include <stdlib.h>
 #include <string.h>
@@ -48,6 +49,13 @@ const cpu_features* cpu_features_get(void) {
             int amx_os = ((xcr0 >> 17) & 3) == 3;   // XTILECFG + XTILEDATA enabled
             f.amx_bf16 = amx_os && ((d >> 22) & 1);
             f.amx_tile = amx_os && ((d >> 24) & 1);
+            const char* no_amx = getenv("PYLLM_NO_AMX");
+            if (no_amx && *no_amx && *no_amx != '0') f.amx_bf16 = f.amx_tile = 0;
+#if defined(__linux__) && defined(SYS_arch_prctl)
+            // Linux hands out the 8 KiB tile state only on request (ARCH_REQ_XCOMP_PERM for XTILEDATA, feature
+            // 18), once per process; a tile instruction without it is SIGILL. No permission: no AMX.
+            if (f.amx_tile && syscall(SYS_arch_prctl, 0x1023, 18) != 0) f.amx_bf16 = f.amx_tile = 0;
+#endif
             unsigned int a1, b1, c1, d1;
             if (__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1))
                 f.avx512bf16 = f.avx512f && ((a1 >> 5) & 1);
