@@ -34,6 +34,90 @@ def check(t: torch.Tensor, name: str, dtype=torch.float32, shape: tuple | None =
     return t
 
 
+def _same(t: torch.Tensor, device):
+    """The device an op's other tensors must be on: "cpu", or exactly the first tensor's CUDA device."""
+    return "cpu" if device == "cpu" else t.device
+
+
+# The op validators below serve both pyllm.ops (device "cpu") and pyllm.ops_cuda (device "cuda"): one set of
+# rules and messages for every backend. Each checks, raises a one-line error, and returns the op's sizes.
+def _check_rmsnorm(x, weight, device="cpu"):
+    check(x, "rmsnorm x", device=device)
+    check(weight, "rmsnorm weight", shape=(x.shape[-1] if x.dim() else 0,), device=_same(x, device))
+    if x.numel() == 0:
+        raise ValueError("rmsnorm x: empty tensor")
+
+
+def _check_rope(x, cos, sin, device="cpu"):
+    check(x, "rope x", device=device)
+    if x.dim() != 4 or x.numel() == 0 or x.shape[-1] % 2:
+        raise ValueError(f"rope x: expected a non-empty (B, T, H, D) tensor with even D, got {tuple(x.shape)}")
+    T, D = x.shape[1], x.shape[3]
+    check(cos, "rope cos", shape=(T, D // 2), device=_same(x, device))
+    check(sin, "rope sin", shape=(T, D // 2), device=_same(x, device))
+
+
+def _check_swiglu(gate, up, device="cpu"):
+    check(gate, "swiglu gate", device=device)
+    check(up, "swiglu up", shape=tuple(gate.shape), device=_same(gate, device))
+    if gate.numel() == 0:
+        raise ValueError("swiglu gate: empty tensor")
+
+
+def _check_cross_entropy(logits, targets, ignore_index, device="cpu"):
+    check(logits, "cross_entropy logits", device=device)
+    if logits.dim() != 2 or logits.numel() == 0:
+        raise ValueError(f"cross_entropy logits: expected a non-empty (N, V) tensor, got {tuple(logits.shape)}")
+    N, V = logits.shape
+    check(targets, "cross_entropy targets", dtype=torch.int64, shape=(N,), device=_same(logits, device))
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    if bool(bad.any()):  # on CUDA a host sync, but an out-of-range target must be an error, not NaN
+        raise ValueError(f"cross_entropy targets: {int(targets[bad][0])} is out of range [0, {V}) "
+                         f"and not ignore_index {ignore_index}")
+    return N, V
+
+
+def _check_sample(logits, temperature, top_k, top_p, min_p, mask, device="cpu"):
+    check(logits, "sample logits", device=device)
+    if logits.dim() != 2 or logits.numel() == 0:
+        raise ValueError(f"sample logits: expected a non-empty (B, V) tensor, got shape {tuple(logits.shape)}")
+    B, V = logits.shape
+    if mask is not None:
+        check(mask, "sample mask", dtype=torch.bool, shape=(B, V), device=_same(logits, device))
+    if not temperature >= 0:
+        raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
+    if int(top_k) < 0:
+        raise ValueError(f"sample: top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"sample: top_p must be in (0, 1], got {top_p}")
+    if not 0 <= min_p <= 1:
+        raise ValueError(f"sample: min_p must be in [0, 1], got {min_p}")
+    return B, V
+
+
+def _check_decode_attention(q, k_cache, v_cache, n_ctx, device="cpu"):
+    check(q, "decode_attention q", device=device)
+    if q.dim() != 3:
+        raise ValueError(f"decode_attention q: expected shape (B, H, D), got {tuple(q.shape)}")
+    B, H, D = q.shape
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device != q.device:
+            raise TypeError(f"decode_attention {name}: expected a float32 tensor on {q.device}")
+        if t.dim() != 4 or t.shape[0] != B or t.shape[3] != D:
+            raise ValueError(f"decode_attention {name}: expected shape ({B}, T_max, Hkv, {D}), got {tuple(t.shape)}")
+        if t.stride(3) != 1 or t.stride(2) != D:
+            raise ValueError(f"decode_attention {name}: its last two dims (Hkv, D) must be contiguous")
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError("decode_attention v_cache: must have the same shape and strides as k_cache")
+    T_max, Hkv = k_cache.shape[1], k_cache.shape[2]
+    if min(B, H, D) == 0 or H % Hkv != 0 or D > 256:
+        raise ValueError(f"decode_attention q: bad shape {tuple(q.shape)} for {Hkv} kv heads (H % Hkv, D <= 256)")
+    n_ctx = int(n_ctx)
+    if not 1 <= n_ctx <= T_max:
+        raise ValueError(f"decode_attention n_ctx: must be in [1, {T_max}], got {n_ctx}")
+    return B, H, Hkv, D, n_ctx
+
+
 def ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -120,10 +204,7 @@ class _RMSNorm(torch.autograd.Function):
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """RMSNorm over the last dim. x (..., C) fp32 contiguous, weight (C)."""
-    check(x, "rmsnorm x")
-    check(weight, "rmsnorm weight", shape=(x.shape[-1],))
-    if x.numel() == 0:
-        raise ValueError("rmsnorm x: empty tensor")
+    _check_rmsnorm(x, weight)
     return _RMSNorm.apply(x, weight, eps)
 
 
@@ -263,20 +344,7 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
     temperature 0 = greedy. Filters in HF order: mask, temperature, top-k, top-p, min-p.
     The draw is a pure function of (seed, row, step): same seed -> same tokens on every CPU path.
     Returns (tokens (B,) int64, logprobs (B,) fp32) with logprob = log_softmax(logits / T)[token] (T = 1 if greedy)."""
-    check(logits, "sample logits")
-    if logits.dim() != 2 or logits.numel() == 0:
-        raise ValueError(f"sample logits: expected a non-empty (B, V) tensor, got shape {tuple(logits.shape)}")
-    B, V = logits.shape
-    if mask is not None:
-        check(mask, "sample mask", dtype=torch.bool, shape=(B, V))
-    if not temperature >= 0:
-        raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
-    if int(top_k) < 0:
-        raise ValueError(f"sample: top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"sample: top_p must be in (0, 1], got {top_p}")
-    if not 0 <= min_p <= 1:
-        raise ValueError(f"sample: min_p must be in [0, 1], got {min_p}")
+    B, V = _check_sample(logits, temperature, top_k, top_p, min_p, mask)
     tokens = torch.empty(B, dtype=torch.int64)
     logprobs = torch.empty(B, dtype=torch.float32)
     C().sample_forward(ptr(tokens), ptr(logprobs), ptr(logits), ptr(mask), B, V, float(temperature), int(top_k),
@@ -313,12 +381,7 @@ class _RoPE(torch.autograd.Function):
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding, HF rotate-half layout. x (B, T, H, D) fp32; cos/sin (T, D/2) -> (B, T, H, D)."""
-    check(x, "rope x")
-    if x.dim() != 4 or x.numel() == 0 or x.shape[-1] % 2:
-        raise ValueError(f"rope x: expected a non-empty (B, T, H, D) tensor with even D, got {tuple(x.shape)}")
-    T, D = x.shape[1], x.shape[3]
-    check(cos, "rope cos", shape=(T, D // 2))
-    check(sin, "rope sin", shape=(T, D // 2))
+    _check_rope(x, cos, sin)
     return _RoPE.apply(x, cos, sin)
 
 
@@ -341,10 +404,7 @@ class _SwiGLU(torch.autograd.Function):
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up; gate and up fp32, same shape."""
-    check(gate, "swiglu gate")
-    check(up, "swiglu up", shape=tuple(gate.shape))
-    if gate.numel() == 0:
-        raise ValueError("swiglu gate: empty tensor")
+    _check_swiglu(gate, up)
     return _SwiGLU.apply(gate, up)
 
 
@@ -374,15 +434,7 @@ class _CrossEntropy(torch.autograd.Function):
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
     """Mean cross-entropy over non-ignored targets (0 if none). logits (N, V) fp32, targets (N) int64.
     The forward saves one lse per row; the backward writes (softmax - onehot) * dloss / n_valid in one pass."""
-    check(logits, "cross_entropy logits")
-    if logits.dim() != 2 or logits.numel() == 0:
-        raise ValueError(f"cross_entropy logits: expected a non-empty (N, V) tensor, got {tuple(logits.shape)}")
-    N, V = logits.shape
-    check(targets, "cross_entropy targets", dtype=torch.int64, shape=(N,))
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
-    if bool(bad.any()):
-        raise ValueError(f"cross_entropy targets: {int(targets[bad][0])} is out of range [0, {V}) "
-                         f"and not ignore_index {ignore_index}")
+    _check_cross_entropy(logits, targets, ignore_index)
     return _CrossEntropy.apply(logits, targets, ignore_index)
 
 
@@ -440,17 +492,18 @@ class AdamW(torch.optim.Optimizer):
                            group["lr"], group["betas"][0], group["betas"][1], group["eps"], group["weight_decay"], s)
         return loss
 # --- attention (csrc/cpu/impl_attention.h) ------------------------------------------------------------------
-def _check_attention(q, k, v, doc_ids):
-    check(q, "attention q")
+def _check_attention(q, k, v, doc_ids, device="cpu"):
+    check(q, "attention q", device=device)
     if q.dim() != 4:
         raise ValueError(f"attention q: expected shape (B, T, H, D), got {tuple(q.shape)}")
     B, T, H, D = q.shape
-    check(k, "attention k")
+    dev = _same(q, device)
+    check(k, "attention k", device=dev)
     if k.dim() != 4:
         raise ValueError(f"attention k: expected shape (B, T, Hkv, D), got {tuple(k.shape)}")
     Hkv = k.shape[2]
-    check(k, "attention k", shape=(B, T, Hkv, D))
-    check(v, "attention v", shape=(B, T, Hkv, D))
+    check(k, "attention k", shape=(B, T, Hkv, D), device=dev)
+    check(v, "attention v", shape=(B, T, Hkv, D), device=dev)
     if min(B, T, H, D, Hkv) == 0:
         raise ValueError(f"attention q: empty tensor of shape {tuple(q.shape)}")
     if H % Hkv != 0:
@@ -458,7 +511,7 @@ def _check_attention(q, k, v, doc_ids):
     if D > 256:
         raise ValueError(f"attention q: head dim {D} > 256 is not supported")
     if doc_ids is not None:
-        check(doc_ids, "attention doc_ids", dtype=torch.int32, shape=(B, T))
+        check(doc_ids, "attention doc_ids", dtype=torch.int32, shape=(B, T), device=dev)
     return B, T, H, Hkv, D
 
 
@@ -500,25 +553,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_ctx: int) -> torch.Tensor:
     """One query per sequence over cache positions [0, n_ctx). q (B, H, D); k_cache/v_cache (B, T_max, Hkv, D)
     fp32 whose last two dims are contiguous (a slice of a bigger cache is fine) -> (B, H, D). No autograd."""
-    check(q, "decode_attention q")
-    if q.dim() != 3:
-        raise ValueError(f"decode_attention q: expected shape (B, H, D), got {tuple(q.shape)}")
-    B, H, D = q.shape
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device.type != "cpu":
-            raise TypeError(f"decode_attention {name}: expected a float32 cpu tensor")
-        if t.dim() != 4 or t.shape[0] != B or t.shape[3] != D:
-            raise ValueError(f"decode_attention {name}: expected shape ({B}, T_max, Hkv, {D}), got {tuple(t.shape)}")
-        if t.stride(3) != 1 or t.stride(2) != D:
-            raise ValueError(f"decode_attention {name}: its last two dims (Hkv, D) must be contiguous")
-    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
-        raise ValueError("decode_attention v_cache: must have the same shape and strides as k_cache")
-    T_max, Hkv = k_cache.shape[1], k_cache.shape[2]
-    if min(B, H, D) == 0 or H % Hkv != 0 or D > 256:
-        raise ValueError(f"decode_attention q: bad shape {tuple(q.shape)} for {Hkv} kv heads (H % Hkv, D <= 256)")
-    n_ctx = int(n_ctx)
-    if not 1 <= n_ctx <= T_max:
-        raise ValueError(f"decode_attention n_ctx: must be in [1, {T_max}], got {n_ctx}")
+    B, H, Hkv, D, n_ctx = _check_decode_attention(q, k_cache, v_cache, n_ctx)
     out = torch.empty_like(q)
     C().decode_attention(ptr(out), ptr(q), ptr(k_cache), ptr(v_cache), k_cache.stride(0), k_cache.stride(1), B, H, Hkv, D, n_ctx)
     return out

@@ -33,10 +33,16 @@ def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
+def _ops():
+    """pyllm.ops, imported on first use (it imports this module at its end): its check() and the op validators
+    (_check_<op>) are shared, so both backends take and refuse the same inputs with the same messages."""
+    from . import ops
+    return ops
+
+
 def _check(t, name, dtype=torch.float32, shape=None, device=None):
     """ops.check for CUDA tensors: on `device` when given, else on any CUDA device."""
-    from .ops import check
-    return check(t, name, dtype, shape, device=device if device is not None else "cuda")
+    return _ops().check(t, name, dtype, shape, device=device if device is not None else "cuda")
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -118,10 +124,7 @@ class _RMSNorm(torch.autograd.Function):
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     require_built("rmsnorm")
     x = _f32(x).contiguous()
-    _check(x, "rmsnorm x")
-    _check(weight, "rmsnorm weight", shape=(x.shape[-1],), device=x.device)
-    if x.numel() == 0:
-        raise ValueError("rmsnorm x: empty tensor")
+    _ops()._check_rmsnorm(x, weight, device="cuda")
     return _RMSNorm.apply(x, weight, eps)
 
 
@@ -158,19 +161,7 @@ class _Attention(torch.autograd.Function):
 def attention_with_lse(q, k, v, doc_ids=None):
     require_built("attention")
     q, k, v = (_f32(t).contiguous() for t in (q, k, v))
-    _check(q, "attention q")
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"attention: expected q (B, T, H, D) and k/v (B, T, Hkv, D), got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}")
-    B, T, H, D = q.shape
-    Hkv = k.shape[2]
-    _check(k, "attention k", shape=(B, T, Hkv, D), device=q.device)
-    _check(v, "attention v", shape=(B, T, Hkv, D), device=q.device)
-    if min(B, T, H, D, Hkv) == 0 or H % Hkv or D > 256:
-        raise ValueError(f"attention q: unsupported shape {tuple(q.shape)} with {Hkv} kv heads "
-                         "(need H % Hkv == 0, D <= 256, non-empty)")
-    if doc_ids is not None:
-        _check(doc_ids, "attention doc_ids", dtype=torch.int32, shape=(B, T), device=q.device)
+    _ops()._check_attention(q, k, v, doc_ids, device="cuda")
     return _Attention.apply(q, k, v, doc_ids)
 
 
@@ -181,25 +172,7 @@ def attention(q, k, v, doc_ids=None):
 def decode_attention(q, k_cache, v_cache, n_ctx):
     require_built("decode_attention")
     q = _f32(q).contiguous()
-    _check(q, "decode_attention q")
-    if q.dim() != 3:
-        raise ValueError(f"decode_attention q: expected shape (B, H, D), got {tuple(q.shape)}")
-    B, H, D = q.shape
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device != q.device:
-            raise TypeError(f"decode_attention {name}: expected a float32 tensor on {q.device}")
-        if t.dim() != 4 or t.shape[0] != B or t.shape[3] != D:
-            raise ValueError(f"decode_attention {name}: expected shape ({B}, T_max, Hkv, {D}), got {tuple(t.shape)}")
-        if t.stride(3) != 1 or t.stride(2) != D:
-            raise ValueError(f"decode_attention {name}: its last two dims (Hkv, D) must be contiguous")
-    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
-        raise ValueError("decode_attention v_cache: must have the same shape and strides as k_cache")
-    T_max, Hkv = k_cache.shape[1], k_cache.shape[2]
-    if min(B, H, D) == 0 or H % Hkv or D > 256:
-        raise ValueError(f"decode_attention q: bad shape {tuple(q.shape)} for {Hkv} kv heads (H % Hkv, D <= 256)")
-    n_ctx = int(n_ctx)
-    if not 1 <= n_ctx <= T_max:
-        raise ValueError(f"decode_attention n_ctx: must be in [1, {T_max}], got {n_ctx}")
+    B, H, Hkv, D, n_ctx = _ops()._check_decode_attention(q, k_cache, v_cache, n_ctx, device="cuda")
     out = torch.empty_like(q)
     ws = torch.empty(C().cuda_decode_attention_ws_floats(B, H, Hkv, D, n_ctx), dtype=torch.float32, device=q.device)
     C().cuda_decode_attention(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
@@ -230,13 +203,8 @@ class _Rope(torch.autograd.Function):
 def rope(x, cos, sin):
     require_built("rope")
     x = _f32(x).contiguous()
-    _check(x, "rope x")
-    if x.dim() != 4 or x.shape[-1] % 2:
-        raise ValueError(f"rope x: expected (B, T, H, D) with even D, got {tuple(x.shape)}")
-    T, half = x.shape[1], x.shape[3] // 2
     cos, sin = cos.contiguous(), sin.contiguous()
-    _check(cos, "rope cos", shape=(T, half), device=x.device)
-    _check(sin, "rope sin", shape=(T, half), device=x.device)
+    _ops()._check_rope(x, cos, sin, device="cuda")
     return _Rope.apply(x, cos, sin)
 
 
@@ -261,10 +229,7 @@ class _SwiGLU(torch.autograd.Function):
 def swiglu(gate, up):
     require_built("swiglu")
     gate, up = _f32(gate).contiguous(), _f32(up).contiguous()
-    _check(gate, "swiglu gate")
-    _check(up, "swiglu up", shape=tuple(gate.shape), device=gate.device)
-    if gate.numel() == 0:
-        raise ValueError("swiglu gate: empty tensor")
+    _ops()._check_swiglu(gate, up, device="cuda")
     return _SwiGLU.apply(gate, up)
 
 
@@ -290,14 +255,7 @@ class _CrossEntropy(torch.autograd.Function):
 def cross_entropy(logits, targets, ignore_index=-1):
     require_built("cross_entropy")
     logits = _f32(logits).contiguous()
-    _check(logits, "cross_entropy logits")
-    if logits.dim() != 2 or logits.shape[0] == 0:
-        raise ValueError(f"cross_entropy logits: expected non-empty (N, V), got {tuple(logits.shape)}")
-    N, V = logits.shape
-    _check(targets, "cross_entropy targets", dtype=torch.int64, shape=(N,), device=logits.device)
-    bad = ((targets < 0) | (targets >= V)) & (targets != ignore_index)
-    if bool(bad.any()):  # a host sync, but an out-of-range target must be an error, not NaN
-        raise ValueError(f"cross_entropy targets: values must be in [0, {V}) or ignore_index={ignore_index}")
+    _ops()._check_cross_entropy(logits, targets, ignore_index, device="cuda")
     return _CrossEntropy.apply(logits, targets, ignore_index)
 
 
@@ -306,15 +264,9 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, mask=None, se
     """-> (tokens (B,) int64, logprobs (B,) fp32); see csrc/cuda/kernels_cuda.h sample_cuda."""
     require_built("sample")
     logits = _f32(logits).contiguous()
-    _check(logits, "sample logits")
-    if logits.dim() != 2 or 0 in logits.shape:
-        raise ValueError(f"sample logits: expected non-empty (B, V), got {tuple(logits.shape)}")
-    B, V = logits.shape
-    if not (0.0 <= float(top_p) <= 1.0 and 0.0 <= float(min_p) <= 1.0 and int(top_k) >= 0):
-        raise ValueError(f"sample: need 0 <= top_p <= 1, 0 <= min_p <= 1, top_k >= 0 (got {top_p}, {min_p}, {top_k})")
+    B, V = _ops()._check_sample(logits, temperature, top_k, top_p, min_p, mask, device="cuda")
     mp = 0
     if mask is not None:
-        _check(mask, "sample mask", dtype=torch.bool, shape=(B, V), device=logits.device)
         if not bool(mask.any(-1).all()):
             raise ValueError("sample mask: some row allows no token")
         mask = mask.view(torch.uint8)

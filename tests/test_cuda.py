@@ -75,6 +75,28 @@ def test_every_cuda_op_is_dispatched_by_ops():
         assert ops.__dict__[n]._pyllm_cpu_fn is not None
 
 
+def test_shared_validators_check_the_cuda_device():
+    """pyllm.ops_cuda validates through the same ops._check_<op> functions as the CPU ops (device="cuda"); without a
+    GPU we can still see that they refuse CPU tensors for a CUDA op with the CPU op's one-line message."""
+    x, cs = torch.randn(1, 4, 2, 8), torch.randn(4, 4)
+    logits, targets = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    q, kv = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 1, 8)
+    calls = [lambda: ops._check_rope(x, cs, cs, device="cuda"),
+             lambda: ops._check_swiglu(x, x, device="cuda"),
+             lambda: ops._check_rmsnorm(x, torch.ones(8), device="cuda"),
+             lambda: ops._check_cross_entropy(logits, targets, -1, device="cuda"),
+             lambda: ops._check_sample(logits, 1.0, 0, 1.0, 0.0, None, device="cuda"),
+             lambda: ops._check_attention(q, kv, kv, None, device="cuda"),
+             lambda: ops._check_decode_attention(q[:, 0], kv, kv, 2, device="cuda")]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"expected a tensor on cuda, got cpu"):
+            call()
+    # the same validators accept these tensors for the CPU ops
+    ops._check_rope(x, cs, cs)
+    ops._check_cross_entropy(logits, targets, -1)
+    assert ops._check_attention(q, kv, kv, None) == (1, 4, 2, 1, 8)
+
+
 def test_cpu_paths_still_use_cpu_kernels(rng):
     x = torch.randn(3, 17, generator=rng)
     w = torch.randn(17, generator=rng)
