@@ -1,11 +1,11 @@
 """Issue 3's training-step benchmark: a full step (forward, backward, AdamW) of a 6-layer, d=384, 6-head model at
-B=8, T=256, vocab 8192, in tokens/s — pyllm kernels vs torch eager fp32 (and torch bf16 autocast), same process,
-steps interleaved, median per side.   Run: python benchmarks/bench_train_step.py [--threads 1 2] [--steps 5]
+B=8, T=256, vocab 8192, in tokens/s — pyllm kernels (fp32, and under bf16 autocast: bf16 GEMM operands, fp32 master
+weights) vs torch eager fp32 and torch bf16 autocast, same process, steps interleaved, median per side.   Run: python benchmarks/bench_train_step.py [--threads 1 2] [--steps 5]
   --shape shakespeare: issue 4's nanoGPT recipe model (4 layers, d=128, 4 heads, T=64, B=12, vocab 262) instead.
   --kernels: also time every pyllm._C call inside the pyllm steps: ms/step per kernel, the GEMM share, and the
              rest (Python, autograd, torch glue) — the per-op profile behind the ratios.
   --separate R: instead, each variant in its own process (as a user runs it), R rounds alternating the order, and the
-             median of the per-round ratios. In one process the three models share the allocator and caches: on
+             median of the per-round ratios. In one process the four models share the allocator and caches: on
              2026-11-24 that slowed torch eager by up to 25% and overstated pyllm's ratio (RESULTS.md, session 8).
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main():
     ap.add_argument("--kernels", action="store_true", help="also print the per-kernel time of a pyllm step")
     ap.add_argument("--separate", type=int, default=0, metavar="R",
                     help="run each variant in its own process, R rounds in alternating order (0: one process)")
-    ap.add_argument("--child", choices=["pyllm", "torch", "torch_bf16"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["pyllm", "pyllm_bf16", "torch", "torch_bf16"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     cfg, B, T = SHAPES[args.shape]
     g = torch.Generator().manual_seed(0)
@@ -90,8 +90,8 @@ def main():
     if args.child:   # one variant alone: warm-up, then the median tok/s of --steps steps
         torch.set_num_threads(args.threads[0])
         C().set_threads(args.threads[0])
-        m, opt = make("pyllm" if args.child == "pyllm" else "torch", args.shape)
-        ac = args.child == "torch_bf16"
+        m, opt = make(args.child.split("_")[0], args.shape)
+        ac = args.child.endswith("_bf16")
         step(m, opt, x, y, ac)
         print(B * T / statistics.median(step(m, opt, x, y, ac) for _ in range(args.steps)))
         return
@@ -100,14 +100,14 @@ def main():
         return
     print("one process, all three models (torch eager runs slower beside the others than alone: --separate R gives "
           "the per-process figure)")
-    print(f"| threads | pyllm fp32 tok/s | torch eager fp32 tok/s | torch bf16 autocast tok/s | pyllm / torch fp32 |"
-          f" pyllm / torch bf16 |")
-    print("|---|---|---|---|---|---|")
+    print("| threads | pyllm fp32 tok/s | pyllm bf16 GEMMs tok/s | torch eager fp32 tok/s | torch bf16 autocast tok/s"
+          " | pyllm / torch fp32 | pyllm / torch bf16 | pyllm bf16 / torch fp32 | pyllm bf16 / torch bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for th in args.threads:
         torch.set_num_threads(th)
         C().set_threads(th)
-        variants = {"pyllm": (*make("pyllm", args.shape), False), "torch": (*make("torch", args.shape), False),
-                    "torch_bf16": (*make("torch", args.shape), True)}
+        variants = {"pyllm": (*make("pyllm", args.shape), False), "pyllm_bf16": (*make("pyllm", args.shape), True),
+                    "torch": (*make("torch", args.shape), False), "torch_bf16": (*make("torch", args.shape), True)}
         times = {k: [] for k in variants}
         for k, (m, opt, ac) in variants.items():
             step(m, opt, x, y, ac)  # warm-up
@@ -115,8 +115,9 @@ def main():
             for k, (m, opt, ac) in variants.items():
                 times[k].append(step(m, opt, x, y, ac))
         tps = {k: B * T / statistics.median(v) for k, v in times.items()}
-        print(f"| {th} | {tps['pyllm']:.0f} | {tps['torch']:.0f} | {tps['torch_bf16']:.0f} | "
-              f"{tps['pyllm'] / tps['torch']:.2f}x | {tps['pyllm'] / tps['torch_bf16']:.2f}x |", flush=True)
+        print(f"| {th} | {tps['pyllm']:.0f} | {tps['pyllm_bf16']:.0f} | {tps['torch']:.0f} | {tps['torch_bf16']:.0f} | "
+              f"{tps['pyllm'] / tps['torch']:.2f}x | {tps['pyllm'] / tps['torch_bf16']:.2f}x | "
+              f"{tps['pyllm_bf16'] / tps['torch']:.2f}x | {tps['pyllm_bf16'] / tps['torch_bf16']:.2f}x |", flush=True)
         if args.kernels:
             kt = KernelTimer(ext._C)
             ext._C, real = kt, ext._C
@@ -136,11 +137,11 @@ def main():
 
 def separate(args):
     """Each variant in a fresh process, R rounds, the order reversed every other round; medians and paired ratios."""
-    names = ["pyllm", "torch", "torch_bf16"]
+    names = ["pyllm", "pyllm_bf16", "torch", "torch_bf16"]
     print(f"separate processes, {args.separate} rounds: tok/s medians; ratios the median of the per-round ratios")
-    print("| threads | pyllm fp32 tok/s | torch eager fp32 tok/s | torch bf16 autocast tok/s | pyllm / torch fp32 |"
-          " pyllm / torch bf16 |")
-    print("|---|---|---|---|---|---|")
+    print("| threads | pyllm fp32 tok/s | pyllm bf16 GEMMs tok/s | torch eager fp32 tok/s | torch bf16 autocast tok/s |"
+          " pyllm / torch fp32 | pyllm / torch bf16 | pyllm bf16 / torch fp32 | pyllm bf16 / torch bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for th in args.threads:
         tps = {k: [] for k in names}
         for r in range(args.separate):
@@ -150,9 +151,12 @@ def separate(args):
                                      check=True).stdout
                 tps[k].append(float(out.split()[-1]))
         med = {k: statistics.median(v) for k, v in tps.items()}
-        r32 = statistics.median(a / b for a, b in zip(tps["pyllm"], tps["torch"]))
-        r16 = statistics.median(a / b for a, b in zip(tps["pyllm"], tps["torch_bf16"]))
-        print(f"| {th} | {med['pyllm']:.0f} | {med['torch']:.0f} | {med['torch_bf16']:.0f} | {r32:.2f}x | {r16:.2f}x |"
+        def ratio(a, b):
+            return statistics.median(x / y for x, y in zip(tps[a], tps[b]))
+        r32, r16 = ratio("pyllm", "torch"), ratio("pyllm", "torch_bf16")
+        b32, b16 = ratio("pyllm_bf16", "torch"), ratio("pyllm_bf16", "torch_bf16")
+        print(f"| {th} | {med['pyllm']:.0f} | {med['pyllm_bf16']:.0f} | {med['torch']:.0f} | {med['torch_bf16']:.0f} | "
+              f"{r32:.2f}x | {r16:.2f}x | {b32:.2f}x | {b16:.2f}x |"
               f"   per round vs fp32: {' '.join(f'{a / b:.2f}' for a, b in zip(tps['pyllm'], tps['torch']))}",
               flush=True)
 

@@ -1,6 +1,7 @@
 """torch autograd Functions over pyllm._C: validate tensors here, pass data_ptr() and sizes to the kernels."""
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import threading
@@ -209,10 +210,17 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.T
 
 
 # --- matmul -----------------------------------------------------------------------------------------------
-def _gemm(a, b, M, N, K, trans_a=False, trans_b=False, bias=None, out=None, accumulate=False):
+def _autocast_bf16() -> bool:
+    """True inside torch.autocast("cpu", dtype=torch.bfloat16): linear() and block() then run their GEMMs on bf16
+    operands (fp32 accumulate and fp32 outputs); parameters, the activations between ops, gradients and the
+    optimizer state stay fp32. The choice is made in the forward and kept for the backward."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def _gemm(a, b, M, N, K, trans_a=False, trans_b=False, bias=None, out=None, accumulate=False, bf16=False):
     """The one launch of the GEMM kernel, without checks: matmul() checks first; linear's tensors are checked once
     per layer call (3 GEMMs per linear, ~87 a step of a small model, where checks cost ~10 us each against
-    ~100-500 us kernels). Shapes and flags as in matmul()."""
+    ~100-500 us kernels). Shapes and flags as in matmul(); bf16: round fp32 operands to bf16 first (a copy each)."""
     if out is None:
         out = empty(M, N)
     if M == 0 or N == 0:
@@ -221,6 +229,8 @@ def _gemm(a, b, M, N, K, trans_a=False, trans_b=False, bias=None, out=None, accu
         if not accumulate:
             out.zero_()
         return out if bias is None else out.add_(bias)
+    if bf16:
+        a, b = a.to(torch.bfloat16), b.to(torch.bfloat16)
     fn = C().matmul_bf16_forward if a.dtype == torch.bfloat16 else C().matmul_forward
     fn(ptr(out), ptr(a), ptr(b), ptr(bias), M, N, K, max(1, a.shape[1]), max(1, b.shape[1]), N,
        bool(trans_a), bool(trans_b), bool(accumulate))
@@ -265,7 +275,8 @@ class _Linear(torch.autograd.Function):
         K = x.shape[-1]
         x2 = x.reshape(-1, K)                                    # (M, K) view
         N = weight.shape[0]
-        y = _gemm(x2, weight, x2.shape[0], N, K, bias=bias)     # (M, N)
+        ctx.bf16 = _autocast_bf16()
+        y = _gemm(x2, weight, x2.shape[0], N, K, bias=bias, bf16=ctx.bf16)     # (M, N)
         ctx.save_for_backward(x2, weight)
         ctx.has_bias = bias is not None
         return y.view(*x.shape[:-1], N)
@@ -281,9 +292,9 @@ class _Linear(torch.autograd.Function):
         dy2 = dy2.contiguous()
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = _gemm(dy2, weight, M, K, N, trans_b=True).view(*dy.shape[:-1], K)
+            dx = _gemm(dy2, weight, M, K, N, trans_b=True, bf16=ctx.bf16).view(*dy.shape[:-1], K)
         if ctx.needs_input_grad[1]:                              # (N, K) = dYᵀ·X;  dX (M, K) = dY·W above
-            dw = _gemm(dy2, x2, N, K, M, trans_a=True, trans_b=True)   # M = 0: zeros (empty sum)
+            dw = _gemm(dy2, x2, N, K, M, trans_a=True, trans_b=True, bf16=ctx.bf16)   # M = 0: zeros
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0)
         return dx, dw, db
@@ -575,11 +586,13 @@ class _Block(torch.autograd.Function):
         KD = Hkv * D
         N3 = HD + 2 * KD
         k_ = C()
+        ctx.bf16 = _autocast_bf16()
+        mm = functools.partial(_gemm, bf16=ctx.bf16)                        # bf16 GEMM operands under autocast
         x2d = x.reshape(M, Cm)                                              # (M, C)
         h1, r1 = empty(M, Cm), torch.empty(M)
         k_.rmsnorm_forward(ptr(h1), ptr(r1), ptr(x2d), ptr(w_in), M, Cm, float(eps))
         wqkv = torch.cat((wq, wk, wv))                                      # (N3, C)
-        qkv = _gemm(h1, wqkv, M, N3, Cm)                                    # (M, N3) = [q | k | v] per row
+        qkv = mm(h1, wqkv, M, N3, Cm)                                    # (M, N3) = [q | k | v] per row
         q, k = empty(B, T, H, D), empty(B, T, Hkv, D)
         k_.rope_forward(ptr(q), ptr(qkv), ptr(cos), ptr(sin), B, T, H, D, 0, N3, 0)
         k_.rope_forward(ptr(k), qkv.data_ptr() + 4 * HD, ptr(cos), ptr(sin), B, T, Hkv, D, 0, N3, 0)
@@ -589,15 +602,15 @@ class _Block(torch.autograd.Function):
         k_.attention_forward(ptr(y), ptr(lse), ptr(q), ptr(k), ptr(v), ptr(doc_ids), B, T, H, Hkv, D)
         y2d = y.view(M, HD)
         x2 = empty(M, Cm).copy_(x2d)                                        # x + y Woᵀ
-        _gemm(y2d, wo, M, Cm, HD, out=x2, accumulate=True)
+        mm(y2d, wo, M, Cm, HD, out=x2, accumulate=True)
         h2, r2 = empty(M, Cm), torch.empty(M)
         k_.rmsnorm_forward(ptr(h2), ptr(r2), ptr(x2), ptr(w_post), M, Cm, float(eps))
         wgu = torch.cat((wg, wu))                                           # (2F, C)
-        gu = _gemm(h2, wgu, M, 2 * F, Cm)                                   # (M, 2F) = [gate | up] per row
+        gu = mm(h2, wgu, M, 2 * F, Cm)                                   # (M, 2F) = [gate | up] per row
         s = empty(M, F)
         k_.swiglu_forward(ptr(s), ptr(gu), gu.data_ptr() + 4 * F, M * F, F, 2 * F)
         out = empty(M, Cm).copy_(x2)                                        # x2 + s Wdᵀ
-        _gemm(s, wd, M, Cm, F, out=out, accumulate=True)
+        mm(s, wd, M, Cm, F, out=out, accumulate=True)
         ctx.save_for_backward(x2d, h1, r1, q, k, v, y, lse, x2, h2, r2, gu, s, w_in, wqkv, wo, w_post, wgu, wd,
                               cos, sin, doc_ids)
         ctx.dims = (B, T, Cm, H, Hkv, D, F)
@@ -613,21 +626,22 @@ class _Block(torch.autograd.Function):
         if dout.dtype != torch.float32 or dout.device.type != "cpu":
             raise TypeError(f"block backward: expected a float32 cpu gradient, got {dout.dtype} on {dout.device}")
         k_ = C()
+        mm = functools.partial(_gemm, bf16=ctx.bf16)
         d = dout.reshape(M, Cm).contiguous()                                # (M, C)
         need = ctx.needs_input_grad
         # MLP: out = x2 + swiglu(h2 Wgᵀ, h2 Wuᵀ) Wdᵀ
-        dwd = _gemm(d, s, Cm, F, M, trans_a=True, trans_b=True) if need[9] else None     # (C, F)
-        ds = _gemm(d, wd, M, F, Cm, trans_b=True)                          # (M, F)
+        dwd = mm(d, s, Cm, F, M, trans_a=True, trans_b=True) if need[9] else None     # (C, F)
+        ds = mm(d, wd, M, F, Cm, trans_b=True)                          # (M, F)
         dgu = empty(M, 2 * F)                                               # [dgate | dup] per row
         k_.swiglu_backward(ptr(dgu), dgu.data_ptr() + 4 * F, ptr(ds), ptr(gu), gu.data_ptr() + 4 * F, M * F, F, 2 * F)
-        dwgu = _gemm(dgu, h2, 2 * F, Cm, M, trans_a=True, trans_b=True) if (need[7] or need[8]) else None
-        dh2 = _gemm(dgu, wgu, M, Cm, 2 * F, trans_b=True)                   # (M, C), one GEMM for gate and up
+        dwgu = mm(dgu, h2, 2 * F, Cm, M, trans_a=True, trans_b=True) if (need[7] or need[8]) else None
+        dh2 = mm(dgu, wgu, M, Cm, 2 * F, trans_b=True)                   # (M, C), one GEMM for gate and up
         dx2, dw_post = empty(M, Cm), torch.zeros(Cm)
         k_.rmsnorm_backward(ptr(dx2), ptr(dw_post), ptr(dh2), ptr(x2), ptr(w_post), ptr(r2), M, Cm, ptr(d))
         # attention: x2 = x + attn(rmsnorm(x)) Woᵀ
         y2d = y.view(M, HD)
-        dwo = _gemm(dx2, y2d, Cm, HD, M, trans_a=True, trans_b=True) if need[5] else None  # (C, HD)
-        dy = _gemm(dx2, wo, M, HD, Cm, trans_b=True)                       # (M, HD)
+        dwo = mm(dx2, y2d, Cm, HD, M, trans_a=True, trans_b=True) if need[5] else None  # (C, HD)
+        dy = mm(dx2, wo, M, HD, Cm, trans_b=True)                       # (M, HD)
         dq, dk, dv = empty(*q.shape), empty(*k.shape), empty(*v.shape)
         k_.attention_backward(ptr(dq), ptr(dk), ptr(dv), ptr(dy), ptr(y), ptr(lse), ptr(q), ptr(k), ptr(v),
                               ptr(doc_ids), B, T, H, Hkv, D)
@@ -635,9 +649,9 @@ class _Block(torch.autograd.Function):
         k_.rope_forward(ptr(dqkv), ptr(dq), ptr(cos), ptr(sin), B, T, H, D, 1, 0, N3)
         k_.rope_forward(dqkv.data_ptr() + 4 * HD, ptr(dk), ptr(cos), ptr(sin), B, T, Hkv, D, 1, 0, N3)
         dqkv[:, HD + KD:].copy_(dv.view(M, KD))
-        dwqkv = (_gemm(dqkv, h1, N3, Cm, M, trans_a=True, trans_b=True)     # (N3, C)
+        dwqkv = (mm(dqkv, h1, N3, Cm, M, trans_a=True, trans_b=True)     # (N3, C)
                  if (need[2] or need[3] or need[4]) else None)
-        dh1 = _gemm(dqkv, wqkv, M, Cm, N3, trans_b=True)                    # (M, C), one GEMM for q, k and v
+        dh1 = mm(dqkv, wqkv, M, Cm, N3, trans_b=True)                    # (M, C), one GEMM for q, k and v
         dx, dw_in = empty(M, Cm), torch.zeros(Cm)
         k_.rmsnorm_backward(ptr(dx), ptr(dw_in), ptr(dh1), ptr(x2d), ptr(w_in), ptr(r1), M, Cm, ptr(dx2))
         dq_w = dk_w = dv_w = dg_w = du_w = None

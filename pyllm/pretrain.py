@@ -235,8 +235,6 @@ def train(args) -> dict:
     backend = args.backend or ("pyllm" if device.type == "cpu" else "torch")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "fp32": None,
              "bf16": torch.bfloat16}[args.dtype]
-    if dtype is not None and backend == "pyllm" and device.type == "cpu":
-        raise ValueError("--dtype bf16 on CPU needs --backend torch (pyllm's CPU training kernels are fp32)")
     model = GPT(config, backend=backend)
     step, resume_meta = 0, None
     resume_from = None
@@ -498,7 +496,7 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--backend", choices=("pyllm", "torch"), default=None,
                    help="pyllm kernels or plain torch ops (default: pyllm on CPU, torch on CUDA)")
     g.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="autocast dtype (auto = bf16 on CUDA, fp32 on CPU)")
+                   help="autocast dtype (auto = bf16 on CUDA, fp32 on CPU; bf16 with the pyllm CPU kernels = bf16 GEMM operands, fp32 weights)")
     g.add_argument("--fsdp", action="store_true", help="shard the model with torch FSDP (under torchrun)")
     g.add_argument("--eval-every", type=int, default=250, help="eval val loss + sample every N steps (0 = end only)")
     g.add_argument("--eval-at-start", action="store_true", help="also evaluate before the first step")

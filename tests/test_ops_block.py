@@ -151,6 +151,53 @@ def test_model_pyllm_and_torch_agree_with_docs_and_gqa(rng):
                                    msg=lambda m: f"grad {n}: {m}")
 
 
+class _CountCalls:
+    """Stands in for pyllm._C and counts the calls of each kernel."""
+    def __init__(self, real):
+        self.real, self.n = real, {}
+
+    def __getattr__(self, name):
+        f = getattr(self.real, name)
+        if not callable(f):
+            return f
+
+        def counted(*a):
+            self.n[name] = self.n.get(name, 0) + 1
+            return f(*a)
+        return counted
+
+
+def test_model_bf16_autocast_runs_bf16_gemms(rng, monkeypatch):
+    """Under torch.autocast("cpu", bfloat16) the pyllm model's GEMMs (block and lm head, forward and backward) take
+    bf16 operands: loss and gradients match the torch backend under the same autocast at bf16 tolerance, and every
+    GEMM call goes to matmul_bf16_forward (none without autocast)."""
+    import pyllm._ext as ext
+    c = ModelConfig(vocab_size=61, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=37, max_seq_len=32)
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
+    a = GPT(c, backend="pyllm")
+    b = GPT(c, backend="torch")
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, 61, (3, 19), generator=rng)
+    y = torch.randint(0, 61, (3, 19), generator=rng)
+    d = _docs(3, 19, rng)
+    counter = _CountCalls(ext._C if ext._C is not None else C())
+    monkeypatch.setattr(ext, "_C", counter)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        la, lb = a(x, y, d)[1], b(x, y, d)[1]
+    la.backward()
+    lb.backward()
+    # 2 layers x (4 forward + 8 backward) + lm head (1 + 2)
+    assert counter.n.get("matmul_bf16_forward") == 27 and "matmul_forward" not in counter.n, counter.n
+    torch.testing.assert_close(la, lb.float(), rtol=2e-2, atol=2e-2)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, q.grad.float(), rtol=5e-2, atol=2e-2 * float(q.grad.abs().max()),
+                                   msg=lambda m: f"grad {n}: {m}")
+    counter.n.clear()
+    a(x, y, d)[1].backward()
+    assert "matmul_bf16_forward" not in counter.n and counter.n.get("matmul_forward") == 27, counter.n
+
+
 def test_block_frozen_weights_and_no_grad(rng):
     """needs_input_grad: frozen weights get no gradient, x's gradient is unchanged; no_grad gives the same values."""
     c = ModelConfig(vocab_size=32, dim=32, n_layers=1, n_heads=2, hidden_dim=24, max_seq_len=8)
