@@ -1,0 +1,184 @@
+"""Issue 3's whole benchmark in one run: one table of ratios to the named baseline, each row beside its target and
+the fraction of the floor (FMA peak or copy bandwidth) measured in the same run, for 1 and 2 threads.
+Run: PYTHONPATH=$PWD python benchmarks/bench_issue3.py [--threads 1 2] [--quick] [--out benchmarks/RESULTS.md]
+
+Rows (each timed as in its own script, which says more):
+  fp32 / bf16 matmul, 4 shapes x (x·Wᵀ, dY·W, dYᵀ·X) vs torch (bench_matmul_table.py)   target >= 1.0 / >= 1.2
+  attention fp32 fwd+bwd vs SDPA(is_causal) (bench_attention.py)           >= 1.2 at T=256, >= 1.5 at T >= 1024
+  top-p sampling vs torch's sort recipe, vocab 32000 / 50257, batch 1 / 64 (bench_sample.py)               >= 20
+  training step 6L d384 T256 B8 V8192, each variant in its own process (bench_train_step.py --separate):
+      pyllm fp32 vs torch eager fp32 >= 1.3; pyllm bf16 GEMMs vs torch eager fp32 >= 2.0 (and vs torch autocast)
+A ratio > 1 means pyllm is faster. Timings alternate pyllm and the baseline; medians of the repetitions.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import bench_attention as BA  # noqa: E402
+import bench_matmul_table as BM  # noqa: E402
+import bench_sample as BS  # noqa: E402
+from machine import copy_bandwidth_gbs, fma_peak_gflops  # noqa: E402
+
+from pyllm import ops  # noqa: E402
+from pyllm._ext import C  # noqa: E402
+
+MM_SHAPES = BM.SHAPES  # M x K x N
+
+
+def set_threads(n: int):
+    torch.set_num_threads(n)
+    C().set_threads(n)
+
+
+def verdict(r: float, target: float) -> str:
+    return "met" if r >= target else f"missed ({r / target:.2f} of it)"
+
+
+def matmul_rows(th, peak, reps, dtypes):
+    rows = []
+    for dt in dtypes:
+        tdt = torch.bfloat16 if dt == "bf16" else torch.float32
+        target = 1.2 if dt == "bf16" else 1.0
+        for s in MM_SHAPES:
+            M, K, N = map(int, s.split("x"))
+            x, w, dy = torch.randn(M, K).to(tdt), torch.randn(N, K).to(tdt), torch.randn(M, N).to(tdt)
+            cases = {"x·Wᵀ": (lambda: ops.matmul(x, w), lambda: x @ w.T),
+                     "dY·W": (lambda: ops.matmul(dy, w, trans_b=True), lambda: dy @ w),
+                     "dYᵀ·X": (lambda: ops.matmul(dy, x, trans_a=True, trans_b=True), lambda: dy.T @ x)}
+            for lay, (ours, theirs) in cases.items():
+                a, b = BM.compare(ours, theirs, reps)
+                gf = 2.0 * M * N * K / a / 1e9
+                rows.append((f"{dt} matmul", f"{s} {lay}", th, f"{a * 1e3:.2f} ms", f"{b * 1e3:.2f} ms (torch {dt})",
+                             b / a, target, f"{100 * gf / peak:.0f}% FMA"))
+                print(_fmt(rows[-1]), flush=True)
+    return rows
+
+
+def attention_rows(th, peak, reps):
+    rows = []
+    for B, H, T, D in BA.SHAPES:
+        ours, base, dy, dyt = BA.make(B, H, T, D)
+        to, tb = BA.interleaved(lambda: BA.step_ours(ours, dy), lambda: BA.step_sdpa(base, dyt), reps)
+        gf = BA.flops_fwd_bwd(B, H, T, D) / to / 1e9
+        rows.append(("attention fwd+bwd", f"B{B} H{H} T{T} D{D}", th, f"{to * 1e3:.0f} ms", f"{tb * 1e3:.0f} ms (SDPA)",
+                     tb / to, 1.2 if T <= 256 else 1.5, f"{100 * gf / peak:.0f}% FMA"))
+        print(_fmt(rows[-1]), flush=True)
+    return rows
+
+
+def sample_rows(th, bw, reps):
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for V in (32000, 50257):
+        for B in (1, 64):
+            x = torch.randn(B, V, generator=gen) * 3.0
+            t_torch, t_ours = BS.bench([lambda: BS.torch_top_p(x, 1.0, 0.9, gen),
+                                        lambda: ops.sample(x, 1.0, top_p=0.9, seed=1)], 10, reps)
+            # the floor: reading the logits once from memory
+            frac = B * V * 4 / t_ours / 1e9 / bw
+            rows.append(("top-p sampling", f"V{V} B{B}", th, f"{t_ours * 1e3:.3f} ms", f"{t_torch * 1e3:.3f} ms (sort)",
+                         t_torch / t_ours, 20.0, f"{100 * frac:.0f}% copy BW"))
+            print(_fmt(rows[-1]), flush=True)
+    return rows
+
+
+def step_flops_per_token() -> float:
+    """6 x (matmul weights) per token for forward + backward, plus causal attention (3.5 x 4 x T x D / 2 per head
+    and layer): the work the step has to do, for its fraction of the FMA peak."""
+    from bench_train_step import SHAPES
+    from pyllm.config import ModelConfig
+    from pyllm.model import GPT
+    cfg, B, T = SHAPES["issue3"]
+    m = GPT(ModelConfig(**cfg), backend="torch")
+    w = sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and "embed" not in n)
+    c = m.config
+    return 6.0 * w + c.n_layers * c.n_heads * 3.5 * 4 * T * c.head_dim / 2
+
+
+def step_rows(th, rounds, steps, peak):
+    """Each variant in its own process (bench_train_step.py --child), rounds alternating the order."""
+    names = ["pyllm", "pyllm_bf16", "torch", "torch_bf16"]
+    tps = {k: [] for k in names}
+    for r in range(rounds):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            out = subprocess.run([sys.executable, str(HERE / "bench_train_step.py"), "--child", k, "--threads", str(th),
+                                  "--steps", str(steps)], capture_output=True, text=True, check=True).stdout
+            tps[k].append(float(out.split()[-1]))
+
+    def ratio(a, b):
+        v = sorted(x / y for x, y in zip(tps[a], tps[b]))
+        return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
+
+    def med(k):
+        v = sorted(tps[k])
+        return v[len(v) // 2]
+    fpt = step_flops_per_token()
+    rows = [("training step", "pyllm fp32 vs torch eager fp32", th, f"{med('pyllm'):.0f} tok/s",
+             f"{med('torch'):.0f} tok/s", ratio("pyllm", "torch"), 1.3, f"{100 * med('pyllm') * fpt / 1e9 / peak:.0f}% FMA"),
+            ("training step", "pyllm bf16 GEMMs vs torch eager fp32", th, f"{med('pyllm_bf16'):.0f} tok/s",
+             f"{med('torch'):.0f} tok/s", ratio("pyllm_bf16", "torch"), 2.0, "-"),
+            ("training step", "pyllm bf16 GEMMs vs torch bf16 autocast", th, f"{med('pyllm_bf16'):.0f} tok/s",
+             f"{med('torch_bf16'):.0f} tok/s", ratio("pyllm_bf16", "torch_bf16"), 0.0, "-")]
+    for row in rows:
+        print(_fmt(row), flush=True)
+    return rows
+
+
+HEAD = "| area | case | threads | pyllm | baseline | ratio | target | verdict | pyllm of floor |\n|---|---|---|---|---|---|---|---|---|"
+
+
+def _fmt(row) -> str:
+    area, case, th, ours, base, r, target, frac = row
+    v = verdict(r, target) if target else "(reported)"
+    return f"| {area} | {case} | {th} | {ours} | {base} | {r:.2f}x | {'≥ %.1f' % target if target else '-'} | {v} | {frac} |"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to measure")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and step rounds: an indicative run")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["matmul", "attention", "sample", "step"],
+                    help="areas to leave out")
+    ap.add_argument("--out", default=None, help="append the table, with date and machine, to this markdown file")
+    args = ap.parse_args(argv)
+    reps, rounds, steps = (3, 1, 3) if args.quick else (5, 3, 5)
+    head = (f"bench_issue3.py, {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, {platform.machine()} "
+            f"{os.cpu_count()} CPUs, isa {C().isa_get()}, AMX {C().build_info()['cpu_features']['amx_bf16']}, "
+            f"torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}, medians of {reps}")
+    print(head)
+    lines = []
+    for th in args.threads:
+        set_threads(th)
+        peak, bw = fma_peak_gflops(th), copy_bandwidth_gbs(th)
+        floor = f"threads={th}: fp32 FMA peak {peak:.0f} GFLOP/s, copy bandwidth {bw:.1f} GB/s (measured now)"
+        print(floor + "\n" + HEAD, flush=True)
+        rows = []
+        if "matmul" not in args.skip:
+            rows += matmul_rows(th, peak, reps, ["fp32", "bf16"])
+        if "attention" not in args.skip:
+            rows += attention_rows(th, peak, reps)
+        if "sample" not in args.skip:
+            rows += sample_rows(th, bw, max(reps, 5))
+        if "step" not in args.skip:
+            rows += step_rows(th, rounds, steps, peak)
+        met = sum(1 for r in rows if r[6] and r[5] >= r[6])
+        total = sum(1 for r in rows if r[6])
+        print(f"threads={th}: {met} of {total} targets met\n", flush=True)
+        lines += ["", floor, "", HEAD, *map(_fmt, rows), "", f"{met} of {total} targets met on {th} thread(s)."]
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n### " + head + "\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
