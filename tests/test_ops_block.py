@@ -132,7 +132,8 @@ def test_pool_never_reuses_what_autograd_saved(rng, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=max(1e-5, 2e-5 * float(b.abs().max())))
 
 
-def test_model_pyllm_and_torch_agree_with_docs_and_gqa(rng):
+def _model_pair(rng):
+    """The same small GQA model on the pyllm and torch backends, and a batch (x, y, doc_ids) with ignored targets."""
     c = ModelConfig(vocab_size=61, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=37, max_seq_len=32)
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
     a = GPT(c, backend="pyllm")
@@ -141,7 +142,11 @@ def test_model_pyllm_and_torch_agree_with_docs_and_gqa(rng):
     x = torch.randint(0, 61, (3, 19), generator=rng)
     y = torch.randint(0, 61, (3, 19), generator=rng)
     y[0, :4] = -1
-    d = _docs(3, 19, rng)
+    return a, b, x, y, _docs(3, 19, rng)
+
+
+def test_model_pyllm_and_torch_agree_with_docs_and_gqa(rng):
+    a, b, x, y, d = _model_pair(rng)
     la, lb = a(x, y, d)[1], b(x, y, d)[1]
     la.backward()
     lb.backward()
@@ -172,14 +177,7 @@ def test_model_bf16_autocast_runs_bf16_gemms(rng, monkeypatch):
     bf16 operands: loss and gradients match the torch backend under the same autocast at bf16 tolerance, and every
     GEMM call goes to matmul_bf16_forward (none without autocast)."""
     import pyllm._ext as ext
-    c = ModelConfig(vocab_size=61, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=37, max_seq_len=32)
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
-    a = GPT(c, backend="pyllm")
-    b = GPT(c, backend="torch")
-    b.load_state_dict(a.state_dict())
-    x = torch.randint(0, 61, (3, 19), generator=rng)
-    y = torch.randint(0, 61, (3, 19), generator=rng)
-    d = _docs(3, 19, rng)
+    a, b, x, y, d = _model_pair(rng)
     counter = _CountCalls(ext._C if ext._C is not None else C())
     monkeypatch.setattr(ext, "_C", counter)
     with torch.autocast("cpu", dtype=torch.bfloat16):
