@@ -96,6 +96,29 @@ def _check_sample(logits, temperature, top_k, top_p, min_p, mask, device="cpu"):
     return B, V
 
 
+def _check_attention(q, k, v, doc_ids, device="cpu"):
+    check(q, "attention q", device=device)
+    if q.dim() != 4:
+        raise ValueError(f"attention q: expected shape (B, T, H, D), got {tuple(q.shape)}")
+    B, T, H, D = q.shape
+    dev = _same(q, device)
+    check(k, "attention k", device=dev)
+    if k.dim() != 4:
+        raise ValueError(f"attention k: expected shape (B, T, Hkv, D), got {tuple(k.shape)}")
+    Hkv = k.shape[2]
+    check(k, "attention k", shape=(B, T, Hkv, D), device=dev)
+    check(v, "attention v", shape=(B, T, Hkv, D), device=dev)
+    if min(B, T, H, D, Hkv) == 0:
+        raise ValueError(f"attention q: empty tensor of shape {tuple(q.shape)}")
+    if H % Hkv != 0:
+        raise ValueError(f"attention k: {H} query heads is not a multiple of {Hkv} kv heads")
+    if D > 256:
+        raise ValueError(f"attention q: head dim {D} > 256 is not supported")
+    if doc_ids is not None:
+        check(doc_ids, "attention doc_ids", dtype=torch.int32, shape=(B, T), device=dev)
+    return B, T, H, Hkv, D
+
+
 def _check_decode_attention(q, k_cache, v_cache, n_ctx, device="cpu"):
     check(q, "decode_attention q", device=device)
     if q.dim() != 3:
@@ -503,29 +526,6 @@ class AdamW(torch.optim.Optimizer):
                            group["lr"], group["betas"][0], group["betas"][1], group["eps"], group["weight_decay"], s)
         return loss
 # --- attention (csrc/cpu/impl_attention.h) ------------------------------------------------------------------
-def _check_attention(q, k, v, doc_ids, device="cpu"):
-    check(q, "attention q", device=device)
-    if q.dim() != 4:
-        raise ValueError(f"attention q: expected shape (B, T, H, D), got {tuple(q.shape)}")
-    B, T, H, D = q.shape
-    dev = _same(q, device)
-    check(k, "attention k", device=dev)
-    if k.dim() != 4:
-        raise ValueError(f"attention k: expected shape (B, T, Hkv, D), got {tuple(k.shape)}")
-    Hkv = k.shape[2]
-    check(k, "attention k", shape=(B, T, Hkv, D), device=dev)
-    check(v, "attention v", shape=(B, T, Hkv, D), device=dev)
-    if min(B, T, H, D, Hkv) == 0:
-        raise ValueError(f"attention q: empty tensor of shape {tuple(q.shape)}")
-    if H % Hkv != 0:
-        raise ValueError(f"attention k: {H} query heads is not a multiple of {Hkv} kv heads")
-    if D > 256:
-        raise ValueError(f"attention q: head dim {D} > 256 is not supported")
-    if doc_ids is not None:
-        check(doc_ids, "attention doc_ids", dtype=torch.int32, shape=(B, T), device=dev)
-    return B, T, H, Hkv, D
-
-
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, doc_ids):
