@@ -106,6 +106,8 @@ static void amx_pack_b(uint16_t* d, const uint16_t* B, int ldb, int tb, int c0, 
 }
 
 // C = op(A)·op(B)ᵀ (+bias) or C += ...: A, B raw bf16 bits. Returns 0, or -1 when the scratch cannot be had.
+// A (M, K) row stride lda, or (K, M) if trans_a; B (N, K) row stride ldb, or (K, N) if trans_b; C (M, N) fp32
+// row stride ldc; bias (N) or NULL. T threads (1: the caller's).
 AMX_FN int mm_amx_bf16(const uint16_t* A, int lda, int trans_a, const uint16_t* B, int ldb, int trans_b, float* C,
                        int ldc, const float* bias, int M, int N, int K, int accumulate, int T) {
     const int Kp = (K + 31) / 32 * 32;
@@ -113,7 +115,7 @@ AMX_FN int mm_amx_bf16(const uint16_t* A, int lda, int trans_a, const uint16_t* 
     const size_t a_sz = (size_t)mp * 16 * Kp, b_sz = (size_t)np * 16 * Kp;   // bf16 elements
     uint16_t* Ap = (uint16_t*)aligned_alloc(64, (a_sz + b_sz) * sizeof(uint16_t));
     if (!Ap) return -1;
-    uint16_t* Bp = Ap + a_sz;   // (np, Kp/2, 16, 2)
+    uint16_t* Bp = Ap + a_sz;   // (np, Kp/2, 16, 2); Ap (mp, 16, Kp)
     #pragma omp parallel num_threads(T) if (T > 1)
     {
         #pragma omp for schedule(static) nowait
