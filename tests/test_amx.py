@@ -22,8 +22,15 @@ SHIM = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
+#include "kernels.h"
 #include "simd.h"
-#include "impl_amx.h"
+#include "isa.h"
+const cpu_features* cpu_features_get(void) { static cpu_features f; return &f; }  // no AMX: the shim calls the driver
+void kernels_oom_note(void) {}
+#define KFN(name) name##_emu
+#include "impl_matvec.h"
+#include "impl_matmul.h"
 int emu_gemm(const uint16_t* A, int lda, int ta, const uint16_t* B, int ldb, int tb, float* C, int ldc,
              const float* bias, int M, int N, int K, int acc, int T) {
     return mm_amx_bf16(A, lda, ta, B, ldb, tb, C, ldc, bias, M, N, K, acc, T);

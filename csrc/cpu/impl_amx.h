@@ -10,7 +10,7 @@
 //   C blocks of 32 x 32 = 2 x 2 accumulator tiles (tmm0-3), A tiles tmm4-5, B tiles tmm6-7: 4 TDPBF16PS per
 //   4 tile loads, each 16 x 16 x 32 (16 KFLOP). B is walked in chunks of MM_AMX_NC columns that stay in L2
 //   while the threads split the 32-row A blocks; the accumulators go through a 4 KiB buffer to C (bias, edges).
-// Packing costs (M + N) * K bf16 copies against 2 * M * N * K flops.
+// Packing costs (M + N) * K bf16 copies against 2 * M * N * K flops, into mm_scratch (no allocation per call).
 #if VLEN == 16 && (defined(__x86_64__) || defined(__i386__))
 #define PYLLM_HAVE_AMX 1
 
@@ -113,7 +113,7 @@ AMX_FN int mm_amx_bf16(const uint16_t* A, int lda, int trans_a, const uint16_t* 
     const int Kp = (K + 31) / 32 * 32;
     const int mp = (M + 31) / 32 * 2, np = (N + 31) / 32 * 2;      // 16-row / 16-column panels, even counts
     const size_t a_sz = (size_t)mp * 16 * Kp, b_sz = (size_t)np * 16 * Kp;   // bf16 elements
-    uint16_t* Ap = (uint16_t*)aligned_alloc(64, (a_sz + b_sz) * sizeof(uint16_t));
+    uint16_t* Ap = (uint16_t*)mm_scratch((a_sz + b_sz + 1) / 2);   // the GEMM's reused per-thread scratch
     if (!Ap) return -1;
     uint16_t* Bp = Ap + a_sz;   // (np, Kp/2, 16, 2); Ap (mp, 16, Kp)
     #pragma omp parallel num_threads(T) if (T > 1)
@@ -164,7 +164,6 @@ AMX_FN int mm_amx_bf16(const uint16_t* A, int lda, int trans_a, const uint16_t* 
         }
         AMX_RELEASE();
     }
-    free(Ap);
     return 0;
 }
 #endif
