@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import platform
-import subprocess
+import statistics
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ sys.path.insert(0, str(HERE))
 import bench_attention as BA  # noqa: E402
 import bench_matmul_table as BM  # noqa: E402
 import bench_sample as BS  # noqa: E402
+import bench_train_step as BT  # noqa: E402
 from machine import copy_bandwidth_gbs, fma_peak_gflops  # noqa: E402
 
 from pyllm import ops  # noqa: E402
@@ -95,10 +97,9 @@ def sample_rows(th, bw, reps):
 def step_flops_per_token() -> float:
     """6 x (matmul weights) per token for forward + backward, plus causal attention (3.5 x 4 x T x D / 2 per head
     and layer): the work the step has to do, for its fraction of the FMA peak."""
-    from bench_train_step import SHAPES
     from pyllm.config import ModelConfig
     from pyllm.model import GPT
-    cfg, B, T = SHAPES["issue3"]
+    cfg, B, T = BT.SHAPES["issue3"]
     m = GPT(ModelConfig(**cfg), backend="torch")
     w = sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and "embed" not in n)
     c = m.config
@@ -106,22 +107,12 @@ def step_flops_per_token() -> float:
 
 
 def step_rows(th, rounds, steps, peak):
-    """Each variant in its own process (bench_train_step.py --child), rounds alternating the order."""
-    names = ["pyllm", "pyllm_bf16", "torch", "torch_bf16"]
-    tps = {k: [] for k in names}
-    for r in range(rounds):
-        for k in (names if r % 2 == 0 else names[::-1]):
-            out = subprocess.run([sys.executable, str(HERE / "bench_train_step.py"), "--child", k, "--threads", str(th),
-                                  "--steps", str(steps)], capture_output=True, text=True, check=True).stdout
-            tps[k].append(float(out.split()[-1]))
-
-    def ratio(a, b):
-        v = sorted(x / y for x, y in zip(tps[a], tps[b]))
-        return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
+    """Each variant in its own process (bench_train_step.run_separate), rounds alternating the order."""
+    tps = BT.run_separate(th, rounds, steps)
+    ratio = functools.partial(BT.paired_ratio, tps)
 
     def med(k):
-        v = sorted(tps[k])
-        return v[len(v) // 2]
+        return statistics.median(tps[k])
     fpt = step_flops_per_token()
     rows = [("training step", "pyllm fp32 vs torch eager fp32", th, f"{med('pyllm'):.0f} tok/s",
              f"{med('torch'):.0f} tok/s", ratio("pyllm", "torch"), 1.3, f"{100 * med('pyllm') * fpt / 1e9 / peak:.0f}% FMA"),

@@ -81,7 +81,7 @@ def main():
     ap.add_argument("--kernels", action="store_true", help="also print the per-kernel time of a pyllm step")
     ap.add_argument("--separate", type=int, default=0, metavar="R",
                     help="run each variant in its own process, R rounds in alternating order (0: one process)")
-    ap.add_argument("--child", choices=["pyllm", "pyllm_bf16", "torch", "torch_bf16"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     cfg, B, T = SHAPES[args.shape]
     g = torch.Generator().manual_seed(0)
@@ -135,31 +135,40 @@ def main():
             print(flush=True)
 
 
+VARIANTS = ["pyllm", "pyllm_bf16", "torch", "torch_bf16"]
+
+
+def run_separate(threads: int, rounds: int, steps: int, shape: str = "issue3") -> dict[str, list[float]]:
+    """tok/s of each variant, each run in a fresh process, `rounds` times with the order reversed every other round."""
+    tps = {k: [] for k in VARIANTS}
+    for r in range(rounds):
+        for k in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
+            out = subprocess.run([sys.executable, __file__, "--child", k, "--threads", str(threads), "--steps",
+                                  str(steps), "--shape", shape], capture_output=True, text=True, check=True).stdout
+            tps[k].append(float(out.split()[-1]))
+    return tps
+
+
+def paired_ratio(tps: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of variant a's tok/s over variant b's in the same round."""
+    return statistics.median(x / y for x, y in zip(tps[a], tps[b]))
+
+
 def separate(args):
     """Each variant in a fresh process, R rounds, the order reversed every other round; medians and paired ratios."""
-    names = ["pyllm", "pyllm_bf16", "torch", "torch_bf16"]
     print(f"separate processes, {args.separate} rounds: tok/s medians; ratios the median of the per-round ratios")
     print("| threads | pyllm fp32 tok/s | pyllm bf16 GEMMs tok/s | torch eager fp32 tok/s | torch bf16 autocast tok/s |"
           " pyllm / torch fp32 | pyllm / torch bf16 | pyllm bf16 / torch fp32 | pyllm bf16 / torch bf16 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for th in args.threads:
-        tps = {k: [] for k in names}
-        for r in range(args.separate):
-            for k in (names if r % 2 == 0 else names[::-1]):
-                out = subprocess.run([sys.executable, __file__, "--child", k, "--threads", str(th), "--steps",
-                                      str(args.steps), "--shape", args.shape], capture_output=True, text=True,
-                                     check=True).stdout
-                tps[k].append(float(out.split()[-1]))
+        tps = run_separate(th, args.separate, args.steps, args.shape)
         med = {k: statistics.median(v) for k, v in tps.items()}
-        def ratio(a, b):
-            return statistics.median(x / y for x, y in zip(tps[a], tps[b]))
-        r32, r16 = ratio("pyllm", "torch"), ratio("pyllm", "torch_bf16")
-        b32, b16 = ratio("pyllm_bf16", "torch"), ratio("pyllm_bf16", "torch_bf16")
+        r32, r16 = paired_ratio(tps, "pyllm", "torch"), paired_ratio(tps, "pyllm", "torch_bf16")
+        b32, b16 = paired_ratio(tps, "pyllm_bf16", "torch"), paired_ratio(tps, "pyllm_bf16", "torch_bf16")
         print(f"| {th} | {med['pyllm']:.0f} | {med['pyllm_bf16']:.0f} | {med['torch']:.0f} | {med['torch_bf16']:.0f} | "
               f"{r32:.2f}x | {r16:.2f}x | {b32:.2f}x | {b16:.2f}x |"
               f"   per round vs fp32: {' '.join(f'{a / b:.2f}' for a, b in zip(tps['pyllm'], tps['torch']))}",
               flush=True)
-
 
 if __name__ == "__main__":
     main()
