@@ -592,7 +592,7 @@ class _Block(torch.autograd.Function):
         h1, r1 = empty(M, Cm), torch.empty(M)
         k_.rmsnorm_forward(ptr(h1), ptr(r1), ptr(x2d), ptr(w_in), M, Cm, float(eps))
         wqkv = torch.cat((wq, wk, wv))                                      # (N3, C)
-        qkv = mm(h1, wqkv, M, N3, Cm)                                    # (M, N3) = [q | k | v] per row
+        qkv = mm(h1, wqkv, M, N3, Cm)                                       # (M, N3) = [q | k | v] per row
         q, k = empty(B, T, H, D), empty(B, T, Hkv, D)
         k_.rope_forward(ptr(q), ptr(qkv), ptr(cos), ptr(sin), B, T, H, D, 0, N3, 0)
         k_.rope_forward(ptr(k), qkv.data_ptr() + 4 * HD, ptr(cos), ptr(sin), B, T, Hkv, D, 0, N3, 0)
@@ -606,7 +606,7 @@ class _Block(torch.autograd.Function):
         h2, r2 = empty(M, Cm), torch.empty(M)
         k_.rmsnorm_forward(ptr(h2), ptr(r2), ptr(x2), ptr(w_post), M, Cm, float(eps))
         wgu = torch.cat((wg, wu))                                           # (2F, C)
-        gu = mm(h2, wgu, M, 2 * F, Cm)                                   # (M, 2F) = [gate | up] per row
+        gu = mm(h2, wgu, M, 2 * F, Cm)                                      # (M, 2F) = [gate | up] per row
         s = empty(M, F)
         k_.swiglu_forward(ptr(s), ptr(gu), gu.data_ptr() + 4 * F, M * F, F, 2 * F)
         out = empty(M, Cm).copy_(x2)                                        # x2 + s Wdᵀ
@@ -630,18 +630,18 @@ class _Block(torch.autograd.Function):
         d = dout.reshape(M, Cm).contiguous()                                # (M, C)
         need = ctx.needs_input_grad
         # MLP: out = x2 + swiglu(h2 Wgᵀ, h2 Wuᵀ) Wdᵀ
-        dwd = mm(d, s, Cm, F, M, trans_a=True, trans_b=True) if need[9] else None     # (C, F)
-        ds = mm(d, wd, M, F, Cm, trans_b=True)                          # (M, F)
+        dwd = mm(d, s, Cm, F, M, trans_a=True, trans_b=True) if need[9] else None        # (C, F)
+        ds = mm(d, wd, M, F, Cm, trans_b=True)                             # (M, F)
         dgu = empty(M, 2 * F)                                               # [dgate | dup] per row
         k_.swiglu_backward(ptr(dgu), dgu.data_ptr() + 4 * F, ptr(ds), ptr(gu), gu.data_ptr() + 4 * F, M * F, F, 2 * F)
         dwgu = mm(dgu, h2, 2 * F, Cm, M, trans_a=True, trans_b=True) if (need[7] or need[8]) else None
-        dh2 = mm(dgu, wgu, M, Cm, 2 * F, trans_b=True)                   # (M, C), one GEMM for gate and up
+        dh2 = mm(dgu, wgu, M, Cm, 2 * F, trans_b=True)                      # (M, C), one GEMM for gate and up
         dx2, dw_post = empty(M, Cm), torch.zeros(Cm)
         k_.rmsnorm_backward(ptr(dx2), ptr(dw_post), ptr(dh2), ptr(x2), ptr(w_post), ptr(r2), M, Cm, ptr(d))
         # attention: x2 = x + attn(rmsnorm(x)) Woᵀ
         y2d = y.view(M, HD)
-        dwo = mm(dx2, y2d, Cm, HD, M, trans_a=True, trans_b=True) if need[5] else None  # (C, HD)
-        dy = mm(dx2, wo, M, HD, Cm, trans_b=True)                       # (M, HD)
+        dwo = mm(dx2, y2d, Cm, HD, M, trans_a=True, trans_b=True) if need[5] else None     # (C, HD)
+        dy = mm(dx2, wo, M, HD, Cm, trans_b=True)                          # (M, HD)
         dq, dk, dv = empty(*q.shape), empty(*k.shape), empty(*v.shape)
         k_.attention_backward(ptr(dq), ptr(dk), ptr(dv), ptr(dy), ptr(y), ptr(lse), ptr(q), ptr(k), ptr(v),
                               ptr(doc_ids), B, T, H, Hkv, D)
@@ -649,9 +649,9 @@ class _Block(torch.autograd.Function):
         k_.rope_forward(ptr(dqkv), ptr(dq), ptr(cos), ptr(sin), B, T, H, D, 1, 0, N3)
         k_.rope_forward(dqkv.data_ptr() + 4 * HD, ptr(dk), ptr(cos), ptr(sin), B, T, Hkv, D, 1, 0, N3)
         dqkv[:, HD + KD:].copy_(dv.view(M, KD))
-        dwqkv = (mm(dqkv, h1, N3, Cm, M, trans_a=True, trans_b=True)     # (N3, C)
+        dwqkv = (mm(dqkv, h1, N3, Cm, M, trans_a=True, trans_b=True)        # (N3, C)
                  if (need[2] or need[3] or need[4]) else None)
-        dh1 = mm(dqkv, wqkv, M, Cm, N3, trans_b=True)                    # (M, C), one GEMM for q, k and v
+        dh1 = mm(dqkv, wqkv, M, Cm, N3, trans_b=True)                       # (M, C), one GEMM for q, k and v
         dx, dw_in = empty(M, Cm), torch.zeros(Cm)
         k_.rmsnorm_backward(ptr(dx), ptr(dw_in), ptr(dh1), ptr(x2d), ptr(w_in), ptr(r1), M, Cm, ptr(dx2))
         dq_w = dk_w = dv_w = dg_w = du_w = None
