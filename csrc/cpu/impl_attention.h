@@ -13,8 +13,12 @@
 
 #include <immintrin.h>  // x86-64 only: SSE2 on the portable path, AVX2/FMA/AVX-512 where the path enables them
 
+#ifndef ATT_BR
 #define ATT_BR 64  // query rows per tile (multiple of 2*VLEN on every path; 128 measured no better)
+#endif
+#ifndef ATT_BC
 #define ATT_BC 64  // keys per tile
+#endif
 #define ATT_DMAX 256  // largest head dim (decode keeps one (D) accumulator on the stack)
 #if VLEN == 16
 #define ATT_MR 8   // register tile of att_mm: ATT_MR rows x 2 vectors (16 accumulators of 32 zmm)
@@ -88,7 +92,8 @@ static inline __attribute__((always_inline)) void att_mm_core(float* C, long ldc
 #if VLEN == 16
     if (N % (4 * VLEN) == 0) {
         for (int n = 0; n < N; n += 4 * VLEN) {
-            for (m = 0; m + 6 <= M; m += 6) ATT_MM4(6)
+            const int m6 = M % 6 == 2 && M >= 8 ? M - 8 : M;   // 32 = 4x6 + 2x4 rows, not 5x6 + 2x1
+            for (m = 0; m + 6 <= m6; m += 6) ATT_MM4(6)
             for (; m + 4 <= M; m += 4) ATT_MM4(4)
             for (; m < M; m++) ATT_MM4(1)
         }
