@@ -53,8 +53,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         rc = args._module.main(args)
-    except (CLIError, FileNotFoundError, ValueError) as e:
+    except (CLIError, ValueError) as e:
         print(f"pyllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # FileNotFoundError, or a path the user gave: --out is a file, a directory, no permission
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 else e.filename
+        msg = f"{where}: {e.strerror}" if where and e.strerror else str(e)
+        if isinstance(e, FileExistsError):  # mkdir(exist_ok=True) of an --out that is a file
+            msg += " and is not a directory"
+        print(f"pyllm {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pyllm {args.command}: interrupted", file=sys.stderr)

@@ -34,15 +34,19 @@ def read_jsonl(path, parse, skip_bad: bool = False, what: str = "data") -> tuple
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: {what} file not found")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, expected a JSONL {what} file")
     out, skipped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # bytes, so a non-UTF-8 line is a file:line error like any other bad line
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise BadLine(f"{where}: not valid UTF-8 (byte {e.start})") from None
                 except json.JSONDecodeError as e:
                     raise BadLine(f"{where}: not valid JSON ({e.msg})") from None
                 if not isinstance(obj, dict):
@@ -418,6 +422,24 @@ def add_common_args(p, lora: bool = True):
                             "up_proj,down_proj)")
 
 
+# the smallest value each count flag can run with (getattr: a stage without the flag skips it)
+MIN_FLAGS = {"batch_size": 1, "steps": 0, "warmup_steps": 0, "eval_every": 1, "save_every": 1, "log_every": 1,
+             "seq_len": 0, "num_samples": 0, "max_new_tokens": 1, "ppo_epochs": 1, "minibatches": 1}
+
+
+def check_common_args(args):
+    """Every stage calls this first: a flag value it cannot run with is a one-line error naming the flag, not a
+    ZeroDivisionError mid-run or a run that silently trains nothing."""
+    for name, lo in MIN_FLAGS.items():
+        v = getattr(args, name, None)
+        if v is not None and v < lo:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
+    if not args.epochs > 0:
+        raise ValueError(f"--epochs must be > 0, got {args.epochs}")
+    if not 0 <= args.eval_frac < 1:
+        raise ValueError(f"--eval-frac must be in [0, 1), got {args.eval_frac}")
+
+
 def prepare_model(args, dist: "Dist", resume_dir=None):
     """Load --model (or the resume checkpoint) onto the device and add LoRA adapters when asked."""
     from .lora import apply_lora, load_adapter
@@ -501,6 +523,7 @@ def eval_loss(model, rows, device, batch_size: int) -> float:
 
 
 def main(args) -> int:
+    check_common_args(args)
     dist = Dist(args.device)
     torch.manual_seed(args.seed)
     st = resume_state(args)
