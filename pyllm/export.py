@@ -281,6 +281,9 @@ def main(args) -> int:
     except ImportError as e:
         raise ValueError(f"cannot load checkpoints in this build ({e})") from None
     model, tok = load_checkpoint(str(ckpt))
+    if tok is not None and tok.vocab_size != model.config.vocab_size:  # pyllm-run would refuse the pair later
+        raise ValueError(f"{ckpt}: tokenizer.json has {tok.vocab_size} tokens but config.json's vocab_size is "
+                         f"{model.config.vocab_size} (pyllm-run needs them equal: wrong tokenizer?)")
     gs = args.group_size if args.group_size is not None else auto_group_size(model.config)
     paths = export(model.state_dict(), model.config, args.out, args.format, args.quantize, gs,
                    args.llama2c_version, tok)

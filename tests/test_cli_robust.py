@@ -138,3 +138,12 @@ def test_score_out_is_a_directory_leaves_no_tmp(base, tmp_path, capsys):
     assert cli(["score", "--reward-model", str(rm), "--data", str(prefs), "--device", "cpu", "--out", str(d)]) == 2
     assert "Is a directory" in one_line_error(capsys, "score")  # was IsADirectoryError with a traceback
     assert not (tmp_path / "scores.tmp").exists()
+
+
+def test_export_refuses_a_tokenizer_of_another_vocab(tmp_path, capsys):
+    """Was: model.bin + tokenizer.bin written, then every pyllm-run call failed with 'wrong tokenizer?'."""
+    ck = tiny_checkpoint(tmp_path / "ck", vocab_size=300)  # byte-level tokenizer: 262 tokens
+    assert cli(["export", "--checkpoint", str(ck), "--out", str(tmp_path / "run")]) == 2
+    err = one_line_error(capsys, "export")
+    assert f"{ck}: tokenizer.json has 262 tokens but config.json's vocab_size is 300" in err, err
+    assert not (tmp_path / "run" / "model.bin").exists()
