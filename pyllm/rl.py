@@ -42,8 +42,8 @@ from torch.nn.utils import parametrize
 
 from .reward import pad_batch, pad_id_of
 from .sft import (BadLine, Bar, Dist, Metrics, add_common_args, as_messages, check_common_args, check_messages,
-                  clip_and_step, load_optimizer_tensors, load_policy, make_optimizer, prepare_model, read_jsonl,
-                  render_checked, resume_state, save_stage, set_lr, lr_at, step_items)
+                  check_same_tokenizer, clip_and_step, load_optimizer_tensors, load_policy, make_optimizer,
+                  prepare_model, read_jsonl, render_checked, resume_state, save_stage, set_lr, lr_at, step_items)
 
 VALUE_FILE = "value_head.safetensors"
 PASS_RATE_KEY = "hard_prompts.pass_rate"   # in trainer_state.safetensors: (n_prompts) fp32
@@ -368,7 +368,8 @@ def main(args) -> int:
     rm = None
     if args.reward_model:
         from .reward import load_reward_model
-        rm, _ = load_reward_model(args.reward_model, dist.device, args.tokenizer)
+        rm, rm_tok = load_reward_model(args.reward_model, dist.device, args.tokenizer)
+        check_same_tokenizer(tok, rm_tok, args.reward_model, "reward model")
         rm.eval().requires_grad_(False)
     fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     k = args.num_samples or (1 if args.algo == "ppo" else 4)

@@ -308,6 +308,15 @@ def load_policy(model_dir, device, tokenizer_path=None):
     return model.to(device), tok
 
 
+def check_same_tokenizer(tok, other, path, what: str):
+    """A second model fed the policy's token ids (DPO's reference, RL's reward model) must share its tokenizer, else
+    it silently reads them as other tokens."""
+    from .data import tokenizer_hash
+    if tokenizer_hash(other) != tokenizer_hash(tok):
+        raise ValueError(f"{path}: the {what}'s tokenizer differs from the policy's ({other.vocab_size} vs "
+                         f"{tok.vocab_size} tokens); it would read the policy's token ids as other tokens")
+
+
 def plain_copy(model: nn.Module) -> nn.Module:
     """A plain GPT with the same (LoRA-merged) weights, on CPU: what checkpoints and references are made from."""
     from .lora import has_lora, merged_state_dict

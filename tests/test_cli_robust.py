@@ -147,3 +147,29 @@ def test_export_refuses_a_tokenizer_of_another_vocab(tmp_path, capsys):
     err = one_line_error(capsys, "export")
     assert f"{ck}: tokenizer.json has 262 tokens but config.json's vocab_size is 300" in err, err
     assert not (tmp_path / "run" / "model.bin").exists()
+
+
+def test_second_model_with_another_tokenizer(base, tmp_path, capsys):
+    """DPO's --ref-model / RL's --reward-model read the policy's token ids: with another tokenizer they ran and
+    silently scored other tokens."""
+    from pyllm.checkpoint import save_checkpoint
+    from pyllm.tokenizer import Tokenizer
+    from chat_util import tiny_model
+    tok = Tokenizer.train(iterator=["the cat sat on the mat. " * 50], vocab_size=280)
+    model, _ = tiny_model(vocab_size=tok.vocab_size, max_seq_len=48)
+    other = save_checkpoint(tmp_path / "other", model, tok)
+    prefs = write_jsonl(tmp_path / "p.jsonl", [GOOD_PREF] * 4)
+    assert cli(["dpo", "--model", str(base), "--ref-model", str(other), "--data", str(prefs), "--steps", "1",
+                "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
+    err = one_line_error(capsys, "dpo")
+    want = f"{other}: the reference model's tokenizer differs from the policy's ({tok.vocab_size} vs 262 tokens)"
+    assert want in err, err
+    assert cli(["reward", "--model", str(other), "--data", str(prefs), "--steps", "1", "--batch-size", "2",
+                "--eval-frac", "0", "--device", "cpu", "--out", str(tmp_path / "rm")]) == 0
+    capsys.readouterr()
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi"}] * 2)
+    assert cli(["rl", "--policy", str(base), "--reward-model", str(tmp_path / "rm"), "--prompts", str(prompts),
+                "--steps", "1", "--batch-size", "2", "--max-new-tokens", "2", "--device", "cpu",
+                "--out", str(tmp_path / "o")]) == 2
+    assert "the reward model's tokenizer differs from the policy's" in one_line_error(capsys, "rl")
+    assert not (tmp_path / "o").exists()
