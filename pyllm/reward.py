@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .sft import (BadLine, Bar, Dist, Metrics, add_common_args, as_messages, check_common_args, clip_and_step,
-                  load_optimizer_tensors, lr_at, make_optimizer, prepare_model, read_jsonl, render_checked, resume_state,
-                  save_stage, set_lr, split_eval, step_items)
+                  load_optimizer_tensors, lr_at, make_optimizer, prepare_model, read_jsonl, render_checked,
+                  resume_state, save_stage, set_lr, split_eval, step_items)
 
 HEAD_FILE = "reward_head.safetensors"
 
