@@ -520,6 +520,16 @@ def main(args) -> int:
             raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
     if args.warmup_steps < 0 or args.lr <= 0:
         raise ValueError("--warmup-steps must be >= 0 and --lr > 0")
+    # a negative period made `step % n == 0` true every step (an eval / a checkpoint per step), not "off"
+    for k in ("eval_every", "checkpoint_every", "eval_batches", "sample_tokens", "stop_at"):
+        if getattr(args, k) < 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= 0 (0 = off), got {getattr(args, k)}")
+    if args.depth is not None and args.depth <= 0:  # was silently replaced by the default depth 4
+        raise ValueError(f"--depth must be positive, got {args.depth}")
+    if not 0 <= args.min_lr_frac <= 1:
+        raise ValueError(f"--min-lr-frac must be in [0, 1], got {args.min_lr_frac}")
+    if not args.tokens_per_param > 0:
+        raise ValueError(f"--tokens-per-param must be > 0, got {args.tokens_per_param}")
     try:
         train(args)
     finally:

@@ -124,6 +124,16 @@ def test_cli_help_and_bad_flags(data_dir, capsys):
     assert "not a multiple" in capsys.readouterr().err
     assert cli(["pretrain", "--data", str(data_dir.parent)]) == 2
     assert "not a prepared data directory" in capsys.readouterr().err
+    # were accepted: a negative period evaluated / checkpointed every step, --depth 0 became depth 4
+    for flag, value, want in (("--eval-every", "-1", "--eval-every must be >= 0"),
+                              ("--checkpoint-every", "-1", "--checkpoint-every must be >= 0"),
+                              ("--sample-tokens", "-3", "--sample-tokens must be >= 0"),
+                              ("--depth", "0", "--depth must be positive"),
+                              ("--min-lr-frac", "5", "--min-lr-frac must be in [0, 1]"),
+                              ("--tokens-per-param", "-1", "--tokens-per-param must be > 0")):
+        assert cli(["pretrain", "--data", str(data_dir), flag, value]) == 2, flag
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and want in err[0], err
 
 
 def _free_port() -> int:
