@@ -207,9 +207,17 @@ def read_manifest(data_dir) -> dict:
     if not p.is_file():
         raise FileNotFoundError(f"{data_dir}: no {MANIFEST} (not a prepared data directory; run `pyllm prepare`)")
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: corrupt manifest ({e.msg})") from None
+        m = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: corrupt manifest ({getattr(e, 'msg', e)})") from None
+    # the fields every reader indexes: a hand-edited or foreign manifest is one error, not a KeyError later
+    shard_keys = {"file", "split", "n_tokens", "doc_end"}
+    if (not isinstance(m, dict) or not {"tokenizer_hash", "vocab_size", "bos_id", "shards"} <= set(m)
+            or not isinstance(m["shards"], list)
+            or not all(isinstance(sh, dict) and shard_keys <= set(sh) for sh in m["shards"])):
+        raise ValueError(f"{p}: corrupt manifest (expected an object with tokenizer_hash, vocab_size, bos_id and a "
+                         f"shards list of {{{', '.join(sorted(shard_keys))}}}); rerun `pyllm prepare --overwrite`")
+    return m
 
 
 class TokenStream:

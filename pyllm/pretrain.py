@@ -190,7 +190,13 @@ def load_resume(path: Path, config: ModelConfig):
     tj = path / "trainer_state.json"
     if not tj.is_file():
         raise FileNotFoundError(f"{path}: no trainer_state.json (not a pretrain checkpoint)")
-    meta = json.loads(tj.read_text())
+    try:
+        meta = json.loads(tj.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{tj}: corrupt trainer state ({getattr(e, 'msg', e)})") from None
+    need = ("param_groups", "scalars", "shapes", "step", "loader", "config")
+    if not isinstance(meta, dict) or not set(need) <= set(meta) or not isinstance(meta["config"], dict):
+        raise ValueError(f"{tj}: corrupt trainer state (expected an object with {', '.join(need)})")
     if meta["config"] != config.to_dict():
         diff = {k: (meta["config"].get(k), v) for k, v in config.to_dict().items() if meta["config"].get(k) != v}
         raise ValueError(f"{path}: checkpoint is a different model shape (checkpoint vs this run: "

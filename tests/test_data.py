@@ -133,6 +133,22 @@ def test_malformed_jsonl(tmp_path, capsys):
     assert man["stats"]["bad_lines"] == 3 and man["stats"]["docs"] == 2
 
 
+def test_corrupt_manifest(tmp_path):
+    """A manifest that is JSON but not one (a list, a missing key, a shard entry without its fields) was a
+    TypeError/KeyError traceback from pretrain; now one error naming the file, from every reader."""
+    (tmp_path / "in.txt").write_text("hello world")
+    d = tmp_path / "d"
+    prepare([str(tmp_path / "in.txt")], d, byte_level=True, val_fraction=0, workers=1)
+    good = json.loads((d / "manifest.json").read_text())
+    for bad in ([], {k: v for k, v in good.items() if k != "shards"}, {**good, "shards": [{"file": "x.bin"}]},
+                {**good, "shards": "train_00000.bin"}):
+        (d / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=r"manifest.json: corrupt manifest \(expected an object"):
+            D.TokenStream(d, "train")
+        with pytest.raises(ValueError, match=r"manifest.json: corrupt manifest"):
+            prepare([str(tmp_path / "in.txt")], d, byte_level=True, val_fraction=0, workers=1)
+
+
 def test_empty_files_and_invalid_utf8(tmp_path):
     d = tmp_path / "in"
     d.mkdir()
