@@ -173,3 +173,19 @@ def test_second_model_with_another_tokenizer(base, tmp_path, capsys):
                 "--out", str(tmp_path / "o")]) == 2
     assert "the reward model's tokenizer differs from the policy's" in one_line_error(capsys, "rl")
     assert not (tmp_path / "o").exists()
+
+
+def test_resume_with_a_corrupt_trainer_state(base, tmp_path, capsys):
+    """Was a bare JSON message without the file, or a TypeError/KeyError traceback."""
+    data = write_jsonl(tmp_path / "s.jsonl", [GOOD_SFT] * 4)
+    out = tmp_path / "o"
+    args = ["sft", "--model", str(base), "--data", str(data), "--eval-frac", "0", "--steps", "2", "--device", "cpu",
+            "--out", str(out)]
+    assert cli(args[:-5] + ["1", *args[-4:]]) == 0
+    capsys.readouterr()
+    tj = out / "trainer_state.json"
+    for text, want in (("{bad", "corrupt trainer state (Expecting"), ("[1]", "corrupt trainer state (expected an"),
+                       ('{"step": 1}', "corrupt trainer state (expected an")):
+        tj.write_text(text)
+        assert cli(args + ["--resume"]) == 2
+        assert f"{tj}: {want}" in one_line_error(capsys, "sft")
