@@ -189,3 +189,12 @@ def test_resume_with_a_corrupt_trainer_state(base, tmp_path, capsys):
         tj.write_text(text)
         assert cli(args + ["--resume"]) == 2
         assert f"{tj}: {want}" in one_line_error(capsys, "sft")
+
+
+def test_unknown_flag_names_the_subcommand(capsys):
+    """Was the top-level `usage: pyllm [-h] [--version] <command> ...` and `pyllm: error:` for a subcommand's flag."""
+    with pytest.raises(SystemExit) as e:
+        cli(["export", "--checkpoint", "x", "--out", "y", "--frob", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[0].startswith("usage: pyllm export")
+    assert err[-1] == "pyllm export: error: unrecognized arguments: --frob 1"
