@@ -307,3 +307,17 @@ def test_cli_help_and_bad_flags(capsys):
     assert cli(["prepare", "--input", "/nonexistent/x.txt"]) == 2
     assert capsys.readouterr().err.strip() == \
         "pyllm prepare: error: /nonexistent/x.txt: no such file, and no file matches it as a glob"
+
+
+def test_doc_sep_escapes_and_non_ascii(tmp_path, capsys):
+    """A non-ASCII --doc-sep was decoded to mojibake (never matched: one document); a bad escape was the codec's
+    message without the flag."""
+    (tmp_path / "in.txt").write_text("alpha 東 beta 東 gamma")
+    assert cli(["prepare", "--input", str(tmp_path / "in.txt"), "--byte-level", "--workers", "1", "--val-fraction",
+                "0", "--doc-sep", " 東 ", "--out", str(tmp_path / "d")]) == 0
+    assert json.loads((tmp_path / "d" / "manifest.json").read_text())["stats"]["docs"] == 3
+    capsys.readouterr()
+    assert cli(["prepare", "--input", str(tmp_path / "in.txt"), "--byte-level", "--doc-sep", "\\x",
+                "--out", str(tmp_path / "d2")]) == 2
+    want = "pyllm prepare: error: --doc-sep '\\\\x': bad escape (truncated \\xXX escape)"
+    assert capsys.readouterr().err.strip() == want
