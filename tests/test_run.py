@@ -201,6 +201,23 @@ def test_sampler(tmp_path, rng):
         assert runtime.sample(logits, 1.0, float(p[nucleus_top]) * 0.5, 0, seed=1) == nucleus_top
 
 
+def test_sampler_rejects_bad_arguments(rng):
+    """runtime.sample passed anything to the C sampler: a negative temperature or top_p > 1 sampled, a 2-D array was
+    flattened, a negative seed or huge top_k was cffi's OverflowError; all -inf said 'NaN'."""
+    logits = torch.randn(50, generator=rng).numpy()
+    for kw, want in (({"temperature": -1.0}, "temperature must be a finite number >= 0"),
+                     ({"temperature": float("inf")}, "temperature must be"),
+                     ({"top_p": 2.0}, r"top_p must be in \(0, 1\]"), ({"top_p": 0.0}, "top_p must be"),
+                     ({"top_k": -5}, "top_k must be"), ({"top_k": 2 ** 40}, "top_k must be"),
+                     ({"seed": -1}, "seed must be in")):
+        with pytest.raises(ValueError, match=want):
+            runtime.sample(logits, **kw)
+    with pytest.raises(ValueError, match=r"expected non-empty 1-D logits \(n,\), got shape \(5, 10\)"):
+        runtime.sample(logits.reshape(5, 10))
+    with pytest.raises(ValueError, match="no finite logit"):
+        runtime.sample(np.full(8, -np.inf, np.float32))
+
+
 def test_export_writes_atomically_and_rejects_bad_args(tmp_path, rng):
     c = tiny_config()
     sd = random_state_dict(c, rng)
