@@ -87,7 +87,7 @@ def main(args) -> int:
         raise ValueError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
     dist = Dist(args.device)
     torch.manual_seed(args.seed)
-    st = resume_state(args)
+    st = resume_state(args, "dpo")
     policy, tok = prepare_model(args, dist, args.out if st else None)
     ref, ref_tok = load_policy(args.ref_model or args.model, dist.device, args.tokenizer)
     check_same_tokenizer(tok, ref_tok, args.ref_model or args.model, "reference model")

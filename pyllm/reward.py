@@ -161,7 +161,7 @@ def pair_training_setup(args, dist, module, st, load_pairs, tok, T: int, default
     opt = make_optimizer(module.parameters(), lr, args.weight_decay, device=dist.device)
     step = 0
     if st:
-        load_optimizer_tensors(opt, st[1], st[0]["optimizer"])
+        load_optimizer_tensors(opt, st[1], st[0]["optimizer"], f"{args.out}/trainer_state.safetensors")
         step = st[0]["step"]
     return train, ev, per_step, steps, lr, opt, step
 
@@ -170,7 +170,7 @@ def main(args) -> int:
     check_common_args(args)
     dist = Dist(args.device)
     torch.manual_seed(args.seed)
-    st = resume_state(args)
+    st = resume_state(args, "reward")
     model, tok = prepare_model(args, dist, args.out if st else None)
     rm = RewardModel(model).to(dist.device)
     if st:

@@ -356,7 +356,7 @@ def main(args) -> int:
     dist = Dist(args.device)
     torch.manual_seed(args.seed)
     args.model = args.policy
-    st = resume_state(args)
+    st = resume_state(args, "rl")
     model, tok = prepare_model(args, dist, args.out if st else None)
     ref, _ = load_policy(args.policy, dist.device, args.tokenizer)
     ref.eval().requires_grad_(False)
@@ -410,7 +410,7 @@ def main(args) -> int:
     opt = make_optimizer(ac.parameters(), lr, args.weight_decay, device=dist.device)
     step = 0
     if st:
-        load_optimizer_tensors(opt, st[1], st[0]["optimizer"])
+        load_optimizer_tensors(opt, st[1], st[0]["optimizer"], f"{args.out}/trainer_state.safetensors")
         step = st[0]["step"]
     if dist.main:
         print(f"rl: {args.algo}, {len(prompts)} prompts, {args.batch_size} prompts x {k} samples per step, "

@@ -344,7 +344,7 @@ def optimizer_tensors(opt) -> tuple[dict, dict]:
     return tensors, {"param_groups": groups}
 
 
-def load_optimizer_tensors(opt, tensors: dict, side: dict):
+def load_optimizer_tensors(opt, tensors: dict, side: dict, source: str = "trainer_state.safetensors"):
     state: dict = {}
     for k, v in tensors.items():
         if not k.startswith("opt."):
@@ -355,7 +355,11 @@ def load_optimizer_tensors(opt, tensors: dict, side: dict):
     for g in groups:
         if isinstance(g.get("betas"), list):
             g["betas"] = tuple(g["betas"])
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    try:
+        opt.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError) as e:  # torch's "parameter group that doesn't match the size of optimizer's group"
+        raise ValueError(f"{source}: the saved optimizer state does not fit the parameters being trained (resumed "
+                         f"with another --lora-r/--lora-targets?): {e}") from None
 
 
 KEEP = (".jsonl", ".png", ".txt")  # run outputs (metrics, plots) carried into each new checkpoint directory
@@ -473,11 +477,16 @@ def prepare_model(args, dist: "Dist", resume_dir=None):
     return model, tok
 
 
-def resume_state(args):
-    """The trainer state to continue from (None when starting fresh); --resume without state is an error."""
+def resume_state(args, stage: str | None = None):
+    """The trainer state to continue from (None when starting fresh); --resume without state, or with another
+    stage's state (its optimizer and step count would be taken over silently), is an error."""
     st = load_trainer_state(args.out) if args.resume else None
     if args.resume and st is None:
         raise FileNotFoundError(f"{args.out}: --resume but no trainer_state.json there")
+    found = st[0].get("stage") if st else None
+    if stage and found not in (None, stage):
+        raise ValueError(f"{args.out}: holds a `pyllm {found}` run; `pyllm {stage} --resume` continues only its own "
+                         f"runs (use another --out)")
     if not args.resume and (Path(args.out) / "trainer_state.json").exists():
         print(f"{args.out}: existing checkpoint will be overwritten (pass --resume to continue it)",
               file=sys.stderr)
@@ -541,7 +550,7 @@ def main(args) -> int:
     check_common_args(args)
     dist = Dist(args.device)
     torch.manual_seed(args.seed)
-    st = resume_state(args)
+    st = resume_state(args, "sft")
     model, tok = prepare_model(args, dist, args.out if st else None)
     T = args.seq_len or model.config.max_seq_len
     if T > model.config.max_seq_len:
@@ -565,7 +574,7 @@ def main(args) -> int:
     step = 0
     if st:
         side, tens = st
-        load_optimizer_tensors(opt, tens, side["optimizer"])
+        load_optimizer_tensors(opt, tens, side["optimizer"], f"{args.out}/trainer_state.safetensors")
         step = side["step"]
         if dist.main:
             print(f"sft: resuming at step {step}")

@@ -198,3 +198,21 @@ def test_unknown_flag_names_the_subcommand(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err[0].startswith("usage: pyllm export")
     assert err[-1] == "pyllm export: error: unrecognized arguments: --frob 1"
+
+
+def test_resume_another_stages_run_or_another_lora_setup(base, tmp_path, capsys):
+    """`dpo --resume` in an SFT output took over SFT's optimizer and step count silently (exit 0); resuming a LoRA
+    run without --lora-r was torch's "parameter group that doesn't match the size of optimizer's group"."""
+    data = write_jsonl(tmp_path / "s.jsonl", [GOOD_SFT] * 4)
+    prefs = write_jsonl(tmp_path / "p.jsonl", [GOOD_PREF] * 4)
+    out = tmp_path / "o"
+    sft = ["sft", "--model", str(base), "--data", str(data), "--eval-frac", "0", "--device", "cpu", "--out", str(out)]
+    assert cli(sft + ["--steps", "1", "--lora-r", "2"]) == 0
+    capsys.readouterr()
+    assert cli(["dpo", "--model", str(base), "--data", str(prefs), "--eval-frac", "0", "--device", "cpu",
+                "--out", str(out), "--steps", "2", "--resume"]) == 2
+    assert f"{out}: holds a `pyllm sft` run; `pyllm dpo --resume` continues only its own" in \
+        one_line_error(capsys, "dpo")
+    assert cli(sft + ["--steps", "2", "--resume"]) == 2
+    err = one_line_error(capsys, "sft")
+    assert f"{out}/trainer_state.safetensors: the saved optimizer state does not fit" in err, err
