@@ -470,7 +470,7 @@ def prepare_model(args, dist: "Dist", resume_dir=None):
         model, tok = load_policy(args.model, dist.device, args.tokenizer)
         if lora_r:
             if resume:
-                load_adapter(model, resume_dir)
+                load_adapter(model, resume_dir, r=lora_r)
             else:
                 apply_lora(model, lora_r, args.lora_alpha, args.lora_targets, verbose=dist.main)
             model.to(dist.device)

@@ -216,3 +216,6 @@ def test_resume_another_stages_run_or_another_lora_setup(base, tmp_path, capsys)
     assert cli(sft + ["--steps", "2", "--resume"]) == 2
     err = one_line_error(capsys, "sft")
     assert f"{out}/trainer_state.safetensors: the saved optimizer state does not fit" in err, err
+    assert cli(sft + ["--steps", "2", "--resume", "--lora-r", "4"]) == 2  # was exit 0, silently r = 2
+    err = one_line_error(capsys, "sft")
+    assert f"{out}/adapter_config.json: the adapters being resumed have r=2, not --lora-r 4" in err, err
