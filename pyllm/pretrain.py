@@ -524,10 +524,12 @@ def main(args) -> int:
     for k in ("batch_size", "seq_len", "keep_checkpoints"):
         if getattr(args, k) <= 0:
             raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
-    if args.warmup_steps < 0 or args.lr <= 0:
+    if args.warmup_steps < 0 or not 0 < args.lr < math.inf:
         raise ValueError("--warmup-steps must be >= 0 and --lr > 0")
+    if not 0 <= args.seed < 2 ** 63:  # was torch's "expected non-negative integer" / "Overflow when unpacking"
+        raise ValueError(f"--seed must be in [0, 2^63), got {args.seed}")
     # a negative period made `step % n == 0` true every step (an eval / a checkpoint per step), not "off"
-    for k in ("eval_every", "checkpoint_every", "eval_batches", "sample_tokens", "stop_at"):
+    for k in ("eval_every", "checkpoint_every", "eval_batches", "sample_tokens", "stop_at", "total_batch_tokens"):
         if getattr(args, k) < 0:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 0 (0 = off), got {getattr(args, k)}")
     if args.depth is not None and args.depth <= 0:  # was silently replaced by the default depth 4

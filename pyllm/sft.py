@@ -455,6 +455,8 @@ def check_common_args(args):
             raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
     if not args.epochs > 0:
         raise ValueError(f"--epochs must be > 0, got {args.epochs}")
+    if not 0 <= args.seed < 2 ** 63:
+        raise ValueError(f"--seed must be in [0, 2^63), got {args.seed}")
     if not 0 <= args.eval_frac < 1:
         raise ValueError(f"--eval-frac must be in [0, 1), got {args.eval_frac}")
 

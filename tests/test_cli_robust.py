@@ -72,6 +72,7 @@ def test_jsonl_directory_and_non_utf8_line(base, tmp_path, capsys):
     ("sft", "--eval-frac", "1", "--eval-frac must be in [0, 1)"),     # was ZeroDivisionError (no training rows)
     ("sft", "--epochs", "-1", "--epochs must be > 0"),
     ("sft", "--seq-len", "-5", "--seq-len must be >= 0"),             # was "longer than the context (-4)"
+    ("sft", "--seed", "-1", "--seed must be in [0, 2^63)"),           # was torch's "expected non-negative integer"
     ("reward", "--batch-size", "0", "--batch-size must be >= 1"),     # was "max() arg is an empty sequence"
     ("reward", "--eval-frac", "1", "--eval-frac must be in [0, 1)"),  # was ZeroDivisionError
     ("dpo", "--beta", "0", "--beta must be > 0"),                     # was exit 0: a constant loss, no gradient

@@ -138,7 +138,10 @@ def test_cli_help_and_bad_flags(data_dir, capsys):
                               ("--sample-tokens", "-3", "--sample-tokens must be >= 0"),
                               ("--depth", "0", "--depth must be positive"),
                               ("--min-lr-frac", "5", "--min-lr-frac must be in [0, 1]"),
-                              ("--tokens-per-param", "-1", "--tokens-per-param must be > 0")):
+                              ("--tokens-per-param", "-1", "--tokens-per-param must be > 0"),
+                              ("--total-batch-tokens", "-128", "--total-batch-tokens must be >= 0"),  # was exit 0
+                              ("--seed", "-1", "--seed must be in [0, 2^63)"),  # was "expected non-negative integer"
+                              ("--lr", "inf", "--lr > 0")):
         assert cli(["pretrain", "--data", str(data_dir), flag, value]) == 2, flag
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and want in err[0], err
