@@ -220,3 +220,17 @@ def test_resume_another_stages_run_or_another_lora_setup(base, tmp_path, capsys)
     assert cli(sft + ["--steps", "2", "--resume", "--lora-r", "4"]) == 2  # was exit 0, silently r = 2
     err = one_line_error(capsys, "sft")
     assert f"{out}/adapter_config.json: the adapters being resumed have r=2, not --lora-r 4" in err, err
+
+
+def test_export_casts_a_bf16_checkpoint(base, tmp_path, capsys):
+    """An HF-style bf16 checkpoint: export said "pass dtype=torch.float32 to cast" (no CLI flag does); model.bin is
+    fp32 anyway, so it casts."""
+    import shutil
+
+    from pyllm import safetensors_io
+    ck = tmp_path / "bf16"
+    shutil.copytree(base, ck)
+    ts = safetensors_io.load_file(ck / "model.safetensors")
+    safetensors_io.save_file({k: v.bfloat16() for k, v in ts.items()}, ck / "model.safetensors")
+    assert cli(["export", "--checkpoint", str(ck), "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "model.bin").is_file()
