@@ -294,7 +294,7 @@ def load_policy(model_dir, device, tokenizer_path=None):
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: model checkpoint directory not found")
-    model, tok = load_checkpoint(str(model_dir))
+    model, tok = load_checkpoint(str(model_dir), dtype=torch.float32)  # an HF bf16/fp16 checkpoint trains in fp32
     if tokenizer_path:
         from .tokenizer import Tokenizer
         tok = Tokenizer.load(str(tokenizer_path))

@@ -222,7 +222,7 @@ def test_resume_another_stages_run_or_another_lora_setup(base, tmp_path, capsys)
     assert f"{out}/adapter_config.json: the adapters being resumed have r=2, not --lora-r 4" in err, err
 
 
-def test_export_casts_a_bf16_checkpoint(base, tmp_path, capsys):
+def test_export_and_stages_cast_a_bf16_checkpoint(base, tmp_path, capsys):
     """An HF-style bf16 checkpoint: export said "pass dtype=torch.float32 to cast" (no CLI flag does); model.bin is
     fp32 anyway, so it casts."""
     import shutil
@@ -234,3 +234,6 @@ def test_export_casts_a_bf16_checkpoint(base, tmp_path, capsys):
     safetensors_io.save_file({k: v.bfloat16() for k, v in ts.items()}, ck / "model.safetensors")
     assert cli(["export", "--checkpoint", str(ck), "--out", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "model.bin").is_file()
+    data = write_jsonl(tmp_path / "s.jsonl", [GOOD_SFT] * 2)  # and the stages load it in fp32 (same error before)
+    assert cli(["sft", "--model", str(ck), "--data", str(data), "--steps", "1", "--eval-frac", "0", "--device", "cpu",
+                "--out", str(tmp_path / "o")]) == 0
