@@ -26,6 +26,7 @@ HEADER_BYTES = 256
 _HEAD = struct.Struct("<8sIIQQI32s")  # magic, version, token bytes, n_tokens, n_docs, vocab_size, tokenizer hash
 MANIFEST = "manifest.json"
 TEXT_SUFFIXES = (".txt", ".jsonl")
+UTF8_BOM = b"\xef\xbb\xbf"  # what Windows editors put first in a UTF-8 file: not part of the text (nor JSON)
 
 
 # --- small helpers -------------------------------------------------------------------------------------------
@@ -164,6 +165,8 @@ def iter_documents(files, stats: InputStats | None = None, skip_bad_lines: bool 
             n_here = 0
             with open(path, "rb") as f:
                 for lineno, line in enumerate(f, 1):
+                    if lineno == 1:
+                        line = line.removeprefix(UTF8_BOM)
                     if not line.strip():
                         continue
                     err = None
@@ -187,7 +190,7 @@ def iter_documents(files, stats: InputStats | None = None, skip_bad_lines: bool 
                 stats.empty_files += 1
         else:
             with open(path, "rb") as f:
-                text = _decode(f.read(), stats, path)
+                text = _decode(f.read().removeprefix(UTF8_BOM), stats, path)
             yield from _emit(text.split(doc_sep) if doc_sep else [text], stats)
 
 

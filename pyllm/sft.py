@@ -39,6 +39,8 @@ def read_jsonl(path, parse, skip_bad: bool = False, what: str = "data") -> tuple
     out, skipped = [], 0
     with open(path, "rb") as f:  # bytes, so a non-UTF-8 line is a file:line error like any other bad line
         for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM (Windows editors) is not JSON
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"

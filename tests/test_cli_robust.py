@@ -60,6 +60,9 @@ def test_jsonl_directory_and_non_utf8_line(base, tmp_path, capsys):
     assert not (tmp_path / "o" / "model.safetensors").exists()
     assert cli(args + ["--data", str(bad), "--skip-bad-lines"]) == 0  # now a bad line like any other
     assert "skipped 1 bad line" in capsys.readouterr().err
+    bom = tmp_path / "bom.jsonl"  # a UTF-8 BOM (Windows editors) was "line 1: not valid JSON (Unexpected UTF-8 BOM)"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD_SFT).encode() + b"\n")
+    assert cli(args + ["--data", str(bom)]) == 0
 
 
 @pytest.mark.parametrize("stage, flag, value, message", [

@@ -321,3 +321,12 @@ def test_doc_sep_escapes_and_non_ascii(tmp_path, capsys):
                 "--out", str(tmp_path / "d2")]) == 2
     want = "pyllm prepare: error: --doc-sep '\\\\x': bad escape (truncated \\xXX escape)"
     assert capsys.readouterr().err.strip() == want
+
+
+def test_utf8_bom_is_not_text(tmp_path):
+    """A BOM-prefixed .jsonl (Windows editors) stopped with "line 1: not valid JSON (Unexpected UTF-8 BOM)"; in a .txt
+    it became the first token of the document."""
+    (tmp_path / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "hi"}\n{"text": "yo"}\n')
+    (tmp_path / "b.txt").write_bytes(b"\xef\xbb\xbfab")
+    docs = list(D.iter_documents([str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")]))
+    assert docs == ["hi", "yo", "ab"]
