@@ -153,6 +153,14 @@ def _decode(raw: bytes, stats: InputStats, where: str) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
+def _is_unicode(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def iter_documents(files, stats: InputStats | None = None, skip_bad_lines: bool = False, doc_sep: str = ""):
     """Yield document strings: a .txt file is one document (or several, split on doc_sep); a .jsonl line's "text"."""
     stats = stats if stats is not None else InputStats()
@@ -176,6 +184,8 @@ def iter_documents(files, stats: InputStats | None = None, skip_bad_lines: bool 
                             err = 'no "text" field'
                         elif not isinstance(obj["text"], str):
                             err = f'"text" is {type(obj["text"]).__name__}, not a string'
+                        elif b"\\u" in line and not _is_unicode(obj["text"]):  # only an escape makes a surrogate
+                            err = '"text" has a lone surrogate (a \\ud800-style escape): not valid Unicode'
                     except json.JSONDecodeError as e:
                         err = f"not valid JSON ({e.msg} at column {e.colno})"
                     if err:

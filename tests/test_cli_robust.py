@@ -63,6 +63,9 @@ def test_jsonl_directory_and_non_utf8_line(base, tmp_path, capsys):
     bom = tmp_path / "bom.jsonl"  # a UTF-8 BOM (Windows editors) was "line 1: not valid JSON (Unexpected UTF-8 BOM)"
     bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD_SFT).encode() + b"\n")
     assert cli(args + ["--data", str(bom)]) == 0
+    sur = write_jsonl(tmp_path / "sur.jsonl", ['{"prompt": "x \\ud800", "completion": "y"}'])  # valid JSON, not Unicode
+    assert cli(args + ["--data", str(sur)]) == 2  # was a TypeError traceback from the tokenizers library
+    assert f"{sur}:1: text has a lone surrogate" in one_line_error(capsys, "sft")
 
 
 @pytest.mark.parametrize("stage, flag, value, message", [

@@ -330,3 +330,14 @@ def test_utf8_bom_is_not_text(tmp_path):
     (tmp_path / "b.txt").write_bytes(b"\xef\xbb\xbfab")
     docs = list(D.iter_documents([str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")]))
     assert docs == ["hi", "yo", "ab"]
+
+
+def test_lone_surrogate_escape_is_a_bad_line(tmp_path):
+    """{"text": "\\ud800"} is valid JSON but not Unicode: was the tokenizers library's "TextEncodeInput must be
+    Union[...]" TypeError traceback from inside prepare's encoder."""
+    p = tmp_path / "s.jsonl"
+    p.write_text('{"text": "fine"}\n{"text": "bad \\ud800 here"}\n{"text": "pair \\ud83d\\ude00 ok"}\n')
+    with pytest.raises(ValueError, match=r"s.jsonl:2: \"text\" has a lone surrogate"):
+        prepare([str(p)], tmp_path / "d", byte_level=True, workers=1)
+    man = prepare([str(p)], tmp_path / "d2", byte_level=True, val_fraction=0, workers=1, skip_bad_lines=True)
+    assert man["stats"]["bad_lines"] == 1 and man["stats"]["docs"] == 2
