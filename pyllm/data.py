@@ -188,6 +188,8 @@ def iter_documents(files, stats: InputStats | None = None, skip_bad_lines: bool 
                             err = '"text" has a lone surrogate (a \\ud800-style escape): not valid Unicode'
                     except json.JSONDecodeError as e:
                         err = f"not valid JSON ({e.msg} at column {e.colno})"
+                    except RecursionError:  # json's C scanner recurses per nesting level
+                        err = "not valid JSON (nested too deeply)"
                     if err:
                         if not skip_bad_lines:
                             raise ValueError(f"{path}:{lineno}: {err} (use --skip-bad-lines to skip such lines)")

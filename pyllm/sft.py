@@ -51,6 +51,8 @@ def read_jsonl(path, parse, skip_bad: bool = False, what: str = "data") -> tuple
                     raise BadLine(f"{where}: not valid UTF-8 (byte {e.start})") from None
                 except json.JSONDecodeError as e:
                     raise BadLine(f"{where}: not valid JSON ({e.msg})") from None
+                except RecursionError:  # json's C scanner recurses per nesting level
+                    raise BadLine(f"{where}: not valid JSON (nested too deeply)") from None
                 if not isinstance(obj, dict):
                     raise BadLine(f"{where}: expected a JSON object, got {type(obj).__name__}")
                 out.append(parse(obj, where))

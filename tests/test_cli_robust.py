@@ -66,6 +66,9 @@ def test_jsonl_directory_and_non_utf8_line(base, tmp_path, capsys):
     sur = write_jsonl(tmp_path / "sur.jsonl", ['{"prompt": "x \\ud800", "completion": "y"}'])  # valid JSON, not Unicode
     assert cli(args + ["--data", str(sur)]) == 2  # was a TypeError traceback from the tokenizers library
     assert f"{sur}:1: text has a lone surrogate" in one_line_error(capsys, "sft")
+    deep = write_jsonl(tmp_path / "deep.jsonl", ['{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}"])
+    assert cli(args + ["--data", str(deep)]) == 2  # was a RecursionError traceback from json
+    assert f"{deep}:1: not valid JSON (nested too deeply)" in one_line_error(capsys, "sft")
 
 
 @pytest.mark.parametrize("stage, flag, value, message", [

@@ -332,7 +332,7 @@ def test_utf8_bom_is_not_text(tmp_path):
     assert docs == ["hi", "yo", "ab"]
 
 
-def test_lone_surrogate_escape_is_a_bad_line(tmp_path):
+def test_lone_surrogate_and_deep_nesting_are_bad_lines(tmp_path):
     """{"text": "\\ud800"} is valid JSON but not Unicode: was the tokenizers library's "TextEncodeInput must be
     Union[...]" TypeError traceback from inside prepare's encoder."""
     p = tmp_path / "s.jsonl"
@@ -341,3 +341,7 @@ def test_lone_surrogate_escape_is_a_bad_line(tmp_path):
         prepare([str(p)], tmp_path / "d", byte_level=True, workers=1)
     man = prepare([str(p)], tmp_path / "d2", byte_level=True, val_fraction=0, workers=1, skip_bad_lines=True)
     assert man["stats"]["bad_lines"] == 1 and man["stats"]["docs"] == 2
+    deep = tmp_path / "deep.jsonl"  # was a RecursionError traceback from json
+    deep.write_text('{"text": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ValueError, match=r"deep.jsonl:2: not valid JSON \(nested too deeply\)"):
+        prepare([str(deep)], tmp_path / "d3", byte_level=True, workers=1)
