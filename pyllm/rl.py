@@ -383,6 +383,10 @@ def main(args) -> int:
 
     def parse(obj, where):
         msgs, raw, extra = parse_prompt(obj, where)
+        clash = sorted({"prompt", "response"} & set(extra)) if fn is not None else []
+        if clash:  # else fn(prompt=, response=, **extra) is a TypeError after the first rollout
+            raise BadLine(f"{where}: field(s) {clash} clash with --reward-fn's prompt=/response= arguments; "
+                          f"rename them")
         # room for the response and the end-of-turn the reward model reads
         ids, _ = render_checked(msgs, tok, where, T - args.max_new_tokens - 1, add_generation_prompt=True)
         return ids, raw, extra

@@ -246,3 +246,16 @@ def test_export_and_stages_cast_a_bf16_checkpoint(base, tmp_path, capsys):
     data = write_jsonl(tmp_path / "s.jsonl", [GOOD_SFT] * 2)  # and the stages load it in fp32 (same error before)
     assert cli(["sft", "--model", str(ck), "--data", str(data), "--steps", "1", "--eval-frac", "0", "--device", "cpu",
                 "--out", str(tmp_path / "o")]) == 0
+
+
+def test_prompt_fields_that_clash_with_reward_fn_arguments(base, tmp_path, capsys):
+    """A prompts line with a "response" field ran the rollout, then fn(prompt=, response=, **extra) was a TypeError
+    traceback ("got multiple values for keyword argument 'response'")."""
+    fn = tmp_path / "rf.py"
+    fn.write_text("def fn(prompt, response, **kw):\n    return 1.0\n")
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi", "response": "old"}] * 2)
+    assert cli(["rl", "--policy", str(base), "--reward-fn", f"{fn}:fn", "--prompts", str(prompts), "--algo", "grpo",
+                "--num-samples", "2", "--steps", "1", "--batch-size", "2", "--max-new-tokens", "2", "--device",
+                "cpu", "--out", str(tmp_path / "o")]) == 2
+    err = one_line_error(capsys, "rl")
+    assert f"{prompts}:1: field(s) ['response'] clash with --reward-fn's prompt=/response= arguments" in err, err
