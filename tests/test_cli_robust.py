@@ -259,3 +259,16 @@ def test_prompt_fields_that_clash_with_reward_fn_arguments(base, tmp_path, capsy
                 "cpu", "--out", str(tmp_path / "o")]) == 2
     err = one_line_error(capsys, "rl")
     assert f"{prompts}:1: field(s) ['response'] clash with --reward-fn's prompt=/response= arguments" in err, err
+
+
+def test_a_pretrain_output_dir_is_its_latest_checkpoint(base, tmp_path):
+    """README: `pyllm pretrain --out base/` then `pyllm sft --model base/`; that was "base/config.json: missing"
+    (pretrain writes base/ckpt_<step>/ and base/latest)."""
+    import shutil
+    run = tmp_path / "base"
+    shutil.copytree(base, run / "ckpt_0000007")
+    (run / "latest").write_text("ckpt_0000007\n")
+    data = write_jsonl(tmp_path / "s.jsonl", [GOOD_SFT] * 2)
+    assert cli(["sft", "--model", str(run), "--data", str(data), "--steps", "1", "--eval-frac", "0", "--device", "cpu",
+                "--out", str(tmp_path / "sft")]) == 0
+    assert cli(["export", "--checkpoint", str(run), "--out", str(tmp_path / "bin")]) == 0
