@@ -5,6 +5,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "run.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -524,11 +525,11 @@ int main(int argc, char** argv) {
         const char* v = argv[i + 1];
         char* e = NULL;
         switch (a[1]) {
-        case 't': o.temperature = strtof(v, &e); if (*e || !(o.temperature >= 0.f) || isinf(o.temperature)) return bad_arg("-t needs a temperature >= 0, got", v); break;
+        case 't': o.temperature = strtof(v, &e); if (*e || !(o.temperature >= 0.f) || isinf(o.temperature)) return bad_arg("-t needs a finite temperature >= 0, got", v); break;
         case 'p': o.top_p = strtof(v, &e); if (*e || !(o.top_p > 0.f && o.top_p <= 1.f)) return bad_arg("-p needs a value in (0, 1], got", v); break;
-        case 'k': { long k = strtol(v, &e, 10); if (*e || !*v || k < 0 || k > (1 << 30)) return bad_arg("-k needs an integer >= 0, got", v); o.top_k = (int)k; break; }
-        case 's': { unsigned long long s = strtoull(v, &e, 10); if (*e || !*v) return bad_arg("-s needs an integer seed, got", v); o.seed = s; break; }
-        case 'n': { long n = strtol(v, &e, 10); if (*e || !*v || n < 0 || n > (1 << 30)) return bad_arg("-n needs an integer >= 0, got", v); o.steps = (int)n; break; }
+        case 'k': { long k = strtol(v, &e, 10); if (*e || !*v || k < 0 || k > (1 << 30)) return bad_arg("-k needs an integer in [0, 2^30], got", v); o.top_k = (int)k; break; }
+        case 's': { errno = 0; unsigned long long s = strtoull(v, &e, 10); if (*e || !*v || *v == '-' || errno == ERANGE) return bad_arg("-s needs an integer seed in [0, 2^64), got", v); o.seed = s; break; }
+        case 'n': { long n = strtol(v, &e, 10); if (*e || !*v || n < 0 || n > (1 << 30)) return bad_arg("-n needs an integer in [0, 2^30], got", v); o.steps = (int)n; break; }
         case 'i': prompt = v; break;
         case 'z': tok_path = v; break;
         case 'm': mode = v; if (strcmp(v, "generate") && strcmp(v, "chat")) return bad_arg("-m must be generate or chat, got", v); break;

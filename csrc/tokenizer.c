@@ -4,6 +4,7 @@
 // (priority, position), so a pre-token of n bytes costs O(n log n) — a 100 KB run of CJK text stays fast.
 #include "tokenizer.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -52,7 +53,7 @@ static int rd_f32(reader* r, float* v) {
 static uint8_t* read_file(const char* path, size_t* n, char* err, size_t errlen) {
     FILE* f = fopen(path, "rb");
     if (!f) {
-        set_err(err, errlen, "%s: cannot open tokenizer file", path);
+        set_err(err, errlen, "%s: cannot open tokenizer file: %s", path, strerror(errno));
         return NULL;
     }
     size_t cap = 1 << 16, len = 0;
@@ -74,14 +75,14 @@ static uint8_t* read_file(const char* path, size_t* n, char* err, size_t errlen)
         len += got;
         if (got == 0) break;
     }
-    int bad = ferror(f);
+    int bad = ferror(f) ? errno : 0;  // e.g. EISDIR: a directory opens fine and fails on the first read
     fclose(f);
     if (!buf) {
         set_err(err, errlen, "%s: out of memory reading tokenizer", path);
         return NULL;
     }
     if (bad) {
-        set_err(err, errlen, "%s: read error", path);
+        set_err(err, errlen, "%s: read error: %s", path, strerror(bad));
         free(buf);
         return NULL;
     }

@@ -117,6 +117,12 @@ def save_checkpoint(dir, model: GPT, tokenizer=None, extra: dict | None = None,
     return dir
 
 
+def _get(d: dict, key: str, default):
+    """d[key], or default when it is absent or null (HF writes null for unset fields)."""
+    v = d.get(key)
+    return default if v is None else v
+
+
 def config_from_hf(d: dict, source: str = CONFIG) -> ModelConfig:
     """An HF Llama config dict -> ModelConfig; a setting pyllm cannot honour is a one-line ValueError."""
     if not isinstance(d, dict):
@@ -147,17 +153,23 @@ def config_from_hf(d: dict, source: str = CONFIG) -> ModelConfig:
     if missing:
         raise ValueError(f"{source}: missing required field(s) {missing}")
     pyllm = d.get("pyllm") or {}
-    kw = dict(
-        vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
-        n_heads=d["num_attention_heads"], n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-        hidden_dim=d["intermediate_size"], max_seq_len=d.get("max_position_embeddings", 2048),
-        norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=float(theta if theta is not None else 10000.0),
-        tie_embeddings=bool(d.get("tie_word_embeddings", True)),
-        init_std=float((pyllm.get("config") or {}).get("init_std", d.get("initializer_range", 0.02))),
-    )
+    if not isinstance(pyllm, dict) or not isinstance(pyllm.get("config") or {}, dict):
+        raise ValueError(f"{source}: field 'pyllm' must be an object with a 'config' object")
     try:
+        for key in ("rms_norm_eps", "rope_theta", "initializer_range"):
+            v = d.get(key)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+                raise ValueError(f"{key} must be a number, got {v!r}")
+        kw = dict(
+            vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
+            n_heads=d["num_attention_heads"], n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            hidden_dim=d["intermediate_size"], max_seq_len=d.get("max_position_embeddings", 2048),
+            norm_eps=float(_get(d, "rms_norm_eps", 1e-6)), rope_theta=float(theta if theta is not None else 10000.0),
+            tie_embeddings=bool(d.get("tie_word_embeddings", True)),
+            init_std=float((pyllm.get("config") or {}).get("init_std", _get(d, "initializer_range", 0.02))),
+        )
         cfg = ModelConfig(**kw)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:  # a wrong type or range in config.json: one line naming the file
         raise ValueError(f"{source}: {e}") from None
     hd = d.get("head_dim")
     if hd is not None and hd != cfg.head_dim:
@@ -184,6 +196,9 @@ def load_checkpoint(dir, dtype: torch.dtype | None = None, device: str = "cpu", 
         olds = sorted(dir.parent.glob(f"{dir.name}.old-*")) if dir.parent.is_dir() else []
         hint = f" (an interrupted save left the previous checkpoint at {olds[0]})" if olds else ""
         raise FileNotFoundError(f"{dir}: checkpoint directory not found{hint}")
+    latest = dir / "latest"  # `pyllm pretrain --out base/` writes base/ckpt_<step>/ + base/latest (README: --model base/)
+    if not (dir / CONFIG).exists() and latest.is_file() and (dir / latest.read_text().strip() / CONFIG).is_file():
+        dir = dir / latest.read_text().strip()
     cfg = config_from_hf(_read_json(dir / CONFIG), str(dir / CONFIG))
     wpath = dir / WEIGHTS
     if not wpath.is_file():

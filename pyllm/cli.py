@@ -39,7 +39,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name == command:
             m = importlib.import_module(mod)
             m.add_arguments(sp)
-            sp.set_defaults(_module=m)
+            sp.set_defaults(_module=m, _parser=sp)
     return p
 
 
@@ -47,14 +47,23 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # from the subcommand's parser: its usage line and `pyllm <cmd>: error:`, not the top-level ones
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 0
     try:
         rc = args._module.main(args)
-    except (CLIError, FileNotFoundError, ValueError) as e:
+    except (CLIError, ValueError) as e:
         print(f"pyllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # FileNotFoundError, or a path the user gave: --out is a file, a directory, no permission
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 else e.filename
+        msg = f"{where}: {e.strerror}" if where and e.strerror else str(e)
+        if isinstance(e, FileExistsError):  # mkdir(exist_ok=True) of an --out that is a file
+            msg += " and is not a directory"
+        print(f"pyllm {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pyllm {args.command}: interrupted", file=sys.stderr)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
@@ -41,6 +42,13 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig: head_dim {self.head_dim} must be even for RoPE")
+        # the ranges pyllm-run's loader accepts (csrc/model_file.c): a config it would reject must not train
+        for name, ok, want in (("norm_eps", lambda v: 0 < v < 1, "a number in (0, 1)"),
+                               ("rope_theta", lambda v: 0 < v < math.inf, "a positive finite number"),
+                               ("init_std", lambda v: 0 <= v < math.inf, "a finite number >= 0")):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not ok(v):
+                raise ValueError(f"ModelConfig.{name} must be {want}, got {v!r}")
 
     @property
     def head_dim(self) -> int:

@@ -26,6 +26,7 @@ HEADER_BYTES = 256
 _HEAD = struct.Struct("<8sIIQQI32s")  # magic, version, token bytes, n_tokens, n_docs, vocab_size, tokenizer hash
 MANIFEST = "manifest.json"
 TEXT_SUFFIXES = (".txt", ".jsonl")
+UTF8_BOM = b"\xef\xbb\xbf"  # what Windows editors put first in a UTF-8 file: not part of the text (nor JSON)
 
 
 # --- small helpers -------------------------------------------------------------------------------------------
@@ -152,6 +153,14 @@ def _decode(raw: bytes, stats: InputStats, where: str) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
+def _is_unicode(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def iter_documents(files, stats: InputStats | None = None, skip_bad_lines: bool = False, doc_sep: str = ""):
     """Yield document strings: a .txt file is one document (or several, split on doc_sep); a .jsonl line's "text"."""
     stats = stats if stats is not None else InputStats()
@@ -164,6 +173,8 @@ def iter_documents(files, stats: InputStats | None = None, skip_bad_lines: bool 
             n_here = 0
             with open(path, "rb") as f:
                 for lineno, line in enumerate(f, 1):
+                    if lineno == 1:
+                        line = line.removeprefix(UTF8_BOM)
                     if not line.strip():
                         continue
                     err = None
@@ -173,8 +184,12 @@ def iter_documents(files, stats: InputStats | None = None, skip_bad_lines: bool 
                             err = 'no "text" field'
                         elif not isinstance(obj["text"], str):
                             err = f'"text" is {type(obj["text"]).__name__}, not a string'
+                        elif b"\\u" in line and not _is_unicode(obj["text"]):  # only an escape makes a surrogate
+                            err = '"text" has a lone surrogate (a \\ud800-style escape): not valid Unicode'
                     except json.JSONDecodeError as e:
                         err = f"not valid JSON ({e.msg} at column {e.colno})"
+                    except RecursionError:  # json's C scanner recurses per nesting level
+                        err = "not valid JSON (nested too deeply)"
                     if err:
                         if not skip_bad_lines:
                             raise ValueError(f"{path}:{lineno}: {err} (use --skip-bad-lines to skip such lines)")
@@ -187,7 +202,7 @@ def iter_documents(files, stats: InputStats | None = None, skip_bad_lines: bool 
                 stats.empty_files += 1
         else:
             with open(path, "rb") as f:
-                text = _decode(f.read(), stats, path)
+                text = _decode(f.read().removeprefix(UTF8_BOM), stats, path)
             yield from _emit(text.split(doc_sep) if doc_sep else [text], stats)
 
 
@@ -207,9 +222,17 @@ def read_manifest(data_dir) -> dict:
     if not p.is_file():
         raise FileNotFoundError(f"{data_dir}: no {MANIFEST} (not a prepared data directory; run `pyllm prepare`)")
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: corrupt manifest ({e.msg})") from None
+        m = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: corrupt manifest ({getattr(e, 'msg', e)})") from None
+    # the fields every reader indexes: a hand-edited or foreign manifest is one error, not a KeyError later
+    shard_keys = {"file", "split", "n_tokens", "doc_end"}
+    if (not isinstance(m, dict) or not {"tokenizer_hash", "vocab_size", "bos_id", "shards"} <= set(m)
+            or not isinstance(m["shards"], list)
+            or not all(isinstance(sh, dict) and shard_keys <= set(sh) for sh in m["shards"])):
+        raise ValueError(f"{p}: corrupt manifest (expected an object with tokenizer_hash, vocab_size, bos_id and a "
+                         f"shards list of {{{', '.join(sorted(shard_keys))}}}); rerun `pyllm prepare --overwrite`")
+    return m
 
 
 class TokenStream:

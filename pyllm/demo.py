@@ -773,5 +773,7 @@ def main(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
+    if args.device == "cuda" and not torch.cuda.is_available():  # now, not after the tokenizer and data stages
+        raise ValueError("--device cuda: no CUDA GPU is available to torch")
     run_demo(out, cfg, args.seed, args.device, args.reward, args.from_stage)
     return 0

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from .reward import pad_batch, pad_id_of, pair_training_setup, parse_preference
-from .sft import (Bar, Dist, Metrics, add_common_args, clip_and_step, load_policy, lr_at, prepare_model, read_jsonl,
-                  render_checked, resume_state, save_stage, set_lr, step_items)
+from .sft import (Bar, Dist, Metrics, add_common_args, check_common_args, check_same_tokenizer, clip_and_step,
+                  load_policy, lr_at, prepare_model, read_jsonl, render_checked, resume_state, save_stage, set_lr,
+                  step_items)
 
 
 def load_dpo_pairs(path, tok, max_len: int, skip_bad: bool):
@@ -79,11 +80,17 @@ def evaluate(policy, ref, pairs, pad, device, beta, batch_size) -> dict:
 
 
 def main(args) -> int:
+    check_common_args(args)
+    if not args.beta > 0:
+        raise ValueError(f"--beta must be > 0, got {args.beta}")
+    if not 0 <= args.label_smoothing < 0.5:
+        raise ValueError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
     dist = Dist(args.device)
     torch.manual_seed(args.seed)
-    st = resume_state(args)
+    st = resume_state(args, "dpo")
     policy, tok = prepare_model(args, dist, args.out if st else None)
-    ref, _ = load_policy(args.ref_model or args.model, dist.device, args.tokenizer)
+    ref, ref_tok = load_policy(args.ref_model or args.model, dist.device, args.tokenizer)
+    check_same_tokenizer(tok, ref_tok, args.ref_model or args.model, "reference model")
     ref.eval().requires_grad_(False)
     train, ev, per_step, steps, lr, opt, step = pair_training_setup(args, dist, policy, st, load_dpo_pairs, tok,
                                                                     policy.config.max_seq_len, (5e-6, 5e-4))

@@ -280,7 +280,12 @@ def main(args) -> int:
         from .checkpoint import load_checkpoint
     except ImportError as e:
         raise ValueError(f"cannot load checkpoints in this build ({e})") from None
-    model, tok = load_checkpoint(str(ckpt))
+    # model.bin holds fp32 (or Q8_0 made from fp32): an HF bf16/fp16 checkpoint casts losslessly (without dtype the
+    # loader's error said "pass dtype=torch.float32", which no export flag can do)
+    model, tok = load_checkpoint(str(ckpt), dtype=torch.float32)
+    if tok is not None and tok.vocab_size != model.config.vocab_size:  # pyllm-run would refuse the pair later
+        raise ValueError(f"{ckpt}: tokenizer.json has {tok.vocab_size} tokens but config.json's vocab_size is "
+                         f"{model.config.vocab_size} (pyllm-run needs them equal: wrong tokenizer?)")
     gs = args.group_size if args.group_size is not None else auto_group_size(model.config)
     paths = export(model.state_dict(), model.config, args.out, args.format, args.quantize, gs,
                    args.llama2c_version, tok)

@@ -168,14 +168,22 @@ def save_adapter(out_dir, model: nn.Module, base_model: str | None = None) -> No
     os.replace(tmp, out_dir / "adapter_config.json")
 
 
-def load_adapter(model: nn.Module, adapter_dir, verbose: bool = False) -> nn.Module:
-    """Add adapters as adapter_config.json describes and load adapter.safetensors into them."""
+def load_adapter(model: nn.Module, adapter_dir, verbose: bool = False, r: int | None = None) -> nn.Module:
+    """Add adapters as adapter_config.json describes and load adapter.safetensors into them. r: the rank the caller
+    asked for (--lora-r on --resume); a saved rank that differs is an error, not silently kept."""
     from .safetensors_io import load_file
     adapter_dir = Path(adapter_dir)
     cfg_path = adapter_dir / "adapter_config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path}: no adapter config")
-    cfg = json.loads(cfg_path.read_text())
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
+    if not isinstance(cfg, dict) or not {"r", "lora_alpha", "target_modules"} <= set(cfg):
+        raise ValueError(f"{cfg_path}: expected an object with r, lora_alpha and target_modules")
+    if r is not None and cfg["r"] != r:
+        raise ValueError(f"{cfg_path}: the adapters being resumed have r={cfg['r']}, not --lora-r {r}")
     apply_lora(model, int(cfg["r"]), float(cfg["lora_alpha"]), cfg["target_modules"], verbose=verbose)
     load_adapter_state(model, load_file(str(adapter_dir / "adapter.safetensors")), str(adapter_dir))
     return model

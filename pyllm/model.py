@@ -207,6 +207,12 @@ class GPT(nn.Module):
         """idx (B, T) -> final-norm hidden states (B, T, C)."""
         if idx.dim() != 2:
             raise ValueError(f"idx: expected shape (B, T), got {tuple(idx.shape)}")
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"idx: expected token ids (torch.int64), got {idx.dtype}")
+        V = self.config.vocab_size
+        if idx.numel() and bool(((idx < 0) | (idx >= V)).any()):  # else embedding's "index out of range in self"
+            bad = idx[(idx < 0) | (idx >= V)][0].item()
+            raise ValueError(f"idx: token id {bad} is out of range [0, {V}) (a tokenizer/model vocab mismatch?)")
         B, T = idx.shape
         if pos + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
@@ -264,6 +270,8 @@ class GPT(nn.Module):
             raise ValueError(f"idx: expected a non-empty (B, T) prompt, got shape {tuple(idx.shape)}")
         if num_samples < 1:
             raise ValueError(f"num_samples: expected >= 1, got {num_samples}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
         k = num_samples
         B, T = idx.shape
         B *= k

@@ -326,8 +326,8 @@ class _Linear(torch.autograd.Function):
 def linear(x, weight, bias=None):
     """x (..., K) fp32 contiguous, weight (N, K), bias (N) or None -> (..., N) = x @ weight.T (+ bias)."""
     check(x, "linear x")
-    if x.dim() == 0:
-        raise ValueError("linear x: expected at least 1 dimension")
+    if x.dim() == 0 or x.shape[-1] == 0:  # K = 0 was torch's "cannot reshape tensor of 0 elements" from _Linear
+        raise ValueError(f"linear x: expected (..., K) with K >= 1, got {tuple(x.shape)}")
     check(weight, "linear weight", shape=(None, x.shape[-1]))
     if bias is not None:
         check(bias, "linear bias", shape=(weight.shape[0],))
@@ -338,8 +338,8 @@ def linear(x, weight, bias=None):
 def matvec(W, x):
     """W (n, k) fp32, x (k) -> y (n) = W @ x."""
     check(W, "matvec W")
-    if W.dim() != 2:
-        raise ValueError(f"matvec W: expected 2-D, got {tuple(W.shape)}")
+    if W.dim() != 2 or W.numel() == 0:  # an empty W was the binding's "null pointer for w"
+        raise ValueError(f"matvec W: expected a non-empty 2-D tensor, got {tuple(W.shape)}")
     check(x, "matvec x", shape=(W.shape[1],))
     y = torch.empty(W.shape[0], dtype=torch.float32)
     C().matvec_f32(ptr(y), ptr(W), ptr(x), W.shape[0], W.shape[1])

@@ -221,7 +221,14 @@ def _run_chunk(chunk):
 
 
 def _unescape(s: str) -> str:
-    return codecs.decode(s, "unicode_escape") if s else s
+    """--doc-sep's escapes ('\\n\\n') -> characters; other characters, non-ASCII ones included, stay as typed (a plain
+    unicode_escape decode turned '東' into mojibake that never matched)."""
+    if not s:
+        return s
+    try:
+        return codecs.decode(s.encode("latin-1", "backslashreplace"), "unicode_escape")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--doc-sep {s!r}: bad escape ({e.reason})") from None
 
 
 def add_input_arguments(p):

@@ -190,7 +190,13 @@ def load_resume(path: Path, config: ModelConfig):
     tj = path / "trainer_state.json"
     if not tj.is_file():
         raise FileNotFoundError(f"{path}: no trainer_state.json (not a pretrain checkpoint)")
-    meta = json.loads(tj.read_text())
+    try:
+        meta = json.loads(tj.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{tj}: corrupt trainer state ({getattr(e, 'msg', e)})") from None
+    need = ("param_groups", "scalars", "shapes", "step", "loader", "config")
+    if not isinstance(meta, dict) or not set(need) <= set(meta) or not isinstance(meta["config"], dict):
+        raise ValueError(f"{tj}: corrupt trainer state (expected an object with {', '.join(need)})")
     if meta["config"] != config.to_dict():
         diff = {k: (meta["config"].get(k), v) for k, v in config.to_dict().items() if meta["config"].get(k) != v}
         raise ValueError(f"{path}: checkpoint is a different model shape (checkpoint vs this run: "
@@ -518,8 +524,20 @@ def main(args) -> int:
     for k in ("batch_size", "seq_len", "keep_checkpoints"):
         if getattr(args, k) <= 0:
             raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
-    if args.warmup_steps < 0 or args.lr <= 0:
+    if args.warmup_steps < 0 or not 0 < args.lr < math.inf:
         raise ValueError("--warmup-steps must be >= 0 and --lr > 0")
+    if not 0 <= args.seed < 2 ** 63:  # was torch's "expected non-negative integer" / "Overflow when unpacking"
+        raise ValueError(f"--seed must be in [0, 2^63), got {args.seed}")
+    # a negative period made `step % n == 0` true every step (an eval / a checkpoint per step), not "off"
+    for k in ("eval_every", "checkpoint_every", "eval_batches", "sample_tokens", "stop_at", "total_batch_tokens"):
+        if getattr(args, k) < 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= 0 (0 = off), got {getattr(args, k)}")
+    if args.depth is not None and args.depth <= 0:  # was silently replaced by the default depth 4
+        raise ValueError(f"--depth must be positive, got {args.depth}")
+    if not 0 <= args.min_lr_frac <= 1:
+        raise ValueError(f"--min-lr-frac must be in [0, 1], got {args.min_lr_frac}")
+    if not args.tokens_per_param > 0:
+        raise ValueError(f"--tokens-per-param must be > 0, got {args.tokens_per_param}")
     try:
         train(args)
     finally:

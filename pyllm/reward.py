@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .sft import (BadLine, Bar, Dist, Metrics, add_common_args, as_messages, clip_and_step, load_optimizer_tensors,
-                  lr_at, make_optimizer, prepare_model, read_jsonl, render_checked, resume_state, save_stage, set_lr,
-                  split_eval, step_items)
+from .sft import (BadLine, Bar, Dist, Metrics, add_common_args, as_messages, check_common_args, clip_and_step,
+                  load_optimizer_tensors, lr_at, make_optimizer, prepare_model, read_jsonl, render_checked,
+                  resume_state, save_stage, set_lr, split_eval, step_items)
 
 HEAD_FILE = "reward_head.safetensors"
 
@@ -161,15 +161,16 @@ def pair_training_setup(args, dist, module, st, load_pairs, tok, T: int, default
     opt = make_optimizer(module.parameters(), lr, args.weight_decay, device=dist.device)
     step = 0
     if st:
-        load_optimizer_tensors(opt, st[1], st[0]["optimizer"])
+        load_optimizer_tensors(opt, st[1], st[0]["optimizer"], f"{args.out}/trainer_state.safetensors")
         step = st[0]["step"]
     return train, ev, per_step, steps, lr, opt, step
 
 
 def main(args) -> int:
+    check_common_args(args)
     dist = Dist(args.device)
     torch.manual_seed(args.seed)
-    st = resume_state(args)
+    st = resume_state(args, "reward")
     model, tok = prepare_model(args, dist, args.out if st else None)
     rm = RewardModel(model).to(dist.device)
     if st:

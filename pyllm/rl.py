@@ -41,9 +41,9 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .reward import pad_batch, pad_id_of
-from .sft import (BadLine, Bar, Dist, Metrics, add_common_args, as_messages, check_messages, clip_and_step,
-                  load_optimizer_tensors, load_policy, make_optimizer, prepare_model, read_jsonl, render_checked,
-                  resume_state, save_stage, set_lr, lr_at, step_items)
+from .sft import (BadLine, Bar, Dist, Metrics, add_common_args, as_messages, check_common_args, check_messages,
+                  check_same_tokenizer, clip_and_step, load_optimizer_tensors, load_policy, make_optimizer,
+                  prepare_model, read_jsonl, render_checked, resume_state, save_stage, set_lr, lr_at, step_items)
 
 VALUE_FILE = "value_head.safetensors"
 PASS_RATE_KEY = "hard_prompts.pass_rate"   # in trainer_state.safetensors: (n_prompts) fp32
@@ -59,8 +59,13 @@ def load_reward_fn(spec: str):
         if not path.exists():
             raise FileNotFoundError(f"--reward-fn: {path} not found")
         s = importlib.util.spec_from_file_location(path.stem, path)
+        if s is None:
+            raise ValueError(f"--reward-fn: {path} is not a Python file")
         mod = importlib.util.module_from_spec(s)
-        s.loader.exec_module(mod)
+        try:
+            s.loader.exec_module(mod)
+        except Exception as e:  # the user's file: a syntax error or a failing import is theirs to fix, in one line
+            raise ValueError(f"--reward-fn: cannot load {path} ({type(e).__name__}: {e})") from None
     else:
         try:
             mod = importlib.import_module(mod_name)
@@ -294,8 +299,17 @@ def rollout(policy, tok, prompts, k, args, seed, device):
 
 def fn_scores(fn, tok, prompts, samples, end_id) -> torch.Tensor:
     """--reward-fn score of each (prompt_index, prompt_ids, response_ids) sample -> (N,)."""
-    return torch.tensor([float(fn(prompt=prompts[pi][1], response=tok.decode([t for t in r if t != end_id]),
-                                  **prompts[pi][2])) for pi, _, r in samples])
+    out = []
+    for pi, _, r in samples:
+        s = fn(prompt=prompts[pi][1], response=tok.decode([t for t in r if t != end_id]), **prompts[pi][2])
+        try:
+            v = float(s)  # a bool, a 0-d tensor or a numpy scalar is fine
+        except (TypeError, ValueError):
+            v = math.nan
+        if not math.isfinite(v):  # NaN would poison every advantage of the batch without an error
+            raise ValueError(f"--reward-fn {getattr(fn, '__name__', fn)} returned {s!r}, expected a finite number")
+        out.append(v)
+    return torch.tensor(out)
 
 
 def _passfail(prompt, row) -> bool:
@@ -338,10 +352,11 @@ def prefilter(model, tok, prompts, fn, args, dist, chunk: int = 256):
 def main(args) -> int:
     if args.reward_model is None and args.reward_fn is None:
         raise ValueError("rl: give --reward-model and/or --reward-fn")
+    check_common_args(args)
     dist = Dist(args.device)
     torch.manual_seed(args.seed)
     args.model = args.policy
-    st = resume_state(args)
+    st = resume_state(args, "rl")
     model, tok = prepare_model(args, dist, args.out if st else None)
     ref, _ = load_policy(args.policy, dist.device, args.tokenizer)
     ref.eval().requires_grad_(False)
@@ -353,7 +368,8 @@ def main(args) -> int:
     rm = None
     if args.reward_model:
         from .reward import load_reward_model
-        rm, _ = load_reward_model(args.reward_model, dist.device, args.tokenizer)
+        rm, rm_tok = load_reward_model(args.reward_model, dist.device, args.tokenizer)
+        check_same_tokenizer(tok, rm_tok, args.reward_model, "reward model")
         rm.eval().requires_grad_(False)
     fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     k = args.num_samples or (1 if args.algo == "ppo" else 4)
@@ -367,6 +383,10 @@ def main(args) -> int:
 
     def parse(obj, where):
         msgs, raw, extra = parse_prompt(obj, where)
+        clash = sorted({"prompt", "response"} & set(extra)) if fn is not None else []
+        if clash:  # else fn(prompt=, response=, **extra) is a TypeError after the first rollout
+            raise BadLine(f"{where}: field(s) {clash} clash with --reward-fn's prompt=/response= arguments; "
+                          f"rename them")
         # room for the response and the end-of-turn the reward model reads
         ids, _ = render_checked(msgs, tok, where, T - args.max_new_tokens - 1, add_generation_prompt=True)
         return ids, raw, extra
@@ -394,7 +414,7 @@ def main(args) -> int:
     opt = make_optimizer(ac.parameters(), lr, args.weight_decay, device=dist.device)
     step = 0
     if st:
-        load_optimizer_tensors(opt, st[1], st[0]["optimizer"])
+        load_optimizer_tensors(opt, st[1], st[0]["optimizer"], f"{args.out}/trainer_state.safetensors")
         step = st[0]["step"]
     if dist.main:
         print(f"rl: {args.algo}, {len(prompts)} prompts, {args.batch_size} prompts x {k} samples per step, "

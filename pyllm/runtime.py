@@ -9,6 +9,7 @@ The library is pyllm/lib/libpyllm_run.so, built with the extension (`python setu
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -141,11 +142,23 @@ def sample(logits: np.ndarray, temperature: float = 1.0, top_p: float = 1.0, top
     """The C runtime's sampler on a copy of logits (n,)."""
     ffi, L = lib()
     buf = np.ascontiguousarray(logits, dtype=np.float32).copy()
+    # the binary checks its -t/-p/-k flags; this entry point passed anything on (a negative temperature sampled,
+    # a 2-D array was flattened, a negative seed was cffi's OverflowError)
+    if buf.ndim != 1 or buf.size == 0:
+        raise ValueError(f"sample: expected non-empty 1-D logits (n,), got shape {buf.shape}")
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"sample: temperature must be a finite number >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"sample: top_p must be in (0, 1], got {top_p}")
+    if not 0 <= top_k < 2 ** 31:
+        raise ValueError(f"sample: top_k must be in [0, 2^31) (0 = off), got {top_k}")
+    if not (0 <= seed < 2 ** 64 and -2 ** 31 <= step < 2 ** 31):
+        raise ValueError(f"sample: seed must be in [0, 2^64) and step an int32, got seed {seed}, step {step}")
     t = int(L.run_sample(ffi.cast("float*", buf.ctypes.data), buf.size, temperature, top_p, top_k, seed, step))
     if t == -2:
         raise MemoryError("sample: out of memory for the sampler's scratch buffers")
     if t < 0:
-        raise ValueError("sample: logits contain NaN or +inf")
+        raise ValueError("sample: logits contain NaN or +inf, or no finite logit")
     return t
 
 
@@ -175,6 +188,8 @@ class Runtime:
         """Run `ids` (from position 0), then sample up to `steps` new tokens; returns the new ids."""
         if not ids:
             raise ValueError("generate needs at least one token (e.g. BOS)")
+        if steps < 0:
+            raise ValueError(f"generate: steps must be >= 0, got {steps}")
         if len(ids) + steps > self.model.seq_len:
             raise ValueError(f"{len(ids)} + {steps} tokens exceed the model's seq_len {self.model.seq_len}")
         for pos, t in enumerate(ids):

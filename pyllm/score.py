@@ -25,6 +25,8 @@ def add_arguments(p):
 
 def main(args) -> int:
     from .reward import load_reward_model, pad_id_of, score_ids
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     dist = Dist(args.device)
     rm, tok = load_reward_model(args.reward_model, dist.device, args.tokenizer)
     T = rm.model.config.max_seq_len
@@ -44,8 +46,12 @@ def main(args) -> int:
     text = "".join(json.dumps({**obj, "reward": float(r)}) + "\n" for (obj, _), r in zip(rows, rewards))
     if args.out:
         tmp = Path(args.out + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.out)
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, args.out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # no half-written output left behind (e.g. --out is a directory)
+            raise
         print(f"score: {len(rows)} lines, mean reward {float(rewards.mean()):.4f} -> {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)

@@ -34,17 +34,25 @@ def read_jsonl(path, parse, skip_bad: bool = False, what: str = "data") -> tuple
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: {what} file not found")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, expected a JSONL {what} file")
     out, skipped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # bytes, so a non-UTF-8 line is a file:line error like any other bad line
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM (Windows editors) is not JSON
+            if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise BadLine(f"{where}: not valid UTF-8 (byte {e.start})") from None
                 except json.JSONDecodeError as e:
                     raise BadLine(f"{where}: not valid JSON ({e.msg})") from None
+                except RecursionError:  # json's C scanner recurses per nesting level
+                    raise BadLine(f"{where}: not valid JSON (nested too deeply)") from None
                 if not isinstance(obj, dict):
                     raise BadLine(f"{where}: expected a JSON object, got {type(obj).__name__}")
                 out.append(parse(obj, where))
@@ -290,7 +298,7 @@ def load_policy(model_dir, device, tokenizer_path=None):
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: model checkpoint directory not found")
-    model, tok = load_checkpoint(str(model_dir))
+    model, tok = load_checkpoint(str(model_dir), dtype=torch.float32)  # an HF bf16/fp16 checkpoint trains in fp32
     if tokenizer_path:
         from .tokenizer import Tokenizer
         tok = Tokenizer.load(str(tokenizer_path))
@@ -302,6 +310,15 @@ def load_policy(model_dir, device, tokenizer_path=None):
     if device.type == "cuda" and hasattr(model, "set_backend"):
         model.set_backend("torch")
     return model.to(device), tok
+
+
+def check_same_tokenizer(tok, other, path, what: str):
+    """A second model fed the policy's token ids (DPO's reference, RL's reward model) must share its tokenizer, else
+    it silently reads them as other tokens."""
+    from .data import tokenizer_hash
+    if tokenizer_hash(other) != tokenizer_hash(tok):
+        raise ValueError(f"{path}: the {what}'s tokenizer differs from the policy's ({other.vocab_size} vs "
+                         f"{tok.vocab_size} tokens); it would read the policy's token ids as other tokens")
 
 
 def plain_copy(model: nn.Module) -> nn.Module:
@@ -331,7 +348,7 @@ def optimizer_tensors(opt) -> tuple[dict, dict]:
     return tensors, {"param_groups": groups}
 
 
-def load_optimizer_tensors(opt, tensors: dict, side: dict):
+def load_optimizer_tensors(opt, tensors: dict, side: dict, source: str = "trainer_state.safetensors"):
     state: dict = {}
     for k, v in tensors.items():
         if not k.startswith("opt."):
@@ -342,7 +359,11 @@ def load_optimizer_tensors(opt, tensors: dict, side: dict):
     for g in groups:
         if isinstance(g.get("betas"), list):
             g["betas"] = tuple(g["betas"])
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    try:
+        opt.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError) as e:  # torch's "parameter group that doesn't match the size of optimizer's group"
+        raise ValueError(f"{source}: the saved optimizer state does not fit the parameters being trained (resumed "
+                         f"with another --lora-r/--lora-targets?): {e}") from None
 
 
 KEEP = (".jsonl", ".png", ".txt")  # run outputs (metrics, plots) carried into each new checkpoint directory
@@ -386,7 +407,13 @@ def load_trainer_state(out) -> tuple[dict, dict] | None:
     out = Path(out)
     if not (out / "trainer_state.json").exists():
         return None
-    side = json.loads((out / "trainer_state.json").read_text())
+    tj = out / "trainer_state.json"
+    try:
+        side = json.loads(tj.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{tj}: corrupt trainer state ({getattr(e, 'msg', e)})") from None
+    if not (isinstance(side, dict) and isinstance(side.get("step"), int) and isinstance(side.get("optimizer"), dict)):
+        raise ValueError(f"{tj}: corrupt trainer state (expected an object with an integer 'step' and 'optimizer')")
     return side, load_file(str(out / "trainer_state.safetensors"))
 
 
@@ -418,6 +445,26 @@ def add_common_args(p, lora: bool = True):
                             "up_proj,down_proj)")
 
 
+# the smallest value each count flag can run with (getattr: a stage without the flag skips it)
+MIN_FLAGS = {"batch_size": 1, "steps": 0, "warmup_steps": 0, "eval_every": 1, "save_every": 1, "log_every": 1,
+             "seq_len": 0, "num_samples": 0, "max_new_tokens": 1, "ppo_epochs": 1, "minibatches": 1}
+
+
+def check_common_args(args):
+    """Every stage calls this first: a flag value it cannot run with is a one-line error naming the flag, not a
+    ZeroDivisionError mid-run or a run that silently trains nothing."""
+    for name, lo in MIN_FLAGS.items():
+        v = getattr(args, name, None)
+        if v is not None and v < lo:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
+    if not args.epochs > 0:
+        raise ValueError(f"--epochs must be > 0, got {args.epochs}")
+    if not 0 <= args.seed < 2 ** 63:
+        raise ValueError(f"--seed must be in [0, 2^63), got {args.seed}")
+    if not 0 <= args.eval_frac < 1:
+        raise ValueError(f"--eval-frac must be in [0, 1), got {args.eval_frac}")
+
+
 def prepare_model(args, dist: "Dist", resume_dir=None):
     """Load --model (or the resume checkpoint) onto the device and add LoRA adapters when asked."""
     from .lora import apply_lora, load_adapter
@@ -429,18 +476,23 @@ def prepare_model(args, dist: "Dist", resume_dir=None):
         model, tok = load_policy(args.model, dist.device, args.tokenizer)
         if lora_r:
             if resume:
-                load_adapter(model, resume_dir)
+                load_adapter(model, resume_dir, r=lora_r)
             else:
                 apply_lora(model, lora_r, args.lora_alpha, args.lora_targets, verbose=dist.main)
             model.to(dist.device)
     return model, tok
 
 
-def resume_state(args):
-    """The trainer state to continue from (None when starting fresh); --resume without state is an error."""
+def resume_state(args, stage: str | None = None):
+    """The trainer state to continue from (None when starting fresh); --resume without state, or with another
+    stage's state (its optimizer and step count would be taken over silently), is an error."""
     st = load_trainer_state(args.out) if args.resume else None
     if args.resume and st is None:
         raise FileNotFoundError(f"{args.out}: --resume but no trainer_state.json there")
+    found = st[0].get("stage") if st else None
+    if stage and found not in (None, stage):
+        raise ValueError(f"{args.out}: holds a `pyllm {found}` run; `pyllm {stage} --resume` continues only its own "
+                         f"runs (use another --out)")
     if not args.resume and (Path(args.out) / "trainer_state.json").exists():
         print(f"{args.out}: existing checkpoint will be overwritten (pass --resume to continue it)",
               file=sys.stderr)
@@ -501,9 +553,10 @@ def eval_loss(model, rows, device, batch_size: int) -> float:
 
 
 def main(args) -> int:
+    check_common_args(args)
     dist = Dist(args.device)
     torch.manual_seed(args.seed)
-    st = resume_state(args)
+    st = resume_state(args, "sft")
     model, tok = prepare_model(args, dist, args.out if st else None)
     T = args.seq_len or model.config.max_seq_len
     if T > model.config.max_seq_len:
@@ -527,7 +580,7 @@ def main(args) -> int:
     step = 0
     if st:
         side, tens = st
-        load_optimizer_tensors(opt, tens, side["optimizer"])
+        load_optimizer_tensors(opt, tens, side["optimizer"], f"{args.out}/trainer_state.safetensors")
         step = side["step"]
         if dist.main:
             print(f"sft: resuming at step {step}")

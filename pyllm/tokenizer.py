@@ -71,13 +71,30 @@ def _assemble(vocab: dict[str, int], merges: list[tuple[str, str]], specials: Se
     return tok
 
 
+def _check_texts(texts) -> None:
+    """Why the tokenizers library refused texts: a non-str, or a lone surrogate (JSON's "\\ud800" escape decodes to
+    one; it is not valid Unicode and has no UTF-8 bytes)."""
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"encode: text {i} is {type(t).__name__}, not str")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"text has a lone surrogate {t[e.start]!r} at character {e.start} (not valid Unicode; "
+                             f"a \\ud800-style JSON escape?)") from None
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. path is a directory: no stray .tmp left beside it
+        raise
 
 
 class Tokenizer:
@@ -203,11 +220,19 @@ class Tokenizer:
         """Token ids of text. allow_special=True parses literal special-token text ("<|end|>") into its id."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
-        ids = (self._hf if allow_special else self._plain).encode(text, add_special_tokens=False).ids
+        try:
+            ids = (self._hf if allow_special else self._plain).encode(text, add_special_tokens=False).ids
+        except TypeError:
+            _check_texts([text])  # the precise reason instead of "TextInputSequence must be str"
+            raise
         return [self.bos_id, *ids] if add_bos else list(ids)
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False, allow_special: bool = False) -> list[list[int]]:
-        encs = (self._hf if allow_special else self._plain).encode_batch(list(texts), add_special_tokens=False)
+        try:
+            encs = (self._hf if allow_special else self._plain).encode_batch(list(texts), add_special_tokens=False)
+        except TypeError:
+            _check_texts(texts)  # the precise reason instead of "TextEncodeInput must be Union[...]"
+            raise
         return [[self.bos_id, *e.ids] if add_bos else list(e.ids) for e in encs]
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:

@@ -280,6 +280,11 @@ def _edit_weights(d, fn):
      r"model\.safetensors.*unexpected tensor 'model\.layers\.0\.self_attn\.q_proj\.bias'"),
     ("dtype", ValueError, r"model\.safetensors.*'model\.embed_tokens\.weight'.*F16"),
     ("truncated", ValueError, r"model\.safetensors.*truncated"),
+    # were accepted (a NaN model that pyllm-run then refuses) or a TypeError/AttributeError traceback
+    ("negative_eps", ValueError, r"config\.json.*norm_eps must be a number in \(0, 1\), got -1"),
+    ("zero_theta", ValueError, r"config\.json.*rope_theta must be a positive finite number"),
+    ("string_eps", ValueError, r"config\.json.*rms_norm_eps must be a number, got 'abc'"),
+    ("pyllm_not_object", ValueError, r"config\.json.*'pyllm' must be an object"),
 ])
 def test_bad_checkpoints(rng, tmp_path, case, exc, pattern):
     d = tmp_path / "ck"
@@ -304,6 +309,14 @@ def test_bad_checkpoints(rng, tmp_path, case, exc, pattern):
         _edit_config(d, hidden_act="gelu")
     elif case == "bad_json":
         (d / "config.json").write_text("{")
+    elif case == "negative_eps":
+        _edit_config(d, rms_norm_eps=-1.0)
+    elif case == "zero_theta":
+        _edit_config(d, rope_theta=0)
+    elif case == "string_eps":
+        _edit_config(d, rms_norm_eps="abc")
+    elif case == "pyllm_not_object":
+        _edit_config(d, pyllm="v1")
     elif case == "wrong_shape":
         _edit_weights(d, lambda ts: ts.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(56, 31)}))
     elif case == "missing_tensor":

@@ -133,6 +133,22 @@ def test_malformed_jsonl(tmp_path, capsys):
     assert man["stats"]["bad_lines"] == 3 and man["stats"]["docs"] == 2
 
 
+def test_corrupt_manifest(tmp_path):
+    """A manifest that is JSON but not one (a list, a missing key, a shard entry without its fields) was a
+    TypeError/KeyError traceback from pretrain; now one error naming the file, from every reader."""
+    (tmp_path / "in.txt").write_text("hello world")
+    d = tmp_path / "d"
+    prepare([str(tmp_path / "in.txt")], d, byte_level=True, val_fraction=0, workers=1)
+    good = json.loads((d / "manifest.json").read_text())
+    for bad in ([], {k: v for k, v in good.items() if k != "shards"}, {**good, "shards": [{"file": "x.bin"}]},
+                {**good, "shards": "train_00000.bin"}):
+        (d / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=r"manifest.json: corrupt manifest \(expected an object"):
+            D.TokenStream(d, "train")
+        with pytest.raises(ValueError, match=r"manifest.json: corrupt manifest"):
+            prepare([str(tmp_path / "in.txt")], d, byte_level=True, val_fraction=0, workers=1)
+
+
 def test_empty_files_and_invalid_utf8(tmp_path):
     d = tmp_path / "in"
     d.mkdir()
@@ -291,3 +307,41 @@ def test_cli_help_and_bad_flags(capsys):
     assert cli(["prepare", "--input", "/nonexistent/x.txt"]) == 2
     assert capsys.readouterr().err.strip() == \
         "pyllm prepare: error: /nonexistent/x.txt: no such file, and no file matches it as a glob"
+
+
+def test_doc_sep_escapes_and_non_ascii(tmp_path, capsys):
+    """A non-ASCII --doc-sep was decoded to mojibake (never matched: one document); a bad escape was the codec's
+    message without the flag."""
+    (tmp_path / "in.txt").write_text("alpha 東 beta 東 gamma")
+    assert cli(["prepare", "--input", str(tmp_path / "in.txt"), "--byte-level", "--workers", "1", "--val-fraction",
+                "0", "--doc-sep", " 東 ", "--out", str(tmp_path / "d")]) == 0
+    assert json.loads((tmp_path / "d" / "manifest.json").read_text())["stats"]["docs"] == 3
+    capsys.readouterr()
+    assert cli(["prepare", "--input", str(tmp_path / "in.txt"), "--byte-level", "--doc-sep", "\\x",
+                "--out", str(tmp_path / "d2")]) == 2
+    want = "pyllm prepare: error: --doc-sep '\\\\x': bad escape (truncated \\xXX escape)"
+    assert capsys.readouterr().err.strip() == want
+
+
+def test_utf8_bom_is_not_text(tmp_path):
+    """A BOM-prefixed .jsonl (Windows editors) stopped with "line 1: not valid JSON (Unexpected UTF-8 BOM)"; in a .txt
+    it became the first token of the document."""
+    (tmp_path / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "hi"}\n{"text": "yo"}\n')
+    (tmp_path / "b.txt").write_bytes(b"\xef\xbb\xbfab")
+    docs = list(D.iter_documents([str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")]))
+    assert docs == ["hi", "yo", "ab"]
+
+
+def test_lone_surrogate_and_deep_nesting_are_bad_lines(tmp_path):
+    """{"text": "\\ud800"} is valid JSON but not Unicode: was the tokenizers library's "TextEncodeInput must be
+    Union[...]" TypeError traceback from inside prepare's encoder."""
+    p = tmp_path / "s.jsonl"
+    p.write_text('{"text": "fine"}\n{"text": "bad \\ud800 here"}\n{"text": "pair \\ud83d\\ude00 ok"}\n')
+    with pytest.raises(ValueError, match=r"s.jsonl:2: \"text\" has a lone surrogate"):
+        prepare([str(p)], tmp_path / "d", byte_level=True, workers=1)
+    man = prepare([str(p)], tmp_path / "d2", byte_level=True, val_fraction=0, workers=1, skip_bad_lines=True)
+    assert man["stats"]["bad_lines"] == 1 and man["stats"]["docs"] == 2
+    deep = tmp_path / "deep.jsonl"  # was a RecursionError traceback from json
+    deep.write_text('{"text": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ValueError, match=r"deep.jsonl:2: not valid JSON \(nested too deeply\)"):
+        prepare([str(deep)], tmp_path / "d3", byte_level=True, workers=1)

@@ -7,6 +7,7 @@ import random
 import re
 
 import pytest
+import torch
 
 from pyllm import cli, tasks
 
@@ -168,6 +169,15 @@ def test_out_is_a_file(tmp_path, capsys):
     f.write_text("not a directory")
     assert cli.main(["demo", "--quick", "--out", str(f)]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_device_cuda_without_a_gpu_fails_before_any_stage(tmp_path, capsys):
+    """Was: tokenizer-train and prepare ran (writing into --out), then pretrain failed."""
+    assert cli.main(["demo", "--quick", "--device", "cuda", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["pyllm demo: error: --device cuda: no CUDA GPU is available to torch"]
+    assert not (tmp_path / "d").exists()
 
 
 def test_from_stage_rl_reuses_earlier_stages(quick_run, tmp_path):

@@ -151,6 +151,10 @@ def test_matmul_rejects_bad_input():
         ops.quantize_q8(torch.zeros(2, 30), 32)
     with pytest.raises(ValueError, match="k must be"):
         C().matvec_q8(1, 1, 1, 1, 2, 30, 32)
+    with pytest.raises(ValueError, match=r"K >= 1, got \(2, 0\)"):  # was torch's "cannot reshape" from _Linear
+        ops.linear(torch.zeros(2, 0), torch.zeros(4, 0))
+    with pytest.raises(ValueError, match="non-empty 2-D"):  # was the binding's "null pointer for w"
+        ops.matvec(torch.zeros(4, 0), torch.zeros(0))
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (3, 17), (127, 1000), (1000, 127), (33, 4096)])

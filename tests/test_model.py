@@ -289,6 +289,17 @@ def test_bad_inputs_one_line(rng):
         m(ids(rng, 2, 4), doc_ids=torch.zeros(2, 3, dtype=torch.int32))
     with pytest.raises(ValueError, match="non-empty"):
         m.generate(torch.zeros(1, 0, dtype=torch.long), 3)
+    # ids outside the vocabulary (a tokenizer/model mismatch) were embedding's "index out of range in self"
+    V = m.config.vocab_size
+    for bad in (V, -1):
+        with pytest.raises(ValueError, match=rf"idx: token id {bad} is out of range \[0, {V}\)"):
+            m(torch.tensor([[0, bad, 1]]))
+        with pytest.raises(ValueError, match=rf"idx: token id {bad} is out of range"):
+            m.generate(torch.tensor([[bad]]), 2)
+    with pytest.raises(TypeError, match="idx: expected token ids"):
+        m(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="max_new_tokens: expected >= 0"):  # was: the prompt back, silently
+        m.generate(torch.zeros(1, 2, dtype=torch.long), -2)
 
 
 @pytest.mark.gpu

@@ -107,6 +107,14 @@ def test_resume_errors(data_dir, tmp_path, capsys):
     assert cli([*base[:-6], "--dim", "64", *TINY[2:], "--batch-size", "4", "--max-steps", "4", "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "checkpoint is a different model shape" in err[0] and "dim 32 vs 64" in err[0]
+    # a corrupt trainer_state.json: was a bare JSON message (no file) or a KeyError/TypeError traceback
+    tj = out / (out / "latest").read_text().strip() / "trainer_state.json"
+    for text, want in (("{bad", "corrupt trainer state (Expecting"), ("[1]", "corrupt trainer state (expected an"),
+                       ('{"step": 2}', "corrupt trainer state (expected an")):
+        tj.write_text(text)
+        assert cli([*base, "--max-steps", "4", "--resume"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{tj}: {want}" in err[0], err
 
 
 def test_cli_help_and_bad_flags(data_dir, capsys):
@@ -124,6 +132,19 @@ def test_cli_help_and_bad_flags(data_dir, capsys):
     assert "not a multiple" in capsys.readouterr().err
     assert cli(["pretrain", "--data", str(data_dir.parent)]) == 2
     assert "not a prepared data directory" in capsys.readouterr().err
+    # were accepted: a negative period evaluated / checkpointed every step, --depth 0 became depth 4
+    for flag, value, want in (("--eval-every", "-1", "--eval-every must be >= 0"),
+                              ("--checkpoint-every", "-1", "--checkpoint-every must be >= 0"),
+                              ("--sample-tokens", "-3", "--sample-tokens must be >= 0"),
+                              ("--depth", "0", "--depth must be positive"),
+                              ("--min-lr-frac", "5", "--min-lr-frac must be in [0, 1]"),
+                              ("--tokens-per-param", "-1", "--tokens-per-param must be > 0"),
+                              ("--total-batch-tokens", "-128", "--total-batch-tokens must be >= 0"),  # was exit 0
+                              ("--seed", "-1", "--seed must be in [0, 2^63)"),  # was "expected non-negative integer"
+                              ("--lr", "inf", "--lr > 0")):
+        assert cli(["pretrain", "--data", str(data_dir), flag, value]) == 2, flag
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and want in err[0], err
 
 
 def _free_port() -> int:

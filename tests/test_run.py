@@ -201,6 +201,23 @@ def test_sampler(tmp_path, rng):
         assert runtime.sample(logits, 1.0, float(p[nucleus_top]) * 0.5, 0, seed=1) == nucleus_top
 
 
+def test_sampler_rejects_bad_arguments(rng):
+    """runtime.sample passed anything to the C sampler: a negative temperature or top_p > 1 sampled, a 2-D array was
+    flattened, a negative seed or huge top_k was cffi's OverflowError; all -inf said 'NaN'."""
+    logits = torch.randn(50, generator=rng).numpy()
+    for kw, want in (({"temperature": -1.0}, "temperature must be a finite number >= 0"),
+                     ({"temperature": float("inf")}, "temperature must be"),
+                     ({"top_p": 2.0}, r"top_p must be in \(0, 1\]"), ({"top_p": 0.0}, "top_p must be"),
+                     ({"top_k": -5}, "top_k must be"), ({"top_k": 2 ** 40}, "top_k must be"),
+                     ({"seed": -1}, "seed must be in")):
+        with pytest.raises(ValueError, match=want):
+            runtime.sample(logits, **kw)
+    with pytest.raises(ValueError, match=r"expected non-empty 1-D logits \(n,\), got shape \(5, 10\)"):
+        runtime.sample(logits.reshape(5, 10))
+    with pytest.raises(ValueError, match="no finite logit"):
+        runtime.sample(np.full(8, -np.inf, np.float32))
+
+
 def test_export_writes_atomically_and_rejects_bad_args(tmp_path, rng):
     c = tiny_config()
     sd = random_state_dict(c, rng)
@@ -239,6 +256,27 @@ def test_binary_help_and_bad_flags(tmp_path):
     assert r.returncode == 2 and "temperature" in r.stderr
     r = run_bin(tmp_path / "missing.bin")
     assert r.returncode == 1 and "missing.bin: cannot open" in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(not runtime.BIN_PATH.exists(), reason="pyllm-run not built")
+def test_binary_flag_ranges_and_tokenizer_dir(tmp_path, rng):
+    """Messages that say the real range (was '-n needs an integer >= 0, got 2147483647'); a negative or overflowing
+    seed is an error (was silently wrapped to 2^64-1); a directory as -z says so (was 'read error')."""
+    for flag, value, want in (("-n", "2147483647", "-n needs an integer in [0, 2^30]"),
+                              ("-k", "2147483647", "-k needs an integer in [0, 2^30]"),
+                              ("-s", "-1", "-s needs an integer seed in [0, 2^64)"),
+                              ("-s", "99999999999999999999", "-s needs an integer seed in [0, 2^64)"),
+                              ("-t", "1e40", "-t needs a finite temperature >= 0")):
+        r = run_bin(tmp_path / "m.bin", flag, value)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and want in r.stderr, (flag, value, r.stderr)
+    c = tiny_config(norm_eps=1e-5)
+    model = write_model_bin(tmp_path / "m.bin", random_state_dict(c, rng), c)
+    (tmp_path / "tokdir").mkdir()
+    r = run_bin(model, "-z", tmp_path / "tokdir", "-n", "2")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "tokdir: read error: Is a directory" in r.stderr, \
+        r.stderr
+    r = run_bin(model, "-z", tmp_path / "nope.bin", "-n", "2")
+    assert r.returncode == 1 and "nope.bin: cannot open tokenizer file: No such file or directory" in r.stderr
 
 
 CORPUS = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. Café naïve 東京 🙂 "

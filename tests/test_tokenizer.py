@@ -177,3 +177,27 @@ def test_decode_rejects_bad_ids(tok):
         tok.decode([1, tok.vocab_size])
     with pytest.raises(ValueError):
         tok.decode([-1])
+
+
+def test_failed_save_leaves_no_tmp(tmp_path):
+    """save/save_bin onto a directory fail with the OSError naming it, and leave no half-written .tmp beside it."""
+    t = Tokenizer.byte_level()
+    d = tmp_path / "taken"
+    d.mkdir()
+    with pytest.raises(IsADirectoryError, match="taken"):
+        t.save_bin(d)
+    (d / "tokenizer.json").mkdir()
+    with pytest.raises(IsADirectoryError, match="tokenizer.json"):
+        t.save(d)
+    assert sorted(p.name for p in tmp_path.rglob("*.tmp")) == []
+
+
+def test_encode_explains_what_the_library_refused():
+    """Were the tokenizers library's "TextInputSequence must be str" / "TextEncodeInput must be Union[...]"."""
+    t = Tokenizer.byte_level()
+    with pytest.raises(ValueError, match=r"lone surrogate '\\ud800' at character 1"):
+        t.encode("a\ud800")
+    with pytest.raises(ValueError, match="lone surrogate"):
+        t.encode_batch(["ok", "x\udc00"])
+    with pytest.raises(TypeError, match="text 1 is int, not str"):
+        t.encode_batch(["a", 3])

@@ -1,0 +1,274 @@
+"""Every `pyllm` subcommand on bad input: an --out that is a file, a directory or non-UTF-8 bytes where JSONL goes,
+out-of-range numeric flags, a broken --reward-fn. Each must end in ONE line `pyllm <cmd>: error: ...` naming the
+file or flag, exit status 2, and no partial output — never a traceback, a ZeroDivisionError mid-run or a run that
+silently trains nothing. (Model files: tests/test_run_robust.py; checkpoints: tests/test_checkpoint.py.)
+
+Run: OMP_NUM_THREADS=1 PYTHONPATH=$PWD python -m pytest -q tests/test_cli_robust.py
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chat_util import cli, tiny_checkpoint, write_jsonl
+
+GOOD_SFT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+GOOD_PREF = {"prompt": "q", "chosen": "good", "rejected": "bad"}
+
+
+def one_line_error(capsys, cmd: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    err = [ln for ln in err if "existing checkpoint will be overwritten" not in ln and "%|" not in ln]  # bars
+    assert len(err) == 1 and err[0].startswith(f"pyllm {cmd}: error: "), err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "base", max_seq_len=48)
+
+
+def test_out_that_is_a_file(base, tmp_path, capsys):
+    """mkdir(--out) on an existing file raised FileExistsError with a traceback in every stage."""
+    f = tmp_path / "taken.txt"
+    f.write_text("precious")
+    text = tmp_path / "in.txt"
+    text.write_text("hello world. " * 20)
+    for argv in (["export", "--checkpoint", str(base), "--out", str(f)],
+                 ["tokenizer-train", "--input", str(text), "--vocab-size", "270", "--out", str(f)],
+                 ["prepare", "--input", str(text), "--byte-level", "--workers", "1", "--out", str(f)],
+                 ["sft", "--model", str(base), "--data", str(write_jsonl(tmp_path / "s.jsonl", [GOOD_SFT])),
+                  "--eval-frac", "0", "--steps", "1", "--device", "cpu", "--out", str(f)]):
+        assert cli(argv) == 2, argv
+        err = one_line_error(capsys, argv[0])
+        assert f"{f}: File exists and is not a directory" in err, err
+        assert f.read_text() == "precious"
+
+
+def test_jsonl_directory_and_non_utf8_line(base, tmp_path, capsys):
+    args = ["sft", "--model", str(base), "--eval-frac", "0", "--steps", "1", "--device", "cpu",
+            "--out", str(tmp_path / "o")]
+    d = tmp_path / "data_dir"
+    d.mkdir()
+    assert cli(args + ["--data", str(d)]) == 2  # was IsADirectoryError with a traceback
+    assert f"{d}: is a directory, expected a JSONL conversation file" in one_line_error(capsys, "sft")
+    bad = tmp_path / "latin1.jsonl"  # was "'utf-8' codec can't decode byte 0xe9 ...", no file, no line
+    bad.write_bytes(json.dumps(GOOD_SFT).encode() + b"\n" + b'{"prompt": "caf\xe9", "completion": "x"}\n')
+    assert cli(args + ["--data", str(bad)]) == 2
+    assert f"{bad}:2: not valid UTF-8" in one_line_error(capsys, "sft")
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+    assert cli(args + ["--data", str(bad), "--skip-bad-lines"]) == 0  # now a bad line like any other
+    assert "skipped 1 bad line" in capsys.readouterr().err
+    bom = tmp_path / "bom.jsonl"  # a UTF-8 BOM (Windows editors) was "line 1: not valid JSON (Unexpected UTF-8 BOM)"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD_SFT).encode() + b"\n")
+    assert cli(args + ["--data", str(bom)]) == 0
+    sur = write_jsonl(tmp_path / "sur.jsonl", ['{"prompt": "x \\ud800", "completion": "y"}'])  # valid JSON, not Unicode
+    assert cli(args + ["--data", str(sur)]) == 2  # was a TypeError traceback from the tokenizers library
+    assert f"{sur}:1: text has a lone surrogate" in one_line_error(capsys, "sft")
+    deep = write_jsonl(tmp_path / "deep.jsonl", ['{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}"])
+    assert cli(args + ["--data", str(deep)]) == 2  # was a RecursionError traceback from json
+    assert f"{deep}:1: not valid JSON (nested too deeply)" in one_line_error(capsys, "sft")
+
+
+@pytest.mark.parametrize("stage, flag, value, message", [
+    ("sft", "--batch-size", "0", "--batch-size must be >= 1"),        # was "block x: expected a non-empty tensor"
+    ("sft", "--batch-size", "-2", "--batch-size must be >= 1"),       # was exit 0 with nothing trained or saved
+    ("sft", "--steps", "-3", "--steps must be >= 0"),                 # was exit 0 with nothing trained or saved
+    ("sft", "--eval-every", "0", "--eval-every must be >= 1"),        # was ZeroDivisionError mid-run
+    ("sft", "--save-every", "0", "--save-every must be >= 1"),        # was ZeroDivisionError mid-run
+    ("sft", "--log-every", "0", "--log-every must be >= 1"),          # was ZeroDivisionError mid-run
+    ("sft", "--eval-frac", "1", "--eval-frac must be in [0, 1)"),     # was ZeroDivisionError (no training rows)
+    ("sft", "--epochs", "-1", "--epochs must be > 0"),
+    ("sft", "--seq-len", "-5", "--seq-len must be >= 0"),             # was "longer than the context (-4)"
+    ("sft", "--seed", "-1", "--seed must be in [0, 2^63)"),           # was torch's "expected non-negative integer"
+    ("reward", "--batch-size", "0", "--batch-size must be >= 1"),     # was "max() arg is an empty sequence"
+    ("reward", "--eval-frac", "1", "--eval-frac must be in [0, 1)"),  # was ZeroDivisionError
+    ("dpo", "--beta", "0", "--beta must be > 0"),                     # was exit 0: a constant loss, no gradient
+    ("dpo", "--beta", "-1", "--beta must be > 0"),
+    ("dpo", "--label-smoothing", "0.9", "--label-smoothing must be in [0, 0.5)"),
+    ("rl", "--max-new-tokens", "0", "--max-new-tokens must be >= 1"),  # was exit 0
+    ("rl", "--ppo-epochs", "0", "--ppo-epochs must be >= 1"),         # was exit 0 with no update
+    ("rl", "--minibatches", "-2", "--minibatches must be >= 1"),
+    ("score", "--batch-size", "0", "--batch-size must be >= 1"),      # was "range() arg 3 must not be zero"
+])
+def test_out_of_range_flags(base, tmp_path, capsys, stage, flag, value, message):
+    sft = write_jsonl(tmp_path / "s.jsonl", [GOOD_SFT] * 4)
+    prefs = write_jsonl(tmp_path / "p.jsonl", [GOOD_PREF] * 4)
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi"}] * 4)
+    fn = tmp_path / "rf.py"
+    fn.write_text("def fn(prompt, response, **kw):\n    return 1.0\n")
+    out = ["--out", str(tmp_path / "o"), "--device", "cpu"]
+    argv = {"sft": ["--model", str(base), "--data", str(sft), "--steps", "1", *out],
+            "reward": ["--model", str(base), "--data", str(prefs), "--steps", "1", *out],
+            "dpo": ["--model", str(base), "--data", str(prefs), "--steps", "1", *out],
+            "rl": ["--policy", str(base), "--reward-fn", f"{fn}:fn", "--prompts", str(prompts), "--steps", "1",
+                   "--batch-size", "2", "--max-new-tokens", "4", *out],
+            "score": ["--reward-model", str(base), "--data", str(prefs), "--device", "cpu"]}[stage]
+    assert cli([stage, *argv, flag, value]) == 2
+    assert message in one_line_error(capsys, stage)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("body, message", [
+    ("def fn(:\n", "cannot load"),                                            # was a SyntaxError traceback
+    ("def fn(prompt, response, **kw):\n    return 'yes'\n", "returned 'yes', expected a finite number"),
+    ("def fn(prompt, response, **kw):\n    return float('nan')\n", "returned nan"),  # was exit 0, NaN advantages
+])
+def test_broken_reward_fn(base, tmp_path, capsys, body, message):
+    fn = tmp_path / "rf.py"
+    fn.write_text(body)
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi"}] * 2)
+    assert cli(["rl", "--policy", str(base), "--reward-fn", f"{fn}:fn", "--prompts", str(prompts), "--algo", "grpo",
+                "--num-samples", "2", "--steps", "1", "--batch-size", "2", "--max-new-tokens", "2", "--device",
+                "cpu", "--out", str(tmp_path / "o")]) == 2
+    err = one_line_error(capsys, "rl")
+    assert "--reward-fn" in err and message in err, err
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_reward_fn_may_return_a_bool(base, tmp_path):
+    """A verifier returning True/False is a reward (the finite-number check must not reject it)."""
+    fn = tmp_path / "rf.py"
+    fn.write_text("def fn(prompt, response, **kw):\n    return len(response) % 2 == 0\n")
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi"}] * 2)
+    assert cli(["rl", "--policy", str(base), "--reward-fn", f"{fn}:fn", "--prompts", str(prompts), "--algo", "grpo",
+                "--num-samples", "2", "--steps", "1", "--batch-size", "2", "--max-new-tokens", "2", "--device",
+                "cpu", "--out", str(tmp_path / "o")]) == 0
+
+
+def test_score_out_is_a_directory_leaves_no_tmp(base, tmp_path, capsys):
+    prefs = write_jsonl(tmp_path / "p.jsonl", [GOOD_PREF] * 4)
+    rm = tmp_path / "rm"
+    assert cli(["reward", "--model", str(base), "--data", str(prefs), "--steps", "1", "--batch-size", "2",
+                "--eval-frac", "0", "--device", "cpu", "--out", str(rm)]) == 0
+    capsys.readouterr()
+    d = tmp_path / "scores"
+    d.mkdir()
+    assert cli(["score", "--reward-model", str(rm), "--data", str(prefs), "--device", "cpu", "--out", str(d)]) == 2
+    assert "Is a directory" in one_line_error(capsys, "score")  # was IsADirectoryError with a traceback
+    assert not (tmp_path / "scores.tmp").exists()
+
+
+def test_export_refuses_a_tokenizer_of_another_vocab(tmp_path, capsys):
+    """Was: model.bin + tokenizer.bin written, then every pyllm-run call failed with 'wrong tokenizer?'."""
+    ck = tiny_checkpoint(tmp_path / "ck", vocab_size=300)  # byte-level tokenizer: 262 tokens
+    assert cli(["export", "--checkpoint", str(ck), "--out", str(tmp_path / "run")]) == 2
+    err = one_line_error(capsys, "export")
+    assert f"{ck}: tokenizer.json has 262 tokens but config.json's vocab_size is 300" in err, err
+    assert not (tmp_path / "run" / "model.bin").exists()
+
+
+def test_second_model_with_another_tokenizer(base, tmp_path, capsys):
+    """DPO's --ref-model / RL's --reward-model read the policy's token ids: with another tokenizer they ran and
+    silently scored other tokens."""
+    from pyllm.checkpoint import save_checkpoint
+    from pyllm.tokenizer import Tokenizer
+    from chat_util import tiny_model
+    tok = Tokenizer.train(iterator=["the cat sat on the mat. " * 50], vocab_size=280)
+    model, _ = tiny_model(vocab_size=tok.vocab_size, max_seq_len=48)
+    other = save_checkpoint(tmp_path / "other", model, tok)
+    prefs = write_jsonl(tmp_path / "p.jsonl", [GOOD_PREF] * 4)
+    assert cli(["dpo", "--model", str(base), "--ref-model", str(other), "--data", str(prefs), "--steps", "1",
+                "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
+    err = one_line_error(capsys, "dpo")
+    want = f"{other}: the reference model's tokenizer differs from the policy's ({tok.vocab_size} vs 262 tokens)"
+    assert want in err, err
+    assert cli(["reward", "--model", str(other), "--data", str(prefs), "--steps", "1", "--batch-size", "2",
+                "--eval-frac", "0", "--device", "cpu", "--out", str(tmp_path / "rm")]) == 0
+    capsys.readouterr()
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi"}] * 2)
+    assert cli(["rl", "--policy", str(base), "--reward-model", str(tmp_path / "rm"), "--prompts", str(prompts),
+                "--steps", "1", "--batch-size", "2", "--max-new-tokens", "2", "--device", "cpu",
+                "--out", str(tmp_path / "o")]) == 2
+    assert "the reward model's tokenizer differs from the policy's" in one_line_error(capsys, "rl")
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_with_a_corrupt_trainer_state(base, tmp_path, capsys):
+    """Was a bare JSON message without the file, or a TypeError/KeyError traceback."""
+    data = write_jsonl(tmp_path / "s.jsonl", [GOOD_SFT] * 4)
+    out = tmp_path / "o"
+    args = ["sft", "--model", str(base), "--data", str(data), "--eval-frac", "0", "--steps", "2", "--device", "cpu",
+            "--out", str(out)]
+    assert cli(args[:-5] + ["1", *args[-4:]]) == 0
+    capsys.readouterr()
+    tj = out / "trainer_state.json"
+    for text, want in (("{bad", "corrupt trainer state (Expecting"), ("[1]", "corrupt trainer state (expected an"),
+                       ('{"step": 1}', "corrupt trainer state (expected an")):
+        tj.write_text(text)
+        assert cli(args + ["--resume"]) == 2
+        assert f"{tj}: {want}" in one_line_error(capsys, "sft")
+
+
+def test_unknown_flag_names_the_subcommand(capsys):
+    """Was the top-level `usage: pyllm [-h] [--version] <command> ...` and `pyllm: error:` for a subcommand's flag."""
+    with pytest.raises(SystemExit) as e:
+        cli(["export", "--checkpoint", "x", "--out", "y", "--frob", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[0].startswith("usage: pyllm export")
+    assert err[-1] == "pyllm export: error: unrecognized arguments: --frob 1"
+
+
+def test_resume_another_stages_run_or_another_lora_setup(base, tmp_path, capsys):
+    """`dpo --resume` in an SFT output took over SFT's optimizer and step count silently (exit 0); resuming a LoRA
+    run without --lora-r was torch's "parameter group that doesn't match the size of optimizer's group"."""
+    data = write_jsonl(tmp_path / "s.jsonl", [GOOD_SFT] * 4)
+    prefs = write_jsonl(tmp_path / "p.jsonl", [GOOD_PREF] * 4)
+    out = tmp_path / "o"
+    sft = ["sft", "--model", str(base), "--data", str(data), "--eval-frac", "0", "--device", "cpu", "--out", str(out)]
+    assert cli(sft + ["--steps", "1", "--lora-r", "2"]) == 0
+    capsys.readouterr()
+    assert cli(["dpo", "--model", str(base), "--data", str(prefs), "--eval-frac", "0", "--device", "cpu",
+                "--out", str(out), "--steps", "2", "--resume"]) == 2
+    assert f"{out}: holds a `pyllm sft` run; `pyllm dpo --resume` continues only its own" in \
+        one_line_error(capsys, "dpo")
+    assert cli(sft + ["--steps", "2", "--resume"]) == 2
+    err = one_line_error(capsys, "sft")
+    assert f"{out}/trainer_state.safetensors: the saved optimizer state does not fit" in err, err
+    assert cli(sft + ["--steps", "2", "--resume", "--lora-r", "4"]) == 2  # was exit 0, silently r = 2
+    err = one_line_error(capsys, "sft")
+    assert f"{out}/adapter_config.json: the adapters being resumed have r=2, not --lora-r 4" in err, err
+
+
+def test_export_and_stages_cast_a_bf16_checkpoint(base, tmp_path, capsys):
+    """An HF-style bf16 checkpoint: export said "pass dtype=torch.float32 to cast" (no CLI flag does); model.bin is
+    fp32 anyway, so it casts."""
+    import shutil
+
+    from pyllm import safetensors_io
+    ck = tmp_path / "bf16"
+    shutil.copytree(base, ck)
+    ts = safetensors_io.load_file(ck / "model.safetensors")
+    safetensors_io.save_file({k: v.bfloat16() for k, v in ts.items()}, ck / "model.safetensors")
+    assert cli(["export", "--checkpoint", str(ck), "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "model.bin").is_file()
+    data = write_jsonl(tmp_path / "s.jsonl", [GOOD_SFT] * 2)  # and the stages load it in fp32 (same error before)
+    assert cli(["sft", "--model", str(ck), "--data", str(data), "--steps", "1", "--eval-frac", "0", "--device", "cpu",
+                "--out", str(tmp_path / "o")]) == 0
+
+
+def test_prompt_fields_that_clash_with_reward_fn_arguments(base, tmp_path, capsys):
+    """A prompts line with a "response" field ran the rollout, then fn(prompt=, response=, **extra) was a TypeError
+    traceback ("got multiple values for keyword argument 'response'")."""
+    fn = tmp_path / "rf.py"
+    fn.write_text("def fn(prompt, response, **kw):\n    return 1.0\n")
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi", "response": "old"}] * 2)
+    assert cli(["rl", "--policy", str(base), "--reward-fn", f"{fn}:fn", "--prompts", str(prompts), "--algo", "grpo",
+                "--num-samples", "2", "--steps", "1", "--batch-size", "2", "--max-new-tokens", "2", "--device",
+                "cpu", "--out", str(tmp_path / "o")]) == 2
+    err = one_line_error(capsys, "rl")
+    assert f"{prompts}:1: field(s) ['response'] clash with --reward-fn's prompt=/response= arguments" in err, err
+
+
+def test_a_pretrain_output_dir_is_its_latest_checkpoint(base, tmp_path):
+    """README: `pyllm pretrain --out base/` then `pyllm sft --model base/`; that was "base/config.json: missing"
+    (pretrain writes base/ckpt_<step>/ and base/latest)."""
+    import shutil
+    run = tmp_path / "base"
+    shutil.copytree(base, run / "ckpt_0000007")
+    (run / "latest").write_text("ckpt_0000007\n")
+    data = write_jsonl(tmp_path / "s.jsonl", [GOOD_SFT] * 2)
+    assert cli(["sft", "--model", str(run), "--data", str(data), "--steps", "1", "--eval-frac", "0", "--device", "cpu",
+                "--out", str(tmp_path / "sft")]) == 0
+    assert cli(["export", "--checkpoint", str(run), "--out", str(tmp_path / "bin")]) == 0
