@@ -75,7 +75,7 @@ static uint8_t* read_file(const char* path, size_t* n, char* err, size_t errlen)
         len += got;
         if (got == 0) break;
     }
-    int bad = ferror(f) ? errno : 0;  // e.g. EISDIR: a directory opens fine and fails on the first read
+    int bad = ferror(f) ? (errno ? errno : EIO) : 0;  // e.g. EISDIR: a directory opens fine and fails on the first read
     fclose(f);
     if (!buf) {
         set_err(err, errlen, "%s: out of memory reading tokenizer", path);

@@ -210,7 +210,9 @@ class GPT(nn.Module):
         if idx.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"idx: expected token ids (torch.int64), got {idx.dtype}")
         V = self.config.vocab_size
-        if idx.numel() and bool(((idx < 0) | (idx >= V)).any()):  # else embedding's "index out of range in self"
+        # else embedding's "index out of range in self"; CPU only: on a GPU the test would sync host and device
+        # every forward, and the embedding kernel's own device assert catches it there
+        if idx.device.type == "cpu" and idx.numel() and bool(((idx < 0) | (idx >= V)).any()):
             bad = idx[(idx < 0) | (idx >= V)][0].item()
             raise ValueError(f"idx: token id {bad} is out of range [0, {V}) (a tokenizer/model vocab mismatch?)")
         B, T = idx.shape
