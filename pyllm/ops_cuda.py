@@ -124,7 +124,7 @@ class _RMSNorm(torch.autograd.Function):
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     require_built("rmsnorm")
     x = _f32(x).contiguous()
-    _ops()._check_rmsnorm(x, weight, device="cuda")
+    _ops()._check_rmsnorm(x, weight, device="cuda", eps=eps)
     return _RMSNorm.apply(x, weight, eps)
 
 
