@@ -349,6 +349,7 @@ const char* run_decode(run_tokenizer* t, int prev, int id, int* len) {
 }
 int run_token_id(run_tokenizer* t, const char* piece) { return tokenizer_special(&t->t, piece); }
 int run_bos_id(run_tokenizer* t) { return t->t.bos_id; }
+int run_tokenizer_vocab_size(run_tokenizer* t) { return t->t.vocab_size; }
 static __attribute__((unused)) int tok_is_special(run_tokenizer* t, int id) {
     return t->t.is_special && id >= 0 && id < t->t.vocab_size && t->t.is_special[id];
 }
@@ -443,6 +444,12 @@ static int chat(run_model* m, run_tokenizer* tok, const char* first_user, const 
                 ids[n++] = end;
             }
         }
+        if (turn == 0 && system && *system && n + 3 >= o->steps) {  // <|user|> <|end|> <|assistant|> and one reply token must fit
+            fprintf(stderr, "pyllm-run: error: the system prompt (-y) takes %d of the %d context positions (-n), "
+                            "leaving no room for a message and a reply\n", n, o->steps);
+            rc = 1;
+            break;
+        }
         const char* user = NULL;
         if (turn == 0 && first_user && *first_user) {
             user = first_user;
@@ -459,7 +466,16 @@ static int chat(run_model* m, run_tokenizer* tok, const char* first_user, const 
         n += k;
         ids[n++] = end;
         ids[n++] = ast;
-        if (pos + n >= o->steps) { fprintf(stderr, "pyllm-run: context full (%d positions)\n", o->steps); break; }
+        if (pos + n >= o->steps) {
+            if (turn == 0) {  // nothing was said yet: an error, not the end of a conversation
+                fprintf(stderr, "pyllm-run: error: the first message (-i or stdin) takes %d of the %d context "
+                                "positions (-n) with the chat template, leaving no room for a reply\n", n, o->steps);
+                rc = 1;
+            } else {
+                fprintf(stderr, "pyllm-run: context full (%d positions)\n", o->steps);
+            }
+            break;
+        }
         float* logits = NULL;
         for (int i = 0; i < n && (i == 0 || logits); i++) logits = run_forward(m, ids[i], pos++);
         printf("Assistant: ");

@@ -10,6 +10,7 @@ The library is pyllm/lib/libpyllm_run.so, built with the extension (`python setu
 from __future__ import annotations
 
 import math
+import operator
 import os
 import re
 import sys
@@ -91,6 +92,14 @@ class Model:
     __del__ = close
 
 
+def _token_id(i) -> int:
+    """As pyllm.tokenizer's (not imported: it loads the tokenizers library, which this module does not need)."""
+    try:
+        return operator.index(i)
+    except TypeError:
+        raise ValueError(f"decode: token ids must be integers, got {i!r}") from None
+
+
 class CTokenizer:
     """The C tokenizer (pyllm tokenizer.bin or llama2.c's), for checking it against pyllm.tokenizer."""
 
@@ -101,6 +110,7 @@ class CTokenizer:
         if self._t == ffi.NULL:
             raise ValueError(ffi.string(err).decode(errors="replace"))
         self.bos_id = L.run_bos_id(self._t)
+        self.vocab_size = L.run_tokenizer_vocab_size(self._t)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ffi, L = lib()
@@ -114,12 +124,17 @@ class CTokenizer:
 
     def decode_bytes(self, ids, prev: int = -1) -> bytes:
         ffi, L = lib()
+        # the same ids as pyllm.tokenizer.Tokenizer.decode takes, and the same error (run_decode's NULL for an id
+        # out of range was skipped: a wrong id vanished from the text)
+        ids = [_token_id(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"decode: ids {bad[:5]} outside 0..{self.vocab_size - 1}")
         n = ffi.new("int*")
         out = []
         for i in ids:
-            s = L.run_decode(self._t, int(prev), int(i), n)
-            if s != ffi.NULL:
-                out.append(ffi.buffer(s, n[0])[:])
+            s = L.run_decode(self._t, int(prev), i, n)
+            out.append(ffi.buffer(s, n[0])[:])
             prev = i
         return b"".join(out)
 

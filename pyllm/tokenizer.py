@@ -13,6 +13,7 @@ encode(..., allow_special=True): a user cannot inject control tokens.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import struct
 from pathlib import Path
@@ -82,6 +83,14 @@ def _check_texts(texts) -> None:
         except UnicodeEncodeError as e:
             raise ValueError(f"text has a lone surrogate {t[e.start]!r} at character {e.start} (not valid Unicode; "
                              f"a \\ud800-style JSON escape?)") from None
+
+
+def _token_id(i) -> int:
+    """An id as an int: Python/numpy ints and integer 0-d tensors (int() also took "7" and 7.9)."""
+    try:
+        return operator.index(i)
+    except TypeError:
+        raise ValueError(f"decode: token ids must be integers, got {i!r}") from None
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -236,7 +245,7 @@ class Tokenizer:
         return [[self.bos_id, *e.ids] if add_bos else list(e.ids) for e in encs]
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
-        ids = [int(i) for i in ids]
+        ids = [_token_id(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"decode: ids {bad[:5]} outside 0..{self.vocab_size - 1}")

@@ -365,6 +365,33 @@ def test_c_tokenizer_matches_python(tok_and_model):
         runtime.CTokenizer(paths["tokenizer"], vocab_size=tok.vocab_size + 1)
 
 
+def test_c_tokenizer_decode_rejects_what_python_rejects(tok_and_model):
+    """CTokenizer.decode skipped an out-of-range id (run_decode's NULL) where pyllm.tokenizer raised; both now raise
+    the same one-line error."""
+    tok, _, _, paths = tok_and_model
+    ct = runtime.CTokenizer(paths["tokenizer"])
+    assert ct.vocab_size == tok.vocab_size
+    for ids, want in (([1, tok.vocab_size], f"outside 0..{tok.vocab_size - 1}"), ([-1], "outside"),
+                      ([1, "a"], "token ids must be integers, got 'a'")):
+        for decode in (ct.decode, tok.decode):
+            with pytest.raises(ValueError, match=want):
+                decode(ids)
+
+
+@pytest.mark.skipif(not runtime.BIN_PATH.exists(), reason="pyllm-run not built")
+def test_binary_chat_prompt_longer_than_the_context(tok_and_model):
+    """A -y system prompt (or a first message) that leaves no room for a reply printed "User: ", read stdin, then
+    "context full" with exit 0."""
+    _, _, c, paths = tok_and_model
+    for args, want in ((["-y", "Before we proceed any further " * 10], "the system prompt (-y) takes"),
+                       (["-i", "Before we proceed any further " * 10], "the first message (-i or stdin) takes")):
+        r = subprocess.run([str(runtime.BIN_PATH), str(paths["model"]), "-m", "chat", "-t", "0", "-n", "20", *args],
+                           capture_output=True, timeout=60, input=b"hello\n", env={"OMP_NUM_THREADS": "1"})
+        assert r.returncode == 1 and r.stdout == b"", (r.returncode, r.stdout)
+        err = r.stderr.decode().splitlines()
+        assert len(err) == 1 and err[0].startswith("pyllm-run: error: " + want) and "of the 20 context" in err[0], err
+
+
 L2C_TOK = __import__("conftest").SHARED / "data" / "llama2c-tokenizer.bin"
 
 

@@ -6,7 +6,9 @@ import json
 import random
 import re
 
+import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 
 from pyllm.tokenizer import PRETOK_REGEX, SPECIAL_TOKENS, Tokenizer
@@ -177,6 +179,10 @@ def test_decode_rejects_bad_ids(tok):
         tok.decode([1, tok.vocab_size])
     with pytest.raises(ValueError):
         tok.decode([-1])
+    for bad in ("a", "7", 7.9, None):  # were int()'s "invalid literal for int() with base 10: 'a'", or 7
+        with pytest.raises(ValueError, match=f"decode: token ids must be integers, got {bad!r}"):
+            tok.decode([1, bad])
+    assert tok.decode(torch.tensor([72, 105])) == tok.decode([72, 105]) == tok.decode(np.array([72, 105]))
 
 
 def test_failed_save_leaves_no_tmp(tmp_path):
