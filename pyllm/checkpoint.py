@@ -191,6 +191,12 @@ def load_checkpoint(dir, dtype: torch.dtype | None = None, device: str = "cpu", 
                     load_tokenizer: bool = True):
     """-> (GPT, Tokenizer or None). Weights must be F32 unless dtype is given, in which case any float dtype
     (e.g. a bf16/fp16 HF export) is cast to it. Every mismatch is a one-line ValueError naming file and tensor."""
+    try:  # before reading anything; "cuda" without a GPU was torch's AssertionError traceback after the load
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"load_checkpoint: bad device {device!r} ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"load_checkpoint: device {device!r}: no CUDA GPU is available to torch")
     dir = Path(dir)
     if not dir.is_dir():
         olds = sorted(dir.parent.glob(f"{dir.name}.old-*")) if dir.parent.is_dir() else []

@@ -331,3 +331,15 @@ def test_bad_checkpoints(rng, tmp_path, case, exc, pattern):
     with pytest.raises(exc, match=pattern) as e:
         load_checkpoint(d)
     assert "\n" not in str(e.value) and str(d) in str(e.value)
+
+
+def test_bad_device_is_one_line_before_loading(rng, tmp_path):
+    """device="cuda" without a GPU was torch's "Torch not compiled with CUDA enabled" AssertionError traceback,
+    raised after the whole checkpoint was read."""
+    d = save_checkpoint(tmp_path / "ck", tiny(rng))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^load_checkpoint: device 'cuda': no CUDA GPU is available to torch$"):
+            load_checkpoint(d, device="cuda")
+    with pytest.raises(ValueError, match=r"^load_checkpoint: bad device 'gpu' \("):
+        load_checkpoint(d, device="gpu")
+    assert next(load_checkpoint(d, device=torch.device("cpu"))[0].parameters()).device.type == "cpu"
