@@ -171,12 +171,16 @@ def write_model_bin(path, state_dict: dict, config, quantize: str | None = None,
     return Path(path)
 
 
-def write_llama2c(path, state_dict: dict, config, version: int = 0, group_size: int = 64) -> Path:
-    """llama2.c checkpoint: v0 (legacy, read by llama2.c's run.c), v1 (fp32, 256-byte header), v2 (Q8_0, runq.c)."""
-    c = _cfg(config)
+def _check_llama2c(c: dict):
     if abs(c["norm_eps"] - 1e-5) > 1e-12 or c["rope_theta"] != 10000.0:
         raise ValueError(f"llama2.c hard-codes norm eps 1e-5 and RoPE theta 10000; this model has eps {c['norm_eps']}"
                          f" and theta {c['rope_theta']} (use --format pyllm)")
+
+
+def write_llama2c(path, state_dict: dict, config, version: int = 0, group_size: int = 64) -> Path:
+    """llama2.c checkpoint: v0 (legacy, read by llama2.c's run.c), v1 (fp32, 256-byte header), v2 (Q8_0, runq.c)."""
+    c = _cfg(config)
+    _check_llama2c(c)
     if version not in (0, 1, 2):
         raise ValueError(f"llama2.c version must be 0, 1 or 2, got {version}")
     sd = _normalize(state_dict)
@@ -229,31 +233,42 @@ def write_llama2c(path, state_dict: dict, config, version: int = 0, group_size: 
 
 def export(state_dict: dict, config, out_dir, fmt: str = "pyllm", quantize: str | None = None, group_size: int = 64,
            llama2c_version: int | None = None, tokenizer=None) -> dict:
-    """Write model.bin (and tokenizer.bin when a tokenizer is given) into out_dir; returns the paths written."""
+    """Write model.bin (and tokenizer.bin when a tokenizer is given) into out_dir; returns the paths written.
+    Every flag combination is checked before out_dir is created, and tokenizer.bin is written (to a .tmp) before
+    model.bin replaces the old one: a failure leaves the old pair (or nothing), never a new model.bin beside an old
+    or missing tokenizer.bin."""
+    if fmt not in ("pyllm", "llama2c"):
+        raise ValueError(f"unknown --format {fmt!r} (choose pyllm or llama2c)")
+    if quantize not in (None, "q8_0"):
+        raise ValueError(f"unknown --quantize {quantize!r} (choose q8_0)")
+    if fmt == "pyllm" and llama2c_version is not None:
+        raise ValueError("--llama2c-version only applies to --format llama2c")
+    version = llama2c_version if llama2c_version is not None else (2 if quantize else 0)
+    if fmt == "llama2c":
+        if (version == 2) != (quantize == "q8_0"):
+            raise ValueError("llama2.c v2 is its Q8_0 format: use --quantize q8_0 exactly when --llama2c-version is 2")
+        _check_llama2c(_cfg(config))
+    if quantize == "q8_0":
+        _check_group(_cfg(config), group_size)
+    if tokenizer is not None and not hasattr(tokenizer, "save_bin"):
+        raise ValueError("this tokenizer has no save_bin(); cannot write tokenizer.bin")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    if fmt == "pyllm":
-        if llama2c_version is not None:
-            raise ValueError("--llama2c-version only applies to --format llama2c")
-        paths["model"] = write_model_bin(out / "model.bin", state_dict, config, quantize, group_size)
-    elif fmt == "llama2c":
-        if quantize not in (None, "q8_0"):
-            raise ValueError(f"unknown --quantize {quantize!r} (choose q8_0)")
-        version = llama2c_version if llama2c_version is not None else (2 if quantize else 0)
-        if (version == 2) != (quantize == "q8_0"):
-            raise ValueError("llama2.c v2 is its Q8_0 format: use --quantize q8_0 exactly when --llama2c-version is 2")
-        paths["model"] = write_llama2c(out / "model.bin", state_dict, config, version, group_size)
-    else:
-        raise ValueError(f"unknown --format {fmt!r} (choose pyllm or llama2c)")
+    tmp = out / "tokenizer.bin.tmp"
+    try:
+        if tokenizer is not None:
+            tokenizer.save_bin(str(tmp))
+        if fmt == "pyllm":
+            paths["model"] = write_model_bin(out / "model.bin", state_dict, config, quantize, group_size)
+        else:
+            paths["model"] = write_llama2c(out / "model.bin", state_dict, config, version, group_size)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     if tokenizer is not None:
-        if not hasattr(tokenizer, "save_bin"):
-            raise ValueError("this tokenizer has no save_bin(); cannot write tokenizer.bin")
-        tok_path = out / "tokenizer.bin"
-        tmp = out / "tokenizer.bin.tmp"
-        tokenizer.save_bin(str(tmp))
-        os.replace(tmp, tok_path)
-        paths["tokenizer"] = tok_path
+        os.replace(tmp, out / "tokenizer.bin")
+        paths["tokenizer"] = out / "tokenizer.bin"
     return paths
 
 
@@ -273,6 +288,8 @@ def add_arguments(p):
 
 
 def main(args) -> int:
+    if args.group_size is not None and args.quantize is None:
+        raise ValueError("--group-size only applies with --quantize q8_0")
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
         raise FileNotFoundError(f"{ckpt}: checkpoint directory not found")
