@@ -329,7 +329,12 @@ def reused_results(out: Path, cfg: DemoConfig, seed: int, from_stage: str) -> di
     path = out / "results.json"
     if not path.is_file():
         raise ValueError(f"--from-stage {from_stage}: {path} not found (run the full demo with this --out first)")
-    prev = json.loads(path.read_text())
+    try:
+        prev = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--from-stage {from_stage}: {path}: not valid JSON ({e})") from None
+    if not isinstance(prev, dict) or not isinstance(prev.get("config"), dict):
+        raise ValueError(f"--from-stage {from_stage}: {path}: not a demo results.json (no 'config' object)")
     if prev.get("seed") != seed:
         raise ValueError(f"--from-stage {from_stage}: {path} is from --seed {prev.get('seed')}, not {seed}")
     old, new = prev["config"], json.loads(json.dumps(dataclasses.asdict(cfg)))
@@ -351,9 +356,9 @@ def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "
     their report-card numbers), the rest run again."""
     if cfg.n_eval == 0:   # resolved first, so results.json and the reuse check see the count
         cfg = dataclasses.replace(cfg, n_eval=len(heldout_split(tuple(cfg.kinds))[0]))
+    prev = reused_results(out, cfg, seed, from_stage) if from_stage != "pretrain" else None  # before mkdir(out)
     out.mkdir(parents=True, exist_ok=True)
     run = set(STAGES[STAGES.index(from_stage):])
-    prev = reused_results(out, cfg, seed, from_stage) if from_stage != "pretrain" else None
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     dflag = ["--device", dev.type]
     clock = Clock()
