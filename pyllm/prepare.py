@@ -31,6 +31,14 @@ def _worker_init(tok_path):
     _TOK = _load_tokenizer(tok_path)
 
 
+def _pool_init(tok_path):
+    # Ctrl-C reaches the whole process group: a worker interrupted inside the result pipe printed its traceback and
+    # could leave pool.terminate() hanging on the pipe's lock; the main process alone handles it (terminate)
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_init(tok_path)
+
+
 def _encode_chunk(texts):
     """Each document -> int32 array [bos, tokens...]."""
     ids = _TOK.encode_batch(texts) if hasattr(_TOK, "encode_batch") else [_TOK.encode(t) for t in texts]
@@ -89,6 +97,9 @@ def prepare(inputs, out, tokenizer=None, byte_level=False, vocab_size=4096, val_
     """Run (or resume) the preparation; returns the final manifest."""
     files = data.expand_inputs(inputs)
     val_files = data.expand_inputs(val_inputs) if val_inputs else []
+    both = {os.path.realpath(f) for f in files} & {os.path.realpath(f) for f in val_files}
+    if both:  # the validation loss would be measured on training documents
+        raise ValueError(f"{sorted(both)[0]}: given in both --input and --val-input")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
@@ -168,7 +179,7 @@ def prepare(inputs, out, tokenizer=None, byte_level=False, vocab_size=4096, val_
     pool = None
     if workers > 1:
         import multiprocessing as mp
-        pool = mp.get_context("spawn" if os.name == "nt" else "fork").Pool(workers, _worker_init, (tok_path,))
+        pool = mp.get_context("spawn" if os.name == "nt" else "fork").Pool(workers, _pool_init, (tok_path,))
         results = _bounded_imap(pool, _run_chunk, _chunks(needed()), 4 * workers)
     else:
         _worker_init(tok_path)
