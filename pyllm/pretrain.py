@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -174,8 +175,11 @@ def save(out: Path, step: int, model, full_sd, opt_state, loader, tok, config, a
         D.atomic_write_text(Path(tmp) / "trainer_state.json", json.dumps(meta, indent=1))
     save_checkpoint(str(out / name), model, tokenizer=tok, extra={"step": step}, extra_files=trainer_files)
     D.atomic_write_text(out / "latest", name + "\n")
-    old = sorted(p for p in out.glob("ckpt_*") if p.is_dir() and p.name != name)
-    for p in old[:max(0, len(old) - (keep - 1))]:
+    # only ckpt_<step> dirs count: a run killed mid-save leaves ckpt_<step>.tmp-<pid>, which was counted (and kept)
+    # in place of a real checkpoint; those leftovers are removed here
+    old = sorted(p for p in out.glob("ckpt_*") if p.is_dir() and p.name != name and re.fullmatch(r"ckpt_\d+", p.name))
+    stale = [p for p in out.glob("ckpt_*.tmp-*") if p.is_dir()]
+    for p in old[:max(0, len(old) - (keep - 1))] + stale:
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -538,6 +542,8 @@ def main(args) -> int:
         raise ValueError(f"--min-lr-frac must be in [0, 1], got {args.min_lr_frac}")
     if not args.tokens_per_param > 0:
         raise ValueError(f"--tokens-per-param must be > 0, got {args.tokens_per_param}")
+    if not 0 <= args.peak_flops < math.inf:  # a negative figure printed a negative MFU
+        raise ValueError(f"--peak-flops must be a finite number >= 0 (0 = a guess from the device), got {args.peak_flops}")
     try:
         train(args)
     finally:

@@ -141,7 +141,8 @@ def test_cli_help_and_bad_flags(data_dir, capsys):
                               ("--tokens-per-param", "-1", "--tokens-per-param must be > 0"),
                               ("--total-batch-tokens", "-128", "--total-batch-tokens must be >= 0"),  # was exit 0
                               ("--seed", "-1", "--seed must be in [0, 2^63)"),  # was "expected non-negative integer"
-                              ("--lr", "inf", "--lr > 0")):
+                              ("--lr", "inf", "--lr > 0"),
+                              ("--peak-flops", "-5.0", "--peak-flops must be a finite number >= 0")):  # was MFU < 0
         assert cli(["pretrain", "--data", str(data_dir), flag, value]) == 2, flag
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and want in err[0], err
@@ -201,3 +202,13 @@ def test_small_validation_split_skips_eval(data_dir, tmp_path, capsys):
                 "--max-steps", "1"]) == 0
     assert "no evaluation: validation split too small" in capsys.readouterr().out
     assert len(_losses(out)) == 1
+
+
+def test_leftover_of_a_killed_save_is_not_kept_as_a_checkpoint(data_dir, tmp_path):
+    """A run killed mid-save leaves ckpt_<step>.tmp-<pid>/; --keep-checkpoints counted it as a checkpoint, so a real
+    one was deleted in its place (and the leftover stayed)."""
+    out = tmp_path / "o"
+    (out / "ckpt_0000009.tmp-999999").mkdir(parents=True)
+    assert cli(["pretrain", "--data", str(data_dir), "--out", str(out), *TINY, "--batch-size", "4", "--max-steps",
+                "3", "--checkpoint-every", "1", "--keep-checkpoints", "2"]) == 0
+    assert sorted(p.name for p in out.glob("ckpt_*")) == ["ckpt_0000002", "ckpt_0000003"]
