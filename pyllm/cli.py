@@ -46,7 +46,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(command if command in COMMANDS else None)
+    try:  # Ctrl-C while the stage's module imports torch (1-2 s) was a 40-line traceback from inside torch
+        parser = build_parser(command if command in COMMANDS else None)
+    except KeyboardInterrupt:
+        print(f"pyllm {command if command in COMMANDS else ''}".rstrip() + ": interrupted", file=sys.stderr)
+        return 130
     args, extra = parser.parse_known_args(argv)
     if extra:  # from the subcommand's parser: its usage line and `pyllm <cmd>: error:`, not the top-level ones
         getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")

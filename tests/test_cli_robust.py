@@ -272,3 +272,81 @@ def test_a_pretrain_output_dir_is_its_latest_checkpoint(base, tmp_path):
     assert cli(["sft", "--model", str(run), "--data", str(data), "--steps", "1", "--eval-frac", "0", "--device", "cpu",
                 "--out", str(tmp_path / "sft")]) == 0
     assert cli(["export", "--checkpoint", str(run), "--out", str(tmp_path / "bin")]) == 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--format", "pyllm", "--llama2c-version", "1"], "--llama2c-version only applies to --format llama2c"),
+    (["--format", "llama2c", "--llama2c-version", "2"], "use --quantize q8_0 exactly when --llama2c-version is 2"),
+    (["--format", "llama2c", "--quantize", "q8_0", "--llama2c-version", "1"], "exactly when --llama2c-version is 2"),
+    (["--quantize", "q8_0", "--group-size", "48"], "--group-size 48 must divide dim 32"),
+    (["--group-size", "16"], "--group-size only applies with --quantize q8_0"),  # was ignored silently
+])
+def test_export_bad_flag_combinations_create_nothing(base, tmp_path, capsys, flags, message):
+    """Were checked after mkdir(--out): the error left an empty output directory behind."""
+    out = tmp_path / "run"
+    assert cli(["export", "--checkpoint", str(base), "--out", str(out), *flags]) == 2
+    assert message in one_line_error(capsys, "export")
+    assert not out.exists()
+
+
+def test_export_failing_tokenizer_keeps_the_old_pair(base, tmp_path, capsys, monkeypatch):
+    """model.bin was replaced before tokenizer.bin was written: a failed tokenizer save left a new model.bin beside
+    the old tokenizer.bin."""
+    from pyllm.tokenizer import Tokenizer
+    out = tmp_path / "run"
+    assert cli(["export", "--checkpoint", str(base), "--out", str(out)]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def refuse(self, path):
+        raise ValueError("save_bin refused")
+    monkeypatch.setattr(Tokenizer, "save_bin", refuse)
+    assert cli(["export", "--checkpoint", str(base), "--out", str(out), "--quantize", "q8_0"]) == 2
+    assert "save_bin refused" in one_line_error(capsys, "export")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_demo_from_stage_without_an_earlier_run_creates_nothing(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli(["demo", "--quick", "--from-stage", "rl", "--out", str(out)]) == 2
+    assert "results.json not found (run the full demo with this --out first)" in one_line_error(capsys, "demo")
+    assert not out.exists()  # was an empty directory
+    out.mkdir()
+    (out / "results.json").write_text("[1, 2]")  # was a TypeError traceback
+    assert cli(["demo", "--quick", "--from-stage", "rl", "--out", str(out)]) == 2
+    assert f"{out / 'results.json'}: not a demo results.json" in one_line_error(capsys, "demo")
+
+
+def test_prepare_same_file_as_input_and_val_input(tmp_path, capsys):
+    text = tmp_path / "in.txt"
+    text.write_text("hello world. " * 20)
+    assert cli(["prepare", "--input", str(text), "--val-input", str(tmp_path / "." / "in.txt"), "--byte-level",
+                "--workers", "1", "--out", str(tmp_path / "d")]) == 2  # was exit 0: val loss on training text
+    assert f"{text}: given in both --input and --val-input" in one_line_error(capsys, "prepare")
+    assert not (tmp_path / "d").exists()
+
+
+def test_prepare_workers_leave_ctrl_c_to_the_main_process(tmp_path):
+    """Ctrl-C reaches every process of the group: a pool worker interrupted mid-write printed its traceback and
+    could hang pool.terminate(); workers now ignore SIGINT and the main process stops them."""
+    import signal
+    from pyllm import prepare
+    from pyllm.tokenizer import Tokenizer
+    Tokenizer.byte_level().save(tmp_path)
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        prepare._pool_init(str(tmp_path / "tokenizer.json"))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def test_ctrl_c_while_the_stage_imports_is_one_line(capsys, monkeypatch):
+    """Ctrl-C in the first 1-2 s (the stage's module importing torch) was a 40-line traceback from inside torch."""
+    import importlib
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(importlib, "import_module", interrupted)
+    assert cli(["export", "--checkpoint", "x", "--out", "y"]) == 130
+    assert capsys.readouterr().err == "pyllm export: interrupted\n"
