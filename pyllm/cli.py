@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from . import __version__
@@ -24,6 +25,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to a flag's help unless the text already states it, e.g. "(1e-3)" or "(0 = off; 1.0)"
+    (the stages' shared flags named no defaults; pretrain's spell them out by hand)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        d = action.default
+        if not action.option_strings or d is None or d is False or d == [] or d is argparse.SUPPRESS or "default" in h.lower() \
+                or f"({d})" in h:
+            return h
+        said = re.findall(r"[(:;\s]([-+]?[\d.]+(?:e[-+]?\d+)?)(?:\)| =)", h)  # "(1e-3)", "(0 = off)"
+        try:
+            if any(float(x) == float(d) for x in said):
+                return h
+        except (TypeError, ValueError):
+            if any(x == str(d) for x in said):
+                return h
+        return h + " (default: %(default)s)"
+
+
 class CLIError(Exception):
     """A user-facing error: printed as one line `pyllm <cmd>: error: ...`, exit status 2."""
 
@@ -35,7 +56,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"pyllm {__version__}")
     sub = p.add_subparsers(dest="command", metavar="<command>")
     for name, (mod, help_) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help_, description=help_)
+        sp = sub.add_parser(name, help=help_, description=help_, formatter_class=_HelpFormatter)
         if name == command:
             m = importlib.import_module(mod)
             m.add_arguments(sp)

@@ -41,6 +41,9 @@ def sequence_logps(model, seqs, masks, pad_id, device) -> torch.Tensor:
     return (lp * m[:, 1:]).sum(1)
 
 
+DEFAULT_LR = (5e-6, 5e-4)  # --lr when not given: (full fine-tuning, LoRA)
+
+
 def add_arguments(p):
     p.add_argument("--model", required=True, help="SFT checkpoint directory (the policy starts here)")
     p.add_argument("--ref-model", default=None, help="frozen reference checkpoint (default: --model)")
@@ -48,7 +51,7 @@ def add_arguments(p):
     p.add_argument("--eval-data", default=None, help="held-out preference JSONL (default: --eval-frac of --data)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO temperature: strength of the KL anchor")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO: assumed label noise")
-    add_common_args(p)
+    add_common_args(p, default_lr=DEFAULT_LR)
 
 
 def dpo_batch(policy, ref, batch, pad, device, beta, label_smoothing=0.0):
@@ -93,7 +96,7 @@ def main(args) -> int:
     check_same_tokenizer(tok, ref_tok, args.ref_model or args.model, "reference model")
     ref.eval().requires_grad_(False)
     train, ev, per_step, steps, lr, opt, step = pair_training_setup(args, dist, policy, st, load_dpo_pairs, tok,
-                                                                    policy.config.max_seq_len, (5e-6, 5e-4))
+                                                                    policy.config.max_seq_len, DEFAULT_LR)
     pad = pad_id_of(tok)
     if dist.main:
         print(f"dpo: {len(train)} train / {len(ev)} eval pairs; beta {args.beta}; {steps} steps of {per_step}"

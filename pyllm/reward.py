@@ -129,11 +129,14 @@ def load_preferences(path, tok, max_len: int, skip_bad: bool, with_masks: bool =
 
 
 # ---------------------------------------------------------------------------------------------------------------
+DEFAULT_LR = (1e-4, 1e-3)  # --lr when not given: (full fine-tuning, LoRA)
+
+
 def add_arguments(p):
     p.add_argument("--model", required=True, help="SFT checkpoint directory the reward model starts from")
     p.add_argument("--data", required=True, help="preference JSONL {prompt, chosen, rejected[, margin]}")
     p.add_argument("--eval-data", default=None, help="held-out preference JSONL (default: --eval-frac of --data)")
-    add_common_args(p)
+    add_common_args(p, default_lr=DEFAULT_LR)
 
 
 @torch.no_grad()
@@ -176,7 +179,7 @@ def main(args) -> int:
     if st:
         rm.load_head(Path(args.out) / HEAD_FILE)
     train, ev, per_step, steps, lr, opt, step = pair_training_setup(args, dist, rm, st, load_preferences, tok,
-                                                                    model.config.max_seq_len, (1e-4, 1e-3))
+                                                                    model.config.max_seq_len, DEFAULT_LR)
     pad = pad_id_of(tok)
     if dist.main:
         print(f"reward: {len(train)} train / {len(ev)} eval pairs; {steps} steps of {per_step} pairs"

@@ -214,6 +214,9 @@ def parse_prompt(obj: dict, where: str):
     return msgs, raw, extra
 
 
+DEFAULT_LR = (1e-5, 1e-4)  # --lr when not given: (full fine-tuning, LoRA)
+
+
 def add_arguments(p):
     p.add_argument("--policy", required=True, help="SFT checkpoint directory (policy start and frozen reference)")
     p.add_argument("--reward-model", default=None, help="`pyllm reward` checkpoint directory")
@@ -261,7 +264,7 @@ def add_arguments(p):
                         "rate, else 0.5; each visit moves it halfway to that group's rate), instead of uniform "
                         "epochs: rollouts go to the prompts not yet solved (0 = off)")
     p.add_argument("--no-whiten", action="store_true", help="do not whiten PPO advantages")
-    add_common_args(p)
+    add_common_args(p, default_lr=DEFAULT_LR)
 
 
 @torch.no_grad()
@@ -410,7 +413,7 @@ def main(args) -> int:
     pad = pad_id_of(tok)
     end_id = tok.special_ids.get("<|end|>")
     steps = args.steps or max(1, math.ceil(args.epochs * len(prompts) / (args.batch_size * dist.world)))
-    lr = args.lr if args.lr is not None else (1e-5 if args.lora_r == 0 else 1e-4)
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.lora_r != 0]
     opt = make_optimizer(ac.parameters(), lr, args.weight_decay, device=dist.device)
     step = 0
     if st:

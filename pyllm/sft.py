@@ -417,12 +417,17 @@ def load_trainer_state(out) -> tuple[dict, dict] | None:
     return side, load_file(str(out / "trainer_state.safetensors"))
 
 
-def add_common_args(p, lora: bool = True):
-    """Flags every assistant stage shares (TRL/nanoGPT names where they exist)."""
+DEFAULT_LR = (1e-4, 1e-3)  # --lr when not given: (full fine-tuning, LoRA)
+
+
+def add_common_args(p, lora: bool = True, default_lr: tuple | None = None):
+    """Flags every assistant stage shares (TRL/nanoGPT names where they exist). default_lr: the stage's (full
+    fine-tuning, LoRA) learning rates when --lr is not given, for --help."""
     p.add_argument("--out", required=True, help="output checkpoint directory (created; resumable)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the checkpoint's")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="device (default: cuda if available)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate" + (
+        f" (default: {default_lr[0]:g}; {default_lr[1]:g} with --lora-r)" if default_lr else ""))
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on 1-D params)")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear LR warmup steps")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global grad norm (0 = off)")
@@ -525,7 +530,7 @@ def add_arguments(p):
     p.add_argument("--seq-len", type=int, default=0, help="row length (default: the model's max_seq_len)")
     p.add_argument("--train-on-prompt", action="store_true", help="also train on system/user tokens")
     p.add_argument("--no-packing", action="store_true", help="one conversation per row (padded)")
-    add_common_args(p)
+    add_common_args(p, default_lr=DEFAULT_LR)
 
 
 def load_sft_data(path, tok, seq_len: int, skip_bad: bool):
@@ -575,7 +580,7 @@ def main(args) -> int:
     if dist.main:
         print(f"sft: {len(train)} train / {len(ev)} eval conversations -> {n_rows} packed rows of {T}; "
               f"{steps} steps of {per_step} rows")
-    lr = args.lr if args.lr is not None else (1e-4 if args.lora_r == 0 else 1e-3)
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.lora_r != 0]
     opt = make_optimizer(model.parameters(), lr, args.weight_decay, device=dist.device)
     step = 0
     if st:

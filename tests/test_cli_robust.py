@@ -350,3 +350,31 @@ def test_ctrl_c_while_the_stage_imports_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(importlib, "import_module", interrupted)
     assert cli(["export", "--checkpoint", "x", "--out", "y"]) == 130
     assert capsys.readouterr().err == "pyllm export: interrupted\n"
+
+
+def test_every_subcommand_help_states_flags_and_defaults(capsys):
+    """Every flag has help text and its default is stated (the assistant stages' shared flags said neither
+    "--batch-size ... (default: 8)" nor what --lr is when not given)."""
+    import argparse
+    import re
+
+    from pyllm import cli as cli_mod
+    for name in cli_mod.COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            cli([name, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert e.value.code == 0 and out.startswith(f"usage: pyllm {name}"), name
+        sp = [a for a in cli_mod.build_parser(name)._actions
+              if isinstance(a, argparse._SubParsersAction)][0].choices[name]
+        for a in sp._actions:
+            assert a.help, (name, a.option_strings)
+            h = " ".join(sp._get_formatter()._get_help_string(a).split())
+            if a.default is not None and a.default is not False and a.option_strings[0] != "-h":
+                nums = [float(x) for x in re.findall(r"\d+(?:\.\d*)?(?:e-?\d+)?", h)]
+                said = str(a.default) in h or (isinstance(a.default, (int, float)) and float(a.default) in nums)
+                assert "default" in h.lower() or said or a.default == [], (name, a.option_strings, h)
+    with pytest.raises(SystemExit):
+        cli(["sft", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "per step per process (default: 8)" in out and "peak learning rate (default: 0.0001; 0.001 with --lora-r)" \
+        in out and "(0 = --epochs over the data) --epochs" in out  # "(0 = ...)" states a 0 default already
