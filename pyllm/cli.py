@@ -96,5 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     return int(rc or 0)
 
 
+def module_main(module: str) -> int:
+    """`python -m pyllm.<stage> ...` == `pyllm <stage> ...` (it printed nothing and exited 0 before)."""
+    name = next(n for n, (m, _) in COMMANDS.items() if m == module)
+    return main([name, *sys.argv[1:]])
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -782,3 +782,8 @@ def main(args) -> int:
         raise ValueError("--device cuda: no CUDA GPU is available to torch")
     run_demo(out, cfg, args.seed, args.device, args.reward, args.from_stage)
     return 0
+
+
+if __name__ == "__main__":  # python -m pyllm.demo ... == pyllm <command> ...
+    from .cli import module_main
+    raise SystemExit(module_main(__spec__.name))

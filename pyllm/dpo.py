@@ -131,3 +131,8 @@ def main(args) -> int:
         print(f"dpo: saved {args.out} (step {step})")
     dist.close()
     return 0
+
+
+if __name__ == "__main__":  # python -m pyllm.dpo ... == pyllm <command> ...
+    from .cli import module_main
+    raise SystemExit(module_main(__spec__.name))

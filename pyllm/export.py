@@ -311,3 +311,8 @@ def main(args) -> int:
     if tok is None:
         print("no tokenizer in the checkpoint: tokenizer.bin not written")
     return 0
+
+
+if __name__ == "__main__":  # python -m pyllm.export ... == pyllm <command> ...
+    from .cli import module_main
+    raise SystemExit(module_main(__spec__.name))

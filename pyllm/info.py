@@ -38,3 +38,8 @@ def main(args) -> int:
     print(f"  cuda kernels    {'built' if d['cuda_built'] else 'not built'}; devices: {d['cuda_devices']}")
     print(f"  torch           {d['torch']}")
     return 0
+
+
+if __name__ == "__main__":  # python -m pyllm.info ... == pyllm <command> ...
+    from .cli import module_main
+    raise SystemExit(module_main(__spec__.name))

@@ -273,3 +273,8 @@ def main(args) -> int:
             workers=args.workers or None, skip_bad_lines=args.skip_bad_lines, doc_sep=_unescape(args.doc_sep),
             overwrite=args.overwrite)
     return 0
+
+
+if __name__ == "__main__":  # python -m pyllm.prepare ... == pyllm <command> ...
+    from .cli import module_main
+    raise SystemExit(module_main(__spec__.name))

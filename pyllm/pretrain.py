@@ -550,3 +550,8 @@ def main(args) -> int:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
+
+
+if __name__ == "__main__":  # python -m pyllm.pretrain ... == pyllm <command> ...
+    from .cli import module_main
+    raise SystemExit(module_main(__spec__.name))

@@ -219,3 +219,8 @@ def main(args) -> int:
         print(f"reward: saved {args.out} (step {step})")
     dist.close()
     return 0
+
+
+if __name__ == "__main__":  # python -m pyllm.reward ... == pyllm <command> ...
+    from .cli import module_main
+    raise SystemExit(module_main(__spec__.name))

@@ -599,3 +599,8 @@ def plot_metrics(out: Path):
             plot.line_plot(str(out / name), {k: v for k, v in series.items() if v[0]})
     except Exception as e:  # a plot is a convenience; never lose a finished run over it
         print(f"rl: plot skipped ({e})")
+
+
+if __name__ == "__main__":  # python -m pyllm.rl ... == pyllm <command> ...
+    from .cli import module_main
+    raise SystemExit(module_main(__spec__.name))

@@ -56,3 +56,8 @@ def main(args) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+if __name__ == "__main__":  # python -m pyllm.score ... == pyllm <command> ...
+    from .cli import module_main
+    raise SystemExit(module_main(__spec__.name))

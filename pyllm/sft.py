@@ -624,3 +624,8 @@ def main(args) -> int:
         print(f"sft: saved {args.out} (step {step})")
     dist.close()
     return 0
+
+
+if __name__ == "__main__":  # python -m pyllm.sft ... == pyllm <command> ...
+    from .cli import module_main
+    raise SystemExit(module_main(__spec__.name))

@@ -28,3 +28,8 @@ def main(args) -> int:
         tok.save_bin(str(out / "tokenizer.bin"))
     print(f"{out}: tokenizer with {tok.vocab_size} tokens, hash {data.tokenizer_hash(tok)}")
     return 0
+
+
+if __name__ == "__main__":  # python -m pyllm.tokenizer_train ... == pyllm <command> ...
+    from .cli import module_main
+    raise SystemExit(module_main(__spec__.name))

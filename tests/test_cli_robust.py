@@ -378,3 +378,16 @@ def test_every_subcommand_help_states_flags_and_defaults(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "per step per process (default: 8)" in out and "peak learning rate (default: 0.0001; 0.001 with --lora-r)" \
         in out and "(0 = --epochs over the data) --epochs" in out  # "(0 = ...)" states a 0 default already
+
+
+def test_python_dash_m_stage_module_runs_the_command(tmp_path):
+    """`python -m pyllm.export ...` (nanoGPT habit: run the stage's file) printed nothing and exited 0."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "pyllm.export", "--checkpoint", str(tmp_path / "nope"), "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and r.stderr == f"pyllm export: error: {tmp_path / 'nope'}: checkpoint directory not found\n"
