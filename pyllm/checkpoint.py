@@ -92,6 +92,7 @@ def save_checkpoint(dir, model: GPT, tokenizer=None, extra: dict | None = None,
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    old = None
     try:
         safetensors_io.save_file(state_dict_hf(model), tmp / WEIGHTS, metadata={"format": "pt"})
         _write_json(tmp / CONFIG, hf_config(model, tokenizer, extra))
@@ -112,6 +113,8 @@ def save_checkpoint(dir, model: GPT, tokenizer=None, extra: dict | None = None,
         else:
             os.replace(tmp, dir)
     except BaseException:
+        if old is not None and old.is_dir() and not dir.exists():  # Ctrl-C between the renames: put it back
+            os.replace(old, dir)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dir

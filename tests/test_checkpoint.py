@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,6 +212,27 @@ def test_crash_mid_save_keeps_previous_checkpoint(rng, tmp_path, monkeypatch):
     save_checkpoint(d, m2, extra={"step": 2})  # and a later save replaces it
     assert read_extra(d) == {"step": 2}
     assert torch.equal(load_checkpoint(d)[0].embed_tokens.weight, m2.embed_tokens.weight)
+
+
+def test_ctrl_c_between_the_two_renames_keeps_the_previous_checkpoint(rng, tmp_path, monkeypatch):
+    """Ctrl-C after <dir> moved to <dir>.old-<pid> and before the new one moved in left no <dir> at all (the new
+    one was deleted as a temp dir, the old one stranded under .old-<pid>): a --resume then started from scratch."""
+    m1, m2 = tiny(rng), tiny(rng)
+    d = tmp_path / "ck"
+    save_checkpoint(d, m1, extra={"step": 1})
+    real = checkpoint.os.replace
+
+    def interrupted(src, dst):
+        if Path(src).name.startswith("ck.tmp-") and Path(dst) == d:  # <dir> is at ck.old-<pid> by now
+            assert not d.exists()
+            raise KeyboardInterrupt
+        real(src, dst)
+    monkeypatch.setattr(checkpoint.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(d, m2, extra={"step": 2})
+    monkeypatch.undo()
+    assert read_extra(d) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
 def test_extra_files_land_inside_the_swap(rng, tmp_path):
