@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -177,7 +178,9 @@ def save(out: Path, step: int, model, full_sd, opt_state, loader, tok, config, a
     D.atomic_write_text(out / "latest", name + "\n")
     # only ckpt_<step> dirs count: a run killed mid-save leaves ckpt_<step>.tmp-<pid>, which was counted (and kept)
     # in place of a real checkpoint; those leftovers are removed here
-    old = sorted(p for p in out.glob("ckpt_*") if p.is_dir() and p.name != name and re.fullmatch(r"ckpt_\d+", p.name))
+    # and only earlier steps: a run started over in the same --out rotated its own checkpoints out while keeping the
+    # earlier run's later-numbered ones
+    old = sorted(p for p in out.glob("ckpt_*") if p.is_dir() and re.fullmatch(r"ckpt_\d+", p.name) and p.name < name)
     stale = [p for p in out.glob("ckpt_*.tmp-*") if p.is_dir()]
     for p in old[:max(0, len(old) - (keep - 1))] + stale:
         shutil.rmtree(p, ignore_errors=True)
@@ -292,6 +295,9 @@ def train(args) -> dict:
     peak = args.peak_flops or default_peak_flops(device)
     flops_step = config.flops_per_token(T) * total
     if rank == 0:
+        if not args.resume and _latest(out) is not None:  # as the assistant stages warn (nanoGPT overwrites silently)
+            print(f"{out}: holds an earlier run (latest {_latest(out).name}); starting over from step 0 (pass --resume "
+                  f"to continue it)", file=sys.stderr)
         out.mkdir(parents=True, exist_ok=True)
         D.atomic_write_text(out / "run.json", json.dumps(dict(args=_jsonable(vars(args)), config=config.to_dict(),
                                                               world_size=world, accum=accum, device=str(device),

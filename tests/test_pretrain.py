@@ -212,3 +212,18 @@ def test_leftover_of_a_killed_save_is_not_kept_as_a_checkpoint(data_dir, tmp_pat
     assert cli(["pretrain", "--data", str(data_dir), "--out", str(out), *TINY, "--batch-size", "4", "--max-steps",
                 "3", "--checkpoint-every", "1", "--keep-checkpoints", "2"]) == 0
     assert sorted(p.name for p in out.glob("ckpt_*")) == ["ckpt_0000002", "ckpt_0000003"]
+
+
+def test_starting_over_in_a_used_out_dir_warns_and_rotates_its_own_checkpoints(data_dir, tmp_path, capsys):
+    """A second run without --resume in the same --out: no word about the earlier run, and --keep-checkpoints deleted
+    the new run's checkpoints while it kept the earlier run's later-numbered ones."""
+    out = tmp_path / "o"
+    args = ["pretrain", "--data", str(data_dir), "--out", str(out), *TINY, "--batch-size", "4", "--checkpoint-every",
+            "1", "--keep-checkpoints", "2"]
+    assert cli(args + ["--max-steps", "5"]) == 0
+    capsys.readouterr()
+    assert cli(args + ["--max-steps", "3"]) == 0
+    assert f"{out}: holds an earlier run (latest ckpt_0000005); starting over from step 0" in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("ckpt_*")) == ["ckpt_0000002", "ckpt_0000003", "ckpt_0000004",
+                                                          "ckpt_0000005"]
+    assert (out / "latest").read_text().strip() == "ckpt_0000003"
