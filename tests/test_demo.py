@@ -171,6 +171,15 @@ def test_out_is_a_file(tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
 
 
+def test_ctrl_c_inside_a_stage_stops_the_demo_as_interrupted(tmp_path, capsys, monkeypatch):
+    """A stage's cli.main turns Ctrl-C into "pyllm <stage>: interrupted" + exit 130; the demo then went on to say
+    "error: stage `pyllm pretrain` failed (exit 130); command: ..." and exit 2."""
+    from pyllm import demo
+    monkeypatch.setattr(cli, "main", lambda argv: 130)
+    with pytest.raises(KeyboardInterrupt):
+        demo.stage_cli("pretrain", ["--data", "x"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_device_cuda_without_a_gpu_fails_before_any_stage(tmp_path, capsys):
     """Was: tokenizer-train and prepare ran (writing into --out), then pretrain failed."""
