@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -310,6 +311,9 @@ def main(args) -> int:
         print(f"wrote {k}: {v} ({v.stat().st_size / 1e6:.1f} MB)")
     if tok is None:
         print("no tokenizer in the checkpoint: tokenizer.bin not written")
+        if (Path(args.out) / "tokenizer.bin").exists():  # pyllm-run picks it up beside model.bin without a word
+            print(f"{Path(args.out) / 'tokenizer.bin'}: warning: left from an earlier export, not this checkpoint's",
+                  file=sys.stderr)
     return 0
 
 

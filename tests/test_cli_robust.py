@@ -391,3 +391,16 @@ def test_python_dash_m_stage_module_runs_the_command(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pyllm.export", "--checkpoint", str(tmp_path / "nope"), "--out",
                         str(tmp_path / "o")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and r.stderr == f"pyllm export: error: {tmp_path / 'nope'}: checkpoint directory not found\n"
+
+
+def test_export_without_a_tokenizer_warns_about_an_old_tokenizer_bin(base, tmp_path, capsys):
+    """pyllm-run reads the tokenizer.bin beside model.bin: one left by an earlier export was used silently."""
+    ck = tmp_path / "notok"
+    import shutil
+    shutil.copytree(base, ck)
+    (ck / "tokenizer.json").unlink()
+    out = tmp_path / "run"
+    assert cli(["export", "--checkpoint", str(base), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert cli(["export", "--checkpoint", str(ck), "--out", str(out)]) == 0
+    assert f"{out / 'tokenizer.bin'}: warning: left from an earlier export" in capsys.readouterr().err
