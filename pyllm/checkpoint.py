@@ -205,7 +205,8 @@ def load_checkpoint(dir, dtype: torch.dtype | None = None, device: str = "cpu", 
         olds = sorted(dir.parent.glob(f"{dir.name}.old-*")) if dir.parent.is_dir() else []
         hint = f" (an interrupted save left the previous checkpoint at {olds[0]})" if olds else ""
         raise FileNotFoundError(f"{dir}: checkpoint directory not found{hint}")
-    latest = dir / "latest"  # `pyllm pretrain --out base/` writes base/ckpt_<step>/ + base/latest (README: --model base/)
+    # `pyllm pretrain --out base/` writes base/ckpt_<step>/ + base/latest; the README then says --model base/
+    latest = dir / "latest"
     if not (dir / CONFIG).exists() and latest.is_file() and (dir / latest.read_text().strip() / CONFIG).is_file():
         dir = dir / latest.read_text().strip()
     cfg = config_from_hf(_read_json(dir / CONFIG), str(dir / CONFIG))

@@ -32,8 +32,8 @@ class _HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action):
         h = action.help or ""
         d = action.default
-        if not action.option_strings or d is None or d is False or d == [] or d is argparse.SUPPRESS or "default" in h.lower() \
-                or f"({d})" in h:
+        if (not action.option_strings or d is None or d is False or d == [] or d is argparse.SUPPRESS
+                or "default" in h.lower() or f"({d})" in h):
             return h
         said = re.findall(r"[(:;\s]([-+]?[\d.]+(?:e[-+]?\d+)?)(?:\)| =)", h)  # "(1e-3)", "(0 = off)"
         try:

@@ -549,7 +549,8 @@ def main(args) -> int:
     if not args.tokens_per_param > 0:
         raise ValueError(f"--tokens-per-param must be > 0, got {args.tokens_per_param}")
     if not 0 <= args.peak_flops < math.inf:  # a negative figure printed a negative MFU
-        raise ValueError(f"--peak-flops must be a finite number >= 0 (0 = a guess from the device), got {args.peak_flops}")
+        raise ValueError("--peak-flops must be a finite number >= 0 (0 = a guess from the device), "
+                         f"got {args.peak_flops}")
     try:
         train(args)
     finally:

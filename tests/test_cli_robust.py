@@ -390,7 +390,8 @@ def test_python_dash_m_stage_module_runs_the_command(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "pyllm.export", "--checkpoint", str(tmp_path / "nope"), "--out",
                         str(tmp_path / "o")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
-    assert r.returncode == 2 and r.stderr == f"pyllm export: error: {tmp_path / 'nope'}: checkpoint directory not found\n"
+    want = f"pyllm export: error: {tmp_path / 'nope'}: checkpoint directory not found\n"
+    assert r.returncode == 2 and r.stderr == want
 
 
 def test_export_without_a_tokenizer_warns_about_an_old_tokenizer_bin(base, tmp_path, capsys):
