@@ -527,8 +527,10 @@ def main(args) -> int:
         set_lr(opt, lr_at(step, steps, lr, args.warmup_steps))
         stats = {"clip_frac": [], "entropy": [], "pg_loss": [], "vf_loss": [], "approx_kl": [], "grad_norm": []}
         mb = max(1, N // max(1, args.minibatches))
+        # the minibatch order is a function of (seed, step), not of the global RNG's history: --resume continues it
+        g_mb = torch.Generator().manual_seed(args.seed * 1000003 + step)
         for _ in range(args.ppo_epochs):
-            order = torch.randperm(N) if not one_pass else torch.arange(N)
+            order = torch.randperm(N, generator=g_mb) if not one_pass else torch.arange(N)
             for s0 in range(0, N, mb):
                 b = order[s0:s0 + mb].to(dist.device)
                 mm = m[b]
