@@ -218,6 +218,9 @@ class Dist:
         torch.distributed.all_reduce(t)
         return t.item() / self.world
 
+    def sum(self, x: float) -> float:
+        return self.mean(x) * self.world
+
     def close(self):
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -606,11 +609,16 @@ def main(args) -> int:
         x, y, d = (t[idx].to(dist.device) for t in rows)
         set_lr(opt, lr_at(step, steps, lr, args.warmup_steps))
         _, loss = dmodel(x, targets=y, doc_ids=d)[:2]
-        loss.backward()
+        # DDP averages the ranks' gradients: weighting each rank's token mean by its share of the step's target
+        # tokens makes the update the mean over all of them, as one process with the whole batch computes it
+        n_tok = int((y >= 0).sum())
+        n_all = dist.sum(n_tok)
+        share = dist.world * n_tok / max(n_all, 1)
+        (loss * share).backward()
         gn = clip_and_step(opt, params, args.grad_clip)
         step += 1
-        row = {"step": step, "loss": dist.mean(loss.item()), "lr": opt.param_groups[0]["lr"], "grad_norm": gn,
-               "tokens": int((y >= 0).sum())}
+        row = {"step": step, "loss": dist.mean(loss.item() * share), "lr": opt.param_groups[0]["lr"],
+               "grad_norm": gn, "tokens": int(n_all)}
         if erows is not None and (step % args.eval_every == 0 or step == steps):
             row["eval_loss"] = eval_loss(model, erows, dist.device, args.batch_size)
         if step % args.log_every == 0 or "eval_loss" in row:

@@ -156,3 +156,40 @@ def test_bad_lines_name_file_and_line(tmp_path, capsys, line, problem):
     assert not (tmp_path / "o" / "model.safetensors").exists()
     assert cli(args + ["--skip-bad-lines"]) == 0
     assert "skipped 1 bad line" in capsys.readouterr().err
+
+
+def test_two_ranks_match_one_process(tmp_path):
+    """torchrun, 2 gloo ranks x 2 rows == 1 process x 4 rows. The rows hold different numbers of assistant tokens;
+    DDP averaged the ranks' per-rank token means, which weighted a token of the rank with fewer of them more (the
+    weights differed by ~4e-2 after 3 steps): each rank's loss is now scaled by its share of the step's tokens."""
+    import os
+    import random
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    base = tiny_checkpoint(tmp_path / "base")
+    r = random.Random(0)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [
+        {"role": "user", "content": "q" * r.randint(1, 20)},
+        {"role": "assistant", "content": "a" * r.randint(1, 30)}]} for _ in range(16)])
+    args = ["sft", "--model", str(base), "--data", str(data), "--lr", "1e-2", "--eval-frac", "0", "--steps", "3",
+            "--lora-r", "0", "--no-packing", "--seq-len", "64"]
+    assert cli(args + ["--out", str(tmp_path / "one"), "--batch-size", "4"]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", PYLLM_PROGRESS="0")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(port), "-m", "pyllm", *args, "--out", str(tmp_path / "two"), "--batch-size", "2"],
+                       capture_output=True, text=True, env=env, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
+    assert [x["tokens"] for x in a] == [x["tokens"] for x in b]
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) < 1e-5
+    from pyllm.checkpoint import load_checkpoint
+    ma, _ = load_checkpoint(tmp_path / "one")
+    mb, _ = load_checkpoint(tmp_path / "two")
+    for (k, va), vb in zip(ma.state_dict().items(), mb.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-5, msg=k)
