@@ -55,3 +55,35 @@ def test_dpo_rejects_identical_pair(tmp_path, capsys):
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "a"}])
     assert cli(["dpo", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
     assert f"{data}:1: chosen and rejected are identical" in capsys.readouterr().err
+
+
+def test_dpo_loss_matches_the_formula_by_hand(tmp_path):
+    """dpo_batch == -logsigmoid(beta * ((pi(c) - ref(c)) - (pi(r) - ref(r)))) with each log-prob summed by hand
+    over the reply's tokens and its <|end|> (one unpadded forward per sequence): a multi-turn prompt's earlier
+    assistant turn counts for nothing, and neither does the right padding of the shorter sequences."""
+    import torch.nn.functional as F
+
+    from pyllm.chat import render
+    from pyllm.dpo import dpo_batch
+    pol, tok = tiny_model(0)
+    ref, _ = tiny_model(1)
+    multi = [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"},
+             {"role": "assistant", "content": "yo"}, {"role": "user", "content": "more?"}]
+    rows = [(multi, "sure thing", "no"), ([{"role": "user", "content": "q"}], "a", "bbbbbbbbbb")]
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in rows])
+    pairs = load_dpo_pairs(data, tok, 64, False)
+    beta = 0.3
+    loss, rc, rr = dpo_batch(pol, ref, pairs, tok.special_ids["<|pad|>"], "cpu", beta)
+
+    def logp(model, msgs, reply):
+        full = render(msgs + [{"role": "assistant", "content": reply}], tok)[0]
+        n = len(render(msgs, tok, add_generation_prompt=True)[0])  # the prompt and the reply's <|assistant|>
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([full]))[0][0].double(), -1)
+        return sum(lp[t - 1, full[t]] for t in range(n, len(full)))
+    want = []
+    for p, c, r in rows:
+        z = beta * ((logp(pol, p, c) - logp(ref, p, c)) - (logp(pol, p, r) - logp(ref, p, r)))
+        want.append(-F.logsigmoid(z))
+    torch.testing.assert_close(loss.detach().double(), torch.stack(want).mean(), rtol=1e-5, atol=1e-6)
+    assert bool((rc != rr).all())  # the two replies do differ in log-ratio
