@@ -509,12 +509,18 @@ def resume_state(args, stage: str | None = None):
 
 def step_items(items: list, step: int, per_step: int, seed: int, dist: "Dist") -> list:
     """This rank's share of step `step`'s items: one shuffle per epoch seeded by seed + epoch and read in order, so a
-    resumed run continues the same sequence (per_step may exceed len(items))."""
-    epoch, pos = divmod(step * per_step, len(items))
-    g = torch.Generator()
-    g.manual_seed(seed + epoch)
-    perm = torch.randperm(len(items), generator=g).tolist() * (per_step // len(items) + 2)
-    return [items[i] for i in perm[pos:pos + per_step][dist.rank::dist.world]]
+    resumed run continues the same sequence (per_step may exceed len(items)). A step that straddles epochs takes
+    the next epoch's first items from that epoch's shuffle (wrapping into the same one showed its first items twice
+    in an epoch and skipped the next epoch's first items: --epochs 2 did not show every item twice)."""
+    n = len(items)
+    start, stop = step * per_step, (step + 1) * per_step
+    picked: list = []
+    for epoch in range(start // n, (stop - 1) // n + 1):
+        g = torch.Generator()
+        g.manual_seed(seed + epoch)
+        perm = torch.randperm(n, generator=g).tolist()
+        picked += perm[max(start - epoch * n, 0):min(stop - epoch * n, n)]
+    return [items[i] for i in picked[dist.rank::dist.world]]
 
 
 def clip_and_step(opt, params, grad_clip: float) -> float:
@@ -595,17 +601,11 @@ def main(args) -> int:
     dmodel = dist.wrap(model)
     metrics = Metrics(Path(args.out) / "metrics.jsonl", dist.main, resume=bool(st))
     bar = Bar(steps, "sft", dist.main, initial=step)
-    g = torch.Generator().manual_seed(args.seed)
-    perm_epoch, perm = -1, None
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     while step < steps:
         # the data order is a function of (seed, epoch), so --resume continues at the same row
-        epoch, pos = divmod(step * per_step, n_rows)
-        if epoch != perm_epoch:
-            g.manual_seed(args.seed + epoch)
-            perm, perm_epoch = torch.randperm(n_rows, generator=g), epoch
-        idx = torch.cat([perm, perm])[pos:pos + per_step][dist.rank::dist.world]
+        idx = torch.tensor(step_items(range(n_rows), step, per_step, args.seed, dist), dtype=torch.long)
         x, y, d = (t[idx].to(dist.device) for t in rows)
         set_lr(opt, lr_at(step, steps, lr, args.warmup_steps))
         _, loss = dmodel(x, targets=y, doc_ids=d)[:2]

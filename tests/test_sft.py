@@ -193,3 +193,25 @@ def test_two_ranks_match_one_process(tmp_path):
     mb, _ = load_checkpoint(tmp_path / "two")
     for (k, va), vb in zip(ma.state_dict().items(), mb.state_dict().values()):
         torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("n, per_step, world", [(5, 2, 1), (7, 3, 1), (6, 4, 2), (3, 8, 1)])
+def test_step_items_shows_every_item_once_per_epoch(n, per_step, world):
+    """The steps' items, read in order, are epoch after epoch of a full shuffle: a step that straddles two epochs
+    wrapped into the old shuffle (its first items twice, the new shuffle's first items never)."""
+    from pyllm.sft import step_items
+
+    class D:
+        rank, world = 0, 1
+    epochs = 4
+    stream = []
+    for step in range(epochs * n // per_step):
+        shares = []
+        for rank in range(world):
+            D.rank, D.world = rank, world
+            shares.append(step_items(list(range(n)), step, per_step, seed=5, dist=D))
+        assert sum(map(len, shares)) == per_step
+        stream += [shares[i % world][i // world] for i in range(per_step)]  # rank::world -> the step's order
+    for e in range(len(stream) // n):
+        assert sorted(stream[e * n:(e + 1) * n]) == list(range(n)), (e, stream)
+    assert stream[:n] != stream[n:2 * n]  # each epoch its own shuffle
