@@ -223,6 +223,7 @@ class Dist:
 
     def close(self):
         if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # no rank tears down its connections while rank 0 still saves (as pretrain)
             torch.distributed.destroy_process_group()
 
 
