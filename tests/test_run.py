@@ -346,6 +346,12 @@ def test_binary_chat_template_multi_turn(tok_and_model, tmp_path):
     assert python_greedy(sd, c, ids, 5, (S["<|end|>"],)) == [h, i]
     ids2 = ids + [h, i, S["<|end|>"], S["<|user|>"], *tok.encode("again"), S["<|end|>"], S["<|assistant|>"]]
     assert python_greedy(sd, c, ids2, 5, (S["<|end|>"],)) == [h, i]
+    # the ids above are pyllm.chat's template: what SFT trained on is what the binary feeds
+    from pyllm.chat import render
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Speak"},
+            {"role": "assistant", "content": "hi"}, {"role": "user", "content": "again"}]
+    assert render(conv[:2], tok, add_generation_prompt=True)[0] == ids
+    assert render(conv, tok, add_generation_prompt=True)[0] == ids2
     r = subprocess.run([str(runtime.BIN_PATH), str(paths["model"]), "-m", "chat", "-t", "0", "-n", "0",
                         "-y", "Be brief.", "-i", "Speak"], capture_output=True, timeout=60, input=b"again\n",
                        env={"OMP_NUM_THREADS": "1"})
