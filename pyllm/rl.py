@@ -102,6 +102,19 @@ def token_logps(logits: torch.Tensor, idx: torch.Tensor, temperature: float = 1.
     return torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, idx[:, 1:, None])[..., 0]
 
 
+def response_batch(samples: list, pad: int, device=None):
+    """samples [(prompt_index, prompt_ids, response_ids)] -> idx (N, L) prompt + response, right-padded; m (N, L-1)
+    1 exactly where position t predicts a response token (the shifted layout of token_logps: the prompt and the
+    padding count for nothing); last (N,) the position predicting the final response token (PPO's score)."""
+    idx, _ = pad_batch([p + r for _, p, r in samples], pad, "right", device)
+    m = torch.zeros(len(samples), idx.shape[1] - 1, device=device)
+    last = torch.zeros(len(samples), dtype=torch.long, device=device)
+    for i, (_, p, r) in enumerate(samples):
+        m[i, len(p) - 1:len(p) - 1 + len(r)] = 1
+        last[i] = len(p) - 2 + len(r)
+    return idx, m, last
+
+
 def masked_mean(x, m):
     return (x * m).sum() / m.sum().clamp(min=1)
 
@@ -492,14 +505,7 @@ def main(args) -> int:
             N = len(samples)
         score = score.to(dist.device)
         # ---- the batch in the shifted layout: position t predicts token t+1 ----------------------------------
-        seqs = [p + r for _, p, r in samples]
-        idx, _ = pad_batch(seqs, pad, "right", dist.device)
-        S = idx.shape[1] - 1
-        m = torch.zeros(N, S, device=dist.device)
-        last = torch.zeros(N, dtype=torch.long, device=dist.device)
-        for i, (_, p, r) in enumerate(samples):
-            m[i, len(p) - 1:len(p) - 1 + len(r)] = 1
-            last[i] = len(p) - 2 + len(r)
+        idx, m, last = response_batch(samples, pad, dist.device)
         # GRPO with one pass over one minibatch is on-policy: the rollout policy's log-probs are the training
         # forward's own (ratio exactly 1), so the extra no-grad forward is skipped (~20% of a step)
         one_pass = args.algo in ("grpo", "rft") and args.ppo_epochs == 1 and args.minibatches <= 1

@@ -375,3 +375,30 @@ def test_ppo_resume_with_minibatches_matches_uninterrupted_run(tmp_path):
         a, b = (load_file(str(tmp_path / d / name)) for d in ("full", "resumed"))
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{name} {k}")
+
+
+def test_response_batch_scores_only_the_generated_tokens():
+    """PPO/GRPO's per-token terms: m is 1 exactly on the positions that predict a response token (not the prompt, not
+    the padding), `last` predicts the final one, and token_logps there equals each sequence's own unpadded
+    log-softmax at its response tokens (temperature-scaled, as sampled)."""
+    from chat_util import tiny_model
+    from pyllm.rl import response_batch, token_logps
+    model, tok = tiny_model(0)
+    S = tok.special_ids
+    samples = [(0, [S["<|bos|>"], S["<|user|>"], 70, 71, S["<|end|>"], S["<|assistant|>"]], [80, 81, S["<|end|>"]]),
+               (1, [S["<|bos|>"], S["<|user|>"], S["<|end|>"], S["<|assistant|>"]], [90]),
+               (2, [S["<|bos|>"], S["<|assistant|>"]], [91, 92, 93, 94, 95, 96, S["<|end|>"]])]
+    pad = S["<|pad|>"]
+    idx, m, last = response_batch(samples, pad)
+    assert idx.shape == (3, 9) and m.shape == (3, 8)
+    tau = 0.7
+    with torch.no_grad():
+        lp = token_logps(model(idx)[0], idx, tau)
+    for i, (_, p, r) in enumerate(samples):
+        pos = [t for t in range(m.shape[1]) if m[i, t] == 1]
+        assert [int(idx[i, t + 1]) for t in pos] == r and pos == list(range(len(p) - 1, len(p) - 1 + len(r)))
+        assert int(last[i]) == pos[-1]
+        with torch.no_grad():
+            own = torch.log_softmax(model(torch.tensor([p + r]))[0][0] / tau, -1)   # (len, V), no padding
+        want = torch.stack([own[t, r[j]] for j, t in enumerate(pos)])
+        torch.testing.assert_close(lp[i, pos], want, rtol=1e-5, atol=1e-5)
