@@ -102,7 +102,7 @@ def main(args) -> int:
         print(f"dpo: {len(train)} train / {len(ev)} eval pairs; beta {args.beta}; {steps} steps of {per_step}"
               + (f"; resuming at step {step}" if st else ""))
     dpol = dist.wrap(policy)
-    metrics = Metrics(Path(args.out) / "metrics.jsonl", dist.main, resume=bool(st))
+    metrics = Metrics(Path(args.out) / "metrics.jsonl", dist.main, resume=bool(st), step=step)
     bar = Bar(steps, "dpo", dist.main, initial=step)
     params = [p for p in policy.parameters() if p.requires_grad]
     policy.train()

@@ -185,7 +185,7 @@ def main(args) -> int:
         print(f"reward: {len(train)} train / {len(ev)} eval pairs; {steps} steps of {per_step} pairs"
               + (f"; resuming at step {step}" if st else ""))
     drm = dist.wrap(rm)
-    metrics = Metrics(Path(args.out) / "metrics.jsonl", dist.main, resume=bool(st))
+    metrics = Metrics(Path(args.out) / "metrics.jsonl", dist.main, resume=bool(st), step=step)
     bar = Bar(steps, "reward", dist.main, initial=step)
     params = [p for p in rm.parameters() if p.requires_grad]
     rm.train()

@@ -436,7 +436,7 @@ def main(args) -> int:
         print(f"rl: {args.algo}, {len(prompts)} prompts, {args.batch_size} prompts x {k} samples per step, "
               f"{steps} steps" + (f"; resuming at step {step}" if st else ""))
     dac = dist.wrap(ac)
-    metrics = Metrics(Path(args.out) / "metrics.jsonl", dist.main, resume=bool(st))
+    metrics = Metrics(Path(args.out) / "metrics.jsonl", dist.main, resume=bool(st), step=step)
     bar = Bar(steps, args.algo, dist.main, initial=step)
     params = [p for p in ac.parameters() if p.requires_grad]
     tau = args.temperature if args.temperature > 0 else 1.0   # the sampling distribution's temperature

@@ -243,14 +243,27 @@ class Bar:
 
 
 class Metrics:
-    """Append-only JSONL (one object per logged step, flushed per line); rank 0 only."""
+    """Append-only JSONL (one object per logged step, flushed per line); rank 0 only. resume=True with the step
+    the run resumes at first drops the rows past it: the interrupted run logged steps after its last checkpoint,
+    which the resumed run logs again (they were kept: steps 1..7, 6, 7, 8 in the file and the plots)."""
 
-    def __init__(self, path, enabled: bool = True, resume: bool = False):
+    def __init__(self, path, enabled: bool = True, resume: bool = False, step: int = 0):
         self.path, self.enabled = Path(path), enabled
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if not resume and self.path.exists():
                 self.path.unlink()
+            elif resume and self.path.is_file():
+                from .data import atomic_write_text
+                keep = []
+                for line in self.path.read_text().splitlines():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut short by the kill
+                        continue
+                    if isinstance(row, dict) and row.get("step", 0) <= step:
+                        keep.append(line + "\n")
+                atomic_write_text(self.path, "".join(keep))
 
     def log(self, **row):
         if not self.enabled:
@@ -600,7 +613,7 @@ def main(args) -> int:
         if dist.main:
             print(f"sft: resuming at step {step}")
     dmodel = dist.wrap(model)
-    metrics = Metrics(Path(args.out) / "metrics.jsonl", dist.main, resume=bool(st))
+    metrics = Metrics(Path(args.out) / "metrics.jsonl", dist.main, resume=bool(st), step=step)
     bar = Bar(steps, "sft", dist.main, initial=step)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()

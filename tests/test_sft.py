@@ -215,3 +215,30 @@ def test_step_items_shows_every_item_once_per_epoch(n, per_step, world):
     for e in range(len(stream) // n):
         assert sorted(stream[e * n:(e + 1) * n]) == list(range(n)), (e, stream)
     assert stream[:n] != stream[n:2 * n]  # each epoch its own shuffle
+
+
+def test_resume_rewrites_the_metrics_rows_past_the_checkpoint(tmp_path):
+    """Killed at step 3 with a checkpoint at step 2: the resumed run logs step 3 again, so the killed run's row 3
+    (and a line cut short by the kill) must go; they were kept (steps 1, 2, 3, 3, 4 in metrics.jsonl)."""
+    import pyllm.sft as sft
+    base = tiny_checkpoint(tmp_path / "base")
+    data = _sft_data(tmp_path / "sft.jsonl", n=12)
+    out = tmp_path / "o"
+    args = ["sft", "--model", str(base), "--data", str(data), "--out", str(out), "--batch-size", "2", "--eval-frac",
+            "0", "--lora-r", "0", "--steps", "4", "--save-every", "2"]
+    orig = sft.Metrics.log
+
+    def log_then_die(self, **row):
+        orig(self, **row)
+        if row["step"] == 3:
+            with open(self.path, "a") as f:
+                f.write('{"step": 3, "lo')
+            raise KeyboardInterrupt
+    sft.Metrics.log = log_then_die
+    try:
+        assert cli(args) == 130
+    finally:
+        sft.Metrics.log = orig
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 2
+    assert cli(args + ["--resume"]) == 0
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
