@@ -532,13 +532,15 @@ def main(args) -> int:
         # ---- optimization ------------------------------------------------------------------------------------
         set_lr(opt, lr_at(step, steps, lr, args.warmup_steps))
         stats = {"clip_frac": [], "entropy": [], "pg_loss": [], "vf_loss": [], "approx_kl": [], "grad_norm": []}
-        mb = max(1, N // max(1, args.minibatches))
+        # exactly --minibatches per pass (N // minibatches rows each made 3 of 7 rows at 2), the same number on every
+        # rank: rft and --filter-groups leave each rank its own N, and unequal counts mispair DDP's all-reduces
+        n_mb = dist.min(min(max(1, args.minibatches), N))
         # the minibatch order is a function of (seed, step), not of the global RNG's history: --resume continues it
         g_mb = torch.Generator().manual_seed(args.seed * 1000003 + step)
         for _ in range(args.ppo_epochs):
             order = torch.randperm(N, generator=g_mb) if not one_pass else torch.arange(N)
-            for s0 in range(0, N, mb):
-                b = order[s0:s0 + mb].to(dist.device)
+            for b in torch.tensor_split(order, n_mb):
+                b = b.to(dist.device)
                 mm = m[b]
                 logits_b, v_b = dac(idx[b])
                 lp = token_logps(logits_b, idx[b], tau)

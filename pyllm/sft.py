@@ -221,6 +221,13 @@ class Dist:
     def sum(self, x: float) -> float:
         return self.mean(x) * self.world
 
+    def min(self, x: int) -> int:
+        if self.world == 1:
+            return x
+        t = torch.tensor([x], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return int(t.item())
+
     def close(self):
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()  # no rank tears down its connections while rank 0 still saves (as pretrain)

@@ -402,3 +402,24 @@ def test_response_batch_scores_only_the_generated_tokens():
             own = torch.log_softmax(model(torch.tensor([p + r]))[0][0] / tau, -1)   # (len, V), no padding
         want = torch.stack([own[t, r[j]] for j, t in enumerate(pos)])
         torch.testing.assert_close(lp[i, pos], want, rtol=1e-5, atol=1e-5)
+
+
+def test_minibatches_is_the_number_of_updates_per_pass(tmp_path):
+    """--minibatches 2 over 7 rollouts: 2 optimizer steps per pass (N // 2 = 3 rows each made 3 of them; under DDP a
+    rank with another N then ran another number of all-reduces than its peer)."""
+    import pyllm.rl as rl
+    base, fn, prompts = _setup(tmp_path)
+    calls = []
+    orig = rl.clip_and_step
+
+    def count(*a, **kw):
+        calls.append(1)
+        return orig(*a, **kw)
+    rl.clip_and_step = count
+    try:
+        assert cli(["rl", "--algo", "ppo", "--policy", str(base), "--reward-fn", fn, "--prompts", str(prompts),
+                    "--out", str(tmp_path / "o"), "--steps", "1", "--batch-size", "7", "--num-samples", "1",
+                    "--max-new-tokens", "4", "--minibatches", "2", "--ppo-epochs", "2"]) == 0
+    finally:
+        rl.clip_and_step = orig
+    assert len(calls) == 2 * 2
