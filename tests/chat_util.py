@@ -1,6 +1,7 @@
 """Helpers for the assistant-stage tests: a tiny byte-level model checkpoint and JSONL writers."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -42,3 +43,20 @@ def cli(argv: list[str]) -> int:
     from pyllm import cli as cli_mod
     with mock.patch.dict(cli_mod.COMMANDS, {argv[0]: cli_mod.COMMANDS[argv[0]]}, clear=True):
         return cli_mod.main(argv)
+
+
+@contextlib.contextmanager
+def ctrl_c_after_save(stage_module, step: int):
+    """Inside the block, the stage's save_stage raises KeyboardInterrupt (a Ctrl-C) right after saving `step`:
+    a run interrupted there, for the --resume tests."""
+    orig = stage_module.save_stage
+
+    def save_then_die(out, model, tok, **kw):
+        orig(out, model, tok, **kw)
+        if kw["step"] == step:
+            raise KeyboardInterrupt
+    stage_module.save_stage = save_then_die
+    try:
+        yield
+    finally:
+        stage_module.save_stage = orig

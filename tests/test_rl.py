@@ -9,7 +9,7 @@ from pyllm.checkpoint import load_checkpoint
 from pyllm.rl import gae, grpo_advantages, whiten
 from pyllm.sft import read_metrics
 
-from chat_util import cli, tiny_checkpoint, write_jsonl
+from chat_util import cli, ctrl_c_after_save, tiny_checkpoint, write_jsonl
 
 REWARD_FN = '''
 def frac_target(prompt, response, target, **extra):
@@ -358,17 +358,8 @@ def test_ppo_resume_with_minibatches_matches_uninterrupted_run(tmp_path):
             "--batch-size", "4", "--num-samples", "2", "--max-new-tokens", "6", "--minibatches", "2", "--seed", "3",
             "--steps", "4"]
     assert cli(args + ["--out", str(tmp_path / "full")]) == 0
-    orig = rl.save_stage
-
-    def crash_after_2(out, model, tok, **kw):
-        orig(out, model, tok, **kw)
-        if kw["step"] == 2:
-            raise KeyboardInterrupt
-    rl.save_stage = crash_after_2
-    try:
+    with ctrl_c_after_save(rl, 2):
         assert cli(args + ["--out", str(tmp_path / "resumed"), "--save-every", "2"]) == 130
-    finally:
-        rl.save_stage = orig
     assert cli(args + ["--out", str(tmp_path / "resumed"), "--resume"]) == 0
     from pyllm.safetensors_io import load_file
     for name in ("model.safetensors", "value_head.safetensors"):

@@ -8,7 +8,7 @@ import torch
 
 from pyllm.sft import pack_rows, parse_conversation, read_metrics, render_checked
 
-from chat_util import cli, tiny_checkpoint, tiny_model, write_jsonl
+from chat_util import cli, ctrl_c_after_save, tiny_checkpoint, tiny_model, write_jsonl
 
 MULTI = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hi there"},
          {"role": "assistant", "content": "hello"}, {"role": "user", "content": "2+2?"},
@@ -117,17 +117,8 @@ def test_sft_resume_matches_uninterrupted_run(tmp_path):
     from pyllm.checkpoint import load_checkpoint
     # interrupted: 5 steps of an 8-step schedule, then --resume
     import pyllm.sft as sft
-    orig = sft.save_stage
-
-    def crash_after_5(out, model, tok, **kw):
-        orig(out, model, tok, **kw)
-        if kw["step"] == 5:
-            raise KeyboardInterrupt
-    sft.save_stage = crash_after_5
-    try:
+    with ctrl_c_after_save(sft, 5):
         assert cli(args + ["--out", str(tmp_path / "resumed"), "--steps", "8", "--save-every", "5"]) == 130
-    finally:
-        sft.save_stage = orig
     assert json.loads((tmp_path / "resumed" / "trainer_state.json").read_text())["step"] == 5
     assert cli(args + ["--out", str(tmp_path / "resumed"), "--steps", "8", "--resume"]) == 0
     a, _ = load_checkpoint(tmp_path / "full")
