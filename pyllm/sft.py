@@ -211,22 +211,19 @@ class Dist:
     def shard(self, items: list) -> list:
         return items[self.rank::self.world]
 
+    def _all_reduce(self, x, dtype, op: str):
+        t = torch.tensor([x], dtype=dtype, device=self.device)
+        torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op))
+        return t.item()
+
     def mean(self, x: float) -> float:
-        if self.world == 1:
-            return x
-        t = torch.tensor([x], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
-        return t.item() / self.world
+        return x if self.world == 1 else self._all_reduce(x, torch.float64, "SUM") / self.world
 
     def sum(self, x: float) -> float:
-        return self.mean(x) * self.world
+        return x if self.world == 1 else self._all_reduce(x, torch.float64, "SUM")
 
     def min(self, x: int) -> int:
-        if self.world == 1:
-            return x
-        t = torch.tensor([x], dtype=torch.int64, device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-        return int(t.item())
+        return x if self.world == 1 else int(self._all_reduce(x, torch.int64, "MIN"))
 
     def close(self):
         if self.world > 1 and torch.distributed.is_initialized():
