@@ -184,10 +184,8 @@ def config_from_hf(d: dict, source: str = CONFIG) -> ModelConfig:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (not a pyllm/HF checkpoint directory?)")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    from .data import read_json
+    return read_json(path, "invalid JSON")
 
 
 def load_checkpoint(dir, dtype: torch.dtype | None = None, device: str = "cpu", backend: str | None = None,

@@ -30,6 +30,14 @@ UTF8_BOM = b"\xef\xbb\xbf"  # what Windows editors put first in a UTF-8 file: no
 
 
 # --- small helpers -------------------------------------------------------------------------------------------
+def read_json(path, what: str):
+    """The JSON value in file `path`; bad JSON or non-UTF-8 bytes are one ValueError "<path>: <what> (<why>)"."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: {what} ({getattr(e, 'msg', e)})") from None
+
+
 def atomic_write_text(path, text: str) -> None:
     """Write text to path via path.tmp + fsync + rename, so a crash never leaves a half-written file."""
     path = str(path)
@@ -221,10 +229,7 @@ def read_manifest(data_dir) -> dict:
     p = Path(data_dir) / MANIFEST
     if not p.is_file():
         raise FileNotFoundError(f"{data_dir}: no {MANIFEST} (not a prepared data directory; run `pyllm prepare`)")
-    try:
-        m = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p}: corrupt manifest ({getattr(e, 'msg', e)})") from None
+    m = read_json(p, "corrupt manifest")
     # the fields every reader indexes: a hand-edited or foreign manifest is one error, not a KeyError later
     shard_keys = {"file", "split", "n_tokens", "doc_end"}
     if (not isinstance(m, dict) or not {"tokenizer_hash", "vocab_size", "bos_id", "shards"} <= set(m)

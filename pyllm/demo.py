@@ -17,7 +17,6 @@ import os
 import random
 import re
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from . import tasks
+from .data import read_json
 from .progress import Progress
 
 
@@ -332,9 +332,9 @@ def reused_results(out: Path, cfg: DemoConfig, seed: int, from_stage: str) -> di
     if not path.is_file():
         raise ValueError(f"--from-stage {from_stage}: {path} not found (run the full demo with this --out first)")
     try:
-        prev = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"--from-stage {from_stage}: {path}: not valid JSON ({e})") from None
+        prev = read_json(path, "not valid JSON")
+    except ValueError as e:
+        raise ValueError(f"--from-stage {from_stage}: {e}") from None
     if not isinstance(prev, dict) or not isinstance(prev.get("config"), dict):
         raise ValueError(f"--from-stage {from_stage}: {path}: not a demo results.json (no 'config' object)")
     if prev.get("seed") != seed:

@@ -176,10 +176,8 @@ def load_adapter(model: nn.Module, adapter_dir, verbose: bool = False, r: int | 
     cfg_path = adapter_dir / "adapter_config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path}: no adapter config")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
+    from .data import read_json
+    cfg = read_json(cfg_path, "invalid JSON")
     if not isinstance(cfg, dict) or not {"r", "lora_alpha", "target_modules"} <= set(cfg):
         raise ValueError(f"{cfg_path}: expected an object with r, lora_alpha and target_modules")
     if r is not None and cfg["r"] != r:

@@ -197,10 +197,7 @@ def load_resume(path: Path, config: ModelConfig):
     tj = path / "trainer_state.json"
     if not tj.is_file():
         raise FileNotFoundError(f"{path}: no trainer_state.json (not a pretrain checkpoint)")
-    try:
-        meta = json.loads(tj.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{tj}: corrupt trainer state ({getattr(e, 'msg', e)})") from None
+    meta = D.read_json(tj, "corrupt trainer state")
     need = ("param_groups", "scalars", "shapes", "step", "loader", "config")
     if not isinstance(meta, dict) or not set(need) <= set(meta) or not isinstance(meta["config"], dict):
         raise ValueError(f"{tj}: corrupt trainer state (expected an object with {', '.join(need)})")

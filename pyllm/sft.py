@@ -429,10 +429,8 @@ def load_trainer_state(out) -> tuple[dict, dict] | None:
     if not (out / "trainer_state.json").exists():
         return None
     tj = out / "trainer_state.json"
-    try:
-        side = json.loads(tj.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{tj}: corrupt trainer state ({getattr(e, 'msg', e)})") from None
+    from .data import read_json
+    side = read_json(tj, "corrupt trainer state")
     if not (isinstance(side, dict) and isinstance(side.get("step"), int) and isinstance(side.get("optimizer"), dict)):
         raise ValueError(f"{tj}: corrupt trainer state (expected an object with an integer 'step' and 'optimizer')")
     return side, load_file(str(out / "trainer_state.safetensors"))
