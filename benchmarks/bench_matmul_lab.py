@@ -1,7 +1,7 @@
 """GEMM tuning lab: in-process A/B of GEMM variants (a header + -D flags) against torch, same shapes, interleaved.
 Run: PYTHONPATH=$PWD python benchmarks/bench_matmul_lab.py --variant base=csrc/cpu/impl_matmul.h \
          --variant kc384=csrc/cpu/impl_matmul.h:-DMM_KC=384 --shapes 1024x1024x1024 --threads 1
-Each variant is compiled (avx512 path only, gcc -O3) into its own .so with just the matmul kernels and loaded
+Each variant is compiled (the avx512 or avx2 path, --isa; default: the best this CPU has; gcc -O3) into its own .so with just the matmul kernels and loaded
 with ctypes, so block-size overrides (-DMM_KC=..., -DMM_MC=..., -DMM_NC=...) never touch csrc/. Prints the
 median time of each variant and torch per (threads, layout, shape) and the ratio torch/variant (> 1: faster).
 """
@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc" / "cpu"
 LAB_C = """
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2")
+#pragma GCC target(TARGET)
 #include <stdlib.h>
 #include <math.h>
 #include <stdint.h>
@@ -70,13 +70,21 @@ class Params(ctypes.Structure):
                 ("accumulate", ctypes.c_int)]
 
 
-def build(spec: str):
+TARGETS = {"avx512": "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2", "avx2": "avx2,fma,f16c,bmi,bmi2"}
+
+
+def best_isa() -> str:
+    flags = Path("/proc/cpuinfo").read_text().split("\n\nprocessor")[0] if Path("/proc/cpuinfo").exists() else ""
+    return "avx512" if " avx512bw" in flags and " avx512vl" in flags else "avx2"
+
+
+def build(spec: str, isa: str = "avx512"):
     """spec = name=header[:flags...] -> (name, ctypes lib). Cached in the temp dir by content hash."""
     name, rest = spec.split("=", 1)
     header, *flags = rest.split(":")
     flags = " ".join(flags).split()
     hp = Path(header).resolve()
-    src = LAB_C.replace("IMPL", f'"{hp}"')
+    src = LAB_C.replace("IMPL", f'"{hp}"').replace("TARGET", f'"{TARGETS[isa]}"')
     tag = hashlib.sha1((src + hp.read_text() + " ".join(flags) + (CSRC / "simd.h").read_text()
                         + (CSRC / "impl_matvec.h").read_text()).encode()).hexdigest()[:12]
     so = Path(tempfile.gettempdir()) / f"pyllm_gemm_lab_{tag}.so"
@@ -114,13 +122,15 @@ def main():
     ap.add_argument("--kernel", nargs="*", metavar="KC,NI,NJ,ORDER[,LDC]",
                     help="time the micro-kernel alone on packed panels (kc deep, NI A x NJ B micro-panels, order "
                          "0: A panel outer, 1: B panel outer) beside the FMA peak, instead of GEMM shapes")
+    ap.add_argument("--isa", choices=sorted(TARGETS), default=best_isa(),
+                    help="instruction-set path to compile the variants for (default: the best this CPU has)")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check (diagnostic variants that "
                                                                 "skip work on purpose)")
     args = ap.parse_args()
     if args.kernel is not None:
         return kernel_mode(args)
     shapes = [s for x in args.shapes for s in (SMALL if x == "small" else BIG if x == "big" else [x])]
-    libs = [build(s) for s in args.variant]
+    libs = [build(s, args.isa) for s in args.variant]
     print(f"load average {os.getloadavg()}, torch {torch.__version__}, medians of {args.reps} interleaved reps")
     names = [n for n, _ in libs] + ["torch"]
     print("thr layout        shape " + " ".join(f"{n:>10}" for n in names) + "   ratios torch/variant")
@@ -168,13 +178,14 @@ def main():
 def kernel_mode(args):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from machine import fma_peak_gflops
-    libs = [build(s) for s in args.variant]
+    libs = [build(s, args.isa) for s in args.variant]
     cfgs = args.kernel or ["128,1,1,0", "384,1,16,0", "384,16,1,1", "256,8,8,0", "256,8,8,1", "384,4,16,0"]
     print(f"load average {os.getloadavg()}; micro-kernel GFLOP/s (median of {args.reps}) and fraction of FMA peak")
     for cfg in cfgs:
         kc, ni, nj, order, *ldc = map(int, cfg.split(","))
         ldc = ldc[0] if ldc else 0
-        reps = max(1, int(2e8 / (2 * 14 * 32 * kc * ni * nj)))
+        tile = 14 * 32 if args.isa == "avx512" else 6 * 16  # MR x NR of the path
+        reps = max(1, int(2e8 / (2 * tile * kc * ni * nj)))
         res = [[] for _ in libs]
         peaks = []
         for _ in range(args.reps):

@@ -138,11 +138,12 @@ def main():
 VARIANTS = ["pyllm", "pyllm_bf16", "torch", "torch_bf16"]
 
 
-def run_separate(threads: int, rounds: int, steps: int, shape: str = "issue3") -> dict[str, list[float]]:
+def run_separate(threads: int, rounds: int, steps: int, shape: str = "issue3",
+                 variants: list[str] = VARIANTS) -> dict[str, list[float]]:
     """tok/s of each variant, each run in a fresh process, `rounds` times with the order reversed every other round."""
-    tps = {k: [] for k in VARIANTS}
+    tps = {k: [] for k in variants}
     for r in range(rounds):
-        for k in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
+        for k in (variants if r % 2 == 0 else variants[::-1]):
             out = subprocess.run([sys.executable, __file__, "--child", k, "--threads", str(threads), "--steps",
                                   str(steps), "--shape", shape], capture_output=True, text=True, check=True).stdout
             tps[k].append(float(out.split()[-1]))

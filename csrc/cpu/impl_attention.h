@@ -20,10 +20,12 @@
 #define ATT_BC 64  // keys per tile
 #endif
 #define ATT_DMAX 256  // largest head dim (decode keeps one (D) accumulator on the stack)
+#ifndef ATT_MR
 #if VLEN == 16
 #define ATT_MR 8   // register tile of att_mm: ATT_MR rows x 2 vectors (16 accumulators of 32 zmm)
 #else
-#define ATT_MR 4   // 8 accumulators of 16 ymm/xmm registers
+#define ATT_MR 6   // 12 accumulators of 16 ymm/xmm registers
+#endif
 #endif
 
 // 2^x for a vector, x <= ~0 (scores minus their running max or lse; no overflow clamp): x = n + r with
@@ -79,12 +81,51 @@ static inline vf att_exp2(vf x) {
             for (int j = 0; j < 4; j++) vf_store(C + (m + r) * ldc + n + j * VLEN, c[r][j]);                 \
     }
 
+// R rows x 2 vectors of C, a one-vector column tail where N is an odd number of vectors.
+#define ATT_MM2(R)                                                                                           \
+    {                                                                                                        \
+        const float* a0 = A + (long)m * sam;                                                                 \
+        float* cm = C + (long)m * ldc;                                                                       \
+        int n = 0;                                                                                           \
+        for (; n + 2 * VLEN <= N; n += 2 * VLEN) {                                                           \
+            vf c0[R], c1[R];                                                                                 \
+            for (int r = 0; r < R; r++) {                                                                    \
+                c0[r] = acc ? vf_load(cm + r * ldc + n) : vf_set1(0.f);                                      \
+                c1[r] = acc ? vf_load(cm + r * ldc + n + VLEN) : vf_set1(0.f);                               \
+            }                                                                                                \
+            const float* a = a0;                                                                             \
+            const float* b = B + n;                                                                          \
+            for (int k = 0; k < K; k++, a += sak, b += ldb) {                                                \
+                const vf b0 = vf_load(b), b1 = vf_load(b + VLEN);                                            \
+                for (int r = 0; r < R; r++) {                                                                \
+                    const vf ar = vf_set1(a[r * sam]);                                                       \
+                    c0[r] = vf_fma(ar, b0, c0[r]);                                                           \
+                    c1[r] = vf_fma(ar, b1, c1[r]);                                                           \
+                }                                                                                            \
+            }                                                                                                \
+            for (int r = 0; r < R; r++) {                                                                    \
+                vf_store(cm + r * ldc + n, c0[r]);                                                           \
+                vf_store(cm + r * ldc + n + VLEN, c1[r]);                                                    \
+            }                                                                                                \
+        }                                                                                                    \
+        for (; n < N; n += VLEN) {                                                                           \
+            vf c0[R];                                                                                        \
+            for (int r = 0; r < R; r++) c0[r] = acc ? vf_load(cm + r * ldc + n) : vf_set1(0.f);              \
+            const float* a = a0;                                                                             \
+            const float* b = B + n;                                                                          \
+            for (int k = 0; k < K; k++, a += sak, b += ldb) {                                                \
+                const vf b0 = vf_load(b);                                                                    \
+                for (int r = 0; r < R; r++) c0[r] = vf_fma(vf_set1(a[r * sam]), b0, c0[r]);                  \
+            }                                                                                                \
+            for (int r = 0; r < R; r++) vf_store(cm + r * ldc + n, c0[r]);                                   \
+        }                                                                                                    \
+    }
+
 // C (M, N) (+)= A (M, K) . B (K, N). A's element (m, k) is A[m*sam + k*sak] (row- or column-major, read one
 // scalar at a time and broadcast); B rows are ldb apart, C rows ldc apart; N a multiple of VLEN. acc = 0
 // overwrites C. On AVX-512 with N a multiple of 64 (every tile product at D = 64, 128, ...): 6 x 4-vector
 // register tiles (ATT_MM4): the tiles' K/V operands come from L2 (a head's (T, Dp) panels), and reading each
 // once per 6 rows made the forward ~5-10% faster than the 8 x 2 tile below (session 10, T = 1024 / 4096).
-// Otherwise the register tile is ATT_MR x 2 vectors: per k, 2 loads of B feed 2*ATT_MR FMAs.
 static inline __attribute__((always_inline)) void att_mm_core(float* C, long ldc, const float* A, long sam,
                                                               long sak, const float* B, long ldb, int M, int N,
                                                               int K, int acc) {
@@ -100,53 +141,13 @@ static inline __attribute__((always_inline)) void att_mm_core(float* C, long ldc
         return;
     }
 #endif
-    for (; m + ATT_MR <= M; m += ATT_MR) {
-        const float* a0 = A + (long)m * sam;
-        float* c = C + (long)m * ldc;
-        int n = 0;
-        for (; n + 2 * VLEN <= N; n += 2 * VLEN) {
-            vf c0[ATT_MR], c1[ATT_MR];
-            for (int r = 0; r < ATT_MR; r++) {
-                c0[r] = acc ? vf_load(c + r * ldc + n) : vf_set1(0.f);
-                c1[r] = acc ? vf_load(c + r * ldc + n + VLEN) : vf_set1(0.f);
-            }
-            const float* a = a0;
-            const float* b = B + n;
-            for (int k = 0; k < K; k++, a += sak, b += ldb) {
-                const vf b0 = vf_load(b), b1 = vf_load(b + VLEN);
-                for (int r = 0; r < ATT_MR; r++) {
-                    const vf ar = vf_set1(a[r * sam]);
-                    c0[r] = vf_fma(ar, b0, c0[r]);
-                    c1[r] = vf_fma(ar, b1, c1[r]);
-                }
-            }
-            for (int r = 0; r < ATT_MR; r++) {
-                vf_store(c + r * ldc + n, c0[r]);
-                vf_store(c + r * ldc + n + VLEN, c1[r]);
-            }
-        }
-        for (; n < N; n += VLEN) {  // one-vector column tail
-            vf c0[ATT_MR];
-            for (int r = 0; r < ATT_MR; r++) c0[r] = acc ? vf_load(c + r * ldc + n) : vf_set1(0.f);
-            const float* a = a0;
-            const float* b = B + n;
-            for (int k = 0; k < K; k++, a += sak, b += ldb) {
-                const vf b0 = vf_load(b);
-                for (int r = 0; r < ATT_MR; r++) c0[r] = vf_fma(vf_set1(a[r * sam]), b0, c0[r]);
-            }
-            for (int r = 0; r < ATT_MR; r++) vf_store(c + r * ldc + n, c0[r]);
-        }
-    }
-    for (; m < M; m++) {  // row tail, one row at a time
-        float* c = C + (long)m * ldc;
-        for (int n = 0; n < N; n += VLEN) {
-            vf c0 = acc ? vf_load(c + n) : vf_set1(0.f);
-            const float* a = A + (long)m * sam;
-            const float* b = B + n;
-            for (int k = 0; k < K; k++, a += sak, b += ldb) c0 = vf_fma(vf_set1(*a), vf_load(b), c0);
-            vf_store(c + n, c0);
-        }
-    }
+    // Otherwise R rows x 2 vectors: 6 x 2 (12 accumulators + 2 B vectors + 1 broadcast of 16 ymm registers:
+    // 8 loads per 12 FMAs) where the 4 x 2 tile it replaced had 6 per 8 and only the 8 accumulators that the
+    // FMA latency x 2 pipes needs; the M = 64 tiles split 10 x 6 + 4.
+    const int m6 = ATT_MR == 6 && M % 6 == 2 && M >= 8 ? M - 8 : M;   // 6q+2 rows: two 4-row tiles, not 1-row
+    for (; m + ATT_MR <= m6; m += ATT_MR) ATT_MM2(ATT_MR)
+    for (; m + 4 <= M; m += 4) ATT_MM2(4)
+    for (; m < M; m++) ATT_MM2(1)
 }
 // Row-major A (sak = 1) and column-major A (sam = 1): two specialisations so the broadcast addressing is cheap.
 static void att_mm_rowA(float* C, long ldc, const float* A, long lda, const float* B, long ldb, int M, int N,
@@ -223,8 +224,8 @@ void KFN(attention_forward)(const attention_params* p) {
     #pragma omp parallel if (items > 1 && (long)T * T * D * B * H > 200000)
     {
         // per-thread scratch: Q^T (D, BR), S^T/P^T (BC, BR), O (BR, Dp), and K, V (T, Dp) of kv head `packed`
-        float* Qt = (float*)malloc(sizeof(float) * ((size_t)D * ATT_BR + ATT_BC * ATT_BR + (size_t)ATT_BR * Dp +
-                                                    2 * (size_t)T * Dp));
+        // (mm_scratch: reused across calls, no page faults on megabytes of fresh memory per call)
+        float* Qt = mm_scratch((size_t)D * ATT_BR + ATT_BC * ATT_BR + (size_t)ATT_BR * Dp + 2 * (size_t)T * Dp);
         if (!Qt) kernels_oom_note();
         float* ST = Qt + (size_t)D * ATT_BR;
         float* O = ST + ATT_BC * ATT_BR;
@@ -297,7 +298,6 @@ void KFN(attention_forward)(const attention_params* p) {
                 lse[r] = m[r] * 0.6931471805599453f + logf(l[r]);  // natural-log units
             }
         }
-        free(Qt);
     }
 }
 
@@ -317,7 +317,7 @@ void KFN(attention_backward)(const attention_backward_params* p) {
         // Q, dO (BR, Dp) and this kv head's K, V (T, Dp) packed.
         const size_t n_scratch = 2 * (size_t)D * ATT_BR + 2 * ATT_BC * ATT_BR + (size_t)ATT_BR * Dp +
                                  4 * (size_t)T * Dp + 2 * (size_t)ATT_BR * Dp;
-        float* Qt = (float*)malloc(sizeof(float) * n_scratch);
+        float* Qt = mm_scratch(n_scratch);
         if (!Qt) kernels_oom_note();
         float* dOt = Qt + (size_t)D * ATT_BR;
         float* PT = dOt + (size_t)D * ATT_BR;
@@ -398,7 +398,6 @@ void KFN(attention_backward)(const attention_backward_params* p) {
                 memcpy(dv + t * ldk, dVa + (size_t)t * Dp, sizeof(float) * D);
             }
         }
-        free(Qt);
     }
 }
 

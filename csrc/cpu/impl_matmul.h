@@ -72,6 +72,27 @@ static inline __attribute__((always_inline)) void mm_transpose16(__m512 x[16]) {
 }
 #endif
 
+#if VLEN == 8
+// x[i] = row i of an 8 x 8 block -> x[j] = column j (24 shuffles).
+static inline __attribute__((always_inline)) void mm_transpose8(__m256 x[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(x[i], x[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(x[i], x[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        x[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        x[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+#endif
+
 // dst (kc, R) fp32 panel: dst[k*R + i] = X[r0+i, k0+k] for i < rn, 0 for rn <= i < R. src is fp32 or bf16.
 // Branch-free inner loops per layout: trans copies a contiguous run per k; otherwise each source row is read
 // along k in chunks of 16 (one cache line) while the 16 x R destination block stays in L1.
@@ -116,6 +137,52 @@ static void mm_pack_f32(float* restrict dst, const void* src, int bf16, int ld, 
             mm_transpose16(x);
             const __mmask16 im = (__mmask16)(R - i0 < 16 ? (1u << (R - i0)) - 1 : 0xFFFFu);
             for (int k = 0; k < kn; k++) _mm512_mask_storeu_ps(d + (size_t)k * R + i0, im, x[k]);
+        }
+    }
+    return;
+#elif VLEN == 8
+    // The avx2 version of the above: 8 rows x 8 k per in-register transpose. Full-width loads only (a short last
+    // k chunk goes through a zeroed stack row; AVX2's masked stores are slow on AMD, so no masked stores either).
+    for (int kb = 0; kb < kc; kb += 8) {
+        const int kn = kc - kb < 8 ? kc - kb : 8;
+        float* d = dst + (size_t)kb * R;
+        for (int i0 = 0; i0 < R; i0 += 8) {
+            __m256 x[8];
+            for (int i = 0; i < 8; i++) {
+                const size_t o = (size_t)(r0 + i0 + i) * ld + k0 + kb;
+                if (i0 + i >= rn) {
+                    x[i] = _mm256_setzero_ps();
+                    continue;
+                }
+#if MM_PF_PACK
+                if (kb + 16 * MM_PF_PACK < kc) __builtin_prefetch(bf16 ? (const void*)(sh + o + 16 * MM_PF_PACK)
+                                                                       : (const void*)(sf + o + 16 * MM_PF_PACK));
+#endif
+                if (kn == 8) {
+                    x[i] = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(
+                                      _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(sh + o))), 16))
+                                : _mm256_loadu_ps(sf + o);
+                } else {
+                    float t[8] = {0};
+                    for (int k = 0; k < kn; k++) t[k] = bf16 ? mm_bf16_to_f32(sh[o + k]) : sf[o + k];
+                    x[i] = _mm256_loadu_ps(t);
+                }
+            }
+            mm_transpose8(x);
+            const int w = R - i0 < 8 ? R - i0 : 8;
+            for (int k = 0; k < kn; k++) {
+                float* dk = d + (size_t)k * R + i0;
+                if (w == 8) {
+                    _mm256_storeu_ps(dk, x[k]);
+                } else if (w == 6) {  // the avx2 A panel (MR = 6)
+                    _mm_storeu_ps(dk, _mm256_castps256_ps128(x[k]));
+                    _mm_storel_pi((__m64*)(dk + 4), _mm256_extractf128_ps(x[k], 1));
+                } else {
+                    float t[8];
+                    _mm256_storeu_ps(t, x[k]);
+                    for (int i = 0; i < w; i++) dk[i] = t[i];
+                }
+            }
         }
     }
     return;
@@ -264,7 +331,7 @@ static void mm_kernel_acols(int kc, const float* restrict a, size_t lda, const f
 }
 
 // Packing scratch, kept per calling thread and grown on demand (64-byte aligned): no malloc or page faults per
-// call. Bounded by the block sizes: MM_A_FLOATS + threads * MM_NC_MAX * MM_KC_MAX floats (~10 MiB), freed when
+// call. Also the per-thread scratch of sampling and attention (never nested inside a GEMM: one user at a time). Bounded by the block sizes: MM_A_FLOATS + threads * MM_NC_MAX * MM_KC_MAX floats (~10 MiB), freed when
 // the thread exits (a pthread key's destructor: a server that starts and ends threads must not leak 10 MiB each).
 static _Thread_local float* mm_scratch_buf;
 static _Thread_local size_t mm_scratch_cap;
