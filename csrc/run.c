@@ -309,11 +309,11 @@ float* run_forward(run_model* m, int token, int pos) {
 // ---------------------------------------------------------------------------------------------------------------
 // Sampling.
 
-int run_sample(float* logits, int n, float temperature, float top_p, int top_k, uint64_t seed, int step) {
+int run_sample(float* logits, int n, float temperature, float top_p, int top_k, float min_p, uint64_t seed, int step) {
     int64_t token = -1;
     float logprob = 0.f;
     sample_params p = {.tokens = &token, .logprobs = &logprob, .logits = logits, .mask = NULL, .B = 1, .V = n,
-                       .temperature = temperature, .top_k = top_k, .top_p = top_p, .min_p = 0.f, .seed = seed,
+                       .temperature = temperature, .top_k = top_k, .top_p = top_p, .min_p = min_p, .seed = seed,
                        .step = (uint64_t)step};
     sample_forward(&p);
     return token == -3 ? -2 : token < 0 ? -1 : (int)token;  // the kernel's -3 (out of memory) -> -2, -2 (NaN) -> -1
@@ -376,6 +376,7 @@ typedef struct {
     float temperature, top_p;
     int top_k, steps;
     uint64_t seed;
+    float min_p;
 } gen_opts;
 
 // The one-line error for a failed step: no logits (out of memory in the forward) or a negative run_sample code.
@@ -385,7 +386,7 @@ static const char* step_error(const float* logits, int next) {
 }
 
 static int next_token(run_model* m, float* logits, const gen_opts* o, int step) {
-    return run_sample(logits, m->f.cfg.vocab_size, o->temperature, o->top_p, o->top_k, o->seed, step);
+    return run_sample(logits, m->f.cfg.vocab_size, o->temperature, o->top_p, o->top_k, o->min_p, o->seed, step);
 }
 
 static int generate(run_model* m, run_tokenizer* tok, const char* prompt, const gen_opts* o) {
@@ -512,6 +513,7 @@ static void usage(FILE* f) {
             "  -t <float>  temperature, 0 = greedy (default 1.0)\n"
             "  -p <float>  top-p (nucleus) mass in (0, 1], 1 = off (default 0.9)\n"
             "  -k <int>    top-k, 0 = off (default 0)\n"
+            "  --min-p <f> min-p in [0, 1]: keep tokens at >= this times the top token's probability, 0 = off (default 0)\n"
             "  -s <int>    random seed (default: time)\n"
             "  -n <int>    steps: forward passes, BOS and prompt included, as in llama2.c; 0 = seq_len (default 256)\n"
             "  -i <text>   prompt; in chat mode the first user message (default: empty)\n"
@@ -532,10 +534,18 @@ int main(int argc, char** argv) {
     if (argc < 2) { usage(stderr); return 2; }
     const char* model_path = argv[1];
     if (model_path[0] == '-') return bad_arg("the first argument must be the model path, got", model_path);
-    gen_opts o = {1.0f, 0.9f, 0, 256, (uint64_t)time(NULL)};
+    gen_opts o = {1.0f, 0.9f, 0, 256, (uint64_t)time(NULL), 0.f};
     const char *prompt = "", *tok_path = NULL, *mode = "generate", *system = NULL;
     for (int i = 2; i < argc; i += 2) {
         const char* a = argv[i];
+        if (!strcmp(a, "--min-p")) {  // the one long option (llama.cpp's name); the rest are llama2.c's letters
+            if (i + 1 >= argc) return bad_arg("missing value for", a);
+            char* e = NULL;
+            o.min_p = strtof(argv[i + 1], &e);
+            if (*e || !*argv[i + 1] || !(o.min_p >= 0.f && o.min_p <= 1.f))
+                return bad_arg("--min-p needs a value in [0, 1], got", argv[i + 1]);
+            continue;
+        }
         if (a[0] != '-' || strlen(a) != 2 || !strchr("tpksnizmy", a[1])) return bad_arg("unknown option", a);
         if (i + 1 >= argc) return bad_arg("missing value for", a);
         const char* v = argv[i + 1];

@@ -27,10 +27,11 @@ float* run_forward(run_model* m, int token, int pos);
 
 // --- sampling ----------------------------------------------------------------------------------------------------
 // Next token from logits (n): greedy when temperature == 0, else softmax(logits/temperature) truncated to the top_k
-// (0 = off) most likely tokens and the smallest set with probability >= top_p; random numbers from (seed, step)
+// (0 = off) most likely tokens, the smallest set with probability >= top_p, and the tokens with probability >= min_p
+// times the top token's (0 = off; HF order: top-k, top-p, min-p); random numbers from (seed, step)
 // only (pyllm's shared sample kernel: the same draw as pyllm.ops.sample / model.generate with that seed and step).
 // Returns -1 for NaN/+inf logits, -2 when out of memory for the sampler's scratch.
-int run_sample(float* logits, int n, float temperature, float top_p, int top_k, uint64_t seed, int step);
+int run_sample(float* logits, int n, float temperature, float top_p, int top_k, float min_p, uint64_t seed, int step);
 
 // --- tokenizer ---------------------------------------------------------------------------------------------------
 run_tokenizer* run_tokenizer_build(const char* path, int vocab_size, char* err, size_t errlen);

@@ -153,7 +153,7 @@ class CTokenizer:
 
 
 def sample(logits: np.ndarray, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-           step: int = 0) -> int:
+           step: int = 0, min_p: float = 0.0) -> int:
     """The C runtime's sampler on a copy of logits (n,)."""
     ffi, L = lib()
     buf = np.ascontiguousarray(logits, dtype=np.float32).copy()
@@ -167,9 +167,12 @@ def sample(logits: np.ndarray, temperature: float = 1.0, top_p: float = 1.0, top
         raise ValueError(f"sample: top_p must be in (0, 1], got {top_p}")
     if not 0 <= top_k < 2 ** 31:
         raise ValueError(f"sample: top_k must be in [0, 2^31) (0 = off), got {top_k}")
+    if not 0 <= min_p <= 1:
+        raise ValueError(f"sample: min_p must be in [0, 1] (0 = off), got {min_p}")
     if not (0 <= seed < 2 ** 64 and -2 ** 31 <= step < 2 ** 31):
         raise ValueError(f"sample: seed must be in [0, 2^64) and step an int32, got seed {seed}, step {step}")
-    t = int(L.run_sample(ffi.cast("float*", buf.ctypes.data), buf.size, temperature, top_p, top_k, seed, step))
+    t = int(L.run_sample(ffi.cast("float*", buf.ctypes.data), buf.size, temperature, top_p, top_k, min_p, seed,
+                           step))
     if t == -2:
         raise MemoryError("sample: out of memory for the sampler's scratch buffers")
     if t < 0:
@@ -199,7 +202,7 @@ class Runtime:
         return self.tokenizer
 
     def generate_ids(self, ids: list[int], steps: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                     seed: int = 0, stop: tuple = ()) -> list[int]:
+                     seed: int = 0, stop: tuple = (), min_p: float = 0.0) -> list[int]:
         """Run `ids` (from position 0), then sample up to `steps` new tokens; returns the new ids."""
         if not ids:
             raise ValueError("generate needs at least one token (e.g. BOS)")
@@ -212,7 +215,7 @@ class Runtime:
         out = []
         pos = len(ids)
         for _ in range(steps):
-            nxt = sample(logits, temperature, top_p, top_k, seed, len(out))  # step as model.generate counts
+            nxt = sample(logits, temperature, top_p, top_k, seed, len(out), min_p)  # step as model.generate counts
             if nxt in stop:
                 break
             out.append(nxt)
@@ -223,10 +226,11 @@ class Runtime:
         return out
 
     def generate(self, prompt: str, steps: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int = 0) -> str:
+                 seed: int = 0, min_p: float = 0.0) -> str:
         tok = self._tok()
         ids = tok.encode(prompt, add_bos=True)
-        return tok.decode(self.generate_ids(ids, steps, temperature, top_p, top_k, seed, stop=(tok.bos_id,)))
+        return tok.decode(self.generate_ids(ids, steps, temperature, top_p, top_k, seed, stop=(tok.bos_id,),
+                                            min_p=min_p))
 
 
 def run_binary_main() -> None:

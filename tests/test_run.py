@@ -199,6 +199,13 @@ def test_sampler(tmp_path, rng):
     nucleus_top = int(logits.argmax())
     if p[nucleus_top] > 0.05:  # top_p below the largest probability keeps exactly the argmax
         assert runtime.sample(logits, 1.0, float(p[nucleus_top]) * 0.5, 0, seed=1) == nucleus_top
+    # min-p: every draw has probability >= min_p * the top one's, and the same draws as pyllm.ops.sample
+    from pyllm import ops
+    keep = set(torch.nonzero(p >= 0.3 * p.max()).flatten().tolist())
+    mdraws = [runtime.sample(logits, 1.0, 1.0, 0, seed=9, step=s, min_p=0.3) for s in range(60)]
+    assert set(mdraws) <= keep and (len(set(mdraws)) > 1) == (len(keep) > 1)
+    assert mdraws == [int(ops.sample(torch.tensor(logits)[None], 1.0, 0, 1.0, 0.3, seed=9, step=s)[0][0])
+                      for s in range(60)]
 
 
 def test_sampler_rejects_bad_arguments(rng):
@@ -209,7 +216,8 @@ def test_sampler_rejects_bad_arguments(rng):
                      ({"temperature": float("inf")}, "temperature must be"),
                      ({"top_p": 2.0}, r"top_p must be in \(0, 1\]"), ({"top_p": 0.0}, "top_p must be"),
                      ({"top_k": -5}, "top_k must be"), ({"top_k": 2 ** 40}, "top_k must be"),
-                     ({"seed": -1}, "seed must be in")):
+                     ({"seed": -1}, "seed must be in"), ({"min_p": 1.5}, r"min_p must be in \[0, 1\]"),
+                     ({"min_p": -0.1}, "min_p must be")):
         with pytest.raises(ValueError, match=want):
             runtime.sample(logits, **kw)
     with pytest.raises(ValueError, match=r"expected non-empty 1-D logits \(n,\), got shape \(5, 10\)"):
@@ -245,7 +253,7 @@ def run_bin(*args, input=None):
 def test_binary_help_and_bad_flags(tmp_path):
     r = run_bin("--help")
     assert r.returncode == 0
-    for flag in ["-t", "-p", "-k", "-s", "-n", "-i", "-z", "-m", "-y", "--help"]:
+    for flag in ["-t", "-p", "-k", "--min-p", "-s", "-n", "-i", "-z", "-m", "-y", "--help"]:
         assert f"  {flag} " in r.stdout or f", {flag} " in r.stdout, flag
     assert "default 1.0" in r.stdout and "generate|chat" in r.stdout
     r = run_bin(tmp_path / "m.bin", "-x", "1")
@@ -266,7 +274,10 @@ def test_binary_flag_ranges_and_tokenizer_dir(tmp_path, rng):
                               ("-k", "2147483647", "-k needs an integer in [0, 2^30]"),
                               ("-s", "-1", "-s needs an integer seed in [0, 2^64)"),
                               ("-s", "99999999999999999999", "-s needs an integer seed in [0, 2^64)"),
-                              ("-t", "1e40", "-t needs a finite temperature >= 0")):
+                              ("-t", "1e40", "-t needs a finite temperature >= 0"),
+                              ("--min-p", "1.5", "--min-p needs a value in [0, 1]"),
+                              ("--min-p", "", "--min-p needs a value in [0, 1]"),
+                              ("--min-p", "x", "--min-p needs a value in [0, 1]")):
         r = run_bin(tmp_path / "m.bin", flag, value)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and want in r.stderr, (flag, value, r.stderr)
     c = tiny_config(norm_eps=1e-5)
@@ -462,8 +473,8 @@ def test_binary_llama2c_checkpoint_and_tokenizer(tmp_path, rng):
 
 @pytest.mark.skipif(not runtime.BIN_PATH.exists(), reason="pyllm-run not built")
 def test_binary_sampling_equals_model_generate_same_seed(tok_and_model, tmp_path, rng):
-    """The binary samples with the shared kernel's counter RNG: same seed/temperature/top-k/top-p -> same tokens as
-    pyllm's model.generate on the pyllm backend."""
+    """The binary samples with the shared kernel's counter RNG: same seed/temperature/top-k/top-p/min-p -> same tokens
+    as pyllm's model.generate on the pyllm backend."""
     from pyllm.model import GPT
     tok, _, c, _ = tok_and_model
     sd = random_state_dict(c, rng, std=0.1)  # flat logits: sampling matters
@@ -472,7 +483,7 @@ def test_binary_sampling_equals_model_generate_same_seed(tok_and_model, tmp_path
     m.load_state_dict(sd, strict=False)
     ids = tok.encode("Speak", add_bos=True)
     n_new = 30
-    sd_ = dict(temperature=1.3, top_k=40, top_p=0.97)
+    sd_ = dict(temperature=1.3, top_k=40, top_p=0.97, min_p=0.02)
     for seed in range(17, 49):  # the random model may sample BOS (a stop) early: take the first seed that runs on
         with torch.no_grad():
             out = m.generate(torch.tensor([ids]), n_new, seed=seed, stop_tokens=(tok.bos_id,),
@@ -485,10 +496,18 @@ def test_binary_sampling_equals_model_generate_same_seed(tok_and_model, tmp_path
     assert rt.generate_ids(ids, n_new, seed=seed, stop=(tok.bos_id,), **sd_) == new
     specials = set(tok.special_ids.values())
     want = b"".join(tok.token_bytes(i) for i in ids[1:] + new if i not in specials) + b"\n"
-    r = subprocess.run([str(runtime.BIN_PATH), str(paths["model"]), "-t", "1.3", "-k", "40", "-p", "0.97", "-s", str(seed),
+    r = subprocess.run([str(runtime.BIN_PATH), str(paths["model"]), "-t", "1.3", "-k", "40", "-p", "0.97", "--min-p", "0.02",
+                        "-s", str(seed),
                         "-n", str(len(ids) + n_new - 1), "-i", "Speak"], capture_output=True, timeout=60,
                        env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and r.stdout == want
+    # --min-p reaches the sampler: at 1 only the top token survives, so T=1 sampling is greedy decoding
+    common = [str(runtime.BIN_PATH), str(paths["model"]), "-p", "1", "-s", str(seed), "-n", str(len(ids) + n_new - 1),
+              "-i", "Speak"]
+    greedy, minp1, plain = (subprocess.run(common + extra, capture_output=True, timeout=60,
+                                           env={"OMP_NUM_THREADS": "1"}).stdout
+                            for extra in (["-t", "0"], ["-t", "1", "--min-p", "1"], ["-t", "1"]))
+    assert minp1 == greedy and plain != greedy
 
 
 @pytest.mark.parametrize("quant", [None, "q8_0"])

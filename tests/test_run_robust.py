@@ -190,7 +190,7 @@ int main(int argc, char** argv) {
         run_model_config(m, cfg, 11);
         for (int pos = 0; pos < 3 && pos < cfg[6]; pos++) {
             float* l = run_forward(m, pos % cfg[5], pos);
-            if (l) run_sample(l, cfg[5], 0.8f, 0.9f, 5, 42, pos);
+            if (l) run_sample(l, cfg[5], 0.8f, 0.9f, 5, 0.f, 42, pos);
         }
         run_model_free(m);
         ok++;
