@@ -1,9 +1,10 @@
 """GEMM tuning lab: in-process A/B of GEMM variants (a header + -D flags) against torch, same shapes, interleaved.
 Run: PYTHONPATH=$PWD python benchmarks/bench_matmul_lab.py --variant base=csrc/cpu/impl_matmul.h \
-         --variant kc384=csrc/cpu/impl_matmul.h:-DMM_KC=384 --shapes 1024x1024x1024 --threads 1
-Each variant is compiled (the avx512 or avx2 path, --isa; default: the best this CPU has; gcc -O3) into its own .so with just the matmul kernels and loaded
-with ctypes, so block-size overrides (-DMM_KC=..., -DMM_MC=..., -DMM_NC=...) never touch csrc/. Prints the
-median time of each variant and torch per (threads, layout, shape) and the ratio torch/variant (> 1: faster).
+         --variant kc256=csrc/cpu/impl_matmul.h:-DMM_KC_MAX=256 --shapes 1024x1024x1024 --threads 1
+Each variant is compiled (the avx512 or avx2 path, --isa; default: the best this CPU has; gcc -O3) into its own
+.so with just the matmul kernels and loaded with ctypes, so block-size overrides (-DMM_KC_MAX=..., -DMM_NC_MAX=...)
+never touch csrc/. Prints the median time of each variant and torch per (threads, layout, shape) and the ratio
+torch/variant (> 1: faster).
 """
 import argparse
 import ctypes

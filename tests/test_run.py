@@ -496,8 +496,8 @@ def test_binary_sampling_equals_model_generate_same_seed(tok_and_model, tmp_path
     assert rt.generate_ids(ids, n_new, seed=seed, stop=(tok.bos_id,), **sd_) == new
     specials = set(tok.special_ids.values())
     want = b"".join(tok.token_bytes(i) for i in ids[1:] + new if i not in specials) + b"\n"
-    r = subprocess.run([str(runtime.BIN_PATH), str(paths["model"]), "-t", "1.3", "-k", "40", "-p", "0.97", "--min-p", "0.02",
-                        "-s", str(seed),
+    r = subprocess.run([str(runtime.BIN_PATH), str(paths["model"]), "-t", "1.3", "-k", "40", "-p", "0.97",
+                        "--min-p", "0.02", "-s", str(seed),
                         "-n", str(len(ids) + n_new - 1), "-i", "Speak"], capture_output=True, timeout=60,
                        env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and r.stdout == want

@@ -331,8 +331,10 @@ static void mm_kernel_acols(int kc, const float* restrict a, size_t lda, const f
 }
 
 // Packing scratch, kept per calling thread and grown on demand (64-byte aligned): no malloc or page faults per
-// call. Also the per-thread scratch of sampling and attention (never nested inside a GEMM: one user at a time). Bounded by the block sizes: MM_A_FLOATS + threads * MM_NC_MAX * MM_KC_MAX floats (~10 MiB), freed when
-// the thread exits (a pthread key's destructor: a server that starts and ends threads must not leak 10 MiB each).
+// call. Also the per-thread scratch of sampling (~3 V floats) and attention (up to 4 T*D floats), never nested
+// inside a GEMM (one user at a time). The GEMM's part is bounded by its block sizes: MM_A_FLOATS + threads *
+// MM_NC_MAX * MM_KC_MAX floats (~10 MiB). The buffer keeps its largest size until the thread exits
+// (a pthread key's destructor frees it: a server that starts and ends threads must not leak 10 MiB each).
 static _Thread_local float* mm_scratch_buf;
 static _Thread_local size_t mm_scratch_cap;
 static pthread_key_t mm_scratch_key;
