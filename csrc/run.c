@@ -350,7 +350,7 @@ const char* run_decode(run_tokenizer* t, int prev, int id, int* len) {
 int run_token_id(run_tokenizer* t, const char* piece) { return tokenizer_special(&t->t, piece); }
 int run_bos_id(run_tokenizer* t) { return t->t.bos_id; }
 int run_tokenizer_vocab_size(run_tokenizer* t) { return t->t.vocab_size; }
-static __attribute__((unused)) int tok_is_special(run_tokenizer* t, int id) {
+int run_is_special(run_tokenizer* t, int id) {
     return t->t.is_special && id >= 0 && id < t->t.vocab_size && t->t.is_special[id];
 }
 
@@ -365,7 +365,7 @@ static double now_s(void) {
 }
 
 static void print_token(run_tokenizer* tok, int prev, int id) {
-    if (tok_is_special(tok, id)) return;  // <|end|> etc. are control tokens, not text
+    if (run_is_special(tok, id)) return;  // <|end|> etc. are control tokens, not text
     int len = 0;
     const char* s = run_decode(tok, prev, id, &len);
     if (s && len > 0) fwrite(s, 1, (size_t)len, stdout);

@@ -43,6 +43,7 @@ int run_encode(run_tokenizer* t, const char* text, int add_bos, int* ids, int ma
 const char* run_decode(run_tokenizer* t, int prev, int id, int* len);
 int run_token_id(run_tokenizer* t, const char* piece);  // id of an exact piece such as "<|user|>", or -1
 int run_bos_id(run_tokenizer* t);
+int run_is_special(run_tokenizer* t, int id);  // 1 for a control token such as <|end|> (not text), else 0
 int run_tokenizer_vocab_size(run_tokenizer* t);  // ids are in [0, vocab_size)
 
 #ifdef __cplusplus

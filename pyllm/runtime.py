@@ -122,7 +122,7 @@ class CTokenizer:
             raise ValueError("C tokenizer failed to encode the text")
         return list(ids[0:n])
 
-    def decode_bytes(self, ids, prev: int = -1) -> bytes:
+    def decode_bytes(self, ids, prev: int = -1, skip_special: bool = False) -> bytes:
         ffi, L = lib()
         # the same ids as pyllm.tokenizer.Tokenizer.decode takes, and the same error (run_decode's NULL for an id
         # out of range was skipped: a wrong id vanished from the text)
@@ -133,13 +133,15 @@ class CTokenizer:
         n = ffi.new("int*")
         out = []
         for i in ids:
+            if skip_special and L.run_is_special(self._t, i):
+                continue  # as pyllm-run prints: control tokens (<|end|> ...) are not text
             s = L.run_decode(self._t, int(prev), i, n)
             out.append(ffi.buffer(s, n[0])[:])
             prev = i
         return b"".join(out)
 
-    def decode(self, ids) -> str:
-        return self.decode_bytes(ids).decode(errors="replace")
+    def decode(self, ids, skip_special: bool = False) -> str:
+        return self.decode_bytes(ids, skip_special=skip_special).decode(errors="replace")
 
     def token_id(self, piece: str) -> int:
         return lib()[1].run_token_id(self._t, piece.encode())
@@ -193,8 +195,8 @@ class Runtime:
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         return self._tok().encode(text, add_bos)
 
-    def decode(self, ids) -> str:
-        return self._tok().decode(ids)
+    def decode(self, ids, skip_special: bool = False) -> str:
+        return self._tok().decode(ids, skip_special)
 
     def _tok(self) -> CTokenizer:
         if self.tokenizer is None:
@@ -227,10 +229,11 @@ class Runtime:
 
     def generate(self, prompt: str, steps: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int = 0, min_p: float = 0.0) -> str:
+        """The text of up to `steps` tokens after BOS + prompt, without control tokens (as pyllm-run prints)."""
         tok = self._tok()
         ids = tok.encode(prompt, add_bos=True)
         return tok.decode(self.generate_ids(ids, steps, temperature, top_p, top_k, seed, stop=(tok.bos_id,),
-                                            min_p=min_p))
+                                            min_p=min_p), skip_special=True)
 
 
 def run_binary_main() -> None:

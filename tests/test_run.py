@@ -495,6 +495,11 @@ def test_binary_sampling_equals_model_generate_same_seed(tok_and_model, tmp_path
     rt = runtime.Runtime(paths["model"], paths["tokenizer"])
     assert rt.generate_ids(ids, n_new, seed=seed, stop=(tok.bos_id,), **sd_) == new
     specials = set(tok.special_ids.values())
+    # generate's text is what the binary prints for the new tokens: control tokens left out
+    text = b"".join(tok.token_bytes(i) for i in new if i not in specials).decode(errors="replace")
+    assert rt.generate("Speak", n_new, seed=seed, **sd_) == text
+    h, end = tok.encode("h")[0], tok.special_ids["<|end|>"]
+    assert rt.decode([h, end, h]) == "h<|end|>h" and rt.decode([h, end, h], skip_special=True) == "hh"
     want = b"".join(tok.token_bytes(i) for i in ids[1:] + new if i not in specials) + b"\n"
     r = subprocess.run([str(runtime.BIN_PATH), str(paths["model"]), "-t", "1.3", "-k", "40", "-p", "0.97",
                         "--min-p", "0.02", "-s", str(seed),
