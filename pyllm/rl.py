@@ -119,10 +119,19 @@ def masked_mean(x, m):
     return (x * m).sum() / m.sum().clamp(min=1)
 
 
-def whiten(x, m, eps=1e-8):
-    mu = masked_mean(x, m)
-    var = masked_mean((x - mu) ** 2, m)
-    return (x - mu) * torch.rsqrt(var + eps) * m
+def _sum_ranks(t, distributed: bool):
+    if distributed:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def whiten(x, m, eps=1e-8, distributed: bool = False):
+    """(x - mean) / std over the masked positions; with `distributed` (torchrun, world > 1) the mean and variance
+    are those of every rank's batch together, so each rank's few rows do not set their own scale (two all-reduces)."""
+    ns = _sum_ranks(torch.stack([m.sum(), (x * m).sum()]).double(), distributed)
+    n, mu = ns[0].clamp(min=1), ns[1] / ns[0].clamp(min=1)
+    var = _sum_ranks((((x.double() - mu) ** 2) * m).sum(), distributed) / n
+    return ((x - mu.to(x.dtype)) * torch.rsqrt(var + eps).to(x.dtype)) * m
 
 
 def gae(rewards, values, m, gamma: float, lam: float):
@@ -521,7 +530,7 @@ def main(args) -> int:
                 rewards[torch.arange(N), last] += score
                 adv, returns = gae(rewards, values, m, args.gamma, args.lam)
                 if not args.no_whiten:
-                    adv = whiten(adv, m)
+                    adv = whiten(adv, m, distributed=dist.world > 1)
             elif args.algo == "rft":  # weighted cross-entropy on the kept samples (the ratio is 1 on-policy)
                 adv = rft_w.to(dist.device)[:, None] * m
             else:

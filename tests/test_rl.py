@@ -79,6 +79,42 @@ def test_gae_matches_reward_to_go_and_whitening():
     assert w[0, 0] == 0 and abs(float(w[0, 1:].mean())) < 1e-6
 
 
+WHITEN_TWO_RANKS = """
+import sys, torch, torch.distributed as td, torch.multiprocessing as mp
+from pyllm.rl import whiten
+def run(rank, path, x, m):
+    td.init_process_group("gloo", init_method="file://" + path, rank=rank, world_size=2)
+    rows = slice(0, 1) if rank == 0 else slice(1, 4)      # unequal shares: rank 0 holds 1 row, rank 1 three
+    torch.save(whiten(x[rows], m[rows], distributed=True), path + f".{rank}")
+    td.destroy_process_group()
+if __name__ == "__main__":
+    g = torch.Generator().manual_seed(0)
+    x, m = torch.randn(4, 6, generator=g) * 3 + 1, (torch.rand(4, 6, generator=g) < 0.7).float()
+    mp.spawn(run, args=(sys.argv[1], x, m), nprocs=2)
+    torch.save((x, m), sys.argv[1] + ".in")
+"""
+
+
+def test_whiten_across_ranks_equals_one_batch(tmp_path):
+    """PPO's advantage whitening under torchrun uses every rank's statistics: 2 gloo ranks holding 1 and 3 rows give
+    what one process gives for the 4 rows (each rank whitening alone would not)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = tmp_path / "w.py"
+    script.write_text(WHITEN_TWO_RANKS)
+    path = str(tmp_path / "store")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, str(script), path], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    x, m = torch.load(path + ".in")
+    got = torch.cat([torch.load(path + ".0"), torch.load(path + ".1")])
+    want = whiten(x, m)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(torch.cat([whiten(x[:1], m[:1]), whiten(x[1:], m[1:])]), want, atol=1e-3)
+
+
 def test_rl_bad_prompts(tmp_path, capsys):
     base, fn, _ = _setup(tmp_path)
     p = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "write 1", "target": "a", "tag": 1},
