@@ -125,6 +125,8 @@ def main():
                          "0: A panel outer, 1: B panel outer) beside the FMA peak, instead of GEMM shapes")
     ap.add_argument("--isa", choices=sorted(TARGETS), default=best_isa(),
                     help="instruction-set path to compile the variants for (default: the best this CPU has)")
+    ap.add_argument("--cold", action="store_true", help="evict the caches (write 64 MiB) before every timed call; "
+                                                          "the flush is not timed")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check (diagnostic variants that "
                                                                 "skip work on purpose)")
     args = ap.parse_args()
@@ -164,12 +166,17 @@ def main():
                 t = time.perf_counter(); ref(); dt = time.perf_counter() - t
                 n_calls = max(1, int(args.min_time / max(dt, 1e-6)))
                 ts = [[] for _ in fns]
+                flush = torch.empty(16 << 20) if args.cold else None  # 64 MiB: twice this host's L3
                 for _ in range(args.reps):
                     for i, fn in enumerate(fns):
-                        t = time.perf_counter()
+                        tot = 0.0
                         for _ in range(n_calls):
+                            if flush is not None:
+                                flush.add_(1.0)  # operands and packing buffers out of cache, as in a training step
+                            t = time.perf_counter()
                             fn()
-                        ts[i].append((time.perf_counter() - t) / n_calls)
+                            tot += time.perf_counter() - t
+                        ts[i].append(tot / n_calls)
                 med = [statistics.median(t) for t in ts]
                 fl = 2.0 * M * N * K
                 print(f"{th:>3} {lay:>6} {s:>14} " + " ".join(f"{fl / t / 1e9:>8.1f}GF" for t in med)

@@ -3,7 +3,7 @@ B=8, T=256, vocab 8192, in tokens/s — pyllm kernels (fp32, and under bf16 auto
 weights) vs torch eager fp32 and torch bf16 autocast, same process, steps interleaved, median per side.   Run: python benchmarks/bench_train_step.py [--threads 1 2] [--steps 5]
   --shape shakespeare: issue 4's nanoGPT recipe model (4 layers, d=128, 4 heads, T=64, B=12, vocab 262) instead.
   --kernels: also time every pyllm._C call inside the pyllm steps: ms/step per kernel, the GEMM share, and the
-             rest (Python, autograd, torch glue) — the per-op profile behind the ratios.
+             rest (Python, autograd, torch glue) — the per-op profile behind the ratios; and GFLOP/s per GEMM shape.
   --separate R: instead, each variant in its own process (as a user runs it), R rounds alternating the order, and the
              median of the per-round ratios. In one process the four models share the allocator and caches: on
              2026-11-24 that slowed torch eager by up to 25% and overstated pyllm's ratio (RESULTS.md, session 8).
@@ -46,8 +46,13 @@ class KernelTimer:
         def timed(*a):
             t0 = time.perf_counter()
             r = f(*a)
-            self.t[name] += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.t[name] += dt
             self.n[name] += 1
+            if name == "matmul_forward":  # also per GEMM (M, N, K, trans_a, trans_b): which shape is slow in a step
+                key = tuple(a[4:7]) + tuple(a[10:12])
+                self.t[key] += dt
+                self.n[key] += 1
             return r
         return timed
 
@@ -131,7 +136,13 @@ def main():
                   f"(Python, autograd, torch glue) {1e3 * (tot - kern) / n:.1f} ms; GEMM (matmul_forward) "
                   f"{100 * kt.t['matmul_forward'] / tot:.0f}% of the step\n\n| kernel | ms/step | calls/step |\n|---|---|---|")
             for k, v in sorted(kt.t.items(), key=lambda kv: -kv[1]):
-                print(f"| {k} | {1e3 * v / n:.2f} | {kt.n[k] / n:.0f} |")
+                if isinstance(k, str):
+                    print(f"| {k} | {1e3 * v / n:.2f} | {kt.n[k] / n:.0f} |")
+            print("\n| GEMM M x N x K (trans_a, trans_b) | ms/step | calls/step | GFLOP/s in the step |\n|---|---|---|---|")
+            for k, v in sorted(kt.t.items(), key=lambda kv: -kv[1]):
+                if isinstance(k, tuple):
+                    print(f"| {k[0]}x{k[1]}x{k[2]} ({k[3]:d}, {k[4]:d}) | {1e3 * v / n:.2f} | {kt.n[k] / n:.0f} | "
+                          f"{2.0 * k[0] * k[1] * k[2] * kt.n[k] / v / 1e9:.1f} |")
             print(flush=True)
 
 

@@ -227,11 +227,12 @@ def test_matmul_small_m_boundary(isa, rng, M):
 
 
 # Shapes that cross the GEMM driver's blocking paths (impl_matmul.h): K split into several blocks (K > 384),
-# N split into B blocks shared out to threads (N > 512), A in several row chunks (M * kc > 2M floats), M just
-# above the small-M path, and M % 14 / N % 32 leftovers; on 1 and 2 threads, with bias and accumulate.
+# N split into B blocks dealt out to threads from a ticket counter (N > 512), A in several row chunks (M * kc > 2M
+# floats), M just above the small-M path, and M % 14 / N % 32 leftovers; on 1, 2 and 3 threads (3: a count that
+# divides no block count), with bias and accumulate.
 @pytest.mark.parametrize("M,N,K", [(70, 1100, 800), (5, 33, 1000), (5500, 37, 384), (29, 64, 9)])
 @pytest.mark.parametrize("ta,tb", [(0, 0), (0, 1), (1, 1)])
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 def test_matmul_blocking_paths(isa, gemm_path, rng, M, N, K, ta, tb, threads):
     a, b = _operands(rng, M, N, K, ta, tb)
     bias = torch.randn(N, generator=rng)

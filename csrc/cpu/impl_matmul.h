@@ -440,6 +440,12 @@ static void mm_direct(const float* A, int lda, int trans_a, const float* B, int 
 #ifndef MM_A_FLOATS
 #define MM_A_FLOATS (2L << 20)       // 8 MiB
 #endif
+#ifndef MM_DYN_BLOCKS
+#define MM_DYN_BLOCKS 8      // B blocks per thread when threads split the columns...
+#endif
+#ifndef MM_DYN_MIN_PANELS
+#define MM_DYN_MIN_PANELS 4  // ...of at least this many NR-column panels each
+#endif
 #ifndef MM_PAR_FLOPS
 #define MM_PAR_FLOPS 4e6
 #endif
@@ -464,8 +470,9 @@ static int mm_use_direct(int M, int N, int K, int lda, int trans_b, int ldb) {
 //   A chunk (<= MM_A_FLOATS rows*kc) -> K block kc (K split evenly, <= MM_KC_MAX) -> pack the A chunk
 //   (shared, all threads) -> B blocks of <= MM_NC_MAX columns, each packed by the thread that uses it into its
 //   own L2-resident buffer -> A micro-panel (kc, MR) (L1) -> B micro-panels (kc, NR) streamed from L2.
-// Threads split the B blocks when there are at least as many as threads (each thread packs only its own B);
-// otherwise (small N) they split the A micro-panels and each packs all of B (small then).
+// Threads split the B blocks when there are at least as many as threads (each thread packs only the B blocks it
+// takes, from a shared ticket counter); otherwise (small N) they split the A micro-panels and each packs all of B
+// (small then).
 static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B, int ldb, int trans_b, float* C,
                     int ldc, const float* bias, int M, int N, int K, int accumulate) {
     if (M <= 0 || N <= 0) return;
@@ -493,7 +500,13 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
     const int npn = (N + MM_NR - 1) / MM_NR;                                        // B panels in all
     int nb = (npn * MM_NR + MM_NC_MAX - 1) / MM_NC_MAX;                             // B blocks
     const int nsplit = T > 1 && nb >= T;
-    if (nsplit) nb = (nb + T - 1) / T * T;
+    if (nsplit) {  // many small B blocks, dealt out as threads free up (below): a vCPU slowed by its host's
+                   // other guests no longer holds the other threads at the K-block barrier. +2-4% mean over the
+                   // issue-3 shapes at 2 threads (bench_matmul_lab.py, 3 runs, session 13); 1 thread unchanged.
+        nb = (nb + T - 1) / T * T;
+        const int want = MM_DYN_BLOCKS * T < npn / MM_DYN_MIN_PANELS ? MM_DYN_BLOCKS * T : npn / MM_DYN_MIN_PANELS;
+        if (nb < want) nb = want;
+    }
     const int bpp = (npn + nb - 1) / nb;                                            // panels per B block
     nb = (npn + bpp - 1) / bpp;
     long mc = MM_A_FLOATS / kcm / MM_MR * MM_MR;                                    // rows per A chunk
@@ -503,18 +516,19 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
     const size_t a_sz = (size_t)mpc * MM_MR * kcm, b_sz = (size_t)bpp * MM_NR * kcm;
     float* Ap = mm_scratch(a_sz + (size_t)T * b_sz);                                // (mpc, kc, MR)
     if (!Ap) { kernels_oom_note(); return; }
+    long ticket = 0;  // B blocks taken so far (nsplit): K block number kit deals tickets kit*(nb+T) ...
     #pragma omp parallel num_threads(T) if (T > 1)
     {
         int t, nt;
         mm_thread_slot(&t, &nt);
+        long kit = 0;     // K blocks done (the same count on every thread: a barrier ends each)
         float* Bp = Ap + a_sz + (size_t)t * b_sz;                                   // (bpp, kc, NR), this thread's
         for (int ms = 0; ms < M; ms += (int)mc) {
             const int msn = M - ms < mc ? M - ms : (int)mc;                         // rows in this chunk
             const int mp = (msn + MM_MR - 1) / MM_MR;
-            // this thread's A panels and B blocks
+            // this thread's A panels (all of them when the threads split B)
             const int i0 = nsplit || nt == 1 ? 0 : (int)((long)mp * t / nt);
             const int i1 = nsplit || nt == 1 ? mp : (int)((long)mp * (t + 1) / nt);
-            const int b0 = nsplit ? t : 0, bs = nsplit ? nt : 1;
             for (int k0 = 0; k0 < K; k0 += kcm) {
                 const int kc = K - k0 < kcm ? K - k0 : kcm;
                 const int add = accumulate || k0 > 0;
@@ -522,7 +536,14 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
                 for (int g = 0; g < mp; g += MM_PACK_GROUP)
                     mm_pack_group(bf16, Ap, A, lda, trans_a, ms, msn, g, g + MM_PACK_GROUP < mp ? g + MM_PACK_GROUP : mp,
                                   k0, kc, MM_MR);
-                for (int bk = b0; bk < nb; bk += bs) {
+                for (int bk = 0;; bk++) {
+                    if (nsplit) {  // ... + (nb + T) - 1: nb blocks, then one ticket >= nb that stops each thread
+                        long v;
+                        #pragma omp atomic capture
+                        v = ticket++;
+                        bk = (int)(v - kit * (nb + nt));
+                    }
+                    if (bk >= nb) break;
                     const int j0 = bk * bpp, j1 = j0 + bpp < npn ? j0 + bpp : npn;
                     for (int g = 0; g < j1 - j0; g += MM_PACK_GROUP)
                         mm_pack_group(bf16, Bp, B, ldb, trans_b, j0 * MM_NR, N - j0 * MM_NR, g,
@@ -538,6 +559,7 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
                         }
                     }
                 }
+                kit++;
                 #pragma omp barrier
             }
         }
