@@ -367,14 +367,20 @@ static inline void mm_thread_slot(int* t, int* nt) {
 // the micro-kernel broadcasts A straight from its rows (row-major A) or columns (transposed A) — and B packed only
 // when its k-th NR values are not contiguous (B stored (N, K): the forward x·Wᵀ, B = the small weight). dX = dY·W
 // and dW = dYᵀ·X then pack nothing (but an edge panel). Packing cost (M+N)*K strided copies per call, measured as
-// 1/4 of the GEMM at K = 128. Loops: K blocks of <= MM_DKC -> B blocks of MM_DNB panels (L2) -> A tiles (MR rows,
-// L1, split across threads) -> B panels. An edge A tile (< MR rows) and an edge B panel (< NR columns) are packed
-// zero-padded, so no load runs past the end of an operand.
+// 1/4 of the GEMM at K = 128. Loops: K blocks of <= MM_DKC -> B blocks of MM_DNB panels (L2) -> groups of MM_DGRP
+// A tiles (MR rows, L1), taken by the threads from a counter per (K block, B block) as they free up -> B panels.
+// (A fixed half of the tiles per thread left a vCPU slowed by other guests holding the other at the K-block barrier:
+// the counter measured +2-12% mean at 2 threads over the d=128 and d=384 training shapes, 3 in-process lab runs,
+// session 13.) An edge A tile (< MR rows) and an edge B panel (< NR columns) are packed zero-padded, so no load runs
+// past the end of an operand.
 #ifndef MM_DKC
 #define MM_DKC 384
 #endif
 #ifndef MM_DNB
 #define MM_DNB 8
+#endif
+#ifndef MM_DGRP
+#define MM_DGRP 8
 #endif
 static void mm_direct(const float* A, int lda, int trans_a, const float* B, int ldb, int trans_b, float* C, int ldc,
                       const float* bias, int M, int N, int K, int accumulate, int T) {
@@ -382,16 +388,19 @@ static void mm_direct(const float* A, int lda, int trans_a, const float* B, int 
     const int npn = (N + MM_NR - 1) / MM_NR, mp = (M + MM_MR - 1) / MM_MR;          // B panels, A tiles
     const int bedge = trans_b && N % MM_NR;                                         // in-place B: edge panel packed
     const int bpn = trans_b ? bedge : npn;                                          // packed B panels
-    const size_t b_sz = (size_t)bpn * MM_NR * kcm, a_sz = (size_t)MM_MR * kcm;
-    float* Bp = mm_scratch(b_sz + (size_t)T * a_sz);                                // (bpn, kc, NR) + T x (kc, MR)
+    const int njb = (npn + MM_DNB - 1) / MM_DNB, ngr = (mp + MM_DGRP - 1) / MM_DGRP;  // B blocks, A-tile groups
+    const size_t b_sz = (size_t)bpn * MM_NR * kcm, a_sz = (size_t)MM_MR * kcm, n_ctr = (size_t)nkb * njb;
+    float* Bp = mm_scratch(b_sz + (size_t)T * a_sz + n_ctr);                        // (bpn, kc, NR) + T x (kc, MR)
     if (!Bp) { kernels_oom_note(); return; }
+    int* ctr = (int*)(Bp + b_sz + (size_t)T * a_sz);                                // (nkb, njb) groups taken
+    memset(ctr, 0, n_ctr * sizeof(int));
     #pragma omp parallel num_threads(T) if (T > 1)
     {
         int t, nt;
         mm_thread_slot(&t, &nt);
         float* Ae = Bp + b_sz + (size_t)t * a_sz;                                   // this thread's edge A tile
-        const int i0 = (int)((long)mp * t / nt), i1 = (int)((long)mp * (t + 1) / nt);
         for (int k0 = 0; k0 < K; k0 += kcm) {
+            int ae_packed = 0;                                                      // Ae holds this K block
             const int kc = K - k0 < kcm ? K - k0 : kcm;
             const int add = accumulate || k0 > 0;
             if (!trans_b) {
@@ -403,10 +412,19 @@ static void mm_direct(const float* A, int lda, int trans_a, const float* B, int 
                 #pragma omp single
                 mm_pack_f32(Bp, B, 0, ldb, 1, (npn - 1) * MM_NR, N - (npn - 1) * MM_NR, k0, kc, MM_NR);
             }
-            if (i1 > i0 && M % MM_MR && i1 == mp)                                   // the edge A tile is ours
-                mm_pack_f32(Ae, A, 0, lda, trans_a, (mp - 1) * MM_MR, M - (mp - 1) * MM_MR, k0, kc, MM_MR);
             for (int jb = 0; jb < npn; jb += MM_DNB) {
                 const int je = jb + MM_DNB < npn ? jb + MM_DNB : npn;
+                int* taken = ctr + (size_t)(k0 / kcm) * njb + jb / MM_DNB;
+                for (;;) {
+                int gi;
+                #pragma omp atomic capture
+                gi = (*taken)++;
+                if (gi >= ngr) break;
+                const int i0 = gi * MM_DGRP, i1 = i0 + MM_DGRP < mp ? i0 + MM_DGRP : mp;
+                if (!ae_packed && M % MM_MR && i1 == mp) {                            // the edge A tile is ours
+                    mm_pack_f32(Ae, A, 0, lda, trans_a, (mp - 1) * MM_MR, M - (mp - 1) * MM_MR, k0, kc, MM_MR);
+                    ae_packed = 1;
+                }
                 for (int i = i0; i < i1; i++) {
                     const int m0 = i * MM_MR, mr = M - m0 < MM_MR ? M - m0 : MM_MR;
                     const float* ai = trans_a ? A + (size_t)k0 * lda + m0 : A + (size_t)m0 * lda + k0;
@@ -424,6 +442,7 @@ static void mm_direct(const float* A, int lda, int trans_a, const float* B, int 
                         else if (trans_a)  mm_kernel_acols(kc, ai, lda, bj, bsk, c, ldc, bb, add);
                         else               mm_kernel_arows(kc, ai, lda, bj, bsk, c, ldc, bb, add);
                     }
+                }
                 }
             }
             #pragma omp barrier
