@@ -227,7 +227,7 @@ def test_matmul_small_m_boundary(isa, rng, M):
 
 
 # Shapes that cross the GEMM driver's blocking paths (impl_matmul.h): K split into several blocks (K > 384),
-# N split into B blocks dealt out to threads from a ticket counter (N > 512), A in several row chunks (M * kc > 2M
+# N split into B blocks dealt out to threads from a shared counter (N > 512), A in several row chunks (M * kc > 2M
 # floats), M just above the small-M path, and M % 14 / N % 32 leftovers; on 1, 2 and 3 threads (3: a count that
 # divides no block count), with bias and accumulate.
 @pytest.mark.parametrize("M,N,K", [(70, 1100, 800), (5, 33, 1000), (5500, 37, 384), (29, 64, 9)])
@@ -249,6 +249,22 @@ def test_matmul_blocking_paths(isa, gemm_path, rng, M, N, K, ta, tb, threads):
         torch.testing.assert_close(out, (c0.double() + expect).float(), **_tol(K))
     finally:
         C().set_threads(before)
+
+
+def test_matmul_row_chunks_with_column_split(rng, monkeypatch):
+    """The packed driver with A in two row chunks (M * kc > 2M floats) AND the columns dealt to 2 threads: each
+    (chunk, K block) has its own counter of B blocks, so no block of the second chunk is skipped or done twice."""
+    monkeypatch.setenv("PYLLM_GEMM", "packed")
+    M, N, K = 5500, 600, 384  # kc 384: rows per chunk 2M / 384 = 5461 < M
+    a, b = _operands(rng, M, N, K, 0, 0)
+    before = C().get_threads()
+    C().set_threads(2)
+    try:
+        out = poison(torch.empty(M, N))
+        ops.matmul(a, b, out=out)
+    finally:
+        C().set_threads(before)
+    torch.testing.assert_close(out, ref.matmul(a.double(), b.double()).float(), **_tol(K))
 
 
 # The training GEMMs of the Shakespeare (d=128, M = 768) and issue-3 (d=384) models through linear's autograd, on

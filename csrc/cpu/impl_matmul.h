@@ -363,16 +363,24 @@ static inline void mm_thread_slot(int* t, int* nt) {
 #endif
 }
 
+// Next item number from a work counter shared by the threads of a GEMM: items are dealt as threads free up, so a
+// vCPU slowed by other guests on its host does not hold the others at the next barrier.
+static inline int mm_take(int* counter) {
+    int v;
+    #pragma omp atomic capture
+    v = (*counter)++;
+    return v;
+}
+
 // Direct path (fp32, small and mid-size products, e.g. the training GEMMs of a d=128..384 model): no A packing —
 // the micro-kernel broadcasts A straight from its rows (row-major A) or columns (transposed A) — and B packed only
 // when its k-th NR values are not contiguous (B stored (N, K): the forward x·Wᵀ, B = the small weight). dX = dY·W
 // and dW = dYᵀ·X then pack nothing (but an edge panel). Packing cost (M+N)*K strided copies per call, measured as
 // 1/4 of the GEMM at K = 128. Loops: K blocks of <= MM_DKC -> B blocks of MM_DNB panels (L2) -> groups of MM_DGRP
 // A tiles (MR rows, L1), taken by the threads from a counter per (K block, B block) as they free up -> B panels.
-// (A fixed half of the tiles per thread left a vCPU slowed by other guests holding the other at the K-block barrier:
-// the counter measured +2-12% mean at 2 threads over the d=128 and d=384 training shapes, 3 in-process lab runs,
-// session 13.) An edge A tile (< MR rows) and an edge B panel (< NR columns) are packed zero-padded, so no load runs
-// past the end of an operand.
+// (Against a fixed half of the tiles per thread, the counter measured +2-12% mean at 2 threads over the d=128 and
+// d=384 training shapes, 4 in-process lab runs, session 13.) An edge A tile (< MR rows) and an edge B panel
+// (< NR columns) are packed zero-padded, so no load runs past the end of an operand.
 #ifndef MM_DKC
 #define MM_DKC 384
 #endif
@@ -414,35 +422,31 @@ static void mm_direct(const float* A, int lda, int trans_a, const float* B, int 
             }
             for (int jb = 0; jb < npn; jb += MM_DNB) {
                 const int je = jb + MM_DNB < npn ? jb + MM_DNB : npn;
-                int* taken = ctr + (size_t)(k0 / kcm) * njb + jb / MM_DNB;
-                for (;;) {
-                int gi;
-                #pragma omp atomic capture
-                gi = (*taken)++;
-                if (gi >= ngr) break;
-                const int i0 = gi * MM_DGRP, i1 = i0 + MM_DGRP < mp ? i0 + MM_DGRP : mp;
-                if (!ae_packed && M % MM_MR && i1 == mp) {                            // the edge A tile is ours
-                    mm_pack_f32(Ae, A, 0, lda, trans_a, (mp - 1) * MM_MR, M - (mp - 1) * MM_MR, k0, kc, MM_MR);
-                    ae_packed = 1;
-                }
-                for (int i = i0; i < i1; i++) {
-                    const int m0 = i * MM_MR, mr = M - m0 < MM_MR ? M - m0 : MM_MR;
-                    const float* ai = trans_a ? A + (size_t)k0 * lda + m0 : A + (size_t)m0 * lda + k0;
-                    for (int j = jb; j < je; j++) {
-                        const int n0 = j * MM_NR, nr = N - n0 < MM_NR ? N - n0 : MM_NR;
-                        const float* bj = !trans_b ? Bp + (size_t)j * MM_NR * kc
-                                        : nr < MM_NR ? Bp : B + (size_t)k0 * ldb + n0;
-                        const size_t bsk = !trans_b || nr < MM_NR ? MM_NR : (size_t)ldb;
-                        const float* bb = bias && k0 == 0 ? bias + n0 : NULL;
-                        float* c = C + (size_t)m0 * ldc + n0;
-                        if (mr < MM_MR)    mm_kernel_gen(kc, Ae, 1, MM_MR, bj, bsk, c, ldc, mr, nr, bb, add);
-                        else if (nr < MM_NR)
-                            mm_kernel_gen(kc, ai, trans_a ? 1 : (size_t)lda, trans_a ? (size_t)lda : 1, bj, bsk, c,
-                                          ldc, mr, nr, bb, add);
-                        else if (trans_a)  mm_kernel_acols(kc, ai, lda, bj, bsk, c, ldc, bb, add);
-                        else               mm_kernel_arows(kc, ai, lda, bj, bsk, c, ldc, bb, add);
+                int* taken = ctr + (size_t)(k0 / kcm) * njb + jb / MM_DNB;          // A-tile groups dealt
+                for (int gi = mm_take(taken); gi < ngr; gi = mm_take(taken)) {
+                    const int i0 = gi * MM_DGRP, i1 = i0 + MM_DGRP < mp ? i0 + MM_DGRP : mp;
+                    if (!ae_packed && M % MM_MR && i1 == mp) {                            // the edge A tile is ours
+                        mm_pack_f32(Ae, A, 0, lda, trans_a, (mp - 1) * MM_MR, M - (mp - 1) * MM_MR, k0, kc, MM_MR);
+                        ae_packed = 1;
                     }
-                }
+                    for (int i = i0; i < i1; i++) {
+                        const int m0 = i * MM_MR, mr = M - m0 < MM_MR ? M - m0 : MM_MR;
+                        const float* ai = trans_a ? A + (size_t)k0 * lda + m0 : A + (size_t)m0 * lda + k0;
+                        for (int j = jb; j < je; j++) {
+                            const int n0 = j * MM_NR, nr = N - n0 < MM_NR ? N - n0 : MM_NR;
+                            const float* bj = !trans_b ? Bp + (size_t)j * MM_NR * kc
+                                            : nr < MM_NR ? Bp : B + (size_t)k0 * ldb + n0;
+                            const size_t bsk = !trans_b || nr < MM_NR ? MM_NR : (size_t)ldb;
+                            const float* bb = bias && k0 == 0 ? bias + n0 : NULL;
+                            float* c = C + (size_t)m0 * ldc + n0;
+                            if (mr < MM_MR)    mm_kernel_gen(kc, Ae, 1, MM_MR, bj, bsk, c, ldc, mr, nr, bb, add);
+                            else if (nr < MM_NR)
+                                mm_kernel_gen(kc, ai, trans_a ? 1 : (size_t)lda, trans_a ? (size_t)lda : 1, bj, bsk, c,
+                                              ldc, mr, nr, bb, add);
+                            else if (trans_a)  mm_kernel_acols(kc, ai, lda, bj, bsk, c, ldc, bb, add);
+                            else               mm_kernel_arows(kc, ai, lda, bj, bsk, c, ldc, bb, add);
+                        }
+                    }
                 }
             }
             #pragma omp barrier
@@ -490,8 +494,8 @@ static int mm_use_direct(int M, int N, int K, int lda, int trans_b, int ldb) {
 //   (shared, all threads) -> B blocks of <= MM_NC_MAX columns, each packed by the thread that uses it into its
 //   own L2-resident buffer -> A micro-panel (kc, MR) (L1) -> B micro-panels (kc, NR) streamed from L2.
 // Threads split the B blocks when there are at least as many as threads (each thread packs only the B blocks it
-// takes, from a shared ticket counter); otherwise (small N) they split the A micro-panels and each packs all of B
-// (small then).
+// takes from the counter of this A chunk and K block, mm_take); otherwise (small N) they split the A micro-panels
+// and each packs all of B (small then).
 static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B, int ldb, int trans_b, float* C,
                     int ldc, const float* bias, int M, int N, int K, int accumulate) {
     if (M <= 0 || N <= 0) return;
@@ -532,15 +536,16 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
     if (mc < MM_MR) mc = MM_MR;
     if (mc > M) mc = M;
     const int mpc = (int)((mc + MM_MR - 1) / MM_MR);                                // A panels per chunk
-    const size_t a_sz = (size_t)mpc * MM_MR * kcm, b_sz = (size_t)bpp * MM_NR * kcm;
-    float* Ap = mm_scratch(a_sz + (size_t)T * b_sz);                                // (mpc, kc, MR)
+    const int nch = (int)((M + mc - 1) / mc);                                        // A chunks
+    const size_t a_sz = (size_t)mpc * MM_MR * kcm, b_sz = (size_t)bpp * MM_NR * kcm, n_ctr = (size_t)nch * nkb;
+    float* Ap = mm_scratch(a_sz + (size_t)T * b_sz + n_ctr);                        // (mpc, kc, MR)
     if (!Ap) { kernels_oom_note(); return; }
-    long ticket = 0;  // B blocks taken so far (nsplit): K block number kit deals tickets kit*(nb+T) ...
+    int* ctr = (int*)(Ap + a_sz + (size_t)T * b_sz);                                // (nch, nkb) B blocks taken
+    memset(ctr, 0, n_ctr * sizeof(int));
     #pragma omp parallel num_threads(T) if (T > 1)
     {
         int t, nt;
         mm_thread_slot(&t, &nt);
-        long kit = 0;     // K blocks done (the same count on every thread: a barrier ends each)
         float* Bp = Ap + a_sz + (size_t)t * b_sz;                                   // (bpp, kc, NR), this thread's
         for (int ms = 0; ms < M; ms += (int)mc) {
             const int msn = M - ms < mc ? M - ms : (int)mc;                         // rows in this chunk
@@ -555,14 +560,8 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
                 for (int g = 0; g < mp; g += MM_PACK_GROUP)
                     mm_pack_group(bf16, Ap, A, lda, trans_a, ms, msn, g, g + MM_PACK_GROUP < mp ? g + MM_PACK_GROUP : mp,
                                   k0, kc, MM_MR);
-                for (int bk = 0;; bk++) {
-                    if (nsplit) {  // ... + (nb + T) - 1: nb blocks, then one ticket >= nb that stops each thread
-                        long v;
-                        #pragma omp atomic capture
-                        v = ticket++;
-                        bk = (int)(v - kit * (nb + nt));
-                    }
-                    if (bk >= nb) break;
+                int* taken = ctr + (size_t)(ms / mc) * nkb + k0 / kcm;              // B blocks dealt (nsplit)
+                for (int bk = nsplit ? mm_take(taken) : 0; bk < nb; bk = nsplit ? mm_take(taken) : bk + 1) {
                     const int j0 = bk * bpp, j1 = j0 + bpp < npn ? j0 + bpp : npn;
                     for (int g = 0; g < j1 - j0; g += MM_PACK_GROUP)
                         mm_pack_group(bf16, Bp, B, ldb, trans_b, j0 * MM_NR, N - j0 * MM_NR, g,
@@ -578,7 +577,6 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
                         }
                     }
                 }
-                kit++;
                 #pragma omp barrier
             }
         }
