@@ -128,8 +128,9 @@ def _sum_ranks(t, distributed: bool):
 def whiten(x, m, eps=1e-8, distributed: bool = False):
     """(x - mean) / std over the masked positions; with `distributed` (torchrun, world > 1) the mean and variance
     are those of every rank's batch together, so each rank's few rows do not set their own scale (two all-reduces)."""
-    ns = _sum_ranks(torch.stack([m.sum(), (x * m).sum()]).double(), distributed)
-    n, mu = ns[0].clamp(min=1), ns[1] / ns[0].clamp(min=1)
+    n, s = _sum_ranks(torch.stack([m.sum(), (x * m).sum()]).double(), distributed)
+    n = n.clamp(min=1)
+    mu = s / n
     var = _sum_ranks((((x.double() - mu) ** 2) * m).sum(), distributed) / n
     return ((x - mu.to(x.dtype)) * torch.rsqrt(var + eps).to(x.dtype)) * m
 
