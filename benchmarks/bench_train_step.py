@@ -86,6 +86,9 @@ def main():
     ap.add_argument("--kernels", action="store_true", help="also print the per-kernel time of a pyllm step")
     ap.add_argument("--separate", type=int, default=0, metavar="R",
                     help="run each variant in its own process, R rounds in alternating order (0: one process)")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS,
+                    help="with --separate: the variants to run (torch_bf16 takes ~1 min per step on a CPU without "
+                         "bf16 arithmetic)")
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     cfg, B, T = SHAPES[args.shape]
@@ -131,7 +134,7 @@ def main():
             finally:
                 ext._C = real
             n, tot = args.steps, sum(wall)
-            kern = sum(kt.t.values())
+            kern = sum(v for k, v in kt.t.items() if isinstance(k, str))  # per-shape GEMM keys repeat matmul_forward
             print(f"\n{th} thread(s), pyllm step {1e3 * tot / n:.1f} ms: kernels {1e3 * kern / n:.1f} ms, the rest "
                   f"(Python, autograd, torch glue) {1e3 * (tot - kern) / n:.1f} ms; GEMM (matmul_forward) "
                   f"{100 * kt.t['matmul_forward'] / tot:.0f}% of the step\n\n| kernel | ms/step | calls/step |\n|---|---|---|")
@@ -168,19 +171,18 @@ def paired_ratio(tps: dict[str, list[float]], a: str, b: str) -> float:
 
 def separate(args):
     """Each variant in a fresh process, R rounds, the order reversed every other round; medians and paired ratios."""
+    vs = args.variants
+    pairs = [(a, b) for a in ("pyllm", "pyllm_bf16") for b in ("torch", "torch_bf16") if a in vs and b in vs]
     print(f"separate processes, {args.separate} rounds: tok/s medians; ratios the median of the per-round ratios")
-    print("| threads | pyllm fp32 tok/s | pyllm bf16 GEMMs tok/s | torch eager fp32 tok/s | torch bf16 autocast tok/s |"
-          " pyllm / torch fp32 | pyllm / torch bf16 | pyllm bf16 / torch fp32 | pyllm bf16 / torch bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| threads | " + " | ".join(f"{v} tok/s" for v in vs) + "".join(f" | {a} / {b}" for a, b in pairs)
+          + " |\n|---|" + "---|" * (len(vs) + len(pairs)))
     for th in args.threads:
-        tps = run_separate(th, args.separate, args.steps, args.shape)
-        med = {k: statistics.median(v) for k, v in tps.items()}
-        r32, r16 = paired_ratio(tps, "pyllm", "torch"), paired_ratio(tps, "pyllm", "torch_bf16")
-        b32, b16 = paired_ratio(tps, "pyllm_bf16", "torch"), paired_ratio(tps, "pyllm_bf16", "torch_bf16")
-        print(f"| {th} | {med['pyllm']:.0f} | {med['pyllm_bf16']:.0f} | {med['torch']:.0f} | {med['torch_bf16']:.0f} | "
-              f"{r32:.2f}x | {r16:.2f}x | {b32:.2f}x | {b16:.2f}x |"
-              f"   per round vs fp32: {' '.join(f'{a / b:.2f}' for a, b in zip(tps['pyllm'], tps['torch']))}",
-              flush=True)
+        tps = run_separate(th, args.separate, args.steps, args.shape, vs)
+        cells = [f"{statistics.median(tps[v]):.0f}" for v in vs] + [f"{paired_ratio(tps, a, b):.2f}x" for a, b in pairs]
+        rounds = (f"   per round pyllm / torch: {' '.join(f'{a / b:.2f}' for a, b in zip(tps['pyllm'], tps['torch']))}"
+                  if "pyllm" in vs and "torch" in vs else "")
+        print(f"| {th} | " + " | ".join(cells) + " |" + rounds, flush=True)
+
 
 if __name__ == "__main__":
     main()

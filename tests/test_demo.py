@@ -77,6 +77,7 @@ def test_report_plots_and_binary(quick_run):
     # the C binary and Python greedy decode the same model: the same first reply (up to the 6 tokens Python generates)
     py = b["python_greedy"].strip()
     assert b["answer"].startswith(py) or b["answer"] == py, (b["answer"], py)
+    assert b["matches_python"] and "different)" not in text      # the report says so (prefix when Python was cut)
 
 
 def test_training_files_hold_no_heldout_problem(quick_run):
