@@ -200,11 +200,14 @@ def chat_prompt(tok, p: tasks.Problem) -> list[int]:
     return render([{"role": "user", "content": p.question}], tok, add_generation_prompt=True)[0]
 
 
+EVAL_MAX_NEW = 6   # reply tokens the evaluations generate (a short answer and <|end|>)
+
+
 def eval_chat(model, tok, probs, device, temperature: float, seed: int, desc: str) -> dict:
     """Exact-match accuracy and format-valid rate of chat replies; also returns the replies for scoring."""
     end = tok.end_id
     prompts = [chat_prompt(tok, p) for p in probs]
-    resp = generate_all(model, prompts, 6, temperature, seed, (end,), device, desc)
+    resp = generate_all(model, prompts, EVAL_MAX_NEW, temperature, seed, (end,), device, desc)
     texts = [tok.decode([t for t in r if t != end]) for r in resp]
     ok = [tasks.check(p, t) and r[-1:] == [end] for p, t, r in zip(probs, texts, resp)]
     valid = [tasks.format_valid(p, t) and r[-1:] == [end] for p, t, r in zip(probs, texts, resp)]
@@ -217,7 +220,7 @@ def eval_few_shot(model, tok, probs, shots, device) -> dict:
     prompts = [tok.encode(tasks.few_shot_prompt(p, shots), add_bos=True) for p in probs]
     nl = tok.encode("\n")
     stop = (nl[0],) if len(nl) == 1 else ()
-    resp = generate_all(model, prompts, 6, 0.0, 0, stop, device, "eval base few-shot")
+    resp = generate_all(model, prompts, EVAL_MAX_NEW, 0.0, 0, stop, device, "eval base few-shot")
     texts = [tok.decode(r) for r in resp]
     ok = [tasks.check(p, t) for p, t in zip(probs, texts)]
     return {"accuracy": sum(ok) / len(ok), "texts": texts}
@@ -552,7 +555,7 @@ def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "
 
 def run_binary(export_dir: Path, q: tasks.Problem, python_answer: str, python_cut: bool = False) -> dict:
     """pyllm-run in chat mode, greedy, one user turn (stdin closed ends the chat after the first reply).
-    python_cut: Python's greedy reply hit its 6-token budget before <|end|>, so the binary (which runs to <|end|> or
+    python_cut: Python's greedy reply hit its EVAL_MAX_NEW-token budget before <|end|>, so the binary (which runs to <|end|> or
     -n) agrees with it when its reply starts with Python's."""
     from .runtime import BIN_PATH
     cmd = [str(BIN_PATH), str(export_dir / "model.bin"), "-m", "chat", "-t", "0", "-n", "64", "-i", q.question]
@@ -583,10 +586,10 @@ def run_binary(export_dir: Path, q: tasks.Problem, python_answer: str, python_cu
 
 # ---------------------------------------------------------------------------------------------------------------
 def _same(bn: dict) -> str:
-    """How the binary's reply compares with Python's greedy one (which stops after 6 tokens)."""
+    """How the binary's reply compares with Python's greedy one (which stops after EVAL_MAX_NEW tokens)."""
     if not bn.get("matches_python"):
         return "different"
-    return "the same for the 6 tokens Python generated" if bn.get("python_cut") else "the same"
+    return f"the same for the {EVAL_MAX_NEW} tokens Python generated" if bn.get("python_cut") else "the same"
 
 
 def _f(x, nd=3):
