@@ -133,11 +133,10 @@ class CTokenizer:
         n = ffi.new("int*")
         out = []
         for i in ids:
-            if skip_special and L.run_is_special(self._t, i):
-                continue  # as pyllm-run prints: control tokens (<|end|> ...) are not text
-            s = L.run_decode(self._t, int(prev), i, n)
-            out.append(ffi.buffer(s, n[0])[:])
-            prev = i
+            if not (skip_special and L.run_is_special(self._t, i)):  # as pyllm-run prints: control tokens are not text
+                s = L.run_decode(self._t, int(prev), i, n)
+                out.append(ffi.buffer(s, n[0])[:])
+            prev = i  # a skipped token is still the next one's predecessor, as in pyllm-run
         return b"".join(out)
 
     def decode(self, ids, skip_special: bool = False) -> str:
