@@ -196,6 +196,8 @@ def load_checkpoint(dir, dtype: torch.dtype | None = None, device: str = "cpu", 
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"load_checkpoint: bad device {device!r} ({e})") from None
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"load_checkpoint: dtype must be a torch floating-point dtype, got {dtype!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"load_checkpoint: device {device!r}: no CUDA GPU is available to torch")
     dir = Path(dir)
@@ -212,10 +214,19 @@ def load_checkpoint(dir, dtype: torch.dtype | None = None, device: str = "cpu", 
     if not wpath.is_file():
         if (dir / f"{WEIGHTS}.index.json").is_file():
             raise ValueError(f"{wpath}: sharded checkpoints are not supported (save with one shard)")
+        if wpath.exists():
+            raise ValueError(f"{wpath}: not a regular file")
         raise FileNotFoundError(f"{wpath}: missing")
     header, _, _ = safetensors_io.read_header(wpath)
-    model = GPT(cfg, backend=backend)
-    want = {("" if k == "lm_head.weight" else "model.") + k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # The layer count first and the shapes on the meta device: a config.json that says 10^7 layers (or a huge
+    # width) built that model for minutes before the tensors were compared with it
+    n_file = len({k.split(".")[2] for k in header if k.startswith("model.layers.") and k.count(".") >= 3})
+    if cfg.n_layers != n_file:
+        raise ValueError(f"{dir / CONFIG}: num_hidden_layers is {cfg.n_layers} but {wpath.name} holds {n_file} "
+                         f"layers")
+    with torch.device("meta"):
+        shapes = GPT(cfg, backend=backend).state_dict()
+    want = {("" if k == "lm_head.weight" else "model.") + k: tuple(v.shape) for k, v in shapes.items()}
     # transformers may store lm_head.weight even when tied; accepted only if it equals the embedding (checked below)
     tied_head = cfg.tie_embeddings and "lm_head.weight" in header
     for name in want:
@@ -233,6 +244,7 @@ def load_checkpoint(dir, dtype: torch.dtype | None = None, device: str = "cpu", 
         if dtype is not None and e["dtype"] not in ("F32", "F16", "BF16", "F64"):
             raise ValueError(f"{wpath}: tensor {name!r} has non-float dtype {e['dtype']}")
     tensors = safetensors_io.load_file(wpath)
+    model = GPT(cfg, backend=backend)
     target = dtype or torch.float32
     if tied_head:
         head = tensors.pop("lm_head.weight")
@@ -256,8 +268,14 @@ def load_checkpoint(dir, dtype: torch.dtype | None = None, device: str = "cpu", 
 
 def read_extra(dir) -> dict:
     """The extra dict saved with save_checkpoint(..., extra=...) ({} for an HF-written checkpoint)."""
-    d = _read_json(Path(dir) / CONFIG)
-    return ((d.get("pyllm") or {}).get("extra")) or {}
+    path = Path(dir) / CONFIG
+    d = _read_json(path)
+    meta = d.get("pyllm") if isinstance(d, dict) else None
+    extra = meta.get("extra") if isinstance(meta, dict) else None
+    if not isinstance(d, dict) or (meta is not None and not isinstance(meta, dict)) or \
+            (extra is not None and not isinstance(extra, dict)):
+        raise ValueError(f"{path}: expected a JSON object with an optional 'pyllm': {{'extra': {{...}}}} object")
+    return extra or {}
 
 
 __all__ = ["save_checkpoint", "load_checkpoint", "config_from_hf", "hf_config", "state_dict_hf", "read_extra"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import re
 import sys
 
@@ -45,6 +46,15 @@ class _HelpFormatter(argparse.HelpFormatter):
         return h + " (default: %(default)s)"
 
 
+def finite_float(text: str) -> float:
+    """argparse type of every float flag: `nan` and `inf` parse as floats but no flag means anything by them (a NaN
+    --weight-decay trained to an all-NaN checkpoint and exited 0)."""
+    v = float(text)
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return v
+
+
 class CLIError(Exception):
     """A user-facing error: printed as one line `pyllm <cmd>: error: ...`, exit status 2."""
 
@@ -60,6 +70,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name == command:
             m = importlib.import_module(mod)
             m.add_arguments(sp)
+            for a in sp._actions:  # every float flag of every stage, in one place
+                if a.type is float:
+                    a.type = finite_float
             sp.set_defaults(_module=m, _parser=sp)
     return p
 

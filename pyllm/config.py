@@ -6,6 +6,10 @@ import math
 from dataclasses import dataclass
 
 
+# the largest sizes pyllm-run's loader accepts (csrc/model_file.c MAX_*)
+MAX_SIZES = {"vocab_size": 1 << 24, "dim": 1 << 16, "n_layers": 1024, "hidden_dim": 1 << 18, "max_seq_len": 1 << 20}
+
+
 def llama_hidden_dim(dim: int, multiple_of: int = 32) -> int:
     """SwiGLU width as Llama/llama2.c size it: 2/3 of 4*dim, rounded up to a multiple."""
     hidden = int(2 * 4 * dim / 3)
@@ -36,6 +40,8 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {v!r}")
+            if v > MAX_SIZES.get(name, v):  # before anything is built from it (10^9 positions: a 32 GB RoPE table)
+                raise ValueError(f"ModelConfig.{name} must be <= {MAX_SIZES[name]} (pyllm-run's limit), got {v}")
         if self.dim % self.n_heads:
             raise ValueError(f"ModelConfig: dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:

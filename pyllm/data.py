@@ -99,7 +99,11 @@ def read_header(path) -> dict:
     if size != HEADER_BYTES + n_tokens * nbytes:
         raise ValueError(f"{path}: truncated shard: header says {n_tokens} tokens, file holds "
                          f"{(size - HEADER_BYTES) // nbytes}")
-    return dict(path=path, n_tokens=n_tokens, n_docs=n_docs, vocab_size=vocab, tokenizer_hash=h.decode("ascii"),
+    try:
+        thash = h.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: corrupt shard header (tokenizer hash is not ASCII)") from None
+    return dict(path=path, n_tokens=n_tokens, n_docs=n_docs, vocab_size=vocab, tokenizer_hash=thash,
                 dtype=np.uint16 if nbytes == 2 else np.uint32)
 
 
@@ -237,6 +241,15 @@ def read_manifest(data_dir) -> dict:
             or not all(isinstance(sh, dict) and shard_keys <= set(sh) for sh in m["shards"])):
         raise ValueError(f"{p}: corrupt manifest (expected an object with tokenizer_hash, vocab_size, bos_id and a "
                          f"shards list of {{{', '.join(sorted(shard_keys))}}}); rerun `pyllm prepare --overwrite`")
+    if m.get("format", "pyllm-tokens") != "pyllm-tokens" or m.get("version", VERSION) != VERSION:
+        raise ValueError(f"{p}: format {m.get('format')!r} version {m.get('version')!r}; this pyllm reads "
+                         f"'pyllm-tokens' version {VERSION} (rerun `pyllm prepare --overwrite`)")
+    for k, lo in (("vocab_size", 1), ("bos_id", 0)):
+        v = m[k]
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"{p}: corrupt manifest ({k} must be an integer >= {lo}, got {v!r})")
+    if not isinstance(m["tokenizer_hash"], str):
+        raise ValueError(f"{p}: corrupt manifest (tokenizer_hash must be a string)")
     return m
 
 
@@ -256,7 +269,7 @@ class TokenStream:
         self.vocab_size, self.bos_id = m["vocab_size"], m["bos_id"]
         if vocab_size is not None and m["vocab_size"] > vocab_size:
             raise ValueError(f"{data_dir}: data vocab size {m['vocab_size']} exceeds the model's {vocab_size}")
-        self.shards, sizes = [], []
+        self.shards, self.paths, sizes = [], [], []
         for s in m["shards"]:
             if s["split"] != split:
                 continue
@@ -268,6 +281,7 @@ class TokenStream:
             if h["n_tokens"] != s["n_tokens"]:
                 raise ValueError(f"{path}: holds {h['n_tokens']} tokens, manifest says {s['n_tokens']}")
             self.shards.append(arr)
+            self.paths.append(path)
             sizes.append(h["n_tokens"])
         self.offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         self.n_tokens = int(self.offsets[-1])
@@ -281,6 +295,9 @@ class TokenStream:
             lo = start + done - int(self.offsets[i])
             take = min(n - done, len(self.shards[i]) - lo)
             out[done:done + take] = self.shards[i][lo:lo + take]
+            if take and int(out[done:done + take].max()) >= self.vocab_size:  # else an index error deep in the model
+                raise ValueError(f"{self.paths[i]}: token id {int(out[done:done + take].max())} >= the vocab size "
+                                 f"{self.vocab_size} (corrupt shard; rerun `pyllm prepare --overwrite`)")
             done += take
             i += 1
         return out

@@ -778,10 +778,23 @@ def apply_overrides(cfg: DemoConfig, sets: list[str]) -> DemoConfig:
                 kw[key] = type(cur)(val)
         except ValueError:
             raise ValueError(f"--set {item!r}: {val!r} is not a valid {type(cur).__name__}") from None
+        v = kw[key]
+        # checked now, not when its stage runs (rl_steps=-5 failed after the tokenizer, pretrain, SFT and RM stages)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            positive = key in POSITIVE or key.endswith("_lr")
+            if not math.isfinite(v) or v < 0 or (positive and v == 0):
+                raise ValueError(f"--set {item!r}: {key} must be a finite number {'> 0' if positive else '>= 0'}")
     return dataclasses.replace(cfg, **kw)
 
 
+# DemoConfig fields that must be >= 1 (sizes, batches, counts of data); the other numbers may be 0 (off / default)
+POSITIVE = {"n_docs", "n_val_docs", "vocab_size", "dim", "n_layers", "n_heads", "seq_len", "pt_batch", "sft_examples",
+            "sft_batch", "rm_pairs", "rm_batch", "rl_prompts", "rl_batch", "rl_k"}
+
+
 def main(args) -> int:
+    if not 0 <= args.seed < 2 ** 63:  # else found by the pretrain stage, after the tokenizer and data
+        raise ValueError(f"--seed must be in [0, 2^63), got {args.seed}")
     cfg = apply_overrides(QUICK if args.quick else FULL, args.set)
     if cfg.rl_algo not in ("grpo", "rft"):
         raise ValueError(f"--set rl_algo={cfg.rl_algo}: expected grpo or rft")

@@ -253,7 +253,12 @@ def export(state_dict: dict, config, out_dir, fmt: str = "pyllm", quantize: str 
         _check_group(_cfg(config), group_size)
     if tokenizer is not None and not hasattr(tokenizer, "save_bin"):
         raise ValueError("this tokenizer has no save_bin(); cannot write tokenizer.bin")
+    if not str(out_dir).strip():  # Path("") is the current directory
+        raise ValueError("--out is empty: give the export directory")
     out = Path(out_dir)
+    for name in ("model.bin", "tokenizer.bin"):  # checked before writing either (a directory named tokenizer.bin
+        if (out / name).exists() and not (out / name).is_file():  # failed after the new model.bin was in place)
+            raise ValueError(f"{out / name}: exists and is not a regular file")
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     tmp = out / "tokenizer.bin.tmp"
@@ -268,7 +273,11 @@ def export(state_dict: dict, config, out_dir, fmt: str = "pyllm", quantize: str 
         tmp.unlink(missing_ok=True)
         raise
     if tokenizer is not None:
-        os.replace(tmp, out / "tokenizer.bin")
+        try:
+            os.replace(tmp, out / "tokenizer.bin")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         paths["tokenizer"] = out / "tokenizer.bin"
     return paths
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +90,38 @@ def train_tokenizer(files, vocab_size: int, skip_bad_lines=False, doc_sep=""):
             yield d
     tok = Tokenizer.train(iterator=it(), vocab_size=vocab_size)
     bar.close()
+    if not st.chars:  # else a bytes-only tokenizer, written as if trained
+        raise ValueError(f"{', '.join(map(str, files[:3]))}{' ...' if len(files) > 3 else ''}: no text to train a "
+                         f"tokenizer on")
     return tok
+
+
+def _verify_shards(out: Path, man: dict, mpath: Path) -> None:
+    """Before resuming (or saying "nothing to do"): each listed shard must be there, whole, and from the manifest's
+    tokenizer. From a split's first one that is not, that split's shards are deleted and dropped from the manifest,
+    which is marked incomplete, so the run rebuilds them (a truncated or deleted shard was reported as "already
+    prepared" and failed only in pretrain)."""
+    broken, keep = {}, []
+    for s in man["shards"]:
+        sp = s["split"]
+        if sp not in broken:
+            try:
+                h = data.read_header(out / s["file"])
+                why = ("does not match the manifest" if (h["n_tokens"], h["tokenizer_hash"]) !=
+                       (s["n_tokens"], man["tokenizer_hash"]) else "")
+            except (OSError, ValueError) as e:
+                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                why = why.removeprefix(f"{out / s['file']}: ")
+            if why:
+                broken[sp] = why
+                print(f"{out / s['file']}: {why}; rebuilding the {sp} split from this shard on", file=sys.stderr)
+        if sp in broken:
+            (out / s["file"]).unlink(missing_ok=True)
+        else:
+            keep.append(s)
+    if broken:
+        man["shards"], man["complete"] = keep, False
+        data.atomic_write_text(mpath, json.dumps(man, indent=1))
 
 
 def prepare(inputs, out, tokenizer=None, byte_level=False, vocab_size=4096, val_fraction=0.01, val_inputs=None,
@@ -104,6 +136,8 @@ def prepare(inputs, out, tokenizer=None, byte_level=False, vocab_size=4096, val_
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise ValueError(f"--shard-tokens must be positive, got {shard_tokens}")
+    if workers is not None and workers < 0:
+        raise ValueError(f"--workers must be >= 0 (0 = number of CPUs), got {workers}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(inputs=[[f, os.path.getsize(f)] for f in files], val_inputs=[[f, os.path.getsize(f)]
@@ -121,6 +155,8 @@ def prepare(inputs, out, tokenizer=None, byte_level=False, vocab_size=4096, val_
         mpath.unlink()
         (out / "tokenizer.json").unlink(missing_ok=True)
         old = None
+    if old is not None:
+        _verify_shards(out, old, mpath)
     if old is not None and old.get("complete"):
         print(f"{out}: already prepared ({len(old['shards'])} shards); nothing to do")
         return old
@@ -202,6 +238,9 @@ def prepare(inputs, out, tokenizer=None, byte_level=False, vocab_size=4096, val_
         if pool is not None:
             pool.terminate()
         bar.close()
+    if not any(s["split"] == "train" for s in man["shards"]):  # a run would fail later on an empty stream
+        raise ValueError(f"{', '.join(map(str, files[:3]))}{' ...' if len(files) > 3 else ''}: no training text "
+                         f"(no documents left after the validation split)")
     man["complete"] = True
     man["stats"] = stats.to_dict()
     data.atomic_write_text(mpath, json.dumps(man, indent=1))

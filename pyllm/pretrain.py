@@ -199,6 +199,9 @@ def load_resume(path: Path, config: ModelConfig):
         raise FileNotFoundError(f"{path}: no trainer_state.json (not a pretrain checkpoint)")
     meta = D.read_json(tj, "corrupt trainer state")
     need = ("param_groups", "scalars", "shapes", "step", "loader", "config")
+    if isinstance(meta, dict) and meta.get("stage") not in (None, "pretrain"):
+        raise ValueError(f"{path}: a `pyllm {meta['stage']}` checkpoint, not a pretrain one (use it as --model of the "
+                         f"next stage, or resume it with `pyllm {meta['stage']} --resume`)")
     if not isinstance(meta, dict) or not set(need) <= set(meta) or not isinstance(meta["config"], dict):
         raise ValueError(f"{tj}: corrupt trainer state (expected an object with {', '.join(need)})")
     if meta["config"] != config.to_dict():
@@ -259,7 +262,12 @@ def train(args) -> dict:
         missing = model.load_state_dict(weights, strict=False)
         if missing.missing_keys or missing.unexpected_keys:
             raise ValueError(f"{resume_from}: weights do not match the model ({missing})")
-        step = int(resume_meta["step"])
+        step = resume_meta["step"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"{resume_from}/trainer_state.json: corrupt trainer state (step {step!r})")
+        if step > args.max_steps:  # the schedule would be past its end and the loop would train nothing
+            raise ValueError(f"{resume_from}: checkpoint is at step {step}, past --max-steps {args.max_steps}; raise "
+                             f"--max-steps to continue it")
         loader.load_state_dict(resume_meta["loader"])
         torch.set_rng_state(rtensors["rng.torch"])
     model.to(device)
@@ -541,6 +549,9 @@ def main(args) -> int:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 0 (0 = off), got {getattr(args, k)}")
     if args.depth is not None and args.depth <= 0:  # was silently replaced by the default depth 4
         raise ValueError(f"--depth must be positive, got {args.depth}")
+    from .sft import check_float_ranges
+    check_float_ranges(args, {"weight_decay": (0.0, None, True), "grad_clip": (0.0, None, True),
+                              "beta1": (0.0, 1.0, True), "beta2": (0.0, 1.0, True)})
     if not 0 <= args.min_lr_frac <= 1:
         raise ValueError(f"--min-lr-frac must be in [0, 1], got {args.min_lr_frac}")
     if not args.tokens_per_param > 0:

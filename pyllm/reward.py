@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .sft import (BadLine, Bar, Dist, Metrics, add_common_args, as_messages, check_common_args, clip_and_step,
                   load_optimizer_tensors, lr_at, make_optimizer, prepare_model, read_jsonl, render_checked,
-                  resume_state, save_stage, set_lr, split_eval, step_items)
+                  resume_state, resume_step, save_stage, set_lr, split_eval, step_items)
 
 HEAD_FILE = "reward_head.safetensors"
 
@@ -165,7 +165,7 @@ def pair_training_setup(args, dist, module, st, load_pairs, tok, T: int, default
     step = 0
     if st:
         load_optimizer_tensors(opt, st[1], st[0]["optimizer"], f"{args.out}/trainer_state.safetensors")
-        step = st[0]["step"]
+        step = resume_step(st[0], steps, args.out)
     return train, ev, per_step, steps, lr, opt, step
 
 

@@ -43,7 +43,8 @@ from torch.nn.utils import parametrize
 from .reward import pad_batch, pad_id_of
 from .sft import (BadLine, Bar, Dist, Metrics, add_common_args, as_messages, check_common_args, check_messages,
                   check_same_tokenizer, clip_and_step, load_optimizer_tensors, load_policy, make_optimizer,
-                  prepare_model, read_jsonl, render_checked, resume_state, save_stage, set_lr, lr_at, step_items)
+                  prepare_model, read_jsonl, render_checked, resume_state, resume_step, save_stage, set_lr, lr_at,
+                  step_items)
 
 VALUE_FILE = "value_head.safetensors"
 PASS_RATE_KEY = "hard_prompts.pass_rate"   # in trainer_state.safetensors: (n_prompts) fp32
@@ -327,7 +328,11 @@ def fn_scores(fn, tok, prompts, samples, end_id) -> torch.Tensor:
     """--reward-fn score of each (prompt_index, prompt_ids, response_ids) sample -> (N,)."""
     out = []
     for pi, _, r in samples:
-        s = fn(prompt=prompts[pi][1], response=tok.decode([t for t in r if t != end_id]), **prompts[pi][2])
+        try:
+            s = fn(prompt=prompts[pi][1], response=tok.decode([t for t in r if t != end_id]), **prompts[pi][2])
+        except Exception as e:  # the user's code: a one-line error naming it, not a traceback through the trainer
+            raise ValueError(f"--reward-fn {getattr(fn, '__name__', fn)} raised {type(e).__name__}: {e} (prompt "
+                             f"{prompts[pi][1][:60]!r})") from None
         try:
             v = float(s)  # a bool, a 0-d tensor or a numpy scalar is fine
         except (TypeError, ValueError):
@@ -441,7 +446,7 @@ def main(args) -> int:
     step = 0
     if st:
         load_optimizer_tensors(opt, st[1], st[0]["optimizer"], f"{args.out}/trainer_state.safetensors")
-        step = st[0]["step"]
+        step = resume_step(st[0], steps, args.out)
     if dist.main:
         print(f"rl: {args.algo}, {len(prompts)} prompts, {args.batch_size} prompts x {k} samples per step, "
               f"{steps} steps" + (f"; resuming at step {step}" if st else ""))

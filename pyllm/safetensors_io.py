@@ -80,6 +80,8 @@ def save_file(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] |
 def read_header(path) -> tuple[dict, dict[str, str], int]:
     """Validate and return (tensor entries, metadata, data start offset). One-line ValueError naming file/tensor."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path}: not a regular file (expected a safetensors file)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such safetensors file")
     size = path.stat().st_size

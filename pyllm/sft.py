@@ -431,9 +431,20 @@ def load_trainer_state(out) -> tuple[dict, dict] | None:
     tj = out / "trainer_state.json"
     from .data import read_json
     side = read_json(tj, "corrupt trainer state")
-    if not (isinstance(side, dict) and isinstance(side.get("step"), int) and isinstance(side.get("optimizer"), dict)):
-        raise ValueError(f"{tj}: corrupt trainer state (expected an object with an integer 'step' and 'optimizer')")
+    if not (isinstance(side, dict) and isinstance(side.get("step"), int) and not isinstance(side["step"], bool)
+            and side["step"] >= 0 and isinstance(side.get("optimizer"), dict)):
+        raise ValueError(f"{tj}: corrupt trainer state (expected an object with an integer 'step' >= 0 and "
+                         f"'optimizer')")
     return side, load_file(str(out / "trainer_state.safetensors"))
+
+
+def resume_step(side: dict, steps: int, out) -> int:
+    """The saved step to continue from; past this run's step count is an error (a resumed run with fewer --steps
+    did nothing and exited 0, its progress bar at 200%)."""
+    if side["step"] > steps:
+        raise ValueError(f"{out}: the saved run is at step {side['step']}, past this run's {steps} steps; raise "
+                         f"--steps (or --epochs) to continue it")
+    return side["step"]
 
 
 DEFAULT_LR = (1e-4, 1e-3)  # --lr when not given: (full fine-tuning, LoRA)
@@ -471,7 +482,30 @@ def add_common_args(p, lora: bool = True, default_lr: tuple | None = None):
 
 # the smallest value each count flag can run with (getattr: a stage without the flag skips it)
 MIN_FLAGS = {"batch_size": 1, "steps": 0, "warmup_steps": 0, "eval_every": 1, "save_every": 1, "log_every": 1,
-             "seq_len": 0, "num_samples": 0, "max_new_tokens": 1, "ppo_epochs": 1, "minibatches": 1}
+             "seq_len": 0, "num_samples": 0, "max_new_tokens": 1, "ppo_epochs": 1, "minibatches": 1,
+             "prefilter_samples": 0}
+
+
+# float flags' ranges, (low, high, low inclusive): a value outside trained silently wrong (a negative --grad-clip
+# meant "off", a negative --hard-prompts meant "off", --gamma 2 made returns grow) rather than failing
+FLOAT_RANGES = {"weight_decay": (0.0, None, True), "grad_clip": (0.0, None, True), "lr": (0.0, None, False),
+                "lora_alpha": (0.0, None, False), "kl_coef": (0.0, None, True), "clip_range": (0.0, None, False),
+                "clip_range_value": (0.0, None, False), "vf_coef": (0.0, None, True), "gamma": (0.0, 1.0, True),
+                "lam": (0.0, 1.0, True), "reward_clip": (0.0, None, True), "temperature": (0.0, None, True),
+                "rft_hard_weight": (0.0, None, True), "rft_neg_mode": (0.0, None, True),
+                "hard_prompts": (0.0, None, True), "beta": (0.0, None, False)}
+
+
+def check_float_ranges(args, ranges: dict = FLOAT_RANGES):
+    """A one-line error for the first float flag of `ranges` outside its range (flags the stage lacks, or left
+    at None = its default, are skipped)."""
+    for name, (lo, hi, lo_ok) in ranges.items():
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        if (v < lo if lo_ok else v <= lo) or (hi is not None and v > hi):
+            want = f"in [{lo:g}, {hi:g}]" if hi is not None else f">= {lo:g}" if lo_ok else f"> {lo:g}"
+            raise ValueError(f"--{name.replace('_', '-')} must be {want}, got {v:g}")
 
 
 def check_common_args(args):
@@ -487,6 +521,7 @@ def check_common_args(args):
         raise ValueError(f"--seed must be in [0, 2^63), got {args.seed}")
     if not 0 <= args.eval_frac < 1:
         raise ValueError(f"--eval-frac must be in [0, 1), got {args.eval_frac}")
+    check_float_ranges(args)
 
 
 def prepare_model(args, dist: "Dist", resume_dir=None):
@@ -611,7 +646,7 @@ def main(args) -> int:
     if st:
         side, tens = st
         load_optimizer_tensors(opt, tens, side["optimizer"], f"{args.out}/trainer_state.safetensors")
-        step = side["step"]
+        step = resume_step(side, steps, args.out)
         if dist.main:
             print(f"sft: resuming at step {step}")
     dmodel = dist.wrap(model)

@@ -307,6 +307,12 @@ def _edit_weights(d, fn):
     ("zero_theta", ValueError, r"config\.json.*rope_theta must be a positive finite number"),
     ("string_eps", ValueError, r"config\.json.*rms_norm_eps must be a number, got 'abc'"),
     ("pyllm_not_object", ValueError, r"config\.json.*'pyllm' must be an object"),
+    # session 15: 10^7 layers built that model for minutes (a hang) before the tensors were compared with it;
+    # 10^9 positions allocated a 32 GB RoPE table; a directory named model.safetensors was "missing"
+    ("more_layers", ValueError, r"config\.json: num_hidden_layers is 3 but model\.safetensors holds 2 layers"),
+    ("huge_layers", ValueError, r"config\.json.*n_layers must be <= 1024 \(pyllm-run's limit\), got 10000000"),
+    ("huge_context", ValueError, r"config\.json.*max_seq_len must be <= 1048576"),
+    ("weights_dir", ValueError, r"model\.safetensors: not a regular file"),
 ])
 def test_bad_checkpoints(rng, tmp_path, case, exc, pattern):
     d = tmp_path / "ck"
@@ -339,6 +345,15 @@ def test_bad_checkpoints(rng, tmp_path, case, exc, pattern):
         _edit_config(d, rms_norm_eps="abc")
     elif case == "pyllm_not_object":
         _edit_config(d, pyllm="v1")
+    elif case == "more_layers":
+        _edit_config(d, num_hidden_layers=3)
+    elif case == "huge_layers":
+        _edit_config(d, num_hidden_layers=10 ** 7)
+    elif case == "huge_context":
+        _edit_config(d, max_position_embeddings=10 ** 9)
+    elif case == "weights_dir":
+        (d / "model.safetensors").unlink()
+        (d / "model.safetensors").mkdir()
     elif case == "wrong_shape":
         _edit_weights(d, lambda ts: ts.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(56, 31)}))
     elif case == "missing_tensor":
@@ -365,3 +380,32 @@ def test_bad_device_is_one_line_before_loading(rng, tmp_path):
     with pytest.raises(ValueError, match=r"^load_checkpoint: bad device 'gpu' \("):
         load_checkpoint(d, device="gpu")
     assert next(load_checkpoint(d, device=torch.device("cpu"))[0].parameters()).device.type == "cpu"
+
+
+def test_model_size_limits_are_pyllm_runs(rng, tmp_path):
+    """ModelConfig's upper limits are the C loader's (csrc/model_file.c MAX_*): a model pyllm-run would refuse
+    must not train, and a config beyond them fails before anything is built from it."""
+    import re
+    from pyllm.config import MAX_SIZES
+    src = (Path(__file__).resolve().parents[1] / "csrc" / "model_file.c").read_text()
+    c = {m[0]: eval(m[1]) for m in re.findall(r"#define (MAX_\w+) \(?([\d <]+)\)?", src)}
+    assert {"vocab_size": c["MAX_VOCAB"], "dim": c["MAX_DIM"], "n_layers": c["MAX_LAYERS"],
+            "hidden_dim": c["MAX_HIDDEN"], "max_seq_len": c["MAX_SEQ"]} == MAX_SIZES
+    for name, v in MAX_SIZES.items():
+        with pytest.raises(ValueError, match=rf"ModelConfig\.{name} must be <= {v} "):
+            ModelConfig(**{"dim": 64, "n_heads": 4, name: v + 1})
+
+
+def test_load_checkpoint_api_misuse_is_one_line(rng, tmp_path):
+    """A non-float dtype was torch's TypeError from Module.to; read_extra on a config.json that is a list or has a
+    string 'pyllm' was an AttributeError."""
+    d = save_checkpoint(tmp_path / "ck", tiny(rng))
+    for bad in (torch.int8, "float32"):
+        with pytest.raises(ValueError, match="dtype must be a torch floating-point dtype"):
+            load_checkpoint(d, dtype=bad)
+    for cfg in ([1, 2], {"pyllm": "x"}, {"pyllm": {"extra": 3}}):
+        (d / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match=r"config\.json: expected a JSON object"):
+            read_extra(d)
+    (d / "config.json").write_text(json.dumps({"pyllm": {"extra": {"stage": "sft"}}}))
+    assert read_extra(d) == {"stage": "sft"}

@@ -91,6 +91,16 @@ def test_jsonl_directory_and_non_utf8_line(base, tmp_path, capsys):
     ("rl", "--ppo-epochs", "0", "--ppo-epochs must be >= 1"),         # was exit 0 with no update
     ("rl", "--minibatches", "-2", "--minibatches must be >= 1"),
     ("score", "--batch-size", "0", "--batch-size must be >= 1"),      # was "range() arg 3 must not be zero"
+    # session 15: were exit 0 — a negative clip or weight meant "off", --gamma 2 made returns grow
+    ("sft", "--grad-clip", "-1", "--grad-clip must be >= 0"),
+    ("sft", "--weight-decay", "-0.1", "--weight-decay must be >= 0"),
+    ("reward", "--lr", "0", "--lr must be > 0"),
+    ("rl", "--gamma", "2", "--gamma must be in [0, 1]"),
+    ("rl", "--lam", "-1", "--lam must be in [0, 1]"),
+    ("rl", "--clip-range", "-0.2", "--clip-range must be > 0"),
+    ("rl", "--reward-clip", "-1", "--reward-clip must be >= 0"),
+    ("rl", "--hard-prompts", "-1", "--hard-prompts must be >= 0"),
+    ("rl", "--prefilter-samples", "-1", "--prefilter-samples must be >= 0"),
 ])
 def test_out_of_range_flags(base, tmp_path, capsys, stage, flag, value, message):
     sft = write_jsonl(tmp_path / "s.jsonl", [GOOD_SFT] * 4)
@@ -114,6 +124,9 @@ def test_out_of_range_flags(base, tmp_path, capsys, stage, flag, value, message)
     ("def fn(:\n", "cannot load"),                                            # was a SyntaxError traceback
     ("def fn(prompt, response, **kw):\n    return 'yes'\n", "returned 'yes', expected a finite number"),
     ("def fn(prompt, response, **kw):\n    return float('nan')\n", "returned nan"),  # was exit 0, NaN advantages
+    # were a traceback through the trainer: the user's function raising, or taking other arguments
+    ("def fn(prompt, response, **kw):\n    raise RuntimeError('boom')\n", "fn raised RuntimeError: boom"),
+    ("def fn():\n    return 1.0\n", "fn raised TypeError: fn() got an unexpected keyword argument"),
 ])
 def test_broken_reward_fn(base, tmp_path, capsys, body, message):
     fn = tmp_path / "rf.py"
@@ -405,3 +418,60 @@ def test_export_without_a_tokenizer_warns_about_an_old_tokenizer_bin(base, tmp_p
     capsys.readouterr()
     assert cli(["export", "--checkpoint", str(ck), "--out", str(out)]) == 0
     assert f"{out / 'tokenizer.bin'}: warning: left from an earlier export" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "rl", "pretrain", "prepare"])
+def test_nan_and_inf_float_flags(stage, capsys):
+    """nan / inf parse as floats: `--weight-decay nan` trained an all-NaN checkpoint and exited 0. Every float flag
+    of every stage now rejects them while parsing (cli.finite_float)."""
+    from pyllm import cli as cli_mod
+    floats = [a for a in cli_mod.build_parser(stage)._subparsers._group_actions[0].choices[stage]._actions
+              if a.type is cli_mod.finite_float]
+    assert floats and all(a.type is not float for a in floats)
+    flag = floats[0].option_strings[0]
+    for value in ("nan", "-inf"):
+        with pytest.raises(SystemExit) as e:
+            cli([stage, f"{flag}={value}"])  # = form: argparse reads a bare -inf as a flag
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument {flag}: must be a finite number, got '{value}'" in err, err
+
+
+def test_resume_past_the_step_count_or_with_a_corrupt_step(base, tmp_path, capsys):
+    """A saved step beyond this run's --steps did nothing and exited 0 (progress at 200%); a negative or absurd
+    step in trainer_state.json was taken as is ("resuming at step -5")."""
+    data = write_jsonl(tmp_path / "s.jsonl", [GOOD_SFT] * 4)
+    out = tmp_path / "o"
+    args = ["sft", "--model", str(base), "--data", str(data), "--eval-frac", "0", "--batch-size", "2",
+            "--device", "cpu", "--out", str(out)]
+    assert cli(args + ["--steps", "3"]) == 0
+    capsys.readouterr()
+    assert cli(args + ["--steps", "2", "--resume"]) == 2
+    assert "the saved run is at step 3, past this run's 2 steps" in one_line_error(capsys, "sft")
+    assert cli(args + ["--steps", "3", "--resume"]) == 0  # a finished run resumed: nothing to do, no error
+    capsys.readouterr()
+    st = json.loads((out / "trainer_state.json").read_text())
+    (out / "trainer_state.json").write_text(json.dumps({**st, "step": -5}))
+    assert cli(args + ["--steps", "4", "--resume"]) == 2
+    assert "trainer_state.json: corrupt trainer state" in one_line_error(capsys, "sft")
+
+
+def test_export_onto_a_directory_named_tokenizer_bin_writes_nothing(base, tmp_path, capsys):
+    """The failing rename came after the new model.bin was in place, and left tokenizer.bin.tmp behind."""
+    out = tmp_path / "e"
+    (out / "tokenizer.bin").mkdir(parents=True)
+    assert cli(["export", "--checkpoint", str(base), "--out", str(out)]) == 2
+    assert f"{out / 'tokenizer.bin'}: exists and is not a regular file" in one_line_error(capsys, "export")
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.bin"]
+    assert cli(["export", "--checkpoint", str(base), "--out", ""]) == 2  # was: exported into the current directory
+    assert "--out is empty" in one_line_error(capsys, "export")
+
+
+def test_demo_set_values_are_checked_before_any_stage(tmp_path, capsys):
+    """--set rl_steps=-5 failed only at the RL stage, after the tokenizer, pretraining, SFT and the RM had run."""
+    for argv, message in ((["--set", "rl_steps=-5"], "rl_steps must be a finite number >= 0"),
+                          (["--set", "pt_lr=nan"], "pt_lr must be a finite number > 0"),
+                          (["--set", "dim=0"], "dim must be a finite number > 0"),
+                          (["--seed", "-1"], "--seed must be in [0, 2^63)")):
+        assert cli(["demo", "--quick", "--device", "cpu", "--out", str(tmp_path / "d"), *argv]) == 2
+        assert message in one_line_error(capsys, "demo")
+        assert not (tmp_path / "d").exists()

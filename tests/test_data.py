@@ -201,6 +201,91 @@ def test_interrupted_prepare_leaves_no_complete_looking_shard(tmp_path, monkeypa
         prepare([str(src)], out, **dict(kw, shard_tokens=99))
 
 
+@pytest.mark.parametrize("damage", ["truncate", "delete", "foreign"])
+def test_prepare_rerun_rebuilds_damaged_shards(tmp_path, capsys, damage):
+    """A complete directory with a truncated, deleted or foreign shard said "already prepared; nothing to do" and
+    pretrain failed on it later. The rerun now checks every listed shard and rebuilds that split from the first bad
+    one: the same bytes as a clean run, the other split untouched."""
+    src, _ = _corpus(tmp_path)
+    kw = dict(byte_level=True, val_fraction=0.2, shard_tokens=150, workers=1)
+    full = prepare([str(src)], tmp_path / "full", **kw)
+    out = tmp_path / "d"
+    prepare([str(src)], out, **kw)
+    train = [s["file"] for s in full["shards"] if s["split"] == "train"]
+    assert len(train) >= 4
+    victim = out / train[2]
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:-7])
+    elif damage == "delete":
+        victim.unlink()
+    else:
+        D.write_shard(victim, np.arange(10), 256, "f" * 32, 1)
+    val_before = {s["file"]: (out / s["file"]).stat().st_mtime_ns for s in full["shards"] if s["split"] == "val"}
+    capsys.readouterr()
+    man = prepare([str(src)], out, **kw)
+    err = capsys.readouterr().err
+    assert f"{victim}: " in err and "rebuilding the train split from this shard on" in err, err
+    assert man["complete"] and sorted(map(json.dumps, man["shards"])) == sorted(map(json.dumps, full["shards"]))
+    for s in full["shards"]:
+        assert (out / s["file"]).read_bytes() == (tmp_path / "full" / s["file"]).read_bytes(), s["file"]
+    assert {f: (out / f).stat().st_mtime_ns for f in val_before} == val_before
+    st = D.TokenStream(out, "train")
+    assert st.n_tokens == sum(s["n_tokens"] for s in full["shards"] if s["split"] == "train")
+
+
+def test_empty_input_is_an_error(tmp_path, capsys):
+    """An empty corpus trained a bytes-only "tokenizer" and prepared 0 tokens in 0 shards, both with exit 0."""
+    (tmp_path / "empty.txt").write_text("")
+    assert cli(["tokenizer-train", "--input", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "t")]) == 2
+    assert "empty.txt: no text to train a tokenizer on" in capsys.readouterr().err
+    assert not (tmp_path / "t" / "tokenizer.json").exists()
+    assert cli(["prepare", "--input", str(tmp_path / "empty.txt"), "--byte-level", "--workers", "1",
+                "--out", str(tmp_path / "d")]) == 2
+    assert "empty.txt: no training text" in capsys.readouterr().err
+    assert not D.read_manifest(tmp_path / "d")["complete"]
+
+
+def test_corrupt_shard_contents_name_the_shard(tmp_path):
+    """A non-ASCII tokenizer hash was a bare UnicodeDecodeError; a token id past the vocabulary was an index error
+    from the model ("idx: token id 65000 is out of range") naming no file."""
+    (tmp_path / "in.txt").write_text("hello world, " * 50)
+    d = tmp_path / "d"
+    man = prepare([str(tmp_path / "in.txt")], d, byte_level=True, val_fraction=0, workers=1)
+    shard = d / man["shards"][0]["file"]
+    raw = bytearray(shard.read_bytes())
+    hdr = D.HEADER_BYTES
+    bad_hash = bytearray(raw)
+    bad_hash[D._HEAD.size - 32] = 0xFF
+    shard.write_bytes(bytes(bad_hash))
+    with pytest.raises(ValueError, match=r"s?\.bin: corrupt shard header \(tokenizer hash is not ASCII\)"):
+        D.TokenStream(d, "train")
+    oob = bytearray(raw)
+    width = np.dtype(D.token_dtype(man["vocab_size"])).itemsize
+    oob[hdr + 5 * width:hdr + 6 * width] = (65000).to_bytes(width, "little")
+    shard.write_bytes(bytes(oob))
+    st = D.TokenStream(d, "train")
+    with pytest.raises(ValueError, match=rf"{shard.name}: token id 65000 >= the vocab size {man['vocab_size']}"):
+        st.get(0, 10)
+
+
+def test_manifest_format_version_and_field_types(tmp_path):
+    """A manifest of another format or version, or a vocab_size of the wrong type, was trained on or failed in
+    ModelConfig with no file named."""
+    (tmp_path / "in.txt").write_text("hello world")
+    d = tmp_path / "d"
+    prepare([str(tmp_path / "in.txt")], d, byte_level=True, val_fraction=0, workers=1)
+    good = json.loads((d / "manifest.json").read_text())
+    for bad, message in (({**good, "format": "other"}, "format 'other' version 1; this pyllm reads"),
+                         ({**good, "version": 7}, "version 7; this pyllm reads 'pyllm-tokens' version 1"),
+                         ({**good, "vocab_size": "big"}, "vocab_size must be an integer >= 1, got 'big'"),
+                         ({**good, "bos_id": -1}, "bos_id must be an integer >= 0"),
+                         ({**good, "tokenizer_hash": 5}, "tokenizer_hash must be a string")):
+        (d / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match="manifest.json: ") as e:
+            D.TokenStream(d, "train")
+        assert message in str(e.value), (message, str(e.value))
+
+
 # --- packing / loader --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stream(tmp_path_factory):

@@ -104,6 +104,21 @@ def test_resume_errors(data_dir, tmp_path, capsys):
     assert "--resume: no checkpoint" in capsys.readouterr().err
     assert cli([*base, "--max-steps", "2"]) == 0
     capsys.readouterr()
+    # past its --max-steps: was exit 0 with nothing trained (the progress bar at 200%)
+    assert cli([*base, "--max-steps", "1", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint is at step 2, past --max-steps 1; raise --max-steps" in err[0], err
+    good = (out / (out / "latest").read_text().strip() / "trainer_state.json").read_text()
+    tj = out / (out / "latest").read_text().strip() / "trainer_state.json"
+    for step in (-5, "2", True):
+        tj.write_text(json.dumps({**json.loads(good), "step": step}))
+        assert cli([*base, "--max-steps", "4", "--resume"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"trainer_state.json: corrupt trainer state (step {step!r})" in err[0], err
+    tj.write_text(json.dumps({"stage": "sft", "step": 2, "optimizer": {}}))  # an SFT run's: was "corrupt"
+    assert cli([*base, "--max-steps", "4", "--resume"]) == 2
+    assert "a `pyllm sft` checkpoint, not a pretrain one" in capsys.readouterr().err
+    tj.write_text(good)
     assert cli([*base[:-6], "--dim", "64", *TINY[2:], "--batch-size", "4", "--max-steps", "4", "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "checkpoint is a different model shape" in err[0] and "dim 32 vs 64" in err[0]
@@ -141,11 +156,19 @@ def test_cli_help_and_bad_flags(data_dir, capsys):
                               ("--tokens-per-param", "-1", "--tokens-per-param must be > 0"),
                               ("--total-batch-tokens", "-128", "--total-batch-tokens must be >= 0"),  # was exit 0
                               ("--seed", "-1", "--seed must be in [0, 2^63)"),  # was "expected non-negative integer"
-                              ("--lr", "inf", "--lr > 0"),
+                              ("--lr", "-1", "--lr > 0"),
+                              ("--grad-clip", "-1", "--grad-clip must be >= 0"),  # was "off"
+                              ("--beta2", "1.5", "--beta2 must be in [0, 1]"),
                               ("--peak-flops", "-5.0", "--peak-flops must be a finite number >= 0")):  # was MFU < 0
         assert cli(["pretrain", "--data", str(data_dir), flag, value]) == 2, flag
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and want in err[0], err
+    for flag in ("--lr", "--weight-decay"):  # nan / inf are floats to argparse: a NaN weight decay trained to NaN
+        for value in ("nan", "inf"):
+            with pytest.raises(SystemExit) as e:
+                cli(["pretrain", "--data", str(data_dir), flag, value])
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and f"argument {flag}: must be a finite number, got '{value}'" in err, err
 
 
 def _free_port() -> int:
