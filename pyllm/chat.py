@@ -29,6 +29,8 @@ def _check(messages: Sequence[dict]) -> None:
 def render(messages: Sequence[dict], tokenizer, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
     """(ids, loss_mask) of a conversation; see the module docstring for the template."""
     _check(messages)
+    if not all(hasattr(tokenizer, a) for a in ("end_id", "bos_id", "role_id", "encode_batch")):
+        raise TypeError(f"render: expected a chat tokenizer (pyllm.tokenizer.Tokenizer), got {type(tokenizer).__name__}")
     end = tokenizer.end_id
     ids, mask = [tokenizer.bos_id], [0]
     contents = tokenizer.encode_batch([m["content"] for m in messages]) if messages else []
@@ -48,5 +50,7 @@ def render(messages: Sequence[dict], tokenizer, add_generation_prompt: bool = Fa
 def render_prompt_completion(prompt: str | Sequence[dict], completion: str, tokenizer) -> tuple[list[int], list[int]]:
     """{"prompt", "completion"} as a conversation: a string prompt is one user turn (a message list is used as
     is); the completion is the assistant's reply."""
+    if not isinstance(prompt, (str, Sequence)) or isinstance(prompt, bytes):  # None / 5: "not iterable"
+        raise ValueError(f"prompt must be a string or a list of messages, got {type(prompt).__name__}")
     msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     return render([*msgs, {"role": "assistant", "content": completion}], tokenizer)

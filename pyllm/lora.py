@@ -47,6 +47,8 @@ def parse_targets(spec: str | list | tuple | None) -> tuple[str, ...]:
         if spec == "all-linear":
             return DEFAULT_TARGETS
         spec = [s.strip() for s in spec.split(",") if s.strip()]
+    if not isinstance(spec, (list, tuple)) or not all(isinstance(s, str) for s in spec):  # 5: "not iterable"
+        raise TypeError(f"--lora-targets: expected module names (a str or a list of str), got {spec!r}")
     bad = [s for s in spec if s not in ALL_TARGETS]
     if bad:
         raise ValueError(f"--lora-targets: unknown module(s) {bad}; choose from {', '.join(ALL_TARGETS)}")
@@ -64,9 +66,11 @@ def _targets_in(model: nn.Module, targets) -> list[tuple[str, nn.Module]]:
 
 def apply_lora(model: nn.Module, r: int, alpha: float | None = None, targets=None, verbose: bool = True) -> int:
     """Freeze every parameter of `model`, add trainable adapters on the target modules; returns trainable count."""
-    if r <= 0:
-        raise ValueError(f"--lora-r must be positive, got {r}")
-    alpha = float(alpha if alpha is not None else 2 * r)
+    from .ops import check_float, check_int
+    r = check_int(r, "--lora-r", 1)
+    alpha = check_float(alpha if alpha is not None else 2 * r, "--lora-alpha", 0.0, lo_open=True)
+    if has_lora(model):  # a second call stacked adapters that the saved adapter / merged weights then dropped
+        raise ValueError("LoRA: the model already has adapters (merge or remove them before adding others)")
     targets = parse_targets(targets)
     found = _targets_in(model, targets)
     if not found:

@@ -15,9 +15,19 @@ import torch.nn as nn
 
 from . import ref
 from .config import ModelConfig, preset
+from .ops import check_float, check_int
 
 OP_NAMES = ("rmsnorm", "linear", "attention", "rope", "swiglu", "cross_entropy", "sample", "decode_attention")
 BACKENDS = ("pyllm", "torch")
+
+
+def _check_ids(t, name: str) -> None:
+    """Token ids / document ids / targets: an integer tensor (a list was an AttributeError, a float tensor was
+    truncated without a word)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of token ids, got {type(t).__name__}")
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: expected an integer tensor (torch.int64), got {t.dtype}")
 
 
 def backend_table(name: str, device_type: str = "cpu") -> dict[str, Callable]:
@@ -205,10 +215,9 @@ class GPT(nn.Module):
     # --- forward --------------------------------------------------------------------------------------------
     def _trunk(self, idx, doc_ids=None, cache: KVCache | None = None, pos: int = 0):
         """idx (B, T) -> final-norm hidden states (B, T, C)."""
-        if idx.dim() != 2:
-            raise ValueError(f"idx: expected shape (B, T), got {tuple(idx.shape)}")
-        if idx.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"idx: expected token ids (torch.int64), got {idx.dtype}")
+        _check_ids(idx, "idx")
+        if idx.dim() != 2 or idx.numel() == 0:
+            raise ValueError(f"idx: expected a non-empty (B, T) tensor, got shape {tuple(idx.shape)}")
         V = self.config.vocab_size
         # else embedding's "index out of range in self"; CPU only: on a GPU the test would sync host and device
         # every forward, and the embedding kernel's own device assert catches it there
@@ -219,6 +228,7 @@ class GPT(nn.Module):
         if pos + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
         if doc_ids is not None:
+            _check_ids(doc_ids, "doc_ids")  # a float tensor was cast to int32 without a word
             if tuple(doc_ids.shape) != (B, T):
                 raise ValueError(f"doc_ids: expected shape {(B, T)}, got {tuple(doc_ids.shape)}")
             doc_ids = doc_ids.to(device=idx.device, dtype=torch.int32).contiguous()
@@ -241,6 +251,7 @@ class GPT(nn.Module):
         logits = o["linear"](hidden, self.lm_head_weight)                   # (B, T, V)
         loss = None
         if targets is not None:
+            _check_ids(targets, "targets")  # float targets were truncated by .long()
             if targets.shape != idx.shape:
                 raise ValueError(f"targets: expected shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
             V = logits.shape[-1]
@@ -249,6 +260,12 @@ class GPT(nn.Module):
 
     def logprobs(self, idx, targets) -> torch.Tensor:
         """Per-token log p(targets[b, t] | idx[b, :t+1]) (B, T), differentiable (RL); ignored (-1) targets give 0."""
+        _check_ids(targets, "targets")
+        if targets.shape != idx.shape:  # else a broadcast or a gather of the wrong positions
+            raise ValueError(f"targets: expected shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        V = self.config.vocab_size
+        if targets.device.type == "cpu" and targets.numel() and bool((targets >= V).any()):
+            raise ValueError(f"targets: token id {int(targets.max())} is out of range [0, {V}) (negative = ignored)")
         logits, _ = self.forward(idx)
         logp = torch.log_softmax(logits.float(), dim=-1)
         ignore = targets < 0
@@ -268,24 +285,36 @@ class GPT(nn.Module):
         num_samples=k: k samples per prompt -> (B*k, T + n_new), row b*k+j = sample j of prompt b (the same rows as
         idx.repeat_interleave(k, 0)), but each prompt is prefilled once and its KV cache copied k times (RL rollouts:
         the prompt is most of the tokens of a short reply)."""
-        if idx.dim() != 2 or idx.shape[1] == 0:
+        _check_ids(idx, "idx")
+        if idx.dim() != 2 or idx.numel() == 0:
             raise ValueError(f"idx: expected a non-empty (B, T) prompt, got shape {tuple(idx.shape)}")
-        if num_samples < 1:
-            raise ValueError(f"num_samples: expected >= 1, got {num_samples}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
+        num_samples = check_int(num_samples, "num_samples", 1)
+        max_new_tokens = check_int(max_new_tokens, "max_new_tokens", 0)
+        # the sampling settings up front, whatever the backend and also with nothing to generate
+        check_float(temperature, "temperature", 0.0)
+        check_int(top_k, "top_k", 0, 2 ** 31 - 1)
+        check_float(top_p, "top_p", 0.0, 1.0, lo_open=True)
+        check_float(min_p, "min_p", 0.0, 1.0)
+        if seed is not None:
+            seed = check_int(seed, "seed", 0, 2 ** 64 - 1)
+        if isinstance(stop_tokens, (str, bytes)) or not hasattr(stop_tokens, "__iter__"):
+            raise TypeError(f"stop_tokens: expected an iterable of token ids, got {stop_tokens!r}")
+        stop_tokens = [check_int(s, "stop_tokens", 0) for s in stop_tokens]
         k = num_samples
         B, T = idx.shape
         B *= k
         if T + max_new_tokens > self.config.max_seq_len:
             raise ValueError(f"prompt {T} + max_new_tokens {max_new_tokens} exceeds max_seq_len "
                              f"{self.config.max_seq_len}")
+        if max_new_tokens == 0:  # nothing to sample (torch.stack of no log-probs was a RuntimeError)
+            seq = idx.repeat_interleave(k, 0) if k > 1 else idx
+            return (seq, torch.zeros(B, 0, device=idx.device)) if return_logprobs else seq
         if seed is None:
             seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
         o = self._ops(idx.device)
         p = self.embed_tokens.weight
         cache = KVCache(self.config, B, T + max_new_tokens, p.device, p.dtype)
-        stop = torch.tensor(sorted(set(int(s) for s in stop_tokens)), dtype=torch.long, device=idx.device)
+        stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=idx.device)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         last = torch.zeros(B, dtype=torch.long, device=idx.device)
         out, lps = [idx.repeat_interleave(k, 0) if k > 1 else idx], []

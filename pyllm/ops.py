@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
+import operator
 import sys
 import threading
 
@@ -35,6 +37,36 @@ def check(t: torch.Tensor, name: str, dtype=torch.float32, shape: tuple | None =
     return t
 
 
+def check_int(v, name: str, lo: int | None = None, hi: int | None = None) -> int:
+    """An integer argument as a Python int (numpy / 0-d integer tensors fine); a float, bool or string is a TypeError
+    (top_k=2.7 was cut to 2, seed='7' accepted), a value outside [lo, hi] a ValueError (a seed of -1 or 2**64
+    wrapped around to another seed)."""
+    if isinstance(v, bool):
+        raise TypeError(f"{name}: expected an integer, got {v!r}")
+    try:
+        v = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer, got {v!r}") from None
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise ValueError(f"{name}: must be in [{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}], got {v}")
+    return v
+
+
+def check_float(v, name: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
+    """A finite real argument as a float, in [lo, hi] ((lo, hi] with lo_open); NaN / inf, None and strings are
+    errors naming the argument (lr=nan turned every parameter to NaN)."""
+    if isinstance(v, bool) or not (isinstance(v, numbers.Real) or (isinstance(v, torch.Tensor) and v.numel() == 1
+                                                                    and not v.dtype.is_complex)):
+        raise TypeError(f"{name}: expected a number, got {v!r}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: must be a finite number, got {v}")
+    if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
+        want = f"{'(' if lo_open else '['}{'-inf' if lo is None else f'{lo:g}'}, {'inf' if hi is None else f'{hi:g}'}]"
+        raise ValueError(f"{name}: must be in {want}, got {v:g}")
+    return v
+
+
 def _same(t: torch.Tensor, device):
     """The device an op's other tensors must be on: "cpu", or exactly the first tensor's CUDA device."""
     return "cpu" if device == "cpu" else t.device
@@ -55,9 +87,9 @@ def _check_eps(eps, where):
 def _check_rmsnorm(x, weight, device="cpu", eps=0.0):
     _check_eps(eps, "rmsnorm")
     check(x, "rmsnorm x", device=device)
-    check(weight, "rmsnorm weight", shape=(x.shape[-1] if x.dim() else 0,), device=_same(x, device))
-    if x.numel() == 0:
-        raise ValueError("rmsnorm x: empty tensor")
+    if x.dim() == 0 or x.numel() == 0:
+        raise ValueError(f"rmsnorm x: expected a non-empty tensor of at least 1 dim, got shape {tuple(x.shape)}")
+    check(weight, "rmsnorm weight", shape=(x.shape[-1],), device=_same(x, device))
 
 
 def _check_rope(x, cos, sin, device="cpu"):
@@ -82,6 +114,8 @@ def _check_cross_entropy(logits, targets, ignore_index, device="cpu"):
         raise ValueError(f"cross_entropy logits: expected a non-empty (N, V) tensor, got {tuple(logits.shape)}")
     N, V = logits.shape
     check(targets, "cross_entropy targets", dtype=torch.int64, shape=(N,), device=_same(logits, device))
+    # an int64 (1.5 was ignored as 1 by the kernel but counted as no row by the mean: a wrong loss)
+    check_int(ignore_index, "cross_entropy ignore_index", -2 ** 63, 2 ** 63 - 1)
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
     if bool(bad.any()):  # on CUDA a host sync, but an out-of-range target must be an error, not NaN
         raise ValueError(f"cross_entropy targets: {int(targets[bad][0])} is out of range [0, {V}) "
@@ -96,14 +130,10 @@ def _check_sample(logits, temperature, top_k, top_p, min_p, mask, device="cpu"):
     B, V = logits.shape
     if mask is not None:
         check(mask, "sample mask", dtype=torch.bool, shape=(B, V), device=_same(logits, device))
-    if not temperature >= 0:
-        raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
-    if int(top_k) < 0:
-        raise ValueError(f"sample: top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"sample: top_p must be in (0, 1], got {top_p}")
-    if not 0 <= min_p <= 1:
-        raise ValueError(f"sample: min_p must be in [0, 1], got {min_p}")
+    check_float(temperature, "sample temperature", 0.0)
+    check_int(top_k, "sample top_k", 0, 2 ** 31 - 1)
+    check_float(top_p, "sample top_p", 0.0, 1.0, lo_open=True)
+    check_float(min_p, "sample min_p", 0.0, 1.0)
     return B, V
 
 
@@ -145,11 +175,12 @@ def _check_decode_attention(q, k_cache, v_cache, n_ctx, device="cpu"):
     if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
         raise ValueError("decode_attention v_cache: must have the same shape and strides as k_cache")
     T_max, Hkv = k_cache.shape[1], k_cache.shape[2]
-    if min(B, H, D) == 0 or H % Hkv != 0 or D > 256:
+    if min(B, H, D, Hkv) == 0 or H % Hkv != 0 or D > 256:
         raise ValueError(f"decode_attention q: bad shape {tuple(q.shape)} for {Hkv} kv heads (H % Hkv, D <= 256)")
-    n_ctx = int(n_ctx)
-    if not 1 <= n_ctx <= T_max:
-        raise ValueError(f"decode_attention n_ctx: must be in [1, {T_max}], got {n_ctx}")
+    # positions and batch rows must not overlap (an expand()ed cache has stride 0)
+    if k_cache.stride(1) < Hkv * D or (B > 1 and k_cache.stride(0) < T_max * k_cache.stride(1)):
+        raise ValueError(f"decode_attention k_cache: strides {k_cache.stride()} overlap rows (an expanded view?)")
+    n_ctx = check_int(n_ctx, "decode_attention n_ctx", 1, T_max)
     return B, H, Hkv, D, n_ctx
 
 
@@ -292,7 +323,18 @@ def matmul(a, b, bias=None, trans_a=False, trans_b=False, out=None, accumulate=F
             raise ValueError("matmul: accumulate=True needs out")
     else:
         check(out, "matmul out", shape=(M, N))
+        for t, name in ((a, "a"), (b, "b"), (bias, "bias")):
+            if _overlap(out, t):  # the kernel reads its operands while writing out: a wrong result, not an error
+                raise ValueError(f"matmul out: shares memory with {name}")
     return _gemm(a, b, M, N, K, trans_a, trans_b, bias, out, accumulate)
+
+
+def _overlap(x: torch.Tensor, y: torch.Tensor | None) -> bool:
+    """Do two contiguous tensors' bytes intersect?"""
+    if y is None or x.numel() == 0 or y.numel() == 0:
+        return False
+    x0, y0 = x.data_ptr(), y.data_ptr()
+    return x0 < y0 + y.numel() * y.element_size() and y0 < x0 + x.numel() * x.element_size()
 
 
 def matmul_bf16(a, b):
@@ -390,10 +432,12 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
     The draw is a pure function of (seed, row, step): same seed -> same tokens on every CPU path.
     Returns (tokens (B,) int64, logprobs (B,) fp32) with logprob = log_softmax(logits / T)[token] (T = 1 if greedy)."""
     B, V = _check_sample(logits, temperature, top_k, top_p, min_p, mask)
+    seed = check_int(seed, "sample seed", 0, 2 ** 64 - 1)
+    step = check_int(step, "sample step", 0, 2 ** 64 - 1)
     tokens = torch.empty(B, dtype=torch.int64)
     logprobs = torch.empty(B, dtype=torch.float32)
     C().sample_forward(ptr(tokens), ptr(logprobs), ptr(logits), ptr(mask), B, V, float(temperature), int(top_k),
-                       float(top_p), float(min_p), int(seed) & (2**64 - 1), int(step) & (2**64 - 1))
+                       float(top_p), float(min_p), seed, step)
     bad = tokens < 0
     if bool(bad.any()):
         b = int(bad.nonzero()[0, 0])
@@ -489,24 +533,38 @@ def adamw_step(params, grads, ms, vs, lr: float, beta1: float, beta2: float, eps
     decay; step is 1-based for the bias correction)."""
     if not (len(params) == len(grads) == len(ms) == len(vs)):
         raise ValueError("adamw_step: params, grads, ms, vs must have the same length")
-    if step < 1:
-        raise ValueError(f"adamw_step: step must be >= 1, got {step}")
-    for i, (p, g, m, v) in enumerate(zip(params, grads, ms, vs)):
+    step = check_int(step, "adamw_step step", 1)
+    _check_adamw(lr, beta1, beta2, eps, weight_decay, "adamw_step")
+    for i, (p, g, m, v) in enumerate(zip(params, grads, ms, vs)):  # all checked before any is updated
         check(p, f"adamw_step params[{i}]")
         for t, name in ((g, "grads"), (m, "ms"), (v, "vs")):
             check(t, f"adamw_step {name}[{i}]", shape=tuple(p.shape))
+            if _overlap(p, t):
+                raise ValueError(f"adamw_step {name}[{i}]: shares memory with params[{i}]")
+    for p, g, m, v in zip(params, grads, ms, vs):
         if p.numel():
             C().adamw_step(ptr(p), ptr(g), ptr(m), ptr(v), p.numel(), float(lr), float(beta1), float(beta2),
                            float(eps), float(weight_decay), int(step))
+
+
+def _check_adamw(lr, beta1, beta2, eps, weight_decay, where):
+    check_float(lr, f"{where} lr", 0.0)
+    check_float(beta1, f"{where} beta1", 0.0, 1.0)
+    check_float(beta2, f"{where} beta2", 0.0, 1.0)
+    for b, name in ((beta1, "beta1"), (beta2, "beta2")):
+        if b >= 1:  # 1 - beta^t = 0: a division by zero in the bias correction
+            raise ValueError(f"{where} {name}: must be in [0, 1), got {b:g}")
+    check_float(eps, f"{where} eps", 0.0)
+    check_float(weight_decay, f"{where} weight_decay", 0.0)
 
 
 class AdamW(torch.optim.Optimizer):
     """torch.optim.AdamW (decoupled weight decay, no amsgrad) running pyllm's fused kernel on CPU fp32 params."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
-        if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"AdamW: bad hyper-parameters lr={lr} betas={betas} eps={eps} "
-                             f"weight_decay={weight_decay}")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"AdamW betas: expected a pair (beta1, beta2), got {betas!r}")
+        _check_adamw(lr, betas[0], betas[1], eps, weight_decay, "AdamW")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
@@ -525,16 +583,17 @@ class AdamW(torch.optim.Optimizer):
                     st["step"] = torch.tensor(0.0)  # a tensor like torch's, so state_dicts interchange
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                st["step"] += 1
                 ps.append(p)
                 gs.append(p.grad.contiguous())
                 ms.append(st["exp_avg"])
                 vs.append(st["exp_avg_sq"])
-            steps = {int(self.state[p]["step"]) for p in ps}
-            for s in steps:
-                idx = [i for i, p in enumerate(ps) if int(self.state[p]["step"]) == s]
+            steps = {int(self.state[p]["step"]) + 1 for p in ps}  # counted once the step has run (a failing one
+            for s in steps:                                           # left its parameters at the next step)
+                idx = [i for i, p in enumerate(ps) if int(self.state[p]["step"]) + 1 == s]
                 adamw_step([ps[i] for i in idx], [gs[i] for i in idx], [ms[i] for i in idx], [vs[i] for i in idx],
                            group["lr"], group["betas"][0], group["betas"][1], group["eps"], group["weight_decay"], s)
+                for i in idx:
+                    self.state[ps[i]]["step"] += 1
         return loss
 # --- attention (csrc/cpu/impl_attention.h) ------------------------------------------------------------------
 class _Attention(torch.autograd.Function):
@@ -685,8 +744,10 @@ def block(x, w_in, wq, wk, wv, wo, w_post, wg, wu, wd, cos, sin, doc_ids=None, n
     if x.dim() != 3 or x.numel() == 0:
         raise ValueError(f"block x: expected a non-empty (B, T, C) tensor, got {tuple(x.shape)}")
     B, T, Cm = x.shape
-    H, Hkv = int(n_heads), int(n_kv_heads)
-    if H <= 0 or Hkv <= 0 or H % Hkv or wq.shape[0] % H:
+    H, Hkv = check_int(n_heads, "block n_heads", 1), check_int(n_kv_heads, "block n_kv_heads", 1)
+    check(wq, "block wq")  # before its shape is read (None was an AttributeError)
+    check(wg, "block wg")
+    if wq.dim() != 2 or wg.dim() != 2 or H % Hkv or wq.shape[0] % H:
         raise ValueError(f"block: bad heads H={H}, Hkv={Hkv} for wq of shape {tuple(wq.shape)}")
     D = wq.shape[0] // H
     if D % 2 or D > 256:

@@ -273,9 +273,10 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, mask=None, se
         mp = mask.data_ptr()
     tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(B, dtype=torch.float32, device=logits.device)
+    seed = _ops().check_int(seed, "sample seed", 0, 2 ** 64 - 1)  # as the CPU op: not wrapped to another seed
+    step = _ops().check_int(step, "sample step", 0, 2 ** 64 - 1)
     C().cuda_sample(tokens.data_ptr(), logprobs.data_ptr(), logits.data_ptr(), mp, B, V, float(temperature),
-                    int(top_k), float(top_p), float(min_p), int(seed) & (2 ** 64 - 1), int(step) & (2 ** 64 - 1),
-                    _stream(logits))
+                    int(top_k), float(top_p), float(min_p), seed, step, _stream(logits))
     return tokens, logprobs
 
 
@@ -286,5 +287,7 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_d
     require_built("adamw_step")
     for name, t in (("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         _check(t, f"adamw_step {name}", shape=tuple(param.shape), device=param.device)
+    _ops()._check_adamw(lr, beta1, beta2, eps, weight_decay, "adamw_step")
+    step = _ops().check_int(step, "adamw_step step", 1)
     C().cuda_adamw(param.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), grad.data_ptr(), param.numel(),
                    float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step), _stream(param))

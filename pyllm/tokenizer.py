@@ -237,6 +237,8 @@ class Tokenizer:
         return [self.bos_id, *ids] if add_bos else list(ids)
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False, allow_special: bool = False) -> list[list[int]]:
+        if isinstance(texts, (str, bytes)) or not hasattr(texts, "__iter__"):  # a str was 1-character texts
+            raise TypeError(f"encode_batch expects a list of str, got {type(texts).__name__}")
         try:
             encs = (self._hf if allow_special else self._plain).encode_batch(list(texts), add_special_tokens=False)
         except TypeError:
@@ -245,6 +247,8 @@ class Tokenizer:
         return [[self.bos_id, *e.ids] if add_bos else list(e.ids) for e in encs]
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):  # None / 104: "not iterable"
+            raise TypeError(f"decode: expected a sequence of token ids, got {type(ids).__name__}")
         ids = [_token_id(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:

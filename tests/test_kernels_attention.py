@@ -180,3 +180,29 @@ def test_decode_attention_rejects_bad_input():
         ops.decode_attention(q, torch.zeros(1, 10, 2, 9), cache, 3)
     with pytest.raises(ValueError, match="contiguous"):
         ops.decode_attention(q, torch.zeros(1, 10, 8, 2).transpose(2, 3), cache, 3)
+
+
+@pytest.mark.parametrize("T", [5, 70, 200])
+def test_nan_keys_and_queries_propagate_as_in_torch(isa, rng, T):
+    """The softmax's exp masked NaN scores to 0 (as it does -inf ones): a NaN key was silently dropped and its
+    rows came out finite, where torch gives NaN. Now the rows that see a NaN key or value (and only those) are NaN,
+    forward and backward, and single-query decode attention does the same."""
+    q = torch.randn(1, T, 4, 16, generator=rng)
+    k, v = (torch.randn(1, T, 2, 16, generator=rng) for _ in range(2))
+    j = int(torch.randint(0, T, (1,), generator=rng))
+    k[0, j, 1] = float("nan")                       # kv head 1 of 2: query heads 2 and 3
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    out = ops.attention(qs, ks, vs)
+    want = ref.attention(q, k, v)
+    assert torch.equal(out.isnan(), want.isnan())
+    nan_rows = out.isnan().any(-1)[0]               # (T, H)
+    assert nan_rows[j:, 2:].all() and not nan_rows[:j].any() and not nan_rows[:, :2].any()
+    torch.testing.assert_close(out.nan_to_num(), want.nan_to_num(), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert qs.grad[0, j:, 2:].isnan().any() and not qs.grad[0, :, :2].isnan().any()
+    kc = torch.randn(2, 9, 2, 16, generator=rng)
+    vc = torch.randn(2, 9, 2, 16, generator=rng)
+    kc[1, 4, 0] = float("nan")
+    o = ops.decode_attention(torch.randn(2, 4, 16, generator=rng), kc, vc, 9)
+    assert o[1, :2].isnan().all() and not o[0].isnan().any() and not o[1, 2:].isnan().any()
+    assert not ops.decode_attention(torch.randn(2, 4, 16, generator=rng), kc, vc, 4).isnan().any()

@@ -281,7 +281,7 @@ def test_ref_sample_masks_and_logprob(rng):
 
 def test_bad_inputs_one_line(rng):
     m = tiny(rng)
-    with pytest.raises(ValueError, match="idx: expected shape"):
+    with pytest.raises(ValueError, match=r"idx: expected a non-empty \(B, T\) tensor, got shape \(5,\)"):
         m(torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="targets: expected shape"):
         m(ids(rng, 2, 4), ids(rng, 2, 5))
@@ -296,10 +296,33 @@ def test_bad_inputs_one_line(rng):
             m(torch.tensor([[0, bad, 1]]))
         with pytest.raises(ValueError, match=rf"idx: token id {bad} is out of range"):
             m.generate(torch.tensor([[bad]]), 2)
-    with pytest.raises(TypeError, match="idx: expected token ids"):
+    with pytest.raises(TypeError, match="idx: expected an integer tensor"):
         m(torch.zeros(1, 3))
-    with pytest.raises(ValueError, match="max_new_tokens: expected >= 0"):  # was: the prompt back, silently
+    with pytest.raises(ValueError, match=r"max_new_tokens: must be in \[0, inf\], got -2"):  # was: the prompt back
         m.generate(torch.zeros(1, 2, dtype=torch.long), -2)
+    # session 15 (a probe of the library API): each was silent, or an error from deep inside torch
+    idx = ids(rng, 1, 3)
+    for call, exc, pattern in (
+            (lambda: m(torch.zeros(1, 0, dtype=torch.long)), ValueError, "idx: expected a non-empty"),  # "block x"
+            (lambda: m([[1, 2]]), TypeError, "idx: expected a torch.Tensor"),                          # AttributeError
+            (lambda: m(idx, idx.float()), TypeError, "targets: expected an integer tensor"),           # truncated
+            (lambda: m(idx, doc_ids=torch.zeros(1, 3)), TypeError, "doc_ids: expected an integer tensor"),  # cast
+            (lambda: m.logprobs(idx, idx[:, :2]), ValueError, r"targets: expected shape \(1, 3\)"),       # (1, 2) out
+            (lambda: m.logprobs(idx, torch.tensor([[1, 2, V]])), ValueError, rf"token id {V} is out of range"),
+            (lambda: m.generate(idx, 2.5), TypeError, "max_new_tokens: expected an integer"),
+            (lambda: m.generate(idx, 2, num_samples=2.5), TypeError, "num_samples: expected an integer"),
+            (lambda: m.generate(idx, 2, seed=-5), ValueError, "seed: must be in"),                   # accepted
+            (lambda: m.generate(idx, 2, seed=2 ** 64), ValueError, "seed: must be in"),              # wrapped to 0
+            (lambda: m.generate(idx, 0, top_p=1.5), ValueError, "top_p: must be in"),                # unchecked at 0
+            (lambda: m.generate(idx, 2, temperature=float("nan")), ValueError, "temperature: must be a finite"),
+            (lambda: m.generate(idx, 2, stop_tokens=None), TypeError, "stop_tokens: expected an iterable"),
+            (lambda: m.generate(idx, 2, stop_tokens="ab"), TypeError, "stop_tokens: expected an iterable")):
+        with pytest.raises(exc, match=pattern):
+            call()
+    seq, lp = m.generate(idx, 0, return_logprobs=True)  # was: "stack expects a non-empty TensorList"
+    assert torch.equal(seq, idx) and lp.shape == (1, 0)
+    seq, lp = m.generate(idx, 0, return_logprobs=True, num_samples=3)
+    assert torch.equal(seq, idx.repeat(3, 1)) and lp.shape == (3, 0)
 
 
 @pytest.mark.gpu

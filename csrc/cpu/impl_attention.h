@@ -30,7 +30,8 @@
 
 // 2^x for a vector, x <= ~0 (scores minus their running max or lse; no overflow clamp): x = n + r with
 // n = round(x), |r| <= 0.5, 2^r by its degree-6 Taylor series (rel error < 1.3e-7), 2^n built in the exponent
-// bits. x < -126 (and -inf) gives exactly 0, so masked scores never produce denormals. The scores are kept in
+// bits. x < -126 (and -inf) gives exactly 0, so masked scores never produce denormals; NaN stays NaN (a NaN key
+// or query makes its rows NaN, as in torch, where masking NaN to 0 silently dropped the key). The scores are kept in
 // log2 units (Q pre-scaled by log2(e)/sqrt(D)), which saves the ln2 range reduction of exp(): 15 vector ops.
 static inline vf att_exp2_poly(vf r) {
     vf y = vf_set1(1.5403530393381606e-4f);
@@ -45,13 +46,13 @@ static inline vf att_exp2_poly(vf r) {
 // AVX-512 has the rounding (vrndscaleps) and the 2^n scaling (vscalefps, masked to zero) as one instruction
 // each: 11 vector ops instead of 16, the same bits (both round to nearest even; y * 2^n is exact).
 static inline vf att_exp2(vf x) {
-    const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
+    const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);  // NaN kept
     const __m512 n = _mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     return (vf)_mm512_maskz_scalef_ps(keep, (__m512)att_exp2_poly(x - (vf)n), n);  // -inf: r is NaN, masked
 }
 #else
 static inline vf att_exp2(vf x) {
-    const vi keep = x >= -126.0f;
+    const vi keep = ~(x < -126.0f);                        // NaN kept: it reaches the result
     x = vf_select(keep, x, vf_set1(-126.0f));
     const vf tm = x + 12582912.0f;                         // + 1.5 * 2^23 rounds x to an integer n
     const vf y = att_exp2_poly(x - (tm - 12582912.0f));

@@ -1,0 +1,131 @@
+"""The library API on bad input (found by a probe of the public functions, session 15): each case was a silently
+wrong result, a value quietly changed (a seed wrapped, a float cut to an int), or an error from deep inside torch
+or pybind11. Each must now be one ValueError/TypeError naming the argument, or the right result.
+
+Run: OMP_NUM_THREADS=1 PYTHONPATH=$PWD python -m pytest -q tests/test_api_robust.py
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyllm import chat, ops, ref
+from pyllm.tokenizer import Tokenizer
+
+
+def test_matmul_out_sharing_memory_with_an_operand(rng):
+    """out=a gave a wrong product (the kernel reads a while writing out), with no error."""
+    a, b = torch.randn(3, 3, generator=rng), torch.randn(3, 3, generator=rng)
+    bias = torch.randn(3, generator=rng)
+    for out, name, kw in ((a, "a", {}), (b, "b", {"accumulate": True})):
+        with pytest.raises(ValueError, match=f"matmul out: shares memory with {name}"):
+            ops.matmul(a, b, out=out, **kw)
+    buf = torch.randn(3, 3, generator=rng)
+    with pytest.raises(ValueError, match="matmul out: shares memory with bias"):
+        ops.matmul(a, b, bias=buf[1], out=buf)
+    out = torch.full((3, 3), float("nan"))
+    ops.matmul(a, b, bias=bias, out=out)  # disjoint buffers: still fine
+    torch.testing.assert_close(out, a @ b.T + bias, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_entropy_ignore_index_is_an_int64(rng):
+    """ignore_index=1.5: the kernel ignored target 1 while the mean counted it as valid (a wrong loss)."""
+    x, t = torch.randn(3, 5, generator=rng), torch.tensor([1, 2, 3])
+    for bad, exc in ((1.5, TypeError), (None, TypeError), (2 ** 70, ValueError)):
+        with pytest.raises(exc, match="cross_entropy ignore_index"):
+            ops.cross_entropy(x, t, bad)
+    torch.testing.assert_close(ops.cross_entropy(x, t, 1), ref.cross_entropy(x, t, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_sample_arguments(rng):
+    logits = torch.randn(2, 11, generator=rng)
+    for kw, exc, pattern in ((dict(seed=-1), ValueError, r"sample seed: must be in \[0, 18446744073709551615\]"),
+                             (dict(seed=2 ** 64), ValueError, "sample seed: must be in"),  # was seed 0's tokens
+                             (dict(seed=1.5), TypeError, "sample seed: expected an integer"),
+                             (dict(seed="7"), TypeError, "sample seed: expected an integer"),
+                             (dict(step=-1), ValueError, "sample step: must be in"),
+                             (dict(top_k=2.7), TypeError, "sample top_k: expected an integer"),  # was cut to 2
+                             (dict(top_k=2 ** 70), ValueError, "sample top_k: must be in"),      # pybind11's
+                             (dict(top_k=None), TypeError, "sample top_k: expected an integer"),
+                             (dict(temperature=float("inf")), ValueError, "sample temperature: must be a finite"),
+                             (dict(temperature=None), TypeError, "sample temperature: expected a number"),
+                             (dict(top_p=1.5), ValueError, r"sample top_p: must be in \(0, 1\]"),
+                             (dict(top_p=None), TypeError, "sample top_p: expected a number"),
+                             (dict(min_p=-0.1), ValueError, r"sample min_p: must be in \[0, 1\]")):
+        with pytest.raises(exc, match=pattern):
+            ops.sample(logits, **kw)
+    a = ops.sample(logits, top_k=torch.tensor(3), seed=2 ** 64 - 1, step=5)  # integer-like values are fine
+    b = ops.sample(logits, top_k=3, seed=2 ** 64 - 1, step=5)
+    assert torch.equal(a[0], b[0])
+
+
+def test_decode_attention_shapes_and_strides(rng):
+    q = torch.randn(3, 2, 6, generator=rng)
+    cache = torch.randn(3, 5, 2, 6, generator=rng)
+    with pytest.raises(ValueError, match="decode_attention q: bad shape"):  # was ZeroDivisionError
+        ops.decode_attention(q, torch.randn(3, 5, 0, 6), torch.randn(3, 5, 0, 6), 2)
+    expanded = torch.randn(1, 1, 2, 6, generator=rng).expand(3, 5, 2, 6)  # was the C++ "ld_t must be > 0"
+    with pytest.raises(ValueError, match="decode_attention k_cache: strides .* overlap rows"):
+        ops.decode_attention(q, expanded, expanded, 2)
+    for n_ctx, exc in ((2.7, TypeError), (None, TypeError), (6, ValueError), (0, ValueError)):
+        with pytest.raises(exc, match="decode_attention n_ctx"):
+            ops.decode_attention(q, cache, cache, n_ctx)
+
+
+def test_rmsnorm_of_a_scalar():
+    with pytest.raises(ValueError, match="rmsnorm x: expected a non-empty tensor of at least 1 dim"):  # IndexError
+        ops.rmsnorm(torch.tensor(2.0), torch.randn(0))
+
+
+def test_adamw_hyper_parameters_and_failed_steps(rng):
+    w = torch.randn(4, 3, generator=rng, requires_grad=True)
+    for kw, pattern in ((dict(lr=float("nan")), "AdamW lr: must be a finite"),        # was accepted: NaN weights
+                        (dict(lr=float("inf")), "AdamW lr: must be a finite"),
+                        (dict(eps=float("nan")), "AdamW eps: must be a finite"),
+                        (dict(weight_decay=float("nan")), "AdamW weight_decay: must be a finite"),
+                        (dict(betas=(0.9, 1.0)), r"AdamW beta2: must be in \[0, 1\)"),
+                        (dict(betas=(0.9,)), "AdamW betas: expected a pair"),          # was IndexError
+                        (dict(lr="0.1"), "AdamW lr: expected a number")):
+        with pytest.raises((ValueError, TypeError), match=pattern):
+            ops.AdamW([w], **kw)
+    p, g = torch.randn(5, generator=rng), torch.randn(5, generator=rng)
+    m, v = torch.zeros(5), torch.zeros(5)
+    for kw, exc, pattern in ((dict(beta1=1.0), ValueError, r"adamw_step beta1: must be in \[0, 1\)"),  # was NaN
+                             (dict(lr=float("nan")), ValueError, "adamw_step lr: must be a finite"),
+                             (dict(step=1.5), TypeError, "adamw_step step: expected an integer")):  # was cut
+        args = {**dict(lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, step=1), **kw}
+        with pytest.raises(exc, match=pattern):
+            ops.adamw_step([p], [g], [m], [v], **args)
+    with pytest.raises(ValueError, match=r"adamw_step ms\[0\]: shares memory with params\[0\]"):
+        ops.adamw_step([p], [g], [p], [v], 1e-3, 0.9, 0.99, 1e-8, 0.0, 1)
+    # a step that fails (here: an fp64 parameter) no longer advances the step count first
+    wd = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    opt = ops.AdamW([wd])
+    wd.grad = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="expected dtype torch.float32"):
+        opt.step()
+    assert int(opt.state[wd]["step"]) == 0
+    opt2, w2 = ops.AdamW([w]), w.detach().clone().requires_grad_()
+    ref_opt = torch.optim.AdamW([w2])
+    for _ in range(3):  # still torch's AdamW step for step
+        w.grad = w2.grad = torch.randn(4, 3, generator=rng)
+        opt2.step()
+        ref_opt.step()
+    torch.testing.assert_close(w, w2, rtol=1e-5, atol=1e-6)
+    assert int(opt2.state[w]["step"]) == 3
+
+
+def test_tokenizer_and_chat_argument_types():
+    tok = Tokenizer.byte_level()
+    with pytest.raises(TypeError, match="encode_batch expects a list of str, got str"):  # was 5 one-char texts
+        tok.encode_batch("hello")
+    for bad in (None, 104, "hi"):
+        with pytest.raises(TypeError, match="decode: expected a sequence of token ids"):
+            tok.decode(bad)
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(TypeError, match="render: expected a chat tokenizer"):  # was AttributeError
+        chat.render(msgs, None)
+    for bad in (None, 5):
+        with pytest.raises(ValueError, match="prompt must be a string or a list of messages"):
+            chat.render_prompt_completion(bad, "x", tok)
+    assert chat.render(msgs, tok)[0][0] == tok.bos_id
