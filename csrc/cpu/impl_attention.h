@@ -52,12 +52,17 @@ static inline vf att_exp2(vf x) {
 }
 #else
 static inline vf att_exp2(vf x) {
-    const vi keep = ~(x < -126.0f);                        // NaN kept: it reaches the result
-    x = vf_select(keep, x, vf_set1(-126.0f));
+    const vi lt = x < -126.0f;                             // false for NaN: it reaches the result
+    x = vf_select(lt, vf_set1(-126.0f), x);
     const vf tm = x + 12582912.0f;                         // + 1.5 * 2^23 rounds x to an integer n
     const vf y = att_exp2_poly(x - (tm - 12582912.0f));
     const vi e = ((vi)tm << 23) + (127 << 23);             // 2^n: n sits in the low mantissa bits of tm
-    return (vf)((vi)(y * (vf)e) & keep);
+    // and-not as an intrinsic: GCC turns `~lt & v` into a blend, which takes an FMA pipe on AMD
+#if VLEN == 8
+    return (vf)_mm256_andnot_ps((__m256)lt, (__m256)(y * (vf)e));
+#else
+    return (vf)_mm_andnot_ps((__m128)lt, (__m128)(y * (vf)e));
+#endif
 }
 #endif
 
