@@ -389,11 +389,37 @@ static int next_token(run_model* m, float* logits, const gen_opts* o, int step) 
     return run_sample(logits, m->f.cfg.vocab_size, o->temperature, o->top_p, o->top_k, o->min_p, o->seed, step);
 }
 
+// Is s[0, n) well-formed UTF-8 (RFC 3629: no overlongs, no surrogates, nothing past U+10FFFF)? Python's tokenizer
+// cannot take anything else, so the binary refuses it too (it was tokenized byte by byte, silently).
+static int utf8_valid(const char* str, size_t n) {
+    const unsigned char* s = (const unsigned char*)str;
+    for (size_t i = 0; i < n;) {
+        const unsigned c = s[i];
+        const int len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+        if (!len || i + len > n) return 0;
+        unsigned cp = len == 1 ? c : c & (0x7F >> len);
+        for (int k = 1; k < len; k++) {
+            if ((s[i + k] & 0xC0) != 0x80) return 0;
+            cp = (cp << 6) | (s[i + k] & 0x3F);
+        }
+        static const unsigned min_cp[5] = {0, 0, 0x80, 0x800, 0x10000};
+        if (cp < min_cp[len] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
+        i += len;
+    }
+    return 1;
+}
+
 static int generate(run_model* m, run_tokenizer* tok, const char* prompt, const gen_opts* o) {
     int max_ids = (int)strlen(prompt) + 3;
     int* ids = (int*)malloc((size_t)max_ids * sizeof(int));
     int n = ids ? run_encode(tok, prompt, 1, ids, max_ids) : -1;
     if (n < 1) { fprintf(stderr, "pyllm-run: error: cannot encode the prompt\n"); free(ids); return 1; }
+    if (n > o->steps) {  // was cut to the first -n tokens without a word
+        fprintf(stderr, "pyllm-run: error: the prompt (-i) is %d tokens with BOS, more than the %d positions (-n, at "
+                        "most the model's context)\n", n, o->steps);
+        free(ids);
+        return 1;
+    }
     const int bos = run_bos_id(tok);
     int token = ids[0], pos = 0, generated = 0;
     double t0 = 0;
@@ -427,8 +453,9 @@ static int chat(run_model* m, run_tokenizer* tok, const char* first_user, const 
     }
     const int cap = 1 << 16;
     int* ids = (int*)malloc((size_t)cap * sizeof(int));
-    char* line = (char*)malloc(cap);
-    if (!ids || !line) { free(ids); free(line); fprintf(stderr, "pyllm-run: error: out of memory\n"); return 1; }
+    char* line = NULL;  // one stdin line (getline: any length; its byte count shows a NUL inside)
+    size_t line_cap = 0;
+    if (!ids) { fprintf(stderr, "pyllm-run: error: out of memory\n"); return 1; }
     int pos = 0, turn = 0, pending = -1, rc = 0;  // pending: the assistant's <|end|>, fed at the next turn
     double t_gen = 0;
     long n_gen = 0;
@@ -457,8 +484,20 @@ static int chat(run_model* m, run_tokenizer* tok, const char* first_user, const 
         } else {
             printf("User: ");
             fflush(stdout);
-            if (!fgets(line, cap, stdin)) break;
-            line[strcspn(line, "\r\n")] = 0;
+            ssize_t len = getline(&line, &line_cap, stdin);
+            if (len < 0) break;
+            if (len > 0 && line[len - 1] == '\n') line[--len] = 0;  // the line end only (a lone \r inside is text)
+            if (len > 0 && line[len - 1] == '\r') line[--len] = 0;
+            if (memchr(line, 0, (size_t)len)) {  // strlen stopped there: the rest of the line was dropped
+                fprintf(stderr, "pyllm-run: error: the message contains a NUL byte\n");
+                rc = 1;
+                break;
+            }
+            if (!utf8_valid(line, (size_t)len)) {
+                fprintf(stderr, "pyllm-run: error: the message is not valid UTF-8\n");
+                rc = 1;
+                break;
+            }
             user = line;
         }
         ids[n++] = usr;
@@ -501,7 +540,7 @@ static int chat(run_model* m, run_tokenizer* tok, const char* first_user, const 
     }
     if (n_gen > 0 && t_gen > 0) fprintf(stderr, "achieved tok/s: %.2f (%ld generated)\n", n_gen / t_gen, n_gen);
     free(ids);
-    free(line);
+    free(line);  // getline's buffer (NULL if no line was read)
     return rc;
 }
 
@@ -516,7 +555,8 @@ static void usage(FILE* f) {
             "  --min-p <f> min-p in [0, 1]: keep tokens at >= this times the top token's probability, "
             "0 = off (default 0)\n"
             "  -s <int>    random seed (default: time)\n"
-            "  -n <int>    steps: forward passes, BOS and prompt included, as in llama2.c; 0 = seq_len (default 256)\n"
+            "  -n <int>    steps: forward passes, BOS and prompt included, as in llama2.c; 0 or more than the\n"
+            "              model's context = the context (default 256)\n"
             "  -i <text>   prompt; in chat mode the first user message (default: empty)\n"
             "  -z <path>   tokenizer.bin, pyllm or llama2.c format (default: tokenizer.bin next to the model)\n"
             "  -m <mode>   generate|chat (default generate)\n"
@@ -552,15 +592,22 @@ int main(int argc, char** argv) {
         const char* v = argv[i + 1];
         char* e = NULL;
         switch (a[1]) {
-        case 't': o.temperature = strtof(v, &e); if (*e || !(o.temperature >= 0.f) || isinf(o.temperature)) return bad_arg("-t needs a finite temperature >= 0, got", v); break;
+        case 't': o.temperature = strtof(v, &e); if (*e || !*v || !(o.temperature >= 0.f) || isinf(o.temperature)) return bad_arg("-t needs a finite temperature >= 0, got", v); break;
         case 'p': o.top_p = strtof(v, &e); if (*e || !(o.top_p > 0.f && o.top_p <= 1.f)) return bad_arg("-p needs a value in (0, 1], got", v); break;
         case 'k': { long k = strtol(v, &e, 10); if (*e || !*v || k < 0 || k > (1 << 30)) return bad_arg("-k needs an integer in [0, 2^30], got", v); o.top_k = (int)k; break; }
-        case 's': { errno = 0; unsigned long long s = strtoull(v, &e, 10); if (*e || !*v || *v == '-' || errno == ERANGE) return bad_arg("-s needs an integer seed in [0, 2^64), got", v); o.seed = s; break; }
+        case 's': { errno = 0; unsigned long long s = strtoull(v, &e, 10); if (*e || !(*v >= '0' && *v <= '9') || errno == ERANGE) return bad_arg("-s needs an integer seed in [0, 2^64), got", v); o.seed = s; break; }
         case 'n': { long n = strtol(v, &e, 10); if (*e || !*v || n < 0 || n > (1 << 30)) return bad_arg("-n needs an integer in [0, 2^30], got", v); o.steps = (int)n; break; }
         case 'i': prompt = v; break;
         case 'z': tok_path = v; break;
         case 'm': mode = v; if (strcmp(v, "generate") && strcmp(v, "chat")) return bad_arg("-m must be generate or chat, got", v); break;
         case 'y': system = v; break;
+        }
+    }
+    for (int k = 0; k < 2; k++) {  // before the model is read
+        const char* text = k ? system : prompt;
+        if (text && !utf8_valid(text, strlen(text))) {
+            fprintf(stderr, "pyllm-run: error: the %s is not valid UTF-8\n", k ? "system prompt (-y)" : "prompt (-i)");
+            return 2;
         }
     }
     const char* isa_err = isa_env_error();

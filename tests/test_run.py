@@ -275,6 +275,8 @@ def test_binary_flag_ranges_and_tokenizer_dir(tmp_path, rng):
                               ("-s", "-1", "-s needs an integer seed in [0, 2^64)"),
                               ("-s", "99999999999999999999", "-s needs an integer seed in [0, 2^64)"),
                               ("-t", "1e40", "-t needs a finite temperature >= 0"),
+                              ("-t", "", "-t needs a finite temperature >= 0"),      # was greedy, silently
+                              ("-s", " -1", "-s needs an integer seed in [0, 2^64)"),  # was wrapped to 2^64-1
                               ("--min-p", "1.5", "--min-p needs a value in [0, 1]"),
                               ("--min-p", "", "--min-p needs a value in [0, 1]"),
                               ("--min-p", "x", "--min-p needs a value in [0, 1]")):
@@ -407,6 +409,38 @@ def test_binary_chat_prompt_longer_than_the_context(tok_and_model):
         assert r.returncode == 1 and r.stdout == b"", (r.returncode, r.stdout)
         err = r.stderr.decode().splitlines()
         assert len(err) == 1 and err[0].startswith("pyllm-run: error: " + want) and "of the 20 context" in err[0], err
+
+
+@pytest.mark.skipif(not runtime.BIN_PATH.exists(), reason="pyllm-run not built")
+def test_binary_prompt_bytes_and_lengths(tok_and_model):
+    """Found by a fuzz of the binary against Python (session 15): invalid UTF-8 in -i / -y / a chat line was
+    tokenized byte by byte with exit 0 (Python's tokenizer cannot take it); a prompt longer than -n was cut to -n
+    tokens, silently; a chat line was cut at its first \\r or NUL. Now one-line errors, and only a trailing \\r\\n
+    or \\n is stripped from a chat line."""
+    _, _, c, paths = tok_and_model
+    model = str(paths["model"])
+
+    def run(*args, input=b""):
+        return subprocess.run([str(runtime.BIN_PATH), model, "-t", "0", *args], capture_output=True, timeout=60,
+                              input=input, env={"OMP_NUM_THREADS": "1"})
+    for args, want in ((["-i", b"ab\xff\xfecd"], "the prompt (-i) is not valid UTF-8"),
+                       (["-i", b"\xed\xa0\x80"], "the prompt (-i) is not valid UTF-8"),        # a surrogate
+                       (["-i", b"\xc0\xaf"], "the prompt (-i) is not valid UTF-8"),            # overlong '/'
+                       (["-m", "chat", "-y", b"sys\xf8"], "the system prompt (-y) is not valid UTF-8")):
+        r = run(*args)
+        assert r.returncode == 2 and r.stderr.decode().splitlines() == [f"pyllm-run: error: {want}"], r.stderr
+    r = run("-n", "5", "-i", "Before we proceed any further, hear me speak.")
+    err = r.stderr.decode().splitlines()
+    assert r.returncode == 1 and len(err) == 1 and "more than the 5 positions (-n" in err[0] and r.stdout == b"", err
+    for line, want in ((b"ab\xff\xfe\n", "the message is not valid UTF-8"),
+                       (b"x\0yz\n", "the message contains a NUL byte")):
+        r = run("-m", "chat", "-n", "40", input=line)
+        assert r.returncode == 1 and r.stderr.decode().splitlines() == [f"pyllm-run: error: {want}"], r.stderr
+    crlf = run("-m", "chat", "-n", "40", input=b"Speak, speak.\r\n")
+    lf = run("-m", "chat", "-n", "40", input=b"Speak, speak.\n")
+    assert crlf.returncode == lf.returncode == 0 and crlf.stdout == lf.stdout
+    ok = run("-i", "Café 東京 🙂", "-n", "30")  # valid multi-byte text still runs
+    assert ok.returncode == 0 and ok.stdout.startswith("Café 東京 🙂".encode())
 
 
 L2C_TOK = __import__("conftest").SHARED / "data" / "llama2c-tokenizer.bin"
