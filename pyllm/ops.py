@@ -48,8 +48,24 @@ def check_int(v, name: str, lo: int | None = None, hi: int | None = None) -> int
     except TypeError:
         raise TypeError(f"{name}: expected an integer, got {v!r}") from None
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise ValueError(f"{name}: must be in [{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}], got {v}")
+        raise ValueError(f"{_subject(name)} must be {_range_text(lo, hi, False)}, got {v}")
     return v
+
+
+def _subject(name: str) -> str:
+    """'sample seed:' for an argument, '--lr' for a command-line flag (as the stages' other flag errors read)."""
+    return name if name.startswith("--") else f"{name}:"
+
+
+def _range_text(lo, hi, lo_open: bool) -> str:
+    """'>= 0', '> 0', '<= 5' or 'in [0, 1]' / 'in (0, 1]' for the range errors."""
+    def t(x):  # integers exactly (a seed's 2**64 - 1), floats short
+        return f"{x:g}" if isinstance(x, float) else str(x)
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {t(lo)}"
+    if lo is None:
+        return f"<= {t(hi)}"
+    return f"in {'(' if lo_open else '['}{t(lo)}, {t(hi)}]"
 
 
 def check_float(v, name: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
@@ -60,10 +76,9 @@ def check_float(v, name: str, lo: float | None = None, hi: float | None = None, 
         raise TypeError(f"{name}: expected a number, got {v!r}")
     v = float(v)
     if not math.isfinite(v):
-        raise ValueError(f"{name}: must be a finite number, got {v}")
+        raise ValueError(f"{_subject(name)} must be a finite number, got {v}")
     if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
-        want = f"{'(' if lo_open else '['}{'-inf' if lo is None else f'{lo:g}'}, {'inf' if hi is None else f'{hi:g}'}]"
-        raise ValueError(f"{name}: must be in {want}, got {v:g}")
+        raise ValueError(f"{_subject(name)} must be {_range_text(lo, hi, lo_open)}, got {v:g}")
     return v
 
 

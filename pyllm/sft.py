@@ -499,13 +499,11 @@ FLOAT_RANGES = {"weight_decay": (0.0, None, True), "grad_clip": (0.0, None, True
 def check_float_ranges(args, ranges: dict = FLOAT_RANGES):
     """A one-line error for the first float flag of `ranges` outside its range (flags the stage lacks, or left
     at None = its default, are skipped)."""
+    from .ops import check_float
     for name, (lo, hi, lo_ok) in ranges.items():
         v = getattr(args, name, None)
-        if v is None:
-            continue
-        if (v < lo if lo_ok else v <= lo) or (hi is not None and v > hi):
-            want = f"in [{lo:g}, {hi:g}]" if hi is not None else f">= {lo:g}" if lo_ok else f"> {lo:g}"
-            raise ValueError(f"--{name.replace('_', '-')} must be {want}, got {v:g}")
+        if v is not None:
+            check_float(v, f"--{name.replace('_', '-')}", lo, hi, lo_open=not lo_ok)
 
 
 def check_common_args(args):

@@ -298,7 +298,7 @@ def test_bad_inputs_one_line(rng):
             m.generate(torch.tensor([[bad]]), 2)
     with pytest.raises(TypeError, match="idx: expected an integer tensor"):
         m(torch.zeros(1, 3))
-    with pytest.raises(ValueError, match=r"max_new_tokens: must be in \[0, inf\], got -2"):  # was: the prompt back
+    with pytest.raises(ValueError, match=r"max_new_tokens: must be >= 0, got -2"):  # was: the prompt back
         m.generate(torch.zeros(1, 2, dtype=torch.long), -2)
     # session 15 (a probe of the library API): each was silent, or an error from deep inside torch
     idx = ids(rng, 1, 3)
