@@ -56,7 +56,8 @@ static inline vf att_exp2(vf x) {
     x = vf_select(lt, vf_set1(-126.0f), x);
     const vf tm = x + 12582912.0f;                         // + 1.5 * 2^23 rounds x to an integer n
     const vf y = att_exp2_poly(x - (tm - 12582912.0f));
-    const vi e = ((vi)tm << 23) + (127 << 23);             // 2^n: n sits in the low mantissa bits of tm
+    typedef uint32_t vu __attribute__((vector_size(VLEN * 4)));  // unsigned: a NaN lane's bits wrap, defined
+    const vi e = (vi)(((vu)tm << 23) + (127u << 23));      // 2^n: n sits in the low mantissa bits of tm
     // and-not as an intrinsic: GCC turns `~lt & v` into a blend, which takes an FMA pipe on AMD
 #if VLEN == 8
     return (vf)_mm256_andnot_ps((__m256)lt, (__m256)(y * (vf)e));
