@@ -83,9 +83,7 @@ def evaluate(policy, ref, pairs, pad, device, beta, batch_size) -> dict:
 
 
 def main(args) -> int:
-    check_common_args(args)
-    if not args.beta > 0:
-        raise ValueError(f"--beta must be > 0, got {args.beta}")
+    check_common_args(args)  # --beta > 0 among the float ranges
     if not 0 <= args.label_smoothing < 0.5:
         raise ValueError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
     dist = Dist(args.device)

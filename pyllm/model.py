@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from . import ref
 from .config import ModelConfig, preset
-from .ops import check_float, check_int
+from .ops import check_int, check_sample_settings
 
 OP_NAMES = ("rmsnorm", "linear", "attention", "rope", "swiglu", "cross_entropy", "sample", "decode_attention")
 BACKENDS = ("pyllm", "torch")
@@ -291,10 +291,7 @@ class GPT(nn.Module):
         num_samples = check_int(num_samples, "num_samples", 1)
         max_new_tokens = check_int(max_new_tokens, "max_new_tokens", 0)
         # the sampling settings up front, whatever the backend and also with nothing to generate
-        check_float(temperature, "temperature", 0.0)
-        check_int(top_k, "top_k", 0, 2 ** 31 - 1)
-        check_float(top_p, "top_p", 0.0, 1.0, lo_open=True)
-        check_float(min_p, "min_p", 0.0, 1.0)
+        check_sample_settings(temperature, top_k, top_p, min_p, "generate")
         if seed is not None:
             seed = check_int(seed, "seed", 0, 2 ** 64 - 1)
         if isinstance(stop_tokens, (str, bytes)) or not hasattr(stop_tokens, "__iter__"):

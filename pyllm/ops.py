@@ -145,11 +145,16 @@ def _check_sample(logits, temperature, top_k, top_p, min_p, mask, device="cpu"):
     B, V = logits.shape
     if mask is not None:
         check(mask, "sample mask", dtype=torch.bool, shape=(B, V), device=_same(logits, device))
-    check_float(temperature, "sample temperature", 0.0)
-    check_int(top_k, "sample top_k", 0, 2 ** 31 - 1)
-    check_float(top_p, "sample top_p", 0.0, 1.0, lo_open=True)
-    check_float(min_p, "sample min_p", 0.0, 1.0)
+    check_sample_settings(temperature, top_k, top_p, min_p, "sample")
     return B, V
+
+
+def check_sample_settings(temperature, top_k, top_p, min_p, where: str) -> None:
+    """The sampling filters' ranges, for sample() on every backend and for model.generate up front."""
+    check_float(temperature, f"{where} temperature", 0.0)
+    check_int(top_k, f"{where} top_k", 0, 2 ** 31 - 1)
+    check_float(top_p, f"{where} top_p", 0.0, 1.0, lo_open=True)
+    check_float(min_p, f"{where} min_p", 0.0, 1.0)
 
 
 def _check_attention(q, k, v, doc_ids, device="cpu"):

@@ -550,12 +550,9 @@ def main(args) -> int:
     if args.depth is not None and args.depth <= 0:  # was silently replaced by the default depth 4
         raise ValueError(f"--depth must be positive, got {args.depth}")
     from .sft import check_float_ranges
-    check_float_ranges(args, {"weight_decay": (0.0, None, True), "grad_clip": (0.0, None, True),
-                              "beta1": (0.0, 1.0, True), "beta2": (0.0, 1.0, True)})
-    if not 0 <= args.min_lr_frac <= 1:
-        raise ValueError(f"--min-lr-frac must be in [0, 1], got {args.min_lr_frac}")
-    if not args.tokens_per_param > 0:
-        raise ValueError(f"--tokens-per-param must be > 0, got {args.tokens_per_param}")
+    check_float_ranges(args, {"weight_decay": (0.0, None, False), "grad_clip": (0.0, None, False),
+                              "beta1": (0.0, 1.0, False), "beta2": (0.0, 1.0, False),
+                              "min_lr_frac": (0.0, 1.0, False), "tokens_per_param": (0.0, None, True)})
     if not 0 <= args.peak_flops < math.inf:  # a negative figure printed a negative MFU
         raise ValueError("--peak-flops must be a finite number >= 0 (0 = a guess from the device), "
                          f"got {args.peak_flops}")

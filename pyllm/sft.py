@@ -486,24 +486,24 @@ MIN_FLAGS = {"batch_size": 1, "steps": 0, "warmup_steps": 0, "eval_every": 1, "s
              "prefilter_samples": 0}
 
 
-# float flags' ranges, (low, high, low inclusive): a value outside trained silently wrong (a negative --grad-clip
+# float flags' ranges, (low, high, low excluded): a value outside trained silently wrong (a negative --grad-clip
 # meant "off", a negative --hard-prompts meant "off", --gamma 2 made returns grow) rather than failing
-FLOAT_RANGES = {"weight_decay": (0.0, None, True), "grad_clip": (0.0, None, True), "lr": (0.0, None, False),
-                "lora_alpha": (0.0, None, False), "kl_coef": (0.0, None, True), "clip_range": (0.0, None, False),
-                "clip_range_value": (0.0, None, False), "vf_coef": (0.0, None, True), "gamma": (0.0, 1.0, True),
-                "lam": (0.0, 1.0, True), "reward_clip": (0.0, None, True), "temperature": (0.0, None, True),
-                "rft_hard_weight": (0.0, None, True), "rft_neg_mode": (0.0, None, True),
-                "hard_prompts": (0.0, None, True), "beta": (0.0, None, False)}
+FLOAT_RANGES = {"weight_decay": (0.0, None, False), "grad_clip": (0.0, None, False), "lr": (0.0, None, True),
+                "lora_alpha": (0.0, None, True), "kl_coef": (0.0, None, False), "clip_range": (0.0, None, True),
+                "clip_range_value": (0.0, None, True), "vf_coef": (0.0, None, False), "gamma": (0.0, 1.0, False),
+                "lam": (0.0, 1.0, False), "reward_clip": (0.0, None, False), "temperature": (0.0, None, False),
+                "rft_hard_weight": (0.0, None, False), "rft_neg_mode": (0.0, None, False),
+                "hard_prompts": (0.0, None, False), "beta": (0.0, None, True)}
 
 
 def check_float_ranges(args, ranges: dict = FLOAT_RANGES):
     """A one-line error for the first float flag of `ranges` outside its range (flags the stage lacks, or left
     at None = its default, are skipped)."""
     from .ops import check_float
-    for name, (lo, hi, lo_ok) in ranges.items():
+    for name, (lo, hi, lo_open) in ranges.items():
         v = getattr(args, name, None)
         if v is not None:
-            check_float(v, f"--{name.replace('_', '-')}", lo, hi, lo_open=not lo_ok)
+            check_float(v, f"--{name.replace('_', '-')}", lo, hi, lo_open=lo_open)
 
 
 def check_common_args(args):
