@@ -89,18 +89,8 @@ def _same(t: torch.Tensor, device):
 
 # The op validators below serve both pyllm.ops (device "cpu") and pyllm.ops_cuda (device "cuda"): one set of
 # rules and messages for every backend. Each checks, raises a one-line error, and returns the op's sizes.
-def _check_eps(eps, where):
-    # a negative eps gives NaN rows where mean(x^2) < -eps, a NaN eps NaN everywhere (the kernel takes any float)
-    try:
-        ok = math.isfinite(float(eps)) and float(eps) >= 0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"{where} eps: expected a finite number >= 0, got {eps!r}")
-
-
 def _check_rmsnorm(x, weight, device="cpu", eps=0.0):
-    _check_eps(eps, "rmsnorm")
+    check_float(eps, "rmsnorm eps", lo=0)  # < 0: NaN rows (the kernel takes any float)
     check(x, "rmsnorm x", device=device)
     if x.dim() == 0 or x.numel() == 0:
         raise ValueError(f"rmsnorm x: expected a non-empty tensor of at least 1 dim, got shape {tuple(x.shape)}")
@@ -760,7 +750,7 @@ def block(x, w_in, wq, wk, wv, wo, w_post, wg, wu, wd, cos, sin, doc_ids=None, n
     x (B, T, C); wq (H*D, C), wk/wv (Hkv*D, C), wo (C, H*D), wg/wu (F, C), wd (C, F); cos/sin (T, D/2);
     doc_ids (B, T) int32 or None -> (B, T, C). Same values and gradients as the per-op composition (model.Block)."""
     check(x, "block x")
-    _check_eps(eps, "block")
+    check_float(eps, "block eps", lo=0)
     if x.dim() != 3 or x.numel() == 0:
         raise ValueError(f"block x: expected a non-empty (B, T, C) tensor, got {tuple(x.shape)}")
     B, T, Cm = x.shape

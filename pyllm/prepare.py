@@ -139,6 +139,7 @@ def prepare(inputs, out, tokenizer=None, byte_level=False, vocab_size=4096, val_
     if workers is not None and workers < 0:
         raise ValueError(f"--workers must be >= 0 (0 = number of CPUs), got {workers}")
     out = Path(out)
+    made_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(inputs=[[f, os.path.getsize(f)] for f in files], val_inputs=[[f, os.path.getsize(f)]
                     for f in val_files], tokenizer=str(tokenizer) if tokenizer else None, byte_level=byte_level,
@@ -160,6 +161,38 @@ def prepare(inputs, out, tokenizer=None, byte_level=False, vocab_size=4096, val_
     if old is not None and old.get("complete"):
         print(f"{out}: already prepared ({len(old['shards'])} shards); nothing to do")
         return old
+    resume = old is not None
+    try:
+        return _prepare(out, mpath, old, settings, files, val_files, tokenizer, byte_level, vocab_size, val_fraction,
+                        shard_tokens, workers, skip_bad_lines, doc_sep)
+    except ValueError:  # bad input in a fresh run: nothing it made can be reused (the fixed input is another run)
+        if not resume:
+            _remove_partial(out, made_out, keep_tokenizer=bool(tokenizer) and os.path.realpath(
+                Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else tokenizer) ==
+                os.path.realpath(out / "tokenizer.json"))
+        raise
+
+
+def _remove_partial(out: Path, made_out: bool, keep_tokenizer: bool = False) -> None:
+    """What a failed fresh run wrote: its shards, manifest and tokenizer files (and --out itself if it made it), so
+    a rerun on the fixed input starts clean instead of refusing a half-made directory."""
+    mpath = out / data.MANIFEST
+    try:
+        man = json.loads(mpath.read_text())
+        shards = [s["file"] for s in man.get("shards", [])]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        shards = []
+    for name in [*shards, data.MANIFEST] + ([] if keep_tokenizer else ["tokenizer.json", "tokenizer_config.json"]):
+        (out / name).unlink(missing_ok=True)
+    if made_out:
+        try:
+            out.rmdir()
+        except OSError:  # something else was put there meanwhile: leave it
+            pass
+
+
+def _prepare(out, mpath, old, settings, files, val_files, tokenizer, byte_level, vocab_size, val_fraction,
+             shard_tokens, workers, skip_bad_lines, doc_sep) -> dict:
     resume = old is not None
     tok = get_tokenizer(out, files + val_files, tokenizer, byte_level, vocab_size, skip_bad_lines, doc_sep, resume)
     thash = data.tokenizer_hash(tok)

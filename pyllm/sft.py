@@ -253,8 +253,7 @@ class Metrics:
 
     def __init__(self, path, enabled: bool = True, resume: bool = False, step: int = 0):
         self.path, self.enabled = Path(path), enabled
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        if enabled:  # the directory is made by the first log(): a run that fails before its first step leaves none
             if not resume and self.path.exists():
                 self.path.unlink()
             elif resume and self.path.is_file():
@@ -273,6 +272,7 @@ class Metrics:
         if not self.enabled:
             return
         row = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in row.items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -520,6 +520,9 @@ def check_common_args(args):
     if not 0 <= args.eval_frac < 1:
         raise ValueError(f"--eval-frac must be in [0, 1), got {args.eval_frac}")
     check_float_ranges(args)
+    out = getattr(args, "out", None)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():  # before the run, not at its first save
+        raise ValueError(f"{out}: File exists and is not a directory")
 
 
 def prepare_model(args, dist: "Dist", resume_dir=None):

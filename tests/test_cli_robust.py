@@ -39,7 +39,10 @@ def test_out_that_is_a_file(base, tmp_path, capsys):
                  ["tokenizer-train", "--input", str(text), "--vocab-size", "270", "--out", str(f)],
                  ["prepare", "--input", str(text), "--byte-level", "--workers", "1", "--out", str(f)],
                  ["sft", "--model", str(base), "--data", str(write_jsonl(tmp_path / "s.jsonl", [GOOD_SFT])),
-                  "--eval-frac", "0", "--steps", "1", "--device", "cpu", "--out", str(f)]):
+                  "--eval-frac", "0", "--steps", "1", "--device", "cpu", "--out", str(f)],
+                 ["rl", "--policy", str(base), "--reward-fn", "math:fabs", "--prompts",
+                  str(write_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi"}])), "--steps", "1", "--device", "cpu",
+                  "--out", str(f)]):
         assert cli(argv) == 2, argv
         err = one_line_error(capsys, argv[0])
         assert f"{f}: File exists and is not a directory" in err, err
@@ -137,7 +140,7 @@ def test_broken_reward_fn(base, tmp_path, capsys, body, message):
                 "cpu", "--out", str(tmp_path / "o")]) == 2
     err = one_line_error(capsys, "rl")
     assert "--reward-fn" in err and message in err, err
-    assert not (tmp_path / "o" / "model.safetensors").exists()
+    assert not (tmp_path / "o").exists()  # no half-made run: not even an empty --out (metrics made it up front)
 
 
 def test_reward_fn_may_return_a_bool(base, tmp_path):

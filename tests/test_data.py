@@ -242,7 +242,24 @@ def test_empty_input_is_an_error(tmp_path, capsys):
     assert cli(["prepare", "--input", str(tmp_path / "empty.txt"), "--byte-level", "--workers", "1",
                 "--out", str(tmp_path / "d")]) == 2
     assert "empty.txt: no training text" in capsys.readouterr().err
-    assert not D.read_manifest(tmp_path / "d")["complete"]
+    assert not (tmp_path / "d").exists()  # was a half-made directory whose manifest refused the fixed rerun
+    # a fresh run into an existing directory removes only what it wrote; the user's --tokenizer there stays
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "notes.txt").write_text("keep")
+    Tokenizer.byte_level().save(d)
+    tok_text = (d / "tokenizer.json").read_text()
+    one = tmp_path / "one.jsonl"
+    one.write_text("{\"text\": \"a\"}\n")   # --val-fraction 0.9: every document goes to validation
+    assert cli(["prepare", "--input", str(one), "--tokenizer", str(d / "tokenizer.json"), "--val-fraction", "0.9",
+                "--workers", "1", "--out", str(d)]) == 2
+    assert "no training text" in capsys.readouterr().err
+    assert sorted(p.name for p in d.iterdir()) == ["notes.txt", "tokenizer.json", "tokenizer_config.json"]
+    assert (d / "tokenizer.json").read_text() == tok_text
+    (tmp_path / "empty.txt").write_text("fixed: now some text")
+    assert cli(["prepare", "--input", str(tmp_path / "empty.txt"), "--byte-level", "--workers", "1",
+                "--out", str(tmp_path / "d")]) == 0
+    assert D.read_manifest(tmp_path / "d")["complete"]
 
 
 def test_corrupt_shard_contents_name_the_shard(tmp_path):
