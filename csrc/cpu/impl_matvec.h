@@ -120,10 +120,14 @@ static inline __m256i q8_dot32(const int8_t* x, const int8_t* w) {
 // AVX512-VNNI, used only when cpu_features_get()->avx512vnni says the CPU has it (the avx512 path itself needs
 // only F/BW/VL/DQ). Emitted as inline asm so this file needs no vnni target and runs on CPUs without it.
 // vpdpbusd acc += (unsigned bytes u) . (signed bytes s), 4 products per int32 lane: 64 weights per instruction.
+#ifdef PYLLM_EMULATE_AVX512
+#define q8_dpbusd _mm512_dpbusd_epi32   // tests/avx512_emu.h's model of the instruction
+#else
 static inline __m512i q8_dpbusd(__m512i acc, __m512i u, __m512i s) {
     __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
     return acc;
 }
+#endif
 
 // The VNNI path needs the group structure to repeat every 64 bytes, and the group of a byte to be a shift of its
 // index: G a power of two >= 4 (llama2.c's and pyllm's group sizes are). Others take the AVX2 path.

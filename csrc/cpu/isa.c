@@ -62,6 +62,17 @@ const cpu_features* cpu_features_get(void) {
         }
     }
 #endif
+#ifdef PYLLM_EMULATE_AVX512
+    // tests/test_avx512_emu.py's build: the avx512 path runs on a C model of the instructions (tests/avx512_emu.h),
+    // AMX on impl_amx.h's tile model, wherever AVX2 runs; the same PYLLM_NO_VNNI / PYLLM_NO_AMX switches apply
+    {
+        const char* no_vnni = getenv("PYLLM_NO_VNNI");
+        const char* no_amx = getenv("PYLLM_NO_AMX");
+        f.avx512f = f.avx512bw = f.avx512vl = f.avx512dq = f.avx2 && f.fma;
+        f.avx512vnni = f.avx512f && !(no_vnni && *no_vnni && *no_vnni != '0');
+        f.amx_tile = f.amx_bf16 = f.avx512f && !(no_amx && *no_amx && *no_amx != '0');
+    }
+#endif
     g_features = f;
     __atomic_store_n(&g_features_done, 1, __ATOMIC_RELEASE);
     return &g_features;
