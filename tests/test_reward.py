@@ -79,6 +79,19 @@ def test_reward_model_learns_separable_preferences(tmp_path):
     assert [s["id"] for s in scored] == [7, 8] and scored[0]["reward"] > scored[1]["reward"]
 
 
+def test_head_bias_is_not_trained(tmp_path):
+    """Bradley-Terry sees only r_chosen - r_rejected, so the head's bias has no gradient but rounding noise, which
+    AdamW turned into steps of ~lr: every reward's offset wandered and came out another with 2 ranks than with 1
+    process (by 1e-2 after 3 steps at --lr 1e-2). The bias stays at its initial 0."""
+    from pyllm.safetensors_io import load_file
+    base = tiny_checkpoint(tmp_path / "base")
+    write_jsonl(tmp_path / "p.jsonl", _prefs(12, 0))
+    out = tmp_path / "rm"
+    assert cli(["reward", "--model", str(base), "--data", str(tmp_path / "p.jsonl"), "--out", str(out), "--steps", "3",
+                "--lr", "1e-2", "--batch-size", "4", "--eval-frac", "0", "--lora-r", "2"]) == 0
+    assert load_file(str(out / "reward_head.safetensors"))["bias"].item() == 0.0
+
+
 def test_bradley_terry_margin_matches_formula(rng):
     rc, rr = torch.randn(5, generator=rng), torch.randn(5, generator=rng)
     m = torch.rand(5, generator=rng)
