@@ -372,6 +372,65 @@ def test_hard_prompts_draws_the_prompts_the_policy_fails(tmp_path, capsys):
     assert "--hard-prompts needs --reward-fn" in capsys.readouterr().err
 
 
+HARD_TWO_RANKS = """
+import os, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import pyllm.sft
+from chat_util import cli
+pyllm.sft.Dist.close = lambda self: torch.distributed.barrier()  # one process group for the three runs
+args = sys.argv[3:]
+assert cli(args + ["--out", sys.argv[2] + "/full", "--steps", "8"]) == 0
+assert cli(args + ["--out", sys.argv[2] + "/resumed", "--steps", "4"]) == 0
+assert cli(args + ["--out", sys.argv[2] + "/resumed", "--steps", "8", "--resume"]) == 0
+torch.distributed.destroy_process_group()
+"""
+
+SEEN_FN = '''
+import os
+def seen(prompt, response, tag, **extra):
+    """SPLIT_FN's score; each rank logs the tags it was given (its draws)."""
+    with open(os.environ["SEEN_LOG"] + os.environ["RANK"], "a") as f:
+        f.write(f"{tag} ")
+    return 1.0 if tag % 2 == 0 else 0.0
+'''
+
+
+def test_hard_prompts_two_ranks_resume_draws_what_the_uninterrupted_run_draws(tmp_path):
+    """--hard-prompts under 2 gloo ranks: each rank kept its own pass rates and a checkpoint held rank 0's, from which
+    both ranks continued on --resume, so rank 1 then drew other prompts than in the uninterrupted run; the ranks now
+    share every rank's visits (one estimate). 8 steps vs 4 + --resume to 8 (the lr is too small to move the draws)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    base, _, prompts = _setup(tmp_path)
+    (tmp_path / "seen.py").write_text(SEEN_FN)
+    (tmp_path / "run.py").write_text(HARD_TWO_RANKS)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", PYLLM_PROGRESS="0", RANK=str(rank),
+                   LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   SEEN_LOG=str(tmp_path / "seen"))
+        procs.append(subprocess.Popen(
+            [sys.executable, str(tmp_path / "run.py"), str(root / "tests"), str(tmp_path), "rl", "--algo", "rft",
+             "--policy", str(base), "--reward-fn", f"{tmp_path / 'seen.py'}:seen", "--prompts", str(prompts),
+             "--lr", "1e-5", "--batch-size", "2", "--num-samples", "1", "--max-new-tokens", "2", "--seed", "5",
+             "--hard-prompts", "2", "--ppo-epochs", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+    for rank in (0, 1):
+        seen = (tmp_path / f"seen{rank}").read_text().split()
+        assert len(seen) == 16 * 2 and seen[:16] == seen[16:], (rank, seen)  # 8 steps x 2 prompts, run twice
+
+
 def test_rft_select_neg_mode_pushes_a_wrong_plurality_down():
     from pyllm.rl import rft_select
     # k=4: g0 plurality [1] right -> no negative; g1 plurality [2] wrong with one right [1] -> [2] pushed down;
