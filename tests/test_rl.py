@@ -444,23 +444,35 @@ def test_rft_select_neg_mode_pushes_a_wrong_plurality_down():
     assert sel == [0, 7, 8, 4] and w[3] == pytest.approx(-0.5 * w[1]) and w[1] > w[0]
 
 
-def test_ppo_resume_with_minibatches_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("algo, extra", [("ppo", ["--minibatches", "2"]),
+                                         ("grpo", ["--minibatches", "2", "--lora-r", "2"]),
+                                         ("rft", ["--hard-prompts", "1", "--ppo-epochs", "1"])])
+def test_ppo_resume_with_minibatches_matches_uninterrupted_run(tmp_path, algo, extra):
     """--minibatches 2: the minibatch order came from the global RNG, whose state a resumed process does not have, so
-    the resumed weights differed (by ~2e-2); it is now a function of (seed, step)."""
+    the resumed weights differed (by ~2e-2); it is now a function of (seed, step). The same for GRPO (LoRA) and RFT
+    (--hard-prompts: the pass rates are in the checkpoint), metrics rows included."""
     import pyllm.rl as rl
     base, fn, prompts = _setup(tmp_path)
-    args = ["rl", "--algo", "ppo", "--policy", str(base), "--reward-fn", fn, "--prompts", str(prompts), "--lr", "1e-2",
-            "--batch-size", "4", "--num-samples", "2", "--max-new-tokens", "6", "--minibatches", "2", "--seed", "3",
-            "--steps", "4"]
+    if algo == "rft":  # a pass/fail verifier that some samples pass
+        (tmp_path / "fa.py").write_text(FIRST_A)
+        fn = f"{tmp_path / 'fa.py'}:first_a"
+    args = ["rl", "--algo", algo, "--policy", str(base), "--reward-fn", fn, "--prompts", str(prompts), "--lr", "1e-2",
+            "--batch-size", "4", "--num-samples", "2", "--max-new-tokens", "6", "--seed", "3", "--steps", "4",
+            "--warmup-steps", "1", *extra]
     assert cli(args + ["--out", str(tmp_path / "full")]) == 0
     with ctrl_c_after_save(rl, 2):
         assert cli(args + ["--out", str(tmp_path / "resumed"), "--save-every", "2"]) == 130
     assert cli(args + ["--out", str(tmp_path / "resumed"), "--resume"]) == 0
     from pyllm.safetensors_io import load_file
-    for name in ("model.safetensors", "value_head.safetensors"):
+    names = sorted(p.name for p in (tmp_path / "full").glob("*.safetensors"))
+    assert ("value_head.safetensors" in names) == (algo == "ppo")
+    for name in names:
         a, b = (load_file(str(tmp_path / d / name)) for d in ("full", "resumed"))
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{name} {k}")
+    rows_a, rows_b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("full", "resumed"))
+    assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
+    assert rows_b == [pytest.approx(r, rel=1e-5, abs=1e-6) for r in rows_a]
 
 
 def test_response_batch_scores_only_the_generated_tokens():
