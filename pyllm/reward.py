@@ -32,6 +32,9 @@ class RewardModel(nn.Module):
         self.head = nn.Linear(model.config.dim, 1)
         nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(model.config.dim + 1))
         nn.init.zeros_(self.head.bias)
+        # the Bradley-Terry loss sees only r_chosen - r_rejected, so the bias gets no gradient but rounding noise,
+        # which AdamW turned into steps of ~lr: the offset of every reward wandered, with the rank count too
+        self.head.bias.requires_grad_(False)
         lm_head = getattr(model, "lm_head", None)
         if isinstance(lm_head, nn.Module) and lm_head.weight is not getattr(model.embed_tokens, "weight", None):
             lm_head.weight.requires_grad_(False)  # the LM logits feed no reward loss (and DDP wants no idle params)

@@ -426,8 +426,8 @@ def main(args) -> int:
         prompts, rates = prefilter(ref, tok, prompts, fn, args, dist)  # the starting policy, also when resuming
     else:
         rates = [0.5] * len(prompts)
-    # --hard-prompts: each prompt's running pass rate in the policy's own rollouts (per rank; rank 0's is saved in
-    # every checkpoint and all ranks continue from it on --resume, so a resumed run draws what the saved one would)
+    # --hard-prompts: each prompt's running pass rate in the policy's own rollouts (every rank's, so the ranks hold
+    # the same estimates; saved in every checkpoint, so a resumed run draws what the uninterrupted one would)
     pass_rate = torch.tensor(rates, dtype=torch.float)
     if args.hard_prompts > 0 and fn is None:
         raise ValueError("rl: --hard-prompts needs --reward-fn (it tracks each prompt's verified pass rate)")
@@ -491,7 +491,13 @@ def main(args) -> int:
             correct = s_fn >= full - 1e-6                                   # (N,) verified (full credit)
             info["fn_full"] = correct.float().mean().item()
             if args.hard_prompts > 0:  # each visit moves the prompt's estimate halfway to this group's pass rate
-                pass_rate[chosen] = 0.5 * pass_rate[chosen] + 0.5 * correct.view(-1, k).float().mean(1)
+                # every rank's visits, in rank order, so that all ranks hold the estimates rank 0 saves (each rank
+                # kept its own, so a resumed multi-rank run drew other prompts than the uninterrupted one)
+                visits = torch.stack([torch.tensor(chosen, dtype=torch.float64),
+                                      correct.view(-1, k).float().mean(1).double()])
+                for ch, rate in dist.all_gather(visits):
+                    ch = ch.long()
+                    pass_rate[ch] = 0.5 * pass_rate[ch] + 0.5 * rate.float()
         raw_score = score.clone()
         no_signal = False
         if args.reward_clip > 0:

@@ -225,6 +225,15 @@ class Dist:
     def min(self, x: int) -> int:
         return x if self.world == 1 else int(self._all_reduce(x, torch.int64, "MIN"))
 
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's t (the same shape on each), in rank order, on the CPU."""
+        if self.world == 1:
+            return [t]
+        t = t.to(self.device)
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        torch.distributed.all_gather(out, t)
+        return [o.cpu() for o in out]
+
     def close(self):
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()  # no rank tears down its connections while rank 0 still saves (as pretrain)

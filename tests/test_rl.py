@@ -372,6 +372,65 @@ def test_hard_prompts_draws_the_prompts_the_policy_fails(tmp_path, capsys):
     assert "--hard-prompts needs --reward-fn" in capsys.readouterr().err
 
 
+HARD_TWO_RANKS = """
+import os, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import pyllm.sft
+from chat_util import cli
+pyllm.sft.Dist.close = lambda self: torch.distributed.barrier()  # one process group for the three runs
+args = sys.argv[3:]
+assert cli(args + ["--out", sys.argv[2] + "/full", "--steps", "8"]) == 0
+assert cli(args + ["--out", sys.argv[2] + "/resumed", "--steps", "4"]) == 0
+assert cli(args + ["--out", sys.argv[2] + "/resumed", "--steps", "8", "--resume"]) == 0
+torch.distributed.destroy_process_group()
+"""
+
+SEEN_FN = '''
+import os
+def seen(prompt, response, tag, **extra):
+    """SPLIT_FN's score; each rank logs the tags it was given (its draws)."""
+    with open(os.environ["SEEN_LOG"] + os.environ["RANK"], "a") as f:
+        f.write(f"{tag} ")
+    return 1.0 if tag % 2 == 0 else 0.0
+'''
+
+
+def test_hard_prompts_two_ranks_resume_draws_what_the_uninterrupted_run_draws(tmp_path):
+    """--hard-prompts under 2 gloo ranks: each rank kept its own pass rates and a checkpoint held rank 0's, from which
+    both ranks continued on --resume, so rank 1 then drew other prompts than in the uninterrupted run; the ranks now
+    share every rank's visits (one estimate). 8 steps vs 4 + --resume to 8 (the lr is too small to move the draws)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    base, _, prompts = _setup(tmp_path)
+    (tmp_path / "seen.py").write_text(SEEN_FN)
+    (tmp_path / "run.py").write_text(HARD_TWO_RANKS)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", PYLLM_PROGRESS="0", RANK=str(rank),
+                   LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   SEEN_LOG=str(tmp_path / "seen"))
+        procs.append(subprocess.Popen(
+            [sys.executable, str(tmp_path / "run.py"), str(root / "tests"), str(tmp_path), "rl", "--algo", "rft",
+             "--policy", str(base), "--reward-fn", f"{tmp_path / 'seen.py'}:seen", "--prompts", str(prompts),
+             "--lr", "1e-5", "--batch-size", "2", "--num-samples", "1", "--max-new-tokens", "2", "--seed", "5",
+             "--hard-prompts", "2", "--ppo-epochs", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+    for rank in (0, 1):
+        seen = (tmp_path / f"seen{rank}").read_text().split()
+        assert len(seen) == 16 * 2 and seen[:16] == seen[16:], (rank, seen)  # 8 steps x 2 prompts, run twice
+
+
 def test_rft_select_neg_mode_pushes_a_wrong_plurality_down():
     from pyllm.rl import rft_select
     # k=4: g0 plurality [1] right -> no negative; g1 plurality [2] wrong with one right [1] -> [2] pushed down;
@@ -385,23 +444,35 @@ def test_rft_select_neg_mode_pushes_a_wrong_plurality_down():
     assert sel == [0, 7, 8, 4] and w[3] == pytest.approx(-0.5 * w[1]) and w[1] > w[0]
 
 
-def test_ppo_resume_with_minibatches_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("algo, extra", [("ppo", ["--minibatches", "2"]),
+                                         ("grpo", ["--minibatches", "2", "--lora-r", "2"]),
+                                         ("rft", ["--hard-prompts", "1", "--ppo-epochs", "1"])])
+def test_ppo_resume_with_minibatches_matches_uninterrupted_run(tmp_path, algo, extra):
     """--minibatches 2: the minibatch order came from the global RNG, whose state a resumed process does not have, so
-    the resumed weights differed (by ~2e-2); it is now a function of (seed, step)."""
+    the resumed weights differed (by ~2e-2); it is now a function of (seed, step). The same for GRPO (LoRA) and RFT
+    (--hard-prompts: the pass rates are in the checkpoint), metrics rows included."""
     import pyllm.rl as rl
     base, fn, prompts = _setup(tmp_path)
-    args = ["rl", "--algo", "ppo", "--policy", str(base), "--reward-fn", fn, "--prompts", str(prompts), "--lr", "1e-2",
-            "--batch-size", "4", "--num-samples", "2", "--max-new-tokens", "6", "--minibatches", "2", "--seed", "3",
-            "--steps", "4"]
+    if algo == "rft":  # a pass/fail verifier that some samples pass
+        (tmp_path / "fa.py").write_text(FIRST_A)
+        fn = f"{tmp_path / 'fa.py'}:first_a"
+    args = ["rl", "--algo", algo, "--policy", str(base), "--reward-fn", fn, "--prompts", str(prompts), "--lr", "1e-2",
+            "--batch-size", "4", "--num-samples", "2", "--max-new-tokens", "6", "--seed", "3", "--steps", "4",
+            "--warmup-steps", "1", *extra]
     assert cli(args + ["--out", str(tmp_path / "full")]) == 0
     with ctrl_c_after_save(rl, 2):
         assert cli(args + ["--out", str(tmp_path / "resumed"), "--save-every", "2"]) == 130
     assert cli(args + ["--out", str(tmp_path / "resumed"), "--resume"]) == 0
     from pyllm.safetensors_io import load_file
-    for name in ("model.safetensors", "value_head.safetensors"):
+    names = sorted(p.name for p in (tmp_path / "full").glob("*.safetensors"))
+    assert ("value_head.safetensors" in names) == (algo == "ppo")
+    for name in names:
         a, b = (load_file(str(tmp_path / d / name)) for d in ("full", "resumed"))
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{name} {k}")
+    rows_a, rows_b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("full", "resumed"))
+    assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
+    assert rows_b == [pytest.approx(r, rel=1e-5, abs=1e-6) for r in rows_a]
 
 
 def test_response_batch_scores_only_the_generated_tokens():

@@ -108,11 +108,12 @@ def test_sft_loss_falls_and_saves_checkpoint(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
-def test_sft_resume_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("lora_r", ["0", "2"])
+def test_sft_resume_matches_uninterrupted_run(tmp_path, lora_r):
     base = tiny_checkpoint(tmp_path / "base")
     data = _sft_data(tmp_path / "sft.jsonl", n=24)
     args = ["sft", "--model", str(base), "--data", str(data), "--lr", "2e-3", "--batch-size", "3",
-            "--eval-frac", "0", "--warmup-steps", "2", "--lora-r", "0"]
+            "--eval-frac", "0", "--warmup-steps", "2", "--lora-r", lora_r]
     assert cli(args + ["--out", str(tmp_path / "full"), "--steps", "8"]) == 0
     from pyllm.checkpoint import load_checkpoint
     # interrupted: 5 steps of an 8-step schedule, then --resume
