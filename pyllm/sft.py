@@ -393,7 +393,7 @@ def load_optimizer_tensors(opt, tensors: dict, side: dict, source: str = "traine
         opt.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError) as e:  # torch's "parameter group that doesn't match the size of optimizer's group"
         raise ValueError(f"{source}: the saved optimizer state does not fit the parameters being trained (resumed "
-                         f"with another --lora-r/--lora-targets?): {e}") from None
+                         f"with another --lora-r/--lora-targets, or saved by an older pyllm?): {e}") from None
 
 
 KEEP = (".jsonl", ".png", ".txt")  # run outputs (metrics, plots) carried into each new checkpoint directory
