@@ -1,7 +1,8 @@
 """The avx512 path of every CPU kernel (16-lane tiles, masked tails, in-register transposes, the VNNI Q8_0 matvec
 and the AMX bf16 driver) on a CPU without AVX-512: pyllm._C is rebuilt with the avx512 build on a C model of the
-instructions (tests/avx512_emu.h; isa.c and impl_matvec.h under -DPYLLM_EMULATE_AVX512) and the kernel tests run
-on its avx512 path in a subprocess. Where the CPU has AVX-512 the real path runs in the other tests instead.
+instructions (tests/avx512_emu.h; isa.c and impl_matvec.h under -DPYLLM_EMULATE_AVX512), pyllm-run likewise, and
+the kernel, model and pyllm-run tests run on that avx512 path in subprocesses. Where the CPU has AVX-512 the real
+path runs in the other tests instead.
 Run: python -m pytest -q tests/test_avx512_emu.py   (about 2-3 minutes on 2 cores: a build, then the tests)"""
 import os
 import platform
@@ -43,6 +44,7 @@ def _build(d: Path) -> None:
     import pybind11
     shutil.copytree(ROOT / "pyllm", d / "pyllm", ignore=shutil.ignore_patterns("*.so", "bin", "lib", "__pycache__"))
     shutil.copytree(ROOT / "tests", d / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "csrc", d / "csrc")   # tests read run.h and model_file.c's limits
     shutil.copy(ROOT / "pyproject.toml", d)   # pytest's settings and markers
     (d / "isa_avx512_emu.c").write_text(SHIM)
     inc = ["-I", str(ROOT / "csrc"), "-I", str(ROOT / "csrc" / "cpu"), "-I", str(ROOT / "tests")]
@@ -52,6 +54,8 @@ def _build(d: Path) -> None:
             c + emu + ["-c", str(d / "isa_avx512_emu.c"), "-o", str(d / "avx512.o")]]
     jobs += [c + ["-c", str(ROOT / f"csrc/cpu/{n}.c"), "-o", str(d / f"{n}.o")]
              for n in ("kernels", "isa_scalar", "isa_avx2")]
+    jobs += [c + ["-c", str(ROOT / f"csrc/{n}.c"), "-o", str(d / f"{n}.o")] for n in ("run", "tokenizer", "model_file")]
+    jobs.append(c + ["-DPYLLM_RUN_LIBRARY", "-c", str(ROOT / "csrc/run.c"), "-o", str(d / "run_lib.o")])
     version = next(ln.split('"')[1] for ln in (ROOT / "pyllm/__init__.py").read_text().splitlines()
                    if ln.startswith("__version__"))
     jobs.append(["g++", "-std=c++17", "-O1", "-fopenmp", "-fPIC", *inc, "-I", pybind11.get_include(), "-I",
@@ -63,10 +67,18 @@ def _build(d: Path) -> None:
     with ThreadPoolExecutor(os.cpu_count() or 1) as ex:
         for r in ex.map(run, jobs):
             assert r.returncode == 0, f"{' '.join(r.args)}\n{r.stderr[-3000:]}"
+    kernels = [str(d / f"{n}.o") for n in ("isa", "avx512", "kernels", "isa_scalar", "isa_avx2")]
     so = d / "pyllm" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
-    r = run(["g++", "-shared", "-fopenmp", *[str(d / f"{n}.o") for n in ("isa", "avx512", "kernels", "isa_scalar",
-                                                                        "isa_avx2", "bindings")], "-o", str(so)])
-    assert r.returncode == 0, r.stderr[-3000:]
+    (d / "pyllm" / "bin").mkdir()
+    (d / "pyllm" / "lib").mkdir()
+    shutil.copy(ROOT / "csrc" / "run.h", d / "pyllm" / "lib" / "run.h")
+    run_c = [str(d / f"{n}.o") for n in ("tokenizer", "model_file")] + kernels + ["-lm"]
+    for cmd in (["g++", "-shared", "-fopenmp", *kernels, str(d / "bindings.o"), "-o", str(so)],   # pyllm._C
+                ["gcc", "-fopenmp", str(d / "run.o"), *run_c, "-o", str(d / "pyllm/bin/pyllm-run")],
+                ["gcc", "-shared", "-fopenmp", "-Wl,-z,nodelete", str(d / "run_lib.o"), *run_c, "-o",
+                 str(d / "pyllm/lib/libpyllm_run.so")]):
+        r = run(cmd)
+        assert r.returncode == 0, r.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +120,15 @@ def test_kernels_on_the_emulated_avx512_path(emu_tree, switches):
 def test_model_forward_backward_on_the_emulated_avx512_path(emu_tree):
     """The decoder layer and the model (forward, backward, generate) with every kernel on the avx512 path."""
     r = _pytest(emu_tree, "tests/test_ops_block.py", "tests/test_model.py", env_extra={"PYLLM_ISA": "avx512"})
+    tail = r.stdout[-4000:] + r.stderr[-2000:]
+    assert r.returncode == 0, tail
+    m = re.search(r"(\d+) passed", r.stdout)
+    assert m and int(m.group(1)) >= 20, tail
+
+
+def test_pyllm_run_on_the_emulated_avx512_path(emu_tree):
+    """pyllm-run and its C API (the binary's own threading around the same kernels) against Python, avx512 path."""
+    r = _pytest(emu_tree, "tests/test_run.py", env_extra={"PYLLM_ISA": "avx512"})
     tail = r.stdout[-4000:] + r.stderr[-2000:]
     assert r.returncode == 0, tail
     m = re.search(r"(\d+) passed", r.stdout)
