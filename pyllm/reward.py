@@ -174,6 +174,10 @@ def pair_training_setup(args, dist, module, st, load_pairs, tok, T: int, default
 
 def main(args) -> int:
     check_common_args(args)
+    from .lora import parse_targets
+    if args.lora_r and "lm_head" in parse_targets(args.lora_targets):  # was a RuntimeError traceback
+        raise ValueError("--lora-targets lm_head: a reward model never reads the LM head (its score is a head on the "
+                         "final hidden state), so adapters there would not train; leave lm_head out")
     dist = Dist(args.device)
     torch.manual_seed(args.seed)
     st = resume_state(args, "reward")

@@ -478,3 +478,15 @@ def test_demo_set_values_are_checked_before_any_stage(tmp_path, capsys):
         assert cli(["demo", "--quick", "--device", "cpu", "--out", str(tmp_path / "d"), *argv]) == 2
         assert message in one_line_error(capsys, "demo")
         assert not (tmp_path / "d").exists()
+
+
+def test_reward_refuses_lora_on_the_lm_head(base, tmp_path, capsys):
+    """A reward model never reads the LM head: adapters there were a RuntimeError traceback (freezing a LoRA-
+    parametrized weight); now a one-line error before anything is built. Other targets still train."""
+    prefs = write_jsonl(tmp_path / "p.jsonl", [GOOD_PREF] * 4)
+    args = ["reward", "--model", str(base), "--data", str(prefs), "--lora-r", "2", "--steps", "1", "--eval-frac", "0",
+            "--device", "cpu", "--out", str(tmp_path / "o")]
+    assert cli(args + ["--lora-targets", "q_proj,lm_head"]) == 2
+    assert "--lora-targets lm_head: a reward model never reads the LM head" in one_line_error(capsys, "reward")
+    assert not (tmp_path / "o").exists()
+    assert cli(args + ["--lora-targets", "q_proj"]) == 0
