@@ -167,9 +167,9 @@ def prepare(inputs, out, tokenizer=None, byte_level=False, vocab_size=4096, val_
                         shard_tokens, workers, skip_bad_lines, doc_sep)
     except ValueError:  # bad input in a fresh run: nothing it made can be reused (the fixed input is another run)
         if not resume:
-            _remove_partial(out, made_out, keep_tokenizer=bool(tokenizer) and os.path.realpath(
-                Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else tokenizer) ==
-                os.path.realpath(out / "tokenizer.json"))
+            given = Path(tokenizer) / "tokenizer.json" if tokenizer and Path(tokenizer).is_dir() else tokenizer
+            _remove_partial(out, made_out, keep_tokenizer=bool(given) and os.path.realpath(given) ==
+                            os.path.realpath(out / "tokenizer.json"))   # the user's --tokenizer sits in --out
         raise
 
 
