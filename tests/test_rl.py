@@ -412,20 +412,15 @@ def test_hard_prompts_two_ranks_resume_draws_what_the_uninterrupted_run_draws(tm
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     root = Path(__file__).resolve().parents[1]
-    procs = []
-    for rank in (0, 1):
-        env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", PYLLM_PROGRESS="0", RANK=str(rank),
-                   LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   SEEN_LOG=str(tmp_path / "seen"))
-        procs.append(subprocess.Popen(
-            [sys.executable, str(tmp_path / "run.py"), str(root / "tests"), str(tmp_path), "rl", "--algo", "rft",
-             "--policy", str(base), "--reward-fn", f"{tmp_path / 'seen.py'}:seen", "--prompts", str(prompts),
-             "--lr", "1e-5", "--batch-size", "2", "--num-samples", "1", "--max-new-tokens", "2", "--seed", "5",
-             "--hard-prompts", "2", "--ppo-epochs", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True))
-    for p in procs:
-        _, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err[-3000:]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", PYLLM_PROGRESS="0",
+               SEEN_LOG=str(tmp_path / "seen"))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(port), str(tmp_path / "run.py"), str(root / "tests"), str(tmp_path), "rl", "--algo", "rft",
+                        "--policy", str(base), "--reward-fn", f"{tmp_path / 'seen.py'}:seen", "--prompts",
+                        str(prompts), "--lr", "1e-5", "--batch-size", "2", "--num-samples", "1", "--max-new-tokens",
+                        "2", "--seed", "5", "--hard-prompts", "2", "--ppo-epochs", "1"],
+                       capture_output=True, text=True, env=env, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
     for rank in (0, 1):
         seen = (tmp_path / f"seen{rank}").read_text().split()
         assert len(seen) == 16 * 2 and seen[:16] == seen[16:], (rank, seen)  # 8 steps x 2 prompts, run twice
