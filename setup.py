@@ -36,6 +36,15 @@ def cuda_sources():
     return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
 
 
+def require_sources(paths):
+    """Stop the build, naming the files, when sources are missing (an incomplete sdist or checkout): building
+    on would make a wheel without the C binary or the CUDA kernels and say nothing."""
+    missing = [p for p in paths if not (ROOT / p).exists()]
+    if missing:
+        sys.exit(f"pyllm: missing source files {', '.join(missing)} under {ROOT}: incomplete source tree "
+                 "(an sdist built without MANIFEST.in?); use a full checkout")
+
+
 class BuildExt(build_ext):
     """C sources get C flags, .cu sources go through nvcc, then the standalone binary is linked."""
 
@@ -65,10 +74,11 @@ class BuildExt(build_ext):
     def _add_cuda(self, ext):
         nvcc = find_nvcc()
         srcs = cuda_sources()
-        if nvcc is None or not srcs:
-            print("pyllm: building without CUDA (" + ("no nvcc" if nvcc is None and not os.environ.get(
-                "PYLLM_NO_CUDA") else "PYLLM_NO_CUDA set" if nvcc is None else "no .cu sources") + ")")
+        if nvcc is None:
+            print("pyllm: building without CUDA (" + ("PYLLM_NO_CUDA set" if os.environ.get("PYLLM_NO_CUDA")
+                                                       else "no nvcc") + ")")
             return
+        require_sources(["csrc/cuda/common.cuh"] + ([] if srcs else ["csrc/cuda/*.cu"]))
         archs = os.environ.get("PYLLM_CUDA_ARCHS", "80;90a").split(";")
         gencode = []
         for a in archs:
@@ -100,9 +110,6 @@ class BuildExt(build_ext):
 
     def _build_run_binary(self):
         """Link csrc/run.c with the same CPU kernel sources into pyllm/bin/pyllm-run and pyllm/lib/libpyllm_run.so."""
-        run_c = ROOT / "csrc" / "run.c"
-        if not run_c.exists():
-            return
         if getattr(self, "_want_inplace", self.inplace):
             pkg = ROOT / "pyllm"
         else:
@@ -130,7 +137,8 @@ class BuildExt(build_ext):
 
 
 # Sources that csrc/run.c needs besides the CPU kernels (its tokenizer, model loader).
-RUN_EXTRA_SOURCES = [s for s in ["csrc/tokenizer.c", "csrc/model_file.c"] if (ROOT / s).exists()]
+RUN_EXTRA_SOURCES = ["csrc/tokenizer.c", "csrc/model_file.c"]
+require_sources(["csrc/bindings.cpp", "csrc/run.c", "csrc/run.h", *RUN_EXTRA_SOURCES, *CPU_SOURCES])
 
 ext = Pybind11Extension(
     "pyllm._C",

@@ -1,8 +1,11 @@
 """The extension is built, reports itself honestly, and honours the instruction-set override."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +71,52 @@ def test_every_subcommand_has_help():
         for action in sp._actions:  # every flag documents itself
             if action.option_strings and action.dest != "help":
                 assert action.help, f"pyllm {name} {action.option_strings[0]} has no help="
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tracked_copy(dst: Path, drop=()) -> list:
+    """Copy the files git tracks into dst (sdist writes its egg-info beside setup.py: not into the checkout)."""
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("needs a git checkout")
+    files = [f for f in subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                                       check=True).stdout.splitlines() if f not in drop]
+    for f in files:
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, dst / f)
+    return files
+
+
+def test_sdist_carries_every_source_and_no_build_output(tmp_path):
+    # Without MANIFEST.in the sdist lacked run.c and the .cu files, and setup.py skipped what was missing: a wheel
+    # built from it (python -m build, a PyPI sdist) had no pyllm-run and no CUDA kernels, and the build said nothing.
+    src = tmp_path / "src"
+    files = _tracked_copy(src)
+    for built in ["pyllm/bin/pyllm-run", "pyllm/lib/libpyllm_run.so", "pyllm/_C.cpython-311-x86_64-linux-gnu.so",
+                  "build/temp/cuda/matmul.o"]:  # a developer's tree has these; the sdist must not ship them
+        (src / built).parent.mkdir(parents=True, exist_ok=True)
+        (src / built).write_bytes(b"built")
+    r = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=src,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (tgz,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(tgz) as tf:
+        names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
+    dev_only = {".ci/run", ".gitignore"}  # CI's entry point and git's ignore list are not part of a release
+    assert sorted(set(files) - dev_only - names) == []
+    assert not [n for n in names if n.startswith(("pyllm/bin", "pyllm/lib", "build/")) or n.endswith((".so", ".o"))]
+
+
+@pytest.mark.parametrize("drop", ["csrc/run.c", "csrc/cuda/common.cuh"])
+def test_incomplete_source_tree_stops_the_build_naming_the_file(tmp_path, drop):
+    _tracked_copy(tmp_path, drop={drop})
+    env = {**os.environ, "PYLLM_NO_CUDA": ""}
+    # build_ext reaches the CUDA check only where nvcc is found: run.c is checked before anything compiles
+    if drop.endswith(".cuh") and shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").exists():
+        pytest.skip("no nvcc: the CUDA sources are not needed")
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "-b", str(tmp_path / "out"), "-t",
+                        str(tmp_path / "tmp")], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode != 0
+    assert f"missing source files {drop}" in r.stderr and "incomplete source tree" in r.stderr
+    assert not list((tmp_path / "out").rglob("*.so"))
