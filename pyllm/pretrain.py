@@ -533,6 +533,19 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="peak FLOP/s per process for MFU (0 = a guess from the device)")
 
 
+# FSDP2 measured per torch release (tests/test_pretrain.py's 2-rank FSDP run, CPU/gloo, 2026-11-25): 2.6 fails in its
+# first step (no Stream.record_event on CPU); 2.7 and 2.8 train, but a --resume from the sharded checkpoint is off by
+# up to 8e-5 in the loss of the next steps; 2.9 and 2.13 match one process exactly.
+FSDP_MIN_TORCH = "2.9"
+
+
+def check_fsdp_torch(fsdp: bool, torch_version: str) -> None:
+    from packaging.version import Version
+    if fsdp and Version(torch_version).release < Version(FSDP_MIN_TORCH).release:
+        raise ValueError(f"--fsdp needs torch >= {FSDP_MIN_TORCH} (this is {torch_version}: its FSDP2 fails on CPU or "
+                         "resumes inexactly); upgrade torch, or drop --fsdp to train with DDP")
+
+
 def main(args) -> int:
     if args.max_steps < 0:
         raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
@@ -556,6 +569,7 @@ def main(args) -> int:
     if not 0 <= args.peak_flops < math.inf:  # a negative figure printed a negative MFU
         raise ValueError("--peak-flops must be a finite number >= 0 (0 = a guess from the device), "
                          f"got {args.peak_flops}")
+    check_fsdp_torch(args.fsdp, torch.__version__)
     try:
         train(args)
     finally:

@@ -171,6 +171,22 @@ def test_cli_help_and_bad_flags(data_dir, capsys):
             assert e.value.code == 2 and f"argument {flag}: must be a finite number, got '{value}'" in err, err
 
 
+@pytest.mark.parametrize("version,ok", [("2.6.0", False), ("2.8.0+cu128", False), ("2.8.1", False), ("2.9.0", True),
+                                        ("2.13.0+cpu", True), ("2.10.0a0+git1234", True), ("10.0", True)])
+def test_fsdp_needs_a_torch_that_runs_it_exactly(data_dir, capsys, monkeypatch, version, ok):
+    """Older torch crashed deep inside FSDP2 on CPU (2.6) or resumed inexactly (2.7, 2.8): a one-line error instead.
+    Versions are compared as versions (as text, "2.10" < "2.9")."""
+    from pyllm.pretrain import check_fsdp_torch
+    check_fsdp_torch(False, version)  # without --fsdp any torch will do
+    if ok:
+        check_fsdp_torch(True, version)
+        return
+    monkeypatch.setattr(torch, "__version__", version)
+    assert cli(["pretrain", "--data", str(data_dir), "--fsdp"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--fsdp needs torch >= 2.9 (this is {version}" in err[0] and "drop --fsdp" in err[0]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -196,6 +212,10 @@ def test_two_ranks_match_one_process(data_dir, tmp_path, one_process, mode):
     with DDP and with FSDP2 sharding (its checkpoint, gathered to rank 0, loads as a normal checkpoint).
     FSDP: each Block is its own group, every parameter a DTensor sharded across both ranks, and the run is
     stopped after 2 steps and resumed from the sharded checkpoint (optimizer state included)."""
+    from packaging.version import Version
+    from pyllm.pretrain import FSDP_MIN_TORCH
+    if mode == "fsdp" and Version(torch.__version__).release < Version(FSDP_MIN_TORCH).release:
+        pytest.skip(f"--fsdp needs torch >= {FSDP_MIN_TORCH}")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYLLM_PROGRESS="0")
     out = tmp_path / mode
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),

@@ -155,7 +155,9 @@ def test_save_load_and_transformers(tok, tmp_path):
         want = tok.encode(s, allow_special=True)
         assert fast.encode(s, add_special_tokens=False) == want, s
         assert auto.encode(s, add_special_tokens=False) == want, s
-        assert fast.decode(want) == tok.decode(want)
+        # tokenizer_config.json turns transformers' space clean-up off ("a ." stayed "a ." only where its default did)
+        assert auto.decode(want) == tok.decode(want), s
+        assert fast.decode(want, clean_up_tokenization_spaces=False) == tok.decode(want), s
     assert auto.bos_token_id == tok.bos_id and auto.eos_token_id == tok.end_id and auto.pad_token_id == tok.pad_id
 
 
