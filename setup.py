@@ -2,6 +2,7 @@
 # standalone binary `pyllm-run` + its C API library. `pip install .` or `pip install -e . --no-build-isolation`.
 # Env: PYLLM_NO_CUDA=1 skips CUDA; PYLLM_CUDA_ARCHS="80;90a" picks GPU targets; PYLLM_DEBUG=1 builds -O0 -g.
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -12,6 +13,11 @@ from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
+# The CPU kernels are x86 SIMD (SSE2 baseline, AVX2, AVX-512, AMX; csrc/cpu/simd.h): elsewhere the compiler stopped at
+# a missing immintrin.h. Say why in one line instead (an sdist can still be made anywhere).
+if platform.machine().lower() not in ("x86_64", "amd64") and "sdist" not in sys.argv:
+    sys.exit(f"pyllm: builds on x86-64 only (its CPU kernels are SSE2/AVX2/AVX-512 code); this machine is "
+             f"{platform.machine() or 'unknown'}")
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "pyllm" / "__init__.py").read_text()).group(1)
 DEBUG = os.environ.get("PYLLM_DEBUG") == "1"
 OPT = ["-O0", "-g"] if DEBUG else ["-O3"]

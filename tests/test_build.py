@@ -120,3 +120,11 @@ def test_incomplete_source_tree_stops_the_build_naming_the_file(tmp_path, drop):
     assert r.returncode != 0
     assert f"missing source files {drop}" in r.stderr and "incomplete source tree" in r.stderr
     assert not list((tmp_path / "out").rglob("*.so"))
+
+
+def test_other_architectures_get_one_line_instead_of_a_compiler_error():
+    code = ("import platform, runpy, sys; platform.machine = lambda: 'aarch64'; sys.argv = ['setup.py', 'build_ext'];"
+            "runpy.run_path('setup.py', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == ("pyllm: builds on x86-64 only (its CPU kernels are "
+                                                      "SSE2/AVX2/AVX-512 code); this machine is aarch64")
