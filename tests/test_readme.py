@@ -15,3 +15,57 @@ def test_ci_runs_readme_test_command():
 
 def test_readme_has_main_job_command():
     assert "pip install torch==2.13.0 && pip install . && pyllm demo" in (ROOT / "README.md").read_text()
+
+
+
+FLAG = r"(?<![\w-])(--[a-z][\w-]*)"
+
+
+def _readme_commands():
+    """(program, subcommand, flags) of every command line in the README's bash blocks (comments after "  #" left
+    out); a line that starts with whitespace and "[" continues the previous command."""
+    import re
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    cmds = []
+    for block in blocks:
+        for line in block.splitlines():
+            code = line.split("  #")[0]
+            if code.lstrip().startswith("[") and cmds:
+                cmds[-1][2].extend(re.findall(FLAG if cmds[-1][0] == "pyllm" else r"(?<![\w-])(-{1,2}[a-z][\w-]*)",
+                                              code))
+                continue
+            for part in code.split("&&"):
+                toks = part.split()
+                if "pyllm" in toks and "pip" not in toks:
+                    rest = toks[toks.index("pyllm") + 1:]
+                    sub = next((t for t in rest if not t.startswith("-")), None)
+                    cmds.append(("pyllm", sub, re.findall(FLAG, " ".join(rest))))
+                elif toks and toks[0] == "pyllm-run":
+                    cmds.append(("pyllm-run", None, re.findall(r"(?<![\w-])(-{1,2}[a-z][\w-]*)", " ".join(toks[1:]))))
+    return cmds
+
+
+def test_every_flag_in_the_readme_exists():
+    """The README's example commands name only subcommands and flags their programs accept, and every --flag the
+    README mentions anywhere is one of pyllm's (or torchrun's --nproc-per-node): doc drift fails here, not for users."""
+    import re
+    import subprocess
+    from pyllm.cli import COMMANDS, build_parser
+    from pyllm.runtime import BIN_PATH
+    run_help = subprocess.run([str(BIN_PATH), "--help"], capture_output=True, text=True)
+    run_help = run_help.stdout + run_help.stderr
+    assert "usage: pyllm-run" in run_help
+    run_flags = set(re.findall(r"^\s+(-{1,2}[a-z][\w-]*)", run_help, re.M)) | {"--help"}
+    parsers = {sub: build_parser(sub)._subparsers._group_actions[0].choices[sub] for sub in COMMANDS}
+    known = {sub: {o for a in sp._actions for o in a.option_strings} for sub, sp in parsers.items()}
+    cmds = _readme_commands()
+    assert len(cmds) >= 12 and sum(len(f) for _, _, f in cmds) >= 40, cmds  # the extraction still finds them
+    for prog, sub, flags in cmds:
+        if prog == "pyllm-run":
+            assert set(flags) <= run_flags, f"README: pyllm-run {sorted(set(flags) - run_flags)} not in its --help"
+            continue
+        assert sub in COMMANDS, f"README: pyllm {sub} is not a command"
+        assert set(flags) <= known[sub], f"README: pyllm {sub} has no {sorted(set(flags) - known[sub])}"
+    anywhere = set(re.findall(FLAG, (ROOT / "README.md").read_text()))
+    unknown = anywhere - set().union(*known.values()) - run_flags - {"--nproc-per-node"}
+    assert not unknown, f"README mentions flags no command has: {sorted(unknown)}"
