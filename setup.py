@@ -101,7 +101,9 @@ class BuildExt(build_ext):
                 cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
                        "--expt-relaxed-constexpr", "-lineinfo", *gencode]
                 print(" ".join(cmd))
-                subprocess.check_call(cmd, cwd=ROOT)
+                if subprocess.call(cmd, cwd=ROOT) != 0:  # nvcc printed why; say what to do instead of a traceback
+                    sys.exit(f"pyllm: {nvcc} failed on {src} (its message is above). PYLLM_NO_CUDA=1 builds without "
+                             f"CUDA; an older nvcc may need PYLLM_CUDA_ARCHS (now {';'.join(archs)}), e.g. \"80\"")
             objs.append(str(obj))
         # nvcc may be a wrapper script (/usr/local/bin/nvcc -> exec /usr/local/cuda-X/bin/nvcc): look for
         # libcudart_static.a next to it, then under CUDA_HOME and /usr/local/cuda.

@@ -128,3 +128,20 @@ def test_other_architectures_get_one_line_instead_of_a_compiler_error():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip() == ("pyllm: builds on x86-64 only (its CPU kernels are "
                                                       "SSE2/AVX2/AVX-512 code); this machine is aarch64")
+
+
+def test_a_failing_nvcc_names_the_file_and_the_way_out(tmp_path):
+    # A found nvcc that cannot build (too old for sm_90a, a broken install) ended in a CalledProcessError traceback.
+    _tracked_copy(tmp_path / "src")
+    fake = tmp_path / "bin" / "nvcc"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho \"nvcc fatal   : Unsupported gpu architecture 'compute_90a'\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}", "PYLLM_NO_CUDA": ""}
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "-b", str(tmp_path / "out"), "-t",
+                        str(tmp_path / "tmp")], cwd=tmp_path / "src", capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"pyllm: {fake} failed on csrc/cuda/") and "PYLLM_NO_CUDA=1" in last, r.stderr[-1000:]
+    assert "Unsupported gpu architecture" in r.stderr
