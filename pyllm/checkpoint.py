@@ -112,10 +112,14 @@ def save_checkpoint(dir, model: GPT, tokenizer=None, extra: dict | None = None,
             shutil.rmtree(old)
         else:
             os.replace(tmp, dir)
-    except BaseException:
+    except BaseException as e:
         if old is not None and old.is_dir() and not dir.exists():  # Ctrl-C between the renames: put it back
             os.replace(old, dir)
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno is not None:  # name what failed by its place in <dir>, not the gone tmp
+            f = str(e.filename or "")
+            raise OSError(e.errno, e.strerror, str(dir) + f[len(str(tmp)):] if f.startswith(str(tmp)) else f or
+                          str(dir)) from e
         raise
     return dir
 

@@ -38,15 +38,28 @@ def read_json(path, what: str):
         raise ValueError(f"{path}: {what} ({getattr(e, 'msg', e)})") from None
 
 
+def named(e: OSError, path) -> OSError:
+    """e, naming path when it names no file: a full disk's ENOSPC from write() or fsync() carries no file name,
+    and "error: [Errno 28] No space left on device" did not say which output."""
+    return OSError(e.errno, e.strerror, str(path)) if e.filename is None and e.errno is not None else e
+
+
 def atomic_write_text(path, text: str) -> None:
     """Write text to path via path.tmp + fsync + rename, so a crash never leaves a half-written file."""
     path = str(path)
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.isfile(tmp):
+            os.unlink(tmp)  # a failed write (a full disk) left the partial .tmp behind
+        if isinstance(e, OSError):
+            raise named(e, path) from e
+        raise
 
 
 def tokenizer_hash(tok) -> str:
@@ -75,12 +88,19 @@ def write_shard(path, tokens: np.ndarray, vocab_size: int, tok_hash: str, n_docs
     head = _HEAD.pack(MAGIC, VERSION, np.dtype(dt).itemsize, arr.size, n_docs, vocab_size,
                       tok_hash.encode("ascii")[:32].ljust(32, b"0"))
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(head.ljust(HEADER_BYTES, b"\0"))
-        f.write(arr.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(head.ljust(HEADER_BYTES, b"\0"))
+            f.write(arr.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.isfile(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise named(e, path) from e
+        raise
 
 
 def read_header(path) -> dict:

@@ -107,13 +107,28 @@ class _Writer:
         self.align(align)
         self.f.write(t.contiguous().numpy().astype(np.int8).tobytes())
 
-    def close(self):
-        self.f.close()
-        os.replace(self.tmp, self.path)
+    def __enter__(self):
+        return self
 
-    def abort(self):
-        self.f.close()
+    def __exit__(self, kind, e, tb):
+        """Success: close and rename into place. Failure: remove the partial .tmp, and name the file in a write
+        error that names none (a full disk)."""
+        try:
+            if e is None:
+                self.f.close()  # the last buffered bytes reach the disk here: this can fail too
+                os.replace(self.tmp, self.path)
+                return False
+        except OSError as err:
+            e = err
+        try:
+            self.f.close()  # flushing to a full disk fails again: the .tmp goes all the same
+        except OSError:
+            pass
         self.tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            from .data import named
+            raise named(e, self.path) from e
+        return False
 
 
 def auto_group_size(config, start: int = 64) -> int:
@@ -139,8 +154,7 @@ def write_model_bin(path, state_dict: dict, config, quantize: str | None = None,
         raise ValueError(f"unknown --quantize {quantize!r} (choose q8_0)")
     if q8:
         _check_group(c, group_size)
-    w = _Writer(path)
-    try:
+    with _Writer(path) as w:
         hdr = struct.pack("<Ii7iffBBHi", PYLLM_MAGIC, PYLLM_VERSION, c["dim"], c["hidden_dim"], c["n_layers"],
                           c["n_heads"], c["n_kv_heads"], c["vocab_size"], c["seq_len"], c["norm_eps"], c["rope_theta"],
                           int(cls is None), int(q8), 0, group_size if q8 else 0)
@@ -165,10 +179,6 @@ def write_model_bin(path, state_dict: dict, config, quantize: str | None = None,
         w.f32(norm, ALIGN)
         if cls is not None:
             matrix(cls)
-        w.close()
-    except BaseException:
-        w.abort()
-        raise
     return Path(path)
 
 
@@ -190,8 +200,7 @@ def write_llama2c(path, state_dict: dict, config, version: int = 0, group_size: 
     dims = (c["dim"], c["hidden_dim"], c["n_layers"], c["n_heads"], c["n_kv_heads"])
     if version == 2:
         _check_group(c, group_size)
-    w = _Writer(path)
-    try:
+    with _Writer(path) as w:
         if version == 0:
             w.f.write(struct.pack("<7i", *dims, c["vocab_size"] if shared else -c["vocab_size"], c["seq_len"]))
             w.f32(emb)
@@ -225,10 +234,6 @@ def write_llama2c(path, state_dict: dict, config, version: int = 0, group_size: 
                     w.f32(s)
                 else:
                     w.f32(t)
-        w.close()
-    except BaseException:
-        w.abort()
-        raise
     return Path(path)
 
 

@@ -72,8 +72,11 @@ def save_file(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] |
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            from .data import named
+            raise named(e, path) from e
         raise
 
 

@@ -282,8 +282,12 @@ class Metrics:
             return
         row = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in row.items()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            from .data import named
+            raise named(e, self.path) from e
 
 
 def read_metrics(path) -> list[dict]:

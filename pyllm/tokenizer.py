@@ -101,8 +101,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)  # e.g. path is a directory: no stray .tmp left beside it
+        if isinstance(e, OSError):
+            from .data import named
+            raise named(e, path) from e
         raise
 
 

@@ -490,3 +490,40 @@ def test_reward_refuses_lora_on_the_lm_head(base, tmp_path, capsys):
     assert "--lora-targets lm_head: a reward model never reads the LM head" in one_line_error(capsys, "reward")
     assert not (tmp_path / "o").exists()
     assert cli(args + ["--lora-targets", "q_proj"]) == 0
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")  # as write()/fsync() raise it: errno and text, no file name
+
+
+@pytest.mark.parametrize("stage", ["sft", "export", "prepare"])
+def test_a_full_disk_names_the_file_and_leaves_no_partial_file(base, tmp_path, capsys, monkeypatch, stage):
+    """ENOSPC was "error: [Errno 28] No space left on device": no file named. Now the file that could not be
+    written is named, and no .tmp file or directory is left behind (prepare's manifest and tokenizer stay: a rerun
+    with space again resumes)."""
+    import os
+    out = tmp_path / "out"
+    if stage == "sft":
+        write_jsonl(tmp_path / "d.jsonl", [GOOD_SFT] * 4)
+        cmd = ["sft", "--model", str(base), "--data", str(tmp_path / "d.jsonl"), "--steps", "1", "--out", str(out),
+               "--eval-frac", "0"]
+        monkeypatch.setattr(os, "fsync", _disk_full)
+        want = f"pyllm sft: error: {out}/"
+    elif stage == "export":
+        from pyllm import export
+        monkeypatch.setattr(export._Writer, "f32", _disk_full)
+        cmd = ["export", "--checkpoint", str(base), "--out", str(out)]
+        want = f"pyllm export: error: {out}/model.bin: No space left on device"
+    else:
+        (tmp_path / "in.txt").write_text("some text to tokenize\n\n" * 50)
+        cmd = ["prepare", "--input", str(tmp_path / "in.txt"), "--out", str(out), "--byte-level", "--workers", "1"]
+        monkeypatch.setattr(os, "fsync", _disk_full)
+        want = f"pyllm prepare: error: {out}/"
+    assert cli(cmd) == 2
+    err = one_line_error(capsys, stage)
+    assert err.startswith(want) and err.endswith(": No space left on device"), err
+    assert "Errno" not in err and ".tmp" not in err
+    left = [p.name for p in out.rglob("*")] if out.exists() else []
+    assert not [n for n in left if ".tmp" in n], left
+    if stage == "export":
+        assert "model.bin" not in left
