@@ -98,11 +98,11 @@ def test_pool_full_drops_free_buffers_of_other_sizes(monkeypatch):
     ops.empty_pool_release()
     monkeypatch.setattr(ops, "POOL_MAX_BYTES", ops._pool_bytes + 3 * 4000 * 4)   # room for three 4000-float buffers
     held, old = ops.empty(4000), [ops.empty(4000) for _ in range(2)]
-    old_ptrs = {t.data_ptr() for t in old}
     del old                                       # two free 4000s; the pool is full
     new = ops.empty(3000)                         # another size: the free 4000s are dropped to make room
-    assert new.data_ptr() in [a.ctypes.data for a in ops._pool[3000]]
-    assert [a.ctypes.data for a in ops._pool[4000]] == [held.data_ptr()] and not old_ptrs & {new.data_ptr()}
+    # (the allocator may give the new buffer a dropped one's address: comparing addresses with theirs failed in CI)
+    assert new.data_ptr() in [a.ctypes.data for a in ops._pool[3000]] and new.numel() == 3000
+    assert [a.ctypes.data for a in ops._pool[4000]] == [held.data_ptr()]
     assert ops._pool_bytes <= ops.POOL_MAX_BYTES
 
 
