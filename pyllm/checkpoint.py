@@ -117,9 +117,10 @@ def save_checkpoint(dir, model: GPT, tokenizer=None, extra: dict | None = None,
             os.replace(old, dir)
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno is not None:  # name what failed by its place in <dir>, not the gone tmp
-            f = str(e.filename or "")
-            raise OSError(e.errno, e.strerror, str(dir) + f[len(str(tmp)):] if f.startswith(str(tmp)) else f or
-                          str(dir)) from e
+            f = str(e.filename or dir)
+            if f.startswith(str(tmp)):
+                f = str(dir) + f[len(str(tmp)):]
+            raise OSError(e.errno, e.strerror, f) from e
         raise
     return dir
 

@@ -44,22 +44,28 @@ def named(e: OSError, path) -> OSError:
     return OSError(e.errno, e.strerror, str(path)) if e.filename is None and e.errno is not None else e
 
 
-def atomic_write_text(path, text: str) -> None:
-    """Write text to path via path.tmp + fsync + rename, so a crash never leaves a half-written file."""
+def atomic_write(path, chunks) -> None:
+    """Write the bytes-like `chunks` to path via path.tmp + fsync + rename, so a crash never leaves a half-written
+    file; a failed write (a full disk, path a directory) removes the .tmp and names path in its error."""
     path = str(path)
     tmp = path + ".tmp"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.isfile(tmp):
-            os.unlink(tmp)  # a failed write (a full disk) left the partial .tmp behind
+            os.unlink(tmp)
         if isinstance(e, OSError):
             raise named(e, path) from e
         raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write(path, [text.encode("utf-8")])
 
 
 def tokenizer_hash(tok) -> str:
@@ -87,20 +93,7 @@ def write_shard(path, tokens: np.ndarray, vocab_size: int, tok_hash: str, n_docs
         raise ValueError(f"{path}: token id {int(tokens.max())} >= vocab size {vocab_size}")
     head = _HEAD.pack(MAGIC, VERSION, np.dtype(dt).itemsize, arr.size, n_docs, vocab_size,
                       tok_hash.encode("ascii")[:32].ljust(32, b"0"))
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(head.ljust(HEADER_BYTES, b"\0"))
-            f.write(arr.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.isfile(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise named(e, path) from e
-        raise
+    atomic_write(path, [head.ljust(HEADER_BYTES, b"\0"), memoryview(arr).cast("B")])
 
 
 def read_header(path) -> dict:

@@ -23,6 +23,8 @@ from tokenizers import AddedToken, Regex
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from .data import atomic_write
+
 SPECIAL_TOKENS = ("<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>")
 DEFAULT = SPECIAL_TOKENS
 
@@ -91,22 +93,6 @@ def _token_id(i) -> int:
         return operator.index(i)
     except TypeError:
         raise ValueError(f"decode: token ids must be integers, got {i!r}") from None
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)  # e.g. path is a directory: no stray .tmp left beside it
-        if isinstance(e, OSError):
-            from .data import named
-            raise named(e, path) from e
-        raise
 
 
 class Tokenizer:
@@ -203,9 +189,9 @@ class Tokenizer:
             cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|end|>",
                    "pad_token": "<|pad|>", "clean_up_tokenization_spaces": False,
                    "model_max_length": 1_000_000_000}
-            _atomic_write(p / "tokenizer_config.json", json.dumps(cfg, indent=2).encode())
+            atomic_write(p / "tokenizer_config.json", [json.dumps(cfg, indent=2).encode()])
             p = p / "tokenizer.json"
-        _atomic_write(p, self._hf.to_str(pretty=True).encode("utf-8"))
+        atomic_write(p, [self._hf.to_str(pretty=True).encode("utf-8")])
         return p
 
     # ---- ids ------------------------------------------------------------------------------------------------
@@ -306,7 +292,7 @@ class Tokenizer:
         out[0] = struct.pack("<8I", BIN_MAGIC, BIN_VERSION, self.vocab_size, len(merges), len(self.special_ids),
                              max(len(t) for t in toks), PRETOK_V1, 0)
         p = Path(path)
-        _atomic_write(p, b"".join(out))
+        atomic_write(p, out)
         return p
 
 
@@ -337,7 +323,7 @@ def write_llama2c_tokenizer(path: str | os.PathLike, pieces: Sequence[bytes | st
     for b, s in zip(bs, scores):
         out.append(struct.pack("<fi", float(s), len(b)) + b)
     p = Path(path)
-    _atomic_write(p, b"".join(out))
+    atomic_write(p, out)
     return p
 
 
