@@ -44,11 +44,11 @@ def named(e: OSError, path) -> OSError:
     return OSError(e.errno, e.strerror, str(path)) if e.filename is None and e.errno is not None else e
 
 
-def atomic_write(path, chunks) -> None:
-    """Write the bytes-like `chunks` to path via path.tmp + fsync + rename, so a crash never leaves a half-written
-    file; a failed write (a full disk, path a directory) removes the .tmp and names path in its error."""
+def atomic_write(path, chunks, tmp_suffix: str = ".tmp") -> None:
+    """Write the bytes-like `chunks` to path via path + tmp_suffix, fsync, rename, so a crash never leaves a
+    half-written file; a failed write (a full disk, path a directory) removes the tmp and names path in its error."""
     path = str(path)
-    tmp = path + ".tmp"
+    tmp = path + tmp_suffix
     try:
         with open(tmp, "wb") as f:
             for c in chunks:

@@ -62,22 +62,9 @@ def save_file(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] |
         offset += n
     hjson = json.dumps(header, separators=(",", ":")).encode("utf-8")
     hjson += b" " * (-len(hjson) % 8)  # pad so the data starts 8-byte aligned
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(hjson)))
-            f.write(hjson)
-            for _, t in items:
-                f.write(_bytes_view(t))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            from .data import named
-            raise named(e, path) from e
-        raise
+    from .data import atomic_write
+    atomic_write(path, [struct.pack("<Q", len(hjson)), hjson, *(_bytes_view(t) for _, t in items)],
+                 tmp_suffix=f".tmp-{os.getpid()}")
 
 
 def read_header(path) -> tuple[dict, dict[str, str], int]:
