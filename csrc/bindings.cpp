@@ -214,23 +214,23 @@ PYBIND11_MODULE(_C, m) {
         KCALL(swiglu_backward, &p);
     }, py::arg("dgate"), py::arg("dup"), py::arg("dout"), py::arg("gate"), py::arg("up"), py::arg("n"),
        py::arg("cols") = 0, py::arg("ld") = 0);
-    m.def("cross_entropy_forward", [](uintptr_t loss, uintptr_t lse, uintptr_t logits, uintptr_t targets, int N, int V,
-                                      int64_t ignore_index) {
-        CHECK_PTR(loss); CHECK_PTR(lse); CHECK_PTR(logits); CHECK_PTR(targets); CHECK_POS(N); CHECK_POS(V);
-        cross_entropy_params p{P<float>(loss), P<float>(lse), P<const float>(logits), P<const int64_t>(targets), N, V,
+    m.def("cross_entropy_forward", [](uintptr_t loss, uintptr_t stats, uintptr_t logits, uintptr_t targets, int N,
+                                      int V, int64_t ignore_index) {
+        CHECK_PTR(loss); CHECK_PTR(stats); CHECK_PTR(logits); CHECK_PTR(targets); CHECK_POS(N); CHECK_POS(V);
+        cross_entropy_params p{P<float>(loss), P<float>(stats), P<const float>(logits), P<const int64_t>(targets), N, V,
                                ignore_index};
         py::gil_scoped_release nogil;
         KCALL(cross_entropy_forward, &p);
-    }, py::arg("loss"), py::arg("lse"), py::arg("logits"), py::arg("targets"), py::arg("N"), py::arg("V"),
+    }, py::arg("loss"), py::arg("stats"), py::arg("logits"), py::arg("targets"), py::arg("N"), py::arg("V"),
        py::arg("ignore_index"));
-    m.def("cross_entropy_backward", [](uintptr_t dlogits, uintptr_t logits, uintptr_t lse, uintptr_t targets, int N,
+    m.def("cross_entropy_backward", [](uintptr_t dlogits, uintptr_t logits, uintptr_t stats, uintptr_t targets, int N,
                                        int V, int64_t ignore_index, float scale) {
-        CHECK_PTR(dlogits); CHECK_PTR(logits); CHECK_PTR(lse); CHECK_PTR(targets); CHECK_POS(N); CHECK_POS(V);
-        cross_entropy_backward_params p{P<float>(dlogits), P<const float>(logits), P<const float>(lse),
+        CHECK_PTR(dlogits); CHECK_PTR(logits); CHECK_PTR(stats); CHECK_PTR(targets); CHECK_POS(N); CHECK_POS(V);
+        cross_entropy_backward_params p{P<float>(dlogits), P<const float>(logits), P<const float>(stats),
                                         P<const int64_t>(targets), N, V, ignore_index, scale};
         py::gil_scoped_release nogil;
         KCALL(cross_entropy_backward, &p);
-    }, py::arg("dlogits"), py::arg("logits"), py::arg("lse"), py::arg("targets"), py::arg("N"), py::arg("V"),
+    }, py::arg("dlogits"), py::arg("logits"), py::arg("stats"), py::arg("targets"), py::arg("N"), py::arg("V"),
        py::arg("ignore_index"), py::arg("scale"));
     m.def("adamw_step", [](uintptr_t params, uintptr_t grads, uintptr_t m_, uintptr_t v_, long n, float lr, float beta1,
                            float beta2, float eps, float weight_decay, int step) {
@@ -275,7 +275,7 @@ PYBIND11_MODULE(_C, m) {
                                   long ld_t, int B, int H, int Hkv, int D, int n_ctx) {
         CHECK_PTR(out); CHECK_PTR(q); CHECK_PTR(k_cache); CHECK_PTR(v_cache);
         CHECK_POS(B); CHECK_POS(H); CHECK_POS(Hkv); CHECK_POS(D); CHECK_POS(n_ctx); CHECK_NONNEG(ld_b);
-        CHECK_POS(ld_t);
+        CHECK_NONNEG(ld_t);  // only read: any strides (0: an expand()ed cache)
         if (H % Hkv != 0) throw std::invalid_argument("decode_attention: H must be a multiple of Hkv");
         if (D > 256) throw std::invalid_argument("decode_attention: head dim D must be <= 256");
         decode_attention_params p{P<float>(out), P<const float>(q), P<const float>(k_cache), P<const float>(v_cache),

@@ -216,7 +216,7 @@ static void read_dims(model_config* p, const unsigned char* h) {
 
 int model_file_build(model_file* m, const char* path, char* err, size_t errlen) {
     memset(m, 0, sizeof(*m));
-    int fd = open(path, O_RDONLY);
+    int fd = open(path, O_RDONLY | O_NONBLOCK);  // a FIFO must not block the open (a hang): it is refused below
     if (fd < 0) return fail(err, errlen, path, "cannot open: %s", strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {

@@ -322,15 +322,21 @@ int run_sample(float* logits, int n, float temperature, float top_p, int top_k, 
 // ---------------------------------------------------------------------------------------------------------------
 // Tokenizer: a thin wrapper over csrc/tokenizer.h (pyllm BPE or llama2.c tokenizer.bin, detected from the file).
 
-struct run_tokenizer { tokenizer t; };
+struct run_tokenizer { tokenizer t; char path[256]; };  // path: for errors at encode time
 
 run_tokenizer* run_tokenizer_build(const char* path, int vocab_size, char* err, size_t errlen) {
     run_tokenizer* t = (run_tokenizer*)calloc(1, sizeof(run_tokenizer));
     if (!t) { snprintf(err, errlen, "%s: out of memory", path); return NULL; }
     if (tokenizer_build(&t->t, path, err, errlen) != 0) { free(t); return NULL; }
+    snprintf(t->path, sizeof(t->path), "%s", path);
     if (vocab_size > 0 && t->t.vocab_size != vocab_size) {
         snprintf(err, errlen, "%.300s: tokenizer has %d tokens but the model's vocab_size is %d (wrong tokenizer?)", path,
                  t->t.vocab_size, vocab_size);
+        run_tokenizer_free(t);
+        return NULL;
+    }
+    if (t->t.bos_id < 0) {  // every prompt starts with it: this failed later as "cannot encode the prompt"
+        snprintf(err, errlen, "%.300s: the tokenizer has no <|bos|> token (pyllm's tokenizers always have one)", path);
         run_tokenizer_free(t);
         return NULL;
     }
@@ -339,8 +345,9 @@ run_tokenizer* run_tokenizer_build(const char* path, int vocab_size, char* err, 
 void run_tokenizer_free(run_tokenizer* t) { if (t) { tokenizer_free(&t->t); free(t); } }
 int run_encode(run_tokenizer* t, const char* text, int add_bos, int* ids, int max_ids) {
     int n = tokenizer_encode(&t->t, text, strlen(text), add_bos, (int32_t*)ids, max_ids);
-    return n < 0 ? -1 : n;
+    return n >= 0 ? n : n == TOKENIZER_ERR_SPACE ? -2 : n == TOKENIZER_ERR_NOMEM ? -3 : -1;
 }
+const char* run_tokenizer_path(run_tokenizer* t) { return t->path; }
 const char* run_decode(run_tokenizer* t, int prev, int id, int* len) {
     size_t n = 0;
     const char* s = tokenizer_decode(&t->t, prev, id, &n);
@@ -409,11 +416,22 @@ static int utf8_valid(const char* str, size_t n) {
     return 1;
 }
 
+static int encode_failed(run_tokenizer* tok, const char* what, int code) {  // run_encode's error -> one line, rc 1
+    if (code == -2)
+        fprintf(stderr, "pyllm-run: error: the %s is too long\n", what);
+    else if (code == -3)
+        fprintf(stderr, "pyllm-run: error: out of memory encoding the %s\n", what);
+    else
+        fprintf(stderr, "pyllm-run: error: %s: the tokenizer has no token for a character of the %s (and no byte "
+                        "fallback tokens)\n", run_tokenizer_path(tok), what);
+    return 1;
+}
+
 static int generate(run_model* m, run_tokenizer* tok, const char* prompt, const gen_opts* o) {
     int max_ids = (int)strlen(prompt) + 3;
     int* ids = (int*)malloc((size_t)max_ids * sizeof(int));
-    int n = ids ? run_encode(tok, prompt, 1, ids, max_ids) : -1;
-    if (n < 1) { fprintf(stderr, "pyllm-run: error: cannot encode the prompt\n"); free(ids); return 1; }
+    int n = ids ? run_encode(tok, prompt, 1, ids, max_ids) : -3;
+    if (n < 1) { free(ids); return encode_failed(tok, "prompt (-i)", n); }
     if (n > o->steps) {  // was cut to the first -n tokens without a word
         fprintf(stderr, "pyllm-run: error: the prompt (-i) is %d tokens with BOS, more than the %d positions (-n, at "
                         "most the model's context)\n", n, o->steps);
@@ -467,7 +485,7 @@ static int chat(run_model* m, run_tokenizer* tok, const char* first_user, const 
             if (system && *system) {
                 ids[n++] = sys;
                 int k = run_encode(tok, system, 0, ids + n, cap - n - 4);
-                if (k < 0) { fprintf(stderr, "pyllm-run: error: system prompt too long\n"); rc = 1; break; }
+                if (k < 0) { rc = encode_failed(tok, "system prompt (-y)", k); break; }
                 n += k;
                 ids[n++] = end;
             }
@@ -502,7 +520,7 @@ static int chat(run_model* m, run_tokenizer* tok, const char* first_user, const 
         }
         ids[n++] = usr;
         int k = run_encode(tok, user, 0, ids + n, cap - n - 3);
-        if (k < 0) { fprintf(stderr, "pyllm-run: error: message too long\n"); rc = 1; break; }
+        if (k < 0) { rc = encode_failed(tok, "message", k); break; }
         n += k;
         ids[n++] = end;
         ids[n++] = ast;
@@ -570,7 +588,7 @@ static int bad_arg(const char* msg, const char* v) {
 }
 
 int main(int argc, char** argv) {
-    for (int i = 1; i < argc; i++)
+    for (int i = 1; i < argc; i += i == 1 ? 1 : 2)  // where an option may stand: "-i -h" is the prompt "-h"
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { usage(stdout); return 0; }
     if (argc < 2) { usage(stderr); return 2; }
     const char* model_path = argv[1];
@@ -603,6 +621,7 @@ int main(int argc, char** argv) {
         case 'y': system = v; break;
         }
     }
+    if (system && strcmp(mode, "chat")) return bad_arg("-y (a system prompt) needs -m chat; the mode is", mode);
     for (int k = 0; k < 2; k++) {  // before the model is read
         const char* text = k ? system : prompt;
         if (text && !utf8_valid(text, strlen(text))) {
@@ -628,6 +647,10 @@ int main(int argc, char** argv) {
     int rc = !strcmp(mode, "chat") ? chat(m, tok, prompt, system, &o) : generate(m, tok, prompt, &o);
     run_tokenizer_free(tok);
     run_model_free(m);
+    if (fflush(stdout) != 0 || ferror(stdout)) {  // a full disk or a closed pipe: the text did not all arrive
+        fprintf(stderr, "pyllm-run: error: writing to standard output: %s\n", strerror(errno ? errno : EIO));
+        return 1;
+    }
     return rc;
 }
 #endif  // PYLLM_RUN_LIBRARY

@@ -36,8 +36,10 @@ int run_sample(float* logits, int n, float temperature, float top_p, int top_k, 
 // --- tokenizer ---------------------------------------------------------------------------------------------------
 run_tokenizer* run_tokenizer_build(const char* path, int vocab_size, char* err, size_t errlen);
 void run_tokenizer_free(run_tokenizer* t);
-// Encode UTF-8 text into ids (at most max_ids; add_bos prepends the BOS id). Returns the count, or -1 on error.
+// Encode UTF-8 text into ids (at most max_ids; add_bos prepends the BOS id). Returns the count, or -1: a character
+// has no token (a tokenizer without byte fallback), -2: more than max_ids ids, -3: out of memory.
 int run_encode(run_tokenizer* t, const char* text, int add_bos, int* ids, int max_ids);
+const char* run_tokenizer_path(run_tokenizer* t);  // as given to run_tokenizer_build (for error messages)
 // The bytes of token `id` (pointer into the tokenizer; *len set). `prev` lets llama2.c's tokenizer strip the
 // leading space after BOS. NULL for an id out of range.
 const char* run_decode(run_tokenizer* t, int prev, int id, int* len);

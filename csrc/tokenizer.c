@@ -2,14 +2,18 @@
 // tokenizer.bin. C11, libc only. API and file format: tokenizer.h. Tests: tests/test_tokenizer_c.py.
 // Both kinds share one merge engine: symbols in a doubly linked list + a binary min-heap of candidate pairs keyed
 // (priority, position), so a pre-token of n bytes costs O(n log n) — a 100 KB run of CJK text stays fast.
+#define _POSIX_C_SOURCE 200809L  // open/fstat/fdopen
 #include "tokenizer.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #define MAX_FILE_BYTES (1u << 30)
 #define MAX_VOCAB (1 << 24)
@@ -51,9 +55,23 @@ static int rd_f32(reader* r, float* v) {
 }
 
 static uint8_t* read_file(const char* path, size_t* n, char* err, size_t errlen) {
-    FILE* f = fopen(path, "rb");
+    // O_NONBLOCK: a FIFO would block the open until a writer came (a hang); only regular files are read (/dev/zero
+    // was read up to the 1 GiB limit before the error)
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
+    struct stat st;
+    if (fd < 0) {
+        set_err(err, errlen, "%s: cannot open tokenizer file: %s", path, strerror(errno));
+        return NULL;
+    }
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        set_err(err, errlen, "%s: not a regular file", path);
+        return NULL;
+    }
+    FILE* f = fdopen(fd, "rb");
     if (!f) {
         set_err(err, errlen, "%s: cannot open tokenizer file: %s", path, strerror(errno));
+        close(fd);
         return NULL;
     }
     size_t cap = 1 << 16, len = 0;

@@ -131,6 +131,14 @@ def _get(d: dict, key: str, default):
     return default if v is None else v
 
 
+def _flag(d: dict, key: str, default: bool) -> bool:
+    """A JSON boolean (bool("false") was True)."""
+    v = _get(d, key, default)
+    if not isinstance(v, bool):
+        raise ValueError(f"{key} must be true or false, got {v!r}")
+    return v
+
+
 def config_from_hf(d: dict, source: str = CONFIG) -> ModelConfig:
     """An HF Llama config dict -> ModelConfig; a setting pyllm cannot honour is a one-line ValueError."""
     if not isinstance(d, dict):
@@ -173,7 +181,7 @@ def config_from_hf(d: dict, source: str = CONFIG) -> ModelConfig:
             n_heads=d["num_attention_heads"], n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
             hidden_dim=d["intermediate_size"], max_seq_len=d.get("max_position_embeddings", 2048),
             norm_eps=float(_get(d, "rms_norm_eps", 1e-6)), rope_theta=float(theta if theta is not None else 10000.0),
-            tie_embeddings=bool(d.get("tie_word_embeddings", True)),
+            tie_embeddings=_flag(d, "tie_word_embeddings", False),  # transformers' LlamaConfig default
             init_std=float((pyllm.get("config") or {}).get("init_std", _get(d, "initializer_range", 0.02))),
         )
         cfg = ModelConfig(**kw)
@@ -186,6 +194,17 @@ def config_from_hf(d: dict, source: str = CONFIG) -> ModelConfig:
     return cfg
 
 
+def read_latest(path: Path) -> str:
+    """The checkpoint name in a run's `latest` pointer file (a garbled one was a bare UnicodeDecodeError)."""
+    try:
+        name = path.read_text().strip()
+    except UnicodeDecodeError:
+        name = ""
+    if not name or "\n" in name or "\0" in name:
+        raise ValueError(f"{path}: not a checkpoint name (expected one line like 'ckpt_000100')")
+    return name
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (not a pyllm/HF checkpoint directory?)")
@@ -196,7 +215,8 @@ def _read_json(path: Path) -> dict:
 def load_checkpoint(dir, dtype: torch.dtype | None = None, device: str = "cpu", backend: str | None = None,
                     load_tokenizer: bool = True):
     """-> (GPT, Tokenizer or None). Weights must be F32 unless dtype is given, in which case any float dtype
-    (e.g. a bf16/fp16 HF export) is cast to it. Every mismatch is a one-line ValueError naming file and tensor."""
+    (e.g. a bf16/fp16 HF export) is cast to it: dtype=torch.float32 for the pyllm kernels; a model in another dtype
+    runs with backend="torch". Every mismatch is a one-line ValueError naming file and tensor."""
     try:  # before reading anything; "cuda" without a GPU was torch's AssertionError traceback after the load
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -212,8 +232,8 @@ def load_checkpoint(dir, dtype: torch.dtype | None = None, device: str = "cpu", 
         raise FileNotFoundError(f"{dir}: checkpoint directory not found{hint}")
     # `pyllm pretrain --out base/` writes base/ckpt_<step>/ + base/latest; the README then says --model base/
     latest = dir / "latest"
-    if not (dir / CONFIG).exists() and latest.is_file() and (dir / latest.read_text().strip() / CONFIG).is_file():
-        dir = dir / latest.read_text().strip()
+    if not (dir / CONFIG).exists() and latest.is_file() and (dir / read_latest(latest) / CONFIG).is_file():
+        dir = dir / read_latest(latest)
     cfg = config_from_hf(_read_json(dir / CONFIG), str(dir / CONFIG))
     wpath = dir / WEIGHTS
     if not wpath.is_file():

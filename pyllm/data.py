@@ -36,6 +36,8 @@ def read_json(path, what: str):
         return json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: {what} ({getattr(e, 'msg', e)})") from None
+    except RecursionError:  # json's C scanner recurses per nesting level
+        raise ValueError(f"{path}: {what} (nested too deeply)") from None
 
 
 def named(e: OSError, path) -> OSError:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from . import tasks
+from .checkpoint import read_latest
 from .data import read_json
 from .progress import Progress
 
@@ -413,7 +414,7 @@ def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "
                                "--checkpoint-every", "0", "--seed", str(seed), *dflag])
         clock.add("pretrain", time.perf_counter() - t0, cfg.pt_steps * cfg.pt_batch * cfg.seq_len,
                   "training tokens")
-        base_dir = out / "base" / (out / "base" / "latest").read_text().strip()
+        base_dir = out / "base" / read_latest(out / "base" / "latest")
         t0 = time.perf_counter()
         base, tok = _load(base_dir, dev)
         R["base"] = eval_lm(base, tok, D["val_docs"], dev)
@@ -435,7 +436,7 @@ def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "
     # 3. SFT ---------------------------------------------------------------------------------------------------
     if "sft" in run:
         if base_dir is None:
-            base_dir = out / "base" / (out / "base" / "latest").read_text().strip()
+            base_dir = out / "base" / read_latest(out / "base" / "latest")
         head(3, "supervised fine-tuning")
         t0 = time.perf_counter()
         stage_cli("sft", ["--model", str(base_dir), "--data", str(F["sft"]), "--out", str(out / "sft"), "--steps",

@@ -236,6 +236,11 @@ class GPT(nn.Module):
             # ~25% slower at T = 64, and torch then uses SDPA's causal path instead of an explicit mask).
             if cache is None and bool((doc_ids == doc_ids[:, :1]).all()):
                 doc_ids = None
+        if self.backend == "pyllm" and self.embed_tokens.weight.dtype != torch.float32:
+            # else the first kernel's "rmsnorm x: expected dtype torch.float32", which did not say what to do
+            raise TypeError(f"GPT: the pyllm kernels run float32 weights, this model's are "
+                            f"{self.embed_tokens.weight.dtype}: use model.float() (bf16 matmuls: "
+                            f"torch.autocast('cpu', torch.bfloat16)) or model.set_backend('torch')")
         o = self._ops(idx.device)
         x = self.embed_tokens(idx)                                           # (B, T, C)
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]     # (T, D/2)

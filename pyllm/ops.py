@@ -10,6 +10,7 @@ import threading
 
 import numpy as np
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._ext import C
 
@@ -104,6 +105,15 @@ def _check_rope(x, cos, sin, device="cpu"):
     T, D = x.shape[1], x.shape[3]
     check(cos, "rope cos", shape=(T, D // 2), device=_same(x, device))
     check(sin, "rope sin", shape=(T, D // 2), device=_same(x, device))
+    _check_fixed_tables(cos, sin, "rope")
+
+
+def _check_fixed_tables(cos, sin, where: str) -> None:
+    """The kernels give no gradient to the rotary tables (nobody learns them): one that asked for one got an output
+    that required grad and a None .grad, silently."""
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        raise ValueError(f"{where} cos/sin: the rotary tables get no gradient here; pass them detached "
+                         f"(or use pyllm.ref.rope)")
 
 
 def _check_swiglu(gate, up, device="cpu"):
@@ -137,6 +147,17 @@ def _check_sample(logits, temperature, top_k, top_p, min_p, mask, device="cpu"):
         check(mask, "sample mask", dtype=torch.bool, shape=(B, V), device=_same(logits, device))
     check_sample_settings(temperature, top_k, top_p, min_p, "sample")
     return B, V
+
+
+FLT_MIN = 1.1754943508222875e-38  # the smallest normal float32
+
+
+def f32_positive(v) -> float:
+    """A positive sampling setting as the fp32 kernels get it: below FLT_MIN it would round to 0 (temperature 1e-50
+    turned greedy, with the T = 1 log-prob; top_p 1e-50 was the binding's range error). FLT_MIN keeps its meaning
+    (the limit as the setting goes to 0: the top token(s) only)."""
+    v = float(v)
+    return max(v, FLT_MIN) if v > 0 else v
 
 
 def check_sample_settings(temperature, top_k, top_p, min_p, where: str) -> None:
@@ -187,9 +208,8 @@ def _check_decode_attention(q, k_cache, v_cache, n_ctx, device="cpu"):
     T_max, Hkv = k_cache.shape[1], k_cache.shape[2]
     if min(B, H, D, Hkv) == 0 or H % Hkv != 0 or D > 256:
         raise ValueError(f"decode_attention q: bad shape {tuple(q.shape)} for {Hkv} kv heads (H % Hkv, D <= 256)")
-    # positions and batch rows must not overlap (an expand()ed cache has stride 0)
-    if k_cache.stride(1) < Hkv * D or (B > 1 and k_cache.stride(0) < T_max * k_cache.stride(1)):
-        raise ValueError(f"decode_attention k_cache: strides {k_cache.stride()} overlap rows (an expanded view?)")
+    # the batch and position strides are free: the caches are only read (a time-major (T, B, ...) cache permuted to
+    # (B, T, ...), or one prefix expand()ed over the batch, was refused as "overlapping rows")
     n_ctx = check_int(n_ctx, "decode_attention n_ctx", 1, T_max)
     return B, H, Hkv, D, n_ctx
 
@@ -268,6 +288,7 @@ class _RMSNorm(torch.autograd.Function):
         return out.view_as(x)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         x2, weight, rstd = ctx.saved_tensors
         N, C_ = x2.shape
@@ -368,6 +389,7 @@ class _Linear(torch.autograd.Function):
         return y.view(*x.shape[:-1], N)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x2, weight = ctx.saved_tensors
         N, K = weight.shape
@@ -412,8 +434,10 @@ def matvec(W, x):
 def quantize_q8(w, G):
     """w (n, k) fp32, k % G == 0 -> (q (n, k) int8, s (n, k/G) fp32); Q8_0: s = max|w|/127, q = roundf(w/s)."""
     check(w, "quantize_q8 w")
-    if w.dim() != 2 or G <= 0 or w.shape[1] % G:
-        raise ValueError(f"quantize_q8 w: expected (n, k) with k a multiple of G={G}, got {tuple(w.shape)}")
+    G = check_int(G, "quantize_q8 G", 1, 2 ** 31 - 1)  # 2.0 was torch.empty's TypeError
+    if w.dim() != 2 or w.numel() == 0 or w.shape[1] % G:  # empty: the binding's "null pointer for q"
+        raise ValueError(f"quantize_q8 w: expected a non-empty (n, k) with k a multiple of G={G}, got "
+                         f"{tuple(w.shape)}")
     n, k = w.shape
     q = torch.empty(n, k, dtype=torch.int8)
     s = torch.empty(n, k // G, dtype=torch.float32)
@@ -424,8 +448,8 @@ def quantize_q8(w, G):
 def matvec_q8(wq, ws, x):
     """wq (n, k) int8, ws (n, k/G) fp32, x (k) fp32 -> y (n): x is Q8_0-quantized per group inside the kernel."""
     check(wq, "matvec_q8 wq", torch.int8)
-    if wq.dim() != 2:
-        raise ValueError(f"matvec_q8 wq: expected 2-D, got {tuple(wq.shape)}")
+    if wq.dim() != 2 or wq.numel() == 0:  # empty: the binding's "null pointer for y"
+        raise ValueError(f"matvec_q8 wq: expected a non-empty 2-D tensor, got {tuple(wq.shape)}")
     n, k = wq.shape
     check(ws, "matvec_q8 ws", shape=(n, None))
     if ws.shape[1] == 0 or k % ws.shape[1]:
@@ -446,8 +470,8 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
     step = check_int(step, "sample step", 0, 2 ** 64 - 1)
     tokens = torch.empty(B, dtype=torch.int64)
     logprobs = torch.empty(B, dtype=torch.float32)
-    C().sample_forward(ptr(tokens), ptr(logprobs), ptr(logits), ptr(mask), B, V, float(temperature), int(top_k),
-                       float(top_p), float(min_p), seed, step)
+    C().sample_forward(ptr(tokens), ptr(logprobs), ptr(logits), ptr(mask), B, V, f32_positive(temperature),
+                       int(top_k), f32_positive(top_p), f32_positive(min_p), seed, step)
     bad = tokens < 0
     if bool(bad.any()):
         b = int(bad.nonzero()[0, 0])
@@ -469,6 +493,7 @@ class _RoPE(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         cos, sin = ctx.saved_tensors
         dout = dout.contiguous()
@@ -493,6 +518,7 @@ class _SwiGLU(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         gate, up = ctx.saved_tensors
         dout = dout.contiguous()
@@ -512,27 +538,29 @@ class _CrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, targets, ignore_index):
         N, V = logits.shape
         loss_rows = torch.empty(N, dtype=torch.float32)
-        lse = torch.empty(N, dtype=torch.float32)
-        C().cross_entropy_forward(ptr(loss_rows), ptr(lse), ptr(logits), ptr(targets), N, V, int(ignore_index))
+        stats = torch.empty(N, 2, dtype=torch.float32)  # (N, 2) row max, log-sum
+        C().cross_entropy_forward(ptr(loss_rows), ptr(stats), ptr(logits), ptr(targets), N, V, int(ignore_index))
         n_valid = int((targets != ignore_index).sum())
-        ctx.save_for_backward(logits, targets, lse)
+        ctx.save_for_backward(logits, targets, stats)
         ctx.ignore_index, ctx.n_valid = ignore_index, n_valid
         return loss_rows.sum(dtype=torch.float64).float() / max(n_valid, 1)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dloss):
-        logits, targets, lse = ctx.saved_tensors
+        logits, targets, stats = ctx.saved_tensors
         N, V = logits.shape
         dlogits = empty(N, V)
         scale = float(dloss) / max(ctx.n_valid, 1)
-        C().cross_entropy_backward(ptr(dlogits), ptr(logits), ptr(lse), ptr(targets), N, V, int(ctx.ignore_index),
+        C().cross_entropy_backward(ptr(dlogits), ptr(logits), ptr(stats), ptr(targets), N, V, int(ctx.ignore_index),
                                    scale)
         return dlogits, None, None
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
     """Mean cross-entropy over non-ignored targets (0 if none). logits (N, V) fp32, targets (N) int64.
-    The forward saves one lse per row; the backward writes (softmax - onehot) * dloss / n_valid in one pass."""
+    The forward saves each row's max and log-sum; the backward writes (softmax - onehot) * dloss / n_valid in one
+    pass."""
     _check_cross_entropy(logits, targets, ignore_index)
     return _CrossEntropy.apply(logits, targets, ignore_index)
 
@@ -551,10 +579,13 @@ def adamw_step(params, grads, ms, vs, lr: float, beta1: float, beta2: float, eps
             check(t, f"adamw_step {name}[{i}]", shape=tuple(p.shape))
             if _overlap(p, t):
                 raise ValueError(f"adamw_step {name}[{i}]: shares memory with params[{i}]")
+    # the kernel's step is an int32 (2^31 was pybind11's 4-line type error): beyond it the fp32 bias corrections
+    # 1 - beta^step are exactly 1 for every beta < 1, so the clamp changes nothing
+    step = min(step, 2 ** 31 - 1)
     for p, g, m, v in zip(params, grads, ms, vs):
         if p.numel():
             C().adamw_step(ptr(p), ptr(g), ptr(m), ptr(v), p.numel(), float(lr), float(beta1), float(beta2),
-                           float(eps), float(weight_decay), int(step))
+                           float(eps), float(weight_decay), step)
 
 
 def _check_adamw(lr, beta1, beta2, eps, weight_decay, where):
@@ -618,6 +649,7 @@ class _Attention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, doc_ids = ctx.saved_tensors
         B, T, H, D = q.shape
@@ -697,6 +729,7 @@ class _Block(torch.autograd.Function):
         return out.view(B, T, Cm)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         (x2d, h1, r1, q, k, v, y, lse, x2, h2, r2, gu, s, w_in, wqkv, wo, w_post, wgu, wd, cos, sin,
          doc_ids) = ctx.saved_tensors
@@ -768,6 +801,7 @@ def block(x, w_in, wq, wk, wv, wo, w_post, wg, wu, wd, cos, sin, doc_ids=None, n
                          (wg, "wg", (F, Cm)), (wu, "wu", (F, Cm)), (wd, "wd", (Cm, F)),
                          (cos, "cos", (T, D // 2)), (sin, "sin", (T, D // 2))):
         check(t, f"block {name}", shape=shp)
+    _check_fixed_tables(cos, sin, "block")
     if doc_ids is not None:
         check(doc_ids, "block doc_ids", dtype=torch.int32, shape=(B, T))
     return _Block.apply(x, w_in, wq, wk, wv, wo, w_post, wg, wu, wd, cos, sin, doc_ids, H, Hkv, eps)

@@ -8,6 +8,7 @@ are upcast here, which costs a copy; bf16 attention/norm kernels are future work
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._ext import C
 
@@ -72,6 +73,7 @@ class _Linear(torch.autograd.Function):
         return _mm(x2, weight).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         x2, weight = ctx.saved_tensors
         dout2 = dout.reshape(-1, weight.shape[0]).to(x2.dtype).contiguous()  # (M, N)
@@ -111,6 +113,7 @@ class _RMSNorm(torch.autograd.Function):
         return out.view_as(x)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         x2, weight, rstd = ctx.saved_tensors
         N, C_ = x2.shape
@@ -144,6 +147,7 @@ class _Attention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, doc_ids = ctx.saved_tensors
         B, T, H, D = q.shape
@@ -191,6 +195,7 @@ class _Rope(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         cos, sin = ctx.saved_tensors
         dout = dout.float().contiguous()
@@ -217,6 +222,7 @@ class _SwiGLU(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         gate, up = ctx.saved_tensors
         dout = dout.float().contiguous()
@@ -247,6 +253,7 @@ class _CrossEntropy(torch.autograd.Function):
         return losses.sum() / n_valid  # 0 when every target is ignored (all losses are 0)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         dlogits, n_valid = ctx.saved_tensors
         return dlogits * (dout / n_valid), None, None  # one extra pass over (N, V) keeps the forward sync-free
@@ -275,8 +282,9 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, mask=None, se
     logprobs = torch.empty(B, dtype=torch.float32, device=logits.device)
     seed = _ops().check_int(seed, "sample seed", 0, 2 ** 64 - 1)  # as the CPU op: not wrapped to another seed
     step = _ops().check_int(step, "sample step", 0, 2 ** 64 - 1)
-    C().cuda_sample(tokens.data_ptr(), logprobs.data_ptr(), logits.data_ptr(), mp, B, V, float(temperature),
-                    int(top_k), float(top_p), float(min_p), seed, step, _stream(logits))
+    f32 = _ops().f32_positive
+    C().cuda_sample(tokens.data_ptr(), logprobs.data_ptr(), logits.data_ptr(), mp, B, V, f32(temperature), int(top_k),
+                    f32(top_p), f32(min_p), seed, step, _stream(logits))
     return tokens, logprobs
 
 

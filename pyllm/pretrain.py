@@ -148,8 +148,9 @@ def _all_mean(x: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def _latest(out: Path) -> Path | None:
+    from .checkpoint import read_latest
     p = out / "latest"
-    return out / p.read_text().strip() if p.is_file() else None
+    return out / read_latest(p) if p.is_file() else None
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------------

@@ -118,8 +118,11 @@ class CTokenizer:
         cap = len(data) + 3
         ids = ffi.new("int[]", cap)
         n = L.run_encode(self._t, data, int(add_bos), ids, cap)
-        if n < 0:
-            raise ValueError("C tokenizer failed to encode the text")
+        if n == -3:
+            raise MemoryError("C tokenizer: out of memory encoding the text")
+        if n < 0:  # -2 (no room) cannot happen: cap is an upper bound
+            raise ValueError(f"{ffi.string(L.run_tokenizer_path(self._t)).decode(errors='replace')}: the tokenizer "
+                             f"has no token for a character of the text (and no byte fallback tokens)")
         return list(ids[0:n])
 
     def decode_bytes(self, ids, prev: int = -1, skip_special: bool = False) -> bytes:
@@ -172,6 +175,8 @@ def sample(logits: np.ndarray, temperature: float = 1.0, top_p: float = 1.0, top
         raise ValueError(f"sample: min_p must be in [0, 1] (0 = off), got {min_p}")
     if not (0 <= seed < 2 ** 64 and -2 ** 31 <= step < 2 ** 31):
         raise ValueError(f"sample: seed must be in [0, 2^64) and step an int32, got seed {seed}, step {step}")
+    tiny = float(np.finfo(np.float32).tiny)  # as ops.f32_positive: positive settings must not round to fp32 0
+    temperature, top_p, min_p = (max(float(v), tiny) if v > 0 else float(v) for v in (temperature, top_p, min_p))
     t = int(L.run_sample(ffi.cast("float*", buf.ctypes.data), buf.size, temperature, top_p, top_k, min_p, seed,
                            step))
     if t == -2:

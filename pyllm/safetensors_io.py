@@ -87,6 +87,8 @@ def read_header(path) -> tuple[dict, dict[str, str], int]:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: header is not valid JSON ({e})") from None
+    except RecursionError:  # json's C scanner recurses per nesting level
+        raise ValueError(f"{path}: header is not valid JSON (nested too deeply)") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: header must be a JSON object")
     meta = header.pop("__metadata__", None) or {}
@@ -100,9 +102,10 @@ def read_header(path) -> tuple[dict, dict[str, str], int]:
         if e["dtype"] not in DTYPES:
             raise ValueError(f"{path}: tensor {name!r}: unsupported dtype {e['dtype']!r}")
         shape, offs = e["shape"], e["data_offsets"]
-        if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        # bool is an int to isinstance ([true] was torch.empty's TypeError); a dim >= 2^63 was its overflow error
+        if not isinstance(shape, list) or not all(type(s) is int and 0 <= s < 2 ** 63 for s in shape):
             raise ValueError(f"{path}: tensor {name!r}: bad shape {shape!r}")
-        if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)
                 or not 0 <= offs[0] <= offs[1]):
             raise ValueError(f"{path}: tensor {name!r}: bad data_offsets {offs!r}")
         if offs[1] > data_len:

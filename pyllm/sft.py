@@ -566,10 +566,33 @@ def resume_state(args, stage: str | None = None):
     if stage and found not in (None, stage):
         raise ValueError(f"{args.out}: holds a `pyllm {found}` run; `pyllm {stage} --resume` continues only its own "
                          f"runs (use another --out)")
+    check_out_dir(args.out, getattr(args, "model", None))
     if not args.resume and (Path(args.out) / "trainer_state.json").exists():
         print(f"{args.out}: existing checkpoint will be overwritten (pass --resume to continue it)",
               file=sys.stderr)
     return st
+
+
+def check_out_dir(out, model=None) -> None:
+    """Before any work: --out is replaced as a whole by each save (save_checkpoint's swap keeps only the run's
+    metrics and plots), so it must be new, empty, or a checkpoint of a stage run. A project directory (notes and
+    code deleted), a pretraining run's directory (its ckpt_* and `latest` deleted), the --model being trained from,
+    or `.` (a whole run trained, then "'.' has an empty name") were each accepted."""
+    out = Path(out)
+    where = out.resolve()
+    if where == Path.cwd().resolve() or where in Path.cwd().resolve().parents:
+        raise ValueError(f"--out {out}: is the current directory or holds it; name a new directory for the run")
+    if model is not None and Path(model).exists() and where == Path(model).resolve():
+        raise ValueError(f"--out {out}: is the --model it starts from (each save replaces --out); use a new "
+                         f"directory")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and not (out / "trainer_state.json").is_file():
+        held = sorted(f.name for f in out.iterdir() if not (f.is_file() and f.suffix in KEEP))  # a run's own logs
+        if held:
+            shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+            raise ValueError(f"--out {out}: exists and is not a stage checkpoint (it holds {shown}); each save "
+                             f"replaces --out as a whole, so name a new or empty directory")
 
 
 def step_items(items: list, step: int, per_step: int, seed: int, dist: "Dist") -> list:

@@ -6,6 +6,8 @@ Run: OMP_NUM_THREADS=1 PYTHONPATH=$PWD python -m pytest -q tests/test_api_robust
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -64,9 +66,16 @@ def test_decode_attention_shapes_and_strides(rng):
     cache = torch.randn(3, 5, 2, 6, generator=rng)
     with pytest.raises(ValueError, match="decode_attention q: bad shape"):  # was ZeroDivisionError
         ops.decode_attention(q, torch.randn(3, 5, 0, 6), torch.randn(3, 5, 0, 6), 2)
-    expanded = torch.randn(1, 1, 2, 6, generator=rng).expand(3, 5, 2, 6)  # was the C++ "ld_t must be > 0"
-    with pytest.raises(ValueError, match="decode_attention k_cache: strides .* overlap rows"):
-        ops.decode_attention(q, expanded, expanded, 2)
+    # Any batch / position strides (the caches are only read): an expand()ed cache was the C++ "ld_t must be > 0",
+    # then "overlap rows"; a time-major cache (T, B, Hkv, D) permuted to (B, T, ...) was refused the same way.
+    one = torch.randn(1, 1, 2, 6, generator=rng)
+    time_major = torch.randn(5, 3, 2, 6, generator=rng).permute(1, 0, 2, 3)
+    for k, v in ((one.expand(3, 5, 2, 6), one.expand(3, 5, 2, 6)),
+                 (time_major, torch.randn(5, 3, 2, 6, generator=rng).permute(1, 0, 2, 3)),
+                 (cache[:1].expand(3, 5, 2, 6), cache[1:2].expand(3, 5, 2, 6))):
+        out = ops.decode_attention(q, k, v, 4)
+        torch.testing.assert_close(out, ref.decode_attention(q, k, v, 4), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out, ops.decode_attention(q, k.contiguous(), v.contiguous(), 4), rtol=0, atol=0)
     for n_ctx, exc in ((2.7, TypeError), (None, TypeError), (6, ValueError), (0, ValueError)):
         with pytest.raises(exc, match="decode_attention n_ctx"):
             ops.decode_attention(q, cache, cache, n_ctx)
@@ -129,3 +138,66 @@ def test_tokenizer_and_chat_argument_types():
         with pytest.raises(ValueError, match="prompt must be a string or a list of messages"):
             chat.render_prompt_completion(bad, "x", tok)
     assert chat.render(msgs, tok)[0][0] == tok.bos_id
+
+
+# --- session 18's probe of the public ops --------------------------------------------------------------------------
+def _first_order_ops(rng):
+    """(name, fn of the leaf tensors, leaves) for each differentiable pyllm op."""
+    x = torch.randn(2, 5, 2, 4, generator=rng)
+    q, k, v = (torch.randn(1, 6, 2, 8, generator=rng) for _ in range(3))
+    cos, sin = torch.randn(5, 2, generator=rng), torch.randn(5, 2, generator=rng)
+    r = functools.partial(torch.randn, generator=rng)
+    return [("rmsnorm", lambda a, w: ops.rmsnorm(a, w), [r(4, 8), r(8)]),
+            ("linear", lambda a, w: ops.linear(a, w), [r(3, 8), r(5, 8)]),
+            ("rope", lambda a: ops.rope(a, cos, sin), [x]),
+            ("swiglu", lambda g, u: ops.swiglu(g, u), [r(6), r(6)]),
+            ("cross_entropy", lambda lg: ops.cross_entropy(lg, torch.tensor([0, 2, 1])), [r(3, 5)]),
+            ("attention", lambda a, b, c: ops.attention(a, b, c), [q, k, v])]
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_second_order_gradients_are_an_error_not_a_wrong_answer(rng, i):
+    """create_graph=True through a pyllm op returned a gradient with no graph, so a gradient penalty added nothing
+    (rmsnorm's w.grad[:3] came out [-0.97, -4.76, 0.49] where the reference gives [11.9, -39.5, 1.72]). The
+    backwards are first-order only and now say so when differentiated again."""
+    name, fn, leaves = _first_order_ops(rng)[i]
+    leaves = [t.clone().requires_grad_() for t in leaves]
+    y = fn(*leaves)
+    (g,) = torch.autograd.grad((y * y).sum(), leaves[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        (g * g).sum().backward()
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]  # first order is unchanged (and compared with
+    fn(*leaves).pow(2).sum().backward()                             # ref.py in the kernel tests)
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves), name
+
+
+def test_rope_tables_that_ask_for_a_gradient_are_refused(rng):
+    """cos/sin with requires_grad gave an output that required grad and a None .grad on the tables, silently."""
+    x = torch.randn(1, 3, 2, 4, generator=rng, requires_grad=True)
+    theta = torch.randn(3, 2, generator=rng, requires_grad=True)
+    with pytest.raises(ValueError, match="rope cos/sin: the rotary tables get no gradient here"):
+        ops.rope(x, theta.cos(), theta.sin())
+    with torch.no_grad():  # no gradient asked for: fine
+        out = ops.rope(x, theta.cos(), theta.sin())
+    torch.testing.assert_close(out, ref.rope(x, theta.cos(), theta.sin()), rtol=1e-6, atol=1e-6)
+    out = ops.rope(x, theta.cos().detach(), theta.sin().detach())
+    out.sum().backward()
+    assert x.grad is not None
+
+
+def test_q8_and_adamw_argument_edges(rng):
+    """Empty Q8_0 inputs were the binding's "operator(): null pointer for q/y", a float G torch.empty's TypeError,
+    adamw_step at step >= 2^31 pybind11's 4-line "incompatible function arguments"."""
+    for w in (torch.randn(0, 4), torch.randn(2, 0)):
+        with pytest.raises(ValueError, match=r"quantize_q8 w: expected a non-empty \(n, k\)"):
+            ops.quantize_q8(w, 2)
+    with pytest.raises(TypeError, match="quantize_q8 G: expected an integer, got 2.0"):
+        ops.quantize_q8(torch.randn(2, 4), 2.0)
+    with pytest.raises(ValueError, match="matvec_q8 wq: expected a non-empty 2-D tensor"):
+        ops.matvec_q8(torch.zeros(0, 4, dtype=torch.int8), torch.zeros(0, 1), torch.randn(4))
+    p, g = torch.randn(7, generator=rng), torch.randn(7, generator=rng)
+    m, v = torch.randn(7, generator=rng), torch.rand(7, generator=rng)
+    expect = [t.clone() for t in (p, m, v)]
+    ops.adamw_step([expect[0]], [g], [expect[1]], [expect[2]], 1e-2, 0.9, 0.999, 1e-8, 0.1, 2 ** 31 - 1)
+    ops.adamw_step([p], [g], [m], [v], 1e-2, 0.9, 0.999, 1e-8, 0.1, 2 ** 40)
+    assert all(torch.equal(a, b) for a, b in zip((p, m, v), expect))  # the fp32 bias corrections are 1 at both

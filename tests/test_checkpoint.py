@@ -100,6 +100,10 @@ def _write_raw(path, header: dict, data: bytes):
     ("bad_dtype", "'w'.*unsupported dtype"),
     ("bad_json", "not valid JSON"),
     ("huge_header", "header length"),
+    # session 18: a RecursionError, torch.empty's overflow and bool TypeErrors, none naming the file
+    ("deep_json", "nested too deeply"),
+    ("bool_shape", r"'w': bad shape \[True\]"),
+    ("huge_dim", r"'w': bad shape \[0, 9223372036854775808\]"),
 ])
 def test_safetensors_bad_files_one_line_errors(tmp_path, case, pattern):
     p = tmp_path / f"{case}.safetensors"
@@ -119,6 +123,13 @@ def test_safetensors_bad_files_one_line_errors(tmp_path, case, pattern):
         p.write_bytes(struct.pack("<Q", 5) + b"{nope" + b"\0" * 8)
     elif case == "huge_header":
         p.write_bytes(struct.pack("<Q", 2 ** 40) + b"{}")
+    elif case == "deep_json":
+        h = b"[" * 200000 + b"]" * 200000
+        p.write_bytes(struct.pack("<Q", len(h)) + h)
+    elif case == "bool_shape":
+        _write_raw(p, {"w": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4)
+    elif case == "huge_dim":
+        _write_raw(p, {"w": {"dtype": "F32", "shape": [0, 2 ** 63], "data_offsets": [0, 0]}}, b"")
     with pytest.raises(ValueError, match=pattern) as e:
         safetensors_io.load_file(p)
     msg = str(e.value)
@@ -313,6 +324,11 @@ def _edit_weights(d, fn):
     ("huge_layers", ValueError, r"config\.json.*n_layers must be <= 1024 \(pyllm-run's limit\), got 10000000"),
     ("huge_context", ValueError, r"config\.json.*max_seq_len must be <= 1048576"),
     ("weights_dir", ValueError, r"model\.safetensors: not a regular file"),
+    # session 18: bool("false") was True; a deeply nested config.json was a RecursionError; a garbled `latest`
+    # pointer of a run directory a bare UnicodeDecodeError
+    ("string_tie", ValueError, r"config\.json.*tie_word_embeddings must be true or false, got 'false'"),
+    ("deep_config", ValueError, r"config\.json: invalid JSON \(nested too deeply\)"),
+    ("bad_latest", ValueError, r"latest: not a checkpoint name"),
 ])
 def test_bad_checkpoints(rng, tmp_path, case, exc, pattern):
     d = tmp_path / "ck"
@@ -354,6 +370,14 @@ def test_bad_checkpoints(rng, tmp_path, case, exc, pattern):
     elif case == "weights_dir":
         (d / "model.safetensors").unlink()
         (d / "model.safetensors").mkdir()
+    elif case == "string_tie":
+        _edit_config(d, tie_word_embeddings="false")
+    elif case == "deep_config":
+        (d / "config.json").write_text("[" * 200000 + "]" * 200000)
+    elif case == "bad_latest":
+        d = tmp_path / "run"
+        d.mkdir()
+        (d / "latest").write_bytes(b"\xff\xfe")
     elif case == "wrong_shape":
         _edit_weights(d, lambda ts: ts.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(56, 31)}))
     elif case == "missing_tensor":
@@ -409,3 +433,41 @@ def test_load_checkpoint_api_misuse_is_one_line(rng, tmp_path):
             read_extra(d)
     (d / "config.json").write_text(json.dumps({"pyllm": {"extra": {"stage": "sft"}}}))
     assert read_extra(d) == {"stage": "sft"}
+
+
+def test_missing_tie_word_embeddings_means_untied_as_in_transformers(rng, tmp_path):
+    """transformers' LlamaConfig defaults tie_word_embeddings to False, and loads a config.json without the key as
+    untied; pyllm read it as tied and refused the file ("lm_head.weight differs from the embedding but config.json
+    says tie_word_embeddings=true", which the file never said)."""
+    d = tmp_path / "ck"
+    m = tiny(rng)
+    save_checkpoint(d, m)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg.pop("tie_word_embeddings") is False
+    (d / "config.json").write_text(json.dumps(cfg))
+    m2, _ = load_checkpoint(d)
+    assert not m2.config.tie_embeddings
+    hf = transformers.LlamaForCausalLM.from_pretrained(d).eval()
+    assert not hf.config.tie_word_embeddings
+    idx = torch.randint(0, m.config.vocab_size, (1, 9), generator=rng)
+    with torch.no_grad():
+        torch.testing.assert_close(m2(idx)[0], hf(idx).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_a_model_loaded_in_another_dtype_says_what_to_do(rng, tmp_path, dtype):
+    """load_checkpoint(dtype=bf16) gave a model whose first forward failed inside the kernels ("rmsnorm x: expected
+    dtype torch.float32"); now one line naming the two ways out, and both work."""
+    d = tmp_path / "ck"
+    save_checkpoint(d, tiny(rng))
+    m, _ = load_checkpoint(d, dtype=dtype)
+    idx = torch.randint(0, m.config.vocab_size, (1, 5), generator=rng)
+    with pytest.raises(TypeError, match=rf"GPT: the pyllm kernels run float32 weights, this model's are {dtype}: "
+                                        r"use model\.float\(\).*or model\.set_backend\('torch'\)"):
+        m(idx)
+    with pytest.raises(TypeError, match="GPT: the pyllm kernels run float32"):
+        m.generate(idx, max_new_tokens=2)
+    with torch.no_grad():
+        assert m.set_backend("torch")(idx)[0].dtype == dtype
+        m.set_backend("pyllm").float()
+        assert m(idx)[0].dtype == torch.float32

@@ -96,17 +96,51 @@ def test_cross_entropy_in_place_backward_and_poison(isa, rng):
     logits = torch.randn(N, V, generator=rng)
     targets = torch.randint(0, V, (N,), generator=rng)
     targets[2] = -1
-    loss, lse = poison(torch.empty(N)), poison(torch.empty(N))
-    C().cross_entropy_forward(loss.data_ptr(), lse.data_ptr(), logits.data_ptr(), targets.data_ptr(), N, V, -1)
-    torch.testing.assert_close(lse, torch.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
+    loss, stats = poison(torch.empty(N)), poison(torch.empty(N, 2))
+    C().cross_entropy_forward(loss.data_ptr(), stats.data_ptr(), logits.data_ptr(), targets.data_ptr(), N, V, -1)
+    torch.testing.assert_close(stats[:, 0], logits.max(-1).values, rtol=0, atol=0)
+    torch.testing.assert_close(stats.sum(-1), torch.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
     expect = (torch.logsumexp(logits, -1) - logits.gather(1, targets.clamp(min=0)[:, None])[:, 0])
     expect[2] = 0
     torch.testing.assert_close(loss, expect, rtol=1e-5, atol=1e-5)
     buf = logits.clone()  # the gradient overwrites the logits buffer in place
-    C().cross_entropy_backward(buf.data_ptr(), buf.data_ptr(), lse.data_ptr(), targets.data_ptr(), N, V, -1, 0.5)
+    C().cross_entropy_backward(buf.data_ptr(), buf.data_ptr(), stats.data_ptr(), targets.data_ptr(), N, V, -1, 0.5)
     lr = logits.clone().requires_grad_()
     torch.nn.functional.cross_entropy(lr, targets, ignore_index=-1, reduction="sum").mul(0.5).backward()
     torch.testing.assert_close(buf, lr.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("V,where", [(3, 0), (1000, 999), (1000, 17), (64, 63)])
+def test_cross_entropy_nan_logit_makes_the_row_nan(isa, rng, V, where):
+    """A NaN in a non-target logit gave a finite loss and gradient (max and exp both dropped NaN lanes), so a
+    partly-NaN lm_head trained on with a normal-looking loss; as torch, the row's loss and gradient are NaN, and
+    other rows are unaffected. Covers the vector body and the scalar tail."""
+    logits = torch.randn(3, V, generator=rng)
+    logits[1, where] = float("nan")
+    targets = torch.tensor([0, (where + 1) % V, 1 % V])
+    lp = logits.clone().requires_grad_()
+    rows = [ops.cross_entropy(lp[i:i + 1], targets[i:i + 1]) for i in range(3)]
+    assert torch.isfinite(rows[0]) and torch.isnan(rows[1]) and torch.isfinite(rows[2])
+    loss = ops.cross_entropy(lp, targets)
+    assert torch.isnan(loss)
+    loss.backward()
+    assert torch.isnan(lp.grad[1]).all()
+    lr = logits.clone().requires_grad_()
+    ref.cross_entropy(lr, targets).backward()
+    assert torch.isnan(lr.grad[1]).all()  # what the reference does too
+
+
+@pytest.mark.parametrize("scale", [1e3, 1e6, 1e8])
+def test_cross_entropy_large_logits_keep_their_precision(isa, rng, scale):
+    """The backward took exp(l - lse) with the fp32 lse = max + log-sum, whose low bits vanish at large |max|:
+    three equal logits at 1e6 gave softmax 0.325 (not 1/3), at 1e8 1.0. Max and log-sum are now kept apart."""
+    logits = (torch.randn(4, 37, generator=rng) + scale).requires_grad_()
+    logits.data[0] = scale  # equal logits: softmax exactly 1/V
+    targets = torch.randint(0, 37, (4,), generator=rng)
+    ops.cross_entropy(logits, targets).backward()
+    lr = logits.detach().double().requires_grad_()
+    torch.nn.functional.cross_entropy(lr, targets).backward()
+    torch.testing.assert_close(logits.grad, lr.grad.float(), rtol=1e-5, atol=1e-7)
 
 
 def test_cross_entropy_rejects_bad_targets():

@@ -204,6 +204,25 @@ def test_q8_matvec_large_k_heap_scratch(rng):
     torch.testing.assert_close(ops.matvec_q8(q, s, x), ref.matvec_q8(q, s, x), rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("n,k,G", [(3, 64, 32), (5, 60, 6), (4, 288, 4), (7, 512, 128)])
+def test_q8_nan_is_kept(isa, rng, n, k, G):
+    """A NaN in W or x was dropped by the group max (q 0, a finite scale): matvec_q8 gave finite numbers where the
+    fp32 product is NaN. Now the group's scale is NaN, so exactly the rows that use it are NaN."""
+    w = torch.randn(n, k, generator=rng)
+    w[1, G + 1 if k > G else 1] = float("nan")
+    q, s = ops.quantize_q8(w, G)
+    qr, sr = ref.quantize_q8(w, G)
+    assert torch.isnan(s[1]).sum() == 1 and not torch.isnan(s[[0, 2]]).any()
+    torch.testing.assert_close(s, sr, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(q, qr)
+    x = torch.randn(k, generator=rng)
+    y = ops.matvec_q8(q, s, x)
+    assert torch.isnan(y[1]) and torch.isfinite(y[[0] + list(range(2, n))]).all()
+    q2, s2 = ops.quantize_q8(torch.randn(n, k, generator=rng), G)
+    x[k - 1] = float("nan")  # the last group of x: NaN in every row, as W @ x
+    assert torch.isnan(ops.matvec_q8(q2, s2, x)).all()
+
+
 @pytest.mark.parametrize("ta", [0, 1])
 def test_matmul_a_super_blocks(rng, ta):
     # M*K above the kernel's 8M-float packing budget: A is packed and multiplied in row super-blocks.

@@ -206,3 +206,23 @@ def test_top_p_chi_square_large_vocab(isa, rng, scale):
         assert counts[probs == 0].sum() == 0, "drew a token outside the nucleus"
         stat, df = chi2_stat(counts, probs, n)
         assert stat < chi2_critical(max(df, 3), 1e-6)
+
+
+@pytest.mark.parametrize("T", [1e-30, 2e-39, 1e-45, 1e-50])
+def test_tiny_temperature_is_the_greedy_limit(isa, rng, T):
+    """Below ~2.9e-39 the kernel's 1/T was +inf: every weight NaN -> 0, so "no allowed token" (and a read of
+    logits[-1]); below fp32's smallest float T rounded to 0: greedy with the T = 1 log-prob. Now every tiny T is the
+    T -> 0 limit: the argmax with log-prob 0, or among k equal maxima 1/k each; the C runtime's sampler too."""
+    logits = torch.randn(3, 300, generator=rng) * 4
+    logits[2, [7, 100, 299]] = 50.0  # three equal maxima
+    tokens, lp = ops.sample(logits, temperature=T, seed=1)
+    assert tokens[:2].tolist() == logits[:2].argmax(-1).tolist() and lp[:2].tolist() == [0.0, 0.0]
+    assert int(tokens[2]) in (7, 100, 299)
+    torch.testing.assert_close(lp[2], torch.tensor(-math.log(3)), rtol=1e-6, atol=1e-6)
+    draws = {int(ops.sample(logits[2:], temperature=T, seed=1, step=s)[0]) for s in range(40)}
+    assert draws == {7, 100, 299}
+    tok_p, _ = ops.sample(logits, temperature=1.0, top_p=1e-50, seed=2)  # was the binding's top_p range error
+    assert tok_p[:2].tolist() == logits[:2].argmax(-1).tolist()
+    from pyllm import runtime
+    if runtime.LIB_PATH.exists():
+        assert runtime.sample(logits[0].numpy(), temperature=T, seed=1) == int(logits[0].argmax())

@@ -4,6 +4,8 @@ Run: OMP_NUM_THREADS=1 PYTHONPATH=$PWD python -m pytest -q tests/test_run.py
 """
 from __future__ import annotations
 
+import os
+import struct
 import subprocess
 
 import numpy as np
@@ -286,8 +288,7 @@ def test_binary_flag_ranges_and_tokenizer_dir(tmp_path, rng):
     model = write_model_bin(tmp_path / "m.bin", random_state_dict(c, rng), c)
     (tmp_path / "tokdir").mkdir()
     r = run_bin(model, "-z", tmp_path / "tokdir", "-n", "2")
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "tokdir: read error: Is a directory" in r.stderr, \
-        r.stderr
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "tokdir: not a regular file" in r.stderr, r.stderr
     r = run_bin(model, "-z", tmp_path / "nope.bin", "-n", "2")
     assert r.returncode == 1 and "nope.bin: cannot open tokenizer file: No such file or directory" in r.stderr
 
@@ -444,6 +445,63 @@ def test_binary_prompt_bytes_and_lengths(tok_and_model):
 
 
 L2C_TOK = __import__("conftest").SHARED / "data" / "llama2c-tokenizer.bin"
+
+
+@pytest.mark.skipif(not runtime.BIN_PATH.exists(), reason="pyllm-run not built")
+def test_binary_inputs_found_by_the_sanitizer_audit(tok_and_model, tmp_path, rng):
+    """Session 18's audit of the binary (ASan/UBSan, a mutation fuzzer): each was an exit 0, a hang, a wrong or
+    nameless error."""
+    tok, _, c, paths = tok_and_model
+    model = str(paths["model"])
+
+    def run(*args, **kw):
+        if "stdout" not in kw:
+            kw["capture_output"] = True
+        return subprocess.run([str(runtime.BIN_PATH), *map(str, args)], timeout=20, env={"OMP_NUM_THREADS": "1"},
+                              **kw)
+    # -t below ~2.9e-39: 1/T was +inf, every weight NaN -> 0, then a read of logits[-1] (ASan: heap overflow) and a
+    # false "the model produced NaN/inf logits". Now the T -> 0 limit: the greedy text.
+    greedy = run(model, "-t", "0", "-n", "12", "-i", "Speak")
+    for t in ("1e-45", "2.9e-39", "1e-30"):
+        r = run(model, "-t", t, "-n", "12", "-i", "Speak", "-s", "3")
+        assert r.returncode == 0 and r.stdout == greedy.stdout, (t, r.stderr)
+    # "cannot encode the prompt", with no file and no reason: a pyllm tokenizer without <|bos|> ...
+    nobos = tmp_path / "nobos.bin"
+    nobos.write_bytes(paths["tokenizer"].read_bytes().replace(b"<|bos|>", b"<|bXs|>"))
+    r = run(model, "-z", nobos, "-n", "5", "-i", "")
+    assert r.returncode == 1 and r.stderr.decode().splitlines() == [
+        f"pyllm-run: error: {nobos}: the tokenizer has no <|bos|> token (pyllm's tokenizers always have one)"]
+    # ... and a llama2.c tokenizer without byte-fallback tokens, on a character it has no token for
+    words = [b"<unk>", b"<s>", b"</s>", b" "] + [bytes([ch]) for ch in b"abcdefghijklm"]
+    l2c = tmp_path / "tok17.bin"
+    l2c.write_bytes(struct.pack("<I", 8) + b"".join(struct.pack("<fI", 0.0, len(w)) + w for w in words))
+    c17 = tiny_config(vocab_size=len(words))
+    m17 = write_model_bin(tmp_path / "m17.bin", random_state_dict(c17, rng), c17)
+    assert run(m17, "-z", l2c, "-n", "8", "-i", "bad").returncode == 0
+    r = run(m17, "-z", l2c, "-n", "8", "-i", "hello")
+    assert r.returncode == 1 and r.stderr.decode().splitlines() == [
+        f"pyllm-run: error: {l2c}: the tokenizer has no token for a character of the prompt (-i) (and no byte "
+        f"fallback tokens)"]
+    with pytest.raises(ValueError, match="tok17.bin: the tokenizer has no token for a character of the text"):
+        runtime.CTokenizer(l2c, len(words)).encode("hello")
+    # a FIFO as the tokenizer (or the model) hung in open(); /dev/zero as the tokenizer was read to 1 GiB first
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for args, name in (((model, "-z", fifo), fifo), ((fifo,), fifo), ((model, "-z", "/dev/zero"), "/dev/zero")):
+        r = run(*args, "-n", "2")
+        assert r.returncode == 1 and r.stderr.decode().splitlines() == [f"pyllm-run: error: {name}: not a regular "
+                                                                        f"file"], r.stderr
+    # a full disk on stdout: exit 0, the text lost without a word
+    with open("/dev/full", "wb") as full:
+        r = run(model, "-t", "0", "-n", "8", "-i", "Speak", stdout=full, stderr=subprocess.PIPE)
+    assert r.returncode == 1 and r.stderr.decode().splitlines()[-1] == (
+        "pyllm-run: error: writing to standard output: No space left on device")
+    # "-h" as an option's value is that value (it printed the help, exit 0); -y outside chat was ignored
+    r = run(model, "-t", "0", "-n", "8", "-i", "-h")
+    assert r.returncode == 0 and r.stdout.startswith(b"-h") and b"Usage" not in r.stdout
+    r = run(model, "-y", "Be brief.", "-i", "Speak")
+    assert r.returncode == 2 and r.stderr.decode().splitlines() == [
+        "pyllm-run: error: -y (a system prompt) needs -m chat; the mode is 'generate' (see --help)"]
 
 
 @pytest.mark.skipif(not L2C_TOK.exists(), reason="no shared llama2.c tokenizer.bin")

@@ -234,3 +234,36 @@ def test_resume_rewrites_the_metrics_rows_past_the_checkpoint(tmp_path):
     assert json.loads((out / "trainer_state.json").read_text())["step"] == 2
     assert cli(args + ["--resume"]) == 0
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "reward", "rl"])
+def test_out_that_is_not_a_stage_checkpoint_is_refused_before_any_work(tmp_path, capsys, monkeypatch, stage):
+    """Each save replaces --out as a whole (keeping only the run's .jsonl/.png/.txt), so a project directory given as
+    --out lost its notes and code, a pretraining run's directory its ckpt_* and `latest`, and `--out .` trained the
+    whole run and then failed ("'.' has an empty name"). Now refused up front, naming what --out holds."""
+    base = tiny_checkpoint(tmp_path / "base")
+    data = _sft_data(tmp_path / "d.jsonl")
+    proj = tmp_path / "proj"
+    (proj / "notes").mkdir(parents=True)
+    (proj / "train.py").write_text("code")
+    (proj / "notes" / "todo.md").write_text("keep")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    for out, want in ((proj, f"--out {proj}: exists and is not a stage checkpoint (it holds notes, train.py)"),
+                      (base, f"--out {base}: is the --model it starts from"),
+                      (".", "--out .: is the current directory or holds it"),
+                      (str(tmp_path), f"--out {tmp_path}: is the current directory or holds it")):
+        src = ["--policy", str(base), "--prompts", str(data), "--reward-model", str(base)] if stage == "rl" else \
+            ["--model", str(base), "--data", str(data)]
+        assert cli([stage, *src, "--out", str(out), "--steps", "1", "--device", "cpu"]) == 2, out
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(f"pyllm {stage}: error: {want}"), err
+    assert (proj / "train.py").read_text() == "code" and (proj / "notes" / "todo.md").read_text() == "keep"
+    runlog = tmp_path / "killed"  # a run stopped before its first save leaves only its logs: still usable
+    runlog.mkdir()
+    (runlog / "metrics.jsonl").write_text("")
+    if stage == "sft":
+        assert cli([stage, "--model", str(base), "--data", str(data), "--out", str(runlog), "--steps", "1",
+                    "--batch-size", "2", "--device", "cpu"]) == 0
+        assert (runlog / "trainer_state.json").is_file()

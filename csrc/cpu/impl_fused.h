@@ -1,4 +1,5 @@
-// impl_fused.h — fused training ops: RoPE (HF rotate-half), SwiGLU, cross-entropy (saves lse, one-pass backward),
+// impl_fused.h — fused training ops: RoPE (HF rotate-half), SwiGLU, cross-entropy (saves max and log-sum, one-pass
+// backward),
 // AdamW step. Included by kernels_impl.h after impl_sample.h (uses its vf_exp_neg). Each is one or two streaming
 // passes with no temporaries, where the torch composition makes 3-8 passes and allocates each intermediate.
 
@@ -102,34 +103,53 @@ void KFN(swiglu_backward)(const swiglu_backward_params* p) {
 }
 
 // --- cross-entropy ----------------------------------------------------------------------------------------
-static float row_lse(const float* l, int V) {  // log(sum(exp(l))): a max pass and an exp-sum pass
+// A row's max m and log(sum(exp(l - m))), kept apart: their fp32 sum (the lse) loses the low bits of log-sum when
+// |m| is large (logits ~1e6 gave softmax 0.325 for 1/3), so loss and gradient use them separately. A NaN logit makes
+// the row NaN (max and the exp both drop NaN lanes, so it is flagged in the max pass: one compare per vector).
+static void row_max_logsum(const float* l, int V, float* out) {  // out (2): m, log(sum(exp(l - m)))
     vf vm = vf_set1(-INFINITY);
+    vi nan = (vi)vf_set1(0.f);
     int i = 0;
-    for (; i + VLEN <= V; i += VLEN) vm = vf_fmax(vf_load(l + i), vm);
+    for (; i + VLEN <= V; i += VLEN) {
+        vf x = vf_load(l + i);
+        vm = vf_fmax(x, vm);
+        nan |= (vi)(x != x);
+    }
     float m = vf_max(vm);
-    for (; i < V; i++) m = l[i] > m ? l[i] : m;
+    int bad = 0;
+    for (int q = 0; q < VLEN; q++) bad |= nan[q] != 0;
+    for (; i < V; i++) {
+        m = l[i] > m ? l[i] : m;
+        bad |= l[i] != l[i];
+    }
+    if (bad) {
+        out[0] = out[1] = NAN;
+        return;
+    }
     vf acc = vf_set1(0.f);
     for (i = 0; i + VLEN <= V; i += VLEN) acc += vf_exp_neg(vf_load(l + i) - m);
     double s = vf_sum(acc);
     for (; i < V; i++) s += vf_exp_neg(vf_set1(l[i] - m))[0];
-    return m + (float)log(s);
+    out[0] = m;
+    out[1] = (float)log(s);
 }
 
-// Per row: lse[n] and loss[n] = lse - logits[n, target] (0 where the target is ignored or out of range).
+// Per row: stats[n] = (max, log-sum) and loss[n] = lse - logits[n, target] (0 where the target is ignored or out of
+// range).
 void KFN(cross_entropy_forward)(const cross_entropy_params* p) {
     const int N = p->N, V = p->V;
     #pragma omp parallel for schedule(static) if (N > 1)
     for (int n = 0; n < N; n++) {
         const float* l = p->logits + (size_t)n * V;  // (V)
-        const float lse = row_lse(l, V);
+        float* st = p->stats + 2 * (size_t)n;        // (2)
+        row_max_logsum(l, V, st);
         const int64_t t = p->targets[n];
-        p->lse[n] = lse;
-        p->loss[n] = (t >= 0 && t < V && t != p->ignore_index) ? lse - l[t] : 0.f;
+        p->loss[n] = (t >= 0 && t < V && t != p->ignore_index) ? (st[0] - l[t]) + st[1] : 0.f;
     }
 }
 
-// dlogits = (softmax - onehot) * scale in one pass from the saved lse; ignored rows get 0. dlogits may alias
-// logits (the training loop can reuse the logits buffer for its gradient).
+// dlogits = (softmax - onehot) * scale in one pass from the saved stats; ignored rows get 0, NaN rows NaN. dlogits
+// may alias logits (the training loop can reuse the logits buffer for its gradient).
 void KFN(cross_entropy_backward)(const cross_entropy_backward_params* p) {
     const int N = p->N, V = p->V;
     #pragma omp parallel for schedule(static) if (N > 1)
@@ -138,10 +158,14 @@ void KFN(cross_entropy_backward)(const cross_entropy_backward_params* p) {
         float* d = p->dlogits + (size_t)n * V;       // (V)
         const int64_t t = p->targets[n];
         const int valid = t >= 0 && t < V && t != p->ignore_index;
-        const float sc = valid ? p->scale : 0.f, lse = p->lse[n];
+        const float sc = valid ? p->scale : 0.f, m = p->stats[2 * (size_t)n], ls = p->stats[2 * (size_t)n + 1];
+        if (valid && m != m) {  // the forward's loss was NaN: so is its gradient (as torch)
+            for (int i = 0; i < V; i++) d[i] = NAN;
+            continue;
+        }
         int i = 0;
-        for (; i + VLEN <= V; i += VLEN) vf_store(d + i, vf_exp_neg(vf_load(l + i) - lse) * sc);
-        for (; i < V; i++) d[i] = vf_exp_neg(vf_set1(l[i] - lse))[0] * sc;
+        for (; i + VLEN <= V; i += VLEN) vf_store(d + i, vf_exp_neg((vf_load(l + i) - m) - ls) * sc);
+        for (; i < V; i++) d[i] = vf_exp_neg(vf_set1((l[i] - m) - ls))[0] * sc;
         if (valid) d[t] -= sc;
     }
 }

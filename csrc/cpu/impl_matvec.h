@@ -65,7 +65,8 @@ void KFN(matvec_f32)(const matvec_params* p) {
 }
 
 // --- Q8_0 (llama2.c runq.c semantics) -------------------------------------------------------------------------
-// Per group of G: s = max|w| / 127, q = roundf(w / s) (round half away from zero; q = 0 when s == 0).
+// Per group of G: s = max|w| / 127, q = roundf(w / s) (round half away from zero; q = 0 when s == 0 or NaN: a
+// NaN in the group gives s = NaN, so every product that uses the group is NaN, as in fp32).
 // Vectorised when VLEN divides G, bit-identical to the scalar loop: the same IEEE division, then round half away
 // from zero done exactly (truncate, then step away from zero when the dropped fraction is >= 0.5).
 static void q8_quantize_row(int8_t* restrict q, float* restrict s, const float* restrict w, int k, int G) {
@@ -74,15 +75,21 @@ static void q8_quantize_row(int8_t* restrict q, float* restrict s, const float* 
         int8_t* qg = q + (size_t)g * G;
         float amax = 0.f;
         int i = 0;
-        if (G % VLEN == 0) {
+        if (G % VLEN == 0) {  // max drops NaN lanes: they are flagged apart, so a NaN makes the group's scale NaN
             vf m = vf_set1(0.f);
-            for (; i < G; i += VLEN) m = vf_fmax(m, (vf)((vi)vf_load(wg + i) & 0x7fffffff));  // |w|
+            vi nan = (vi)vf_set1(0.f);
+            for (; i < G; i += VLEN) {
+                const vf a = (vf)((vi)vf_load(wg + i) & 0x7fffffff);  // |w|
+                m = vf_fmax(m, a);
+                nan |= (vi)(a != a);
+            }
             amax = vf_max(m);
+            for (int j = 0; j < VLEN; j++) amax = nan[j] ? NAN : amax;
         }
-        for (; i < G; i++) { float a = fabsf(wg[i]); amax = a > amax ? a : amax; }
+        for (; i < G; i++) { float a = fabsf(wg[i]); amax = (a > amax || a != a) ? a : amax; }  // NaN sticks
         const float scale = amax / 127.0f;
         s[g] = scale;
-        if (scale == 0.f) { memset(qg, 0, (size_t)G); continue; }
+        if (!(scale != 0.f && scale == scale)) { memset(qg, 0, (size_t)G); continue; }  // 0 or NaN
         i = 0;
         if (G % VLEN == 0) {
             for (; i < G; i += VLEN) {

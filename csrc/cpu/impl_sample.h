@@ -396,7 +396,9 @@ static int64_t sample_row(const sample_params* p, int b, float* w, int* grp, int
         *logprob = (float)((double)l[tok] - m_all - log(Z));
         return tok;
     }
-    const float invT = 1.f / p->temperature;
+    // below ~2.9e-39, 1/T is +inf and the top token's weight 0 * inf = NaN (every weight 0: no token, a read of
+    // l[-1]); FLT_MAX gives the T -> 0 limit: the top token(s) weigh 1, the rest 0
+    const float invT = fminf(1.f / p->temperature, FLT_MAX);
     const int nblk = (V + SBLK - 1) / SBLK;
     // pass 2: w_i = exp((l_i - m_a)/T) on allowed tokens (so the top allowed token weighs exactly 1)
     const double Z = exp_pass(l, mk, V, m_all, m_a, invT, w, bsum, bmax);

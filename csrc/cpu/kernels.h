@@ -146,7 +146,7 @@ typedef struct {
 
 typedef struct {
     float* loss;            // (N)  lse - logits[target], 0 for ignored rows
-    float* lse;             // (N)  saved for backward
+    float* stats;           // (N, 2)  row max and log(sum(exp(logits - max))), saved for backward
     const float* logits;    // (N, V)
     const int64_t* targets; // (N)
     int N, V;
@@ -156,7 +156,7 @@ typedef struct {
 typedef struct {
     float* dlogits;         // (N, V)  may alias logits
     const float* logits;    // (N, V)
-    const float* lse;       // (N)
+    const float* stats;     // (N, 2)  from the forward
     const int64_t* targets; // (N)
     int N, V;
     int64_t ignore_index;

@@ -1,5 +1,6 @@
 // kernels_impl.h — every kernel body, compiled once per path by isa_{scalar,avx2,avx512}.c.
 // Each includer sets the target pragma and KFN(name) (the symbol suffix) before including this file.
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
