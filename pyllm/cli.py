@@ -5,6 +5,7 @@ import argparse
 import importlib
 import math
 import re
+import signal
 import sys
 
 from . import __version__
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    prev = _catch_sigterm()
     try:
         rc = args._module.main(args)
     except (CLIError, ValueError) as e:
@@ -103,10 +105,39 @@ def main(argv: list[str] | None = None) -> int:
             msg += " and is not a directory"
         print(f"pyllm {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"pyllm {args.command}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"pyllm {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if prev is not None:
+            signal.signal(signal.SIGTERM, prev)
     return int(rc or 0)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a batch scheduler, torchrun stopping its workers) raised where the stage is, as a Ctrl-C: the
+    same clean-up runs (a checkpoint's or export's temporary files removed). The default action killed the process
+    mid-write and left model.bin.tmp or a <run>.tmp-<pid>/ that no later run removes."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
+def _catch_sigterm():
+    """Install the SIGTERM handler for the stage's run; the handler it replaced, or None where it cannot (not the
+    main thread, someone else's handler in place) or should not: under torchrun, whose agent stops the surviving
+    ranks with SIGTERM while they wait inside a collective, where a Python handler runs only once the call returns
+    (the default action ends them at once)."""
+    import os
+    import threading
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) != signal.SIG_DFL or "TORCHELASTIC_RUN_ID" in os.environ:
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def module_main(module: str) -> int:

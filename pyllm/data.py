@@ -62,6 +62,8 @@ def atomic_write(path, chunks, tmp_suffix: str = ".tmp") -> None:
         if os.path.isfile(tmp):
             os.unlink(tmp)
         if isinstance(e, OSError):
+            if e.filename == tmp:  # e.g. the parent directory is missing: name the output, not our temporary
+                raise OSError(e.errno, e.strerror, path) from e
             raise named(e, path) from e
         raise
 

@@ -211,7 +211,20 @@ def load_resume(path: Path, config: ModelConfig):
                          + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items())
                          + "); resume with the same --depth/--preset/--dim/... and --seq-len")
     ck_model, _ = load_checkpoint(str(path))
-    tensors = load_file(str(path / "trainer_state.safetensors"))
+    tf = path / "trainer_state.safetensors"
+    tensors = load_file(str(tf))
+    # each tensor the JSON side names, with its size (a missing rng.torch was a KeyError, a wrong-sized moment
+    # reshape's RuntimeError from inside the resume)
+    shapes = meta["shapes"] if isinstance(meta["shapes"], dict) else {}
+    for name, shape in [("rng.torch", None), *shapes.items()]:
+        t = tensors.get(name)
+        if t is None:
+            raise ValueError(f"{tf}: missing tensor {name!r} (corrupt trainer state)")
+        if shape is not None and (not isinstance(shape, list) or t.numel() != math.prod(shape)):
+            raise ValueError(f"{tf}: tensor {name!r} has {t.numel()} elements, trainer_state.json says shape "
+                             f"{shape} (corrupt trainer state)")
+    if tensors["rng.torch"].dtype != torch.uint8:
+        raise ValueError(f"{tf}: tensor 'rng.torch' is {tensors['rng.torch'].dtype}, not a torch RNG state")
     return ck_model.state_dict(), tensors, meta
 
 
@@ -561,6 +574,8 @@ def main(args) -> int:
     for k in ("eval_every", "checkpoint_every", "eval_batches", "sample_tokens", "stop_at", "total_batch_tokens"):
         if getattr(args, k) < 0:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 0 (0 = off), got {getattr(args, k)}")
+    if args.depth is not None and args.preset:  # --depth was ignored without a word
+        raise ValueError("--depth and --preset each give the whole model shape: pass one of them")
     if args.depth is not None and args.depth <= 0:  # was silently replaced by the default depth 4
         raise ValueError(f"--depth must be positive, got {args.depth}")
     from .sft import check_float_ranges

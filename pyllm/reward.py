@@ -55,17 +55,11 @@ class RewardModel(nn.Module):
         return {"weight": self.head.weight.detach().cpu(), "bias": self.head.bias.detach().cpu()}
 
     def load_head(self, path):
-        from .safetensors_io import load_file
+        from .safetensors_io import load_into
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no reward head (is this a `pyllm reward` checkpoint?)")
-        sd = load_file(str(path))
-        if tuple(sd["weight"].shape) != tuple(self.head.weight.shape):
-            raise ValueError(f"{path}: head weight shape {tuple(sd['weight'].shape)} does not match the model "
-                             f"width {self.model.config.dim}")
-        with torch.no_grad():
-            self.head.weight.copy_(sd["weight"])
-            self.head.bias.copy_(sd["bias"])
+        load_into(path, self.head)  # names, shapes (the model width) and dtype checked, one line naming the file
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right", device=None):

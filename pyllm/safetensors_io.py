@@ -139,3 +139,19 @@ def load_file(path, device: str = "cpu", with_metadata: bool = False):
                     raise ValueError(f"{path}: tensor {name!r}: short read ({got} of {end - b} bytes)")
             out[name] = t.to(device) if device != "cpu" else t
     return (out, meta) if with_metadata else out
+
+
+def load_into(path, module) -> None:
+    """Copy a small state file (a reward or value head) into `module`: the same tensor names, shapes and a float dtype,
+    else a one-line ValueError naming the file (a foreign file was a KeyError 'weight' or load_state_dict's
+    multi-line RuntimeError)."""
+    tensors = load_file(path)
+    want = module.state_dict()
+    if set(tensors) != set(want):
+        raise ValueError(f"{path}: holds tensors {sorted(tensors)}, expected {sorted(want)}")
+    for k, t in tensors.items():
+        if tuple(t.shape) != tuple(want[k].shape) or not t.is_floating_point():
+            raise ValueError(f"{path}: tensor {k!r} is {t.dtype} of shape {tuple(t.shape)}, expected a float "
+                             f"tensor of shape {tuple(want[k].shape)}")
+    module.load_state_dict({k: t.to(want[k].dtype) for k, t in tensors.items()})
+

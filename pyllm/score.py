@@ -6,9 +6,7 @@ Lines: {"prompt": str|messages, "response": str|messages} (also "completion" or 
 from __future__ import annotations
 
 import json
-import os
 import sys
-from pathlib import Path
 
 from .sft import BadLine, Dist, as_messages, check_messages, read_jsonl, render_checked
 
@@ -44,14 +42,9 @@ def main(args) -> int:
     rows, _ = read_jsonl(args.data, parse, args.skip_bad_lines, "scoring")
     rewards = score_ids(rm, [r[1] for r in rows], pad_id_of(tok), dist.device, args.batch_size)
     text = "".join(json.dumps({**obj, "reward": float(r)}) + "\n" for (obj, _), r in zip(rows, rewards))
-    if args.out:
-        tmp = Path(args.out + ".tmp")
-        try:
-            tmp.write_text(text)
-            os.replace(tmp, args.out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # no half-written output left behind (e.g. --out is a directory)
-            raise
+    if args.out:  # no half-written output left behind (a full disk, --out a directory)
+        from .data import atomic_write_text
+        atomic_write_text(args.out, text)
         print(f"score: {len(rows)} lines, mean reward {float(rewards.mean()):.4f} -> {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)

@@ -335,7 +335,10 @@ def load_policy(model_dir, device, tokenizer_path=None):
     model, tok = load_checkpoint(str(model_dir), dtype=torch.float32)  # an HF bf16/fp16 checkpoint trains in fp32
     if tokenizer_path:
         from .tokenizer import Tokenizer
-        tok = Tokenizer.load(str(tokenizer_path))
+        given = Tokenizer.load(str(tokenizer_path))
+        if tok is not None:  # a model trained on other ids took it silently; export failed only much later
+            check_same_tokenizer(tok, given, tokenizer_path, "--tokenizer")
+        tok = given
     if tok is None:
         raise ValueError(f"{model_dir}: checkpoint has no tokenizer.json; pass --tokenizer")
     if tok.vocab_size > model.config.vocab_size:
@@ -348,9 +351,13 @@ def load_policy(model_dir, device, tokenizer_path=None):
 
 def check_same_tokenizer(tok, other, path, what: str):
     """A second model fed the policy's token ids (DPO's reference, RL's reward model) must share its tokenizer, else
-    it silently reads them as other tokens."""
+    it silently reads them as other tokens; so must a --tokenizer given for a checkpoint that has its own."""
     from .data import tokenizer_hash
     if tokenizer_hash(other) != tokenizer_hash(tok):
+        if what == "--tokenizer":
+            raise ValueError(f"{path}: --tokenizer differs from the checkpoint's own tokenizer.json ({other.vocab_size}"
+                             f" vs {tok.vocab_size} tokens): the model was trained on the other ids (leave "
+                             f"--tokenizer out)")
         raise ValueError(f"{path}: the {what}'s tokenizer differs from the policy's ({other.vocab_size} vs "
                          f"{tok.vocab_size} tokens); it would read the policy's token ids as other tokens")
 
@@ -384,10 +391,17 @@ def optimizer_tensors(opt) -> tuple[dict, dict]:
 
 def load_optimizer_tensors(opt, tensors: dict, side: dict, source: str = "trainer_state.safetensors"):
     state: dict = {}
+    params = [p for g in opt.param_groups for p in g["params"]]  # torch numbers them in this order
     for k, v in tensors.items():
         if not k.startswith("opt."):
             continue
-        _, pid, name = k.split(".", 2)
+        _, pid, name = (k.split(".", 2) + ["", ""])[:3]
+        if not pid.isdigit() or int(pid) >= len(params) or not name:
+            raise ValueError(f"{source}: tensor {k!r} names no parameter of the {len(params)} being trained")
+        # a wrong-shaped moment was a traceback from inside torch's Adam at the first step
+        if name in ("exp_avg", "exp_avg_sq") and tuple(v.shape) != tuple(params[int(pid)].shape):
+            raise ValueError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, the parameter "
+                             f"{tuple(params[int(pid)].shape)}")
         state.setdefault(int(pid), {})[name] = v
     groups = side["param_groups"]
     for g in groups:
@@ -533,6 +547,10 @@ def check_common_args(args):
     if not 0 <= args.eval_frac < 1:
         raise ValueError(f"--eval-frac must be in [0, 1), got {args.eval_frac}")
     check_float_ranges(args)
+    if not getattr(args, "lora_r", 0) and (getattr(args, "lora_alpha", None) is not None or
+                                           getattr(args, "lora_targets", None) is not None):
+        # these did nothing without a rank: the run fine-tuned every weight, without a word
+        raise ValueError("--lora-alpha/--lora-targets need --lora-r (the LoRA rank; 0 = full fine-tuning)")
     out = getattr(args, "out", None)
     if out is not None and Path(out).exists() and not Path(out).is_dir():  # before the run, not at its first save
         raise ValueError(f"{out}: File exists and is not a directory")

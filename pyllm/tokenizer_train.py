@@ -20,9 +20,16 @@ def main(args) -> int:
     if args.vocab_size < 262:
         raise ValueError(f"--vocab-size must be at least 262 (256 bytes + specials), got {args.vocab_size}")
     out = Path(args.out)
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)  # before training: an --out that is a file fails at once, not after it
-    files = data.expand_inputs(args.input)
-    tok = train_tokenizer(files, args.vocab_size, skip_bad_lines=args.skip_bad_lines, doc_sep=_unescape(args.doc_sep))
+    try:
+        files = data.expand_inputs(args.input)
+        tok = train_tokenizer(files, args.vocab_size, skip_bad_lines=args.skip_bad_lines,
+                              doc_sep=_unescape(args.doc_sep))
+    except BaseException:
+        if made and not any(out.iterdir()):  # a failed run left an empty --out behind
+            out.rmdir()
+        raise
     tok.save(str(out))
     if hasattr(tok, "save_bin"):
         tok.save_bin(str(out / "tokenizer.bin"))

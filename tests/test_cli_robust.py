@@ -527,3 +527,145 @@ def test_a_full_disk_names_the_file_and_leaves_no_partial_file(base, tmp_path, c
     assert not [n for n in left if ".tmp" in n], left
     if stage == "export":
         assert "model.bin" not in left
+
+
+def test_sigterm_mid_write_cleans_up_like_ctrl_c(tmp_path, capsys, monkeypatch):
+    """SIGTERM (kill, a scheduler, torchrun) killed a stage mid-write: an export left model.bin.tmp and
+    tokenizer.bin.tmp, an SFT save a <out>.tmp-<pid>/ that no later run removes. The CLI now raises it where the
+    stage is, as Ctrl-C, so the same clean-up runs; exit 143. A real signal, sent from inside the writes."""
+    import os
+    import signal
+
+    from pyllm import export, safetensors_io
+    base = tiny_checkpoint(tmp_path / "base")
+    calls = {"n": 0}
+    real_f32 = export._Writer.f32
+
+    def f32_then_term(self, t, align=1):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_f32(self, t, align)
+    monkeypatch.setattr(export._Writer, "f32", f32_then_term)
+    assert cli(["export", "--checkpoint", str(base), "--out", str(tmp_path / "bin")]) == 143
+    assert capsys.readouterr().err.endswith("pyllm export: terminated\n")
+    left = sorted(p.name for p in tmp_path.glob("bin/*"))
+    assert not [n for n in left if ".tmp" in n], left
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler lives only for the stage's run
+    monkeypatch.undo()
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(8)])
+    real_save = safetensors_io.save_file
+
+    def save_then_term(tensors, path, *a, **kw):
+        if "trainer_state" in str(path):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(tensors, path, *a, **kw)
+    monkeypatch.setattr(safetensors_io, "save_file", save_then_term)
+    assert cli(["sft", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "sft"), "--steps", "1",
+                "--batch-size", "2", "--device", "cpu"]) == 143
+    assert not list(tmp_path.glob("sft.tmp-*")) and not list(tmp_path.glob("sft.old-*"))
+    assert not (tmp_path / "sft" / "trainer_state.json").exists()
+
+
+def test_tokenizer_flag_must_match_the_checkpoints_own(tmp_path, capsys):
+    """--tokenizer replaced a checkpoint's own tokenizer with no check beyond its size: a model trained on BPE ids
+    was fine-tuned and saved with a byte-level tokenizer (exit 0); export failed only later, on the vocab sizes."""
+    from pyllm.tokenizer import Tokenizer
+    base = tiny_checkpoint(tmp_path / "base", vocab_size=400)
+    other = Tokenizer.train(iterator=["a b c d e f g " * 50], vocab_size=300)
+    other.save(tmp_path / "other")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(8)])
+    argv = ["sft", "--model", str(base), "--data", str(data), "--steps", "1", "--batch-size", "2", "--device", "cpu"]
+    assert cli([*argv, "--tokenizer", str(tmp_path / "other" / "tokenizer.json"), "--out", str(tmp_path / "o1")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "other/tokenizer.json: --tokenizer differs from the checkpoint's own tokenizer.json " \
+                              f"({other.vocab_size} vs 262 tokens)" in err[0], err
+    assert not (tmp_path / "o1").exists()
+    # the same tokenizer given explicitly is fine
+    assert cli([*argv, "--tokenizer", str(base / "tokenizer.json"), "--out", str(tmp_path / "o2")]) == 0
+
+
+def test_flags_that_did_nothing_are_refused(tmp_path, capsys):
+    """`sft --lora-alpha 16 --lora-targets q_proj` without --lora-r fine-tuned every weight, saying nothing;
+    `pretrain --preset 260K --depth 1` built the preset and ignored --depth."""
+    base = tiny_checkpoint(tmp_path / "base")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "completion": "c"}] * 4)
+    for extra in (["--lora-alpha", "16"], ["--lora-targets", "q_proj"]):
+        assert cli(["sft", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "o"), "--steps", "1",
+                    "--device", "cpu", *extra]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err == ["pyllm sft: error: --lora-alpha/--lora-targets need --lora-r (the LoRA rank; 0 = full "
+                       "fine-tuning)"], err
+    assert not (tmp_path / "o").exists()
+    assert cli(["pretrain", "--data", str(tmp_path), "--preset", "260K", "--depth", "1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["pyllm pretrain: error: --depth and --preset each give the whole model shape: pass one of them"]
+
+
+def test_foreign_state_files_are_one_line_errors(tmp_path, capsys):
+    """Found by a CLI audit (session 18): a reward head holding other tensors was KeyError 'weight' (in score, rl
+    and reward --resume), a wrong-shaped bias load_state_dict's RuntimeError; a wrong-shaped optimizer moment in an
+    SFT run's trainer_state.safetensors a traceback from inside torch's Adam at the first resumed step."""
+    import torch
+
+    from pyllm import safetensors_io as S
+    head = torch.nn.Linear(8, 1)
+    for tensors, want in (({"w": torch.zeros(1, 8)}, r"holds tensors \['w'\], expected \['bias', 'weight'\]"),
+                          ({"weight": torch.zeros(1, 8)}, r"holds tensors \['weight'\], expected"),
+                          ({"weight": torch.zeros(1, 8), "bias": torch.zeros(3)},
+                           r"tensor 'bias' is torch.float32 of shape \(3,\), expected a float tensor of shape \(1,\)"),
+                          ({"weight": torch.zeros(1, 8, dtype=torch.int32), "bias": torch.zeros(1)},
+                           r"tensor 'weight' is torch.int32")):
+        S.save_file(tensors, tmp_path / "h.safetensors")
+        with pytest.raises(ValueError, match=want) as e:
+            S.load_into(tmp_path / "h.safetensors", head)
+        assert str(e.value).startswith(f"{tmp_path / 'h.safetensors'}: ") and "\n" not in str(e.value)
+    good = {"weight": torch.randn(1, 8), "bias": torch.randn(1)}
+    S.save_file(good, tmp_path / "h.safetensors")
+    S.load_into(tmp_path / "h.safetensors", head)
+    assert torch.equal(head.weight.data, good["weight"]) and torch.equal(head.bias.data, good["bias"])
+
+    base = tiny_checkpoint(tmp_path / "base")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(8)])
+    argv = ["sft", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "o"), "--batch-size", "2",
+            "--device", "cpu"]
+    assert cli([*argv, "--steps", "1"]) == 0
+    capsys.readouterr()
+    st = tmp_path / "o" / "trainer_state.safetensors"
+    tens = S.load_file(st)
+    key = next(k for k in tens if k.endswith(".exp_avg"))
+    for bad, want in (({**tens, key: torch.zeros(3)}, f"tensor '{key}' has shape (3,), the parameter"),
+                      ({**tens, "opt.x.exp_avg": torch.zeros(1)}, "tensor 'opt.x.exp_avg' names no parameter")):
+        S.save_file(bad, st)
+        assert cli([*argv, "--steps", "2", "--resume"]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and f"{tmp_path / 'o'}/trainer_state.safetensors: {want}" in err[0], err
+
+
+def test_pretrain_resume_with_a_corrupt_trainer_state_tensor_file(tmp_path, capsys):
+    """The tensors side of a pretrain checkpoint's trainer state: a missing rng.torch was KeyError: 'rng.torch', a
+    wrong-sized optimizer moment reshape's RuntimeError ("shape '[262, 64]' is invalid")."""
+    import torch
+
+    from pyllm import safetensors_io as S
+    from pyllm.prepare import prepare
+    (tmp_path / "in.txt").write_text("\n\n".join(f"doc {i} " * 30 for i in range(40)))
+    prepare([str(tmp_path / "in.txt")], tmp_path / "d", byte_level=True, val_fraction=0.1, doc_sep="\n\n", workers=1)
+    out = tmp_path / "o"
+    base = ["pretrain", "--data", str(tmp_path / "d"), "--out", str(out), "--dim", "32", "--n-layers", "1",
+            "--n-heads", "2", "--seq-len", "32", "--eval-every", "0", "--sample-tokens", "0", "--batch-size", "2"]
+    assert cli([*base, "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    tf = out / (out / "latest").read_text().strip() / "trainer_state.safetensors"
+    good = S.load_file(tf)
+    moment = next(k for k in good if k.startswith("optim.") and k.endswith("exp_avg"))
+    for bad, want in (({k: v for k, v in good.items() if k != "rng.torch"}, "missing tensor 'rng.torch'"),
+                      ({**good, moment: torch.zeros(5)}, f"tensor '{moment}' has 5 elements, trainer_state.json says"),
+                      ({**good, "rng.torch": torch.zeros(3)}, "tensor 'rng.torch' is torch.float32")):
+        S.save_file(bad, tf)
+        assert cli([*base, "--max-steps", "2", "--resume"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{tf}: {want}" in err[0], err
+    S.save_file(good, tf)
+    assert cli([*base, "--max-steps", "2", "--resume"]) == 0

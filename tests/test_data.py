@@ -447,3 +447,81 @@ def test_lone_surrogate_and_deep_nesting_are_bad_lines(tmp_path):
     deep.write_text('{"text": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
     with pytest.raises(ValueError, match=r"deep.jsonl:2: not valid JSON \(nested too deeply\)"):
         prepare([str(deep)], tmp_path / "d3", byte_level=True, workers=1)
+
+
+
+def test_prepare_worker_death_is_an_error_not_a_hang(tmp_path, monkeypatch, capsys):
+    """A worker killed mid-chunk (the OOM killer, kill -9): multiprocessing.Pool replaced it and the main process
+    waited for the lost chunk forever, idle at 0% CPU. The executor now breaks, and prepare says so in one line;
+    a rerun of the same command resumes."""
+    import faulthandler
+    import signal
+    import sys
+
+    from pyllm import prepare as P
+    (tmp_path / "in.txt").write_text("\n\n".join(f"document {i} " * 20 for i in range(40)) + "\n\n" + "DIE " * 50)
+    real = P._encode_chunk
+
+    def encode_or_die(texts):  # runs in the forked workers
+        if any(t.startswith("DIE") for t in texts):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(texts)
+    monkeypatch.setattr(P, "_encode_chunk", encode_or_die)
+    argv = ["prepare", "--input", str(tmp_path / "in.txt"), "--byte-level", "--doc-sep", "\\n\\n", "--workers", "2",
+            "--out", str(tmp_path / "d")]
+    faulthandler.dump_traceback_later(300, exit=True, file=sys.__stderr__)  # a regression hangs: end the run
+    try:
+        rc = cli(argv)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"pyllm prepare: error: {tmp_path / 'd'}: a tokenizer worker process died (killed: out of memory? "
+                   f"try fewer --workers); rerun the same command"), err
+    monkeypatch.setattr(P, "_encode_chunk", real)
+    assert cli(argv) == 0
+
+
+def test_prepare_progress_counts_bytes_on_non_ascii_text(tmp_path, monkeypatch):
+    """The bars' totals are the files' sizes in bytes but they advanced by characters: on CJK text prepare showed
+    27% when all input had been read (and an ETA 3x too long). Both bars (tokenizer training, encoding) now count
+    bytes: at the end of reading they stand at the input's size less the document separators."""
+    from pyllm import prepare as P
+    text = "\n\n".join("東京の天気は晴れ。" * 30 + f" {i}" for i in range(60))
+    (tmp_path / "in.txt").write_text(text)
+    size = (tmp_path / "in.txt").stat().st_size
+    seen = {}
+
+    class Spy(P.Progress):
+        def update(self, n=1):
+            seen[self.desc] = seen.get(self.desc, 0) + n
+            return super().update(n)
+    monkeypatch.setattr(P, "Progress", Spy)
+    assert cli(["prepare", "--input", str(tmp_path / "in.txt"), "--vocab-size", "300", "--doc-sep", "\\n\\n",
+                "--workers", "1", "--out", str(tmp_path / "d")]) == 0
+    assert set(seen) == {"tokenizer: reading", "prepare"}
+    for desc, n in seen.items():
+        assert size - 2 * 59 <= n <= size, (desc, n, size)
+
+
+def test_atomic_write_names_the_output_not_its_temporary(tmp_path):
+    """`pyllm score --out nodir/x.jsonl` said "nodir/x.jsonl.tmp: No such file or directory" (score had its own
+    copy of the atomic write; it now uses data.atomic_write, which names the output)."""
+    with pytest.raises(FileNotFoundError) as e:
+        D.atomic_write_text(tmp_path / "nodir" / "x.jsonl", "{}\n")
+    assert e.value.filename == str(tmp_path / "nodir" / "x.jsonl")
+    assert not (tmp_path / "nodir").exists()
+
+
+def test_tokenizer_train_failure_leaves_no_empty_out(tmp_path, capsys):
+    """A failed `pyllm tokenizer-train` (missing or empty input) left the empty --out directory it had made."""
+    (tmp_path / "empty.txt").write_text("")
+    for inp in ("nonexist.txt", "empty.txt"):
+        assert cli(["tokenizer-train", "--input", str(tmp_path / inp), "--vocab-size", "300",
+                    "--out", str(tmp_path / "tk")]) == 2
+        assert inp in capsys.readouterr().err
+        assert not (tmp_path / "tk").exists()
+    (tmp_path / "mine").mkdir()  # a directory that was there before is left alone
+    assert cli(["tokenizer-train", "--input", str(tmp_path / "empty.txt"), "--vocab-size", "300",
+                "--out", str(tmp_path / "mine")]) == 2
+    assert (tmp_path / "mine").is_dir()
