@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    args._given = _given_flags(args._parser, argv[argv.index(args.command) + 1:])
     prev = _catch_sigterm()
     try:
         rc = args._module.main(args)
@@ -115,6 +116,21 @@ def main(argv: list[str] | None = None) -> int:
         if prev is not None:
             signal.signal(signal.SIGTERM, prev)
     return int(rc or 0)
+
+
+def _given_flags(sp: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The dests the command line set (not left at their defaults): `--resume` takes the run's saved value for every
+    flag left out, and refuses one given with another value. Parsed again with every default suppressed, so an
+    abbreviated or `--flag=value` spelling counts as argparse counted it."""
+    saved = {a.dest: a.default for a in sp._actions}
+    try:
+        for a in sp._actions:
+            a.default = argparse.SUPPRESS
+        ns, _ = sp.parse_known_args(argv)
+    finally:
+        for a in sp._actions:
+            a.default = saved[a.dest]
+    return {k for k in vars(ns) if not k.startswith("_")}
 
 
 class Terminated(KeyboardInterrupt):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .reward import pad_batch, pad_id_of, pair_training_setup, parse_preference
 from .sft import (Bar, Dist, Metrics, add_common_args, check_common_args, check_same_tokenizer, clip_and_step,
                   load_policy, lr_at, prepare_model, read_jsonl, render_checked, resume_state, save_stage, set_lr,
-                  step_items)
+                  run_args, step_items)
 
 
 def load_dpo_pairs(path, tok, max_len: int, skip_bad: bool):
@@ -123,7 +123,7 @@ def main(args) -> int:
         bar.update(1, loss=row["loss"], margin=row["rewards/margins"])
         if dist.main and (step % args.save_every == 0 or step == steps):
             save_stage(args.out, policy, tok, step=step, opt=opt, base=str(args.model),
-                       state={"stage": "dpo", "steps": steps, "beta": args.beta})
+                       state={"stage": "dpo", "steps": steps, "beta": args.beta, "args": run_args(args)})
     bar.close()
     if dist.main:
         print(f"dpo: saved {args.out} (step {step})")

@@ -25,6 +25,7 @@ import torch
 from . import data as D
 from .config import ModelConfig, depth_config, preset
 from .progress import Progress
+from .sft import run_args
 
 SHAPE_FLAGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim")
 
@@ -169,7 +170,7 @@ def save(out: Path, step: int, model, full_sd, opt_state, loader, tok, config, a
         model = plain
     tensors, meta = opt_state
     tensors["rng.torch"] = torch.get_rng_state()
-    meta.update(step=step, loader=loader.state_dict(), config=config.to_dict(), args=_jsonable(vars(args)),
+    meta.update(step=step, loader=loader.state_dict(), config=config.to_dict(), args=run_args(args),
                 tokenizer_hash=D.tokenizer_hash(tok), time=time.time())
 
     def trainer_files(tmp: Path):
@@ -185,10 +186,6 @@ def save(out: Path, step: int, model, full_sd, opt_state, loader, tok, config, a
     stale = [p for p in out.glob("ckpt_*.tmp-*") if p.is_dir()]
     for p in old[:max(0, len(old) - (keep - 1))] + stale:
         shutil.rmtree(p, ignore_errors=True)
-
-
-def _jsonable(d: dict) -> dict:
-    return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
 
 
 def load_resume(path: Path, config: ModelConfig):
@@ -318,7 +315,7 @@ def train(args) -> dict:
             print(f"{out}: holds an earlier run (latest {_latest(out).name}); starting over from step 0 (pass --resume "
                   f"to continue it)", file=sys.stderr)
         out.mkdir(parents=True, exist_ok=True)
-        D.atomic_write_text(out / "run.json", json.dumps(dict(args=_jsonable(vars(args)), config=config.to_dict(),
+        D.atomic_write_text(out / "run.json", json.dumps(dict(args=run_args(args), config=config.to_dict(),
                                                               world_size=world, accum=accum, device=str(device),
                                                               backend=backend, params=config.num_params(),
                                                               fsdp=fsdp_info), indent=1))
@@ -578,7 +575,7 @@ def main(args) -> int:
         raise ValueError("--depth and --preset each give the whole model shape: pass one of them")
     if args.depth is not None and args.depth <= 0:  # was silently replaced by the default depth 4
         raise ValueError(f"--depth must be positive, got {args.depth}")
-    from .sft import check_float_ranges
+    from .sft import check_float_ranges, resume_args
     check_float_ranges(args, {"weight_decay": (0.0, None, False), "grad_clip": (0.0, None, False),
                               "beta1": (0.0, 1.0, False), "beta2": (0.0, 1.0, False),
                               "min_lr_frac": (0.0, 1.0, False), "tokens_per_param": (0.0, None, True)})
@@ -586,6 +583,15 @@ def main(args) -> int:
         raise ValueError("--peak-flops must be a finite number >= 0 (0 = a guess from the device), "
                          f"got {args.peak_flops}")
     check_fsdp_torch(args.fsdp, torch.__version__)
+    if args.resume:  # before anything reads the flags: the run's own settings for those left out
+        ck = _latest(Path(args.out)) if args.resume == "latest" else Path(args.resume)
+        tj = ck / "trainer_state.json" if ck is not None else None
+        if tj is not None and tj.is_file():
+            try:
+                saved = json.loads(tj.read_text()).get("args")
+            except (ValueError, AttributeError, RecursionError):  # load_resume reports a corrupt file in one line
+                saved = None
+            resume_args(args, saved, ck)
     try:
         train(args)
     finally:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .sft import (BadLine, Bar, Dist, Metrics, add_common_args, as_messages, check_common_args, clip_and_step,
                   load_optimizer_tensors, lr_at, make_optimizer, prepare_model, read_jsonl, render_checked,
-                  resume_state, resume_step, save_stage, set_lr, split_eval, step_items)
+                  resume_state, resume_step, run_args, save_stage, set_lr, split_eval, step_items)
 
 HEAD_FILE = "reward_head.safetensors"
 
@@ -211,7 +211,8 @@ def main(args) -> int:
         bar.update(1, loss=row["loss"], acc=row["accuracy"])
         if dist.main and (step % args.save_every == 0 or step == steps):
             save_stage(args.out, rm.model, tok, step=step, opt=opt, base=str(args.model),
-                       extra_tensors={HEAD_FILE: rm.head_tensors()}, state={"stage": "reward", "steps": steps})
+                       extra_tensors={HEAD_FILE: rm.head_tensors()}, state={"stage": "reward", "steps": steps,
+                                                                           "args": run_args(args)})
     bar.close()
     if dist.main:
         final = evaluate(rm, ev, pad, dist.device, args.batch_size)

@@ -44,7 +44,7 @@ from .reward import pad_batch, pad_id_of
 from .sft import (BadLine, Bar, Dist, Metrics, add_common_args, as_messages, check_common_args, check_messages,
                   check_same_tokenizer, clip_and_step, load_optimizer_tensors, load_policy, make_optimizer,
                   prepare_model, read_jsonl, render_checked, resume_state, resume_step, save_stage, set_lr, lr_at,
-                  step_items)
+                  run_args, step_items)
 
 VALUE_FILE = "value_head.safetensors"
 PASS_RATE_KEY = "hard_prompts.pass_rate"   # in trainer_state.safetensors: (n_prompts) fp32
@@ -603,7 +603,7 @@ def main(args) -> int:
             extra = {VALUE_FILE: {k_: v.detach().cpu() for k_, v in ac.v_head.state_dict().items()}} \
                 if ac.v_head is not None else None
             save_stage(args.out, model, tok, step=step, opt=opt, base=str(args.policy), extra_tensors=extra,
-                       state={"stage": "rl", "algo": args.algo, "steps": steps},
+                       state={"stage": "rl", "algo": args.algo, "steps": steps, "args": run_args(args)},
                        trainer_tensors={PASS_RATE_KEY: pass_rate} if args.hard_prompts > 0 else None)
     bar.close()
     if dist.main:

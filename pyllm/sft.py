@@ -574,6 +574,56 @@ def prepare_model(args, dist: "Dist", resume_dir=None):
     return model, tok
 
 
+# Flags a resumed run may change when given (how it is run, watched and saved); every other flag is the run itself.
+RESUME_FREE = {"device", "backend", "dtype", "fsdp", "eval_every", "eval_at_start", "eval_batches", "eval_data",
+               "sample_tokens", "checkpoint_every", "keep_checkpoints", "stop_at", "peak_flops", "save_every",
+               "log_every", "skip_bad_lines", "max_steps", "steps", "tokenizer"}
+
+
+RESUME_ONCE = {"stop_at", "eval_at_start"}  # belong to one invocation: neither restored nor compared
+
+
+def run_args(args) -> dict:
+    """The flags as a run saves them (JSON values; a path that exists made absolute, so a resume from another
+    directory compares the same file)."""
+    out = {}
+    for k, v in vars(args).items():
+        if k.startswith("_") or k in ("command", "out", "resume"):
+            continue
+        if isinstance(v, Path):
+            v = str(v)
+        if isinstance(v, str) and v and os.path.exists(v):
+            v = os.path.realpath(v)
+        if isinstance(v, (str, int, float, bool, list, type(None))):
+            out[k] = v
+    return out
+
+
+def resume_args(args, saved, where) -> None:
+    """--resume continues the run as it was started: a flag left out takes the run's saved value (the defaults
+    restarted the warmup, changed the batch and the schedule's length); a flag given with another value is an error,
+    except the operational ones in RESUME_FREE. Runs saved before the flags were kept (no "args") resume as given."""
+    if not isinstance(saved, dict):
+        return
+    given = getattr(args, "_given", None)  # None (a library call): every flag counts as given
+    cur = run_args(args)
+    changed, restored = [], []
+    for k, old in saved.items():
+        if k not in cur or cur[k] == old or k in RESUME_ONCE:
+            continue
+        if given is not None and k not in given:
+            setattr(args, k, old)
+            restored.append(k)
+        elif k not in RESUME_FREE:
+            changed.append(f"--{k.replace('_', '-')} {old!r} -> {cur[k]!r}")
+    if changed:
+        raise ValueError(f"{where}: --resume continues the run with its own settings, and this command changes "
+                         f"{', '.join(changed)} (leave them out, or start a new run in another --out)")
+    if restored and int(os.environ.get("RANK", "0")) == 0:
+        print(f"{where}: resuming with the run's " + " ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in restored),
+              file=sys.stderr)
+
+
 def resume_state(args, stage: str | None = None):
     """The trainer state to continue from (None when starting fresh); --resume without state, or with another
     stage's state (its optimizer and step count would be taken over silently), is an error."""
@@ -584,6 +634,8 @@ def resume_state(args, stage: str | None = None):
     if stage and found not in (None, stage):
         raise ValueError(f"{args.out}: holds a `pyllm {found}` run; `pyllm {stage} --resume` continues only its own "
                          f"runs (use another --out)")
+    if st:
+        resume_args(args, st[0].get("args"), args.out)
     check_out_dir(args.out, getattr(args, "model", None))
     if not args.resume and (Path(args.out) / "trainer_state.json").exists():
         print(f"{args.out}: existing checkpoint will be overwritten (pass --resume to continue it)",
@@ -732,7 +784,7 @@ def main(args) -> int:
         bar.update(1, loss=row["loss"])
         if dist.main and (step % args.save_every == 0 or step == steps):
             save_stage(args.out, model, tok, step=step, opt=opt, base=str(args.model),
-                       state={"stage": "sft", "steps": steps})
+                       state={"stage": "sft", "steps": steps, "args": run_args(args)})
     bar.close()
     if dist.main:
         print(f"sft: saved {args.out} (step {step})")

@@ -228,7 +228,8 @@ def test_unknown_flag_names_the_subcommand(capsys):
 
 def test_resume_another_stages_run_or_another_lora_setup(base, tmp_path, capsys):
     """`dpo --resume` in an SFT output took over SFT's optimizer and step count silently (exit 0); resuming a LoRA
-    run without --lora-r was torch's "parameter group that doesn't match the size of optimizer's group"."""
+    run without --lora-r was torch's "parameter group that doesn't match the size of optimizer's group" (it now
+    takes the run's own --lora-r), with another --lora-r a silent r = 2."""
     data = write_jsonl(tmp_path / "s.jsonl", [GOOD_SFT] * 4)
     prefs = write_jsonl(tmp_path / "p.jsonl", [GOOD_PREF] * 4)
     out = tmp_path / "o"
@@ -239,12 +240,13 @@ def test_resume_another_stages_run_or_another_lora_setup(base, tmp_path, capsys)
                 "--out", str(out), "--steps", "2", "--resume"]) == 2
     assert f"{out}: holds a `pyllm sft` run; `pyllm dpo --resume` continues only its own" in \
         one_line_error(capsys, "dpo")
-    assert cli(sft + ["--steps", "2", "--resume"]) == 2
-    err = one_line_error(capsys, "sft")
-    assert f"{out}/trainer_state.safetensors: the saved optimizer state does not fit" in err, err
     assert cli(sft + ["--steps", "2", "--resume", "--lora-r", "4"]) == 2  # was exit 0, silently r = 2
     err = one_line_error(capsys, "sft")
-    assert f"{out}/adapter_config.json: the adapters being resumed have r=2, not --lora-r 4" in err, err
+    assert f"{out}: --resume continues the run with its own settings, and this command changes --lora-r 2 -> 4" \
+        in err, err
+    # without --lora-r the run resumes as it was started (was "the saved optimizer state does not fit")
+    assert cli(sft + ["--steps", "2", "--resume"]) == 0
+    assert f"{out}: resuming with the run's --lora-r 2" in capsys.readouterr().err
 
 
 def test_export_and_stages_cast_a_bf16_checkpoint(base, tmp_path, capsys):
@@ -669,3 +671,46 @@ def test_pretrain_resume_with_a_corrupt_trainer_state_tensor_file(tmp_path, caps
         assert len(err) == 1 and f"{tf}: {want}" in err[0], err
     S.save_file(good, tf)
     assert cli([*base, "--max-steps", "2", "--resume"]) == 0
+
+
+def test_resume_keeps_the_runs_settings(tmp_path, capsys):
+    """`pretrain --resume` (or a stage's) with flags left out ran on the defaults: the warmup restarted at 100 steps,
+    the batch went 4 -> 16, the schedule ran to 3398 steps instead of 6, the optimizer kept its old weight decay while
+    run.json recorded the new one; an SFT run resumed on other data. Now a flag left out takes the run's value and
+    a flag given with another value is an error naming it; operational flags (--eval-every, --max-steps, ...) may
+    change. The resumed run with every flag left out equals the uninterrupted one exactly."""
+    import json
+
+    from pyllm.prepare import prepare
+    (tmp_path / "in.txt").write_text("\n\n".join(f"doc {i} " * 30 for i in range(40)))
+    prepare([str(tmp_path / "in.txt")], tmp_path / "d", byte_level=True, val_fraction=0.1, doc_sep="\n\n", workers=1)
+    flags = ["--dim", "32", "--n-layers", "1", "--n-heads", "2", "--seq-len", "32", "--eval-every", "0",
+             "--sample-tokens", "0", "--batch-size", "4", "--warmup-steps", "2", "--max-steps", "5", "--seed", "7",
+             "--weight-decay", "0.2"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli(["pretrain", "--data", str(tmp_path / "d"), "--out", str(a), *flags]) == 0
+    assert cli(["pretrain", "--data", str(tmp_path / "d"), "--out", str(b), *flags, "--stop-at", "2"]) == 0
+    capsys.readouterr()
+    assert cli(["pretrain", "--data", str(tmp_path / "d"), "--out", str(b), "--resume", "--weight-decay", "0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume continues the run with its own settings, and this command changes " \
+                             "--weight-decay 0.2 -> 0.5" in err[0], err
+    assert cli(["pretrain", "--data", str(tmp_path / "d"), "--out", str(b), "--resume"]) == 0
+    assert "resuming with the run's" in capsys.readouterr().err
+
+    def losses(d):
+        return [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()
+                if "loss" in json.loads(line)]
+    assert losses(a) == losses(b) and len(losses(a)) == 5
+
+    base = tiny_checkpoint(tmp_path / "base")
+    d1 = write_jsonl(tmp_path / "d1.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(8)])
+    d2 = write_jsonl(tmp_path / "d2.jsonl", [{"prompt": f"q{i}", "completion": f"r{i}"} for i in range(8)])
+    sft = ["sft", "--model", str(base), "--out", str(tmp_path / "s"), "--device", "cpu", "--steps", "2"]
+    assert cli([*sft, "--data", str(d1), "--batch-size", "2"]) == 0
+    capsys.readouterr()
+    assert cli([*sft[:-2], "--steps", "3", "--data", str(d2), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"changes --data {str(d1)!r} -> {str(d2)!r}" in err[0], err
+    assert cli([*sft[:-2], "--steps", "3", "--data", str(d1), "--resume"]) == 0  # --steps may grow
+    assert "resuming with the run's --batch-size 2" in capsys.readouterr().err
