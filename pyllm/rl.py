@@ -288,7 +288,7 @@ def add_arguments(p):
                         "rate, else 0.5; each visit moves it halfway to that group's rate), instead of uniform "
                         "epochs: rollouts go to the prompts not yet solved (0 = off)")
     p.add_argument("--no-whiten", action="store_true", help="do not whiten PPO advantages")
-    add_common_args(p, default_lr=DEFAULT_LR)
+    add_common_args(p, default_lr=DEFAULT_LR, evals=False)  # held-out scoring: `pyllm score`, or the demo's report
 
 
 @torch.no_grad()
@@ -392,10 +392,9 @@ def main(args) -> int:
     ref, _ = load_policy(args.policy, dist.device, args.tokenizer)
     ref.eval().requires_grad_(False)
     ac = PolicyWithValue(model, value_head=args.algo == "ppo").to(dist.device)
-    if st and ac.v_head is not None:
-        from .safetensors_io import load_file
-        sd = load_file(str(Path(args.out) / VALUE_FILE))
-        ac.v_head.load_state_dict({k: v.to(dist.device) for k, v in sd.items()})
+    if st and ac.v_head is not None:  # a foreign file: one line naming it (was load_state_dict's RuntimeError)
+        from .safetensors_io import load_into
+        load_into(Path(args.out) / VALUE_FILE, ac.v_head)
     rm = None
     if args.reward_model:
         from .reward import load_reward_model

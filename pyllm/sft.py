@@ -477,9 +477,10 @@ def resume_step(side: dict, steps: int, out) -> int:
 DEFAULT_LR = (1e-4, 1e-3)  # --lr when not given: (full fine-tuning, LoRA)
 
 
-def add_common_args(p, lora: bool = True, default_lr: tuple | None = None):
+def add_common_args(p, lora: bool = True, default_lr: tuple | None = None, evals: bool = True):
     """Flags every assistant stage shares (TRL/nanoGPT names where they exist). default_lr: the stage's (full
-    fine-tuning, LoRA) learning rates when --lr is not given, for --help."""
+    fine-tuning, LoRA) learning rates when --lr is not given, for --help. evals=False: a stage with no held-out
+    evaluation (rl) does not offer --eval-frac/--eval-every, which it would ignore."""
     p.add_argument("--out", required=True, help="output checkpoint directory (created; resumable)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the checkpoint's")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="device (default: cuda if available)")
@@ -492,8 +493,9 @@ def add_common_args(p, lora: bool = True, default_lr: tuple | None = None):
     p.add_argument("--steps", type=int, default=0, help="optimizer steps (0 = --epochs over the data)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the training data when --steps is 0")
     p.add_argument("--seed", type=int, default=1337, help="data order / sampling seed")
-    p.add_argument("--eval-frac", type=float, default=0.05, help="held-out fraction of the data for eval")
-    p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (and at the end)")
+    if evals:
+        p.add_argument("--eval-frac", type=float, default=0.05, help="held-out fraction of the data for eval")
+        p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (and at the end)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
     p.add_argument("--log-every", type=int, default=1, help="write a metrics line every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the trainer state in --out")
@@ -544,7 +546,7 @@ def check_common_args(args):
         raise ValueError(f"--epochs must be > 0, got {args.epochs}")
     if not 0 <= args.seed < 2 ** 63:
         raise ValueError(f"--seed must be in [0, 2^63), got {args.seed}")
-    if not 0 <= args.eval_frac < 1:
+    if not 0 <= getattr(args, "eval_frac", 0) < 1:
         raise ValueError(f"--eval-frac must be in [0, 1), got {args.eval_frac}")
     check_float_ranges(args)
     if not getattr(args, "lora_r", 0) and (getattr(args, "lora_alpha", None) is not None or

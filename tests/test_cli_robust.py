@@ -590,7 +590,7 @@ def test_tokenizer_flag_must_match_the_checkpoints_own(tmp_path, capsys):
 
 def test_flags_that_did_nothing_are_refused(tmp_path, capsys):
     """`sft --lora-alpha 16 --lora-targets q_proj` without --lora-r fine-tuned every weight, saying nothing;
-    `pretrain --preset 260K --depth 1` built the preset and ignored --depth."""
+    `pretrain --preset 260K --depth 1` built the preset and ignored --depth; rl ignored --eval-frac/--eval-every."""
     base = tiny_checkpoint(tmp_path / "base")
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "completion": "c"}] * 4)
     for extra in (["--lora-alpha", "16"], ["--lora-targets", "q_proj"]):
@@ -603,6 +603,11 @@ def test_flags_that_did_nothing_are_refused(tmp_path, capsys):
     assert cli(["pretrain", "--data", str(tmp_path), "--preset", "260K", "--depth", "1"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err == ["pyllm pretrain: error: --depth and --preset each give the whole model shape: pass one of them"]
+    # rl offered --eval-frac/--eval-every (with defaults in --help) and used neither: every prompt trained
+    with pytest.raises(SystemExit) as e:
+        cli(["rl", "--policy", str(base), "--prompts", str(data), "--reward-model", str(base), "--out",
+             str(tmp_path / "r"), "--eval-frac", "0.5"])
+    assert e.value.code == 2 and "unrecognized arguments: --eval-frac 0.5" in capsys.readouterr().err
 
 
 def test_foreign_state_files_are_one_line_errors(tmp_path, capsys):
