@@ -147,6 +147,12 @@ def evaluate(rm, pairs, pad_id, device, batch_size) -> dict:
     return {"eval_accuracy": float((rc > rr).float().mean()), "eval_margin": float((rc - rr).mean())}
 
 
+def bradley_terry_loss(rc, rr, margin):
+    """-log sigmoid(r_chosen - r_rejected - margin), the batch mean (Llama 2's margin: a pair marked more clearly
+    preferred must be separated by more)."""
+    return -F.logsigmoid(rc - rr - margin).mean()
+
+
 def pair_training_setup(args, dist, module, st, load_pairs, tok, T: int, default_lr: tuple):
     """What the pairwise stages (reward, dpo) share before their loop -> (train, eval, pairs per step, steps, lr,
     optimizer, start step). default_lr: (full fine-tuning, LoRA) when --lr is not given."""
@@ -197,7 +203,7 @@ def main(args) -> int:
         r = drm(idx, m)  # (2B,): chosen then rejected, one forward
         rc, rr = r[:B], r[B:]
         margin = torch.tensor([b[2] for b in batch], device=dist.device)
-        loss = -F.logsigmoid(rc - rr - margin).mean()
+        loss = bradley_terry_loss(rc, rr, margin)
         set_lr(opt, lr_at(step, steps, lr, args.warmup_steps))
         loss.backward()
         gn = clip_and_step(opt, params, args.grad_clip)

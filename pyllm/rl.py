@@ -120,6 +120,30 @@ def masked_mean(x, m):
     return (x * m).sum() / m.sum().clamp(min=1)
 
 
+def ppo_token_rewards(kl_tok, score, last, kl_coef: float):
+    """PPO's per-token reward (N, S): -kl_coef * (log pi - log ref) at every position, plus each row's score at the
+    position `last` predicting its final response token."""
+    rewards = -kl_coef * kl_tok
+    rewards[torch.arange(len(score)), last] += score
+    return rewards
+
+
+def k3_kl(lp, ref_lp, m):
+    """GRPO's KL(pi || ref) term: Schulman's k3 estimator r - log r - 1, r = ref / pi per sampled token (>= 0,
+    unbiased), averaged over the mask."""
+    d = ref_lp - lp
+    return masked_mean(torch.exp(d) - d - 1, m)
+
+
+def policy_loss(lp, old_lp, adv, m, clip_range: float, ref_lp=None, kl_coef: float = 0.0):
+    """The clipped surrogate masked_mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))), r = exp(lp - old_lp), plus
+    kl_coef * k3_kl to ref_lp when given (GRPO / rft; PPO puts the KL in the reward). -> (loss, surrogate, ratio)."""
+    ratio = torch.exp(lp - old_lp)
+    pg = masked_mean(torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)), m)
+    loss = pg if ref_lp is None else pg + kl_coef * k3_kl(lp, ref_lp, m)
+    return loss, pg, ratio
+
+
 def _sum_ranks(t, distributed: bool):
     if distributed:
         torch.distributed.all_reduce(t)
@@ -537,8 +561,7 @@ def main(args) -> int:
                 kl_tok = (old_lp - ref_lp) * m                              # (N, S) sampled-token KL estimate
             if args.algo == "ppo":
                 values = values[:, :-1] * m
-                rewards = -args.kl_coef * kl_tok
-                rewards[torch.arange(N), last] += score
+                rewards = ppo_token_rewards(kl_tok, score, last, args.kl_coef)
                 adv, returns = gae(rewards, values, m, args.gamma, args.lam)
                 if not args.no_whiten:
                     adv = whiten(adv, m, distributed=dist.world > 1)
@@ -567,20 +590,14 @@ def main(args) -> int:
                 if one_pass:
                     old_lp = lp.detach()
                     kl_tok = (old_lp - ref_lp) * m
-                ratio = torch.exp(lp - old_lp[b])
-                a_b = adv[b]
-                pg = masked_mean(torch.max(-a_b * ratio, -a_b * ratio.clamp(1 - args.clip_range,
-                                                                            1 + args.clip_range)), mm)
-                loss = pg
+                loss, pg, ratio = policy_loss(lp, old_lp[b], adv[b], mm, args.clip_range,
+                                              None if args.algo == "ppo" else ref_lp[b], args.kl_coef)
                 if args.algo == "ppo":
                     v = v_b[:, :-1]
                     v_clip = values[b] + (v - values[b]).clamp(-args.clip_range_value, args.clip_range_value)
                     vf = 0.5 * masked_mean(torch.max((v - returns[b]) ** 2, (v_clip - returns[b]) ** 2), mm)
                     loss = loss + args.vf_coef * vf
                     stats["vf_loss"].append(vf.item())
-                else:
-                    d = ref_lp[b] - lp
-                    loss = loss + args.kl_coef * masked_mean(torch.exp(d) - d - 1, mm)  # k3: >= 0, unbiased
                 loss.backward()
                 stats["grad_norm"].append(clip_and_step(opt, params, args.grad_clip))
                 with torch.no_grad():

@@ -82,6 +82,25 @@ def test_cross_entropy_forward_backward(isa, rng, N, V):
     torch.testing.assert_close(logits.grad, lr.grad, rtol=1e-5, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("N,V,ignore", [(7, 17, 0), (9, 1000, 3), (5, 37, 36)])
+def test_cross_entropy_non_negative_ignore_index(isa, rng, N, V, ignore):
+    """ignore_index was only ever -1, which no valid target equals: a backward that dropped `t != ignore_index`
+    (a gradient on the ignored rows, whose target is a real class) passed. Against torch's cross_entropy with the
+    same ignore_index; ignored rows must get exactly zero gradient."""
+    logits = (torch.randn(N, V, generator=rng) * 3).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=rng)
+    targets[torch.arange(N) % 3 == 1] = ignore
+    targets[0] = (ignore + 1) % V
+    loss = ops.cross_entropy(logits, targets, ignore_index=ignore)
+    lr = logits.detach().clone().requires_grad_()
+    loss_r = torch.nn.functional.cross_entropy(lr, targets, ignore_index=ignore)
+    torch.testing.assert_close(loss, loss_r, rtol=1e-5, atol=1e-5)
+    (loss * 1.7).backward()
+    (loss_r * 1.7).backward()
+    torch.testing.assert_close(logits.grad, lr.grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(logits.grad[targets == ignore], torch.zeros(int((targets == ignore).sum()), V))
+
 def test_cross_entropy_all_ignored_is_zero(isa, rng):
     logits = torch.randn(4, 9, generator=rng, requires_grad=True)
     targets = torch.full((4,), -1, dtype=torch.int64)

@@ -22,6 +22,27 @@ def test_rmsnorm_forward_backward(isa, rng, N, C_):
     torch.testing.assert_close(w.grad, wr.grad, rtol=1e-4, atol=1e-4)
 
 
+
+# Above N*C = 32768 the backward runs in an OpenMP region where each thread sums its rows' dweight and adds it
+# to the output under a critical section; 3 threads (a count dividing neither N) so every share must be added.
+@pytest.mark.parametrize("N,C_", [(300, 384), (97, 401)])
+def test_rmsnorm_backward_threaded_dweight(isa, rng, N, C_):
+    """The largest case above was 64x384 = 24576 elements, under the threaded path's threshold: a dweight that
+    kept only the last thread's share (`=` for `+=`) passed every test."""
+    x = torch.randn(N, C_, generator=rng, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(C_, generator=rng)).requires_grad_()
+    dy = torch.randn(N, C_, generator=rng)
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref.rmsnorm(xr, wr, 1e-5).backward(dy.double())
+    before = C().get_threads()
+    C().set_threads(3)
+    try:
+        ops.rmsnorm(x, w, 1e-5).backward(dy)
+    finally:
+        C().set_threads(before)
+    torch.testing.assert_close(x.grad, xr.grad.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad, wr.grad.float(), rtol=1e-4, atol=1e-3)
+
 def test_rmsnorm_writes_every_element(isa, rng):
     x = torch.randn(7, 33, generator=rng)
     w = torch.randn(33, generator=rng)

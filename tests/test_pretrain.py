@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pyllm import data as D
+from pyllm.checkpoint import load_checkpoint
 from pyllm.cli import main as cli
 from pyllm.prepare import prepare
 from pyllm.pretrain import lr_at
@@ -271,3 +274,38 @@ def test_starting_over_in_a_used_out_dir_warns_and_rotates_its_own_checkpoints(d
     assert sorted(p.name for p in out.glob("ckpt_*")) == ["ckpt_0000002", "ckpt_0000003", "ckpt_0000004",
                                                           "ckpt_0000005"]
     assert (out / "latest").read_text().strip() == "ckpt_0000003"
+
+
+def test_training_loss_masks_attention_at_document_boundaries(tmp_path, monkeypatch):
+    """The step passes the loader's document ids to the model: a training step that called model(x, y) (attention
+    across the documents packed into a row) passed every test here. Rows of ~5 short documents; each step's logged
+    loss must equal the previous checkpoint's loss on that step's batch WITH the mask (torch backend, independent of
+    the kernels) and not the unmasked one."""
+    r = random.Random(0)
+    (tmp_path / "in.txt").write_text("\n\n".join("".join(r.choice("abcdefgh") for _ in range(r.randint(3, 9)))
+                                                 for _ in range(300)))
+    prepare([str(tmp_path / "in.txt")], tmp_path / "d", byte_level=True, val_fraction=0.0, doc_sep="\n\n", workers=1)
+    batches = []
+    next_batch = D.PackedLoader.next_batch
+
+    def spy(self, device="cpu"):
+        b = next_batch(self, device)
+        batches.append([t.clone() for t in b])
+        return b
+    monkeypatch.setattr(D.PackedLoader, "next_batch", spy)
+    out = tmp_path / "o"
+    assert cli(["pretrain", "--data", str(tmp_path / "d"), "--out", str(out), *TINY, "--batch-size", "4",
+                "--max-steps", "4", "--lr", "1e-2", "--checkpoint-every", "1", "--keep-checkpoints", "4"]) == 0
+    losses = _losses(out)
+    assert len(batches) == len(losses) == 4
+    gaps = []
+    for s in (1, 2, 3):  # logged loss of step s+1 = weights after step s on batch s
+        model, _ = load_checkpoint(str(out / f"ckpt_{s:07d}"))
+        model.set_backend("torch")
+        x, y, d = batches[s]
+        assert int(d[:, -1].min()) >= 3  # several documents in every row
+        with torch.no_grad():
+            masked, unmasked = float(model(x, y, d)[1]), float(model(x, y)[1])
+        assert losses[s] == pytest.approx(masked, abs=1e-5)
+        gaps.append(abs(losses[s] - unmasked))
+    assert max(gaps) > 1e-3  # the mask matters for these weights (about 2e-3 .. 7e-3)

@@ -6,7 +6,6 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pyllm.reward import RewardModel, load_reward_model, pad_batch
 from pyllm.sft import read_metrics
@@ -120,10 +119,14 @@ def test_pair_stage_resume_matches_uninterrupted_run(tmp_path, stage, lora_r):
 
 
 def test_bradley_terry_margin_matches_formula(rng):
+    """The reward loss is mean(log(1 + exp(-(r_chosen - r_rejected - margin)))). This test compared torch's
+    logsigmoid with log1p(exp) and never called pyllm, so a margin added instead of subtracted passed."""
+    from pyllm.reward import bradley_terry_loss
     rc, rr = torch.randn(5, generator=rng), torch.randn(5, generator=rng)
-    m = torch.rand(5, generator=rng)
+    m = 0.5 + torch.rand(5, generator=rng)
     want = torch.log1p(torch.exp(-(rc - rr - m))).mean()
-    torch.testing.assert_close(-F.logsigmoid(rc - rr - m).mean(), want)
+    torch.testing.assert_close(bradley_terry_loss(rc, rr, m), want)
+    torch.testing.assert_close(bradley_terry_loss(rc, rr, torch.zeros(5)), torch.log1p(torch.exp(rr - rc)).mean())
 
 
 @pytest.mark.parametrize("line, problem", [

@@ -2,6 +2,8 @@
 the reward-model path, GAE, and bad prompts."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -516,3 +518,101 @@ def test_minibatches_is_the_number_of_updates_per_pass(tmp_path):
     finally:
         rl.clip_and_step = orig
     assert len(calls) == 2 * 2
+
+
+def test_policy_loss_is_the_clipped_surrogate_with_its_gradient():
+    """The clipped surrogate was only exercised through whole runs that improve the reward, which also improved with
+    the clipping removed. Hand formula per token: loss -A*r, except -A*(1 +- eps) (and no gradient) where r left
+    [1 - eps, 1 + eps] in the direction A favours; masked positions count for nothing."""
+    from pyllm.rl import policy_loss
+    eps = 0.2
+    # ratios 1.5 (A>0: clipped), 1.5 (A<0: not), 0.5 (A<0: clipped), 0.5 (A>0: not), 1.1 (inside), masked
+    r = torch.tensor([[1.5, 1.5, 0.5], [0.5, 1.1, 3.0]])
+    a = torch.tensor([[2.0, -1.0, -3.0], [0.5, 4.0, 7.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -0.25, -1.0]])
+    lp = (old + r.log()).requires_grad_()
+    loss, pg, ratio = policy_loss(lp, old, a, m, eps)
+    want = [-2.0 * 1.2, 1.0 * 1.5, 3.0 * 0.8, -0.5 * 0.5, -4.0 * 1.1]          # the five unmasked tokens
+    assert loss.item() == pytest.approx(sum(want) / 5, rel=1e-6) and pg.item() == loss.item()
+    torch.testing.assert_close(ratio.detach(), r)
+    loss.backward()
+    # d(-A r)/d lp = -A r where unclipped, 0 where clipped or masked
+    want_grad = torch.tensor([[0.0, 1.0 * 1.5, 0.0], [-0.5 * 0.5, -4.0 * 1.1, 0.0]]) / 5
+    torch.testing.assert_close(lp.grad, want_grad)
+
+
+def test_grpo_k3_kl_term_and_its_gradient():
+    """GRPO's KL penalty k3 = exp(ref - lp) - (ref - lp) - 1 (>= 0) enters the loss with +kl_coef: a flipped sign
+    (rewarding divergence from the reference) passed every run-level test."""
+    from pyllm.rl import k3_kl, policy_loss
+    lp = torch.tensor([[-1.0, -2.0, -0.3], [-0.7, -4.0, -2.5]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0, -0.3], [-2.0, -3.0, -9.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    hand = [math.exp(r_ - l_) - (r_ - l_) - 1 for l_, r_, mm in zip(lp.detach().flatten().tolist(),
+                                                                      ref.flatten().tolist(), m.flatten().tolist())
+            if mm]
+    assert k3_kl(lp, ref, m).item() == pytest.approx(sum(hand) / 5, rel=1e-6)
+    assert all(h >= 0 for h in hand) and max(hand) > 0.5
+    old = lp.detach()                                                          # on-policy: ratio 1, surrogate -mean(A)
+    a = torch.tensor([[1.0, -1.0, 0.5], [0.0, 2.0, 3.0]])
+    loss, pg, _ = policy_loss(lp, old, a, m, 0.2, ref_lp=ref, kl_coef=0.3)
+    assert pg.item() == pytest.approx(-(1.0 - 1.0 + 0.5 + 0.0 + 2.0) / 5, rel=1e-6)
+    assert loss.item() == pytest.approx(pg.item() + 0.3 * sum(hand) / 5, rel=1e-6)
+    loss.backward()
+    # d/dlp: -A (ratio 1) + kl_coef * (1 - exp(ref - lp)), over the 5 unmasked tokens
+    want = (-a + 0.3 * (1 - torch.exp(ref - old))) * m / 5
+    torch.testing.assert_close(lp.grad, want)
+
+
+def test_ppo_token_rewards_penalise_kl_and_add_the_score_at_the_end():
+    """PPO's reward shaping: -kl_coef * (log pi - log ref) per token plus the score on the last response token. The
+    sign of the KL penalty was not pinned: +kl_coef (a bonus for drifting from the reference) passed."""
+    from pyllm.rl import ppo_token_rewards
+    kl = torch.tensor([[0.0, 0.5, -0.2, 1.0], [0.3, 0.1, 0.0, 0.0]])
+    score = torch.tensor([2.0, -1.0])
+    last = torch.tensor([3, 1])
+    got = ppo_token_rewards(kl, score, last, 0.1)
+    want = torch.tensor([[0.0, -0.05, 0.02, -0.1 + 2.0], [-0.03, -0.01 - 1.0, 0.0, 0.0]])
+    torch.testing.assert_close(got, want)
+
+
+def test_log_probs_are_scored_at_the_rollout_temperature(tmp_path, monkeypatch):
+    """PPO/GRPO's log-probs (ratio, KL) must be those of the distribution the rollouts were sampled from,
+    softmax(logits / --temperature); token_logps was tested alone, but a run scoring at temperature 1 whatever
+    --temperature said passed. The logged KL of step 2 (policy after one update vs the reference, on step 2's
+    rollouts) is recomputed by hand at temperature 0.5 (and differs at 1)."""
+    import copy
+    import pyllm.rl as rl
+    from pyllm.rl import response_batch
+    base, fn, prompts = _setup(tmp_path)
+    seen = []
+    rollout = rl.rollout
+
+    def spy(policy, *a, **kw):
+        state = copy.deepcopy(policy.state_dict())
+        out = rollout(policy, *a, **kw)
+        seen.append((state, out))
+        return out
+    monkeypatch.setattr(rl, "rollout", spy)
+    tau = 0.5
+    assert cli(["rl", "--algo", "ppo", "--policy", str(base), "--reward-fn", fn, "--prompts", str(prompts),
+                "--out", str(tmp_path / "o"), "--steps", "2", "--lr", "3e-2", "--batch-size", "4", "--num-samples",
+                "1", "--max-new-tokens", "6", "--temperature", str(tau), "--seed", "3"]) == 0
+    rows = read_metrics(tmp_path / "o" / "metrics.jsonl")
+    state, samples = seen[1]
+    policy, tok = load_checkpoint(str(base))
+    ref, _ = load_checkpoint(str(base))
+    policy.load_state_dict(state)
+    for mdl in (policy, ref):
+        mdl.set_backend("torch")
+    idx, m, _ = response_batch(samples, tok.special_ids["<|pad|>"])
+
+    def kl_at(t):
+        with torch.no_grad():
+            lps = [torch.log_softmax(mdl(idx)[0][:, :-1] / t, -1).gather(-1, idx[:, 1:, None])[..., 0]
+                   for mdl in (policy, ref)]
+        return float(((lps[0] - lps[1]) * m).sum(1).mean())
+    want, at_one = kl_at(tau), kl_at(1.0)
+    assert abs(want - at_one) > 0.05 * abs(want) + 1e-3, (want, at_one)   # the temperature matters here
+    assert rows[1]["kl"] == pytest.approx(want, rel=1e-3, abs=1e-5)

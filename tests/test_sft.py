@@ -108,6 +108,36 @@ def test_sft_loss_falls_and_saves_checkpoint(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
+
+def test_sft_cli_trains_only_on_assistant_tokens(tmp_path):
+    """The assistant-only mask was tested on pack_rows alone: `pyllm sft` passing train_on_prompt=True (loss on the
+    system and user turns too) passed every CLI test. One step over the one packed row at the base weights: the logged target
+    count and loss must be those of the assistant tokens alone, found by walking the ids (not chat.render's mask),
+    the loss recomputed per conversation with the plain-torch backend."""
+    from pyllm.checkpoint import load_checkpoint
+    base = tiny_checkpoint(tmp_path / "base")
+    convs = [MULTI, [{"role": "user", "content": "say yes"}, {"role": "assistant", "content": "yes"}],
+             [{"role": "system", "content": "s"}, {"role": "user", "content": "q?"},
+              {"role": "assistant", "content": "a."}]]                        # 90 tokens: one packed row of 96
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"messages": c} for c in convs])
+    out = tmp_path / "sft"
+    assert cli(["sft", "--model", str(base), "--data", str(data), "--out", str(out), "--steps", "1",
+                "--batch-size", "1", "--eval-frac", "0", "--device", "cpu"]) == 0
+    row = read_metrics(out / "metrics.jsonl")[0]
+    model, tok = load_checkpoint(str(base))
+    model.set_backend("torch")
+    nll, n = 0.0, 0
+    for c in convs:
+        ids, _ = render_checked(parse_conversation({"messages": c}, "x:1"), tok, "x:1", 1000)
+        roles = _role_of_positions(ids, tok)
+        pos = [p for p in range(1, len(ids)) if roles[p] == "assistant"]   # tokens predicted in assistant turns
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0][0].double(), -1)
+        nll -= sum(float(lp[p - 1, ids[p]]) for p in pos)
+        n += len(pos)
+    assert row["tokens"] == n
+    assert row["loss"] == pytest.approx(nll / n, rel=1e-5)
+
 @pytest.mark.parametrize("lora_r", ["0", "2"])
 def test_sft_resume_matches_uninterrupted_run(tmp_path, lora_r):
     base = tiny_checkpoint(tmp_path / "base")

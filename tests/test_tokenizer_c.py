@@ -247,7 +247,8 @@ def llama(C):
 
 
 LLAMA_TEXTS = ["Hello world", "Once upon a time, there was a little girl named Lily.", "I love 🙂 pizza",
-               "héllo naïve café", "你好，世界", "  two  spaces\n\nnewlines\t", "12345 + 678 = 13023", "", "a"]
+               "héllo naïve café", "你好，世界", "  two  spaces\n\nnewlines\t", "12345 + 678 = 13023", "", "a",
+               "Hi 🌍! 𝕜𝓝 x🌍y"]   # 4-byte UTF-8 characters that are pieces of their own (🙂 is not)
 
 
 def test_llama2c_known(llama):
@@ -256,6 +257,12 @@ def test_llama2c_known(llama):
     assert c.encode("Hello world", add_bos=True) == [1, 15043, 3186]  # as sentencepiece/llama2.c give
     ids = c.encode("I love 🙂", add_bos=True)
     assert ids[-4:] == [b + 3 for b in "🙂".encode()]  # byte fallback <0xF0><0x9F><0x99><0x82>
+    # a 4-byte character in the vocabulary is one piece: no test text had one, and a C encoder that cut characters
+    # after 3 bytes (byte fallback for each part) passed
+    for ch, piece in (("🌍", 31494), ("𝕜", 30994), ("𝓝", 31926)):
+        assert pieces[piece] == ch.encode() and c.encode(f"a {ch} b") == llama2c_encode(pieces, scores,
+                                                                                       f"a {ch} b".encode(), False)
+        assert piece in c.encode(f"a {ch} b"), ch
     for s in LLAMA_TEXTS:
         ids = c.encode(s, add_bos=True)
         assert ids == llama2c_encode(pieces, scores, s.encode()), s
