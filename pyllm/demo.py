@@ -128,6 +128,8 @@ def stage_cli(cmd: str, argv: list[str]) -> None:
     ops.empty_pool_release()  # the stage's output buffers: the next stage's shapes differ, so give them back
     if rc == 130:  # Ctrl-C inside the stage (its cli.main said "interrupted"): stop the demo the same way
         raise KeyboardInterrupt
+    if rc == 143:  # SIGTERM inside the stage (cli.main said "terminated"): the same, not "stage failed"
+        raise cli.Terminated
     if rc:
         raise cli.CLIError(f"stage `pyllm {cmd}` failed (exit {rc}); command: pyllm {cmd} {' '.join(argv)}")
 

@@ -179,6 +179,9 @@ def test_ctrl_c_inside_a_stage_stops_the_demo_as_interrupted(tmp_path, capsys, m
     monkeypatch.setattr(cli, "main", lambda argv: 130)
     with pytest.raises(KeyboardInterrupt):
         demo.stage_cli("pretrain", ["--data", "x"])
+    monkeypatch.setattr(cli, "main", lambda argv: 143)  # SIGTERM: "terminated" (143), not "stage failed"
+    with pytest.raises(cli.Terminated):
+        demo.stage_cli("pretrain", ["--data", "x"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
