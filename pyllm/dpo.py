@@ -87,8 +87,8 @@ def main(args) -> int:
     if not 0 <= args.label_smoothing < 0.5:
         raise ValueError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
     dist = Dist(args.device)
-    torch.manual_seed(args.seed)
     st = resume_state(args, "dpo")
+    torch.manual_seed(args.seed)  # after resume_state: a resumed run's own --seed
     policy, tok = prepare_model(args, dist, args.out if st else None)
     ref, ref_tok = load_policy(args.ref_model or args.model, dist.device, args.tokenizer)
     check_same_tokenizer(tok, ref_tok, args.ref_model or args.model, "reference model")

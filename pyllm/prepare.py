@@ -34,10 +34,10 @@ def _worker_init(tok_path):
 
 def _pool_init(tok_path):
     # Ctrl-C reaches the whole process group: a worker interrupted inside the result pipe printed its traceback and
-    # could leave pool.terminate() hanging on the pipe's lock; the main process alone handles it (terminate)
+    # could leave the pool's shutdown hanging on the pipe's lock; the main process alone handles it
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # pool.terminate() stops workers with it (cli raises on it)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the same for a SIGTERM to the group: the main shuts them down
     _worker_init(tok_path)
 
 
@@ -281,10 +281,10 @@ def _prepare(out, mpath, old, settings, files, val_files, tokenizer, byte_level,
         bar.n = total  # all input read (the count above is in characters, the total in bytes)
     finally:
         if pool is not None:
-            procs = list((getattr(pool, "_processes", None) or {}).values())
-            pool.shutdown(wait=False, cancel_futures=True)
-            for p in procs:  # as Pool.terminate(): do not wait for chunks nobody will read
-                p.terminate()
+            # waits only for the chunks already running (<= 256 KB of text each; the rest are cancelled). Killing
+            # the workers instead (as Pool.terminate) hung the exit now and then: the executor's thread blocked
+            # sending to a dead worker, and interpreter exit joins that thread.
+            pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
     if not any(s["split"] == "train" for s in man["shards"]):  # a run would fail later on an empty stream
         raise ValueError(f"{', '.join(map(str, files[:3]))}{' ...' if len(files) > 3 else ''}: no training text "

@@ -179,8 +179,8 @@ def main(args) -> int:
         raise ValueError("--lora-targets lm_head: a reward model never reads the LM head (its score is a head on the "
                          "final hidden state), so adapters there would not train; leave lm_head out")
     dist = Dist(args.device)
-    torch.manual_seed(args.seed)
     st = resume_state(args, "reward")
+    torch.manual_seed(args.seed)  # after resume_state: a resumed run's own --seed
     model, tok = prepare_model(args, dist, args.out if st else None)
     rm = RewardModel(model).to(dist.device)
     if st:

@@ -405,13 +405,13 @@ def prefilter(model, tok, prompts, fn, args, dist, chunk: int = 256):
 
 
 def main(args) -> int:
-    if args.reward_model is None and args.reward_fn is None:
-        raise ValueError("rl: give --reward-model and/or --reward-fn")
     check_common_args(args)
     dist = Dist(args.device)
-    torch.manual_seed(args.seed)
     args.model = args.policy
-    st = resume_state(args, "rl")
+    st = resume_state(args, "rl")  # a resumed run's own --reward-fn/--reward-model are restored here
+    if args.reward_model is None and args.reward_fn is None:
+        raise ValueError("rl: give --reward-model and/or --reward-fn")
+    torch.manual_seed(args.seed)  # after resume_state: a resumed run's own --seed
     model, tok = prepare_model(args, dist, args.out if st else None)
     ref, _ = load_policy(args.policy, dist.device, args.tokenizer)
     ref.eval().requires_grad_(False)

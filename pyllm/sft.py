@@ -549,10 +549,6 @@ def check_common_args(args):
     if not 0 <= getattr(args, "eval_frac", 0) < 1:
         raise ValueError(f"--eval-frac must be in [0, 1), got {args.eval_frac}")
     check_float_ranges(args)
-    if not getattr(args, "lora_r", 0) and (getattr(args, "lora_alpha", None) is not None or
-                                           getattr(args, "lora_targets", None) is not None):
-        # these did nothing without a rank: the run fine-tuned every weight, without a word
-        raise ValueError("--lora-alpha/--lora-targets need --lora-r (the LoRA rank; 0 = full fine-tuning)")
     out = getattr(args, "out", None)
     if out is not None and Path(out).exists() and not Path(out).is_dir():  # before the run, not at its first save
         raise ValueError(f"{out}: File exists and is not a directory")
@@ -585,20 +581,52 @@ RESUME_FREE = {"device", "backend", "dtype", "fsdp", "eval_every", "eval_at_star
 RESUME_ONCE = {"stop_at", "eval_at_start"}  # belong to one invocation: neither restored nor compared
 
 
+def _abs_path(v):
+    """A value that names a file, made absolute (a `file.py:function` spec's file part too), so a resume from another
+    directory compares and restores the same file; (absolute form, whether it names something that exists)."""
+    if not isinstance(v, str) or not v:
+        return v, False
+    path, fn = v, ""
+    if ".py:" in v:  # --reward-fn file.py:function
+        path, fn = v.rsplit(":", 1)
+        fn = ":" + fn
+    if not os.path.exists(path):
+        return v, False
+    return os.path.realpath(path) + fn, True
+
+
 def run_args(args) -> dict:
-    """The flags as a run saves them (JSON values; a path that exists made absolute, so a resume from another
-    directory compares the same file)."""
+    """The flags as a run saves them (JSON values; a path that exists made absolute)."""
     out = {}
     for k, v in vars(args).items():
         if k.startswith("_") or k in ("command", "out", "resume"):
             continue
         if isinstance(v, Path):
             v = str(v)
-        if isinstance(v, str) and v and os.path.exists(v):
-            v = os.path.realpath(v)
+        v = _abs_path(v)[0]
         if isinstance(v, (str, int, float, bool, list, type(None))):
             out[k] = v
     return out
+
+
+def _same_setting(old, new) -> bool:
+    """Equal, or the same file: relative or absolute, from any directory. A saved path that no longer exists cannot
+    be compared (the run's input moved or went; what the resume loads comes from --out), so it is not a change."""
+    if old == new:
+        return True
+    if isinstance(old, str) and isinstance(new, str):
+        o, o_exists = _abs_path(old)
+        n, _ = _abs_path(new)
+        gone = os.path.isabs(old.rsplit(":", 1)[0] if ".py:" in old else old) and not o_exists  # saved absolute
+        return o == n or gone
+    return False
+
+
+def check_lora_flags(args) -> None:
+    if not getattr(args, "lora_r", 0) and (getattr(args, "lora_alpha", None) is not None or
+                                           getattr(args, "lora_targets", None) is not None):
+        # these did nothing without a rank: the run fine-tuned every weight, without a word
+        raise ValueError("--lora-alpha/--lora-targets need --lora-r (the LoRA rank; 0 = full fine-tuning)")
 
 
 def resume_args(args, saved, where) -> None:
@@ -611,7 +639,7 @@ def resume_args(args, saved, where) -> None:
     cur = run_args(args)
     changed, restored = [], []
     for k, old in saved.items():
-        if k not in cur or cur[k] == old or k in RESUME_ONCE:
+        if k not in cur or k in RESUME_ONCE or _same_setting(old, cur[k]):
             continue
         if given is not None and k not in given:
             setattr(args, k, old)
@@ -622,8 +650,15 @@ def resume_args(args, saved, where) -> None:
         raise ValueError(f"{where}: --resume continues the run with its own settings, and this command changes "
                          f"{', '.join(changed)} (leave them out, or start a new run in another --out)")
     if restored and int(os.environ.get("RANK", "0")) == 0:
-        print(f"{where}: resuming with the run's " + " ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in restored),
+        print(f"{where}: resuming with the run's " + " ".join(_flag_text(k, saved[k]) for k in restored),
               file=sys.stderr)
+
+
+def _flag_text(k: str, v) -> str:
+    flag = "--" + k.replace("_", "-")
+    if isinstance(v, bool):  # a switch: "--no-packing", not "--no-packing True"
+        return flag if v else f"(no {flag})"
+    return f"{flag} {v}"
 
 
 def resume_state(args, stage: str | None = None):
@@ -638,6 +673,7 @@ def resume_state(args, stage: str | None = None):
                          f"runs (use another --out)")
     if st:
         resume_args(args, st[0].get("args"), args.out)
+    check_lora_flags(args)  # after the run's own LoRA flags are restored
     check_out_dir(args.out, getattr(args, "model", None))
     if not args.resume and (Path(args.out) / "trainer_state.json").exists():
         print(f"{args.out}: existing checkpoint will be overwritten (pass --resume to continue it)",
@@ -729,8 +765,8 @@ def eval_loss(model, rows, device, batch_size: int) -> float:
 def main(args) -> int:
     check_common_args(args)
     dist = Dist(args.device)
-    torch.manual_seed(args.seed)
     st = resume_state(args, "sft")
+    torch.manual_seed(args.seed)  # after resume_state: a resumed run's own --seed
     model, tok = prepare_model(args, dist, args.out if st else None)
     T = args.seq_len or model.config.max_seq_len
     if T > model.config.max_seq_len:

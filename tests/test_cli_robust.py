@@ -351,12 +351,14 @@ def test_prepare_workers_leave_ctrl_c_to_the_main_process(tmp_path):
     from pyllm import prepare
     from pyllm.tokenizer import Tokenizer
     Tokenizer.byte_level().save(tmp_path)
-    old = signal.getsignal(signal.SIGINT)
+    old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         prepare._pool_init(str(tmp_path / "tokenizer.json"))
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # a SIGTERM to the group, likewise
     finally:
-        signal.signal(signal.SIGINT, old)
+        signal.signal(signal.SIGINT, old[0])
+        signal.signal(signal.SIGTERM, old[1])
 
 
 def test_ctrl_c_while_the_stage_imports_is_one_line(capsys, monkeypatch):
@@ -719,3 +721,54 @@ def test_resume_keeps_the_runs_settings(tmp_path, capsys):
     assert len(err) == 1 and f"changes --data {str(d1)!r} -> {str(d2)!r}" in err[0], err
     assert cli([*sft[:-2], "--steps", "3", "--data", str(d1), "--resume"]) == 0  # --steps may grow
     assert "resuming with the run's --batch-size 2" in capsys.readouterr().err
+
+
+def test_resume_setting_comparison_rules(tmp_path, monkeypatch, capsys):
+    """Regressions found in the first version of the resume rules (session 18's second audit): a plain string saved
+    setting (--algo grpo) counted as "the same" as any other and was not restored (a GRPO run resumed as PPO); a run
+    saved with a relative --data could not be resumed at all; a full fine-tune whose --model had moved could not be
+    resumed although its weights come from --out; a --reward-fn file.py:fn from another directory was a "change"."""
+    import argparse
+
+    from pyllm.sft import resume_args, run_args
+    (tmp_path / "d").mkdir()
+    (tmp_path / "fn.py").write_text("def f(**kw):\n    return 0.0\n")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+
+    def ns(given, **kw):
+        a = argparse.Namespace(**kw)
+        a._given = set(given)
+        return a
+    saved = run_args(ns([], algo="grpo", data="d", model=str(tmp_path / "gone"), reward_fn="fn.py:f", lr=0.01))
+    assert saved["data"] == str(tmp_path / "d") and saved["reward_fn"] == f"{tmp_path / 'fn.py'}:f"
+    # a flag left out takes the saved value, strings included
+    a = ns(["data"], algo="ppo", data="d", model=str(tmp_path / "gone"), reward_fn="fn.py:f", lr=0.001)
+    resume_args(a, saved, "run")
+    assert (a.algo, a.lr) == ("grpo", 0.01)
+    # the same file from another directory, relative or absolute, is no change; nor is a saved path that went away
+    monkeypatch.chdir(tmp_path / "sub")
+    a = ns(["data", "reward_fn", "model"], algo="grpo", data="../d", model="../elsewhere", reward_fn="../fn.py:f",
+           lr=0.01)
+    resume_args(a, saved, "run")
+    # a run saved before paths were made absolute (data 'd', relative to where it ran) resumes from there
+    monkeypatch.chdir(tmp_path)
+    resume_args(ns(["data"], data="d", lr=0.01), {"data": "d", "lr": 0.01}, "run")
+    resume_args(ns(["data"], data=str(tmp_path / "d"), lr=0.01), {"data": "d", "lr": 0.01}, "run")
+    # and a real change is still an error
+    with pytest.raises(ValueError, match=r"changes --algo 'grpo' -> 'ppo'"):
+        resume_args(ns(["algo"], algo="ppo", lr=0.01), saved, "run")
+    (tmp_path / "d2").mkdir()
+    with pytest.raises(ValueError, match=r"changes --data '.*/d' -> '.*/d2'"):
+        resume_args(ns(["data"], data="d2", lr=0.01), saved, "run")
+
+
+def test_resume_restores_lora_rank_before_checking_lora_flags(tmp_path, capsys):
+    """`--lora-alpha 4` given on a resume with --lora-r left out was refused ("need --lora-r") before the run's own
+    --lora-r 2 was restored."""
+    base = tiny_checkpoint(tmp_path / "base")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(8)])
+    sft = ["sft", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    assert cli([*sft, "--steps", "1", "--batch-size", "2", "--lora-r", "2", "--lora-alpha", "4"]) == 0
+    assert cli([*sft, "--steps", "2", "--lora-alpha", "4", "--resume"]) == 0
+    assert "resuming with the run's --batch-size 2 --lora-r 2" in capsys.readouterr().err
