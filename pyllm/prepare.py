@@ -278,7 +278,7 @@ def _prepare(out, mpath, old, settings, files, val_files, tokenizer, byte_level,
             bar.set_postfix(tokens=n_tokens)
         for sp in ("train", "val"):
             flush(sp)
-        bar.n = total  # all input read (the count above is in characters, the total in bytes)
+        bar.n = total  # all input read (the count above leaves out document separators and JSONL syntax)
     finally:
         if pool is not None:
             # waits only for the chunks already running (<= 256 KB of text each; the rest are cancelled). Killing

@@ -693,9 +693,7 @@ def check_out_dir(out, model=None) -> None:
     if model is not None and Path(model).exists() and where == Path(model).resolve():
         raise ValueError(f"--out {out}: is the --model it starts from (each save replaces --out); use a new "
                          f"directory")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and not (out / "trainer_state.json").is_file():
+    if out.is_dir() and not (out / "trainer_state.json").is_file():  # (a file: check_common_args said so)
         held = sorted(f.name for f in out.iterdir() if not (f.is_file() and f.suffix in KEEP))  # a run's own logs
         if held:
             shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
