@@ -13,6 +13,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._ext import C
+from .runtime import f32_positive  # noqa: F401 (also ops_cuda's)
 
 
 # --- validation -------------------------------------------------------------------------------------------
@@ -147,17 +148,6 @@ def _check_sample(logits, temperature, top_k, top_p, min_p, mask, device="cpu"):
         check(mask, "sample mask", dtype=torch.bool, shape=(B, V), device=_same(logits, device))
     check_sample_settings(temperature, top_k, top_p, min_p, "sample")
     return B, V
-
-
-FLT_MIN = 1.1754943508222875e-38  # the smallest normal float32
-
-
-def f32_positive(v) -> float:
-    """A positive sampling setting as the fp32 kernels get it: below FLT_MIN it would round to 0 (temperature 1e-50
-    turned greedy, with the T = 1 log-prob; top_p 1e-50 was the binding's range error). FLT_MIN keeps its meaning
-    (the limit as the setting goes to 0: the top token(s) only)."""
-    v = float(v)
-    return max(v, FLT_MIN) if v > 0 else v
 
 
 def check_sample_settings(temperature, top_k, top_p, min_p, where: str) -> None:

@@ -587,11 +587,8 @@ def main(args) -> int:
         ck = _latest(Path(args.out)) if args.resume == "latest" else Path(args.resume)
         tj = ck / "trainer_state.json" if ck is not None else None
         if tj is not None and tj.is_file():
-            try:
-                saved = json.loads(tj.read_text()).get("args")
-            except (ValueError, AttributeError, RecursionError):  # load_resume reports a corrupt file in one line
-                saved = None
-            resume_args(args, saved, ck)
+            meta = D.read_json(tj, "corrupt trainer state")
+            resume_args(args, meta.get("args") if isinstance(meta, dict) else None, ck)
     try:
         train(args)
     finally:

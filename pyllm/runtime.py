@@ -156,6 +156,14 @@ class CTokenizer:
     __del__ = close
 
 
+def f32_positive(v) -> float:
+    """A positive sampling setting as the fp32 kernels get it: below FLT_MIN it would round to 0 (temperature 1e-50
+    turned greedy, with the T = 1 log-prob; top_p 1e-50 was the binding's range error). FLT_MIN keeps its meaning
+    (the limit as the setting goes to 0: the top token(s) only). Here, torch-free, for this module and pyllm.ops."""
+    v = float(v)
+    return max(v, float(np.finfo(np.float32).tiny)) if v > 0 else v
+
+
 def sample(logits: np.ndarray, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
            step: int = 0, min_p: float = 0.0) -> int:
     """The C runtime's sampler on a copy of logits (n,)."""
@@ -175,8 +183,7 @@ def sample(logits: np.ndarray, temperature: float = 1.0, top_p: float = 1.0, top
         raise ValueError(f"sample: min_p must be in [0, 1] (0 = off), got {min_p}")
     if not (0 <= seed < 2 ** 64 and -2 ** 31 <= step < 2 ** 31):
         raise ValueError(f"sample: seed must be in [0, 2^64) and step an int32, got seed {seed}, step {step}")
-    tiny = float(np.finfo(np.float32).tiny)  # as ops.f32_positive: positive settings must not round to fp32 0
-    temperature, top_p, min_p = (max(float(v), tiny) if v > 0 else float(v) for v in (temperature, top_p, min_p))
+    temperature, top_p, min_p = (f32_positive(v) for v in (temperature, top_p, min_p))
     t = int(L.run_sample(ffi.cast("float*", buf.ctypes.data), buf.size, temperature, top_p, top_k, min_p, seed,
                            step))
     if t == -2:

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .data import tokenizer_hash
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -336,8 +338,11 @@ def load_policy(model_dir, device, tokenizer_path=None):
     if tokenizer_path:
         from .tokenizer import Tokenizer
         given = Tokenizer.load(str(tokenizer_path))
-        if tok is not None:  # a model trained on other ids took it silently; export failed only much later
-            check_same_tokenizer(tok, given, tokenizer_path, "--tokenizer")
+        # a model trained on other ids took it silently; export failed only much later
+        if tok is not None and tokenizer_hash(given) != tokenizer_hash(tok):
+            raise ValueError(f"{tokenizer_path}: --tokenizer differs from the checkpoint's own tokenizer.json "
+                             f"({given.vocab_size} vs {tok.vocab_size} tokens): the model was trained on the other ids "
+                             f"(leave --tokenizer out)")
         tok = given
     if tok is None:
         raise ValueError(f"{model_dir}: checkpoint has no tokenizer.json; pass --tokenizer")
@@ -351,13 +356,8 @@ def load_policy(model_dir, device, tokenizer_path=None):
 
 def check_same_tokenizer(tok, other, path, what: str):
     """A second model fed the policy's token ids (DPO's reference, RL's reward model) must share its tokenizer, else
-    it silently reads them as other tokens; so must a --tokenizer given for a checkpoint that has its own."""
-    from .data import tokenizer_hash
+    it silently reads them as other tokens."""
     if tokenizer_hash(other) != tokenizer_hash(tok):
-        if what == "--tokenizer":
-            raise ValueError(f"{path}: --tokenizer differs from the checkpoint's own tokenizer.json ({other.vocab_size}"
-                             f" vs {tok.vocab_size} tokens): the model was trained on the other ids (leave "
-                             f"--tokenizer out)")
         raise ValueError(f"{path}: the {what}'s tokenizer differs from the policy's ({other.vocab_size} vs "
                          f"{tok.vocab_size} tokens); it would read the policy's token ids as other tokens")
 
@@ -573,9 +573,9 @@ def prepare_model(args, dist: "Dist", resume_dir=None):
 
 
 # Flags a resumed run may change when given (how it is run, watched and saved); every other flag is the run itself.
-RESUME_FREE = {"device", "backend", "dtype", "fsdp", "eval_every", "eval_at_start", "eval_batches", "eval_data",
-               "sample_tokens", "checkpoint_every", "keep_checkpoints", "stop_at", "peak_flops", "save_every",
-               "log_every", "skip_bad_lines", "max_steps", "steps", "tokenizer"}
+RESUME_FREE = {"device", "backend", "dtype", "fsdp", "eval_every", "eval_batches", "eval_data", "sample_tokens",
+               "checkpoint_every", "keep_checkpoints", "peak_flops", "save_every", "log_every", "skip_bad_lines",
+               "max_steps", "steps", "tokenizer"}
 
 
 RESUME_ONCE = {"stop_at", "eval_at_start"}  # belong to one invocation: neither restored nor compared
@@ -617,8 +617,7 @@ def _same_setting(old, new) -> bool:
     if isinstance(old, str) and isinstance(new, str):
         o, o_exists = _abs_path(old)
         n, _ = _abs_path(new)
-        gone = os.path.isabs(old.rsplit(":", 1)[0] if ".py:" in old else old) and not o_exists  # saved absolute
-        return o == n or gone
+        return o == n or (os.path.isabs(old) and not o_exists)  # saved absolute (an existing path), since gone
     return False
 
 

@@ -1,6 +1,5 @@
 // impl_fused.h — fused training ops: RoPE (HF rotate-half), SwiGLU, cross-entropy (saves max and log-sum, one-pass
-// backward),
-// AdamW step. Included by kernels_impl.h after impl_sample.h (uses its vf_exp_neg). Each is one or two streaming
+// backward), AdamW step. Included by kernels_impl.h after impl_sample.h (uses its vf_exp_neg). Each is one or two streaming
 // passes with no temporaries, where the torch composition makes 3-8 passes and allocates each intermediate.
 
 // --- RoPE -------------------------------------------------------------------------------------------------
