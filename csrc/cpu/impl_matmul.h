@@ -278,29 +278,29 @@ static void mm_pack_group(int bf16, float* base, const void* src, int ld, int tr
         }                                                                                                  \
     } while (0)
 
-// acc(MR, NR) = sum_k A(i, k) * B(k, 0..NR): A(i, k) = a[i*asi + k*ask], B(k, :) = b + k*bsk (NR contiguous
-// floats). Inlined with constant strides into three kernels: packed A (asi 1, ask MR), A rows read in place
-// (asi lda, ask 1: row-major A, broadcast from MR rows side by side) and A columns read in place (asi 1, ask lda:
-// a transposed A, MR contiguous values per k). B is a packed panel (bsk NR) or rows of a (K, N) B read in place.
-static inline __attribute__((always_inline)) void mm_kernel_gen(int kc, const float* restrict a, size_t asi,
-                                                                size_t ask, const float* restrict b, size_t bsk,
-                                                                float* c, int ldc, int mr, int nr,
-                                                                const float* bias, int add) {
+// out(MR, NR) = sum_k A(i, k) * B(k, 0..NR): A(i, k) = a[i*asi + k*ask], B(k, :) = b + k*bsk (NR contiguous
+// floats). Instantiated out of line with constant strides (mm_kloop_*): packed A (asi 1, ask MR), A rows read in
+// place (asi lda, ask 1: row-major A, broadcast from MR rows side by side), A columns read in place (asi 1, ask lda:
+// a transposed A, MR contiguous values per k); B is a packed panel (bsk NR) or rows of a (K, N) B read in place.
+// Why out of line and unrolled: inlined into the tile code, GCC kept two accumulators rotating through vmovaps
+// in the loop (and spilled them to the stack once unrolled); alone, with nothing else live, the 4-step unrolled
+// loop is 12 FMAs + 8 loads + 1-2 prefetches per k and nothing more. +10% on the micro-kernel alone and 0-20% per
+// GEMM cell on the AVX2 development host (bench_matmul_lab.py, session 19); the 12 (28) stores of out per tile cost
+// nothing against kc >= 64 steps.
+static inline __attribute__((always_inline)) void mm_kloop(int kc, const float* restrict a, size_t asi, size_t ask,
+                                                           const float* restrict b, size_t bsk,
+                                                           vf out[MM_MR][2]) {
     vf acc[MM_MR][2];
     _Pragma("GCC unroll 16")
     for (int i = 0; i < MM_MR; i++) acc[i][0] = acc[i][1] = (vf){0};
-    // The C tile is read/written after the k loop: start its lines on their way now. (Prefetching them to L2
-    // here and to L1 a few dozen steps before the end measured no better.)
-    for (int i = 0; i < mr; i++) {
-        __builtin_prefetch(c + (size_t)i * ldc, 1);
-        __builtin_prefetch(c + (size_t)i * ldc + MM_NR - 1, 1);
-    }
+    _Pragma("GCC unroll 4")
     for (int k = 0; k < kc; k++) {
-        // B streams from L2 (or memory, read in place) at 2 lines per k: fetching them MM_PF_B steps ahead keeps the
-        // loads off the L2 latency that the L1 prefetcher alone does not hide. +3-12% on every big-shape layout and
-        // +2-5% on the issue-3 training step (bench_matmul_lab.py / in-process step A/B, session 7).
+        // B streams from L2 (or memory, read in place): fetching it MM_PF_B steps ahead keeps the loads off the L2
+        // latency that the L1 prefetcher alone does not hide. +3-12% on every big-shape layout and +2-5% on the
+        // issue-3 training step (bench_matmul_lab.py / in-process step A/B, session 7). A packed AVX2 B row is one
+        // 64-byte line (the panels are line-aligned), so one prefetch covers it.
         __builtin_prefetch(b + MM_PF_B * bsk);
-        __builtin_prefetch(b + MM_PF_B * bsk + VLEN);
+        if (VLEN == 16 || bsk != MM_NR) __builtin_prefetch(b + MM_PF_B * bsk + VLEN);
         vf b0 = vf_load(b), b1 = vf_load(b + VLEN);
         _Pragma("GCC unroll 16")
         for (int i = 0; i < MM_MR; i++) {
@@ -311,23 +311,66 @@ static inline __attribute__((always_inline)) void mm_kernel_gen(int kc, const fl
         a += ask;
         b += bsk;
     }
-    MM_TILE_WRITE(acc, c, ldc, mr, nr, bias, add);
+    _Pragma("GCC unroll 16")
+    for (int i = 0; i < MM_MR; i++) { out[i][0] = acc[i][0]; out[i][1] = acc[i][1]; }
+}
+static __attribute__((noinline)) void mm_kloop_packed(int kc, const float* restrict a, const float* restrict b,
+                                                      vf out[MM_MR][2]) {
+    mm_kloop(kc, a, 1, MM_MR, b, MM_NR, out);
+}
+static __attribute__((noinline)) void mm_kloop_arows(int kc, const float* restrict a, size_t lda,
+                                                     const float* restrict b, size_t bsk, vf out[MM_MR][2]) {
+    mm_kloop(kc, a, lda, 1, b, bsk, out);
+}
+static __attribute__((noinline)) void mm_kloop_acols(int kc, const float* restrict a, size_t lda,
+                                                     const float* restrict b, size_t bsk, vf out[MM_MR][2]) {
+    mm_kloop(kc, a, 1, lda, b, bsk, out);
+}
+static __attribute__((noinline)) void mm_kloop_any(int kc, const float* restrict a, size_t asi, size_t ask,
+                                                   const float* restrict b, size_t bsk, vf out[MM_MR][2]) {
+    mm_kloop(kc, a, asi, ask, b, bsk, out);
 }
 
-// a (kc, MR) and b (kc, NR) packed panels.
+// The C tile is read/written after the k loop: start its lines on their way first. (Prefetching them to L2 here
+// and to L1 a few dozen steps before the end measured no better.)
+static inline void mm_prefetch_c(float* c, int ldc, int mr) {
+    for (int i = 0; i < mr; i++) {
+        __builtin_prefetch(c + (size_t)i * ldc, 1);
+        __builtin_prefetch(c + (size_t)i * ldc + MM_NR - 1, 1);
+    }
+}
+
+// One MR x NR tile of C (mr x nr valid) from a (kc, MR) and b (kc, NR) packed panels.
 static void mm_kernel_f32(int kc, const float* restrict a, const float* restrict b, float* c, int ldc, int mr,
                           int nr, const float* bias, int add) {
-    mm_kernel_gen(kc, a, 1, MM_MR, b, MM_NR, c, ldc, mr, nr, bias, add);
+    vf acc[MM_MR][2];
+    mm_prefetch_c(c, ldc, mr);
+    mm_kloop_packed(kc, a, b, acc);
+    MM_TILE_WRITE(acc, c, ldc, mr, nr, bias, add);
 }
-// a: MR rows (stride lda) read along k in place; b rows bsk apart.
+// a: MR rows (stride lda) read along k in place; b rows bsk apart; a whole tile.
 static void mm_kernel_arows(int kc, const float* restrict a, size_t lda, const float* restrict b, size_t bsk,
                             float* c, int ldc, const float* bias, int add) {
-    mm_kernel_gen(kc, a, lda, 1, b, bsk, c, ldc, MM_MR, MM_NR, bias, add);
+    vf acc[MM_MR][2];
+    mm_prefetch_c(c, ldc, MM_MR);
+    mm_kloop_arows(kc, a, lda, b, bsk, acc);
+    MM_TILE_WRITE(acc, c, ldc, MM_MR, MM_NR, bias, add);
 }
-// a: k-th MR values at a + k*lda (a transposed A read in place); b rows bsk apart.
+// a: k-th MR values at a + k*lda (a transposed A read in place); b rows bsk apart; a whole tile.
 static void mm_kernel_acols(int kc, const float* restrict a, size_t lda, const float* restrict b, size_t bsk,
                             float* c, int ldc, const float* bias, int add) {
-    mm_kernel_gen(kc, a, 1, lda, b, bsk, c, ldc, MM_MR, MM_NR, bias, add);
+    vf acc[MM_MR][2];
+    mm_prefetch_c(c, ldc, MM_MR);
+    mm_kloop_acols(kc, a, lda, b, bsk, acc);
+    MM_TILE_WRITE(acc, c, ldc, MM_MR, MM_NR, bias, add);
+}
+// Any strides (the direct path's edge tiles).
+static void mm_kernel_any(int kc, const float* restrict a, size_t asi, size_t ask, const float* restrict b,
+                          size_t bsk, float* c, int ldc, int mr, int nr, const float* bias, int add) {
+    vf acc[MM_MR][2];
+    mm_prefetch_c(c, ldc, mr);
+    mm_kloop_any(kc, a, asi, ask, b, bsk, acc);
+    MM_TILE_WRITE(acc, c, ldc, mr, nr, bias, add);
 }
 
 // Packing scratch, kept per calling thread and grown on demand (64-byte aligned): no malloc or page faults per
@@ -439,9 +482,9 @@ static void mm_direct(const float* A, int lda, int trans_a, const float* B, int 
                             const size_t bsk = !trans_b || nr < MM_NR ? MM_NR : (size_t)ldb;
                             const float* bb = bias && k0 == 0 ? bias + n0 : NULL;
                             float* c = C + (size_t)m0 * ldc + n0;
-                            if (mr < MM_MR)    mm_kernel_gen(kc, Ae, 1, MM_MR, bj, bsk, c, ldc, mr, nr, bb, add);
+                            if (mr < MM_MR)    mm_kernel_any(kc, Ae, 1, MM_MR, bj, bsk, c, ldc, mr, nr, bb, add);
                             else if (nr < MM_NR)
-                                mm_kernel_gen(kc, ai, trans_a ? 1 : (size_t)lda, trans_a ? (size_t)lda : 1, bj, bsk, c,
+                                mm_kernel_any(kc, ai, trans_a ? 1 : (size_t)lda, trans_a ? (size_t)lda : 1, bj, bsk, c,
                                               ldc, mr, nr, bb, add);
                             else if (trans_a)  mm_kernel_acols(kc, ai, lda, bj, bsk, c, ldc, bb, add);
                             else               mm_kernel_arows(kc, ai, lda, bj, bsk, c, ldc, bb, add);
