@@ -285,8 +285,8 @@ static void mm_pack_group(int bf16, float* base, const void* src, int ld, int tr
 // Why out of line and unrolled: inlined into the tile code, GCC kept two accumulators rotating through vmovaps
 // in the loop (and spilled them to the stack once unrolled); alone, with nothing else live, the 4-step unrolled
 // loop is 12 FMAs + 8 loads + 1-2 prefetches per k and nothing more. +10% on the micro-kernel alone and 0-20% per
-// GEMM cell on the AVX2 development host (bench_matmul_lab.py, session 19); the 12 (28) stores of out per tile cost
-// nothing against kc >= 64 steps.
+// GEMM cell on the AVX2 development host (bench_matmul_lab.py, session 19); the 2*MR stores of out per tile are
+// small beside the tile's 2*MR*kc FMAs.
 static inline __attribute__((always_inline)) void mm_kloop(int kc, const float* restrict a, size_t asi, size_t ask,
                                                            const float* restrict b, size_t bsk,
                                                            vf out[MM_MR][2]) {
@@ -297,8 +297,8 @@ static inline __attribute__((always_inline)) void mm_kloop(int kc, const float* 
     for (int k = 0; k < kc; k++) {
         // B streams from L2 (or memory, read in place): fetching it MM_PF_B steps ahead keeps the loads off the L2
         // latency that the L1 prefetcher alone does not hide. +3-12% on every big-shape layout and +2-5% on the
-        // issue-3 training step (bench_matmul_lab.py / in-process step A/B, session 7). A packed AVX2 B row is one
-        // 64-byte line (the panels are line-aligned), so one prefetch covers it.
+        // issue-3 training step (bench_matmul_lab.py / in-process step A/B, session 7). A packed B row of the AVX2 and
+        // SSE paths lies within one 64-byte line (the panels are line-aligned), so one prefetch covers it.
         __builtin_prefetch(b + MM_PF_B * bsk);
         if (VLEN == 16 || bsk != MM_NR) __builtin_prefetch(b + MM_PF_B * bsk + VLEN);
         vf b0 = vf_load(b), b1 = vf_load(b + VLEN);
