@@ -249,10 +249,11 @@ def test_matmul_small_m_boundary(isa, rng, M):
 
 
 # Shapes that cross the GEMM driver's blocking paths (impl_matmul.h): K split into several blocks (K > 384),
-# N split into B blocks dealt out to threads from a shared counter (N > 512), A in several row chunks (M * kc > 2M
-# floats), M just above the small-M path, and M % 14 / N % 32 leftovers; on 1, 2 and 3 threads (3: a count that
-# divides no block count), with bias and accumulate.
-@pytest.mark.parametrize("M,N,K", [(70, 1100, 800), (5, 33, 1000), (5500, 37, 384), (29, 64, 9)])
+# several B blocks (N > 512) dealt out to threads from a shared counter, threads splitting the A panels instead
+# (N <= 512, or >= 1024 rows per thread), A in several row chunks (M * kc > 2M floats), M just above the small-M
+# path, and M % 14 / N % 32 leftovers; on 1, 2 and 3 threads (3: a count that divides no block count), with bias
+# and accumulate.
+@pytest.mark.parametrize("M,N,K", [(70, 1100, 800), (5, 33, 1000), (5500, 37, 384), (3100, 600, 400), (29, 64, 9)])
 @pytest.mark.parametrize("ta,tb", [(0, 0), (0, 1), (1, 1)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_matmul_blocking_paths(isa, gemm_path, rng, M, N, K, ta, tb, threads):
@@ -273,9 +274,10 @@ def test_matmul_blocking_paths(isa, gemm_path, rng, M, N, K, ta, tb, threads):
         C().set_threads(before)
 
 
-def test_matmul_row_chunks_with_column_split(rng, monkeypatch):
-    """The packed driver with A in two row chunks (M * kc > 2M floats) AND the columns dealt to 2 threads: each
-    (chunk, K block) has its own counter of B blocks, so no block of the second chunk is skipped or done twice."""
+def test_matmul_row_chunks_on_two_threads(rng, monkeypatch):
+    """The packed driver with A in two row chunks (M * kc > 2M floats) on 2 threads splitting the A panels: the
+    second chunk is shorter, so its panels split at another row; the threads meet between chunks so that neither
+    packs over a panel the other still reads."""
     monkeypatch.setenv("PYLLM_GEMM", "packed")
     M, N, K = 5500, 600, 384  # kc 384: rows per chunk 2M / 384 = 5461 < M
     a, b = _operands(rng, M, N, K, 0, 0)
@@ -287,6 +289,29 @@ def test_matmul_row_chunks_with_column_split(rng, monkeypatch):
     finally:
         C().set_threads(before)
     torch.testing.assert_close(out, ref.matmul(a.double(), b.double()).float(), **_tol(K))
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_matmul_threads_own_a_panels(isa, rng, monkeypatch, threads):
+    """The packed driver's threads each pack their own A panels and never wait for one another within a product.
+    K = 800 is three K blocks of 267, 267 and 266: a thread that reaches the shorter last block first must not
+    pack over a panel that a slower thread still reads (panels sit at the longest block's stride). Repeated,
+    because a race shows only in some calls. N = 300 is one B block, so the threads split A (4 panels each of 12
+    on 3 threads)."""
+    monkeypatch.setenv("PYLLM_GEMM", "packed")
+    M, N, K = 70, 300, 800
+    before = C().get_threads()
+    C().set_threads(threads)
+    try:
+        for ta, tb in [(0, 0), (1, 1), (0, 1)]:
+            a, b = _operands(rng, M, N, K, ta, tb)
+            expect = ref.matmul(a.double(), b.double(), trans_a=bool(ta), trans_b=bool(tb)).float()
+            for _ in range(20):
+                out = poison(torch.empty(M, N))
+                ops.matmul(a, b, trans_a=bool(ta), trans_b=bool(tb), out=out)
+                torch.testing.assert_close(out, expect, **_tol(K))
+    finally:
+        C().set_threads(before)
 
 
 # The training GEMMs of the Shakespeare (d=128, M = 768) and issue-3 (d=384) models through linear's autograd, on

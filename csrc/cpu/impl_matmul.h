@@ -512,6 +512,9 @@ static void mm_direct(const float* A, int lda, int trans_a, const float* B, int 
 #ifndef MM_DYN_MIN_PANELS
 #define MM_DYN_MIN_PANELS 4  // ...of at least this many NR-column panels each
 #endif
+#ifndef MM_MSPLIT_ROWS
+#define MM_MSPLIT_ROWS 1024  // rows of A per thread from which threads split A panels even when N is wide
+#endif
 #ifndef MM_PAR_FLOPS
 #define MM_PAR_FLOPS 4e6
 #endif
@@ -536,9 +539,15 @@ static int mm_use_direct(int M, int N, int K, int lda, int trans_b, int ldb) {
 //   A chunk (<= MM_A_FLOATS rows*kc) -> K block kc (K split evenly, <= MM_KC_MAX) -> pack the A chunk
 //   (shared, all threads) -> B blocks of <= MM_NC_MAX columns, each packed by the thread that uses it into its
 //   own L2-resident buffer -> A micro-panel (kc, MR) (L1) -> B micro-panels (kc, NR) streamed from L2.
-// Threads split the B blocks when there are at least as many as threads (each thread packs only the B blocks it
-// takes from the counter of this A chunk and K block, mm_take); otherwise (small N) they split the A micro-panels
-// and each packs all of B (small then).
+// Threads split either dimension:
+// - A micro-panels, when N is narrow (one B block per thread or fewer) or M is tall (>= MM_MSPLIT_ROWS rows per
+//   thread): each thread packs its own A panels and all of B into its own buffers, and never waits for another
+//   inside a product. Its cost is the duplicated B packing, N*K copies per thread against 2*M*N*K/T flops.
+// - Otherwise B blocks, dealt from the counter of this A chunk and K block (mm_take) as threads free up, after the
+//   threads pack the A chunk together; a barrier closes each K block.
+// Measured at 2 threads (bench_matmul_lab.py, 3 runs with each variant built twice, session 20): splitting A at
+// 1536 rows per thread took dW of 4096x768x3072 from 126 to 149 GFLOP/s and left the other M = 4096 cells within
+// 2%; at 512 rows per thread (1024^3) it lost 5-7% to the B split (the duplicated B packing).
 static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B, int ldb, int trans_b, float* C,
                     int ldc, const float* bias, int M, int N, int K, int accumulate) {
     if (M <= 0 || N <= 0) return;
@@ -565,10 +574,9 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
     const int nkb = (K + MM_KC_MAX - 1) / MM_KC_MAX, kcm = (K + nkb - 1) / nkb;   // K blocks, balanced
     const int npn = (N + MM_NR - 1) / MM_NR;                                        // B panels in all
     int nb = (npn * MM_NR + MM_NC_MAX - 1) / MM_NC_MAX;                             // B blocks
-    const int nsplit = T > 1 && nb >= T;
+    const int nsplit = T > 1 && nb >= T && M < (long)MM_MSPLIT_ROWS * T;
     if (nsplit) {  // many small B blocks, dealt out as threads free up (below): a vCPU slowed by its host's
-                   // other guests no longer holds the other threads at the K-block barrier. +2-4% mean over the
-                   // issue-3 shapes at 2 threads (bench_matmul_lab.py, 3 runs, session 13); 1 thread unchanged.
+                   // other guests does not hold the other threads at the K-block barrier (session 13).
         nb = (nb + T - 1) / T * T;
         const int want = MM_DYN_BLOCKS * T < npn / MM_DYN_MIN_PANELS ? MM_DYN_BLOCKS * T : npn / MM_DYN_MIN_PANELS;
         if (nb < want) nb = want;
@@ -596,13 +604,22 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
             // this thread's A panels (all of them when the threads split B)
             const int i0 = nsplit || nt == 1 ? 0 : (int)((long)mp * t / nt);
             const int i1 = nsplit || nt == 1 ? mp : (int)((long)mp * (t + 1) / nt);
+            // where those panels are packed: their region at the largest kc, so a thread packing a shorter last K
+            // block never writes into a panel that another thread is still reading (kc sets the panel stride)
+            float* Aq = Ap + (size_t)i0 * MM_MR * kcm;
             for (int k0 = 0; k0 < K; k0 += kcm) {
                 const int kc = K - k0 < kcm ? K - k0 : kcm;
                 const int add = accumulate || k0 > 0;
-                #pragma omp for schedule(static)
-                for (int g = 0; g < mp; g += MM_PACK_GROUP)
-                    mm_pack_group(bf16, Ap, A, lda, trans_a, ms, msn, g, g + MM_PACK_GROUP < mp ? g + MM_PACK_GROUP : mp,
-                                  k0, kc, MM_MR);
+                if (nsplit) {  // the A chunk, packed together (every thread reads all of it)
+                    #pragma omp for schedule(static)
+                    for (int g = 0; g < mp; g += MM_PACK_GROUP)
+                        mm_pack_group(bf16, Ap, A, lda, trans_a, ms, msn, g,
+                                      g + MM_PACK_GROUP < mp ? g + MM_PACK_GROUP : mp, k0, kc, MM_MR);
+                } else {       // this thread's own panels, at Aq: written and read by it alone
+                    for (int g = 0; g < i1 - i0; g += MM_PACK_GROUP)
+                        mm_pack_group(bf16, Aq, A, lda, trans_a, ms + i0 * MM_MR, msn - i0 * MM_MR, g,
+                                      g + MM_PACK_GROUP < i1 - i0 ? g + MM_PACK_GROUP : i1 - i0, k0, kc, MM_MR);
+                }
                 int* taken = ctr + (size_t)(ms / mc) * nkb + k0 / kcm;              // B blocks dealt (nsplit)
                 for (int bk = nsplit ? mm_take(taken) : 0; bk < nb; bk = nsplit ? mm_take(taken) : bk + 1) {
                     const int j0 = bk * bpp, j1 = j0 + bpp < npn ? j0 + bpp : npn;
@@ -611,7 +628,7 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
                                       g + MM_PACK_GROUP < j1 - j0 ? g + MM_PACK_GROUP : j1 - j0, k0, kc, MM_NR);
                     for (int i = i0; i < i1; i++) {
                         const int m0 = i * MM_MR, mr = msn - m0 < MM_MR ? msn - m0 : MM_MR;
-                        const float* ap = Ap + (size_t)i * MM_MR * kc;
+                        const float* ap = Aq + (size_t)(i - i0) * MM_MR * kc;
                         for (int j = j0; j < j1; j++) {
                             const int n0 = j * MM_NR, nr = N - n0 < MM_NR ? N - n0 : MM_NR;
                             const float* bp = Bp + (size_t)(j - j0) * MM_NR * kc;
@@ -620,7 +637,12 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
                         }
                     }
                 }
-                #pragma omp barrier
+                if (nsplit) {  // all B blocks of this K block done before the shared A chunk is repacked
+                    #pragma omp barrier
+                }
+            }
+            if (!nsplit && nch > 1) {  // the next chunk's panel split may differ: no thread packs over a panel
+                #pragma omp barrier     // that another is still reading
             }
         }
     }
