@@ -537,7 +537,7 @@ static int mm_use_direct(int M, int N, int K, int lda, int trans_b, int ldb) {
 // The shared driver: A and B are fp32, or bf16 (bf16 = 1) converted to fp32 while packing.
 // Loops (BLIS, with the operand roles swapped because B is the vector-loaded operand here):
 //   A chunk (<= MM_A_FLOATS rows*kc) -> K block kc (K split evenly, <= MM_KC_MAX) -> pack the A chunk
-//   (shared, all threads) -> B blocks of <= MM_NC_MAX columns, each packed by the thread that uses it into its
+//   (together, or each thread its own panels: below) -> B blocks of <= MM_NC_MAX columns, each packed by the thread that uses it into its
 //   own L2-resident buffer -> A micro-panel (kc, MR) (L1) -> B micro-panels (kc, NR) streamed from L2.
 // Threads split either dimension:
 // - A micro-panels, when N is narrow (one B block per thread or fewer) or M is tall (>= MM_MSPLIT_ROWS rows per
@@ -546,8 +546,9 @@ static int mm_use_direct(int M, int N, int K, int lda, int trans_b, int ldb) {
 // - Otherwise B blocks, dealt from the counter of this A chunk and K block (mm_take) as threads free up, after the
 //   threads pack the A chunk together; a barrier closes each K block.
 // Measured at 2 threads (bench_matmul_lab.py, 3 runs with each variant built twice, session 20): splitting A at
-// 1536 rows per thread took dW of 4096x768x3072 from 126 to 149 GFLOP/s and left the other M = 4096 cells within
-// 2%; at 512 rows per thread (1024^3) it lost 5-7% to the B split (the duplicated B packing).
+// >= 1536 rows per thread took dW of 4096x768x3072 from 126 to 149 GFLOP/s and dX of 4096x768x768 from 134 to 149
+// (in some runs; the rest within the noise); at 512 rows per thread (1024^3) it lost 5-7% to the B split (the
+// duplicated B packing).
 static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B, int ldb, int trans_b, float* C,
                     int ldc, const float* bias, int M, int N, int K, int accumulate) {
     if (M <= 0 || N <= 0) return;
