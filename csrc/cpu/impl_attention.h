@@ -67,42 +67,71 @@ static inline vf att_exp2(vf x) {
 }
 #endif
 
+// The causal shape of a diagonal tile. Query i0 + r and key j0 + c, off = i0 - j0: key c is masked for query r
+// where c > r + off, so on the diagonal (off = 0) half of each product is multiplied by zeros or thrown away. The
+// products skip that part by register tile: ATT_TRI_SKIP (C rows = keys, columns = queries: S^T, dP^T) stores
+// `fill` (-inf: the mask's value; 0) in tiles where every element is masked; ATT_TRI_KUPTO (rows = queries, inner
+// index = keys: P V, dS K) stops the inner loop at the tile's last query; ATT_TRI_KFROM (rows = keys, inner =
+// queries: P^T dO, dS^T Q) starts it at the tile's first key. Off the diagonal (off >= BC - 1) nothing is skipped.
+// The skipped terms are products with exact zeros (P = 0 there): for finite inputs the results are bit-identical.
+// Measured (1 thread, ABBA in one process): fwd+bwd at T = 256 ~7-15% faster, T = 1024 ~3%, T = 4096 within noise.
+enum { ATT_TRI_NONE, ATT_TRI_SKIP, ATT_TRI_KUPTO, ATT_TRI_KFROM };
+static inline int att_klo(int tri, int m, int off) { return tri == ATT_TRI_KFROM && m - off > 0 ? m - off : 0; }
+static inline int att_khi(int tri, int m, int R, int off, int K) {
+    return tri == ATT_TRI_KUPTO && m + R + off < K ? m + R + off : K;
+}
+
 // R rows x 4 vectors of C (one 64-column block at n on AVX-512): each A row segment and each B row is read once
 // per R rows, not twice / once per 8 rows as with the 2-vector tile. R = 6: 24 accumulators + 4 B vectors.
+// tri / off / fill: the causal shape of a diagonal tile (see att_mm_core).
 #define ATT_MM4(R)                                                                                           \
     {                                                                                                        \
-        vf c[R][4];                                                                                          \
-        for (int r = 0; r < R; r++)                                                                          \
-            for (int j = 0; j < 4; j++) c[r][j] = acc ? vf_load(C + (m + r) * ldc + n + j * VLEN) : vf_set1(0.f); \
-        const float* a = A + (long)m * sam;                                                                  \
-        const float* b = B + n;                                                                              \
-        for (int k = 0; k < K; k++, a += sak, b += ldb) {                                                    \
-            const vf b0 = vf_load(b), b1 = vf_load(b + VLEN), b2 = vf_load(b + 2 * VLEN), b3 = vf_load(b + 3 * VLEN); \
-            for (int r = 0; r < R; r++) {                                                                    \
-                const vf ar = vf_set1(a[r * sam]);                                                           \
-                c[r][0] = vf_fma(ar, b0, c[r][0]); c[r][1] = vf_fma(ar, b1, c[r][1]);                        \
-                c[r][2] = vf_fma(ar, b2, c[r][2]); c[r][3] = vf_fma(ar, b3, c[r][3]);                        \
+        if (tri == ATT_TRI_SKIP && m > n + 4 * VLEN - 1 + off) {                                             \
+            for (int r = 0; r < R; r++)                                                                      \
+                for (int j = 0; j < 4; j++) vf_store(C + (m + r) * ldc + n + j * VLEN, vf_set1(fill));      \
+        } else {                                                                                             \
+            const int klo = att_klo(tri, m, off), khi = att_khi(tri, m, R, off, K);                          \
+            vf c[R][4];                                                                                      \
+            for (int r = 0; r < R; r++)                                                                      \
+                for (int j = 0; j < 4; j++) c[r][j] = acc ? vf_load(C + (m + r) * ldc + n + j * VLEN) : vf_set1(0.f); \
+            const float* a = A + (long)m * sam + (long)klo * sak;                                            \
+            const float* b = B + n + (long)klo * ldb;                                                        \
+            for (int k = klo; k < khi; k++, a += sak, b += ldb) {                                            \
+                const vf b0 = vf_load(b), b1 = vf_load(b + VLEN), b2 = vf_load(b + 2 * VLEN), b3 = vf_load(b + 3 * VLEN); \
+                for (int r = 0; r < R; r++) {                                                                \
+                    const vf ar = vf_set1(a[r * sam]);                                                       \
+                    c[r][0] = vf_fma(ar, b0, c[r][0]); c[r][1] = vf_fma(ar, b1, c[r][1]);                    \
+                    c[r][2] = vf_fma(ar, b2, c[r][2]); c[r][3] = vf_fma(ar, b3, c[r][3]);                    \
+                }                                                                                            \
             }                                                                                                \
+            for (int r = 0; r < R; r++)                                                                      \
+                for (int j = 0; j < 4; j++) vf_store(C + (m + r) * ldc + n + j * VLEN, c[r][j]);             \
         }                                                                                                    \
-        for (int r = 0; r < R; r++)                                                                          \
-            for (int j = 0; j < 4; j++) vf_store(C + (m + r) * ldc + n + j * VLEN, c[r][j]);                 \
     }
 
 // R rows x 2 vectors of C, a one-vector column tail where N is an odd number of vectors.
 #define ATT_MM2(R)                                                                                           \
     {                                                                                                        \
-        const float* a0 = A + (long)m * sam;                                                                 \
+        const int klo = att_klo(tri, m, off), khi = att_khi(tri, m, R, off, K);                              \
+        const float* a0 = A + (long)m * sam + (long)klo * sak;                                               \
         float* cm = C + (long)m * ldc;                                                                       \
         int n = 0;                                                                                           \
         for (; n + 2 * VLEN <= N; n += 2 * VLEN) {                                                           \
+            if (tri == ATT_TRI_SKIP && m > n + 2 * VLEN - 1 + off) {                                         \
+                for (int r = 0; r < R; r++) {                                                                \
+                    vf_store(cm + r * ldc + n, vf_set1(fill));                                               \
+                    vf_store(cm + r * ldc + n + VLEN, vf_set1(fill));                                        \
+                }                                                                                            \
+                continue;                                                                                    \
+            }                                                                                                \
             vf c0[R], c1[R];                                                                                 \
             for (int r = 0; r < R; r++) {                                                                    \
                 c0[r] = acc ? vf_load(cm + r * ldc + n) : vf_set1(0.f);                                      \
                 c1[r] = acc ? vf_load(cm + r * ldc + n + VLEN) : vf_set1(0.f);                               \
             }                                                                                                \
             const float* a = a0;                                                                             \
-            const float* b = B + n;                                                                          \
-            for (int k = 0; k < K; k++, a += sak, b += ldb) {                                                \
+            const float* b = B + n + (long)klo * ldb;                                                        \
+            for (int k = klo; k < khi; k++, a += sak, b += ldb) {                                            \
                 const vf b0 = vf_load(b), b1 = vf_load(b + VLEN);                                            \
                 for (int r = 0; r < R; r++) {                                                                \
                     const vf ar = vf_set1(a[r * sam]);                                                       \
@@ -116,11 +145,15 @@ static inline vf att_exp2(vf x) {
             }                                                                                                \
         }                                                                                                    \
         for (; n < N; n += VLEN) {                                                                           \
+            if (tri == ATT_TRI_SKIP && m > n + VLEN - 1 + off) {                                             \
+                for (int r = 0; r < R; r++) vf_store(cm + r * ldc + n, vf_set1(fill));                       \
+                continue;                                                                                    \
+            }                                                                                                \
             vf c0[R];                                                                                        \
             for (int r = 0; r < R; r++) c0[r] = acc ? vf_load(cm + r * ldc + n) : vf_set1(0.f);              \
             const float* a = a0;                                                                             \
-            const float* b = B + n;                                                                          \
-            for (int k = 0; k < K; k++, a += sak, b += ldb) {                                                \
+            const float* b = B + n + (long)klo * ldb;                                                        \
+            for (int k = klo; k < khi; k++, a += sak, b += ldb) {                                            \
                 const vf b0 = vf_load(b);                                                                    \
                 for (int r = 0; r < R; r++) c0[r] = vf_fma(vf_set1(a[r * sam]), b0, c0[r]);                  \
             }                                                                                                \
@@ -135,7 +168,7 @@ static inline vf att_exp2(vf x) {
 // once per 6 rows made the forward ~5-10% faster than the 8 x 2 tile below (session 10, T = 1024 / 4096).
 static inline __attribute__((always_inline)) void att_mm_core(float* C, long ldc, const float* A, long sam,
                                                               long sak, const float* B, long ldb, int M, int N,
-                                                              int K, int acc) {
+                                                              int K, int acc, int tri, int off, float fill) {
     int m = 0;
 #if VLEN == 16
     if (N % (4 * VLEN) == 0) {
@@ -157,13 +190,24 @@ static inline __attribute__((always_inline)) void att_mm_core(float* C, long ldc
     for (; m < M; m++) ATT_MM2(1)
 }
 // Row-major A (sak = 1) and column-major A (sam = 1): two specialisations so the broadcast addressing is cheap.
+// Tiles the causal mask does not cut (every tile off the diagonal) take a copy of the core compiled without the
+// tri checks: with them the T = 1024 forward + backward ran ~2% slower.
+static inline int att_tri_cuts(int tri, int off, int M, int K) {
+    return tri != ATT_TRI_NONE && (tri == ATT_TRI_KUPTO ? off < K - 1 : off < M - 1);
+}
 static void att_mm_rowA(float* C, long ldc, const float* A, long lda, const float* B, long ldb, int M, int N,
-                        int K, int acc) {
-    att_mm_core(C, ldc, A, lda, 1, B, ldb, M, N, K, acc);
+                        int K, int acc, int tri, int off, float fill) {
+    if (att_tri_cuts(tri, off, M, K))
+        att_mm_core(C, ldc, A, lda, 1, B, ldb, M, N, K, acc, tri, off, fill);
+    else
+        att_mm_core(C, ldc, A, lda, 1, B, ldb, M, N, K, acc, ATT_TRI_NONE, 0, 0.f);
 }
 static void att_mm_colA(float* C, long ldc, const float* A, long lda, const float* B, long ldb, int M, int N,
-                        int K, int acc) {
-    att_mm_core(C, ldc, A, 1, lda, B, ldb, M, N, K, acc);
+                        int K, int acc, int tri, int off) {
+    if (att_tri_cuts(tri, off, M, K))
+        att_mm_core(C, ldc, A, 1, lda, B, ldb, M, N, K, acc, tri, off, 0.f);
+    else
+        att_mm_core(C, ldc, A, 1, lda, B, ldb, M, N, K, acc, ATT_TRI_NONE, 0, 0.f);
 }
 
 static inline int att_min(int a, int b) { return a < b ? a : b; }
@@ -263,7 +307,7 @@ void KFN(attention_forward)(const attention_params* p) {
                 if (!kind) continue;
                 const float* Kp = Kall + (size_t)j0 * Dp;  // (Nk, Dp)
                 const float* Vp = Vall + (size_t)j0 * Dp;  // (Nk, Dp)
-                att_mm_rowA(ST, ATT_BR, Kp, Dp, Qt, ATT_BR, Nk, ATT_BR, D, 0);  // S^T = K Q^T * scale * log2(e)
+                att_mm_rowA(ST, ATT_BR, Kp, Dp, Qt, ATT_BR, Nk, ATT_BR, D, 0, ATT_TRI_SKIP, i0 - j0, -INFINITY);  // S^T = K Q^T * scale * log2(e)
                 if (kind == 2) att_mask(ST, doc, i0, Mq, j0, Nk);
                 // online softmax along keys, vectorised over queries
                 for (int r = 0; r < ATT_BR; r += VLEN) {
@@ -295,7 +339,7 @@ void KFN(attention_forward)(const attention_params* p) {
                         const vf a = vf_set1(alpha[r]);
                         for (int d = 0; d < Dp; d += VLEN) vf_store(O + r * Dp + d, vf_load(O + r * Dp + d) * a);
                     }
-                att_mm_colA(O, Dp, ST, ATT_BR, Vp, Dp, Mq, Dp, Nk, 1);  // O += P V
+                att_mm_colA(O, Dp, ST, ATT_BR, Vp, Dp, Mq, Dp, Nk, 1, ATT_TRI_KUPTO, i0 - j0);  // O += P V
             }
             float* out = p->out + ((size_t)b * T + i0) * ldq + (size_t)h * D;  // (Mq, D), rows ldq apart
             float* lse = p->lse + ((size_t)b * H + h) * T + i0;                 // (Mq)
@@ -379,9 +423,10 @@ void KFN(attention_backward)(const attention_backward_params* p) {
                         if (!kind) continue;
                         const float* Kp = Kall + (size_t)j0 * Dp;  // (Nk, Dp)
                         const float* Vp = Vall + (size_t)j0 * Dp;  // (Nk, Dp)
-                        att_mm_rowA(PT, ATT_BR, Kp, Dp, Qt, ATT_BR, Nk, ATT_BR, D, 0);   // S^T = K Q^T * scale * log2(e)
+                        const int off = i0 - j0;                   // 0 on the diagonal: see att_klo
+                        att_mm_rowA(PT, ATT_BR, Kp, Dp, Qt, ATT_BR, Nk, ATT_BR, D, 0, ATT_TRI_SKIP, off, -INFINITY);  // S^T = K Q^T * scale * log2(e)
                         if (kind == 2) att_mask(PT, doc, i0, Mq, j0, Nk);
-                        att_mm_rowA(dST, ATT_BR, Vp, Dp, dOt, ATT_BR, Nk, ATT_BR, D, 0); // dP^T = V dO^T
+                        att_mm_rowA(dST, ATT_BR, Vp, Dp, dOt, ATT_BR, Nk, ATT_BR, D, 0, ATT_TRI_SKIP, off, 0.f);  // dP^T = V dO^T
                         for (int r = 0; r < ATT_BR; r += VLEN) {
                             const vf vl = vf_load(lse + r), vd = vf_load(Di + r);
                             for (int c = 0; c < Nk; c++) {
@@ -390,9 +435,9 @@ void KFN(attention_backward)(const attention_backward_params* p) {
                                 vf_store(dST + c * ATT_BR + r, pv * (vf_load(dST + c * ATT_BR + r) - vd) * scale);
                             }
                         }
-                        att_mm_rowA(dVa + (size_t)j0 * Dp, Dp, PT, ATT_BR, dOp, Dp, Nk, Dp, Mq, 1);  // dV += P^T dO
-                        att_mm_rowA(dKa + (size_t)j0 * Dp, Dp, dST, ATT_BR, Qp, Dp, Nk, Dp, Mq, 1);  // dK += dS^T Q
-                        att_mm_colA(dQa, Dp, dST, ATT_BR, Kp, Dp, Mq, Dp, Nk, 1);                  // dQ += dS K
+                        att_mm_rowA(dVa + (size_t)j0 * Dp, Dp, PT, ATT_BR, dOp, Dp, Nk, Dp, Mq, 1, ATT_TRI_KFROM, off, 0.f);  // dV += P^T dO
+                        att_mm_rowA(dKa + (size_t)j0 * Dp, Dp, dST, ATT_BR, Qp, Dp, Nk, Dp, Mq, 1, ATT_TRI_KFROM, off, 0.f);  // dK += dS^T Q
+                        att_mm_colA(dQa, Dp, dST, ATT_BR, Kp, Dp, Mq, Dp, Nk, 1, ATT_TRI_KUPTO, off);  // dQ += dS K
                     }
                     float* dq = p->dq + row0;
                     for (int r = 0; r < Mq; r++) memcpy(dq + r * ldq, dQa + (size_t)r * Dp, sizeof(float) * D);
