@@ -215,23 +215,14 @@ PYBIND11_MODULE(_C, m) {
     }, py::arg("dgate"), py::arg("dup"), py::arg("dout"), py::arg("gate"), py::arg("up"), py::arg("n"),
        py::arg("cols") = 0, py::arg("ld") = 0);
     m.def("cross_entropy_forward", [](uintptr_t loss, uintptr_t stats, uintptr_t logits, uintptr_t targets, int N,
-                                      int V, int64_t ignore_index) {
+                                      int V, int64_t ignore_index, uintptr_t dlogits, float scale) {
         CHECK_PTR(loss); CHECK_PTR(stats); CHECK_PTR(logits); CHECK_PTR(targets); CHECK_POS(N); CHECK_POS(V);
         cross_entropy_params p{P<float>(loss), P<float>(stats), P<const float>(logits), P<const int64_t>(targets), N, V,
-                               ignore_index};
+                               ignore_index, P<float>(dlogits), scale};
         py::gil_scoped_release nogil;
         KCALL(cross_entropy_forward, &p);
     }, py::arg("loss"), py::arg("stats"), py::arg("logits"), py::arg("targets"), py::arg("N"), py::arg("V"),
-       py::arg("ignore_index"));
-    m.def("cross_entropy_backward", [](uintptr_t dlogits, uintptr_t logits, uintptr_t stats, uintptr_t targets, int N,
-                                       int V, int64_t ignore_index, float scale) {
-        CHECK_PTR(dlogits); CHECK_PTR(logits); CHECK_PTR(stats); CHECK_PTR(targets); CHECK_POS(N); CHECK_POS(V);
-        cross_entropy_backward_params p{P<float>(dlogits), P<const float>(logits), P<const float>(stats),
-                                        P<const int64_t>(targets), N, V, ignore_index, scale};
-        py::gil_scoped_release nogil;
-        KCALL(cross_entropy_backward, &p);
-    }, py::arg("dlogits"), py::arg("logits"), py::arg("stats"), py::arg("targets"), py::arg("N"), py::arg("V"),
-       py::arg("ignore_index"), py::arg("scale"));
+       py::arg("ignore_index"), py::arg("dlogits") = 0, py::arg("scale") = 1.0f);
     m.def("adamw_step", [](uintptr_t params, uintptr_t grads, uintptr_t m_, uintptr_t v_, long n, float lr, float beta1,
                            float beta2, float eps, float weight_decay, int step) {
         CHECK_PTR(params); CHECK_PTR(grads); CHECK_PTR(m_); CHECK_PTR(v_); CHECK_POS(n); CHECK_POS(step);

@@ -529,28 +529,28 @@ class _CrossEntropy(torch.autograd.Function):
         N, V = logits.shape
         loss_rows = torch.empty(N, dtype=torch.float32)
         stats = torch.empty(N, 2, dtype=torch.float32)  # (N, 2) row max, log-sum
-        C().cross_entropy_forward(ptr(loss_rows), ptr(stats), ptr(logits), ptr(targets), N, V, int(ignore_index))
-        n_valid = int((targets != ignore_index).sum())
-        ctx.save_for_backward(logits, targets, stats)
-        ctx.ignore_index, ctx.n_valid = ignore_index, n_valid
-        return loss_rows.sum(dtype=torch.float64).float() / max(n_valid, 1)
+        n_valid = max(int((targets != ignore_index).sum()), 1)
+        # the gradient of the mean loss, written by the same pass over the logits (the backward only scales it)
+        dlogits = empty(N, V) if ctx.needs_input_grad[0] else None
+        C().cross_entropy_forward(ptr(loss_rows), ptr(stats), ptr(logits), ptr(targets), N, V, int(ignore_index),
+                                  ptr(dlogits), 1.0 / n_valid)
+        ctx.dlogits = dlogits
+        return loss_rows.sum(dtype=torch.float64).float() / n_valid
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dloss):
-        logits, targets, stats = ctx.saved_tensors
-        N, V = logits.shape
-        dlogits = empty(N, V)
-        scale = float(dloss) / max(ctx.n_valid, 1)
-        C().cross_entropy_backward(ptr(dlogits), ptr(logits), ptr(stats), ptr(targets), N, V, int(ctx.ignore_index),
-                                   scale)
-        return dlogits, None, None
+        if ctx.dlogits is None:
+            raise RuntimeError("cross_entropy: the logits did not require grad in the forward")
+        # loss.backward() passes exactly 1: the forward's buffer is the gradient (a copy would be one more pass
+        # over (N, V)); the buffer is not changed in place, so a retained graph's second backward still sees it
+        return (ctx.dlogits if float(dloss) == 1.0 else ctx.dlogits * float(dloss)), None, None
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
     """Mean cross-entropy over non-ignored targets (0 if none). logits (N, V) fp32, targets (N) int64.
-    The forward saves each row's max and log-sum; the backward writes (softmax - onehot) * dloss / n_valid in one
-    pass."""
+    When the logits require grad, the forward's one pass over them also writes (softmax - onehot) / n_valid, and
+    the backward returns it (times dloss unless that is 1)."""
     _check_cross_entropy(logits, targets, ignore_index)
     return _CrossEntropy.apply(logits, targets, ignore_index)
 

@@ -67,7 +67,8 @@ def test_swiglu_extreme_gates_and_poison(isa, rng):
 
 
 @pytest.mark.parametrize("N,V", [(1, 1), (3, 17), (17, 127), (5, 1000), (4, 8193)])
-def test_cross_entropy_forward_backward(isa, rng, N, V):
+@pytest.mark.parametrize("dloss", [1.0, 1.7])  # 1: the forward's gradient buffer is returned as it is
+def test_cross_entropy_forward_backward(isa, rng, N, V, dloss):
     logits = (torch.randn(N, V, generator=rng) * 3).requires_grad_()
     targets = torch.randint(0, V, (N,), generator=rng)
     if N > 1:
@@ -77,10 +78,34 @@ def test_cross_entropy_forward_backward(isa, rng, N, V):
     lr = logits.detach().clone().requires_grad_()
     loss_r = ref.cross_entropy(lr, targets)
     torch.testing.assert_close(loss, loss_r, rtol=1e-5, atol=1e-5)
-    (loss * 1.7).backward()
-    (loss_r * 1.7).backward()
+    (loss * dloss).backward()
+    (loss_r * dloss).backward()
     torch.testing.assert_close(logits.grad, lr.grad, rtol=1e-5, atol=1e-6)
 
+
+def test_cross_entropy_retained_graph_backward_twice(isa, rng):
+    """The backward hands out the forward's gradient buffer: a second backward through a retained graph must see
+    it unchanged (the gradients add up to exactly twice the first)."""
+    logits = torch.randn(5, 300, generator=rng).requires_grad_()
+    targets = torch.randint(0, 300, (5,), generator=rng)
+    loss = ops.cross_entropy(logits, targets)
+    loss.backward(retain_graph=True)
+    once = logits.grad.clone()
+    (loss * 0.5).backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(logits.grad, once * 2.5, rtol=1e-6, atol=0)
+    lr = logits.detach().clone().requires_grad_()
+    ref.cross_entropy(lr, targets).backward()
+    torch.testing.assert_close(once, lr.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_entropy_without_grad_writes_no_gradient(isa, rng):
+    """Logits that do not require grad (evaluation): no (N, V) gradient is made, the loss is the same."""
+    logits = torch.randn(4, 50, generator=rng)
+    targets = torch.randint(0, 50, (4,), generator=rng)
+    with torch.no_grad():
+        a = ops.cross_entropy(logits, targets)
+    torch.testing.assert_close(a, ref.cross_entropy(logits, targets), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("N,V,ignore", [(7, 17, 0), (9, 1000, 3), (5, 37, 36)])
@@ -110,7 +135,10 @@ def test_cross_entropy_all_ignored_is_zero(isa, rng):
     assert torch.equal(logits.grad, torch.zeros(4, 9))
 
 
-def test_cross_entropy_in_place_backward_and_poison(isa, rng):
+@pytest.mark.parametrize("alias", [False, True])
+def test_cross_entropy_kernel_gradient_in_place_and_poison(isa, rng, alias):
+    """The kernel alone: loss, stats, and the gradient of scale * sum(loss) written by the forward, into a poisoned
+    buffer or over the logits themselves (the training loop may reuse the logits buffer); ignored rows get 0."""
     N, V = 6, 301
     logits = torch.randn(N, V, generator=rng)
     targets = torch.randint(0, V, (N,), generator=rng)
@@ -122,11 +150,16 @@ def test_cross_entropy_in_place_backward_and_poison(isa, rng):
     expect = (torch.logsumexp(logits, -1) - logits.gather(1, targets.clamp(min=0)[:, None])[:, 0])
     expect[2] = 0
     torch.testing.assert_close(loss, expect, rtol=1e-5, atol=1e-5)
-    buf = logits.clone()  # the gradient overwrites the logits buffer in place
-    C().cross_entropy_backward(buf.data_ptr(), buf.data_ptr(), stats.data_ptr(), targets.data_ptr(), N, V, -1, 0.5)
+    buf = logits.clone()
+    grad = buf if alias else poison(torch.empty(N, V))
+    loss2, stats2 = poison(torch.empty(N)), poison(torch.empty(N, 2))
+    C().cross_entropy_forward(loss2.data_ptr(), stats2.data_ptr(), buf.data_ptr(), targets.data_ptr(), N, V, -1,
+                              grad.data_ptr(), 0.5)
+    assert torch.equal(loss2, loss) and torch.equal(stats2, stats)  # the loss is read before the logits are overwritten
     lr = logits.clone().requires_grad_()
     torch.nn.functional.cross_entropy(lr, targets, ignore_index=-1, reduction="sum").mul(0.5).backward()
-    torch.testing.assert_close(buf, lr.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, lr.grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(grad[2], torch.zeros(V))
 
 
 @pytest.mark.parametrize("V,where", [(3, 0), (1000, 999), (1000, 17), (64, 63)])

@@ -146,22 +146,14 @@ typedef struct {
 
 typedef struct {
     float* loss;            // (N)  lse - logits[target], 0 for ignored rows
-    float* stats;           // (N, 2)  row max and log(sum(exp(logits - max))), saved for backward
+    float* stats;           // (N, 2)  row max and log(sum(exp(logits - max)))
     const float* logits;    // (N, V)
     const int64_t* targets; // (N)
     int N, V;
     int64_t ignore_index;
+    float* dlogits;         // (N, V)  or NULL: the gradient of scale * sum(loss), the backward fused in; may alias logits
+    float scale;            // 1 / n_valid for a mean loss
 } cross_entropy_params;
-
-typedef struct {
-    float* dlogits;         // (N, V)  may alias logits
-    const float* logits;    // (N, V)
-    const float* stats;     // (N, 2)  from the forward
-    const int64_t* targets; // (N)
-    int N, V;
-    int64_t ignore_index;
-    float scale;            // dloss / n_valid
-} cross_entropy_backward_params;
 
 typedef struct {
     float* params;        // (n)  updated in place
@@ -229,7 +221,6 @@ typedef struct {
     X(swiglu_forward, swiglu_params)              \
     X(swiglu_backward, swiglu_backward_params)    \
     X(cross_entropy_forward, cross_entropy_params) \
-    X(cross_entropy_backward, cross_entropy_backward_params) \
     X(adamw_step, adamw_params) \
     X(matmul_forward, matmul_params)             \
     X(matmul_bf16_forward, matmul_bf16_params)   \
