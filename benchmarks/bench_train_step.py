@@ -87,8 +87,8 @@ def main():
     ap.add_argument("--separate", type=int, default=0, metavar="R",
                     help="run each variant in its own process, R rounds in alternating order (0: one process)")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS,
-                    help="with --separate: the variants to run (torch_bf16 takes ~1 min per step on a CPU without "
-                         "bf16 arithmetic)")
+                    help="the variants to run (torch_bf16 takes ~1 min per step on a CPU without bf16 arithmetic); "
+                         "--kernels always times pyllm")
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     cfg, B, T = SHAPES[args.shape]
@@ -106,16 +106,16 @@ def main():
     if args.separate:
         separate(args)
         return
-    print("one process, all three models (torch eager runs slower beside the others than alone: --separate R gives "
-          "the per-process figure)")
+    print("one process, the --variants models (torch eager runs slower beside the others than alone: --separate R "
+          "gives the per-process figure)")
     print("| threads | pyllm fp32 tok/s | pyllm bf16 GEMMs tok/s | torch eager fp32 tok/s | torch bf16 autocast tok/s"
           " | pyllm / torch fp32 | pyllm / torch bf16 | pyllm bf16 / torch fp32 | pyllm bf16 / torch bf16 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for th in args.threads:
         torch.set_num_threads(th)
         C().set_threads(th)
-        variants = {"pyllm": (*make("pyllm", args.shape), False), "pyllm_bf16": (*make("pyllm", args.shape), True),
-                    "torch": (*make("torch", args.shape), False), "torch_bf16": (*make("torch", args.shape), True)}
+        names = list(dict.fromkeys(args.variants + (["pyllm"] if args.kernels else [])))
+        variants = {k: (*make(k.split("_")[0], args.shape), k.endswith("_bf16")) for k in names}
         times = {k: [] for k in variants}
         for k, (m, opt, ac) in variants.items():
             step(m, opt, x, y, ac)  # warm-up
@@ -123,9 +123,11 @@ def main():
             for k, (m, opt, ac) in variants.items():
                 times[k].append(step(m, opt, x, y, ac))
         tps = {k: B * T / statistics.median(v) for k, v in times.items()}
-        print(f"| {th} | {tps['pyllm']:.0f} | {tps['pyllm_bf16']:.0f} | {tps['torch']:.0f} | {tps['torch_bf16']:.0f} | "
-              f"{tps['pyllm'] / tps['torch']:.2f}x | {tps['pyllm'] / tps['torch_bf16']:.2f}x | "
-              f"{tps['pyllm_bf16'] / tps['torch']:.2f}x | {tps['pyllm_bf16'] / tps['torch_bf16']:.2f}x |", flush=True)
+        cell = lambda k: f"{tps[k]:.0f}" if k in tps else "-"                         # noqa: E731
+        ratio = lambda a, b: f"{tps[a] / tps[b]:.2f}x" if a in tps and b in tps else "-"  # noqa: E731
+        print(f"| {th} | {cell('pyllm')} | {cell('pyllm_bf16')} | {cell('torch')} | {cell('torch_bf16')} | "
+              f"{ratio('pyllm', 'torch')} | {ratio('pyllm', 'torch_bf16')} | "
+              f"{ratio('pyllm_bf16', 'torch')} | {ratio('pyllm_bf16', 'torch_bf16')} |", flush=True)
         if args.kernels:
             kt = KernelTimer(ext._C)
             ext._C, real = kt, ext._C
