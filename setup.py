@@ -1,6 +1,7 @@
 # setup.py — builds pyllm._C (plain pybind11, no torch headers), the CUDA kernels when nvcc is found, and the
 # standalone binary `pyllm-run` + its C API library. `pip install .` or `pip install -e . --no-build-isolation`.
 # Env: PYLLM_NO_CUDA=1 skips CUDA; PYLLM_CUDA_ARCHS="80;90a" picks GPU targets; PYLLM_DEBUG=1 builds -O0 -g.
+import concurrent.futures
 import os
 import platform
 import re
@@ -9,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
@@ -93,18 +94,21 @@ class BuildExt(build_ext):
         gencode += [f"-gencode=arch=compute_{archs[0]},code=compute_{archs[0]}"]  # PTX for newer GPUs
         objdir = Path(self.build_temp) / "cuda"
         objdir.mkdir(parents=True, exist_ok=True)
-        objs = []
+        objs, todo = [], []
         for src in srcs:
             obj = objdir / (Path(src).stem + ".o")
             if not obj.exists() or obj.stat().st_mtime < max(
                     p.stat().st_mtime for p in [ROOT / src, *(ROOT / "csrc" / "cuda").glob("*.cuh")]):
-                cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
-                       "--expt-relaxed-constexpr", "-lineinfo", *gencode]
-                print(" ".join(cmd))
-                if subprocess.call(cmd, cwd=ROOT) != 0:  # nvcc printed why; say what to do instead of a traceback
-                    sys.exit(f"pyllm: {nvcc} failed on {src} (its message is above). PYLLM_NO_CUDA=1 builds without "
-                             f"CUDA; an older nvcc may need PYLLM_CUDA_ARCHS (now {';'.join(archs)}), e.g. \"80\"")
+                todo.append([nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
+                             "--expt-relaxed-constexpr", "-lineinfo", *gencode])
             objs.append(str(obj))
+        # nvcc runs one file per process and each takes tens of seconds for two targets: run them side by side
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+            for cmd, rc in zip(todo, pool.map(lambda c: (print(" ".join(c)), subprocess.call(c, cwd=ROOT))[1], todo)):
+                if rc != 0:  # nvcc printed why; say what to do instead of a traceback
+                    sys.exit(f"pyllm: {nvcc} failed on {cmd[2]} (its message is above). PYLLM_NO_CUDA=1 builds "
+                             f"without CUDA; an older nvcc may need PYLLM_CUDA_ARCHS (now {';'.join(archs)}), e.g. "
+                             "\"80\"")
         # nvcc may be a wrapper script (/usr/local/bin/nvcc -> exec /usr/local/cuda-X/bin/nvcc): look for
         # libcudart_static.a next to it, then under CUDA_HOME and /usr/local/cuda.
         homes = [Path(nvcc).resolve().parent.parent, Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")),
@@ -132,17 +136,24 @@ class BuildExt(build_ext):
         # -z nodelete: the library (and so libgomp, which only it loads into a cffi process) is never unmapped. cffi
         # dlcloses it at interpreter exit while libgomp's idle worker threads still spin in libgomp's code: without
         # the flag that exit segfaulted now and then (8 of 160 two-thread runs under load).
+        jobs = []  # the binary and the library compile the same sources: side by side
         for out, extra in ((exe, []), (so, ["-shared", "-fPIC", "-DPYLLM_RUN_LIBRARY", "-Wl,-z,nodelete"])):
             tmp = out.with_name(out.name + ".tmp")
             cmd = [cc, *flags, *extra, *srcs, "-o", str(tmp), "-lm"]
             print(" ".join(cmd))
-            subprocess.check_call(cmd)
+            jobs.append((subprocess.Popen(cmd), cmd, tmp, out))
+        for proc, cmd, tmp, out in jobs:
+            if proc.wait() != 0:
+                raise subprocess.CalledProcessError(proc.returncode, cmd)
             os.replace(tmp, out)  # atomic: a failed link never leaves a half-written binary
         # The C API's one declaration: pyllm/runtime.py hands this header to cffi, so it ships beside the library.
         hdr = pkg / "lib" / "run.h"
         shutil.copyfile(ROOT / "csrc" / "run.h", hdr.with_name("run.h.tmp"))
         os.replace(hdr.with_name("run.h.tmp"), hdr)
 
+
+# The extension's C/C++ sources compile in parallel (PYLLM_BUILD_JOBS, default: every core).
+ParallelCompile("PYLLM_BUILD_JOBS", default=0).install()
 
 # Sources that csrc/run.c needs besides the CPU kernels (its tokenizer, model loader).
 RUN_EXTRA_SOURCES = ["csrc/tokenizer.c", "csrc/model_file.c"]

@@ -310,6 +310,29 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release nogil;
         cu(attention_backward_cuda(&p, P<float>(delta), S(stream)));
     });
+    m.def("cuda_attention_bf16_forward", [cu, S](uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k,
+                                                 uintptr_t v, uintptr_t doc_ids, int B, int T, int H, int Hkv, int D,
+                                                 uintptr_t stream) {
+        CHECK_PTR(out); CHECK_PTR(lse); CHECK_PTR(q); CHECK_PTR(k); CHECK_PTR(v);
+        CHECK_POS(B); CHECK_POS(T); CHECK_POS(H); CHECK_POS(Hkv); CHECK_POS(D);
+        attention_bf16_params p{P<void>(out), P<float>(lse), P<const void>(q), P<const void>(k), P<const void>(v),
+                                P<const int32_t>(doc_ids), B, T, H, Hkv, D};
+        py::gil_scoped_release nogil;
+        cu(attention_bf16_forward_cuda(&p, S(stream)));
+    });
+    m.def("cuda_attention_bf16_backward", [cu, S](uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t dout,
+                                                  uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v,
+                                                  uintptr_t doc_ids, uintptr_t delta, int B, int T, int H, int Hkv,
+                                                  int D, uintptr_t stream) {
+        CHECK_PTR(dq); CHECK_PTR(dk); CHECK_PTR(dv); CHECK_PTR(dout); CHECK_PTR(out); CHECK_PTR(lse);
+        CHECK_PTR(q); CHECK_PTR(k); CHECK_PTR(v); CHECK_PTR(delta);
+        CHECK_POS(B); CHECK_POS(T); CHECK_POS(H); CHECK_POS(Hkv); CHECK_POS(D);
+        attention_bf16_backward_params p{P<void>(dq), P<void>(dk), P<void>(dv), P<const void>(dout),
+                                         P<const void>(out), P<const float>(lse), P<const void>(q), P<const void>(k),
+                                         P<const void>(v), P<const int32_t>(doc_ids), B, T, H, Hkv, D};
+        py::gil_scoped_release nogil;
+        cu(attention_bf16_backward_cuda(&p, P<float>(delta), S(stream)));
+    });
     m.def("cuda_decode_attention_ws_floats", [](int B, int H, int Hkv, int D, int n_ctx) {
         decode_attention_params p{nullptr, nullptr, nullptr, nullptr, 0, 0, B, H, Hkv, D, n_ctx};
         return decode_attention_cuda_ws_floats(&p);

@@ -341,7 +341,8 @@ class GPT(nn.Module):
                 done = done | torch.isin(tok, stop)
                 last = tok
             stop_now = callback(tok) if callback is not None else False
-            if bool(done.all()) or stop_now is True:
+            # done only changes with stop tokens: without them, skip the host sync (the GPU keeps its queue)
+            if (stop.numel() and bool(done.all())) or stop_now is True:
                 break
             x = tok[:, None]
         seq = torch.cat(out, dim=1)

@@ -158,18 +158,18 @@ def check_sample_settings(temperature, top_k, top_p, min_p, where: str) -> None:
     check_float(min_p, f"{where} min_p", 0.0, 1.0)
 
 
-def _check_attention(q, k, v, doc_ids, device="cpu"):
-    check(q, "attention q", device=device)
+def _check_attention(q, k, v, doc_ids, device="cpu", dtype=torch.float32):
+    check(q, "attention q", dtype=dtype, device=device)
     if q.dim() != 4:
         raise ValueError(f"attention q: expected shape (B, T, H, D), got {tuple(q.shape)}")
     B, T, H, D = q.shape
     dev = _same(q, device)
-    check(k, "attention k", device=dev)
+    check(k, "attention k", dtype=dtype, device=dev)
     if k.dim() != 4:
         raise ValueError(f"attention k: expected shape (B, T, Hkv, D), got {tuple(k.shape)}")
     Hkv = k.shape[2]
-    check(k, "attention k", shape=(B, T, Hkv, D), device=dev)
-    check(v, "attention v", shape=(B, T, Hkv, D), device=dev)
+    check(k, "attention k", dtype=dtype, shape=(B, T, Hkv, D), device=dev)
+    check(v, "attention v", dtype=dtype, shape=(B, T, Hkv, D), device=dev)
     if min(B, T, H, D, Hkv) == 0:
         raise ValueError(f"attention q: empty tensor of shape {tuple(q.shape)}")
     if H % Hkv != 0:
@@ -827,6 +827,7 @@ def _cuda_ops() -> tuple:
 
 
 CUDA_OPS = _cuda_ops()  # ops with CUDA kernels in this build (empty when built without CUDA)
-for _name in ("rmsnorm", "linear", "attention", "rope", "swiglu", "cross_entropy", "sample", "decode_attention"):
+for _name in ("rmsnorm", "linear", "attention", "attention_with_lse", "rope", "swiglu", "cross_entropy", "sample",
+              "decode_attention"):
     globals()[_name] = _cuda_dispatch(_name)
 del _name

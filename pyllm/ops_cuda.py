@@ -2,8 +2,9 @@
 
 pyllm.ops dispatches here for CUDA tensors (see the CUDA section at the end of ops.py); call ops.<name>, not this.
 Kernels run on torch's current stream (its handle is passed to the kernel), take contiguous fp32 tensors (linear
-also bf16: the tensor-core path) and are checked after every launch. Half-precision inputs to the fp32 kernels
-are upcast here, which costs a copy; bf16 attention/norm kernels are future work (benchmarks/bench_cuda.py).
+also bf16, and attention bf16 with head dim 64/128: the tensor-core paths) and are checked after every launch.
+Other half-precision inputs to the fp32 kernels are upcast here, which costs a copy; bf16 norm kernels are future
+work (benchmarks/bench_cuda.py).
 """
 from __future__ import annotations
 
@@ -13,15 +14,23 @@ from torch.autograd.function import once_differentiable
 from ._ext import C
 
 # The ops that have CUDA kernels (ops.CUDA_OPS re-exports this; pyllm.model uses ops.<name> on CUDA for these).
-NAMES = ("rmsnorm", "linear", "attention", "rope", "swiglu", "cross_entropy", "sample", "decode_attention")
+NAMES = ("rmsnorm", "linear", "attention", "attention_with_lse", "rope", "swiglu", "cross_entropy", "sample",
+         "decode_attention")
+
+
+_AVAILABLE: bool | None = None
 
 
 def available() -> bool:
-    """True when pyllm._C was compiled with nvcc (the kernels exist; a GPU may still be absent)."""
-    try:
-        return bool(C().build_info()["cuda_built"])
-    except ImportError:
-        return False
+    """True when pyllm._C was compiled with nvcc (the kernels exist; a GPU may still be absent). Asked once: every
+    op calls it, and the build cannot change under a running process."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        try:
+            _AVAILABLE = bool(C().build_info()["cuda_built"])
+        except ImportError:
+            return False
+    return _AVAILABLE
 
 
 def require_built(name: str):
@@ -30,7 +39,15 @@ def require_built(name: str):
                            "or PYLLM_NO_CUDA=1); rebuild with nvcc on PATH, or use backend='torch'")
 
 
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream(t: torch.Tensor) -> int:
+    """The handle of torch's current stream on t's device. torch.cuda.current_stream() builds a Stream object
+    (~20 us of Python a call, measured on an H100 host: most of a decode step's per-op cost); the raw getter,
+    which torch's own compiled code uses, returns the handle directly."""
+    if _raw_stream is not None:
+        return _raw_stream(t.device.index)
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
@@ -87,9 +104,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., K) @ weight (N, K).T -> (..., N). fp32 -> fp32 FFMA kernel; bf16 / fp16 (or fp32 under bf16 / fp16
     autocast) -> tensor-core kernel, 16-bit out."""
     require_built("linear")
-    if torch.is_autocast_enabled("cuda") and x.dtype == torch.float32:
-        dt = torch.get_autocast_dtype("cuda")
-        x, weight = x.to(dt), weight.to(dt)
+    if torch.is_autocast_enabled("cuda"):  # as torch's linear under autocast: both operands in the autocast dtype
+        dt = torch.get_autocast_dtype("cuda")  # (x may already be bf16: the bf16 attention's output)
+        if x.is_floating_point() and weight.is_floating_point():
+            x, weight = x.to(dt), weight.to(dt)
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"linear x: expected float32, bfloat16 or float16, got {x.dtype}")
     _check(weight, "linear weight", dtype=x.dtype, device=x.device)
@@ -162,8 +180,60 @@ class _Attention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+class _AttentionBF16(torch.autograd.Function):
+    """bf16 q, k, v (contiguous, 16-byte aligned), D 64 or 128: the tensor-core kernels (attention_bf16.cu).
+    out bf16, lse fp32; grads bf16 (autograd casts them back when the inputs were fp32 under autocast)."""
+    @staticmethod
+    def forward(ctx, q, k, v, doc_ids):
+        B, T, H, D = q.shape
+        Hkv = k.shape[2]
+        out = torch.empty_like(q)
+        lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+        dp = 0 if doc_ids is None else doc_ids.data_ptr()
+        C().cuda_attention_bf16_forward(out.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                        dp, B, T, H, Hkv, D, _stream(q))
+        ctx.save_for_backward(q, k, v, out, lse, doc_ids)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, doc_ids = ctx.saved_tensors
+        B, T, H, D = q.shape
+        Hkv = k.shape[2]
+        dout = _aligned16(dout.to(torch.bfloat16).contiguous())
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)  # rowsum(dout * out) scratch
+        dp = 0 if doc_ids is None else doc_ids.data_ptr()
+        C().cuda_attention_bf16_backward(dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dout.data_ptr(), out.data_ptr(),
+                                         lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), dp,
+                                         delta.data_ptr(), B, T, H, Hkv, D, _stream(q))
+        return dq, dk, dv, None
+
+
+def _aligned16(t: torch.Tensor) -> torch.Tensor:
+    """The bf16 kernels copy 16-byte chunks: a contiguous view at an odd offset gets a fresh (aligned) copy."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _bf16_attention(q, k, v) -> bool:
+    """The tensor-core path: bf16 q (or fp32 under bf16 autocast) with head dim 64 or 128. Anything else (malformed
+    inputs included) takes the fp32 path, which validates them with the CPU op's messages."""
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point() for t in (q, k, v)):
+        return False
+    if q.shape[-1] not in (64, 128) or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+        return False
+    return q.dtype == torch.bfloat16 or (q.dtype == torch.float32 and torch.is_autocast_enabled("cuda")
+                                         and torch.get_autocast_dtype("cuda") == torch.bfloat16)
+
+
 def attention_with_lse(q, k, v, doc_ids=None):
     require_built("attention")
+    if _bf16_attention(q, k, v):
+        q, k, v = (_aligned16(t.to(torch.bfloat16).contiguous()) for t in (q, k, v))
+        _ops()._check_attention(q, k, v, doc_ids, device="cuda", dtype=torch.bfloat16)
+        return _AttentionBF16.apply(q, k, v, doc_ids)
     q, k, v = (_f32(t).contiguous() for t in (q, k, v))
     _ops()._check_attention(q, k, v, doc_ids, device="cuda")
     return _Attention.apply(q, k, v, doc_ids)

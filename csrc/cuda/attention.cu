@@ -3,6 +3,7 @@
 // atomics and results are deterministic. Simple CUDA-core version: one warp owns 8 rows, lanes split the 32
 // keys (or queries) of a tile for the dot products and the head dim for the accumulators. It has no tensor
 // cores, so expect it well below FlashAttention on H100 (bench_cuda.py measures how far); it is the correct base.
+// bf16 inputs with D = 64 or 128 take the tensor-core kernels in attention_bf16.cu instead (ops_cuda.py picks).
 #include "common.cuh"
 
 namespace {

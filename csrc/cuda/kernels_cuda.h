@@ -40,6 +40,36 @@ const char* attention_forward_cuda(const attention_params* p, pyllm_stream strea
 // Deterministic: dq and dk/dv are computed by separate kernels, no atomics.
 const char* attention_backward_cuda(const attention_backward_params* p, float* delta, pyllm_stream stream);
 
+// --- attention, bf16 tensor cores (attention_bf16.cu) ------------------------------------------------------
+// Same semantics as the fp32 pair above (causal, GQA, optional doc_ids; lse natural-log, fp32) on bf16 q/k/v/out,
+// FA2-style mma.sync kernels. D must be 64 or 128 and every bf16 pointer 16-byte aligned (else an error string).
+// Backward: dq, dk, dv in bf16 (fp32 accumulate), deterministic (separate dq and dk/dv kernels, no atomics);
+// `delta` (B, H, T) fp32 is caller scratch.
+typedef struct {
+    void* out;               // (B, T, H, D)   bf16, written
+    float* lse;              // (B, H, T)      written: log-sum-exp of each query row's scaled scores
+    const void* q;           // (B, T, H, D)   bf16
+    const void* k;           // (B, T, Hkv, D) bf16
+    const void* v;           // (B, T, Hkv, D) bf16
+    const int32_t* doc_ids;  // (B, T) or NULL
+    int B, T, H, Hkv, D;
+} attention_bf16_params;
+typedef struct {
+    void* dq;                // (B, T, H, D)   bf16, written
+    void* dk;                // (B, T, Hkv, D) bf16, written
+    void* dv;                // (B, T, Hkv, D) bf16, written
+    const void* dout;        // (B, T, H, D)   bf16
+    const void* out;         // (B, T, H, D)   bf16, from the forward
+    const float* lse;        // (B, H, T)      from the forward
+    const void* q;           // (B, T, H, D)   bf16
+    const void* k;           // (B, T, Hkv, D) bf16
+    const void* v;           // (B, T, Hkv, D) bf16
+    const int32_t* doc_ids;  // (B, T) or NULL
+    int B, T, H, Hkv, D;
+} attention_bf16_backward_params;
+const char* attention_bf16_forward_cuda(const attention_bf16_params* p, pyllm_stream stream);
+const char* attention_bf16_backward_cuda(const attention_bf16_backward_params* p, float* delta, pyllm_stream stream);
+
 // Decode attention (split-K over the context): the CPU decode_attention_params; `ws` is caller scratch of
 // decode_attention_cuda_ws_floats(p) floats.
 long decode_attention_cuda_ws_floats(const decode_attention_params* p);
@@ -50,7 +80,7 @@ const char* decode_attention_cuda(const decode_attention_params* p, float* ws, p
 // Otherwise x = logits / T (mask: disallowed -> -inf); keep tokens whose prob q = exp(x - max) passes all of
 // top_k (k-th largest q, by bisection on the float bits), min_p (q >= min_p) and top_p (the largest threshold t
 // with mass(q >= t) >= top_p * kept mass, by bisection — no sort), then draw with u = hash(seed, row, step).
-// logprob = log_softmax(x)[token] over the full (masked) row, before truncation.
+// logprob = log_softmax(logits / T)[token] over the full row: unmasked and untruncated, as the CPU kernel.
 typedef struct {
     int64_t* tokens;         // (B)     written
     float* logprobs;         // (B)     written

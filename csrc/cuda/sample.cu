@@ -1,9 +1,11 @@
 // sample.cu — batched token sampling, one 1024-thread block per row: greedy / temperature / top-k / min-p /
 // top-p / allowed-token mask, counter RNG on (seed, row, step), log-prob of the chosen token under the full
-// temperature-scaled softmax. No sort: every truncation is a threshold on q = exp(x - max) in (0, 1], found by
-// bisection over q's float bits (non-negative floats order like their bit patterns), ~30 block reductions each.
-// The logits row is re-read from global memory (L1/L2) on every pass; caching it in shared memory is the
-// obvious next step for batch 1 and is left until it can be measured.
+// (unmasked, untruncated) temperature-scaled softmax, as the CPU kernel. No sort: every truncation is a threshold on
+// q = exp(x - max) in (0, 1], found by bisection over q's float bits (non-negative floats order like their bit
+// patterns), ~30 block reductions each. q is computed once into shared memory when the row fits (V <= ~56K floats
+// on H100: 227 KB): each bisection pass then costs ~V/1024 shared loads per thread instead of a pass over the
+// logits through L2 with an expf per element (H100, V = 50257: 0.31 -> 0.14 ms a call at B = 1, 0.83 -> 0.27 ms at
+// B = 256; RESULTS.md, issue 8). One block per row leaves B = 1 on one SM: the next step is a row split over SMs.
 #include "common.cuh"
 
 namespace {
@@ -26,19 +28,57 @@ struct Row {
     __device__ float x(int v) const { return (mk && !mk[v]) ? -INFINITY : lg[v] * invT; }
 };
 
-// Sum over the row of q(v) = exp(x(v) - M) where q >= thr (bits) and q > 0; or the count of such v.
-__device__ float kept_sum(const Row& r, float M, uint32_t thr, bool count, float* sh) {
-    float s = 0.f;
-    for (int v = threadIdx.x; v < r.V; v += blockDim.x) {
-        float q = expf(r.x(v) - M);
-        if (q > 0.f && __float_as_uint(q) >= thr) s += count ? 1.f : q;
+// Block sum in double: the log-prob's normaliser. A log-prob near 0 is -log(z) with z just above 1, and a float
+// z (ulp 1.2e-7) left it 2e-5 off in relative terms (seen on an H100); the CPU kernel sums in double too.
+__device__ double block_sum_d(double v, double* sh) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    v = lane < nw ? sh[lane] : 0.0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// q(v) = exp(x(v) - M): from the shared-memory copy when the row fits (CACHED), else recomputed from the logits.
+template <bool CACHED>
+__device__ __forceinline__ float q_at(const Row& r, const float* qs, float M, int v) {
+    if constexpr (CACHED) return qs[v];
+    else return expf(r.x(v) - M);
+}
+__device__ __forceinline__ bool kept(float q, uint32_t thr) { return q > 0.f && __float_as_uint(q) >= thr; }
+
+// Sum over the row of q(v) where q >= thr (bits) and q > 0; or (COUNT) the number of such v. Four independent
+// loads and sums per step: one block does a whole row, so the pass is bound by its issue rate and load latency.
+template <bool CACHED, bool COUNT>
+__device__ float kept_sum(const Row& r, const float* qs, float M, uint32_t thr, float* sh) {
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+    const int bd = blockDim.x;
+    int v = threadIdx.x;
+    for (; v + 3 * bd < r.V; v += 4 * bd) {
+        float q[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) q[u] = q_at<CACHED>(r, qs, M, v + u * bd);
+#pragma unroll
+        for (int u = 0; u < 4; u++) s[u] += kept(q[u], thr) ? (COUNT ? 1.f : q[u]) : 0.f;
     }
-    return block_sum(s, sh);
+    for (; v < r.V; v += bd) {
+        float q = q_at<CACHED>(r, qs, M, v);
+        s[0] += kept(q, thr) ? (COUNT ? 1.f : q) : 0.f;
+    }
+    return block_sum((s[0] + s[1]) + (s[2] + s[3]), sh);
 }
 }  // namespace
 
-__global__ void __launch_bounds__(THREADS) sample_kernel(sample_cuda_params p) {
+// CACHED: dynamic shared memory holds q of every token (V floats).
+template <bool CACHED>
+__global__ void __launch_bounds__(THREADS, 1) sample_kernel(sample_cuda_params p) {
+    extern __shared__ float qs[];  // (V) when CACHED
     __shared__ float sh[32];
+    __shared__ double sh_d[32];
     __shared__ float sh_v[32];
     __shared__ int sh_i[32];
     __shared__ int sh_tok;
@@ -47,13 +87,38 @@ __global__ void __launch_bounds__(THREADS) sample_kernel(sample_cuda_params p) {
     const Row r{p.logits + (long)row * p.V, p.mask ? p.mask + (long)row * p.V : nullptr,
                 greedy ? 1.f : 1.f / p.temperature, p.V};
 
-    // max and argmax (smallest index among equal maxima)
-    float mx = -INFINITY;
+    // The one pass over the logits in global memory, four loads in flight per thread: the max and argmax over the
+    // allowed tokens (smallest index among equal maxima), and an online max and sum of exp over ALL tokens for
+    // the log-prob's normaliser, in double (a log-prob near 0 is -log z with z just above 1; a float z left it
+    // 2e-5 off, seen on an H100; the CPU kernel sums in double too). CACHED: x into shared memory.
+    float mx = -INFINITY, m_all = -INFINITY;
+    double z = 0.0;
     int arg = 0x7fffffff;
-    for (int v = threadIdx.x; v < p.V; v += blockDim.x) {
-        float x = r.x(v);
-        if (x > mx) { mx = x; arg = v; }  // v ascends per thread: the first maximum wins
+    auto visit = [&](int v, float raw, bool allowed) {
+        const float x = raw * r.invT;
+        if (x > m_all) { z = z * exp((double)m_all - (double)x) + 1.0; m_all = x; }
+        else if (x > -INFINITY) z += (double)expf(x - m_all);
+        if (allowed && x > mx) { mx = x; arg = v; }  // v ascends per thread: the first maximum wins
+        if constexpr (CACHED) qs[v] = allowed ? x : -INFINITY;
+    };
+    {
+        const int bd = blockDim.x;
+        int v = threadIdx.x;
+        for (; v + 3 * bd < p.V; v += 4 * bd) {
+            float raw[4];
+            bool ok[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                raw[u] = r.lg[v + u * bd];
+                ok[u] = !r.mk || r.mk[v + u * bd];
+            }
+#pragma unroll
+            for (int u = 0; u < 4; u++) visit(v + u * bd, raw[u], ok[u]);
+        }
+        for (; v < p.V; v += bd) visit(v, r.lg[v], !r.mk || r.mk[v]);
     }
+    const float M_all = block_max(m_all, sh);
+    const double log_z = log(block_sum_d(m_all > -INFINITY ? z * exp((double)m_all - (double)M_all) : 0.0, sh_d));
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         float ov = __shfl_xor_sync(0xffffffffu, mx, o);
@@ -75,12 +140,14 @@ __global__ void __launch_bounds__(THREADS) sample_kernel(sample_cuda_params p) {
         if (threadIdx.x == 0) { p.tokens[row] = -1; p.logprobs[row] = NAN; }
         return;
     }
-    float z = 0.f;
-    for (int v = threadIdx.x; v < p.V; v += blockDim.x) z += expf(r.x(v) - M);
-    const float logZ = M + logf(block_sum(z, sh));
+    // log-prob = (x - M_all) - log z: the difference first, so a log-prob near 0 keeps its relative accuracy
     if (greedy) {
-        if (threadIdx.x == 0) { p.tokens[row] = arg; p.logprobs[row] = r.x(arg) - logZ; }
+        if (threadIdx.x == 0) { p.tokens[row] = arg; p.logprobs[row] = (float)((r.lg[arg] - M_all) - log_z); }
         return;
+    }
+    if constexpr (CACHED) {  // x -> q = exp(x - M) in place (masked: -inf -> 0)
+        for (int v = threadIdx.x; v < p.V; v += blockDim.x) qs[v] = expf(qs[v] - M);
+        __syncthreads();
     }
 
     uint32_t thr = 1;  // keep q >= thr (bits) and q > 0; 1 = the smallest positive float
@@ -89,10 +156,10 @@ __global__ void __launch_bounds__(THREADS) sample_kernel(sample_cuda_params p) {
     if (p.top_k > 0 && p.top_k < p.V) {
         // largest u with count(q >= u) >= k: the k-th largest q (ties at it are all kept)
         uint32_t lo = thr, hi = top;
-        if (kept_sum(r, M, lo, true, sh) >= (float)p.top_k) {
+        if (kept_sum<CACHED, true>(r, qs, M, lo, sh) >= (float)p.top_k) {
             while (hi - lo > 1) {
                 uint32_t mid = lo + (hi - lo) / 2;
-                if (kept_sum(r, M, mid, true, sh) >= (float)p.top_k) lo = mid; else hi = mid;
+                if (kept_sum<CACHED, true>(r, qs, M, mid, sh) >= (float)p.top_k) lo = mid; else hi = mid;
             }
         }
         thr = lo;
@@ -100,11 +167,11 @@ __global__ void __launch_bounds__(THREADS) sample_kernel(sample_cuda_params p) {
     if (p.top_p < 1.f) {
         // largest u with mass(q >= u) >= top_p * kept mass: exactly the tokens a sorted cumulative sum keeps
         // (a token stays iff the mass strictly above it is < top_p), with ties at the threshold all kept.
-        const float target = p.top_p * kept_sum(r, M, thr, false, sh);
+        const float target = p.top_p * kept_sum<CACHED, false>(r, qs, M, thr, sh);
         uint32_t lo = thr, hi = top;
         while (hi - lo > 1) {
             uint32_t mid = lo + (hi - lo) / 2;
-            if (kept_sum(r, M, mid, false, sh) >= target) lo = mid; else hi = mid;
+            if (kept_sum<CACHED, false>(r, qs, M, mid, sh) >= target) lo = mid; else hi = mid;
         }
         thr = lo;
     }
@@ -115,8 +182,8 @@ __global__ void __launch_bounds__(THREADS) sample_kernel(sample_cuda_params p) {
     float local = 0.f;
     int last_kept = -1;
     for (int v = v0; v < v1; v++) {
-        float q = expf(r.x(v) - M);
-        if (q > 0.f && __float_as_uint(q) >= thr) { local += q; last_kept = v; }
+        float q = q_at<CACHED>(r, qs, M, v);
+        if (kept(q, thr)) { local += q; last_kept = v; }
     }
     float incl = local;
 #pragma unroll
@@ -145,8 +212,8 @@ __global__ void __launch_bounds__(THREADS) sample_kernel(sample_cuda_params p) {
         float c = pre;
         int tok = last_kept;  // rounding: fall back to the chunk's last kept token
         for (int v = v0; v < v1; v++) {
-            float q = expf(r.x(v) - M);
-            if (q > 0.f && __float_as_uint(q) >= thr) {
+            float q = q_at<CACHED>(r, qs, M, v);
+            if (kept(q, thr)) {
                 c += q;
                 if (target < c) { tok = v; break; }
             }
@@ -167,13 +234,26 @@ __global__ void __launch_bounds__(THREADS) sample_kernel(sample_cuda_params p) {
             for (int i = 0; i < nw; i++) tok = max(tok, sh_i[i]);
         }
         p.tokens[row] = tok;
-        p.logprobs[row] = r.x(tok) - logZ;
+        p.logprobs[row] = (float)((r.lg[tok] * r.invT - M_all) - log_z);
     }
 }
 
 extern "C" const char* sample_cuda(const sample_cuda_params* p, pyllm_stream stream) {
     if (p->B <= 0 || p->V <= 0) return "sample_cuda: B and V must be > 0";
-    sample_kernel<<<p->B, THREADS, 0, STREAM(stream)>>>(*p);
+    int dev = 0, optin = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    // static shared memory above is ~0.4 KB; keep 1 KB of the opt-in limit for it
+    const size_t need = (size_t)p->V * sizeof(float);
+    const bool cached = p->temperature > 0.f && need + 1024 <= (size_t)optin;
+    if (cached) {
+        if (need > 48 * 1024)
+            CUDA_CHECK(cudaFuncSetAttribute(sample_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            (int)need));
+        sample_kernel<true><<<p->B, THREADS, need, STREAM(stream)>>>(*p);
+    } else {
+        sample_kernel<false><<<p->B, THREADS, 0, STREAM(stream)>>>(*p);
+    }
     CUDA_CHECK_LAUNCH();
     return nullptr;
 }
