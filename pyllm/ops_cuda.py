@@ -151,15 +151,19 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.T
 
 # --- attention --------------------------------------------------------------------------------------------
 class _Attention(torch.autograd.Function):
+    """The fp32 kernels (attention.cu), or with bf16=True the tensor-core ones (attention_bf16.cu: bf16 q, k, v,
+    contiguous and 16-byte aligned, D 64 or 128; out and grads bf16, which autograd casts back when the inputs were
+    fp32 under autocast). lse is fp32 either way; both pairs of kernels take the same arguments."""
     @staticmethod
-    def forward(ctx, q, k, v, doc_ids):
+    def forward(ctx, q, k, v, doc_ids, bf16):
         B, T, H, D = q.shape
         Hkv = k.shape[2]
         out = torch.empty_like(q)
         lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
         dp = 0 if doc_ids is None else doc_ids.data_ptr()
-        C().cuda_attention_forward(out.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), dp,
-                                   B, T, H, Hkv, D, _stream(q))
+        fwd = C().cuda_attention_bf16_forward if bf16 else C().cuda_attention_forward
+        fwd(out.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), dp, B, T, H, Hkv, D, _stream(q))
+        ctx.bf16 = bf16
         ctx.save_for_backward(q, k, v, out, lse, doc_ids)
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -170,46 +174,14 @@ class _Attention(torch.autograd.Function):
         q, k, v, out, lse, doc_ids = ctx.saved_tensors
         B, T, H, D = q.shape
         Hkv = k.shape[2]
-        dout = dout.float().contiguous()
+        dout = _aligned16(dout.to(torch.bfloat16).contiguous()) if ctx.bf16 else dout.float().contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)  # rowsum(dout * out) scratch
         dp = 0 if doc_ids is None else doc_ids.data_ptr()
-        C().cuda_attention_backward(dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dout.data_ptr(), out.data_ptr(),
-                                    lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), dp, delta.data_ptr(),
-                                    B, T, H, Hkv, D, _stream(q))
-        return dq, dk, dv, None
-
-
-class _AttentionBF16(torch.autograd.Function):
-    """bf16 q, k, v (contiguous, 16-byte aligned), D 64 or 128: the tensor-core kernels (attention_bf16.cu).
-    out bf16, lse fp32; grads bf16 (autograd casts them back when the inputs were fp32 under autocast)."""
-    @staticmethod
-    def forward(ctx, q, k, v, doc_ids):
-        B, T, H, D = q.shape
-        Hkv = k.shape[2]
-        out = torch.empty_like(q)
-        lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-        dp = 0 if doc_ids is None else doc_ids.data_ptr()
-        C().cuda_attention_bf16_forward(out.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                        dp, B, T, H, Hkv, D, _stream(q))
-        ctx.save_for_backward(q, k, v, out, lse, doc_ids)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, doc_ids = ctx.saved_tensors
-        B, T, H, D = q.shape
-        Hkv = k.shape[2]
-        dout = _aligned16(dout.to(torch.bfloat16).contiguous())
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)  # rowsum(dout * out) scratch
-        dp = 0 if doc_ids is None else doc_ids.data_ptr()
-        C().cuda_attention_bf16_backward(dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dout.data_ptr(), out.data_ptr(),
-                                         lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), dp,
-                                         delta.data_ptr(), B, T, H, Hkv, D, _stream(q))
-        return dq, dk, dv, None
+        bwd = C().cuda_attention_bf16_backward if ctx.bf16 else C().cuda_attention_backward
+        bwd(dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dout.data_ptr(), out.data_ptr(), lse.data_ptr(), q.data_ptr(),
+            k.data_ptr(), v.data_ptr(), dp, delta.data_ptr(), B, T, H, Hkv, D, _stream(q))
+        return dq, dk, dv, None, None
 
 
 def _aligned16(t: torch.Tensor) -> torch.Tensor:
@@ -233,10 +205,10 @@ def attention_with_lse(q, k, v, doc_ids=None):
     if _bf16_attention(q, k, v):
         q, k, v = (_aligned16(t.to(torch.bfloat16).contiguous()) for t in (q, k, v))
         _ops()._check_attention(q, k, v, doc_ids, device="cuda", dtype=torch.bfloat16)
-        return _AttentionBF16.apply(q, k, v, doc_ids)
+        return _Attention.apply(q, k, v, doc_ids, True)
     q, k, v = (_f32(t).contiguous() for t in (q, k, v))
     _ops()._check_attention(q, k, v, doc_ids, device="cuda")
-    return _Attention.apply(q, k, v, doc_ids)
+    return _Attention.apply(q, k, v, doc_ids, False)
 
 
 def attention(q, k, v, doc_ids=None):

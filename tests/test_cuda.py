@@ -3,6 +3,7 @@ compile and that the build reports CUDA honestly. Run: PYTHONPATH=$PWD python -m
 from __future__ import annotations
 
 import ast
+import ctypes
 import os
 import shutil
 import subprocess
@@ -96,6 +97,49 @@ def test_shared_validators_check_the_cuda_device():
     ops._check_rope(x, cs, cs)
     ops._check_cross_entropy(logits, targets, -1)
     assert ops._check_attention(q, kv, kv, None) == (1, 4, 2, 1, 8)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_attention_wiring_calls_the_right_kernels(bf16, monkeypatch):
+    """Without a GPU: ops_cuda's attention Function hands each kernel pair (fp32 / bf16) the tensors and sizes in
+    the bindings' order, forward and backward. A fake _C records the calls (a wiring slip once sent bf16 inputs
+    down the fp32 path; only a GPU run showed it)."""
+    from pyllm import ops_cuda
+    calls = []
+
+    class FakeC:  # records each call; for the backward also the first bytes of dout (its dtype shows in them)
+        def __getattr__(self, name):
+            return lambda *args: calls.append((name, args, ctypes.string_at(args[3], 4) if "backward" in name else b""))
+    monkeypatch.setattr(ops_cuda, "C", lambda: FakeC())
+    monkeypatch.setattr(ops_cuda, "_stream", lambda t: 7)
+    dt = torch.bfloat16 if bf16 else torch.float32
+    q = torch.randn(2, 5, 4, 64, dtype=dt, requires_grad=True)
+    k, v = (torch.randn(2, 5, 2, 64, dtype=dt, requires_grad=True) for _ in range(2))
+    doc = torch.zeros(2, 5, dtype=torch.int32)
+    out, lse = ops_cuda._Attention.apply(q, k, v, doc, bf16)
+    assert out.dtype == dt and lse.dtype == torch.float32 and lse.shape == (2, 4, 5)
+    out.backward(torch.ones_like(out))
+    kind = "cuda_attention_bf16" if bf16 else "cuda_attention"
+    assert [c[0] for c in calls] == [kind + "_forward", kind + "_backward"]
+    (_, f, _), (_, b, dout_bytes) = calls
+    # dout = ones in the kernels' dtype: bf16 1.0 is 0x3f80, fp32 1.0 is 0x3f800000 (little-endian)
+    assert dout_bytes == (b"\x80\x3f\x80\x3f" if bf16 else b"\x00\x00\x80\x3f")
+    assert f[0] == out.data_ptr() and f[1] == lse.data_ptr()
+    assert f[2:6] == (q.data_ptr(), k.data_ptr(), v.data_ptr(), doc.data_ptr()) and f[6:] == (2, 5, 4, 2, 64, 7)
+    assert b[6:10] == (q.data_ptr(), k.data_ptr(), v.data_ptr(), doc.data_ptr()) and b[11:] == (2, 5, 4, 2, 64, 7)
+    assert b[0] == q.grad.data_ptr() and b[1] == k.grad.data_ptr() and b[2] == v.grad.data_ptr()
+    assert q.grad.dtype == k.grad.dtype == dt
+
+
+def test_bf16_attention_routing():
+    from pyllm import ops_cuda
+    bf = torch.zeros(1, 3, 2, 64, dtype=torch.bfloat16)
+    assert ops_cuda._bf16_attention(bf, bf, bf)
+    assert ops_cuda._bf16_attention(*(torch.zeros(1, 3, 2, 128, dtype=torch.bfloat16),) * 3)
+    assert not ops_cuda._bf16_attention(*(torch.zeros(1, 3, 2, 96, dtype=torch.bfloat16),) * 3)  # fp32 kernels
+    assert not ops_cuda._bf16_attention(*(torch.zeros(1, 3, 2, 64),) * 3)          # fp32 without autocast
+    assert not ops_cuda._bf16_attention(*(torch.zeros(1, 3, 2, 64, dtype=torch.float16),) * 3)
+    assert not ops_cuda._bf16_attention(bf, bf[..., :32], bf)                      # malformed: fp32 path validates
 
 
 def test_cpu_paths_still_use_cpu_kernels(rng):
