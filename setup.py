@@ -39,6 +39,17 @@ def find_nvcc():
     return nvcc
 
 
+def cuda_archs():
+    """PYLLM_CUDA_ARCHS ("80;90a" by default) as a list. A plain "90" becomes "90a": the Hopper matmul's wgmma and
+    setmaxnreg exist only in the 90a target, and in a plain sm_90 build that kernel is an empty stub that traps, while
+    the dispatch (which sees sm_90 machine code from sm_90 PTX either way) would still pick it."""
+    archs = [a.strip() for a in os.environ.get("PYLLM_CUDA_ARCHS", "80;90a").split(";") if a.strip()]
+    if "90" in archs:
+        print("pyllm: PYLLM_CUDA_ARCHS: building 90 as 90a (the Hopper matmul needs the 90a target)")
+        archs = ["90a" if a == "90" else a for a in archs]
+    return archs
+
+
 def cuda_sources():
     return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
 
@@ -86,7 +97,7 @@ class BuildExt(build_ext):
                                                        else "no nvcc") + ")")
             return
         require_sources(["csrc/cuda/common.cuh"] + ([] if srcs else ["csrc/cuda/*.cu"]))
-        archs = os.environ.get("PYLLM_CUDA_ARCHS", "80;90a").split(";")
+        archs = cuda_archs()
         gencode = []
         for a in archs:
             num = a.rstrip("a")

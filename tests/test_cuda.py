@@ -52,6 +52,21 @@ def test_no_cuda_env_disables_nvcc(monkeypatch):
         assert ns["find_nvcc"]() is not None
 
 
+def test_cuda_archs_builds_plain_90_as_90a(monkeypatch):
+    """setup.py's cuda_archs(): the default, and "90" turned into "90a" (a plain sm_90 build would trap in the
+    Hopper matmul, which the run-time dispatch cannot tell from a 90a build)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "cuda_archs")
+    ns = {"os": os}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), "setup.py", "exec"), ns)
+    monkeypatch.delenv("PYLLM_CUDA_ARCHS", raising=False)
+    assert ns["cuda_archs"]() == ["80", "90a"]
+    monkeypatch.setenv("PYLLM_CUDA_ARCHS", "80; 90")
+    assert ns["cuda_archs"]() == ["80", "90a"]
+    monkeypatch.setenv("PYLLM_CUDA_ARCHS", "90a;100")
+    assert ns["cuda_archs"]() == ["90a", "100"]
+
+
 def test_build_info_reports_cuda_honestly():
     d = C().build_info()
     assert isinstance(d["cuda_built"], bool) and isinstance(d["cuda_devices"], int)
