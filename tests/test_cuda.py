@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -114,19 +115,40 @@ def test_shared_validators_check_the_cuda_device():
     assert ops._check_attention(q, kv, kv, None) == (1, 4, 2, 1, 8)
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_attention_wiring_calls_the_right_kernels(bf16, monkeypatch):
-    """Without a GPU: ops_cuda's attention Function hands each kernel pair (fp32 / bf16) the tensors and sizes in
-    the bindings' order, forward and backward. A fake _C records the calls (a wiring slip once sent bf16 inputs
-    down the fp32 path; only a GPU run showed it)."""
-    from pyllm import ops_cuda
-    calls = []
+def _binding_params() -> dict:
+    """Parameter names of every cuda_* function in csrc/bindings.cpp, in order."""
+    src = (ROOT / "csrc" / "bindings.cpp").read_text()
+    return {m.group(1): [p.split()[-1] for p in m.group(2).split(",") if p.strip()]
+            for m in re.finditer(r'm\.def\("(cuda_\w+)",\s*\[[^\]]*\]\s*\(([^)]*)\)', src)}
 
-    class FakeC:  # records each call; for the backward also the first bytes of dout (its dtype shows in them)
+
+@pytest.fixture
+def fake_c(monkeypatch):
+    """Without a GPU: ops_cuda's kernels become a recorder that checks each call's argument count against the
+    binding and names every argument by the binding's parameter (calls: [(name, {param: value})]); stream = 7.
+    For a call with a dout pointer it also keeps dout's first 4 bytes (its dtype shows in them)."""
+    from pyllm import ops_cuda
+    params, calls = _binding_params(), []
+
+    class FakeC:
         def __getattr__(self, name):
-            return lambda *args: calls.append((name, args, ctypes.string_at(args[3], 4) if "backward" in name else b""))
+            def call(*args):
+                assert len(args) == len(params[name]), f"{name}: {len(args)} arguments, binding has {params[name]}"
+                rec = dict(zip(params[name], args))
+                if rec.get("dout"):
+                    rec["dout_bytes"] = ctypes.string_at(rec["dout"], 4)
+                calls.append((name, rec))
+            return call
     monkeypatch.setattr(ops_cuda, "C", lambda: FakeC())
     monkeypatch.setattr(ops_cuda, "_stream", lambda t: 7)
+    return calls
+
+
+# A wiring slip (bf16 inputs sent down the fp32 path) once showed only on a GPU: these GPU-free tests check that
+# each autograd Function in ops_cuda hands its kernels the right tensors, sizes and dtypes, forward and backward.
+@pytest.mark.parametrize("bf16", [False, True])
+def test_wiring_attention(bf16, fake_c):
+    from pyllm import ops_cuda
     dt = torch.bfloat16 if bf16 else torch.float32
     q = torch.randn(2, 5, 4, 64, dtype=dt, requires_grad=True)
     k, v = (torch.randn(2, 5, 2, 64, dtype=dt, requires_grad=True) for _ in range(2))
@@ -135,15 +157,80 @@ def test_attention_wiring_calls_the_right_kernels(bf16, monkeypatch):
     assert out.dtype == dt and lse.dtype == torch.float32 and lse.shape == (2, 4, 5)
     out.backward(torch.ones_like(out))
     kind = "cuda_attention_bf16" if bf16 else "cuda_attention"
-    assert [c[0] for c in calls] == [kind + "_forward", kind + "_backward"]
-    (_, f, _), (_, b, dout_bytes) = calls
+    assert [c[0] for c in fake_c] == [kind + "_forward", kind + "_backward"]
+    (_, f), (_, b) = fake_c
+    sizes = dict(B=2, T=5, H=4, Hkv=2, D=64, stream=7)
+    assert f == dict(out=out.data_ptr(), lse=lse.data_ptr(), q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
+                     doc_ids=doc.data_ptr(), **sizes)
+    assert (b["dq"], b["dk"], b["dv"]) == (q.grad.data_ptr(), k.grad.data_ptr(), v.grad.data_ptr())
+    assert (b["q"], b["k"], b["v"], b["out"], b["lse"], b["doc_ids"]) == tuple(f[n] for n in
+                                                                             ("q", "k", "v", "out", "lse", "doc_ids"))
+    assert all(b[n] == sizes[n] for n in sizes) and q.grad.dtype == dt
     # dout = ones in the kernels' dtype: bf16 1.0 is 0x3f80, fp32 1.0 is 0x3f800000 (little-endian)
-    assert dout_bytes == (b"\x80\x3f\x80\x3f" if bf16 else b"\x00\x00\x80\x3f")
-    assert f[0] == out.data_ptr() and f[1] == lse.data_ptr()
-    assert f[2:6] == (q.data_ptr(), k.data_ptr(), v.data_ptr(), doc.data_ptr()) and f[6:] == (2, 5, 4, 2, 64, 7)
-    assert b[6:10] == (q.data_ptr(), k.data_ptr(), v.data_ptr(), doc.data_ptr()) and b[11:] == (2, 5, 4, 2, 64, 7)
-    assert b[0] == q.grad.data_ptr() and b[1] == k.grad.data_ptr() and b[2] == v.grad.data_ptr()
-    assert q.grad.dtype == k.grad.dtype == dt
+    assert b["dout_bytes"] == (b"\x80\x3f\x80\x3f" if bf16 else b"\x00\x00\x80\x3f")
+
+
+@pytest.mark.parametrize("dtype,code", [(torch.float32, 0), (torch.bfloat16, 1), (torch.float16, 2)])
+def test_wiring_linear(dtype, code, fake_c):
+    from pyllm import ops_cuda
+    x = torch.randn(3, 5, 8, dtype=dtype, requires_grad=True)
+    w = torch.randn(6, 8, dtype=dtype, requires_grad=True)
+    y = ops_cuda._Linear.apply(x, w)
+    assert y.shape == (3, 5, 6)
+    y.backward(torch.ones_like(y))
+    assert [c[0] for c in fake_c] == ["cuda_matmul"] * 3
+    (_, f), (_, dx), (_, dw) = fake_c
+    out_f32 = int(dtype == torch.float32)
+    assert f == dict(c=y.data_ptr(), a=x.data_ptr(), b=w.data_ptr(), M=15, N=6, K=8, dtype=code, out_f32=out_f32,
+                     stream=7)
+    assert (dx["c"], dx["M"], dx["N"], dx["K"]) == (x.grad.data_ptr(), 15, 8, 6)   # dout (15, 6) . W
+    assert (dw["c"], dw["M"], dw["N"], dw["K"]) == (w.grad.data_ptr(), 6, 8, 15)   # dout^T (6, 15) . x
+    assert dx["dtype"] == dw["dtype"] == code and x.grad.dtype == w.grad.dtype == dtype
+
+
+def test_wiring_rmsnorm_rope_swiglu_cross_entropy(fake_c):
+    from pyllm import ops_cuda
+    x = torch.randn(3, 4, 8, requires_grad=True)
+    w = torch.randn(8, requires_grad=True)
+    y = ops_cuda._RMSNorm.apply(x, w, 1e-5)
+    y.backward(torch.ones_like(y))
+    (n0, f), (n1, b) = fake_c
+    assert (n0, n1) == ("cuda_rmsnorm_forward", "cuda_rmsnorm_backward")
+    assert (f["out"], f["x"], f["w"], f["N"], f["C"], f["eps"]) == (y.data_ptr(), x.data_ptr(), w.data_ptr(), 12, 8,
+                                                                   1e-5)
+    assert (b["dx"], b["dw"], b["x"], b["w"], b["rstd"], b["N"], b["C"]) == (
+        x.grad.data_ptr(), w.grad.data_ptr(), x.data_ptr(), w.data_ptr(), f["rstd"], 12, 8)
+
+    fake_c.clear()
+    x = torch.randn(2, 3, 4, 8, requires_grad=True)
+    cos, sin = torch.randn(3, 4), torch.randn(3, 4)
+    y = ops_cuda._Rope.apply(x, cos, sin)
+    y.backward(torch.ones_like(y))
+    (_, f), (_, b) = fake_c
+    sizes = (cos.data_ptr(), sin.data_ptr(), 2, 3, 4, 8)
+    assert (f["out"], f["x"], f["cos"], f["sin"], f["B"], f["T"], f["H"], f["D"], f["inverse"]) == (
+        y.data_ptr(), x.data_ptr(), *sizes, 0)
+    assert (b["out"], b["cos"], b["sin"], b["B"], b["T"], b["H"], b["D"], b["inverse"]) == (
+        x.grad.data_ptr(), *sizes, 1)
+
+    fake_c.clear()
+    g, u = torch.randn(5, 7, requires_grad=True), torch.randn(5, 7, requires_grad=True)
+    y = ops_cuda._SwiGLU.apply(g, u)
+    y.backward(torch.ones_like(y))
+    (_, f), (_, b) = fake_c
+    assert (f["out"], f["dgate"], f["dup"], f["gate"], f["up"], f["dout"], f["n"]) == (
+        y.data_ptr(), 0, 0, g.data_ptr(), u.data_ptr(), 0, 35)
+    assert (b["out"], b["dgate"], b["dup"], b["gate"], b["up"], b["n"]) == (
+        0, g.grad.data_ptr(), u.grad.data_ptr(), g.data_ptr(), u.data_ptr(), 35) and b["dout"] != 0
+
+    fake_c.clear()
+    logits = torch.randn(4, 7, requires_grad=True)
+    targets = torch.tensor([0, -1, 6, 3])
+    ops_cuda._CrossEntropy.apply(logits, targets, -1)
+    ((name, f),) = fake_c
+    assert name == "cuda_cross_entropy" and f["dlogits"] != 0 and f["scale"] == 1.0
+    assert (f["logits"], f["targets"], f["N"], f["V"], f["ignore_index"]) == (logits.data_ptr(), targets.data_ptr(),
+                                                                              4, 7, -1)
 
 
 def test_bf16_attention_routing():
