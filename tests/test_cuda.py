@@ -233,6 +233,47 @@ def test_wiring_rmsnorm_rope_swiglu_cross_entropy(fake_c):
                                                                               4, 7, -1)
 
 
+def test_wiring_sample_decode_attention_adamw(fake_c, monkeypatch):
+    """The three ops that are plain functions: their validators run as on a GPU, told that "cuda" means this CPU."""
+    from pyllm import ops_cuda
+    check = ops.check
+    monkeypatch.setattr(ops, "check", lambda t, name, dtype=torch.float32, shape=None, device="cpu":
+                        check(t, name, dtype, shape, device="cpu"))
+    monkeypatch.setattr(ops_cuda, "require_built", lambda name: None)
+    logits = torch.randn(3, 11)
+    mask = torch.ones(3, 11, dtype=torch.bool)
+    tok, lp = ops_cuda.sample(logits, temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, mask=mask, seed=12, step=4)
+    ((name, f),) = fake_c
+    assert name == "cuda_sample" and f == dict(
+        tokens=tok.data_ptr(), logprobs=lp.data_ptr(), logits=logits.data_ptr(), mask=mask.data_ptr(), B=3, V=11,
+        temperature=pytest.approx(0.7), top_k=5, top_p=pytest.approx(0.9), min_p=pytest.approx(0.05), seed=12, step=4,
+        stream=7)
+
+    fake_c.clear()
+    monkeypatch.setattr(ops_cuda, "C", lambda: type("FakeWs", (), {  # the workspace query returns a size
+        "cuda_decode_attention_ws_floats": staticmethod(lambda *a: 64),
+        "cuda_decode_attention": staticmethod(lambda *a: fake_c.append(
+            ("cuda_decode_attention", dict(zip(_binding_params()["cuda_decode_attention"], a)))))})())
+    q = torch.randn(2, 4, 8)
+    kc, vc = torch.randn(2, 10, 2, 8), torch.randn(2, 10, 2, 8)
+    out = ops_cuda.decode_attention(q, kc, vc, 6)
+    ((_, f),) = fake_c
+    assert (f["out"], f["q"], f["k_cache"], f["v_cache"], f["ld_b"], f["ld_t"]) == (
+        out.data_ptr(), q.data_ptr(), kc.data_ptr(), vc.data_ptr(), 160, 16)
+    assert (f["B"], f["H"], f["Hkv"], f["D"], f["n_ctx"], f["stream"]) == (2, 4, 2, 8, 6, 7) and f["ws"] != 0
+
+
+def test_wiring_adamw(fake_c, monkeypatch):
+    from pyllm import ops_cuda
+    monkeypatch.setattr(ops_cuda, "require_built", lambda name: None)
+    p, g, m, v = (torch.randn(9) for _ in range(4))
+    ops_cuda.adamw_step(p, g, m, v, 1e-3, 0.9, 0.95, 1e-8, 0.1, 3)
+    ((name, f),) = fake_c
+    assert name == "cuda_adamw" and (f["param"], f["mom"], f["var"], f["grad"], f["n"], f["step"]) == (
+        p.data_ptr(), m.data_ptr(), v.data_ptr(), g.data_ptr(), 9, 3)
+    assert (f["lr"], f["beta1"], f["beta2"], f["eps"], f["weight_decay"]) == pytest.approx((1e-3, 0.9, 0.95, 1e-8, 0.1))
+
+
 def test_bf16_attention_routing():
     from pyllm import ops_cuda
     bf = torch.zeros(1, 3, 2, 64, dtype=torch.bfloat16)
