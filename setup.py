@@ -1,6 +1,7 @@
 # setup.py — builds pyllm._C (plain pybind11, no torch headers), the CUDA kernels when nvcc is found, and the
 # standalone binary `pyllm-run` + its C API library. `pip install .` or `pip install -e . --no-build-isolation`.
-# Env: PYLLM_NO_CUDA=1 skips CUDA; PYLLM_CUDA_ARCHS="80;90a" picks GPU targets; PYLLM_DEBUG=1 builds -O0 -g.
+# Env: PYLLM_NO_CUDA=1 skips CUDA; PYLLM_CUDA_ARCHS="80;90a" picks GPU targets; PYLLM_DEBUG=1 builds -O0 -g;
+# PYLLM_BUILD_JOBS=N compiles the extension's C sources N at a time (default: every core).
 import concurrent.futures
 import os
 import platform
@@ -113,9 +114,12 @@ class BuildExt(build_ext):
                 todo.append([nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
                              "--expt-relaxed-constexpr", "-lineinfo", *gencode])
             objs.append(str(obj))
+        def run(cmd):
+            print(" ".join(cmd))
+            return subprocess.call(cmd, cwd=ROOT)
         # nvcc runs one file per process and each takes tens of seconds for two targets: run them side by side
         with concurrent.futures.ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1))) as pool:
-            for cmd, rc in zip(todo, pool.map(lambda c: (print(" ".join(c)), subprocess.call(c, cwd=ROOT))[1], todo)):
+            for cmd, rc in zip(todo, pool.map(run, todo)):
                 if rc != 0:  # nvcc printed why; say what to do instead of a traceback
                     sys.exit(f"pyllm: {nvcc} failed on {cmd[2]} (its message is above). PYLLM_NO_CUDA=1 builds "
                              f"without CUDA; an older nvcc may need PYLLM_CUDA_ARCHS (now {';'.join(archs)}), e.g. "
@@ -153,10 +157,14 @@ class BuildExt(build_ext):
             cmd = [cc, *flags, *extra, *srcs, "-o", str(tmp), "-lm"]
             print(" ".join(cmd))
             jobs.append((subprocess.Popen(cmd), cmd, tmp, out))
-        for proc, cmd, tmp, out in jobs:
-            if proc.wait() != 0:
-                raise subprocess.CalledProcessError(proc.returncode, cmd)
-            os.replace(tmp, out)  # atomic: a failed link never leaves a half-written binary
+        failed = [(proc.returncode, cmd) for proc, cmd, _, _ in jobs if proc.wait() != 0]
+        for _, _, tmp, out in jobs:
+            if failed:
+                tmp.unlink(missing_ok=True)
+            else:
+                os.replace(tmp, out)  # atomic: a failed link never leaves a half-written binary
+        if failed:
+            raise subprocess.CalledProcessError(*failed[0])
         # The C API's one declaration: pyllm/runtime.py hands this header to cffi, so it ships beside the library.
         hdr = pkg / "lib" / "run.h"
         shutil.copyfile(ROOT / "csrc" / "run.h", hdr.with_name("run.h.tmp"))
