@@ -635,11 +635,14 @@ def test_compute_sanitizer(tool):
         pytest.skip("compute-sanitizer not installed")
     if os.environ.get("PYLLM_UNDER_SANITIZER"):
         pytest.skip("already under the sanitizer")
-    sel = "not sanitizer and not model and not adamw" if tool == "memcheck" else \
-        "(attention or sample or rmsnorm or matmul) and not sanitizer and not misaligned"
+    # Subsets sized from an H100 run (2026-11-25): memcheck over these 82 tests took ~15 s; racecheck ran the five
+    # below in about a minute, while the 4096-row sampling test alone did not finish in 100 s.
+    sel = "not sanitizer and not model and not adamw and not autocast and not 1000" if tool == "memcheck" else \
+        ("(attention_bf16_forward_backward and (True-2-37 or False-1-100)) or (sample_greedy_and_logprobs and 5-1000)"
+         " or (test_matmul and dtype1-256-384-1024)")
     env = dict(os.environ, PYLLM_UNDER_SANITIZER="1", PYTHONPATH=str(ROOT))
     cmd = [cs, "--tool", tool, "--error-exitcode", "99", "--target-processes", "all", sys.executable, "-m",
-           "pytest", "-q", "-x", "-p", "no:cacheprovider", str(ROOT / "tests/test_cuda.py"), "-k", sel]
+           "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "gpu", str(ROOT / "tests/test_cuda.py"), "-k", sel]
     if tool == "racecheck":
         cmd[3:3] = ["--racecheck-report", "hazard"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
