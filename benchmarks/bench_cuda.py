@@ -73,14 +73,13 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "bench_cuda.log"
-    rows: list[tuple[str, str, str, str]] = []  # (what, pyllm, baseline, ratio)
     notes: list[str] = []
 
     class Rows(list):  # each row is printed as it is measured, so a later failure keeps the earlier numbers
         def append(self, r):
             print("  ".join(r), flush=True)
             super().append(r)
-    rows = Rows()
+    rows = Rows()  # (what, pyllm, baseline, ratio)
 
     if not args.no_build:
         import time

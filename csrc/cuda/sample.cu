@@ -89,8 +89,7 @@ __global__ void __launch_bounds__(THREADS, 1) sample_kernel(sample_cuda_params p
 
     // The one pass over the logits in global memory, four loads in flight per thread: the max and argmax over the
     // allowed tokens (smallest index among equal maxima), and an online max and sum of exp over ALL tokens for
-    // the log-prob's normaliser, in double (a log-prob near 0 is -log z with z just above 1; a float z left it
-    // 2e-5 off, seen on an H100; the CPU kernel sums in double too). CACHED: x into shared memory.
+    // the log-prob's normaliser, in double (see block_sum_d). CACHED: x into shared memory.
     float mx = -INFINITY, m_all = -INFINITY;
     double z = 0.0;
     int arg = 0x7fffffff;
