@@ -338,14 +338,14 @@ PYBIND11_MODULE(_C, m) {
         return decode_attention_cuda_ws_floats(&p);
     });
     m.def("cuda_decode_attention", [cu, S](uintptr_t out, uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, long ld_b,
-                                           long ld_t, int B, int H, int Hkv, int D, int n_ctx, uintptr_t ws,
-                                           uintptr_t stream) {
+                                           long ld_t, int B, int H, int Hkv, int D, int n_ctx, uintptr_t n_ctx_dev,
+                                           uintptr_t ws, uintptr_t stream) {
         CHECK_PTR(out); CHECK_PTR(q); CHECK_PTR(k_cache); CHECK_PTR(v_cache); CHECK_PTR(ws);
         CHECK_POS(B); CHECK_POS(H); CHECK_POS(Hkv); CHECK_POS(D); CHECK_POS(n_ctx);
         decode_attention_params p{P<float>(out), P<const float>(q), P<const float>(k_cache), P<const float>(v_cache),
                                   ld_b, ld_t, B, H, Hkv, D, n_ctx};
         py::gil_scoped_release nogil;
-        cu(decode_attention_cuda(&p, P<float>(ws), S(stream)));
+        cu(decode_attention_cuda(&p, P<const long long>(n_ctx_dev), P<float>(ws), S(stream)));
     });
     m.def("cuda_sample", [cu, S](uintptr_t tokens, uintptr_t logprobs, uintptr_t logits, uintptr_t mask, int B, int V,
                                  float temperature, int top_k, float top_p, float min_p, uint64_t seed, uint64_t step,

@@ -200,8 +200,37 @@ def _check_decode_attention(q, k_cache, v_cache, n_ctx, device="cpu"):
         raise ValueError(f"decode_attention q: bad shape {tuple(q.shape)} for {Hkv} kv heads (H % Hkv, D <= 256)")
     # the batch and position strides are free: the caches are only read (a time-major (T, B, ...) cache permuted to
     # (B, T, ...), or one prefix expand()ed over the batch, was refused as "overlapping rows")
+    if isinstance(n_ctx, torch.Tensor):
+        # the length kept on the device (GPT's decode step, which a CUDA graph replays): not read here, a sync;
+        # the CUDA kernel reads it and clamps it to [1, T_max]; the CPU op reads it (no sync on the host)
+        if n_ctx.dtype != torch.int64 or n_ctx.numel() != 1 or n_ctx.device != q.device:
+            raise TypeError(f"decode_attention n_ctx: expected an int or a 1-element int64 tensor on {q.device}, "
+                            f"got {n_ctx.dtype} {tuple(n_ctx.shape)} on {n_ctx.device}")
+        if device != "cpu":
+            return B, H, Hkv, D, n_ctx
+        n_ctx = int(n_ctx)
     n_ctx = check_int(n_ctx, "decode_attention n_ctx", 1, T_max)
     return B, H, Hkv, D, n_ctx
+
+
+class _NoGraphCtx:
+    """What the Functions' forwards touch on ctx, for a call that records no autograd graph."""
+    needs_input_grad = (False,) * 16
+
+    def save_for_backward(self, *tensors):
+        pass
+
+    def mark_non_differentiable(self, *tensors):
+        pass
+
+
+def _apply(fn, *args):
+    """fn.apply(*args), or fn.forward directly when nothing is to be differentiated (no_grad, or no input that
+    requires grad: decoding, sampling, evaluation): Function.apply costs ~9 us a call, a third of a small op's
+    Python on CPU, and ~160 op calls make a decode step of a 12-layer model."""
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return fn.apply(*args)
+    return fn.forward(_NoGraphCtx(), *args)
 
 
 def ptr(t: torch.Tensor | None) -> int:
@@ -292,7 +321,7 @@ class _RMSNorm(torch.autograd.Function):
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """RMSNorm over the last dim. x (..., C) fp32 contiguous, weight (C)."""
     _check_rmsnorm(x, weight, eps=eps)
-    return _RMSNorm.apply(x, weight, eps)
+    return _apply(_RMSNorm, x, weight, eps)
 
 
 # --- matmul -----------------------------------------------------------------------------------------------
@@ -406,7 +435,7 @@ def linear(x, weight, bias=None):
     check(weight, "linear weight", shape=(None, x.shape[-1]))
     if bias is not None:
         check(bias, "linear bias", shape=(weight.shape[0],))
-    return _Linear.apply(x, weight, bias)
+    return _apply(_Linear, x, weight, bias)
 
 
 # --- matvec and Q8_0 (the C binary's decode path; exposed for tests) ---------------------------------------
@@ -496,7 +525,7 @@ class _RoPE(torch.autograd.Function):
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding, HF rotate-half layout. x (B, T, H, D) fp32; cos/sin (T, D/2) -> (B, T, H, D)."""
     _check_rope(x, cos, sin)
-    return _RoPE.apply(x, cos, sin)
+    return _apply(_RoPE, x, cos, sin)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -520,7 +549,7 @@ class _SwiGLU(torch.autograd.Function):
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up; gate and up fp32, same shape."""
     _check_swiglu(gate, up)
-    return _SwiGLU.apply(gate, up)
+    return _apply(_SwiGLU, gate, up)
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -552,7 +581,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     When the logits require grad, the forward's one pass over them also writes (softmax - onehot) / n_valid, and
     the backward returns it (times dloss unless that is 1)."""
     _check_cross_entropy(logits, targets, ignore_index)
-    return _CrossEntropy.apply(logits, targets, ignore_index)
+    return _apply(_CrossEntropy, logits, targets, ignore_index)
 
 
 def adamw_step(params, grads, ms, vs, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
@@ -653,19 +682,20 @@ class _Attention(torch.autograd.Function):
 
 def attention_with_lse(q, k, v, doc_ids=None):
     """Like attention() but also returns lse (B, H, T): log-sum-exp of each query row's scaled scores."""
-    return _Attention.apply(q, k, v, doc_ids)
+    return _apply(_Attention, q, k, v, doc_ids)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention, scale 1/sqrt(D). q (B, T, H, D), k/v (B, T, Hkv, D) fp32 contiguous, H % Hkv == 0;
     doc_ids (B, T) int32 or None: token i attends to j only if j <= i and both are in the same document.
     -> (B, T, H, D). Differentiable in q, k, v (flash-attention backward; T x T is never stored)."""
-    return _Attention.apply(q, k, v, doc_ids)[0]
+    return _apply(_Attention, q, k, v, doc_ids)[0]
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_ctx: int) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_ctx) -> torch.Tensor:
     """One query per sequence over cache positions [0, n_ctx). q (B, H, D); k_cache/v_cache (B, T_max, Hkv, D)
-    fp32 whose last two dims are contiguous (a slice of a bigger cache is fine) -> (B, H, D). No autograd."""
+    fp32 whose last two dims are contiguous (a slice of a bigger cache is fine) -> (B, H, D). No autograd.
+    n_ctx: an int, or a 1-element int64 tensor on q's device (read by the kernel: CUDA-graph friendly)."""
     B, H, Hkv, D, n_ctx = _check_decode_attention(q, k_cache, v_cache, n_ctx)
     out = torch.empty_like(q)
     C().decode_attention(ptr(out), ptr(q), ptr(k_cache), ptr(v_cache), k_cache.stride(0), k_cache.stride(1), B, H, Hkv, D, n_ctx)
@@ -794,7 +824,7 @@ def block(x, w_in, wq, wk, wv, wo, w_post, wg, wu, wd, cos, sin, doc_ids=None, n
     _check_fixed_tables(cos, sin, "block")
     if doc_ids is not None:
         check(doc_ids, "block doc_ids", dtype=torch.int32, shape=(B, T))
-    return _Block.apply(x, w_in, wq, wk, wv, wo, w_post, wg, wu, wd, cos, sin, doc_ids, H, Hkv, eps)
+    return _apply(_Block, x, w_in, wq, wk, wv, wo, w_post, wg, wu, wd, cos, sin, doc_ids, H, Hkv, eps)
 
 
 # === CUDA section (cuda helper). Keep it LAST in this file: it wraps the op functions defined above so that

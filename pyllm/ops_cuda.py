@@ -113,7 +113,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     _check(weight, "linear weight", dtype=x.dtype, device=x.device)
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or x.numel() == 0:
         raise ValueError(f"linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match (..., K) x (N, K)")
-    return _Linear.apply(x, weight)
+    return _ops()._apply(_Linear, x, weight)
 
 
 # --- rmsnorm ----------------------------------------------------------------------------------------------
@@ -146,7 +146,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.T
     require_built("rmsnorm")
     x = _f32(x).contiguous()
     _ops()._check_rmsnorm(x, weight, device="cuda", eps=eps)
-    return _RMSNorm.apply(x, weight, eps)
+    return _ops()._apply(_RMSNorm, x, weight, eps)
 
 
 # --- attention --------------------------------------------------------------------------------------------
@@ -205,10 +205,10 @@ def attention_with_lse(q, k, v, doc_ids=None):
     if _bf16_attention(q, k, v):
         q, k, v = (_aligned16(t.to(torch.bfloat16).contiguous()) for t in (q, k, v))
         _ops()._check_attention(q, k, v, doc_ids, device="cuda", dtype=torch.bfloat16)
-        return _Attention.apply(q, k, v, doc_ids, True)
+        return _ops()._apply(_Attention, q, k, v, doc_ids, True)
     q, k, v = (_f32(t).contiguous() for t in (q, k, v))
     _ops()._check_attention(q, k, v, doc_ids, device="cuda")
-    return _Attention.apply(q, k, v, doc_ids, False)
+    return _ops()._apply(_Attention, q, k, v, doc_ids, False)
 
 
 def attention(q, k, v, doc_ids=None):
@@ -219,10 +219,14 @@ def decode_attention(q, k_cache, v_cache, n_ctx):
     require_built("decode_attention")
     q = _f32(q).contiguous()
     B, H, Hkv, D, n_ctx = _ops()._check_decode_attention(q, k_cache, v_cache, n_ctx, device="cuda")
+    n_dev = 0
+    if isinstance(n_ctx, torch.Tensor):  # read on the device: the bound T_max fixes the grid and the scratch
+        n_dev, n_ctx = n_ctx.data_ptr(), k_cache.shape[1]
     out = torch.empty_like(q)
     ws = torch.empty(C().cuda_decode_attention_ws_floats(B, H, Hkv, D, n_ctx), dtype=torch.float32, device=q.device)
     C().cuda_decode_attention(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                              k_cache.stride(0), k_cache.stride(1), B, H, Hkv, D, n_ctx, ws.data_ptr(), _stream(q))
+                              k_cache.stride(0), k_cache.stride(1), B, H, Hkv, D, n_ctx, n_dev, ws.data_ptr(),
+                              _stream(q))
     return out
 
 
@@ -252,7 +256,7 @@ def rope(x, cos, sin):
     x = _f32(x).contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
     _ops()._check_rope(x, cos, sin, device="cuda")
-    return _Rope.apply(x, cos, sin)
+    return _ops()._apply(_Rope, x, cos, sin)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -278,7 +282,7 @@ def swiglu(gate, up):
     require_built("swiglu")
     gate, up = _f32(gate).contiguous(), _f32(up).contiguous()
     _ops()._check_swiglu(gate, up, device="cuda")
-    return _SwiGLU.apply(gate, up)
+    return _ops()._apply(_SwiGLU, gate, up)
 
 
 # --- cross-entropy ----------------------------------------------------------------------------------------
@@ -305,7 +309,7 @@ def cross_entropy(logits, targets, ignore_index=-1):
     require_built("cross_entropy")
     logits = _f32(logits).contiguous()
     _ops()._check_cross_entropy(logits, targets, ignore_index, device="cuda")
-    return _CrossEntropy.apply(logits, targets, ignore_index)
+    return _ops()._apply(_CrossEntropy, logits, targets, ignore_index)
 
 
 # --- sampling ---------------------------------------------------------------------------------------------

@@ -261,6 +261,15 @@ def test_wiring_sample_decode_attention_adamw(fake_c, monkeypatch):
     assert (f["out"], f["q"], f["k_cache"], f["v_cache"], f["ld_b"], f["ld_t"]) == (
         out.data_ptr(), q.data_ptr(), kc.data_ptr(), vc.data_ptr(), 160, 16)
     assert (f["B"], f["H"], f["Hkv"], f["D"], f["n_ctx"], f["stream"]) == (2, 4, 2, 8, 6, 7) and f["ws"] != 0
+    assert f["n_ctx_dev"] == 0
+    # a device length (the graph-captured decode step): its pointer goes to the kernel, n_ctx becomes the bound
+    fake_c.clear()
+    n_dev = torch.tensor([6])
+    ops_cuda.decode_attention(q, kc, vc, n_dev)
+    ((_, f),) = fake_c
+    assert (f["n_ctx"], f["n_ctx_dev"]) == (10, n_dev.data_ptr())
+    with pytest.raises(TypeError, match="decode_attention n_ctx: expected an int or a 1-element int64 tensor"):
+        ops_cuda.decode_attention(q, kc, vc, torch.tensor([6], dtype=torch.int32))
 
 
 def test_wiring_adamw(fake_c, monkeypatch):
@@ -450,6 +459,48 @@ def test_decode_attention(B, H, Hkv, D, T_max, n_ctx, rng):
     poison_cuda_cache()
     out = ops.decode_attention(q, kc, vc, n_ctx)
     assert rel_err(out, ref.decode_attention(q.double(), kc.double(), vc.double(), n_ctx)) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_ctx", [1, 37, 300])
+def test_decode_attention_device_length(n_ctx, rng):
+    """n_ctx read on the device: the same result as the host int, and 0 / too large clamped into the cache."""
+    q = randn(2, 6, 64, rng=rng)
+    kc, vc = randn(2, 300, 2, 64, rng=rng), randn(2, 300, 2, 64, rng=rng)
+    want = ops.decode_attention(q, kc, vc, n_ctx)
+    poison_cuda_cache()
+    got = ops.decode_attention(q, kc, vc, torch.tensor([n_ctx], device="cuda"))
+    assert rel_err(got, ref.decode_attention(q.double(), kc.double(), vc.double(), n_ctx)) < 1e-5
+    assert rel_err(got, want) < 1e-6
+    clamped = ops.decode_attention(q, kc, vc, torch.tensor([0 if n_ctx == 1 else 10 ** 6], device="cuda"))
+    assert rel_err(clamped, ops.decode_attention(q, kc, vc, 1 if n_ctx == 1 else 300)) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["pyllm", "torch"])
+def test_generate_cuda_graph_equals_eager(backend, monkeypatch):
+    """generate's decode steps replayed from one CUDA graph give the tokens and log-probs of the eager steps."""
+    from pyllm import model as model_mod
+    from pyllm.config import preset
+    torch.manual_seed(0)
+    m = model_mod.GPT(preset("d2", vocab_size=300, max_seq_len=96), backend=backend).cuda().eval()
+    idx = torch.randint(0, 300, (3, 7), device="cuda")
+    runners = []
+    init = model_mod._DecodeRunner.__init__
+    def spy(self, *a, **kw):
+        init(self, *a, **kw)
+        runners.append(self)
+    monkeypatch.setattr(model_mod._DecodeRunner, "__init__", spy)
+    for kw in (dict(temperature=0), dict(temperature=0.9, top_p=0.8, seed=5), dict(temperature=1.0, seed=3,
+                                                                                   num_samples=2)):
+        monkeypatch.setenv("PYLLM_CUDA_GRAPHS", "1")
+        seq_g, lp_g = m.generate(idx, 40, return_logprobs=True, **kw)
+        assert runners[-1].graph is not None and runners[-1].replays == 38
+        monkeypatch.setenv("PYLLM_CUDA_GRAPHS", "0")
+        seq_e, lp_e = m.generate(idx, 40, return_logprobs=True, **kw)
+        assert runners[-1].graph is None
+        assert torch.equal(seq_g, seq_e), kw
+        assert rel_err(lp_g, lp_e) < 1e-5, kw
 
 
 @pytest.mark.gpu

@@ -160,6 +160,23 @@ def test_decode_attention_matches_ref(isa, rng, B, H, Hkv, D, T_max):
         torch.testing.assert_close(out, ref.decode_attention(q, k_cache, v_cache, n_ctx), **FWD_TOL)
 
 
+def test_decode_attention_device_length_tensor(rng):
+    """n_ctx as a 1-element int64 tensor (GPT's decode step keeps it on the device): the int's result, on the op and
+    on the reference (which masks the whole cache instead of slicing it)."""
+    q, k, v = torch.randn(2, 4, 16, generator=rng), torch.randn(2, 30, 2, 16, generator=rng), torch.randn(2, 30, 2, 16,
+                                                                                                        generator=rng)
+    for n in (1, 13, 30):
+        want = ref.decode_attention(q, k, v, n)
+        torch.testing.assert_close(ref.decode_attention(q, k, v, torch.tensor([n])), want, **FWD_TOL)
+        torch.testing.assert_close(ops.decode_attention(q, k, v, torch.tensor([n])), ops.decode_attention(q, k, v, n),
+                                   rtol=0, atol=0)
+    with pytest.raises(ValueError, match="decode_attention n_ctx"):
+        ops.decode_attention(q, k, v, torch.tensor([31]))
+    for bad in (torch.tensor([3], dtype=torch.int32), torch.tensor([3, 4]), torch.tensor([3.0])):
+        with pytest.raises(TypeError, match="decode_attention n_ctx: expected an int or a 1-element int64 tensor"):
+            ops.decode_attention(q, k, v, bad)
+
+
 def test_decode_attention_writes_every_element_and_agrees_with_full_attention(isa, rng):
     B, T, H, Hkv, D = 2, 37, 4, 2, 17
     q, k, v = make_qkv(B, T, H, Hkv, D, rng)

@@ -245,3 +245,36 @@ def test_fused_reject_bad_input():
     with pytest.raises(ValueError, match="step"):
         ops.adamw_step([torch.zeros(2)], [torch.zeros(2)], [torch.zeros(2)], [torch.zeros(2)], 1e-3, 0.9, 0.99,
                        1e-8, 0.0, 0)
+
+
+def test_ops_without_autograd_give_the_same_outputs(rng):
+    """Under no_grad (or with no input requiring grad) the ops call their Function's forward directly (ops._apply:
+    no autograd node); outputs must be bit-identical to the recorded path, and the recorded path must still
+    differentiate."""
+    B, T, H, Hkv, D, Cm, F = 2, 5, 4, 2, 8, 32, 24
+    x = torch.randn(B, T, Cm, generator=rng)
+    w_in, w_post = torch.randn(Cm, generator=rng), torch.randn(Cm, generator=rng)
+    wq, wk, wv = (torch.randn(n, Cm, generator=rng) for n in (H * D, Hkv * D, Hkv * D))
+    wo, wg, wu, wd = (torch.randn(*s, generator=rng) for s in ((Cm, H * D), (F, Cm), (F, Cm), (Cm, F)))
+    cos, sin = torch.randn(T, D // 2, generator=rng), torch.randn(T, D // 2, generator=rng)
+    q, k = torch.randn(B, T, H, D, generator=rng), torch.randn(B, T, Hkv, D, generator=rng)
+    logits, targets = torch.randn(7, 11, generator=rng), torch.randint(0, 11, (7,), generator=rng)
+    calls = {
+        "rmsnorm": lambda *a: ops.rmsnorm(a[0], w_in),
+        "linear": lambda *a: ops.linear(a[0], wq),
+        "rope": lambda *a: ops.rope(a[1], cos, sin),
+        "swiglu": lambda *a: ops.swiglu(a[0], a[0] * 0.5),
+        "attention": lambda *a: ops.attention(a[1], a[2], a[2]),
+        "cross_entropy": lambda *a: ops.cross_entropy(a[3], targets),
+        "block": lambda *a: ops.block(a[0], w_in, wq, wk, wv, wo, w_post, wg, wu, wd, cos, sin, None, H, Hkv),
+    }
+    for name, f in calls.items():
+        with torch.no_grad():
+            plain = f(x, q, k, logits)
+        leaves = [t.clone().requires_grad_() for t in (x, q, k, logits)]
+        recorded = f(*leaves)
+        assert recorded.requires_grad and not plain.requires_grad, name
+        assert torch.equal(plain, recorded.detach()), name
+        assert torch.equal(f(x, q, k, logits), plain), name   # grad mode on, no input requiring grad
+        recorded.float().sum().backward()
+        assert any(t.grad is not None and t.grad.abs().sum() > 0 for t in leaves), name

@@ -1,6 +1,8 @@
 // decode.cu — one query per sequence against a KV cache (fp32), split-K over the context: each block reduces a
 // chunk of positions to a partial (max, sum, acc[D]) in caller scratch, then one warp per (b, h) merges them.
 // Simple: a warp takes one position at a time (lanes along D, 128-byte coalesced rows); not yet tuned.
+// With n_ctx_dev the context length is read on the device (p->n_ctx is then its upper bound, which fixes the grid
+// and the scratch size): a decode step whose position lives in device memory can be captured in a CUDA graph.
 #include "common.cuh"
 
 namespace {
@@ -17,13 +19,16 @@ int n_splits(const decode_attention_params* p) {
 }
 
 // grid (B*H, n_split), 128 threads. ws[(bh*n_split + s)*(D+2) + ...] = {m, l, acc[D]} (acc not normalised).
-__global__ void __launch_bounds__(WARPS * 32) decode_partial_kernel(decode_attention_params p, float* ws, int n_split,
-                                                                    float scale) {
+__global__ void __launch_bounds__(WARPS * 32) decode_partial_kernel(decode_attention_params p,
+                                                                    const long long* n_ctx_dev, float* ws,
+                                                                    int n_split, float scale) {
     __shared__ float sm_m[WARPS], sm_l[WARPS], sm_acc[WARPS][MAX_NC * 32];
     const int bh = blockIdx.x, split = blockIdx.y, b = bh / p.H, h = bh % p.H, kvh = h / (p.H / p.Hkv);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, D = p.D;
-    const int chunk = (p.n_ctx + n_split - 1) / n_split;
-    const int t0 = split * chunk, t1 = min(p.n_ctx, t0 + chunk);
+    // clamped to [1, bound]: a bad device value must not read past the cache (the host checked the bound)
+    const int n_ctx = n_ctx_dev ? (int)min(max(*n_ctx_dev, 1LL), (long long)p.n_ctx) : p.n_ctx;
+    const int chunk = (n_ctx + n_split - 1) / n_split;
+    const int t0 = split * chunk, t1 = min(n_ctx, t0 + chunk);
     float q[MAX_NC], acc[MAX_NC];
 #pragma unroll
     for (int c = 0; c < MAX_NC; c++) {
@@ -96,12 +101,13 @@ extern "C" long decode_attention_cuda_ws_floats(const decode_attention_params* p
     return (long)p->B * p->H * n_splits(p) * (p->D + 2);
 }
 
-extern "C" const char* decode_attention_cuda(const decode_attention_params* p, float* ws, pyllm_stream stream) {
+extern "C" const char* decode_attention_cuda(const decode_attention_params* p, const long long* n_ctx_dev, float* ws,
+                                             pyllm_stream stream) {
     if (p->D > 256 || p->D <= 0 || p->Hkv <= 0 || p->H % p->Hkv || p->n_ctx < 1)
         return "decode_attention_cuda: bad H/Hkv/D/n_ctx";
     cudaStream_t s = STREAM(stream);
     const int ns = n_splits(p), BH = p->B * p->H;
-    decode_partial_kernel<<<dim3(BH, ns), WARPS * 32, 0, s>>>(*p, ws, ns, 1.f / sqrtf((float)p->D));
+    decode_partial_kernel<<<dim3(BH, ns), WARPS * 32, 0, s>>>(*p, n_ctx_dev, ws, ns, 1.f / sqrtf((float)p->D));
     CUDA_CHECK_LAUNCH();
     decode_merge_kernel<<<ceil_div(BH, 4), 128, 0, s>>>(p->out, ws, BH, ns, p->D);
     CUDA_CHECK_LAUNCH();

@@ -71,9 +71,11 @@ const char* attention_bf16_forward_cuda(const attention_bf16_params* p, pyllm_st
 const char* attention_bf16_backward_cuda(const attention_bf16_backward_params* p, float* delta, pyllm_stream stream);
 
 // Decode attention (split-K over the context): the CPU decode_attention_params; `ws` is caller scratch of
-// decode_attention_cuda_ws_floats(p) floats.
+// decode_attention_cuda_ws_floats(p) floats. n_ctx_dev (1 int64 on the device, or NULL): the context length, read
+// by the kernel and clamped to [1, p->n_ctx] (then the bound): graph-capturable decode with a device position.
 long decode_attention_cuda_ws_floats(const decode_attention_params* p);
-const char* decode_attention_cuda(const decode_attention_params* p, float* ws, pyllm_stream stream);
+const char* decode_attention_cuda(const decode_attention_params* p, const long long* n_ctx_dev, float* ws,
+                                  pyllm_stream stream);
 
 // --- sampling (sample.cu) ----------------------------------------------------------------------------------
 // One block per row. temperature <= 0: greedy (argmax, smallest index on ties), logprob under T = 1.
