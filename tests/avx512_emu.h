@@ -97,6 +97,24 @@ static inline __m512i emu_cvtepu16_epi32(__m256i a) {
     return r.i;
 }
 static inline __m512 emu_castsi512_ps(__m512i a) { e512 r = e512_si(a); return r.v; }
+// VDPBF16PS: each fp32 lane += the products of its two bf16 halves, high pair first (SDM: DAZ on the bf16
+// inputs, FTZ on the result, round to nearest even; a bf16 product is exact in fp32, so each step rounds once)
+static inline float emu_bf16_daz(uint16_t h) {
+    if ((h & 0x7F80u) == 0) h &= 0x8000u;   // a denormal input reads as a signed zero
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline float emu_ftz(float f) { return fpclassify(f) == FP_SUBNORMAL ? copysignf(0.0f, f) : f; }
+static inline __m512 emu_dpbf16_ps(__m512 acc, __m512i a, __m512i b) {
+    e512 c = e512_ps(acc), x = e512_si(a), y = e512_si(b);
+    for (int i = 0; i < 16; i++) {
+        float t = emu_ftz(c.f[i] + emu_bf16_daz(x.w[2 * i + 1]) * emu_bf16_daz(y.w[2 * i + 1]));
+        c.f[i] = emu_ftz(t + emu_bf16_daz(x.w[2 * i]) * emu_bf16_daz(y.w[2 * i]));
+    }
+    return c.v;
+}
 // VPDPBUSD: each int32 lane += 4 products of unsigned bytes of u and signed bytes of s (no saturation)
 static inline __m512i emu_dpbusd_epi32(__m512i acc, __m512i u, __m512i s) {
     e512 c = e512_si(acc), x = e512_si(u), y = e512_si(s);
@@ -178,6 +196,14 @@ static inline __m512 emu_maskz_loadu_ps(__mmask16 k, const void* p) {
 static inline __m512i emu_maskz_loadu_epi8(__mmask64 k, const void* p) {
     e512 r;
     for (int i = 0; i < 64; i++) r.b[i] = ((k >> i) & 1) ? ((const int8_t*)p)[i] : 0;
+    return r.i;
+}
+static inline __m512i emu_maskz_loadu_epi16(__mmask32 k, const void* p) {
+    e512 r;
+    for (int i = 0; i < 32; i++) {
+        r.w[i] = 0;
+        if ((k >> i) & 1) memcpy(&r.w[i], (const char*)p + 2 * i, 2);
+    }
     return r.i;
 }
 static inline __m256i emu256_maskz_loadu_epi16(__mmask16 k, const void* p) {
@@ -284,6 +310,7 @@ static inline __m512 emu_unpackhi_ps(__m512 a, __m512 b) {   // per 128-bit lane
 #define _mm512_maskz_loadu_ps emu_maskz_loadu_ps
 #define _mm512_maskz_loadu_epi8 emu_maskz_loadu_epi8
 #define _mm256_maskz_loadu_epi16 emu256_maskz_loadu_epi16
+#define _mm512_maskz_loadu_epi16 emu_maskz_loadu_epi16
 #define _mm512_mask_storeu_ps emu_mask_storeu_ps
 #define _mm512_maskz_mov_ps emu_maskz_mov_ps
 #define _mm512_mask_add_ps emu_mask_add_ps

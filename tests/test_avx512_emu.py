@@ -1,5 +1,5 @@
-"""The avx512 path of every CPU kernel (16-lane tiles, masked tails, in-register transposes, the VNNI Q8_0 matvec
-and the AMX bf16 driver) on a CPU without AVX-512: pyllm._C is rebuilt with the avx512 build on a C model of the
+"""The avx512 path of every CPU kernel (16-lane tiles, masked tails, in-register transposes, the VNNI Q8_0 matvec,
+the AMX bf16 driver and the vdpbf16ps k-pair GEMM) on a CPU without AVX-512: pyllm._C is rebuilt with the avx512 build on a C model of the
 instructions (tests/avx512_emu.h; isa.c and impl_matvec.h under -DPYLLM_EMULATE_AVX512), pyllm-run likewise, and
 the kernel, model and pyllm-run tests run on that avx512 path in subprocesses. Where the CPU has AVX-512 the real
 path runs in the other tests instead.
@@ -29,7 +29,8 @@ SHIM = """// the avx512 build of every kernel in kernels_impl.h, on tests/avx512
 #include "kernels_impl.h"
 """
 # the kernel tests; run with -k avx512: the isa fixture's avx512 cases, and the tests that name the path
-# (the bf16 matmul cases go through impl_amx.h's driver on its tile model: the build reports AMX)
+# (the bf16 matmul cases go through impl_amx.h's driver on its tile model, as the build reports AMX; with
+# PYLLM_NO_AMX=1 through the k-pair GEMM on the vdpbf16ps model, and the widening path)
 KERNEL_TESTS = ["test_kernels_matmul.py", "test_kernels_attention.py", "test_kernels_sample.py",
                 "test_kernels_norm.py", "test_kernels_fused.py"]
 
@@ -104,6 +105,7 @@ def test_the_emulated_build_reports_the_avx512_path(emu_tree):
     path, info = r.stdout.splitlines()
     assert Path(path).parent == emu_tree / "pyllm"   # the emulated build, not the installed one
     assert '"avx512"' in info and '"avx512vnni": 1' in info and '"amx_tile": 1' in info, info
+    assert '"avx512bf16": 1' in info, info
 
 
 @pytest.mark.parametrize("switches", [{}, {"PYLLM_NO_AMX": "1", "PYLLM_NO_VNNI": "1"}],

@@ -22,6 +22,17 @@ def gemm_path(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["auto", "widen"])
+def bf16_path(request, monkeypatch):
+    """The bf16 GEMM without AMX: k-pair panels on vdpbf16ps where the CPU has AVX512_BF16 ("auto"), or bf16
+    widened to fp32 while packing and the fp32 micro-kernel (PYLLM_NO_BF16DP=1, and CPUs without it)."""
+    if request.param == "auto":
+        monkeypatch.delenv("PYLLM_NO_BF16DP", raising=False)
+    else:
+        monkeypatch.setenv("PYLLM_NO_BF16DP", "1")
+    return request.param
+
+
 def _operands(rng, M, N, K, ta, tb, dtype=torch.float32):
     a = torch.randn(*((K, M) if ta else (M, K)), generator=rng).to(dtype)
     b = torch.randn(*((K, N) if tb else (N, K)), generator=rng).to(dtype)
@@ -79,9 +90,11 @@ def test_matmul_strided_ld_and_k0(isa, gemm_path, rng):
 # (37, 290, 45): N past the AMX driver's first 256-column chunk, so the emulated avx512 build
 # (tests/test_avx512_emu.py) runs its second chunk (every other shape had N <= 127: a driver that stopped after
 # the first chunk passed there).
-@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (17, 127, 3), (127, 33, 1000), (65, 40, 257), (37, 290, 45)])
+# (30, 70, 1537): three K blocks of the k-pair path, the last one odd.
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (17, 127, 3), (127, 33, 1000), (65, 40, 257), (37, 290, 45),
+                                   (30, 70, 1537)])
 @pytest.mark.parametrize("ta,tb", [(0, 0), (1, 1), (0, 1)])
-def test_matmul_bf16(isa, rng, M, N, K, ta, tb):
+def test_matmul_bf16(isa, bf16_path, rng, M, N, K, ta, tb):
     a, b = _operands(rng, M, N, K, ta, tb, torch.bfloat16)
     out = poison(torch.empty(M, N))
     ops.matmul(a, b, trans_a=bool(ta), trans_b=bool(tb), out=out)

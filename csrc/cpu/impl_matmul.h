@@ -25,6 +25,7 @@
 #define MM_MR 6         // 12 ymm/xmm accumulators + 2 B vectors + 1 broadcast of 16 registers
 #endif
 #define MM_NR (2 * VLEN)
+#define MM_HAVE_DP (VLEN == 16)   // the bf16 k-pair path (vdpbf16ps, below) exists in the avx512 build
 
 #ifndef MM_PACK_GROUP
 #define MM_PACK_GROUP 8
@@ -208,8 +209,25 @@ static void mm_pack_f32(float* restrict dst, const void* src, int bf16, int ld, 
 // Packs panels [p0, p1) of X (panel p = rows rbase + p*R ..., `rows` valid rows from rbase), K range
 // [k0, k0+kc), into base + p*R*kc (each panel (kc, R)). Transposed sources are read k-outer across the whole
 // group, so each source row segment is R*(p1-p0) contiguous values (whole cache lines) rather than R values.
-static void mm_pack_group(int bf16, float* base, const void* src, int ld, int trans, int rbase, int rows, int p0,
-                          int p1, int k0, int kc, int R) {
+#if VLEN == 16
+static void mm_pack_pairs(uint32_t* restrict dst, const uint16_t* src, int ld, int trans, int r0, int rn, int k0,
+                          int kc, int R);
+#endif
+// dp: bf16 k-pair panels (mm_pack_pairs), each (kp, R) 32-bit with kp = (kc+1)/2, at base + p*R*kp.
+static void mm_pack_group(int bf16, int dp, float* base, const void* src, int ld, int trans, int rbase, int rows,
+                          int p0, int p1, int k0, int kc, int R) {
+#if MM_HAVE_DP
+    if (dp) {
+        const size_t kp = (size_t)(kc + 1) / 2;
+        for (int p = p0; p < p1; p++) {
+            const int rn = rows - p * R < R ? rows - p * R : R;
+            mm_pack_pairs((uint32_t*)base + (size_t)p * R * kp, (const uint16_t*)src, ld, trans, rbase + p * R, rn,
+                          k0, kc, R);
+        }
+        return;
+    }
+#endif
+    (void)dp;
     if (trans) {
         const float* sf = (const float*)src;
         const uint16_t* sh = (const uint16_t*)src;
@@ -373,6 +391,114 @@ static void mm_kernel_any(int kc, const float* restrict a, size_t asi, size_t as
     MM_TILE_WRITE(acc, c, ldc, mr, nr, bias, add);
 }
 
+// --- bf16 k-pairs on AVX512_BF16 (vdpbf16ps) ----------------------------------------------------------------
+// A bf16 product on CPUs with AVX512_BF16 and no AMX (AMD Zen 4, Intel Cooper Lake): vdpbf16ps multiplies the two
+// bf16 halves of each 32-bit lane by those of another register and adds both products to an fp32 lane, 32 MACs
+// per instruction where an fp32 FMA does 16. Panels hold k-pairs: a 32-bit element is X[r, 2p] (low half) and
+// X[r, 2p+1] (high half), so the micro-kernel is the fp32 one with k halved (MR x NR tile, A pairs broadcast,
+// B pairs loaded). Where vdpbf16ps runs at the FMA's instruction rate this doubles the bf16 peak (Zen 4:
+// benchmarks/machine.py measures 235 against 116 GFLOP/s on 1 core); the widening path (bf16 -> fp32 in packing,
+// the fp32 micro-kernel) is kept for CPUs without it and when PYLLM_NO_BF16DP=1. (On the Sapphire Rapids-class VM
+// of sessions 1-11 the instruction measured at half the FMA's rate, and this kernel was removed then, fa014bd.)
+#if VLEN == 16
+#ifdef PYLLM_EMULATE_AVX512
+#define mm_dpbf16 emu_dpbf16_ps   // tests/avx512_emu.h's model of the instruction
+#else
+// Inline asm, as the VNNI dots (impl_matvec.h): the avx512 path needs no avx512bf16 target, and this runs only
+// where cpu_features_get()->avx512bf16.
+static inline __m512 mm_dpbf16(__m512 acc, __m512i a, __m512i b) {
+    __asm__("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+    return acc;
+}
+#endif
+
+// dst (kp, R) k-pair panel, kp = (kc+1)/2: dst[p*R + i] = X[r0+i, k0+2p] | X[r0+i, k0+2p+1] << 16 (0 past kc and
+// for rn <= i < R). X bf16, stored (R, K) with row stride ld, or (K, R) when trans. Not transposed, a pair is two
+// adjacent values of a row: 16 rows x 16 pairs (one 64-byte line each, masked per bf16 so an odd kc reads nothing
+// past it) per 16 x 16 in-register transpose of 32-bit lanes, as mm_pack_f32. Transposed, rows 2p and 2p+1 of the
+// source are interleaved.
+static void mm_pack_pairs(uint32_t* restrict dst, const uint16_t* src, int ld, int trans, int r0, int rn, int k0,
+                          int kc, int R) {
+    const int kp = (kc + 1) / 2;
+    if (trans) {
+        for (int p = 0; p < kp; p++) {
+            const uint16_t* s0 = src + (size_t)(k0 + 2 * p) * ld + r0;
+            const int two = 2 * p + 1 < kc;
+            for (int i0 = 0; i0 < R; i0 += 16) {
+                const int n = rn - i0 < 0 ? 0 : rn - i0 > 16 ? 16 : rn - i0;
+                const __mmask16 m = (__mmask16)((1u << n) - 1);
+                __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, s0 + i0));
+                if (two) v = _mm512_xor_si512(v, _mm512_slli_epi32(
+                                 _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, s0 + ld + i0)), 16));
+                const __mmask16 st = (__mmask16)(R - i0 < 16 ? (1u << (R - i0)) - 1 : 0xFFFFu);
+                _mm512_mask_storeu_ps(dst + (size_t)p * R + i0, st, _mm512_castsi512_ps(v));
+            }
+        }
+        return;
+    }
+    for (int pb = 0; pb < kp; pb += 16) {
+        const int kn = kc - 2 * pb < 32 ? kc - 2 * pb : 32, pn = (kn + 1) / 2;
+        const __mmask32 km = (__mmask32)(kn == 32 ? 0xFFFFFFFFu : (1u << kn) - 1);
+        uint32_t* d = dst + (size_t)pb * R;
+        for (int i0 = 0; i0 < R; i0 += 16) {
+            __m512 x[16];
+            for (int i = 0; i < 16; i++) {
+                const size_t o = (size_t)(r0 + i0 + i) * ld + k0 + 2 * pb;
+                if (i0 + i >= rn) {
+                    x[i] = _mm512_setzero_ps();
+                    continue;
+                }
+#if MM_PF_PACK
+                if (2 * pb + 32 * MM_PF_PACK < kc) __builtin_prefetch(src + o + 32 * MM_PF_PACK);
+#endif
+                x[i] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(km, src + o));
+            }
+            mm_transpose16(x);
+            const __mmask16 im = (__mmask16)(R - i0 < 16 ? (1u << (R - i0)) - 1 : 0xFFFFu);
+            for (int p = 0; p < pn; p++) _mm512_mask_storeu_ps(d + (size_t)p * R + i0, im, x[p]);
+        }
+    }
+}
+
+// The fp32 k loop (mm_kloop) on k-pair panels: per pair 2 B loads, MR broadcasts, 2*MR vdpbf16ps.
+static __attribute__((noinline)) void mm_kloop_pairs(int kp, const uint32_t* restrict a, const uint32_t* restrict b,
+                                                     vf out[MM_MR][2]) {
+    __m512 acc[MM_MR][2];
+    _Pragma("GCC unroll 16")
+    for (int i = 0; i < MM_MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    _Pragma("GCC unroll 4")
+    for (int p = 0; p < kp; p++) {
+        __builtin_prefetch(b + MM_PF_B * MM_NR);
+        __builtin_prefetch(b + MM_PF_B * MM_NR + VLEN);
+        const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + VLEN);
+        _Pragma("GCC unroll 16")
+        for (int i = 0; i < MM_MR; i++) {
+            const __m512i ai = _mm512_set1_epi32((int)a[i]);
+            acc[i][0] = mm_dpbf16(acc[i][0], ai, b0);
+            acc[i][1] = mm_dpbf16(acc[i][1], ai, b1);
+        }
+        a += MM_MR;
+        b += MM_NR;
+    }
+    _Pragma("GCC unroll 16")
+    for (int i = 0; i < MM_MR; i++) { out[i][0] = (vf)acc[i][0]; out[i][1] = (vf)acc[i][1]; }
+}
+static void mm_kernel_pairs(int kp, const uint32_t* restrict a, const uint32_t* restrict b, float* c, int ldc, int mr,
+                            int nr, const float* bias, int add) {
+    vf acc[MM_MR][2];
+    mm_prefetch_c(c, ldc, mr);
+    mm_kloop_pairs(kp, a, b, acc);
+    MM_TILE_WRITE(acc, c, ldc, mr, nr, bias, add);
+}
+#endif
+
+// Is the k-pair path on for this call (bf16 operands, AVX512_BF16, not turned off)?
+static int mm_use_pairs(void) {
+    if (!MM_HAVE_DP || !cpu_features_get()->avx512bf16) return 0;
+    const char* e = getenv("PYLLM_NO_BF16DP");
+    return !(e && e[0] == '1');
+}
+
 // Packing scratch, kept per calling thread and grown on demand (64-byte aligned): no malloc or page faults per
 // call. Also the per-thread scratch of sampling (~3 V floats) and attention (up to 4 T*D floats), never nested
 // inside a GEMM (one user at a time). The GEMM's part is bounded by its block sizes: MM_A_FLOATS + threads *
@@ -457,7 +583,7 @@ static void mm_direct(const float* A, int lda, int trans_a, const float* B, int 
             if (!trans_b) {
                 #pragma omp for schedule(static)
                 for (int g = 0; g < npn; g += MM_PACK_GROUP)
-                    mm_pack_group(0, Bp, B, ldb, 0, 0, N, g, g + MM_PACK_GROUP < npn ? g + MM_PACK_GROUP : npn,
+                    mm_pack_group(0, 0, Bp, B, ldb, 0, 0, N, g, g + MM_PACK_GROUP < npn ? g + MM_PACK_GROUP : npn,
                                   k0, kc, MM_NR);
             } else if (bedge) {
                 #pragma omp single
@@ -572,7 +698,12 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
         mm_direct((const float*)A, lda, trans_a, (const float*)B, ldb, trans_b, C, ldc, bias, M, N, K, accumulate, T);
         return;
     }
-    const int nkb = (K + MM_KC_MAX - 1) / MM_KC_MAX, kcm = (K + nkb - 1) / nkb;   // K blocks, balanced
+    // dp: bf16 k-pair panels and the vdpbf16ps micro-kernel; K blocks of an even length (so a block starts on a
+    // pair) and twice as long: a k-pair panel holds two k per 32-bit element, the same bytes per block as fp32's
+    const int dp = bf16 && mm_use_pairs(), kc_max = dp ? 2 * MM_KC_MAX : MM_KC_MAX;
+    const int nkb = (K + kc_max - 1) / kc_max;                                      // K blocks, balanced
+    const int kcm = dp ? ((K + nkb - 1) / nkb + 1) / 2 * 2 : (K + nkb - 1) / nkb;
+    const int kwm = dp ? kcm / 2 : kcm;                                             // rows of the largest panel
     const int npn = (N + MM_NR - 1) / MM_NR;                                        // B panels in all
     int nb = (npn * MM_NR + MM_NC_MAX - 1) / MM_NC_MAX;                             // B blocks
     const int nsplit = T > 1 && nb >= T && M < (long)MM_MSPLIT_ROWS * T;
@@ -584,12 +715,12 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
     }
     const int bpp = (npn + nb - 1) / nb;                                            // panels per B block
     nb = (npn + bpp - 1) / bpp;
-    long mc = MM_A_FLOATS / kcm / MM_MR * MM_MR;                                    // rows per A chunk
+    long mc = MM_A_FLOATS / kwm / MM_MR * MM_MR;                                    // rows per A chunk
     if (mc < MM_MR) mc = MM_MR;
     if (mc > M) mc = M;
     const int mpc = (int)((mc + MM_MR - 1) / MM_MR);                                // A panels per chunk
     const int nch = (int)((M + mc - 1) / mc);                                        // A chunks
-    const size_t a_sz = (size_t)mpc * MM_MR * kcm, b_sz = (size_t)bpp * MM_NR * kcm, n_ctr = (size_t)nch * nkb;
+    const size_t a_sz = (size_t)mpc * MM_MR * kwm, b_sz = (size_t)bpp * MM_NR * kwm, n_ctr = (size_t)nch * nkb;
     float* Ap = mm_scratch(a_sz + (size_t)T * b_sz + n_ctr);                        // (mpc, kc, MR)
     if (!Ap) { kernels_oom_note(); return; }
     int* ctr = (int*)(Ap + a_sz + (size_t)T * b_sz);                                // (nch, nkb) B blocks taken
@@ -607,34 +738,42 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
             const int i1 = nsplit || nt == 1 ? mp : (int)((long)mp * (t + 1) / nt);
             // where those panels are packed: their region at the largest kc, so a thread packing a shorter last K
             // block never writes into a panel that another thread is still reading (kc sets the panel stride)
-            float* Aq = Ap + (size_t)i0 * MM_MR * kcm;
+            float* Aq = Ap + (size_t)i0 * MM_MR * kwm;
             for (int k0 = 0; k0 < K; k0 += kcm) {
                 const int kc = K - k0 < kcm ? K - k0 : kcm;
                 const int add = accumulate || k0 > 0;
                 if (nsplit) {  // the A chunk, packed together (every thread reads all of it)
                     #pragma omp for schedule(static)
                     for (int g = 0; g < mp; g += MM_PACK_GROUP)
-                        mm_pack_group(bf16, Ap, A, lda, trans_a, ms, msn, g,
+                        mm_pack_group(bf16, dp, Ap, A, lda, trans_a, ms, msn, g,
                                       g + MM_PACK_GROUP < mp ? g + MM_PACK_GROUP : mp, k0, kc, MM_MR);
                 } else {       // this thread's own panels, at Aq: written and read by it alone
                     for (int g = 0; g < i1 - i0; g += MM_PACK_GROUP)
-                        mm_pack_group(bf16, Aq, A, lda, trans_a, ms + i0 * MM_MR, msn - i0 * MM_MR, g,
+                        mm_pack_group(bf16, dp, Aq, A, lda, trans_a, ms + i0 * MM_MR, msn - i0 * MM_MR, g,
                                       g + MM_PACK_GROUP < i1 - i0 ? g + MM_PACK_GROUP : i1 - i0, k0, kc, MM_MR);
                 }
                 int* taken = ctr + (size_t)(ms / mc) * nkb + k0 / kcm;              // B blocks dealt (nsplit)
                 for (int bk = nsplit ? mm_take(taken) : 0; bk < nb; bk = nsplit ? mm_take(taken) : bk + 1) {
                     const int j0 = bk * bpp, j1 = j0 + bpp < npn ? j0 + bpp : npn;
                     for (int g = 0; g < j1 - j0; g += MM_PACK_GROUP)
-                        mm_pack_group(bf16, Bp, B, ldb, trans_b, j0 * MM_NR, N - j0 * MM_NR, g,
+                        mm_pack_group(bf16, dp, Bp, B, ldb, trans_b, j0 * MM_NR, N - j0 * MM_NR, g,
                                       g + MM_PACK_GROUP < j1 - j0 ? g + MM_PACK_GROUP : j1 - j0, k0, kc, MM_NR);
+                    const int kr = dp ? (kc + 1) / 2 : kc;                            // rows of a packed panel
                     for (int i = i0; i < i1; i++) {
                         const int m0 = i * MM_MR, mr = msn - m0 < MM_MR ? msn - m0 : MM_MR;
-                        const float* ap = Aq + (size_t)(i - i0) * MM_MR * kc;
+                        const float* ap = Aq + (size_t)(i - i0) * MM_MR * kr;
                         for (int j = j0; j < j1; j++) {
                             const int n0 = j * MM_NR, nr = N - n0 < MM_NR ? N - n0 : MM_NR;
-                            const float* bp = Bp + (size_t)(j - j0) * MM_NR * kc;
+                            const float* bp = Bp + (size_t)(j - j0) * MM_NR * kr;
                             const float* bj = bias && k0 == 0 ? bias + n0 : NULL;
-                            mm_kernel_f32(kc, ap, bp, C + (size_t)(ms + m0) * ldc + n0, ldc, mr, nr, bj, add);
+                            float* c = C + (size_t)(ms + m0) * ldc + n0;
+#if MM_HAVE_DP
+                            if (dp) {
+                                mm_kernel_pairs(kr, (const uint32_t*)ap, (const uint32_t*)bp, c, ldc, mr, nr, bj, add);
+                                continue;
+                            }
+#endif
+                            mm_kernel_f32(kc, ap, bp, c, ldc, mr, nr, bj, add);
                         }
                     }
                 }
@@ -656,10 +795,9 @@ void KFN(matmul_forward)(const matmul_params* p) {
 
 #include "impl_amx.h"
 
-// AMX tiles where the CPU and the OS allow them (impl_amx.h). Otherwise bf16 panels are widened to fp32 while
-// packing (exact) and run on the fp32 micro-kernel: an AVX512_BF16 micro-kernel (vdpbf16ps on k-pair panels, same
-// register blocking) was written and tested, and measured slower on the development CPU (no AMX there): 85 vs 140
-// GFLOP/s at 4096x768x3072, 1 thread, so it was removed.
+// AMX tiles where the CPU and the OS allow them (impl_amx.h); else k-pair panels on vdpbf16ps where the CPU has
+// AVX512_BF16 (mm_kernel_pairs: Zen 4, 4096x3072x768 at 194 against 101 GFLOP/s widened, 1 thread); else bf16
+// panels are widened to fp32 while packing (exact) and run on the fp32 micro-kernel.
 void KFN(matmul_bf16_forward)(const matmul_bf16_params* p) {
 #ifdef PYLLM_HAVE_AMX
     const cpu_features* f = cpu_features_get();

@@ -70,6 +70,7 @@ const cpu_features* cpu_features_get(void) {
         const char* no_amx = getenv("PYLLM_NO_AMX");
         f.avx512f = f.avx512bw = f.avx512vl = f.avx512dq = f.avx2 && f.fma;
         f.avx512vnni = f.avx512f && !(no_vnni && *no_vnni && *no_vnni != '0');
+        f.avx512bf16 = f.avx512f;   // vdpbf16ps modelled too (PYLLM_NO_BF16DP=1 turns the k-pair GEMM off)
         f.amx_tile = f.amx_bf16 = f.avx512f && !(no_amx && *no_amx && *no_amx != '0');
     }
 #endif
