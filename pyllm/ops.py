@@ -332,6 +332,16 @@ def _autocast_bf16() -> bool:
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
+def _bf16_operand(t: torch.Tensor) -> torch.Tensor:
+    """A GEMM operand rounded to bf16 (what _gemm(bf16=True) does to each fp32 operand), for one that several GEMMs
+    read: rounded once. The rounding is torch's (round to nearest even), as torch's autocast does."""
+    return t.to(torch.bfloat16)
+
+
+def _as_is(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def _gemm(a, b, M, N, K, trans_a=False, trans_b=False, bias=None, out=None, accumulate=False, bf16=False):
     """The one launch of the GEMM kernel, without checks: matmul() checks first; linear's tensors are checked once
     per layer call (3 GEMMs per linear, ~87 a step of a small model, where checks cost ~10 us each against
@@ -402,6 +412,8 @@ class _Linear(torch.autograd.Function):
         x2 = x.reshape(-1, K)                                    # (M, K) view
         N = weight.shape[0]
         ctx.bf16 = _autocast_bf16()
+        if ctx.bf16:   # rounded once: the backward's GEMMs read the same bf16 operands
+            x2, weight = _bf16_operand(x2), _bf16_operand(weight)
         y = _gemm(x2, weight, x2.shape[0], N, K, bias=bias, bf16=ctx.bf16)     # (M, N)
         ctx.save_for_backward(x2, weight)
         ctx.has_bias = bias is not None
@@ -417,11 +429,12 @@ class _Linear(torch.autograd.Function):
         if dy2.dtype != torch.float32 or dy2.device.type != "cpu":
             raise TypeError(f"linear backward: expected a float32 cpu gradient, got {dy2.dtype} on {dy2.device}")
         dy2 = dy2.contiguous()
+        dyg = _bf16_operand(dy2) if ctx.bf16 else dy2           # the GEMMs' operand (db sums the fp32 dy)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = _gemm(dy2, weight, M, K, N, trans_b=True, bf16=ctx.bf16).view(*dy.shape[:-1], K)
+            dx = _gemm(dyg, weight, M, K, N, trans_b=True, bf16=ctx.bf16).view(*dy.shape[:-1], K)
         if ctx.needs_input_grad[1]:                              # (N, K) = dYᵀ·X;  dX (M, K) = dY·W above
-            dw = _gemm(dy2, x2, N, K, M, trans_a=True, trans_b=True, bf16=ctx.bf16)   # M = 0: zeros
+            dw = _gemm(dyg, x2, N, K, M, trans_a=True, trans_b=True, bf16=ctx.bf16)   # M = 0: zeros
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0)
         return dx, dw, db
@@ -720,10 +733,13 @@ class _Block(torch.autograd.Function):
         k_ = C()
         ctx.bf16 = _autocast_bf16()
         mm = functools.partial(_gemm, bf16=ctx.bf16)                        # bf16 GEMM operands under autocast
+        cv = _bf16_operand if ctx.bf16 else _as_is
         x2d = x.reshape(M, Cm)                                              # (M, C)
         h1, r1 = empty(M, Cm), torch.empty(M)
         k_.rmsnorm_forward(ptr(h1), ptr(r1), ptr(x2d), ptr(w_in), M, Cm, float(eps))
-        wqkv = torch.cat((wq, wk, wv))                                      # (N3, C)
+        # Under autocast each GEMM operand is rounded to bf16 once: the copies that the backward's GEMMs read too
+        # are saved in place of their fp32 originals (h1, h2, s and the weights are read by GEMMs only)
+        h1, wqkv = cv(h1), cv(torch.cat((wq, wk, wv)))                      # (M, C), (N3, C)
         qkv = mm(h1, wqkv, M, N3, Cm)                                       # (M, N3) = [q | k | v] per row
         q, k = empty(B, T, H, D), empty(B, T, Hkv, D)
         k_.rope_forward(ptr(q), ptr(qkv), ptr(cos), ptr(sin), B, T, H, D, 0, N3, 0)
@@ -732,26 +748,28 @@ class _Block(torch.autograd.Function):
         v.view(M, KD).copy_(qkv[:, HD + KD:])
         y, lse = empty(B, T, H, D), torch.empty(B, H, T)
         k_.attention_forward(ptr(y), ptr(lse), ptr(q), ptr(k), ptr(v), ptr(doc_ids), B, T, H, Hkv, D)
-        y2d = y.view(M, HD)
+        y2d = cv(y.view(M, HD))                                             # y itself stays: attention's bwd
+        wo = cv(wo)
         x2 = empty(M, Cm).copy_(x2d)                                        # x + y Woᵀ
         mm(y2d, wo, M, Cm, HD, out=x2, accumulate=True)
         h2, r2 = empty(M, Cm), torch.empty(M)
         k_.rmsnorm_forward(ptr(h2), ptr(r2), ptr(x2), ptr(w_post), M, Cm, float(eps))
-        wgu = torch.cat((wg, wu))                                           # (2F, C)
+        h2, wgu = cv(h2), cv(torch.cat((wg, wu)))                           # (M, C), (2F, C)
         gu = mm(h2, wgu, M, 2 * F, Cm)                                      # (M, 2F) = [gate | up] per row
         s = empty(M, F)
         k_.swiglu_forward(ptr(s), ptr(gu), gu.data_ptr() + 4 * F, M * F, F, 2 * F)
+        s, wd = cv(s), cv(wd)
         out = empty(M, Cm).copy_(x2)                                        # x2 + s Wdᵀ
         mm(s, wd, M, Cm, F, out=out, accumulate=True)
-        ctx.save_for_backward(x2d, h1, r1, q, k, v, y, lse, x2, h2, r2, gu, s, w_in, wqkv, wo, w_post, wgu, wd,
-                              cos, sin, doc_ids)
+        ctx.save_for_backward(x2d, h1, r1, q, k, v, y, y2d, lse, x2, h2, r2, gu, s, w_in, wqkv, wo, w_post, wgu,
+                              wd, cos, sin, doc_ids)
         ctx.dims = (B, T, Cm, H, Hkv, D, F)
         return out.view(B, T, Cm)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        (x2d, h1, r1, q, k, v, y, lse, x2, h2, r2, gu, s, w_in, wqkv, wo, w_post, wgu, wd, cos, sin,
+        (x2d, h1, r1, q, k, v, y, y2d, lse, x2, h2, r2, gu, s, w_in, wqkv, wo, w_post, wgu, wd, cos, sin,
          doc_ids) = ctx.saved_tensors
         B, T, Cm, H, Hkv, D, F = ctx.dims
         M, HD, KD = B * T, H * D, Hkv * D
@@ -760,21 +778,24 @@ class _Block(torch.autograd.Function):
             raise TypeError(f"block backward: expected a float32 cpu gradient, got {dout.dtype} on {dout.device}")
         k_ = C()
         mm = functools.partial(_gemm, bf16=ctx.bf16)
+        cv = _bf16_operand if ctx.bf16 else _as_is          # each gradient that two GEMMs read: rounded once
         d = dout.reshape(M, Cm).contiguous()                                # (M, C)
         need = ctx.needs_input_grad
         # MLP: out = x2 + swiglu(h2 Wgᵀ, h2 Wuᵀ) Wdᵀ
-        dwd = mm(d, s, Cm, F, M, trans_a=True, trans_b=True) if need[9] else None        # (C, F)
-        ds = mm(d, wd, M, F, Cm, trans_b=True)                             # (M, F)
+        dc = cv(d)
+        dwd = mm(dc, s, Cm, F, M, trans_a=True, trans_b=True) if need[9] else None       # (C, F)
+        ds = mm(dc, wd, M, F, Cm, trans_b=True)                            # (M, F)
         dgu = empty(M, 2 * F)                                               # [dgate | dup] per row
         k_.swiglu_backward(ptr(dgu), dgu.data_ptr() + 4 * F, ptr(ds), ptr(gu), gu.data_ptr() + 4 * F, M * F, F, 2 * F)
+        dgu = cv(dgu)
         dwgu = mm(dgu, h2, 2 * F, Cm, M, trans_a=True, trans_b=True) if (need[7] or need[8]) else None
         dh2 = mm(dgu, wgu, M, Cm, 2 * F, trans_b=True)                      # (M, C), one GEMM for gate and up
         dx2, dw_post = empty(M, Cm), torch.zeros(Cm)
         k_.rmsnorm_backward(ptr(dx2), ptr(dw_post), ptr(dh2), ptr(x2), ptr(w_post), ptr(r2), M, Cm, ptr(d))
         # attention: x2 = x + attn(rmsnorm(x)) Woᵀ
-        y2d = y.view(M, HD)
-        dwo = mm(dx2, y2d, Cm, HD, M, trans_a=True, trans_b=True) if need[5] else None     # (C, HD)
-        dy = mm(dx2, wo, M, HD, Cm, trans_b=True)                          # (M, HD)
+        dx2c = cv(dx2)
+        dwo = mm(dx2c, y2d, Cm, HD, M, trans_a=True, trans_b=True) if need[5] else None    # (C, HD)
+        dy = mm(dx2c, wo, M, HD, Cm, trans_b=True)                         # (M, HD)
         dq, dk, dv = empty(*q.shape), empty(*k.shape), empty(*v.shape)
         k_.attention_backward(ptr(dq), ptr(dk), ptr(dv), ptr(dy), ptr(y), ptr(lse), ptr(q), ptr(k), ptr(v),
                               ptr(doc_ids), B, T, H, Hkv, D)
@@ -782,6 +803,7 @@ class _Block(torch.autograd.Function):
         k_.rope_forward(ptr(dqkv), ptr(dq), ptr(cos), ptr(sin), B, T, H, D, 1, 0, N3)
         k_.rope_forward(dqkv.data_ptr() + 4 * HD, ptr(dk), ptr(cos), ptr(sin), B, T, Hkv, D, 1, 0, N3)
         dqkv[:, HD + KD:].copy_(dv.view(M, KD))
+        dqkv = cv(dqkv)
         dwqkv = (mm(dqkv, h1, N3, Cm, M, trans_a=True, trans_b=True)        # (N3, C)
                  if (need[2] or need[3] or need[4]) else None)
         dh1 = mm(dqkv, wqkv, M, Cm, N3, trans_b=True)                       # (M, C), one GEMM for q, k and v
