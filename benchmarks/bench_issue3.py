@@ -29,7 +29,7 @@ import bench_attention as BA  # noqa: E402
 import bench_matmul_table as BM  # noqa: E402
 import bench_sample as BS  # noqa: E402
 import bench_train_step as BT  # noqa: E402
-from machine import copy_bandwidth_gbs, fma_peak_gflops  # noqa: E402
+from machine import bf16_dot_peak_gflops, copy_bandwidth_gbs, fma_peak_gflops  # noqa: E402
 
 from pyllm import ops  # noqa: E402
 from pyllm._ext import C  # noqa: E402
@@ -46,7 +46,9 @@ def verdict(r: float, target: float) -> str:
     return "met" if r >= target else f"missed ({r / target:.2f} of it)"
 
 
-def matmul_rows(th, peak, reps, dtypes):
+def matmul_rows(th, peak, reps, dtypes, dot_peak=0.0):
+    """dot_peak: the vdpbf16ps peak (0 without AVX512_BF16), the floor of the bf16 rows where the CPU has it (no AMX
+    here), which also bounds the ratio: torch's time over the time of the flops at that peak ("ceiling")."""
     rows = []
     for dt in dtypes:
         tdt = torch.bfloat16 if dt == "bf16" else torch.float32
@@ -60,8 +62,13 @@ def matmul_rows(th, peak, reps, dtypes):
             for lay, (ours, theirs) in cases.items():
                 a, b = BM.compare(ours, theirs, reps)
                 gf = 2.0 * M * N * K / a / 1e9
+                if dt == "bf16" and dot_peak > 0:
+                    ceiling = b / (2.0 * M * N * K / dot_peak / 1e9)
+                    floor = f"{100 * gf / dot_peak:.0f}% bf16 dot (ceiling {ceiling:.2f}x)"
+                else:
+                    floor = f"{100 * gf / peak:.0f}% FMA"
                 rows.append((f"{dt} matmul", f"{s} {lay}", th, f"{a * 1e3:.2f} ms", f"{b * 1e3:.2f} ms (torch {dt})",
-                             b / a, target, f"{100 * gf / peak:.0f}% FMA"))
+                             b / a, target, floor))
                 print(_fmt(rows[-1]), flush=True)
     return rows
 
@@ -156,11 +163,14 @@ def main(argv=None):
     for th in args.threads:
         set_threads(th)
         peak, bw = fma_peak_gflops(th), copy_bandwidth_gbs(th)
-        floor = f"threads={th}: fp32 FMA peak {peak:.0f} GFLOP/s, copy bandwidth {bw:.1f} GB/s (measured now)"
+        has_dp = C().build_info()["cpu_features"]["avx512bf16"] and not C().build_info()["cpu_features"]["amx_bf16"]
+        dot_peak = bf16_dot_peak_gflops(th) if has_dp else 0.0
+        floor = (f"threads={th}: fp32 FMA peak {peak:.0f} GFLOP/s" + (f", bf16 dot (vdpbf16ps) peak {dot_peak:.0f}"
+                 if dot_peak else "") + f", copy bandwidth {bw:.1f} GB/s (measured now)")
         print(floor + "\n" + HEAD, flush=True)
         rows = []
         if "matmul" not in args.skip:
-            rows += matmul_rows(th, peak, reps, ["fp32", "bf16"])
+            rows += matmul_rows(th, peak, reps, ["fp32", "bf16"], dot_peak)
         if "attention" not in args.skip:
             rows += attention_rows(th, peak, reps)
         if "sample" not in args.skip:
