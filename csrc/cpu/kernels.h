@@ -55,7 +55,8 @@ typedef struct {
 } matmul_params;
 
 // Same as matmul_params with bf16 A and B (raw bf16 bits in uint16_t), fp32 accumulate, fp32 C and bias.
-// Panels are widened to fp32 while packing (halves the input bytes read; the math is the fp32 kernel's).
+// On AMX tiles where the CPU and OS allow; else on vdpbf16ps over k-pair panels where the CPU has AVX512_BF16
+// (PYLLM_NO_BF16DP=1: off); else panels are widened to fp32 while packing and run the fp32 micro-kernel.
 typedef struct {
     float* C;              // (M, N) row stride ldc
     const uint16_t* A;     // (M, K) bf16 row stride lda; (K, M) if trans_a
