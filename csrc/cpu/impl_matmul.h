@@ -495,8 +495,8 @@ static void mm_kernel_pairs(int kp, const uint32_t* restrict a, const uint32_t* 
 // Is the k-pair path on for this call (bf16 operands, AVX512_BF16, not turned off)?
 static int mm_use_pairs(void) {
     if (!MM_HAVE_DP || !cpu_features_get()->avx512bf16) return 0;
-    const char* e = getenv("PYLLM_NO_BF16DP");
-    return !(e && e[0] == '1');
+    const char* e = getenv("PYLLM_NO_BF16DP");   // set and not "0": off (as PYLLM_NO_AMX)
+    return !(e && *e && *e != '0');
 }
 
 // Packing scratch, kept per calling thread and grown on demand (64-byte aligned): no malloc or page faults per
