@@ -177,12 +177,23 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, doc_ids: torch.Tensor | None
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_ctx) -> torch.Tensor:
     """q (B, H, D) attends to cache positions [0, n_ctx) of k/v_cache (B, T_max, Hkv, D) -> (B, H, D).
-    n_ctx an int, or a 1-element tensor (then the whole cache is read under a mask: no host sync)."""
-    H, Hkv = q.shape[1], k_cache.shape[2]
-    mask = None
+    n_ctx an int, or a 1-element tensor: read on the host on CPU; on a GPU the whole cache is read under a mask
+    instead (decode_attention_masked: no host sync, so a CUDA graph can capture it)."""
     if isinstance(n_ctx, torch.Tensor):
-        mask = (torch.arange(k_cache.shape[1], device=q.device) < n_ctx.reshape(()))[None]   # (1, T_max) True: attend
-        n_ctx = k_cache.shape[1]
+        if n_ctx.device.type != "cpu":
+            return decode_attention_masked(q, k_cache, v_cache, n_ctx)
+        n_ctx = int(n_ctx)
+    H, Hkv = q.shape[1], k_cache.shape[2]
     k = k_cache[:, :n_ctx].transpose(1, 2).repeat_interleave(H // Hkv, dim=1)  # (B, H, n_ctx, D)
     v = v_cache[:, :n_ctx].transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v)[:, :, 0]
+
+
+def decode_attention_masked(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            n_ctx: torch.Tensor) -> torch.Tensor:
+    """decode_attention over the whole cache with positions >= n_ctx (a 1-element tensor) masked out."""
+    H, Hkv = q.shape[1], k_cache.shape[2]
+    mask = (torch.arange(k_cache.shape[1], device=q.device) < n_ctx.reshape(()))[None]   # (1, T_max) True: attend
+    k = k_cache.transpose(1, 2).repeat_interleave(H // Hkv, dim=1)                    # (B, H, T_max, D)
+    v = v_cache.transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
     return torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask)[:, :, 0]

@@ -162,12 +162,13 @@ def test_decode_attention_matches_ref(isa, rng, B, H, Hkv, D, T_max):
 
 def test_decode_attention_device_length_tensor(rng):
     """n_ctx as a 1-element int64 tensor (GPT's decode step keeps it on the device): the int's result, on the op and
-    on the reference (which masks the whole cache instead of slicing it)."""
+    on the reference, and on the reference's masked form (what it runs for a GPU tensor: the whole cache, masked)."""
     q, k, v = torch.randn(2, 4, 16, generator=rng), torch.randn(2, 30, 2, 16, generator=rng), torch.randn(2, 30, 2, 16,
                                                                                                         generator=rng)
     for n in (1, 13, 30):
         want = ref.decode_attention(q, k, v, n)
         torch.testing.assert_close(ref.decode_attention(q, k, v, torch.tensor([n])), want, **FWD_TOL)
+        torch.testing.assert_close(ref.decode_attention_masked(q, k, v, torch.tensor([n])), want, **FWD_TOL)
         torch.testing.assert_close(ops.decode_attention(q, k, v, torch.tensor([n])), ops.decode_attention(q, k, v, n),
                                    rtol=0, atol=0)
     with pytest.raises(ValueError, match="decode_attention n_ctx"):
