@@ -148,7 +148,8 @@ def test_attention_rejects_bad_input():
 # --- decode attention ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("B,H,Hkv,D,T_max", [(1, 1, 1, 3, 1), (2, 4, 2, 17, 40), (3, 8, 2, 64, 300),
                                              (1, 4, 4, 128, 600), (2, 6, 1, 64, 513), (1, 3, 3, 48, 70),
-                                             (2, 2, 1, 32, 259), (1, 2, 2, 16, 33), (1, 2, 1, 8, 6)])
+                                             (2, 2, 1, 32, 259), (1, 2, 2, 16, 33), (1, 2, 1, 8, 6),
+                                             (1, 12, 1, 64, 300), (2, 20, 2, 32, 70)])   # G 12, 10: two head groups
 def test_decode_attention_matches_ref(isa, rng, B, H, Hkv, D, T_max):
     # Caches are slices of a bigger (layers, B, T_max + 5, Hkv, D) buffer: the kernel must honour the strides.
     big_k = torch.randn(2, B, T_max + 5, Hkv, D, generator=rng)
@@ -178,8 +179,9 @@ def test_decode_attention_device_length_tensor(rng):
             ops.decode_attention(q, k, v, bad)
 
 
-def test_decode_attention_writes_every_element_and_agrees_with_full_attention(isa, rng):
-    B, T, H, Hkv, D = 2, 37, 4, 2, 17
+@pytest.mark.parametrize("H,Hkv", [(4, 2), (12, 1), (20, 2)])   # G 2, 12, 10 (query heads go in groups of <= 8)
+def test_decode_attention_writes_every_element_and_agrees_with_full_attention(isa, rng, H, Hkv):
+    B, T, D = 2, 37, 17
     q, k, v = make_qkv(B, T, H, Hkv, D, rng)
     out = poison(torch.empty(B, H, D))
     q_last = q[:, -1].contiguous()  # (B, H, D), kept alive across the call
