@@ -1,5 +1,6 @@
 """Issue 3's whole benchmark in one run: one table of ratios to the named baseline, each row beside its target and
-the fraction of the floor (FMA peak or copy bandwidth) measured in the same run, for 1 and 2 threads.
+the fraction of the floor (FMA peak, vdpbf16ps peak for bf16 matmul where the CPU has it, or copy bandwidth)
+measured in the same run, for 1 and 2 threads.
 Run: PYTHONPATH=$PWD python benchmarks/bench_issue3.py [--threads 1 2] [--quick] [--out benchmarks/RESULTS.md]
 
 Rows (each timed as in its own script, which says more):
