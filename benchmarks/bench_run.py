@@ -170,7 +170,7 @@ def main():
             for th in args.threads:
                 tt = None if args.no_torch else med(lambda: torch_generate_tps(model, th, prompt_len, steps))
                 for wt, p in paths.items():
-                    run_binary(p, th, 8)  # page the file in
+                    run_binary(p, th, prompt_len + 8)  # page the file in (-n must exceed the prompt)
                     if args.baseline_bin:  # interleaved, alternating which goes first: drift hits both alike
                         ab = [lambda: run_binary(p, th, steps),
                               lambda: run_binary(p, th, steps, Path(args.baseline_bin))]

@@ -149,7 +149,8 @@ def test_attention_rejects_bad_input():
 @pytest.mark.parametrize("B,H,Hkv,D,T_max", [(1, 1, 1, 3, 1), (2, 4, 2, 17, 40), (3, 8, 2, 64, 300),
                                              (1, 4, 4, 128, 600), (2, 6, 1, 64, 513), (1, 3, 3, 48, 70),
                                              (2, 2, 1, 32, 259), (1, 2, 2, 16, 33), (1, 2, 1, 8, 6),
-                                             (1, 12, 1, 64, 300), (2, 20, 2, 32, 70)])   # G 12, 10: two head groups
+                                             (1, 12, 1, 64, 300), (2, 20, 2, 32, 70),   # G 12, 10: two head groups
+                                             (1, 4, 2, 80, 45), (1, 2, 1, 256, 37)])    # 5 vectors; D 256: via memory
 def test_decode_attention_matches_ref(isa, rng, B, H, Hkv, D, T_max):
     # Caches are slices of a bigger (layers, B, T_max + 5, Hkv, D) buffer: the kernel must honour the strides.
     big_k = torch.randn(2, B, T_max + 5, Hkv, D, generator=rng)
