@@ -2,6 +2,9 @@
 
 Table of ratios (interleaved runs, median per side; also the fraction of the FMA peak measured in the same run):
     PYTHONPATH=$PWD python benchmarks/bench_attention.py [--threads 1 2] [--repeats 5] [--quick]
+Decode attention (one query per sequence over a (B, T_max, Hkv, D) KV cache) vs torch SDPA on the same cache views,
+with the K+V read rate against the copy bandwidth measured in the same run:
+    PYTHONPATH=$PWD python benchmarks/bench_attention.py --decode [--threads 1]
 pytest-benchmark:
     PYTHONPATH=$PWD python -m pytest benchmarks/bench_attention.py --benchmark-only
 FLOPs counted as the useful causal work: 4*B*H*T*T*D/2 forward, 2.5x that backward (5 vs 2 matmuls).
@@ -65,6 +68,30 @@ def interleaved(fa, fb, repeats):
     return statistics.median(ta), statistics.median(tb)
 
 
+# (B, H, Hkv, D, n_ctx): an RL rollout batch, batched decoding at D 64, GQA at D 128, one cache-resident sequence
+DECODE_SHAPES = [(512, 4, 4, 32, 30), (512, 8, 4, 64, 200), (64, 12, 12, 64, 500), (1, 32, 8, 128, 2000),
+                 (8, 32, 8, 128, 1000), (1, 12, 12, 64, 1000)]
+
+
+def decode_rows(th, repeats, copy_gbs):
+    """One row per DECODE_SHAPES case: pyllm's decode_attention vs SDPA on (B, H, 1, D) against the cache's first
+    n_ctx positions (strided views, as a KV cache is read), K+V bytes / time as a fraction of copy bandwidth."""
+    rows = []
+    for B, H, Hkv, D, n in DECODE_SHAPES:
+        g = torch.Generator().manual_seed(0)
+        kc, vc = (torch.randn(B, n + 24, Hkv, D, generator=g) for _ in range(2))  # T_max a little past n_ctx
+        q = torch.randn(B, H, D, generator=g)
+        kt, vt, qt = kc[:, :n].transpose(1, 2), vc[:, :n].transpose(1, 2), q[:, :, None]
+        with torch.no_grad():
+            to, tb = interleaved(lambda: ops.decode_attention(q, kc, vc, n),
+                                 lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=H != Hkv), repeats)
+        gbs = 2 * B * n * Hkv * D * 4 / to / 1e9
+        rows.append(f"| {th} | B{B} H{H}/{Hkv} D{D} n{n} | {to * 1e3:.3f} | {tb * 1e3:.3f} | {tb / to:.2f}x | "
+                    f"{gbs:.1f} | {100 * gbs / copy_gbs:.0f}% |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def flops_fwd_bwd(B, H, T, D):
     return 3.5 * 4 * B * H * T * T * D / 2
 
@@ -87,8 +114,26 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5, help="interleaved timed runs per side (median reported)")
     ap.add_argument("--quick", action="store_true", help="fewer repeats (3), for an indicative run")
     ap.add_argument("--out", default=None, help="append the table's rows to this markdown file")
+    ap.add_argument("--decode", action="store_true",
+                    help="time decode attention over a KV cache instead of the training kernels")
     args = ap.parse_args(argv)
     repeats = 3 if args.quick else args.repeats
+    if args.decode:
+        from machine import copy_bandwidth_gbs
+        head = (f"decode attention fp32, pyllm vs torch {torch.__version__} SDPA (one query, cache views), "
+                f"{datetime.date.today()}, {platform.processor() or platform.machine()}, median of {repeats * 4} "
+                "interleaved")
+        cols = ("| threads | case | pyllm ms | SDPA ms | speed-up | K+V GB/s | % copy bandwidth |\n"
+                "|---|---|---|---|---|---|---|")
+        print(head + "\n" + cols)
+        rows = []
+        for th in args.threads:
+            set_threads(th)
+            rows += decode_rows(th, repeats * 4, copy_bandwidth_gbs(th))
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write("\n" + head + "\n\n" + cols + "\n" + "\n".join(rows) + "\n")
+        return
     try:
         from machine import measure_peaks
     except Exception:  # the table still works without the peak column
