@@ -50,6 +50,7 @@ def backend_table(name: str, device_type: str = "cpu") -> dict[str, Callable]:
             table[n] = getattr(ops, n)
     if device_type == "cpu":
         table["block"] = ops.block   # a whole decoder layer as one autograd node (Block.forward uses it)
+        table["decode_block"] = ops.decode_block   # a layer of a no-grad decode step as direct kernel calls
     return table
 
 
@@ -120,6 +121,13 @@ class Block(nn.Module):
                               a.v_proj.weight, a.o_proj.weight, self.post_attention_layernorm.weight,
                               m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight, cos, sin, doc_ids, H, Hkv,
                               c.norm_eps)
+        if (isinstance(pos, torch.Tensor) and "decode_block" in o and x.dtype == torch.float32
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):   # CPU decode step
+            m = self.mlp
+            return o["decode_block"](x.contiguous(), self.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight,
+                                     a.v_proj.weight, a.o_proj.weight, self.post_attention_layernorm.weight,
+                                     m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight, cos, sin,
+                                     cache.k[layer], cache.v[layer], pos, H, Hkv, c.norm_eps)
         h = o["rmsnorm"](x, self.input_layernorm.weight, c.norm_eps)
         q = o["linear"](h, a.q_proj.weight).view(B, T, H, D)
         k = o["linear"](h, a.k_proj.weight).view(B, T, Hkv, D)

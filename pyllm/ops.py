@@ -849,6 +849,91 @@ def block(x, w_in, wq, wk, wv, wo, w_post, wg, wu, wd, cos, sin, doc_ids=None, n
     return _apply(_Block, x, w_in, wq, wk, wv, wo, w_post, wg, wu, wd, cos, sin, doc_ids, H, Hkv, eps)
 
 
+
+# --- one decoder layer of a decode step (generate on CPU) ---------------------------------------------------
+def _check_cache_pair(k_cache, v_cache, B, Hkv, D, where):
+    """The layer's KV cache as decode_block writes it: (B, T_max, Hkv, D) fp32 on the CPU, (Hkv, D) contiguous,
+    k and v alike, and no two (b, t) rows in the same memory (an expand()ed cache would take every row's write)."""
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device.type != "cpu":
+            raise TypeError(f"{where} {name}: expected a float32 cpu tensor")
+        if t.dim() != 4 or t.shape[0] != B or t.shape[2] != Hkv or t.shape[3] != D:
+            raise ValueError(f"{where} {name}: expected shape ({B}, T_max, {Hkv}, {D}), got {tuple(t.shape)}")
+        if t.stride(3) != 1 or t.stride(2) != D:
+            raise ValueError(f"{where} {name}: its last two dims (Hkv, D) must be contiguous")
+        span = Hkv * D                                  # what the rows so far cover, in elements
+        for stride, n in sorted(((t.stride(0), t.shape[0]), (t.stride(1), t.shape[1]))):
+            if n > 1:
+                if stride < span:
+                    raise ValueError(f"{where} {name}: its (batch, position) rows overlap (an expand()ed cache?): "
+                                     "each sequence needs its own cache rows")
+                span = stride * n
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError(f"{where} v_cache: must have the same shape and strides as k_cache")
+
+
+def decode_block(x, w_in, wq, wk, wv, wo, w_post, wg, wu, wd, cos, sin, k_cache, v_cache, pos, n_heads: int = 1,
+                 n_kv_heads: int = 1, eps: float = 1e-5) -> torch.Tensor:
+    """One pre-norm decoder layer for one new token per sequence, with a KV cache: what model.Block computes in a
+    decode step (rmsnorm, q/k/v, RoPE, k and v written at position pos of the cache, decode attention over
+    [0, pos], o, rmsnorm, SwiGLU MLP), as direct kernel calls. x (B, 1, C); weights as in block(); cos/sin (1, D/2)
+    at pos; k_cache/v_cache (B, T_max, Hkv, D); pos an int or a 1-element int64 tensor -> (B, 1, C).
+    No autograd (generate decodes under no_grad): the ~17 op calls of the per-op path cost ~200 us of Python a layer,
+    ~1.2 ms of a 6-layer model's token; the k/v projections go straight into the cache and the residual adds into
+    the o and down GEMMs (accumulate), so values match the per-op path to rounding (fp32 tolerance)."""
+    check(x, "decode_block x")
+    check_float(eps, "decode_block eps", lo=0)
+    if x.dim() != 3 or x.shape[1] != 1 or x.numel() == 0:
+        raise ValueError(f"decode_block x: expected a non-empty (B, 1, C) tensor, got {tuple(x.shape)}")
+    B, _, Cm = x.shape
+    H, Hkv = check_int(n_heads, "decode_block n_heads", 1), check_int(n_kv_heads, "decode_block n_kv_heads", 1)
+    check(wq, "decode_block wq")
+    check(wg, "decode_block wg")
+    if wq.dim() != 2 or wg.dim() != 2 or H % Hkv or wq.shape[0] % H:
+        raise ValueError(f"decode_block: bad heads H={H}, Hkv={Hkv} for wq of shape {tuple(wq.shape)}")
+    D, F = wq.shape[0] // H, wg.shape[0]
+    if D % 2 or D > 256:
+        raise ValueError(f"decode_block: head dim {D} must be even and <= 256")
+    HD, KD = H * D, Hkv * D
+    weights = (x, w_in, wq, wk, wv, wo, w_post, wg, wu, wd)
+    for t, name, shp in ((w_in, "w_in", (Cm,)), (wk, "wk", (KD, Cm)), (wv, "wv", (KD, Cm)), (wo, "wo", (Cm, HD)),
+                         (w_post, "w_post", (Cm,)), (wu, "wu", (F, Cm)), (wd, "wd", (Cm, F)),
+                         (wq, "wq", (HD, Cm)), (wg, "wg", (F, Cm)), (cos, "cos", (1, D // 2)), (sin, "sin", (1, D // 2))):
+        check(t, f"decode_block {name}", shape=shp)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in weights):
+        raise ValueError("decode_block: it records no gradient; call it under torch.no_grad() (or use block())")
+    _check_cache_pair(k_cache, v_cache, B, Hkv, D, "decode_block")
+    T_max = k_cache.shape[1]
+    if isinstance(pos, torch.Tensor):
+        if pos.dtype != torch.int64 or pos.numel() != 1 or pos.device.type != "cpu":
+            raise TypeError(f"decode_block pos: expected an int or a 1-element int64 cpu tensor, got {pos.dtype} "
+                            f"{tuple(pos.shape)} on {pos.device}")
+        pos = int(pos)
+    pos = check_int(pos, "decode_block pos", 0, T_max - 1)
+    k_, M, ldb, ldt = C(), B, k_cache.stride(0), k_cache.stride(1)
+    kp, vp = k_cache.data_ptr() + 4 * pos * ldt, v_cache.data_ptr() + 4 * pos * ldt   # (B, Hkv, D) rows ldb apart
+    h, r = torch.empty(M, Cm), torch.empty(M)
+    k_.rmsnorm_forward(ptr(h), ptr(r), ptr(x), ptr(w_in), M, Cm, float(eps))
+    qk = torch.empty(M, HD + KD)                                                  # [q | k] per row, before RoPE
+    k_.matmul_forward(ptr(qk), ptr(h), ptr(wq), 0, M, HD, Cm, Cm, Cm, HD + KD, False, False, False)
+    k_.matmul_forward(qk.data_ptr() + 4 * HD, ptr(h), ptr(wk), 0, M, KD, Cm, Cm, Cm, HD + KD, False, False, False)
+    k_.matmul_forward(vp, ptr(h), ptr(wv), 0, M, KD, Cm, Cm, Cm, ldb, False, False, False)   # v into the cache
+    q = torch.empty(M, H, D)
+    k_.rope_forward(ptr(q), ptr(qk), ptr(cos), ptr(sin), M, 1, H, D, 0, HD + KD, 0)
+    k_.rope_forward(kp, qk.data_ptr() + 4 * HD, ptr(cos), ptr(sin), M, 1, Hkv, D, 0, HD + KD, ldb)  # k into it
+    y = torch.empty(M, H, D)
+    k_.decode_attention(ptr(y), ptr(q), ptr(k_cache), ptr(v_cache), ldb, ldt, B, H, Hkv, D, pos + 1)
+    out = x.reshape(M, Cm).clone()                                                # x + y Woᵀ, then + s Wdᵀ
+    k_.matmul_forward(ptr(out), ptr(y), ptr(wo), 0, M, Cm, HD, HD, HD, Cm, False, False, True)
+    k_.rmsnorm_forward(ptr(h), ptr(r), ptr(out), ptr(w_post), M, Cm, float(eps))
+    gu = torch.empty(M, 2 * F)                                                    # [gate | up] per row
+    k_.matmul_forward(ptr(gu), ptr(h), ptr(wg), 0, M, F, Cm, Cm, Cm, 2 * F, False, False, False)
+    k_.matmul_forward(gu.data_ptr() + 4 * F, ptr(h), ptr(wu), 0, M, F, Cm, Cm, Cm, 2 * F, False, False, False)
+    s = torch.empty(M, F)
+    k_.swiglu_forward(ptr(s), ptr(gu), gu.data_ptr() + 4 * F, M * F, F, 2 * F)
+    k_.matmul_forward(ptr(out), ptr(s), ptr(wd), 0, M, Cm, F, F, F, Cm, False, False, True)
+    return out.view(B, 1, Cm)
+
 # === CUDA section (cuda helper). Keep it LAST in this file: it wraps the op functions defined above so that
 # CUDA tensors go to pyllm/ops_cuda.py and everything else to the unchanged CPU code (or to ref.<op> where no CPU
 # kernel exists yet). tests/test_cuda.py checks that every name in CUDA_OPS is wrapped. ===

@@ -10,7 +10,7 @@ import torch
 from pyllm import ops, ref
 from pyllm._ext import C
 from pyllm.config import ModelConfig
-from pyllm.model import GPT, Block, backend_table
+from pyllm.model import GPT, Block, KVCache, backend_table
 from conftest import poison
 
 
@@ -234,6 +234,108 @@ def test_block_bad_input():
     with pytest.raises(TypeError, match="block doc_ids"):
         ops.block(torch.zeros(2, 8, 32), *w, cos, sin, torch.zeros(2, 8, dtype=torch.int64), 2, 2)
 
+
+
+# --- decode_block: one layer of a decode step -------------------------------------------------------------
+def _decode_setup(rng, B, dim, H, Hkv, F, T_max, pos):
+    c = ModelConfig(vocab_size=32, dim=dim, n_layers=1, n_heads=H, n_kv_heads=Hkv, hidden_dim=F, max_seq_len=T_max)
+    blk = Block(c)
+    for p in blk.parameters():
+        p.data.normal_(1.0 if p.dim() == 1 else 0.0, 0.3 if p.dim() == 1 else p.shape[-1] ** -0.5, generator=rng)
+    model = GPT(c)
+    cos, sin = model.rope_cos[pos:pos + 1].contiguous(), model.rope_sin[pos:pos + 1].contiguous()
+    cache = KVCache(c, B, T_max, "cpu", torch.float32)
+    cache.k[0].normal_(generator=rng)      # an earlier prompt's keys and values, and junk past pos: neither may
+    cache.v[0].normal_(generator=rng)      # change, and nothing past pos may be read
+    cache.seek(pos)
+    x = torch.randn(B, 1, dim, generator=rng)
+    a, m = blk.self_attn, blk.mlp
+    w = (blk.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
+         blk.post_attention_layernorm.weight, m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)
+    return blk, cache, x, cos, sin, w, c
+
+
+@pytest.mark.parametrize("B,dim,H,Hkv,F,T_max,pos", [
+    (1, 8, 1, 1, 3, 1, 0),            # one position, the first
+    (3, 48, 4, 4, 37, 20, 11),        # odd hidden, batch
+    (2, 48, 4, 2, 40, 33, 32),        # GQA 2:1, the last position
+    (5, 96, 6, 3, 127, 9, 4),         # head dim 16, GQA, M = 5 (past the small-M GEMM)
+    (2, 128, 4, 1, 352, 64, 17),      # MQA, head dim 32
+])
+def test_decode_block_matches_per_op_path(isa, rng, poisoned_alloc, B, dim, H, Hkv, F, T_max, pos):
+    """The fused layer against model.Block's per-op decode step on the torch backend: output, the k/v written at
+    pos, and every other cache row untouched; every buffer the op allocates is poisoned."""
+    blk, cache, x, cos, sin, w, c = _decode_setup(rng, B, dim, H, Hkv, F, T_max, pos)
+    ref_cache = KVCache(c, B, T_max, "cpu", torch.float32)
+    ref_cache.k[0].copy_(cache.k[0]); ref_cache.v[0].copy_(cache.v[0]); ref_cache.seek(pos)
+    k0, v0 = cache.k[0].clone(), cache.v[0].clone()
+    o_torch, o_pyllm = backend_table("torch"), backend_table("pyllm")
+    assert "decode_block" in o_pyllm and "decode_block" not in o_torch
+    with torch.no_grad():
+        want = blk(o_torch, x, cos, sin, None, ref_cache, 0, ref_cache.pos)
+        got = ops.decode_block(x, *w, cos, sin, cache.k[0], cache.v[0], cache.pos, H, Hkv, 1e-5)
+        via_block = blk(o_pyllm, x, cos, sin, None, cache, 0, cache.pos)   # Block.forward takes the fused path
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(via_block, got, rtol=0, atol=0)
+    torch.testing.assert_close(cache.k[0][:, pos], ref_cache.k[0][:, pos], **tol)
+    torch.testing.assert_close(cache.v[0][:, pos], ref_cache.v[0][:, pos], **tol)
+    others = torch.arange(T_max) != pos
+    assert torch.equal(cache.k[0][:, others], k0[:, others]) and torch.equal(cache.v[0][:, others], v0[:, others])
+
+
+def test_decode_block_time_major_cache(rng):
+    """A cache laid out (T_max, B, Hkv, D) and permuted to (B, T_max, ...): batch rows closer than positions."""
+    B, dim, H, Hkv, F, T_max, pos = 3, 32, 2, 1, 24, 10, 6
+    blk, cache, x, cos, sin, w, _ = _decode_setup(rng, B, dim, H, Hkv, F, T_max, pos)
+    tk = cache.k[0].transpose(0, 1).contiguous().transpose(0, 1)   # same values, strides (Hkv D, B Hkv D, D, 1)
+    tv = cache.v[0].transpose(0, 1).contiguous().transpose(0, 1)
+    with torch.no_grad():
+        want = ops.decode_block(x, *w, cos, sin, cache.k[0], cache.v[0], pos, H, Hkv)
+        got = ops.decode_block(x, *w, cos, sin, tk, tv, pos, H, Hkv)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(tk, cache.k[0]) and torch.equal(tv, cache.v[0])
+
+
+def test_generate_fused_decode_equals_per_op_decode(rng):
+    """GPT.generate on CPU runs decode_block per layer; without it (the per-op step) the tokens and log-probs agree."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
+    c = ModelConfig(vocab_size=97, dim=48, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=72, max_seq_len=40)
+    m = GPT(c).eval()
+    idx = torch.randint(0, 97, (3, 5), generator=rng)
+    calls = []
+    fused = ops.decode_block
+    table = m._ops(idx.device)
+    table["decode_block"] = lambda *a: calls.append(1) or fused(*a)
+    seq, lp = m.generate(idx, 20, temperature=0, return_logprobs=True)
+    assert len(calls) == 19 * 3                                 # every decode step after the prompt, every layer
+    del table["decode_block"]
+    seq2, lp2 = m.generate(idx, 20, temperature=0, return_logprobs=True)
+    assert torch.equal(seq, seq2)
+    torch.testing.assert_close(lp, lp2, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_block_bad_input(rng):
+    blk, cache, x, cos, sin, w, _ = _decode_setup(rng, 2, 32, 2, 2, 24, 8, 3)
+    k, v = cache.k[0], cache.v[0]
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="decode_block x: expected a non-empty \\(B, 1, C\\)"):
+            ops.decode_block(torch.zeros(2, 2, 32), *w, cos, sin, k, v, 3, 2, 2)
+        with pytest.raises(ValueError, match="decode_block pos"):
+            ops.decode_block(x, *w, cos, sin, k, v, 8, 2, 2)
+        with pytest.raises(TypeError, match="decode_block pos"):
+            ops.decode_block(x, *w, cos, sin, k, v, torch.tensor([3], dtype=torch.int32), 2, 2)
+        with pytest.raises(ValueError, match="rows overlap"):
+            ops.decode_block(x, *w, cos, sin, k[:1].expand(2, -1, -1, -1), v[:1].expand(2, -1, -1, -1), 3, 2, 2)
+        with pytest.raises(ValueError, match="decode_block k_cache: expected shape"):
+            ops.decode_block(x, *w, cos, sin, k[:, :, :1], v[:, :, :1], 3, 2, 2)
+        with pytest.raises(ValueError, match="same shape and strides"):
+            ops.decode_block(x, *w, cos, sin, k, v[:, :7], 3, 2, 2)
+        with pytest.raises(ValueError, match="decode_block wo"):
+            ops.decode_block(x, *w[:4], w[4].t().contiguous()[:, :16], *w[5:], cos, sin, k, v, 3, 2, 2)
+    with pytest.raises(ValueError, match="no gradient"):   # grad mode with parameters that require grad
+        ops.decode_block(x, *w, cos, sin, k, v, 3, 2, 2)
+    assert torch.equal(k, cache.k[0])
 
 # --- the strided kernel forms -----------------------------------------------------------------------------
 @pytest.mark.parametrize("B,T,H,D,pad", [(1, 1, 1, 2, 0), (2, 5, 3, 6, 7), (1, 17, 2, 34, 34), (3, 4, 4, 64, 1)])
