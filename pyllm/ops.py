@@ -31,7 +31,7 @@ def check(t: torch.Tensor, name: str, dtype=torch.float32, shape: tuple | None =
         want = torch.device(device)
         if t.device.type != want.type or (want.index is not None and t.device != want):
             raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
-    if shape is not None:
+    if shape is not None and t.shape != shape:   # an exact match is one C compare; None is a wildcard
         if len(shape) != t.dim() or any(s is not None and s != d for s, d in zip(shape, t.shape)):
             raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
     if not t.is_contiguous():
@@ -857,18 +857,20 @@ def _check_cache_pair(k_cache, v_cache, B, Hkv, D, where):
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device.type != "cpu":
             raise TypeError(f"{where} {name}: expected a float32 cpu tensor")
-        if t.dim() != 4 or t.shape[0] != B or t.shape[2] != Hkv or t.shape[3] != D:
-            raise ValueError(f"{where} {name}: expected shape ({B}, T_max, {Hkv}, {D}), got {tuple(t.shape)}")
-        if t.stride(3) != 1 or t.stride(2) != D:
-            raise ValueError(f"{where} {name}: its last two dims (Hkv, D) must be contiguous")
-        span = Hkv * D                                  # what the rows so far cover, in elements
-        for stride, n in sorted(((t.stride(0), t.shape[0]), (t.stride(1), t.shape[1]))):
-            if n > 1:
-                if stride < span:
-                    raise ValueError(f"{where} {name}: its (batch, position) rows overlap (an expand()ed cache?): "
-                                     "each sequence needs its own cache rows")
-                span = stride * n
-    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+    t = k_cache                                         # v_cache: the same shape and strides, checked below
+    if t.dim() != 4 or t.shape[0] != B or t.shape[2] != Hkv or t.shape[3] != D:
+        raise ValueError(f"{where} k_cache: expected shape ({B}, T_max, {Hkv}, {D}), got {tuple(t.shape)}")
+    st = t.stride()
+    if st[3] != 1 or st[2] != D:
+        raise ValueError(f"{where} k_cache: its last two dims (Hkv, D) must be contiguous")
+    span = Hkv * D                                      # what the rows so far cover, in elements
+    for stride, n in sorted(((st[0], t.shape[0]), (st[1], t.shape[1]))):
+        if n > 1:
+            if stride < span:
+                raise ValueError(f"{where} k_cache: its (batch, position) rows overlap (an expand()ed cache?): "
+                                 "each sequence needs its own cache rows")
+            span = stride * n
+    if k_cache.shape != v_cache.shape or st != v_cache.stride():
         raise ValueError(f"{where} v_cache: must have the same shape and strides as k_cache")
 
 
