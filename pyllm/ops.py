@@ -913,16 +913,17 @@ def decode_block(x, w_in, wq, wk, wv, wo, w_post, wg, wu, wd, cos, sin, k_cache,
         pos = int(pos)
     pos = check_int(pos, "decode_block pos", 0, T_max - 1)
     k_, M, ldb, ldt = C(), B, k_cache.stride(0), k_cache.stride(1)
+    ldw = ldb if B > 1 else KD    # the row stride of the cache writes (one row: any; a size-1 dim's stride may be 0)
     kp, vp = k_cache.data_ptr() + 4 * pos * ldt, v_cache.data_ptr() + 4 * pos * ldt   # (B, Hkv, D) rows ldb apart
     h, r = torch.empty(M, Cm), torch.empty(M)
     k_.rmsnorm_forward(ptr(h), ptr(r), ptr(x), ptr(w_in), M, Cm, float(eps))
     qk = torch.empty(M, HD + KD)                                                  # [q | k] per row, before RoPE
     k_.matmul_forward(ptr(qk), ptr(h), ptr(wq), 0, M, HD, Cm, Cm, Cm, HD + KD, False, False, False)
     k_.matmul_forward(qk.data_ptr() + 4 * HD, ptr(h), ptr(wk), 0, M, KD, Cm, Cm, Cm, HD + KD, False, False, False)
-    k_.matmul_forward(vp, ptr(h), ptr(wv), 0, M, KD, Cm, Cm, Cm, ldb, False, False, False)   # v into the cache
+    k_.matmul_forward(vp, ptr(h), ptr(wv), 0, M, KD, Cm, Cm, Cm, ldw, False, False, False)   # v into the cache
     q = torch.empty(M, H, D)
     k_.rope_forward(ptr(q), ptr(qk), ptr(cos), ptr(sin), M, 1, H, D, 0, HD + KD, 0)
-    k_.rope_forward(kp, qk.data_ptr() + 4 * HD, ptr(cos), ptr(sin), M, 1, Hkv, D, 0, HD + KD, ldb)  # k into it
+    k_.rope_forward(kp, qk.data_ptr() + 4 * HD, ptr(cos), ptr(sin), M, 1, Hkv, D, 0, HD + KD, ldw)  # k into it
     y = torch.empty(M, H, D)
     k_.decode_attention(ptr(y), ptr(q), ptr(k_cache), ptr(v_cache), ldb, ldt, B, H, Hkv, D, pos + 1)
     out = x.reshape(M, Cm).clone()                                                # x + y Woᵀ, then + s Wdᵀ

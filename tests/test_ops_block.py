@@ -293,7 +293,10 @@ def test_decode_block_time_major_cache(rng):
     with torch.no_grad():
         want = ops.decode_block(x, *w, cos, sin, cache.k[0], cache.v[0], pos, H, Hkv)
         got = ops.decode_block(x, *w, cos, sin, tk, tv, pos, H, Hkv)
+        one_k, one_v = (t[:1].as_strided(t[:1].shape, (0, *t.stride()[1:])) for t in (tk, tv))  # B 1, stride 0
+        got1 = ops.decode_block(x[:1], *w, cos, sin, one_k, one_v, pos, H, Hkv)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got1, want[:1], rtol=0, atol=0)
     assert torch.equal(tk, cache.k[0]) and torch.equal(tv, cache.v[0])
 
 
