@@ -239,8 +239,10 @@ class GPT(nn.Module):
             raise ValueError(f"idx: expected a non-empty (B, T) tensor, got shape {tuple(idx.shape)}")
         V = self.config.vocab_size
         # else embedding's "index out of range in self"; CPU only: on a GPU the test would sync host and device
-        # every forward, and the embedding kernel's own device assert catches it there
-        if idx.device.type == "cpu" and idx.numel() and bool(((idx < 0) | (idx >= V)).any()):
+        # every forward, and the embedding kernel's own device assert catches it there. A decode step (pos a
+        # tensor) feeds back the sampler's tokens, in range by construction: three tensor ops a token saved
+        if (idx.device.type == "cpu" and not isinstance(pos, torch.Tensor)
+                and bool(((idx < 0) | (idx >= V)).any())):
             bad = idx[(idx < 0) | (idx >= V)][0].item()
             raise ValueError(f"idx: token id {bad} is out of range [0, {V}) (a tokenizer/model vocab mismatch?)")
         B, T = idx.shape
