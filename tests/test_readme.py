@@ -1,4 +1,6 @@
 """The README's test command is the one .ci/run runs, and the README names the main-job command."""
+import os
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +68,16 @@ def test_every_flag_in_the_readme_exists():
             continue
         assert sub in COMMANDS, f"README: pyllm {sub} is not a command"
         assert set(flags) <= known[sub], f"README: pyllm {sub} has no {sorted(set(flags) - known[sub])}"
-    anywhere = set(re.findall(FLAG, (ROOT / "README.md").read_text()))
-    unknown = anywhere - set().union(*known.values()) - run_flags - {"--nproc-per-node"}
+    text = (ROOT / "README.md").read_text()
+    bench_flags = set()   # `python benchmarks/x.py --flag` in the text: each flag is one of that script's
+    for script, args in re.findall(r"python (benchmarks/\w+\.py)([^`\n]*)", text):
+        flags = set(re.findall(FLAG, args))
+        if flags:
+            h = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
+                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+            have = set(re.findall(FLAG, h))
+            assert flags <= have, f"README: {script} has no {sorted(flags - have)}"
+            bench_flags |= flags
+    anywhere = set(re.findall(FLAG, text))
+    unknown = anywhere - set().union(*known.values()) - run_flags - bench_flags - {"--nproc-per-node"}
     assert not unknown, f"README mentions flags no command has: {sorted(unknown)}"
