@@ -849,7 +849,6 @@ def block(x, w_in, wq, wk, wv, wo, w_post, wg, wu, wd, cos, sin, doc_ids=None, n
     return _apply(_Block, x, w_in, wq, wk, wv, wo, w_post, wg, wu, wd, cos, sin, doc_ids, H, Hkv, eps)
 
 
-
 # --- one decoder layer of a decode step (generate on CPU) ---------------------------------------------------
 def _check_cache_pair(k_cache, v_cache, B, Hkv, D, where):
     """The layer's KV cache as decode_block writes it: (B, T_max, Hkv, D) fp32 on the CPU, (Hkv, D) contiguous,
@@ -936,6 +935,7 @@ def decode_block(x, w_in, wq, wk, wv, wo, w_post, wg, wu, wd, cos, sin, k_cache,
     k_.swiglu_forward(ptr(s), ptr(gu), gu.data_ptr() + 4 * F, M * F, F, 2 * F)
     k_.matmul_forward(ptr(out), ptr(s), ptr(wd), 0, M, Cm, F, F, F, Cm, False, False, True)
     return out.view(B, 1, Cm)
+
 
 # === CUDA section (cuda helper). Keep it LAST in this file: it wraps the op functions defined above so that
 # CUDA tensors go to pyllm/ops_cuda.py and everything else to the unchanged CPU code (or to ref.<op> where no CPU
