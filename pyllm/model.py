@@ -51,6 +51,7 @@ def backend_table(name: str, device_type: str = "cpu") -> dict[str, Callable]:
     if device_type == "cpu":
         table["block"] = ops.block   # a whole decoder layer as one autograd node (Block.forward uses it)
         table["decode_block"] = ops.decode_block   # a layer of a no-grad decode step as direct kernel calls
+        table["decode_stack"] = ops.DecodeStack    # ...and all layers of generate's decode steps, checked once
     return table
 
 
@@ -377,11 +378,17 @@ class GPT(nn.Module):
         seq = torch.cat(out, dim=1)
         return (seq, torch.stack(lps, dim=1)) if return_logprobs else seq
 
-    def _decode_step(self, tok, cache: KVCache) -> torch.Tensor:
+    def _decode_step(self, tok, cache: KVCache, stack=None) -> torch.Tensor:
         """tok (B, 1) at position cache.pos -> logits (B, V) fp32; writes the cache there and advances cache.pos.
-        Nothing is read back to the host, so the step can be captured in a CUDA graph (_DecodeRunner)."""
-        h = self._trunk(tok, cache=cache, pos=cache.pos)[:, -1]                             # (B, C)
-        logits = self._ops(tok.device)["linear"](h.contiguous(), self.lm_head_weight).float()
+        Nothing is read back to the host, so the step can be captured in a CUDA graph (_DecodeRunner).
+        stack: an ops.DecodeStack of this model and cache (CPU): the layers as one call (_DecodeRunner builds it)."""
+        o = self._ops(tok.device)
+        if stack is not None:
+            x = stack(self.embed_tokens(tok), cache.pos)                                    # (B, 1, C)
+            h = o["rmsnorm"](x, self.norm.weight, self.config.norm_eps)[:, -1]
+        else:
+            h = self._trunk(tok, cache=cache, pos=cache.pos)[:, -1]                         # (B, C)
+        logits = o["linear"](h.contiguous(), self.lm_head_weight).float()
         cache.pos.add_(1)
         cache.n_ctx.add_(1)
         return logits.contiguous()
@@ -408,6 +415,7 @@ class _DecodeRunner:
         self.model, self.cache, self.graph = model, cache, None
         self.first = None
         self.replays = 0
+        self.stack = self.cpu_stack(model, cache, tok)
         if not self.wants_graph(tok, steps_left):
             return
         self.tok = tok.clone()                                              # (B, 1) the graph's input
@@ -430,6 +438,25 @@ class _DecodeRunner:
         return (tok.is_cuda and steps_left >= _DecodeRunner.GRAPH_MIN_STEPS
                 and os.environ.get("PYLLM_CUDA_GRAPHS", "1") != "0" and not torch.is_autocast_enabled("cuda"))
 
+    @staticmethod
+    def cpu_stack(model: GPT, cache: KVCache, tok: torch.Tensor):
+        """An ops.DecodeStack over the model's layers where Block.forward would take decode_block (CPU pyllm, fp32,
+        no gradient, no CPU autocast), else None (then each step runs GPT._decode_step layer by layer)."""
+        o = model._ops(tok.device)
+        p = model.embed_tokens.weight
+        if ("decode_stack" not in o or tok.device.type != "cpu" or p.dtype != torch.float32
+                or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
+            return None
+        layers = []
+        for blk in model.layers:
+            a, m = blk.self_attn, blk.mlp
+            layers.append((blk.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
+                           a.o_proj.weight, blk.post_attention_layernorm.weight, m.gate_proj.weight,
+                           m.up_proj.weight, m.down_proj.weight))
+        c = model.config
+        return o["decode_stack"](layers, cache.k, cache.v, model.rope_cos, model.rope_sin, cache.k[0].shape[0],
+                                 c.n_heads, c.n_kv_heads, c.norm_eps)
+
     def __call__(self, tok: torch.Tensor) -> torch.Tensor:
         """tok (B, 1) -> logits (B, V) of the next position (the graph's output buffer: read it before the next
         call, as generate's sampler does, in stream order)."""
@@ -437,7 +464,7 @@ class _DecodeRunner:
             first, self.first = self.first, None
             return first
         if self.graph is None:
-            return self.model._decode_step(tok, self.cache)
+            return self.model._decode_step(tok, self.cache, self.stack)
         self.tok.copy_(tok)
         self.graph.replay()
         self.replays += 1

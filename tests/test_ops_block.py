@@ -300,22 +300,94 @@ def test_decode_block_time_major_cache(rng):
     assert torch.equal(tk, cache.k[0]) and torch.equal(tv, cache.v[0])
 
 
-def test_generate_fused_decode_equals_per_op_decode(rng):
-    """GPT.generate on CPU runs decode_block per layer; without it (the per-op step) the tokens and log-probs agree."""
+def test_generate_decode_paths_agree(rng):
+    """GPT.generate on CPU runs each decode step's layers as one ops.DecodeStack call; without it decode_block per
+    layer, without either the per-op step: the same tokens and log-probs (the stack bit for bit: the same kernels)."""
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
     c = ModelConfig(vocab_size=97, dim=48, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=72, max_seq_len=40)
     m = GPT(c).eval()
     idx = torch.randint(0, 97, (3, 5), generator=rng)
-    calls = []
-    fused = ops.decode_block
     table = m._ops(idx.device)
+    steps, calls = [], []
+
+    class Counting(table["decode_stack"]):
+        def __call__(self, x, pos):
+            steps.append(1)
+            return super().__call__(x, pos)
+    table["decode_stack"] = Counting
+    fused = table["decode_block"]
     table["decode_block"] = lambda *a: calls.append(1) or fused(*a)
-    seq, lp = m.generate(idx, 20, temperature=0, return_logprobs=True)
-    assert len(calls) == 19 * 3                                 # every decode step after the prompt, every layer
+    kw = [dict(temperature=0), dict(temperature=1.0, top_p=0.9, seed=5)]
+    got = [m.generate(idx, 20, return_logprobs=True, **k) for k in kw]
+    assert len(steps) == 2 * 19 and not calls                   # every decode step after the prompt, one call each
+    del table["decode_stack"]
+    per_layer = [m.generate(idx, 20, return_logprobs=True, **k) for k in kw]
+    assert len(calls) == 2 * 19 * 3                             # every decode step, every layer
     del table["decode_block"]
-    seq2, lp2 = m.generate(idx, 20, temperature=0, return_logprobs=True)
-    assert torch.equal(seq, seq2)
-    torch.testing.assert_close(lp, lp2, rtol=1e-5, atol=1e-5)
+    per_op = [m.generate(idx, 20, return_logprobs=True, **k) for k in kw]
+    for (seq, lp), (seq1, lp1), (seq2, lp2) in zip(got, per_layer, per_op):
+        assert torch.equal(seq, seq1) and torch.equal(lp, lp1)
+        assert torch.equal(seq, seq2)
+        torch.testing.assert_close(lp, lp2, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("B,H,Hkv,pos", [(1, 2, 1, 0), (3, 4, 2, 7), (2, 2, 2, 9)])
+def test_decode_stack_matches_decode_block(isa, rng, poisoned_alloc, B, H, Hkv, pos):
+    """DecodeStack over 3 layers = decode_block layer after layer, bit for bit: the output (x updated in place), every
+    layer's k/v at pos, nothing else of the caches; its scratch is poisoned."""
+    dim, F, T_max = 32, 40, 10
+    layers, caches = [], []
+    for _ in range(3):
+        _, cache, x, _, _, w, c = _decode_setup(rng, B, dim, H, Hkv, F, T_max, pos)
+        layers.append(w)
+        caches.append(cache)
+    model = GPT(c)
+    ks, vs = [cc.k[0] for cc in caches], [cc.v[0] for cc in caches]
+    k0, v0 = [t.clone() for t in ks], [t.clone() for t in vs]
+    cos, sin = model.rope_cos[pos:pos + 1].contiguous(), model.rope_sin[pos:pos + 1].contiguous()
+    with torch.no_grad():
+        want = x
+        for w, k, v in zip(layers, k0, v0):
+            want = ops.decode_block(want, *w, cos, sin, k, v, pos, H, Hkv, 1e-5)
+        stack = ops.DecodeStack(layers, ks, vs, model.rope_cos, model.rope_sin, B, H, Hkv, 1e-5)
+        xin = x.clone()
+        got = stack(xin, torch.tensor([pos]))
+    assert got is xin
+    assert torch.equal(got, want)
+    for k, v, kr, vr in zip(ks, vs, k0, v0):
+        assert torch.equal(k, kr) and torch.equal(v, vr)        # k0/v0 took decode_block's writes at pos
+
+
+def test_decode_stack_bad_input(rng):
+    B, dim, H, Hkv, F, T_max = 2, 32, 2, 2, 24, 8
+    _, cache, x, _, _, w, c = _decode_setup(rng, B, dim, H, Hkv, F, T_max, 3)
+    _, cache2, _, _, _, w2, _ = _decode_setup(rng, B, dim, H, Hkv, F + 8, T_max, 3)
+    model = GPT(c)
+    cs = (model.rope_cos, model.rope_sin)
+    k, v = cache.k[0], cache.v[0]
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="DecodeStack layer 1 k_cache: expected shape"):
+            ops.DecodeStack([w, w], [k, k[:, :, :1]], [v, v], *cs, B, H, Hkv)
+        with pytest.raises(ValueError, match="DecodeStack layer 1: shapes"):
+            ops.DecodeStack([w, w2], [k, cache2.k[0]], [v, cache2.v[0]], *cs, B, H, Hkv)
+        with pytest.raises(ValueError, match="DecodeStack layer 0: expected 9 weights"):
+            ops.DecodeStack([w[:8]], [k], [v], *cs, B, H, Hkv)
+        with pytest.raises(ValueError, match="non-empty lists of one length"):
+            ops.DecodeStack([w], [k, k], [v], *cs, B, H, Hkv)
+        with pytest.raises(ValueError, match="DecodeStack layer 0 wo"):
+            ops.DecodeStack([(*w[:4], w[4][:, :16].contiguous(), *w[5:])], [k], [v], *cs, B, H, Hkv)
+        with pytest.raises(ValueError, match="DecodeStack layer 0 k_cache"):
+            ops.DecodeStack([w], [k], [v], *cs, 3, H, Hkv)          # the batch is not the cache's
+        stack = ops.DecodeStack([w], [k], [v], *cs, B, H, Hkv)
+        with pytest.raises(ValueError, match="DecodeStack pos"):
+            stack(x.clone(), T_max)
+        with pytest.raises(ValueError, match="DecodeStack x: expected shape"):
+            stack(x[:1].clone(), 3)
+        kb, vb = k.clone(), v.clone()
+        stack(x.clone(), 3)                                         # a good call still works after the refusals
+        assert not torch.equal(k, kb) or not torch.equal(v, vb)
+    with pytest.raises(ValueError, match="DecodeStack x: it records no gradient"):
+        stack(x.clone().requires_grad_(), 3)
 
 
 def test_decode_block_bad_input(rng):
