@@ -623,8 +623,16 @@ static void mm_direct(const float* A, int lda, int trans_a, const float* B, int 
     }
 }
 
+// K block: the A micro-panel (kc, MR) need not stay in L1 on Zen 4 (its 14 floats a step come from L2 in order):
+// kc 1024 against 384 measured +0-4% per cell at 1 thread and up to +14% at 2 (bench_matmul_lab.py, the issue-3
+// and training-step shapes, session 25): fewer passes over C and fewer repacks of A. The AVX2 path keeps the 384
+// it was tuned with on its hosts (Zen 3; KC 256-512 within noise there).
 #ifndef MM_KC_MAX
+#if VLEN == 16
+#define MM_KC_MAX 1024
+#else
 #define MM_KC_MAX 384
+#endif
 #endif
 #ifndef MM_NC_MAX
 #define MM_NC_MAX 512
