@@ -502,8 +502,8 @@ static int mm_use_pairs(void) {
 // Packing scratch, kept per calling thread and grown on demand (64-byte aligned): no malloc or page faults per
 // call. Also the per-thread scratch of sampling (~3 V floats) and attention (up to 4 T*D floats), never nested
 // inside a GEMM (one user at a time). The GEMM's part is bounded by its block sizes: MM_A_FLOATS + threads *
-// MM_NC_MAX * MM_KC_MAX floats (~10 MiB). The buffer keeps its largest size until the thread exits
-// (a pthread key's destructor frees it: a server that starts and ends threads must not leak 10 MiB each).
+// MM_NC_MAX * MM_KC_MAX floats (8 MiB + 2 MiB a thread on avx512). The buffer keeps its largest size until the
+// thread exits (a pthread key's destructor frees it: a server that starts and ends threads must not leak it).
 static _Thread_local float* mm_scratch_buf;
 static _Thread_local size_t mm_scratch_cap;
 static pthread_key_t mm_scratch_key;
