@@ -107,6 +107,13 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
         self.mlp = MLP(c)
 
+    def kernel_weights(self) -> tuple:
+        """(w_in, wq, wk, wv, wo, w_post, wg, wu, wd): the layer's weights in the order ops.block,
+        ops.decode_block and ops.DecodeStack take them."""
+        a, m = self.self_attn, self.mlp
+        return (self.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
+                self.post_attention_layernorm.weight, m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)
+
     def forward(self, o: dict, x, cos, sin, doc_ids=None, cache: KVCache | None = None, layer: int = 0,
                 pos: int = 0):
         """x (B, T, C) whose first token sits at position `pos` (an int; with a cache, a (1,) int64 device tensor
@@ -117,18 +124,11 @@ class Block(nn.Module):
         H, Hkv, D = c.n_heads, c.n_kv_heads, c.head_dim
         a = self.self_attn
         if cache is None and "block" in o and x.dtype == torch.float32:   # pyllm on CPU: the same math, one node
-            m = self.mlp
-            return o["block"](x.contiguous(), self.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight,
-                              a.v_proj.weight, a.o_proj.weight, self.post_attention_layernorm.weight,
-                              m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight, cos, sin, doc_ids, H, Hkv,
-                              c.norm_eps)
+            return o["block"](x.contiguous(), *self.kernel_weights(), cos, sin, doc_ids, H, Hkv, c.norm_eps)
         if (isinstance(pos, torch.Tensor) and "decode_block" in o and x.dtype == torch.float32
                 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):   # CPU decode step
-            m = self.mlp
-            return o["decode_block"](x.contiguous(), self.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight,
-                                     a.v_proj.weight, a.o_proj.weight, self.post_attention_layernorm.weight,
-                                     m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight, cos, sin,
-                                     cache.k[layer], cache.v[layer], pos, H, Hkv, c.norm_eps)
+            return o["decode_block"](x.contiguous(), *self.kernel_weights(), cos, sin, cache.k[layer], cache.v[layer],
+                                     pos, H, Hkv, c.norm_eps)
         h = o["rmsnorm"](x, self.input_layernorm.weight, c.norm_eps)
         q = o["linear"](h, a.q_proj.weight).view(B, T, H, D)
         k = o["linear"](h, a.k_proj.weight).view(B, T, Hkv, D)
@@ -447,15 +447,9 @@ class _DecodeRunner:
         if ("decode_stack" not in o or tok.device.type != "cpu" or p.dtype != torch.float32
                 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
             return None
-        layers = []
-        for blk in model.layers:
-            a, m = blk.self_attn, blk.mlp
-            layers.append((blk.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
-                           a.o_proj.weight, blk.post_attention_layernorm.weight, m.gate_proj.weight,
-                           m.up_proj.weight, m.down_proj.weight))
         c = model.config
-        return o["decode_stack"](layers, cache.k, cache.v, model.rope_cos, model.rope_sin, cache.k[0].shape[0],
-                                 c.n_heads, c.n_kv_heads, c.norm_eps)
+        return o["decode_stack"]([blk.kernel_weights() for blk in model.layers], cache.k, cache.v, model.rope_cos,
+                                 model.rope_sin, cache.k[0].shape[0], c.n_heads, c.n_kv_heads, c.norm_eps)
 
     def __call__(self, tok: torch.Tensor) -> torch.Tensor:
         """tok (B, 1) -> logits (B, V) of the next position (the graph's output buffer: read it before the next
