@@ -984,14 +984,15 @@ class DecodeStack:
         if rope_cos.dim() != 2:
             raise ValueError(f"DecodeStack rope_cos: expected (T, D/2), got {tuple(rope_cos.shape)}")
         B = check_int(B, "DecodeStack B", 1)
+        for i, w in enumerate(layers):
+            if len(w) != 9:
+                raise ValueError(f"DecodeStack layer {i}: expected 9 weights, got {len(w)}")
         w_in0 = check(layers[0][0], "DecodeStack layer 0 w_in")
         if w_in0.dim() != 1 or w_in0.numel() == 0:
             raise ValueError(f"DecodeStack layer 0 w_in: expected a non-empty (C) tensor, got {tuple(w_in0.shape)}")
         x0 = torch.empty(B, 1, w_in0.shape[0])
         self.layers, self.dims = [], None
         for i, (w, kc, vc) in enumerate(zip(layers, k_caches, v_caches)):
-            if len(w) != 9:
-                raise ValueError(f"DecodeStack layer {i}: expected 9 weights, got {len(w)}")
             dims = _decode_block_check(x0, *w, rope_cos[:1], rope_sin[:1], kc, vc, n_heads, n_kv_heads, eps,
                                        where=f"DecodeStack layer {i}")
             if self.dims is not None and dims != self.dims:

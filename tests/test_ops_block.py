@@ -372,6 +372,8 @@ def test_decode_stack_bad_input(rng):
             ops.DecodeStack([w, w2], [k, cache2.k[0]], [v, cache2.v[0]], *cs, B, H, Hkv)
         with pytest.raises(ValueError, match="DecodeStack layer 0: expected 9 weights"):
             ops.DecodeStack([w[:8]], [k], [v], *cs, B, H, Hkv)
+        with pytest.raises(ValueError, match="DecodeStack layer 0: expected 9 weights, got 0"):
+            ops.DecodeStack([()], [k], [v], *cs, B, H, Hkv)
         with pytest.raises(ValueError, match="non-empty lists of one length"):
             ops.DecodeStack([w], [k, k], [v], *cs, B, H, Hkv)
         with pytest.raises(ValueError, match="DecodeStack layer 0 wo"):
