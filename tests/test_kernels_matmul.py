@@ -90,8 +90,8 @@ def test_matmul_strided_ld_and_k0(isa, gemm_path, rng):
 # (37, 290, 45): N past the AMX driver's first 256-column chunk, so the emulated avx512 build
 # (tests/test_avx512_emu.py) runs its second chunk (every other shape had N <= 127: a driver that stopped after
 # the first chunk passed there).
-# (30, 70, 4611): three K blocks of the k-pair path (kc 1538, 1538, 1535 with MM_KC_MAX 1024: the last one odd),
-# and 5 or 12 blocks of the widening path (MM_KC_MAX 1024 on avx512, 384 elsewhere).
+# (30, 70, 4611): two K blocks of the k-pair path (kc 2306, 2305 with MM_KC_MAX 1024: the last one odd),
+# and 4 or 10 blocks of the widening path (MM_KC_MAX 1024 on avx512, 384 elsewhere; a block may stretch to 5/4 of it).
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (17, 127, 3), (127, 33, 1000), (65, 40, 257), (37, 290, 45),
                                    (30, 70, 4611)])
 @pytest.mark.parametrize("ta,tb", [(0, 0), (1, 1), (0, 1)])
@@ -263,12 +263,12 @@ def test_matmul_small_m_boundary(isa, rng, M):
 
 
 # Shapes that cross the GEMM driver's blocking paths (impl_matmul.h): K split into several blocks (K > MM_KC_MAX:
-# 1024 on avx512, 384 elsewhere; 2100 is 3 or 6 blocks; the direct path's blocks are <= 384),
+# 1024 on avx512, 384 elsewhere, stretched by up to 1/4: 2100 is 2 or 5 blocks; the direct path's are <= 384),
 # several B blocks (N > 512) dealt out to threads from a shared counter, threads splitting the A panels instead
-# (N <= 512, or >= 1024 rows per thread), A in several row chunks (M * kc > 2M floats), M just above the small-M
-# path, and M % 14 / N % 32 leftovers; on 1, 2 and 3 threads (3: a count that divides no block count), with bias
-# and accumulate.
-@pytest.mark.parametrize("M,N,K", [(70, 1100, 800), (5, 33, 1000), (5500, 37, 384), (3100, 600, 400), (29, 64, 9),
+# (N <= 512, or >= 1024 rows per thread), A in row chunks (M * kc > 2.5M floats: 7001 rows at kc 384 are chunks of
+# 3514 and 3487), M just above the small-M path, and M % 14 / N % 32 leftovers; on 1, 2 and 3 threads (3: a count
+# that divides no block count), with bias and accumulate.
+@pytest.mark.parametrize("M,N,K", [(70, 1100, 800), (5, 33, 1000), (7001, 37, 384), (3100, 600, 400), (29, 64, 9),
                                    (37, 200, 2100)])
 @pytest.mark.parametrize("ta,tb", [(0, 0), (0, 1), (1, 1)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -291,11 +291,11 @@ def test_matmul_blocking_paths(isa, gemm_path, rng, M, N, K, ta, tb, threads):
 
 
 def test_matmul_row_chunks_on_two_threads(rng, monkeypatch):
-    """The packed driver with A in two row chunks (M * kc > 2M floats) on 2 threads splitting the A panels: the
+    """The packed driver with A in two row chunks (M * kc > 2.5M floats) on 2 threads splitting the A panels: the
     second chunk is shorter, so its panels split at another row; the threads meet between chunks so that neither
     packs over a panel the other still reads."""
     monkeypatch.setenv("PYLLM_GEMM", "packed")
-    M, N, K = 5500, 600, 384  # kc 384: rows per chunk 2M / 384 = 5461 < M
+    M, N, K = 7001, 600, 384  # kc 384: up to 5/4 * 2M / 384 = 6826 rows per chunk: chunks of 3514 and 3487 rows
     a, b = _operands(rng, M, N, K, 0, 0)
     before = C().get_threads()
     C().set_threads(2)
@@ -310,12 +310,12 @@ def test_matmul_row_chunks_on_two_threads(rng, monkeypatch):
 @pytest.mark.parametrize("threads", [2, 3])
 def test_matmul_threads_own_a_panels(isa, rng, monkeypatch, threads):
     """The packed driver's threads each pack their own A panels and never wait for one another within a product.
-    K = 2500 is three K blocks of 834, 834 and 832 (MM_KC_MAX 1024 on avx512; seven of 358..352 with 384): a
+    K = 2501 is two K blocks of 1251 and 1250 (MM_KC_MAX 1024 on avx512; six of 417..416 with 384): a
     thread that reaches the shorter last block first must not pack over a panel that a slower thread still reads
     (panels sit at the longest block's stride). Repeated, because a race shows only in some calls. N = 300 is one
     B block, so the threads split A (4 panels each of 12 on 3 threads)."""
     monkeypatch.setenv("PYLLM_GEMM", "packed")
-    M, N, K = 70, 300, 2500
+    M, N, K = 70, 300, 2501
     before = C().get_threads()
     C().set_threads(threads)
     try:

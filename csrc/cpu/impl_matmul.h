@@ -709,7 +709,10 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
     // dp: bf16 k-pair panels and the vdpbf16ps micro-kernel; K blocks of an even length (so a block starts on a
     // pair) and twice as long: a k-pair panel holds two k per 32-bit element, the same bytes per block as fp32's
     const int dp = bf16 && mm_use_pairs(), kc_max = dp ? 2 * MM_KC_MAX : MM_KC_MAX;
-    const int nkb = (K + kc_max - 1) / kc_max;                                      // K blocks, balanced
+    // K blocks, balanced; one may stretch to 5/4 of the limit where that saves a block: each block is another pass
+    // over C and a repack of both operands (dX of the step's QKV, K = 1152: one block of 1152, not two of 576,
+    // +2.5% alone; session 26).
+    const int nkb = (K + kc_max * 5 / 4 - 1) / (kc_max * 5 / 4);
     const int kcm = dp ? ((K + nkb - 1) / nkb + 1) / 2 * 2 : (K + nkb - 1) / nkb;
     const int kwm = dp ? kcm / 2 : kcm;                                             // rows of the largest panel
     const int npn = (N + MM_NR - 1) / MM_NR;                                        // B panels in all
@@ -723,8 +726,14 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
     }
     const int bpp = (npn + nb - 1) / nb;                                            // panels per B block
     nb = (npn + bpp - 1) / bpp;
-    long mc = MM_A_FLOATS / kwm / MM_MR * MM_MR;                                    // rows per A chunk
+    // Rows per A chunk: about MM_A_FLOATS of packed A, the chunks balanced, the limit stretched by up to a quarter
+    // where that saves a chunk. Every chunk repacks all of B: with the hard limit, M = 2048 at kc = 1024 was chunks
+    // of 2044 and 4 rows, the second repacking B for a 4-row panel (the step's K >= 2048 products with M = 2048,
+    // 1 thread, as one chunk: +1.5-3% alone, -2% per shape in the step's --kernels profile; session 26).
+    long mc = MM_A_FLOATS / kwm;
     if (mc < MM_MR) mc = MM_MR;
+    const long nch_want = (M + mc * 5 / 4 - 1) / (mc * 5 / 4);
+    mc = ((M + nch_want - 1) / nch_want + MM_MR - 1) / MM_MR * MM_MR;              // rows per A chunk
     if (mc > M) mc = M;
     const int mpc = (int)((mc + MM_MR - 1) / MM_MR);                                // A panels per chunk
     const int nch = (int)((M + mc - 1) / mc);                                        // A chunks
