@@ -126,11 +126,16 @@ def step_rows(th, rounds, steps, peak):
 
     def med(k):
         return statistics.median(tps[k])
+
+    def spread(a, b):  # the per-round ratios' range: torch's own step moves ~5% between processes on a shared VM
+        rs = [x / y for x, y in zip(tps[a], tps[b])]
+        return f" (rounds {min(rs):.2f}–{max(rs):.2f})" if len(rs) > 1 else ""
     fpt = step_flops_per_token()
-    rows = [("training step", "pyllm fp32 vs torch eager fp32", th, f"{med('pyllm'):.0f} tok/s",
-             f"{med('torch'):.0f} tok/s", ratio("pyllm", "torch"), 1.3, f"{100 * med('pyllm') * fpt / 1e9 / peak:.0f}% FMA"),
-            ("training step", "pyllm bf16 GEMMs vs torch eager fp32", th, f"{med('pyllm_bf16'):.0f} tok/s",
-             f"{med('torch'):.0f} tok/s", ratio("pyllm_bf16", "torch"), 2.0, "-"),
+    rows = [("training step", "pyllm fp32 vs torch eager fp32" + spread("pyllm", "torch"), th,
+             f"{med('pyllm'):.0f} tok/s", f"{med('torch'):.0f} tok/s", ratio("pyllm", "torch"), 1.3,
+             f"{100 * med('pyllm') * fpt / 1e9 / peak:.0f}% FMA"),
+            ("training step", "pyllm bf16 GEMMs vs torch eager fp32" + spread("pyllm_bf16", "torch"), th,
+             f"{med('pyllm_bf16'):.0f} tok/s", f"{med('torch'):.0f} tok/s", ratio("pyllm_bf16", "torch"), 2.0, "-"),
             ("training step", "pyllm bf16 GEMMs vs torch bf16 autocast", th, f"{med('pyllm_bf16'):.0f} tok/s",
              f"{med('torch_bf16'):.0f} tok/s", med("pyllm_bf16") / med("torch_bf16"), 0.0, "-")]
     for row in rows:
