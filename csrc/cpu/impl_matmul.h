@@ -668,6 +668,13 @@ static int mm_use_direct(int M, int N, int K, int lda, int trans_b, int ldb) {
     return 2.0 * M * N * K <= MM_DIRECT_FLOPS && K <= 1024 && lda % 1024 && (!trans_b || ldb % 1024);
 }
 
+// How many blocks of about `limit` cover n: a block may stretch to 5/4 of the limit where that saves one, since
+// each block of K or chunk of A costs a whole pass (over C, or repacking B) whatever its size.
+static inline long mm_blocks(long n, long limit) {
+    const long stretched = limit + limit / 4;
+    return (n + stretched - 1) / stretched;
+}
+
 // The shared driver: A and B are fp32, or bf16 (bf16 = 1) converted to fp32 while packing.
 // Loops (BLIS, with the operand roles swapped because B is the vector-loaded operand here):
 //   A chunk (<= MM_A_FLOATS rows*kc) -> K block kc (K split evenly, <= MM_KC_MAX) -> pack the A chunk
@@ -709,10 +716,9 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
     // dp: bf16 k-pair panels and the vdpbf16ps micro-kernel; K blocks of an even length (so a block starts on a
     // pair) and twice as long: a k-pair panel holds two k per 32-bit element, the same bytes per block as fp32's
     const int dp = bf16 && mm_use_pairs(), kc_max = dp ? 2 * MM_KC_MAX : MM_KC_MAX;
-    // K blocks, balanced; one may stretch to 5/4 of the limit where that saves a block: each block is another pass
-    // over C and a repack of both operands (dX of the step's QKV, K = 1152: one block of 1152, not two of 576,
-    // +2.5% alone; session 26).
-    const int nkb = (K + kc_max * 5 / 4 - 1) / (kc_max * 5 / 4);
+    // K blocks, balanced: each is another pass over C and a repack of both operands (dX of the step's QKV,
+    // K = 1152: one block of 1152, not two of 576, +2.5% alone; session 26).
+    const int nkb = (int)mm_blocks(K, kc_max);
     const int kcm = dp ? ((K + nkb - 1) / nkb + 1) / 2 * 2 : (K + nkb - 1) / nkb;
     const int kwm = dp ? kcm / 2 : kcm;                                             // rows of the largest panel
     const int npn = (N + MM_NR - 1) / MM_NR;                                        // B panels in all
@@ -726,14 +732,12 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
     }
     const int bpp = (npn + nb - 1) / nb;                                            // panels per B block
     nb = (npn + bpp - 1) / bpp;
-    // Rows per A chunk: about MM_A_FLOATS of packed A, the chunks balanced, the limit stretched by up to a quarter
-    // where that saves a chunk. Every chunk repacks all of B: with the hard limit, M = 2048 at kc = 1024 was chunks
-    // of 2044 and 4 rows, the second repacking B for a 4-row panel (the step's K >= 2048 products with M = 2048,
-    // 1 thread, as one chunk: +1.5-3% alone, -2% per shape in the step's --kernels profile; session 26).
-    long mc = MM_A_FLOATS / kwm;
-    if (mc < MM_MR) mc = MM_MR;
-    const long nch_want = (M + mc * 5 / 4 - 1) / (mc * 5 / 4);
-    mc = ((M + nch_want - 1) / nch_want + MM_MR - 1) / MM_MR * MM_MR;              // rows per A chunk
+    // Rows per A chunk: about MM_A_FLOATS of packed A, the chunks balanced. Every chunk repacks all of B: with a
+    // hard limit, M = 2048 at kc = 1024 was chunks of 2044 and 4 rows, the second repacking B for a 4-row panel (the
+    // step's K >= 2048 products with M = 2048, 1 thread, as one chunk: +1.5-3% alone, -2% per shape in the step's
+    // --kernels profile; session 26).
+    const long mc_max = MM_A_FLOATS / kwm > MM_MR ? MM_A_FLOATS / kwm : MM_MR, nch_want = mm_blocks(M, mc_max);
+    long mc = ((M + nch_want - 1) / nch_want + MM_MR - 1) / MM_MR * MM_MR;         // rows per A chunk
     if (mc > M) mc = M;
     const int mpc = (int)((mc + MM_MR - 1) / MM_MR);                                // A panels per chunk
     const int nch = (int)((M + mc - 1) / mc);                                        // A chunks
