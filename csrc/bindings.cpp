@@ -39,6 +39,19 @@ struct kernel_oom : std::bad_alloc {
         if (kernels_oom_count() != oom0_) throw kernel_oom(#kernel); \
     } while (0)
 
+// Attention's optional layout: row strides of q and of k/v (0 = contiguous, else at least H*D / Hkv*D) and the
+// RoPE tables, both or neither (D even to rotate).
+static void check_attention_layout(const char* fn, int H, int Hkv, int D, long ldq, long ldkv, uintptr_t cos,
+                                   uintptr_t sin) {
+    const std::string f(fn);
+    if (ldq < 0 || (ldq && ldq < (long)H * D))
+        throw std::invalid_argument(f + ": q row stride " + std::to_string(ldq) + " must be 0 or >= H*D");
+    if (ldkv < 0 || (ldkv && ldkv < (long)Hkv * D))
+        throw std::invalid_argument(f + ": k/v row stride " + std::to_string(ldkv) + " must be 0 or >= Hkv*D");
+    if ((cos == 0) != (sin == 0)) throw std::invalid_argument(f + ": cos and sin go together");
+    if (cos && D % 2) throw std::invalid_argument(f + ": RoPE needs an even head dim, got " + std::to_string(D));
+}
+
 #ifdef PYLLM_WITH_CUDA
 #include "cuda/kernels_cuda.h"  // declares pyllm_cuda_device_count and the CUDA kernels' C API
 #endif
@@ -235,33 +248,42 @@ PYBIND11_MODULE(_C, m) {
 
     // --- attention (csrc/cpu/impl_attention.h) --------------------------------------------------------------
     m.def("attention_forward", [](uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v,
-                                   uintptr_t doc_ids, int B, int T, int H, int Hkv, int D) {
+                                   uintptr_t doc_ids, int B, int T, int H, int Hkv, int D, long ldq, long ldkv,
+                                   uintptr_t cos, uintptr_t sin) {
         CHECK_PTR(out); CHECK_PTR(lse); CHECK_PTR(q); CHECK_PTR(k); CHECK_PTR(v);
         CHECK_POS(B); CHECK_POS(T); CHECK_POS(H); CHECK_POS(Hkv); CHECK_POS(D);
         if (H % Hkv != 0) throw std::invalid_argument("attention_forward: H must be a multiple of Hkv");
         if (D > 256) throw std::invalid_argument("attention_forward: head dim D must be <= 256");
+        check_attention_layout("attention_forward", H, Hkv, D, ldq, ldkv, cos, sin);
         attention_params p{P<float>(out), P<float>(lse), P<const float>(q), P<const float>(k), P<const float>(v),
-                           P<const int32_t>(doc_ids), B, T, H, Hkv, D};
+                           P<const int32_t>(doc_ids), B, T, H, Hkv, D, ldq, ldkv, P<const float>(cos),
+                           P<const float>(sin)};
         py::gil_scoped_release nogil;
         KCALL(attention_forward, &p);
     }, py::arg("out"), py::arg("lse"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("doc_ids"), py::arg("B"),
-       py::arg("T"), py::arg("H"), py::arg("Hkv"), py::arg("D"));
+       py::arg("T"), py::arg("H"), py::arg("Hkv"), py::arg("D"), py::arg("ldq") = 0, py::arg("ldkv") = 0,
+       py::arg("cos") = 0, py::arg("sin") = 0);
     m.def("attention_backward", [](uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t dout, uintptr_t out,
                                     uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t doc_ids,
-                                    int B, int T, int H, int Hkv, int D) {
+                                    int B, int T, int H, int Hkv, int D, long ldq, long ldkv, uintptr_t cos,
+                                    uintptr_t sin, long ld_dq, long ld_dkv) {
         CHECK_PTR(dq); CHECK_PTR(dk); CHECK_PTR(dv); CHECK_PTR(dout); CHECK_PTR(out); CHECK_PTR(lse);
         CHECK_PTR(q); CHECK_PTR(k); CHECK_PTR(v);
         CHECK_POS(B); CHECK_POS(T); CHECK_POS(H); CHECK_POS(Hkv); CHECK_POS(D);
         if (H % Hkv != 0) throw std::invalid_argument("attention_backward: H must be a multiple of Hkv");
         if (D > 256) throw std::invalid_argument("attention_backward: head dim D must be <= 256");
+        check_attention_layout("attention_backward", H, Hkv, D, ldq, ldkv, cos, sin);
+        check_attention_layout("attention_backward", H, Hkv, D, ld_dq, ld_dkv, 0, 0);
         attention_backward_params p{P<float>(dq), P<float>(dk), P<float>(dv), P<const float>(dout),
                                     P<const float>(out), P<const float>(lse), P<const float>(q), P<const float>(k),
-                                    P<const float>(v), P<const int32_t>(doc_ids), B, T, H, Hkv, D};
+                                    P<const float>(v), P<const int32_t>(doc_ids), B, T, H, Hkv, D, ldq, ldkv,
+                                    P<const float>(cos), P<const float>(sin), ld_dq, ld_dkv};
         py::gil_scoped_release nogil;
         KCALL(attention_backward, &p);
     }, py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("dout"), py::arg("out"), py::arg("lse"), py::arg("q"),
        py::arg("k"), py::arg("v"), py::arg("doc_ids"), py::arg("B"), py::arg("T"), py::arg("H"), py::arg("Hkv"),
-       py::arg("D"));
+       py::arg("D"), py::arg("ldq") = 0, py::arg("ldkv") = 0, py::arg("cos") = 0, py::arg("sin") = 0,
+       py::arg("ld_dq") = 0, py::arg("ld_dkv") = 0);
     m.def("decode_attention", [](uintptr_t out, uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, long ld_b,
                                   long ld_t, int B, int H, int Hkv, int D, int n_ctx) {
         CHECK_PTR(out); CHECK_PTR(q); CHECK_PTR(k_cache); CHECK_PTR(v_cache);

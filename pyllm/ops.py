@@ -721,7 +721,9 @@ class _Block(torch.autograd.Function):
     per layer instead of ~16 (the per-op path's Python/autograd glue was ~14 ms of a 70 ms Tiny Shakespeare step),
     q|k|v and gate|up as one GEMM each over the concatenated weights (the model's parameters are unchanged; the
     concatenation is a ~0.2 MB copy per call), the residual adds folded into the GEMM (accumulate) and RMSNorm's
-    backward (dres), and no gradient sums: dX of q, k, v is one GEMM with K = (H + 2 Hkv) D."""
+    backward (dres), and no gradient sums: dX of q, k, v is one GEMM with K = (H + 2 Hkv) D. The attention kernels
+    read q, k, v in place in that GEMM's output and rotate q, k (RoPE) as they read them, and write the pre-RoPE
+    dq, dk, dv into the dX GEMM's input: no rope pass, no q/k/v copies (~1% of the issue-3 step, session 27)."""
 
     @staticmethod
     def forward(ctx, x, w_in, wq, wk, wv, wo, w_post, wg, wu, wd, cos, sin, doc_ids, H, Hkv, eps):
@@ -741,13 +743,11 @@ class _Block(torch.autograd.Function):
         # are saved in place of their fp32 originals (h1, h2, s and the weights are read by GEMMs only)
         h1, wqkv = cv(h1), cv(torch.cat((wq, wk, wv)))                      # (M, C), (N3, C)
         qkv = mm(h1, wqkv, M, N3, Cm)                                       # (M, N3) = [q | k | v] per row
-        q, k = empty(B, T, H, D), empty(B, T, Hkv, D)
-        k_.rope_forward(ptr(q), ptr(qkv), ptr(cos), ptr(sin), B, T, H, D, 0, N3, 0)
-        k_.rope_forward(ptr(k), qkv.data_ptr() + 4 * HD, ptr(cos), ptr(sin), B, T, Hkv, D, 0, N3, 0)
-        v = empty(B, T, Hkv, D)
-        v.view(M, KD).copy_(qkv[:, HD + KD:])
+        # attention reads q, k, v in place in qkv and rotates q, k (RoPE) as it reads them: no rope pass or copy
         y, lse = empty(B, T, H, D), torch.empty(B, H, T)
-        k_.attention_forward(ptr(y), ptr(lse), ptr(q), ptr(k), ptr(v), ptr(doc_ids), B, T, H, Hkv, D)
+        q0 = qkv.data_ptr()
+        k_.attention_forward(ptr(y), ptr(lse), q0, q0 + 4 * HD, q0 + 4 * (HD + KD), ptr(doc_ids), B, T, H, Hkv, D,
+                             N3, N3, ptr(cos), ptr(sin))
         y2d = cv(y.view(M, HD))                                             # y itself stays: attention's bwd
         wo = cv(wo)
         x2 = empty(M, Cm).copy_(x2d)                                        # x + y Woᵀ
@@ -761,7 +761,7 @@ class _Block(torch.autograd.Function):
         s, wd = cv(s), cv(wd)
         out = empty(M, Cm).copy_(x2)                                        # x2 + s Wdᵀ
         mm(s, wd, M, Cm, F, out=out, accumulate=True)
-        ctx.save_for_backward(x2d, h1, r1, q, k, v, y, y2d, lse, x2, h2, r2, gu, s, w_in, wqkv, wo, w_post, wgu,
+        ctx.save_for_backward(x2d, h1, r1, qkv, y, y2d, lse, x2, h2, r2, gu, s, w_in, wqkv, wo, w_post, wgu,
                               wd, cos, sin, doc_ids)
         ctx.dims = (B, T, Cm, H, Hkv, D, F)
         return out.view(B, T, Cm)
@@ -769,7 +769,7 @@ class _Block(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        (x2d, h1, r1, q, k, v, y, y2d, lse, x2, h2, r2, gu, s, w_in, wqkv, wo, w_post, wgu, wd, cos, sin,
+        (x2d, h1, r1, qkv, y, y2d, lse, x2, h2, r2, gu, s, w_in, wqkv, wo, w_post, wgu, wd, cos, sin,
          doc_ids) = ctx.saved_tensors
         B, T, Cm, H, Hkv, D, F = ctx.dims
         M, HD, KD = B * T, H * D, Hkv * D
@@ -796,13 +796,10 @@ class _Block(torch.autograd.Function):
         dx2c = cv(dx2)
         dwo = mm(dx2c, y2d, Cm, HD, M, trans_a=True, trans_b=True) if need[5] else None    # (C, HD)
         dy = mm(dx2c, wo, M, HD, Cm, trans_b=True)                         # (M, HD)
-        dq, dk, dv = empty(*q.shape), empty(*k.shape), empty(*v.shape)
-        k_.attention_backward(ptr(dq), ptr(dk), ptr(dv), ptr(dy), ptr(y), ptr(lse), ptr(q), ptr(k), ptr(v),
-                              ptr(doc_ids), B, T, H, Hkv, D)
         dqkv = empty(M, N3)                                                 # [dq | dk | dv] per row, pre-RoPE
-        k_.rope_forward(ptr(dqkv), ptr(dq), ptr(cos), ptr(sin), B, T, H, D, 1, 0, N3)
-        k_.rope_forward(dqkv.data_ptr() + 4 * HD, ptr(dk), ptr(cos), ptr(sin), B, T, Hkv, D, 1, 0, N3)
-        dqkv[:, HD + KD:].copy_(dv.view(M, KD))
+        q0, d0 = qkv.data_ptr(), dqkv.data_ptr()
+        k_.attention_backward(d0, d0 + 4 * HD, d0 + 4 * (HD + KD), ptr(dy), ptr(y), ptr(lse), q0, q0 + 4 * HD,
+                              q0 + 4 * (HD + KD), ptr(doc_ids), B, T, H, Hkv, D, N3, N3, ptr(cos), ptr(sin), N3, N3)
         dqkv = cv(dqkv)
         dwqkv = (mm(dqkv, h1, N3, Cm, M, trans_a=True, trans_b=True)        # (N3, C)
                  if (need[2] or need[3] or need[4]) else None)

@@ -121,6 +121,66 @@ def test_attention_kernels_write_every_element(isa, rng):
     assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
 
 
+# (B, T, H, Hkv, D, pad, docs): q, k, v read in place from one [q | k | v | pad] row per token, RoPE applied by the
+# kernels as they read q and k; D with a vector half (64, 128), a scalar one (6, 34: D/2 not a multiple of 8 / 16)
+@pytest.mark.parametrize("B,T,H,Hkv,D,pad,docs", [(1, 1, 1, 1, 2, 0, False), (2, 17, 4, 2, 6, 3, True),
+                                                  (1, 127, 2, 1, 64, 0, False), (2, 75, 4, 4, 34, 5, True),
+                                                  (1, 300, 2, 2, 64, 1, True), (1, 130, 2, 1, 128, 0, False)])
+def test_attention_rope_in_place_matches_ref(isa, rng, B, T, H, Hkv, D, pad, docs):
+    """The block op's layout: the kernels read pre-RoPE q, k, v from rows of a (B*T, N3 + pad) buffer, rotate q and
+    k (RoPE) as they read them, and write the pre-RoPE dq, dk, dv into such rows: equal to rope() then attention
+    with autograd through both; the pad columns of the gradient buffer are never written."""
+    HD, KD = H * D, Hkv * D
+    ld = HD + 2 * KD + pad
+    qkv = torch.randn(B * T, ld, generator=rng)
+    ang = torch.rand(T, D // 2, generator=rng) * 6.3
+    cos, sin = ang.cos().contiguous(), ang.sin().contiguous()
+    doc = random_docs(B, T, rng) if docs else None
+    p = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    q0 = qkv.data_ptr()
+    out, lse = poison(torch.empty(B, T, H, D)), poison(torch.empty(B, H, T))
+    C().attention_forward(p(out), p(lse), q0, q0 + 4 * HD, q0 + 4 * (HD + KD), p(doc), B, T, H, Hkv, D, ld, ld,
+                          p(cos), p(sin))
+    parts = [qkv[:, :HD], qkv[:, HD:HD + KD], qkv[:, HD + KD:HD + 2 * KD]]
+    qr, kr, vr = (t.clone().reshape(B, T, -1, D).requires_grad_() for t in parts)
+    out_ref = ref.attention(ref.rope(qr, cos, sin), ref.rope(kr, cos, sin), vr, doc)
+    torch.testing.assert_close(out, out_ref, **FWD_TOL)
+    torch.testing.assert_close(lse, ref.attention_lse(ref.rope(qr, cos, sin), ref.rope(kr, cos, sin), doc), **FWD_TOL)
+    dy = torch.randn(B, T, H, D, generator=rng)
+    out_ref.backward(dy)
+    dqkv = torch.full((B * T, ld), 7.0)
+    dqkv[:, :HD + 2 * KD] = float("nan")
+    d0 = dqkv.data_ptr()
+    C().attention_backward(d0, d0 + 4 * HD, d0 + 4 * (HD + KD), p(dy), p(out), p(lse), q0, q0 + 4 * HD,
+                           q0 + 4 * (HD + KD), p(doc), B, T, H, Hkv, D, ld, ld, p(cos), p(sin), ld, ld)
+    for name, a, r in (("dq", dqkv[:, :HD], qr), ("dk", dqkv[:, HD:HD + KD], kr),
+                       ("dv", dqkv[:, HD + KD:HD + 2 * KD], vr)):
+        torch.testing.assert_close(a.reshape(r.shape), r.grad, **GRAD_TOL, msg=lambda m: f"{name}: {m}")
+    assert bool((dqkv[:, HD + 2 * KD:] == 7.0).all())
+
+
+def test_attention_layout_rejects_bad_strides_and_tables(rng):
+    B, T, H, Hkv, D = 1, 4, 2, 1, 4
+    q, k, v = make_qkv(B, T, H, Hkv, D, rng)
+    out, lse = torch.empty_like(q), torch.empty(B, H, T)
+    cos = torch.ones(T, D // 2)
+    args = (out.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), 0, B, T, H, Hkv, D)
+    with pytest.raises(ValueError, match="q row stride"):
+        C().attention_forward(*args, H * D - 1, 0)
+    with pytest.raises(ValueError, match="k/v row stride"):
+        C().attention_forward(*args, 0, -1)
+    with pytest.raises(ValueError, match="cos and sin go together"):
+        C().attention_forward(*args, 0, 0, cos.data_ptr(), 0)
+    with pytest.raises(ValueError, match="even head dim"):
+        C().attention_forward(out.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), 0, B, T, H,
+                              Hkv, 3, 0, 0, cos.data_ptr(), cos.data_ptr())
+    dq = torch.empty_like(q)
+    with pytest.raises(ValueError, match="k/v row stride"):
+        C().attention_backward(dq.data_ptr(), dq.data_ptr(), dq.data_ptr(), out.data_ptr(), out.data_ptr(),
+                               lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), 0, B, T, H, Hkv, D, 0, 0, 0, 0,
+                               0, Hkv * D - 1)
+
+
 def test_attention_reference_gradcheck_float64(rng):
     # The kernel is fp32; check the reference's autograd (what the kernel backward is compared to) in float64.
     q, k, v = (t.requires_grad_() for t in make_qkv(1, 6, 4, 2, 3, rng, torch.float64))

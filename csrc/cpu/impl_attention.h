@@ -2,7 +2,9 @@
 // attention over a KV cache. Included by kernels_impl.h; KFN() names the per-path symbol. Tested by
 // tests/test_kernels_attention.py, timed by benchmarks/bench_attention.py.
 //
-// Layout: q (B, T, H, D), k/v (B, T, Hkv, D) row-major; query head h reads kv head h / (H / Hkv).
+// Layout: q (B, T, H, D), k/v (B, T, Hkv, D) row-major, rows ldq / ldkv apart (the block op: q, k, v read in
+// place from its [q | k | v] GEMM output, RoPE applied as they are read: att_copy_rows); query head h reads kv
+// head h / (H / Hkv).
 // Work goes in tiles of ATT_BR queries x ATT_BC keys. The scores of one tile are kept TRANSPOSED, S^T (BC, BR),
 // so the softmax runs along contiguous query vectors and K/V rows serve as the broadcast operand of att_mm: no
 // per-tile transpose. K and V are first copied into contiguous zero-padded (T, Dp) panels per kv head: read in
@@ -301,13 +303,33 @@ static void att_transpose(float* dst, const float* src, long ld, int Mq, int D, 
     }
 }
 
-// Rows of a (., D) view ld apart copied into a contiguous (n, Dp) buffer, zero-padded past D.
-static void att_pad_rows(float* dst, const float* src, long ld, int n, int D, int Dp) {
+// n rows of a (., D) view ld apart -> rows ldd apart, D values each and zeros in [D, Dp) (Dp = D: none). cs/sn
+// (T, D/2) non-NULL: row r is rotated as RoPE rotates position t0 + r (rotate-half; sg = -1: by -angle, the
+// backward), so the block op's q and k need no RoPE pass of their own: the kernels read the pre-RoPE GEMM output
+// and write the pre-RoPE gradients (the issue-3 step: 24 rope calls, ~12 ms of a 1.9 s step, gone).
+static void att_copy_rows(float* dst, long ldd, int Dp, const float* src, long ld, int n, int D, const float* cs,
+                          const float* sn, int t0, float sg) {
+    const int h2 = D / 2;
     for (int r = 0; r < n; r++) {
-        float* o = dst + (long)r * Dp;
+        float* o = dst + (long)r * ldd;
         const float* x = src + r * ld;
         for (int d = 0; d < D; d += 16) __builtin_prefetch(x + 8 * ld + d);  // rows ~a page apart: no HW prefetch
         int d = 0;
+        if (cs) {
+            const float* c = cs + (size_t)(t0 + r) * h2;  // (D/2)
+            const float* s = sn + (size_t)(t0 + r) * h2;  // (D/2)
+            for (; d + VLEN <= h2; d += VLEN) {
+                const vf x1 = vf_load(x + d), x2 = vf_load(x + h2 + d), vc = vf_load(c + d), vs = vf_load(s + d) * sg;
+                vf_store(o + d, x1 * vc - x2 * vs);
+                vf_store(o + h2 + d, x2 * vc + x1 * vs);
+            }
+            for (; d < h2; d++) {
+                const float x1 = x[d], x2 = x[h2 + d], sv = s[d] * sg;
+                o[d] = x1 * c[d] - x2 * sv;
+                o[h2 + d] = x2 * c[d] + x1 * sv;
+            }
+            d = D;
+        }
         for (; d + VLEN <= D; d += VLEN) vf_store(o + d, vf_load(x + d));
         for (; d < D; d++) o[d] = x[d];
         for (; d < Dp; d++) o[d] = 0.f;
@@ -318,18 +340,19 @@ void KFN(attention_forward)(const attention_params* p) {
     const int B = p->B, T = p->T, H = p->H, D = p->D, G = p->H / p->Hkv;
     const int Dp = (D + VLEN - 1) / VLEN * VLEN;
     const int nb = (T + ATT_BR - 1) / ATT_BR;
-    const long ldq = (long)H * D, ldk = (long)p->Hkv * D;
+    const long ldq = p->ldq ? p->ldq : (long)H * D, ldk = p->ldkv ? p->ldkv : (long)p->Hkv * D, ldo = (long)H * D;
     const float scale2 = 1.4426950408889634f / sqrtf((float)D);  // scores in log2 units
     const long items = (long)B * H * nb;
     #pragma omp parallel if (items > 1 && (long)T * T * D * B * H > 200000)
     {
-        // per-thread scratch: Q^T (D, BR), S^T/P^T (BC, BR), O (BR, Dp), and K, V (T, Dp) of kv head `packed`
-        // (mm_scratch: reused across calls, no page faults on megabytes of fresh memory per call)
-        float* Qt = mm_scratch((size_t)D * ATT_BR + ATT_BC * ATT_BR + (size_t)ATT_BR * Dp + 2 * (size_t)T * Dp);
+        // per-thread scratch: Q^T (D, BR), S^T/P^T (BC, BR), O (BR, Dp), rotated Q rows (BR, Dp), and K, V (T, Dp)
+        // of kv head `packed` (mm_scratch: reused across calls, no page faults on megabytes of fresh memory per call)
+        float* Qt = mm_scratch((size_t)D * ATT_BR + ATT_BC * ATT_BR + 2 * (size_t)ATT_BR * Dp + 2 * (size_t)T * Dp);
         if (!Qt) kernels_oom_note();
         float* ST = Qt + (size_t)D * ATT_BR;
         float* O = ST + ATT_BC * ATT_BR;
-        float* Kall = O + (size_t)ATT_BR * Dp;
+        float* Qr = O + (size_t)ATT_BR * Dp;
+        float* Kall = Qr + (size_t)ATT_BR * Dp;
         float* Vall = Kall + (size_t)T * Dp;
         long packed = -1;  // b * Hkv + kv head held in Kall/Vall: items of one head come in a row, so few repacks
         float m[ATT_BR], l[ATT_BR], alpha[ATT_BR];
@@ -344,10 +367,16 @@ void KFN(attention_forward)(const attention_params* p) {
             if (doc) att_doc_range(doc, i0, Mq, &qlo, &qhi);
             if (packed != (long)b * p->Hkv + hk) {
                 packed = (long)b * p->Hkv + hk;
-                att_pad_rows(Kall, p->k + (size_t)b * T * ldk + (size_t)hk * D, ldk, T, D, Dp);
-                att_pad_rows(Vall, p->v + (size_t)b * T * ldk + (size_t)hk * D, ldk, T, D, Dp);
+                att_copy_rows(Kall, Dp, Dp, p->k + (size_t)b * T * ldk + (size_t)hk * D, ldk, T, D, p->cos, p->sin, 0, 1.f);
+                att_copy_rows(Vall, Dp, Dp, p->v + (size_t)b * T * ldk + (size_t)hk * D, ldk, T, D, NULL, NULL, 0, 0.f);
             }
-            att_transpose(Qt, p->q + ((size_t)b * T + i0) * ldq + (size_t)h * D, ldq, Mq, D, scale2);
+            const float* q = p->q + ((size_t)b * T + i0) * ldq + (size_t)h * D;  // (Mq, D), rows ldq apart
+            if (p->cos) {  // rotated rows first, then the transpose
+                att_copy_rows(Qr, Dp, Dp, q, ldq, Mq, D, p->cos, p->sin, i0, 1.f);
+                att_transpose(Qt, Qr, Dp, Mq, D, scale2);
+            } else {
+                att_transpose(Qt, q, ldq, Mq, D, scale2);
+            }
             memset(O, 0, sizeof(float) * (size_t)ATT_BR * Dp);
             for (int r = 0; r < ATT_BR; r++) { m[r] = -INFINITY; l[r] = 0.f; }
             for (int kb = 0; kb * ATT_BC < i0 + Mq; kb++) {  // key tiles up to the diagonal
@@ -390,13 +419,13 @@ void KFN(attention_forward)(const attention_params* p) {
                     }
                 att_mm_colA(O, Dp, ST, ATT_BR, Vp, Dp, Mq, Dp, Nk, 1, ATT_TRI_KUPTO, i0 - j0);  // O += P V
             }
-            float* out = p->out + ((size_t)b * T + i0) * ldq + (size_t)h * D;  // (Mq, D), rows ldq apart
+            float* out = p->out + ((size_t)b * T + i0) * ldo + (size_t)h * D;  // (Mq, D), rows ldo apart
             float* lse = p->lse + ((size_t)b * H + h) * T + i0;                 // (Mq)
             for (int r = 0; r < Mq; r++) {  // vectors by hand: GCC kept the loop scalar (out may alias O)
                 const float inv = 1.0f / l[r];
                 int d = 0;
-                for (; d + VLEN <= D; d += VLEN) vf_store(out + r * ldq + d, vf_load(O + r * Dp + d) * inv);
-                for (; d < D; d++) out[r * ldq + d] = O[r * Dp + d] * inv;
+                for (; d + VLEN <= D; d += VLEN) vf_store(out + r * ldo + d, vf_load(O + r * Dp + d) * inv);
+                for (; d < D; d++) out[r * ldo + d] = O[r * Dp + d] * inv;
                 lse[r] = m[r] * 0.6931471805599453f + logf(l[r]);  // natural-log units
             }
         }
@@ -410,7 +439,8 @@ void KFN(attention_backward)(const attention_backward_params* p) {
     const int B = p->B, T = p->T, H = p->H, Hkv = p->Hkv, D = p->D, G = p->H / p->Hkv;
     const int Dp = (D + VLEN - 1) / VLEN * VLEN;
     const int nb = (T + ATT_BR - 1) / ATT_BR;
-    const long ldq = (long)H * D, ldk = (long)Hkv * D;
+    const long ldq = p->ldq ? p->ldq : (long)H * D, ldk = p->ldkv ? p->ldkv : (long)Hkv * D, ldo = (long)H * D;
+    const long lddq = p->ld_dq ? p->ld_dq : (long)H * D, lddk = p->ld_dkv ? p->ld_dkv : (long)Hkv * D;
     const float scale = 1.0f / sqrtf((float)D);
     const int items = B * Hkv;
     #pragma omp parallel if (items > 1 && (long)T * T * D * B * H > 200000)
@@ -438,21 +468,22 @@ void KFN(attention_backward)(const attention_backward_params* p) {
             const int b = it / Hkv, g = it % Hkv;
             const int32_t* doc = p->doc_ids ? p->doc_ids + (size_t)b * T : NULL;  // (T)
             memset(dKa, 0, sizeof(float) * 2 * (size_t)T * Dp);                     // dKa and dVa
-            att_pad_rows(Kall, p->k + (size_t)b * T * ldk + (size_t)g * D, ldk, T, D, Dp);
-            att_pad_rows(Vall, p->v + (size_t)b * T * ldk + (size_t)g * D, ldk, T, D, Dp);
+            att_copy_rows(Kall, Dp, Dp, p->k + (size_t)b * T * ldk + (size_t)g * D, ldk, T, D, p->cos, p->sin, 0, 1.f);
+            att_copy_rows(Vall, Dp, Dp, p->v + (size_t)b * T * ldk + (size_t)g * D, ldk, T, D, NULL, NULL, 0, 0.f);
             for (int h = g * G; h < (g + 1) * G; h++) {
                 for (int qb = 0; qb < nb; qb++) {
                     const int i0 = qb * ATT_BR, Mq = att_min(ATT_BR, T - i0);
-                    const size_t row0 = ((size_t)b * T + i0) * ldq + (size_t)h * D;
-                    const float* q = p->q + row0;        // (Mq, D), rows ldq apart (as are o, dO, dQ)
-                    const float* dO = p->dout + row0;
+                    const size_t row0 = ((size_t)b * T + i0) * ldo + (size_t)h * D;
+                    const float* q = p->q + ((size_t)b * T + i0) * ldq + (size_t)h * D;  // (Mq, D), rows ldq apart
+                    const float* dO = p->dout + row0;    // (Mq, D), rows ldo apart, as are o's
                     const float* o = p->out + row0;
                     int32_t qlo = 0, qhi = 0;
                     if (doc) att_doc_range(doc, i0, Mq, &qlo, &qhi);
-                    att_transpose(Qt, q, ldq, Mq, D, scale * 1.4426950408889634f);  // log2 units
-                    att_transpose(dOt, dO, ldq, Mq, D, 1.f);
-                    att_pad_rows(Qp, q, ldq, Mq, D, Dp);
-                    att_pad_rows(dOp, dO, ldq, Mq, D, Dp);
+                    // rows first (rotated where cos is given), then the transposes from them: one strided pass
+                    att_copy_rows(Qp, Dp, Dp, q, ldq, Mq, D, p->cos, p->sin, i0, 1.f);
+                    att_copy_rows(dOp, Dp, Dp, dO, ldo, Mq, D, NULL, NULL, 0, 0.f);
+                    att_transpose(Qt, Qp, Dp, Mq, D, scale * 1.4426950408889634f);  // log2 units
+                    att_transpose(dOt, dOp, Dp, Mq, D, 1.f);
                     const float* lse_src = p->lse + ((size_t)b * H + h) * T + i0;  // (Mq)
                     for (int r = 0; r < ATT_BR; r++) {
                         float di = 0.f;
@@ -460,9 +491,9 @@ void KFN(attention_backward)(const attention_backward_params* p) {
                             vf acc = vf_set1(0.f);  // in-order scalar sums were ~1% of the backward at T = 1024
                             int d = 0;
                             for (; d + VLEN <= D; d += VLEN)
-                                acc = vf_fma(vf_load(dO + r * ldq + d), vf_load(o + r * ldq + d), acc);
+                                acc = vf_fma(vf_load(dO + r * ldo + d), vf_load(o + r * ldo + d), acc);
                             di = vf_sum(acc);
-                            for (; d < D; d++) di += dO[r * ldq + d] * o[r * ldq + d];
+                            for (; d < D; d++) di += dO[r * ldo + d] * o[r * ldo + d];
                         }
                         Di[r] = di;  // rowsum(dO * O): the softmax-gradient correction of row r
                         lse[r] = r < Mq ? lse_src[r] * 1.4426950408889634f : 0.f;
@@ -490,16 +521,14 @@ void KFN(attention_backward)(const attention_backward_params* p) {
                         att_mm_rowA(dKa + (size_t)j0 * Dp, Dp, dST, ATT_BR, Qp, Dp, Nk, Dp, Mq, 1, ATT_TRI_KFROM, off, 0.f);  // dK += dS^T Q
                         att_mm_colA(dQa, Dp, dST, ATT_BR, Kp, Dp, Mq, Dp, Nk, 1, ATT_TRI_KUPTO, off);  // dQ += dS K
                     }
-                    float* dq = p->dq + row0;
-                    for (int r = 0; r < Mq; r++) memcpy(dq + r * ldq, dQa + (size_t)r * Dp, sizeof(float) * D);
+                    float* dq = p->dq + ((size_t)b * T + i0) * lddq + (size_t)h * D;  // (Mq, D), rows lddq apart
+                    att_copy_rows(dq, lddq, D, dQa, Dp, Mq, D, p->cos, p->sin, i0, -1.f);
                 }
             }
-            float* dk = p->dk + (size_t)b * T * ldk + (size_t)g * D;  // (T, D), rows ldk apart
-            float* dv = p->dv + (size_t)b * T * ldk + (size_t)g * D;
-            for (int t = 0; t < T; t++) {
-                memcpy(dk + t * ldk, dKa + (size_t)t * Dp, sizeof(float) * D);
-                memcpy(dv + t * ldk, dVa + (size_t)t * Dp, sizeof(float) * D);
-            }
+            float* dk = p->dk + (size_t)b * T * lddk + (size_t)g * D;  // (T, D), rows lddk apart
+            float* dv = p->dv + (size_t)b * T * lddk + (size_t)g * D;
+            att_copy_rows(dk, lddk, D, dKa, Dp, T, D, p->cos, p->sin, 0, -1.f);
+            att_copy_rows(dv, lddk, D, dVa, Dp, T, D, NULL, NULL, 0, 0.f);
         }
     }
 }

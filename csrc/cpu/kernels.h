@@ -180,6 +180,10 @@ typedef struct {
     const float* v;         // (B, T, Hkv, D)
     const int32_t* doc_ids; // (B, T) or NULL (plain causal)
     int B, T, H, Hkv, D;
+    // CPU only (the CUDA kernels take 0 / NULL): the block op passes its pre-RoPE [q | k | v] GEMM output as is
+    long ldq, ldkv;         // row stride per token (b, t) of q / of k and v, in floats; 0 = H*D / Hkv*D
+    const float* cos;       // (T, D/2) or NULL: q and k are rotated (RoPE, rotate-half) as the kernel reads them
+    const float* sin;       // (T, D/2)
 } attention_params;
 
 typedef struct {
@@ -194,6 +198,10 @@ typedef struct {
     const float* v;         // (B, T, Hkv, D)
     const int32_t* doc_ids; // (B, T) or NULL, as in the forward
     int B, T, H, Hkv, D;
+    long ldq, ldkv;         // as in attention_params (CPU only), for q and k, v
+    const float* cos;       // (T, D/2) or NULL, as in the forward: then dq, dk are the gradients of the
+    const float* sin;       // (T, D/2)   pre-RoPE q, k (rotated back by -angle as they are written)
+    long ld_dq, ld_dkv;     // row stride per token of dq / of dk and dv; 0 = H*D / Hkv*D
 } attention_backward_params;
 
 // One new query per sequence against a KV cache: out[b,h] = softmax(q[b,h] . K[b, :n_ctx, h/(H/Hkv)]^T / sqrt(D))
