@@ -315,19 +315,8 @@ static void att_copy_rows(float* dst, long ldd, int Dp, const float* src, long l
         const float* x = src + r * ld;
         for (int d = 0; d < D; d += 16) __builtin_prefetch(x + 8 * ld + d);  // rows ~a page apart: no HW prefetch
         int d = 0;
-        if (cs) {
-            const float* c = cs + (size_t)(t0 + r) * h2;  // (D/2)
-            const float* s = sn + (size_t)(t0 + r) * h2;  // (D/2)
-            for (; d + VLEN <= h2; d += VLEN) {
-                const vf x1 = vf_load(x + d), x2 = vf_load(x + h2 + d), vc = vf_load(c + d), vs = vf_load(s + d) * sg;
-                vf_store(o + d, x1 * vc - x2 * vs);
-                vf_store(o + h2 + d, x2 * vc + x1 * vs);
-            }
-            for (; d < h2; d++) {
-                const float x1 = x[d], x2 = x[h2 + d], sv = s[d] * sg;
-                o[d] = x1 * c[d] - x2 * sv;
-                o[h2 + d] = x2 * c[d] + x1 * sv;
-            }
+        if (cs) {  // impl_fused.h's rotation, (D/2) angles of position t0 + r
+            rope_row(o, x, cs + (size_t)(t0 + r) * h2, sn + (size_t)(t0 + r) * h2, D, sg);
             d = D;
         }
         for (; d + VLEN <= D; d += VLEN) vf_store(o + d, vf_load(x + d));

@@ -5,6 +5,23 @@
 // --- RoPE -------------------------------------------------------------------------------------------------
 // out = cat(x1*c - x2*s, x2*c + x1*s) with x1 = x[..., :D/2], x2 = x[..., D/2:]. The backward is the same
 // rotation by -angle (s -> -s), so one kernel serves both. out may alias x.
+// One head row: out (D) = x (D) rotated by the angles whose cos / sin are c, s (D/2), times sg (-1: backward).
+// Also the rotation of attention's q / k copies (impl_attention.h, att_copy_rows).
+static inline void rope_row(float* out, const float* x, const float* c, const float* s, int D, float sg) {
+    const int h2 = D / 2;
+    int i = 0;
+    for (; i + VLEN <= h2; i += VLEN) {
+        vf x1 = vf_load(x + i), x2 = vf_load(x + h2 + i), vc = vf_load(c + i), vs = vf_load(s + i) * sg;
+        vf_store(out + i, x1 * vc - x2 * vs);
+        vf_store(out + h2 + i, x2 * vc + x1 * vs);
+    }
+    for (; i < h2; i++) {
+        const float x1 = x[i], x2 = x[h2 + i], sv = s[i] * sg;
+        out[i] = x1 * c[i] - x2 * sv;
+        out[h2 + i] = x2 * c[i] + x1 * sv;
+    }
+}
+
 void KFN(rope_forward)(const rope_params* p) {
     const int T = p->T, H = p->H, D = p->D, h2 = D / 2;
     const long BT = (long)p->B * T;
@@ -17,21 +34,8 @@ void KFN(rope_forward)(const rope_params* p) {
         const int t = (int)(bt % T);
         const float* c = p->cos + (size_t)t * h2;  // (D/2)
         const float* s = p->sin + (size_t)t * h2;  // (D/2)
-        for (int h = 0; h < H; h++) {
-            const float* x = p->x + bt * ldx + (long)h * D;  // (D)
-            float* out = p->out + bt * ldo + (long)h * D;    // (D)
-            int i = 0;
-            for (; i + VLEN <= h2; i += VLEN) {
-                vf x1 = vf_load(x + i), x2 = vf_load(x + h2 + i), vc = vf_load(c + i), vs = vf_load(s + i) * sg;
-                vf_store(out + i, x1 * vc - x2 * vs);
-                vf_store(out + h2 + i, x2 * vc + x1 * vs);
-            }
-            for (; i < h2; i++) {
-                const float x1 = x[i], x2 = x[h2 + i], sv = s[i] * sg;
-                out[i] = x1 * c[i] - x2 * sv;
-                out[h2 + i] = x2 * c[i] + x1 * sv;
-            }
-        }
+        for (int h = 0; h < H; h++)
+            rope_row(p->out + bt * ldo + (long)h * D, p->x + bt * ldx + (long)h * D, c, s, D, sg);  // (D) each
     }
 }
 
