@@ -123,7 +123,8 @@ typedef struct {
     int B, T, H, D;       // D even
     int backward;         // 1: rotate by -angle (the gradient of the forward rotation)
     int ldx, ldo;         // row stride per token (b, t) of x / out in floats; 0 = H*D (contiguous). Lets the
-                          // block op read q, k from (and write dq, dk into) one fused (B*T, (H+2Hkv)*D) buffer
+                          // decode layer read q, k from its fused [q | k] buffer and write k into the KV cache
+                          // (the training block op rotates q, k inside attention instead: attention_params)
 } rope_params;
 
 typedef struct {
