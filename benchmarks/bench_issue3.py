@@ -174,15 +174,22 @@ def main(argv=None):
         floor = (f"threads={th}: fp32 FMA peak {peak:.0f} GFLOP/s" + (f", bf16 dot (vdpbf16ps) peak {dot_peak:.0f}"
                  if dot_peak else "") + f", copy bandwidth {bw:.1f} GB/s (measured now)")
         print(floor + "\n" + HEAD, flush=True)
-        rows = []
+        rows, peak0 = [], peak
+        # The FMA peak is read again before the attention and step rows and the best read so far used: a host busy
+        # for seconds reads it low (session 28: "104% FMA"), and a busy host only ever lowers a read.
         if "matmul" not in args.skip:
             rows += matmul_rows(th, peak, reps, ["fp32", "bf16"], dot_peak)
         if "attention" not in args.skip:
+            peak = max(peak, fma_peak_gflops(th))
             rows += attention_rows(th, peak, reps)
         if "sample" not in args.skip:
             rows += sample_rows(th, bw, max(reps, 5))
         if "step" not in args.skip:
+            peak = max(peak, fma_peak_gflops(th))
             rows += step_rows(th, rounds, steps, peak)
+        if peak > peak0:
+            floor += f"; FMA peak re-read later as {peak:.0f} GFLOP/s, used from then on"
+            print(f"threads={th}: FMA peak re-read as {peak:.0f} GFLOP/s (first read {peak0:.0f})", flush=True)
         met = sum(1 for r in rows if r[6] and r[5] >= r[6])
         total = sum(1 for r in rows if r[6])
         print(f"threads={th}: {met} of {total} targets met\n", flush=True)
