@@ -97,7 +97,7 @@ static inline int att_khi(int tri, int m, int R, int off, int K) {
         vf c[R][4];                                                                                          \
         for (int r = 0; r < R; r++)                                                                          \
             for (int j = J0; j < 4; j++) c[r][j] = acc ? vf_load(C + (m + r) * ldc + n + j * VLEN) : vf_set1(0.f); \
-        if (acc) /* the next register tile's C rows: see ATT_MM4J's comment */                               \
+        if (acc) /* the next register tile's C rows (acc: see the comment above) */                       \
             for (int r = 0; r < R; r++)                                                                      \
                 for (int j = 0; j < 4; j++)                                                                  \
                     _mm_prefetch((const char*)(C + (m + R + r) * ldc + n + j * VLEN), _MM_HINT_T0);          \
