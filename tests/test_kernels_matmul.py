@@ -22,14 +22,18 @@ def gemm_path(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["auto", "widen"])
+@pytest.fixture(params=["auto", "packed", "widen"])
 def bf16_path(request, monkeypatch):
-    """The bf16 GEMM without AMX: k-pair panels on vdpbf16ps where the CPU has AVX512_BF16 ("auto"), or bf16
-    widened to fp32 while packing and the fp32 micro-kernel (PYLLM_NO_BF16DP=1, and CPUs without it)."""
-    if request.param == "auto":
-        monkeypatch.delenv("PYLLM_NO_BF16DP", raising=False)
-    else:
+    """The bf16 GEMM without AMX: k-pair panels on vdpbf16ps where the CPU has AVX512_BF16 ("auto": a row-major A
+    of even K is read in place, its edge panel packed; "packed": PYLLM_GEMM=packed packs A too), or bf16 widened
+    to fp32 while packing and the fp32 micro-kernel (PYLLM_NO_BF16DP=1, and CPUs without it)."""
+    monkeypatch.delenv("PYLLM_GEMM", raising=False)
+    if request.param == "widen":
         monkeypatch.setenv("PYLLM_NO_BF16DP", "1")
+    else:
+        monkeypatch.delenv("PYLLM_NO_BF16DP", raising=False)
+        if request.param == "packed":
+            monkeypatch.setenv("PYLLM_GEMM", "packed")
     return request.param
 
 
@@ -105,6 +109,41 @@ def test_matmul_bf16(isa, bf16_path, rng, M, N, K, ta, tb):
     # And vs the fp32 inputs before rounding to bf16: bf16 tolerance.
     if not (ta or tb):
         torch.testing.assert_close(ops.matmul_bf16(a, b), ref.matmul_bf16(a, b), **_tol(K))
+
+
+# The k-pair GEMM's A read in place (row-major A, even K): full 14-row tiles from A's rows, the edge tile (M % 14)
+# packed; threads splitting B blocks (75 x 1100: every thread reads the one shared edge panel) or A panels (3100
+# rows: the last thread's); two K blocks (4200: 2100 + 2100); row strides that leave A's rows 2-byte aligned
+# (lda = K + 1), and a 4 KiB one (lda = 2048: A packed instead). Bias and accumulate, outputs poisoned, the padding
+# columns of C untouched.
+@pytest.mark.parametrize("M,N,K,pad", [(75, 1100, 800, 0), (3100, 600, 400, 1), (37, 200, 4200, 3), (29, 64, 2, 0),
+                                       (45, 70, 200, 2048 - 200)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_matmul_bf16_a_in_place(isa, bf16_path, M, N, K, pad, threads):
+    # Data of its own per thread count: the packing scratch outlives a call, so an edge panel that a call forgot to
+    # pack would still hold the previous parameter's A, the same A were the seed shared.
+    rng = torch.Generator().manual_seed(100 * threads + M)
+    lda, ldb, ldc = K + pad, K + 1, N + 3
+    A = torch.randn(M, lda, generator=rng).bfloat16()
+    B = torch.randn(N, ldb, generator=rng).bfloat16()
+    bias = torch.randn(N, generator=rng)
+    a, b = A[:, :K], B[:, :K]
+    expect = ref.matmul(a.double(), b.double(), bias.double())
+    c0 = torch.randn(M, N, generator=rng)
+    before = C().get_threads()
+    C().set_threads(threads)
+    try:
+        Cbuf = poison(torch.empty(M, ldc))
+        C().matmul_bf16_forward(Cbuf.data_ptr(), A.data_ptr(), B.data_ptr(), bias.data_ptr(), M, N, K, lda, ldb, ldc)
+        torch.testing.assert_close(Cbuf[:, :N], expect.float(), **_tol(K))
+        assert torch.isnan(Cbuf[:, N:]).all()
+        Cbuf[:, :N] = c0
+        C().matmul_bf16_forward(Cbuf.data_ptr(), A.data_ptr(), B.data_ptr(), bias.data_ptr(), M, N, K, lda, ldb, ldc,
+                                accumulate=True)
+        torch.testing.assert_close(Cbuf[:, :N], (c0.double() + expect).float(), **_tol(K))
+        assert torch.isnan(Cbuf[:, N:]).all()
+    finally:
+        C().set_threads(before)
 
 
 def test_matmul_bf16_vs_fp32_inputs(rng):

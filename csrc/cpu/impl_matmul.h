@@ -460,9 +460,12 @@ static void mm_pack_pairs(uint32_t* restrict dst, const uint16_t* src, int ld, i
     }
 }
 
-// The fp32 k loop (mm_kloop) on k-pair panels: per pair 2 B loads, MR broadcasts, 2*MR vdpbf16ps.
-static __attribute__((noinline)) void mm_kloop_pairs(int kp, const uint32_t* restrict a, const uint32_t* restrict b,
-                                                     vf out[MM_MR][2]) {
+// The fp32 k loop (mm_kloop) on k-pair panels: per pair 2 B loads, MR broadcasts, 2*MR vdpbf16ps. A's pair i of
+// step p is the 32 bits at a + i*asi + p*ask (bf16 units): a packed panel (asi 2, ask 2*MR), or MR rows of a
+// row-major A read in place (asi lda, ask 2), where a pair is two adjacent values of a row.
+static inline __attribute__((always_inline)) void mm_kloop_pairs_s(int kp, const uint16_t* restrict a, size_t asi,
+                                                                   size_t ask, const uint32_t* restrict b,
+                                                                   vf out[MM_MR][2]) {
     __m512 acc[MM_MR][2];
     _Pragma("GCC unroll 16")
     for (int i = 0; i < MM_MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -473,15 +476,25 @@ static __attribute__((noinline)) void mm_kloop_pairs(int kp, const uint32_t* res
         const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + VLEN);
         _Pragma("GCC unroll 16")
         for (int i = 0; i < MM_MR; i++) {
-            const __m512i ai = _mm512_set1_epi32((int)a[i]);
+            uint32_t pair;
+            memcpy(&pair, a + i * asi, 4);   // a row of A need not be 4-byte aligned (odd lda)
+            const __m512i ai = _mm512_set1_epi32((int)pair);
             acc[i][0] = mm_dpbf16(acc[i][0], ai, b0);
             acc[i][1] = mm_dpbf16(acc[i][1], ai, b1);
         }
-        a += MM_MR;
+        a += ask;
         b += MM_NR;
     }
     _Pragma("GCC unroll 16")
     for (int i = 0; i < MM_MR; i++) { out[i][0] = (vf)acc[i][0]; out[i][1] = (vf)acc[i][1]; }
+}
+static __attribute__((noinline)) void mm_kloop_pairs(int kp, const uint32_t* restrict a, const uint32_t* restrict b,
+                                                     vf out[MM_MR][2]) {
+    mm_kloop_pairs_s(kp, (const uint16_t*)a, 2, 2 * MM_MR, b, out);
+}
+static __attribute__((noinline)) void mm_kloop_pairs_rows(int kp, const uint16_t* restrict a, size_t lda,
+                                                          const uint32_t* restrict b, vf out[MM_MR][2]) {
+    mm_kloop_pairs_s(kp, a, lda, 2, b, out);
 }
 static void mm_kernel_pairs(int kp, const uint32_t* restrict a, const uint32_t* restrict b, float* c, int ldc, int mr,
                             int nr, const float* bias, int add) {
@@ -489,6 +502,14 @@ static void mm_kernel_pairs(int kp, const uint32_t* restrict a, const uint32_t* 
     mm_prefetch_c(c, ldc, mr);
     mm_kloop_pairs(kp, a, b, acc);
     MM_TILE_WRITE(acc, c, ldc, mr, nr, bias, add);
+}
+// A whole MR-row tile of a row-major bf16 A read in place (a: row m0 at column k0, row stride lda; kp pairs).
+static void mm_kernel_pairs_rows(int kp, const uint16_t* restrict a, size_t lda, const uint32_t* restrict b, float* c,
+                                 int ldc, int nr, const float* bias, int add) {
+    vf acc[MM_MR][2];
+    mm_prefetch_c(c, ldc, MM_MR);
+    mm_kloop_pairs_rows(kp, a, lda, b, acc);
+    MM_TILE_WRITE(acc, c, ldc, MM_MR, nr, bias, add);
 }
 #endif
 
@@ -721,6 +742,13 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
     const int nkb = (int)mm_blocks(K, kc_max);
     const int kcm = dp ? ((K + nkb - 1) / nkb + 1) / 2 * 2 : (K + nkb - 1) / nkb;
     const int kwm = dp ? kcm / 2 : kcm;                                             // rows of the largest panel
+    // ain: the k-pair kernel reads a row-major A in place (a pair is two adjacent bf16 of a row), so A is never
+    // packed but for its edge panel (< MR rows), kept at Ap. Packing A was 6-7% of a 4096x768x768 product and the
+    // packed panels' trip through L3 another ~4% (rows in place 214-224 GFLOP/s in the lab against 199-213 packed,
+    // pack included; session 29). Not for an odd K (a last pair would read past a row), nor a row stride that is a
+    // multiple of 4 KiB (the MR rows share one L1 set: 121 against 187 GFLOP/s), nor under PYLLM_GEMM=packed.
+    const char* ge = getenv("PYLLM_GEMM");
+    const int ain = dp && !trans_a && K % 2 == 0 && ((size_t)lda * 2) % 4096 != 0 && !(ge && ge[0] == 'p');
     const int npn = (N + MM_NR - 1) / MM_NR;                                        // B panels in all
     int nb = (npn * MM_NR + MM_NC_MAX - 1) / MM_NC_MAX;                             // B blocks
     const int nsplit = T > 1 && nb >= T && M < (long)MM_MSPLIT_ROWS * T;
@@ -738,10 +766,10 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
     // --kernels profile; session 26).
     const long mc_max = MM_A_FLOATS / kwm > MM_MR ? MM_A_FLOATS / kwm : MM_MR, nch_want = mm_blocks(M, mc_max);
     long mc = ((M + nch_want - 1) / nch_want + MM_MR - 1) / MM_MR * MM_MR;         // rows per A chunk
-    if (mc > M) mc = M;
+    if (mc > M || ain) mc = M;                                                      // A in place: one chunk
     const int mpc = (int)((mc + MM_MR - 1) / MM_MR);                                // A panels per chunk
     const int nch = (int)((M + mc - 1) / mc);                                        // A chunks
-    const size_t a_sz = (size_t)mpc * MM_MR * kwm, b_sz = (size_t)bpp * MM_NR * kwm, n_ctr = (size_t)nch * nkb;
+    const size_t a_sz = (size_t)(ain ? 1 : mpc) * MM_MR * kwm, b_sz = (size_t)bpp * MM_NR * kwm, n_ctr = (size_t)nch * nkb;
     float* Ap = mm_scratch(a_sz + (size_t)T * b_sz + n_ctr);                        // (mpc, kc, MR)
     if (!Ap) { kernels_oom_note(); return; }
     int* ctr = (int*)(Ap + a_sz + (size_t)T * b_sz);                                // (nch, nkb) B blocks taken
@@ -759,11 +787,21 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
             const int i1 = nsplit || nt == 1 ? mp : (int)((long)mp * (t + 1) / nt);
             // where those panels are packed: their region at the largest kc, so a thread packing a shorter last K
             // block never writes into a panel that another thread is still reading (kc sets the panel stride)
-            float* Aq = Ap + (size_t)i0 * MM_MR * kwm;
+            float* Aq = ain ? Ap : Ap + (size_t)i0 * MM_MR * kwm;
             for (int k0 = 0; k0 < K; k0 += kcm) {
                 const int kc = K - k0 < kcm ? K - k0 : kcm;
                 const int add = accumulate || k0 > 0;
-                if (nsplit) {  // the A chunk, packed together (every thread reads all of it)
+                if (ain) {     // only the edge panel is packed, at Ap: once for all threads (nsplit: all read it),
+                               // or by the thread whose panels end with it
+                    if (msn % MM_MR && nsplit) {
+                        #pragma omp single
+                        mm_pack_group(bf16, dp, Ap, A, lda, 0, ms + (mp - 1) * MM_MR, msn - (mp - 1) * MM_MR, 0, 1,
+                                      k0, kc, MM_MR);
+                    } else if (msn % MM_MR && i1 == mp) {
+                        mm_pack_group(bf16, dp, Ap, A, lda, 0, ms + (mp - 1) * MM_MR, msn - (mp - 1) * MM_MR, 0, 1,
+                                      k0, kc, MM_MR);
+                    }
+                } else if (nsplit) {  // the A chunk, packed together (every thread reads all of it)
                     #pragma omp for schedule(static)
                     for (int g = 0; g < mp; g += MM_PACK_GROUP)
                         mm_pack_group(bf16, dp, Ap, A, lda, trans_a, ms, msn, g,
@@ -789,8 +827,14 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
                             const float* bj = bias && k0 == 0 ? bias + n0 : NULL;
                             float* c = C + (size_t)(ms + m0) * ldc + n0;
 #if MM_HAVE_DP
+                            if (ain && mr == MM_MR) {
+                                mm_kernel_pairs_rows(kr, (const uint16_t*)A + (size_t)(ms + m0) * lda + k0, lda,
+                                                     (const uint32_t*)bp, c, ldc, nr, bj, add);
+                                continue;
+                            }
                             if (dp) {
-                                mm_kernel_pairs(kr, (const uint32_t*)ap, (const uint32_t*)bp, c, ldc, mr, nr, bj, add);
+                                mm_kernel_pairs(kr, (const uint32_t*)(ain ? Ap : ap), (const uint32_t*)bp, c, ldc, mr,
+                                                nr, bj, add);
                                 continue;
                             }
 #endif
