@@ -111,39 +111,53 @@ def test_matmul_bf16(isa, bf16_path, rng, M, N, K, ta, tb):
         torch.testing.assert_close(ops.matmul_bf16(a, b), ref.matmul_bf16(a, b), **_tol(K))
 
 
-# The k-pair GEMM's A read in place (row-major A, even K): full 14-row tiles from A's rows, the edge tile (M % 14)
-# packed; threads splitting B blocks (75 x 1100: every thread reads the one shared edge panel) or A panels (3100
-# rows: the last thread's); two K blocks (4200: 2100 + 2100); row strides that leave A's rows 2-byte aligned
-# (lda = K + 1), and a 4 KiB one (lda = 2048: A packed instead). Bias and accumulate, outputs poisoned, the padding
-# columns of C untouched.
-@pytest.mark.parametrize("M,N,K,pad", [(75, 1100, 800, 0), (3100, 600, 400, 1), (37, 200, 4200, 3), (29, 64, 2, 0),
-                                       (45, 70, 200, 2048 - 200)])
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_matmul_bf16_a_in_place(isa, bf16_path, M, N, K, pad, threads):
-    # Data of its own per thread count: the packing scratch outlives a call, so an edge panel that a call forgot to
-    # pack would still hold the previous parameter's A, the same A were the seed shared.
+def _check_a_in_place(dtype, M, N, K, pad, threads):
+    """C (M, N) = A·Bᵀ + bias, and += with accumulate, through the raw kernel with row strides lda = K + pad,
+    ldb = K + 1, ldc = N + 3 (the padding columns of C must stay untouched). Data of its own per thread count: the
+    packing scratch outlives a call, so an edge panel that a call forgot to pack would still hold the previous
+    parameter's A, were the seed shared."""
     rng = torch.Generator().manual_seed(100 * threads + M)
     lda, ldb, ldc = K + pad, K + 1, N + 3
-    A = torch.randn(M, lda, generator=rng).bfloat16()
-    B = torch.randn(N, ldb, generator=rng).bfloat16()
+    A = torch.randn(M, lda, generator=rng).to(dtype)
+    B = torch.randn(N, ldb, generator=rng).to(dtype)
     bias = torch.randn(N, generator=rng)
     a, b = A[:, :K], B[:, :K]
     expect = ref.matmul(a.double(), b.double(), bias.double())
     c0 = torch.randn(M, N, generator=rng)
+    fn = C().matmul_bf16_forward if dtype == torch.bfloat16 else C().matmul_forward
     before = C().get_threads()
     C().set_threads(threads)
     try:
         Cbuf = poison(torch.empty(M, ldc))
-        C().matmul_bf16_forward(Cbuf.data_ptr(), A.data_ptr(), B.data_ptr(), bias.data_ptr(), M, N, K, lda, ldb, ldc)
+        fn(Cbuf.data_ptr(), A.data_ptr(), B.data_ptr(), bias.data_ptr(), M, N, K, lda, ldb, ldc)
         torch.testing.assert_close(Cbuf[:, :N], expect.float(), **_tol(K))
         assert torch.isnan(Cbuf[:, N:]).all()
         Cbuf[:, :N] = c0
-        C().matmul_bf16_forward(Cbuf.data_ptr(), A.data_ptr(), B.data_ptr(), bias.data_ptr(), M, N, K, lda, ldb, ldc,
-                                accumulate=True)
+        fn(Cbuf.data_ptr(), A.data_ptr(), B.data_ptr(), bias.data_ptr(), M, N, K, lda, ldb, ldc, accumulate=True)
         torch.testing.assert_close(Cbuf[:, :N], (c0.double() + expect).float(), **_tol(K))
         assert torch.isnan(Cbuf[:, N:]).all()
     finally:
         C().set_threads(before)
+
+
+# The k-pair GEMM's A read in place (row-major A, even K): full 14-row tiles from A's rows, the edge tile (M % 14)
+# packed; threads splitting B blocks (75 x 1100: every thread reads the one shared edge panel) or A panels (3100
+# rows: the last thread's); two K blocks (4200: 2100 + 2100); row strides that leave A's rows 2-byte aligned
+# (lda = K + 1), and a 4 KiB one (lda = 2048: A packed instead).
+@pytest.mark.parametrize("M,N,K,pad", [(75, 1100, 800, 0), (3100, 600, 400, 1), (37, 200, 4200, 3), (29, 64, 2, 0),
+                                       (45, 70, 200, 2048 - 200)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_matmul_bf16_a_in_place(isa, bf16_path, M, N, K, pad, threads):
+    _check_a_in_place(torch.bfloat16, M, N, K, pad, threads)
+
+
+# The same for the fp32 packed driver (K > 1024 or > 2 GFLOP: not the direct path), A's rows read in place by the
+# fp32 micro-kernel; an edge B panel (N % 32) with full A tiles; lda = 2048 floats (8 KiB): A packed.
+@pytest.mark.parametrize("M,N,K,pad", [(75, 1100, 1100, 0), (3100, 600, 1030, 1), (37, 200, 4200, 3),
+                                       (45, 70, 1100, 2048 - 1100)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_matmul_f32_a_in_place(isa, gemm_path, M, N, K, pad, threads):
+    _check_a_in_place(torch.float32, M, N, K, pad, threads)
 
 
 def test_matmul_bf16_vs_fp32_inputs(rng):

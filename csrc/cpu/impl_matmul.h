@@ -7,7 +7,8 @@
 // transpose, and edges cost only the padding. The A micro-panel (kc*MR floats, 21 KiB on avx512) stays in L1
 // while the B micro-panels of one B block (<= MM_NC_MAX columns, <= 768 KiB) stream from L2. Packing costs
 // (M+N)*K copies per call against 2*M*N*K flops, and was the measured gap to torch: the packers prefetch their
-// strided source rows, and the scratch is reused across calls (no malloc or page faults per call).
+// strided source rows, and the scratch is reused across calls (no malloc or page faults per call). A row-major A
+// is not packed at all: the micro-kernel reads its MR rows in place (ain in mm_gemm), but for a 4 KiB row stride.
 // Small and mid-size products (the training GEMMs of d = 128..384 models) take the direct path (mm_direct below):
 // the micro-kernel reads A in place and B in place where its layout allows, so little or nothing is packed.
 #if defined(__x86_64__) || defined(__i386__)
@@ -699,8 +700,9 @@ static inline long mm_blocks(long n, long limit) {
 // The shared driver: A and B are fp32, or bf16 (bf16 = 1) converted to fp32 while packing.
 // Loops (BLIS, with the operand roles swapped because B is the vector-loaded operand here):
 //   A chunk (<= MM_A_FLOATS rows*kc) -> K block kc (K split evenly, <= MM_KC_MAX) -> pack the A chunk
-//   (together, or each thread its own panels: below) -> B blocks of <= MM_NC_MAX columns, each packed by the thread that uses it into its
-//   own L2-resident buffer -> A micro-panel (kc, MR) (L1) -> B micro-panels (kc, NR) streamed from L2.
+//   (together, or each thread its own panels: below; not at all when A's rows are read in place: ain) -> B blocks
+//   of <= MM_NC_MAX columns, each packed by the thread that uses it into its own L2-resident buffer -> A
+//   micro-panel (kc, MR) (L1) -> B micro-panels (kc, NR) streamed from L2.
 // Threads split either dimension:
 // - A micro-panels, when N is narrow (one B block per thread or fewer) or M is tall (>= MM_MSPLIT_ROWS rows per
 //   thread): each thread packs its own A panels and all of B into its own buffers, and never waits for another
@@ -742,13 +744,16 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
     const int nkb = (int)mm_blocks(K, kc_max);
     const int kcm = dp ? ((K + nkb - 1) / nkb + 1) / 2 * 2 : (K + nkb - 1) / nkb;
     const int kwm = dp ? kcm / 2 : kcm;                                             // rows of the largest panel
-    // ain: the k-pair kernel reads a row-major A in place (a pair is two adjacent bf16 of a row), so A is never
-    // packed but for its edge panel (< MR rows), kept at Ap. Packing A was 6-7% of a 4096x768x768 product and the
-    // packed panels' trip through L3 another ~4% (rows in place 214-224 GFLOP/s in the lab against 199-213 packed,
-    // pack included; session 29). Not for an odd K (a last pair would read past a row), nor a row stride that is a
-    // multiple of 4 KiB (the MR rows share one L1 set: 121 against 187 GFLOP/s), nor under PYLLM_GEMM=packed.
+    // ain: A's rows read in place (row-major A) by the micro-kernel: broadcast from MR rows side by side (fp32), or
+    // the 32-bit k-pairs of MR rows (bf16: a pair is two adjacent values of a row). A is then never packed but for
+    // its edge panel (< MR rows), kept at Ap. For bf16 (4096x768x768, 1 thread) packing A was 6-7% of the product
+    // and the packed panels' trip through L3 another ~4%: in place +2-9% per cell where A is not transposed (in-process
+    // A/B, session 29; K = 768 and N = 3072: no change); fp32 +5-6% at 4096x768x768, +-2% at the larger shapes. Not for
+    // an odd K in bf16 (a last pair would read past a row), nor a row stride that is a multiple of 4 KiB (the MR rows
+    // share one L1 set: 121 against 187 GFLOP/s), nor the widening path, nor under PYLLM_GEMM=packed.
     const char* ge = getenv("PYLLM_GEMM");
-    const int ain = dp && !trans_a && K % 2 == 0 && ((size_t)lda * 2) % 4096 != 0 && !(ge && ge[0] == 'p');
+    const size_t lda_bytes = (size_t)lda * (bf16 ? 2 : 4);
+    const int ain = !trans_a && lda_bytes % 4096 != 0 && !(ge && ge[0] == 'p') && (dp ? K % 2 == 0 : !bf16);
     const int npn = (N + MM_NR - 1) / MM_NR;                                        // B panels in all
     int nb = (npn * MM_NR + MM_NC_MAX - 1) / MM_NC_MAX;                             // B blocks
     const int nsplit = T > 1 && nb >= T && M < (long)MM_MSPLIT_ROWS * T;
@@ -769,7 +774,8 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
     if (mc > M || ain) mc = M;                                                      // A in place: one chunk
     const int mpc = (int)((mc + MM_MR - 1) / MM_MR);                                // A panels per chunk
     const int nch = (int)((M + mc - 1) / mc);                                        // A chunks
-    const size_t a_sz = (size_t)(ain ? 1 : mpc) * MM_MR * kwm, b_sz = (size_t)bpp * MM_NR * kwm, n_ctr = (size_t)nch * nkb;
+    const size_t a_sz = (size_t)(ain ? 1 : mpc) * MM_MR * kwm, b_sz = (size_t)bpp * MM_NR * kwm;
+    const size_t n_ctr = (size_t)nch * nkb;
     float* Ap = mm_scratch(a_sz + (size_t)T * b_sz + n_ctr);                        // (mpc, kc, MR)
     if (!Ap) { kernels_oom_note(); return; }
     int* ctr = (int*)(Ap + a_sz + (size_t)T * b_sz);                                // (nch, nkb) B blocks taken
@@ -820,24 +826,29 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
                     const int kr = dp ? (kc + 1) / 2 : kc;                            // rows of a packed panel
                     for (int i = i0; i < i1; i++) {
                         const int m0 = i * MM_MR, mr = msn - m0 < MM_MR ? msn - m0 : MM_MR;
-                        const float* ap = Aq + (size_t)(i - i0) * MM_MR * kr;
+                        const float* ap = ain ? Ap : Aq + (size_t)(i - i0) * MM_MR * kr;   // (kr, MR) packed
                         for (int j = j0; j < j1; j++) {
                             const int n0 = j * MM_NR, nr = N - n0 < MM_NR ? N - n0 : MM_NR;
                             const float* bp = Bp + (size_t)(j - j0) * MM_NR * kr;
                             const float* bj = bias && k0 == 0 ? bias + n0 : NULL;
                             float* c = C + (size_t)(ms + m0) * ldc + n0;
 #if MM_HAVE_DP
-                            if (ain && mr == MM_MR) {
+                            if (dp && ain && mr == MM_MR) {
                                 mm_kernel_pairs_rows(kr, (const uint16_t*)A + (size_t)(ms + m0) * lda + k0, lda,
                                                      (const uint32_t*)bp, c, ldc, nr, bj, add);
                                 continue;
                             }
                             if (dp) {
-                                mm_kernel_pairs(kr, (const uint32_t*)(ain ? Ap : ap), (const uint32_t*)bp, c, ldc, mr,
-                                                nr, bj, add);
+                                mm_kernel_pairs(kr, (const uint32_t*)ap, (const uint32_t*)bp, c, ldc, mr, nr, bj, add);
                                 continue;
                             }
 #endif
+                            if (ain && mr == MM_MR) {
+                                const float* ai = (const float*)A + (size_t)(ms + m0) * lda + k0;
+                                if (nr == MM_NR) mm_kernel_arows(kc, ai, lda, bp, MM_NR, c, ldc, bj, add);
+                                else mm_kernel_any(kc, ai, lda, 1, bp, MM_NR, c, ldc, MM_MR, nr, bj, add);
+                                continue;
+                            }
                             mm_kernel_f32(kc, ap, bp, c, ldc, mr, nr, bj, add);
                         }
                     }
