@@ -1,10 +1,11 @@
 """GEMM tuning lab: in-process A/B of GEMM variants (a header + -D flags) against torch, same shapes, interleaved.
 Run: PYTHONPATH=$PWD python benchmarks/bench_matmul_lab.py --variant base=csrc/cpu/impl_matmul.h \
-         --variant kc256=csrc/cpu/impl_matmul.h:-DMM_KC_MAX=256 --shapes 1024x1024x1024 --threads 1
+         --variant kc256=csrc/cpu/impl_matmul.h:-DMM_KC_MAX=256 --shapes 1024x1024x1024 --threads 1 [--dtype bf16]
 Each variant is compiled (the avx512 or avx2 path, --isa; default: the best this CPU has; gcc -O3) into its own
 .so with just the matmul kernels and loaded with ctypes, so block-size overrides (-DMM_KC_MAX=..., -DMM_NC_MAX=...)
 never touch csrc/. Prints the median time of each variant and torch per (threads, layout, shape) and the ratio
-torch/variant (> 1: faster).
+torch/variant (> 1: faster). --dtype bf16 times the bf16 GEMM (matmul_bf16_forward: the vdpbf16ps k-pair kernel where
+this CPU has AVX512_BF16, else the widening path) against torch's bf16 matmul.
 """
 import argparse
 import ctypes
@@ -31,7 +32,7 @@ LAB_C = """
 #include "kernels.h"
 #include "simd.h"
 #include "isa.h"
-const cpu_features* cpu_features_get(void) { static cpu_features f; return &f; }  // the lab times fp32 only
+const cpu_features* cpu_features_get(void) { static cpu_features f = {.avx512bf16 = LAB_BF16DP}; return &f; }
 void kernels_oom_note(void) {}
 #define KFN(name) name##_lab
 #include "impl_matvec.h"
@@ -74,6 +75,11 @@ class Params(ctypes.Structure):
 TARGETS = {"avx512": "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2", "avx2": "avx2,fma,f16c,bmi,bmi2"}
 
 
+def has_bf16dp() -> bool:
+    flags = Path("/proc/cpuinfo").read_text().split("\n\nprocessor")[0] if Path("/proc/cpuinfo").exists() else ""
+    return " avx512_bf16" in flags
+
+
 def best_isa() -> str:
     flags = Path("/proc/cpuinfo").read_text().split("\n\nprocessor")[0] if Path("/proc/cpuinfo").exists() else ""
     return "avx512" if " avx512bw" in flags and " avx512vl" in flags else "avx2"
@@ -85,7 +91,8 @@ def build(spec: str, isa: str = "avx512"):
     header, *flags = rest.split(":")
     flags = " ".join(flags).split()
     hp = Path(header).resolve()
-    src = LAB_C.replace("IMPL", f'"{hp}"').replace("TARGET", f'"{TARGETS[isa]}"')
+    src = LAB_C.replace("IMPL", f'"{hp}"').replace("TARGET", f'"{TARGETS[isa]}"').replace(
+        "LAB_BF16DP", "1" if isa == "avx512" and has_bf16dp() else "0")
     tag = hashlib.sha1((src + hp.read_text() + " ".join(flags) + (CSRC / "simd.h").read_text()
                         + (CSRC / "impl_matvec.h").read_text()).encode()).hexdigest()[:12]
     so = Path(tempfile.gettempdir()) / f"pyllm_gemm_lab_{tag}.so"
@@ -98,6 +105,7 @@ def build(spec: str, isa: str = "avx512"):
         tmp.replace(so)
     lib = ctypes.CDLL(str(so))
     lib.matmul_forward_lab.argtypes = [ctypes.POINTER(Params)]
+    lib.matmul_bf16_forward_lab.argtypes = [ctypes.POINTER(Params)]
     lib.lab_threads.argtypes = [ctypes.c_int]
     lib.lab_kernel.restype = ctypes.c_double
     lib.lab_kernel.argtypes = [ctypes.c_int] * 6
@@ -108,7 +116,7 @@ def call_for(lib, a, b, out, trans_a, trans_b, M, N, K):
     p = Params(out.data_ptr(), a.data_ptr(), b.data_ptr(), None, M, N, K, a.shape[1], b.shape[1], N,
                int(trans_a), int(trans_b), 0)
     pp = ctypes.byref(p)
-    f = lib.matmul_forward_lab
+    f = lib.matmul_bf16_forward_lab if a.dtype == torch.bfloat16 else lib.matmul_forward_lab
     return lambda: (f(pp), a, b, out)  # the closure keeps the tensors behind the raw pointers alive
 
 
@@ -123,6 +131,8 @@ def main():
     ap.add_argument("--kernel", nargs="*", metavar="KC,NI,NJ,ORDER[,LDC]",
                     help="time the micro-kernel alone on packed panels (kc deep, NI A x NJ B micro-panels, order "
                          "0: A panel outer, 1: B panel outer) beside the FMA peak, instead of GEMM shapes")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="operands: fp32, or bf16 (fp32 accumulate and output; torch's bf16 matmul the baseline)")
     ap.add_argument("--isa", choices=sorted(TARGETS), default=best_isa(),
                     help="instruction-set path to compile the variants for (default: the best this CPU has)")
     ap.add_argument("--cold", action="store_true", help="evict the caches (write 64 MiB) before every timed call; "
@@ -143,7 +153,8 @@ def main():
             lib.lab_threads(th)
         for s in shapes:
             M, K, N = map(int, s.split("x"))
-            x, w, dy = torch.randn(M, K), torch.randn(N, K), torch.randn(M, N)
+            dt = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+            x, w, dy = torch.randn(M, K).to(dt), torch.randn(N, K).to(dt), torch.randn(M, N).to(dt)
             for lay in args.layouts:
                 if lay == "fwd":
                     a, b, ta, tb, ref = x, w, 0, 0, lambda: x @ w.T
@@ -157,7 +168,10 @@ def main():
                     out = torch.full((m, n), float("nan"))
                     fn = call_for(lib, a, b, out, ta, tb, m, n, k)
                     fn()
-                    err = (out - ref()).abs().max().item() / (ref().abs().max().item() + 1e-30)
+                    r = ref().float() if dt == torch.float32 else {  # fp32 sums of the exact bf16 products
+                        "fwd": lambda: x.float() @ w.float().T, "dx": lambda: dy.float() @ w.float(),
+                        "dw": lambda: dy.float().T @ x.float()}[lay]()
+                    err = (out - r).abs().max().item() / (r.abs().max().item() + 1e-30)
                     if not err < 1e-4 and not args.no_check:
                         raise SystemExit(f"variant wrong at {lay} {s}: rel err {err}")
                     fns.append(fn)
