@@ -682,7 +682,7 @@ static void mm_direct(const float* A, int lda, int trans_a, const float* B, int 
 // and fwd/dx of the issue-3 d=384 model (M = 2048, K = 384); not the products with K >= 2048 or >= 5 GFLOP
 // (dW of 2048 tokens: in-place columns of A are 2048 strided rows; 0.57 against 0.81), nor a row stride that is
 // a multiple of 4 KiB (all rows in the same L1 set: dX 2048x1024x384 0.60 against 0.82). PYLLM_GEMM=packed|direct
-// forces a path (tests cover both on every shape).
+// forces a path (tests cover both on every shape; packed then packs A too, never reading its rows in place).
 static int mm_use_direct(int M, int N, int K, int lda, int trans_b, int ldb) {
     const char* e = getenv("PYLLM_GEMM");
     if (e && e[0] == 'p') return 0;
