@@ -797,15 +797,14 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
             for (int k0 = 0; k0 < K; k0 += kcm) {
                 const int kc = K - k0 < kcm ? K - k0 : kcm;
                 const int add = accumulate || k0 > 0;
-                if (ain) {     // only the edge panel is packed, at Ap: once for all threads (nsplit: all read it),
-                               // or by the thread whose panels end with it
-                    if (msn % MM_MR && nsplit) {
-                        #pragma omp single
+                if (ain) {     // only the edge panel (< MR rows) is packed, at Ap: by the thread whose panels end
+                               // with it, or by thread 0 before a barrier when the threads split B (all read it)
+                    const int edge = msn % MM_MR != 0;
+                    if (edge && (nsplit ? t == 0 : i1 == mp))
                         mm_pack_group(bf16, dp, Ap, A, lda, 0, ms + (mp - 1) * MM_MR, msn - (mp - 1) * MM_MR, 0, 1,
                                       k0, kc, MM_MR);
-                    } else if (msn % MM_MR && i1 == mp) {
-                        mm_pack_group(bf16, dp, Ap, A, lda, 0, ms + (mp - 1) * MM_MR, msn - (mp - 1) * MM_MR, 0, 1,
-                                      k0, kc, MM_MR);
+                    if (edge && nsplit) {
+                        #pragma omp barrier
                     }
                 } else if (nsplit) {  // the A chunk, packed together (every thread reads all of it)
                     #pragma omp for schedule(static)
