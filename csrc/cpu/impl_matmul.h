@@ -747,8 +747,9 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
     // ain: A's rows read in place (row-major A) by the micro-kernel: broadcast from MR rows side by side (fp32), or
     // the 32-bit k-pairs of MR rows (bf16: a pair is two adjacent values of a row). A is then never packed but for
     // its edge panel (< MR rows), kept at Ap. For bf16 (4096x768x768, 1 thread) packing A was 6-7% of the product
-    // and the packed panels' trip through L3 another ~4%: in place +2-9% per cell where A is not transposed (in-process
-    // A/B, session 29; K = 768 and N = 3072: no change); fp32 +5-6% at 4096x768x768, +-2% at the larger shapes. Not for
+    // and the packed panels' trip through L3 another ~4%: in place +2-9% per issue-3 cell where A is not transposed
+    // in a C A/B harness (K = 768 with N = 3072: no change), median +1.6% / +3.8% at 1 / 2 threads in
+    // bench_matmul_lab.py (session 29); fp32 +5-6% at 4096x768x768, +-2% at the larger shapes. Not for
     // an odd K in bf16 (a last pair would read past a row), nor a row stride that is a multiple of 4 KiB (the MR rows
     // share one L1 set: 121 against 187 GFLOP/s), nor the widening path, nor under PYLLM_GEMM=packed.
     const char* ge = getenv("PYLLM_GEMM");
@@ -776,7 +777,7 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
     const int nch = (int)((M + mc - 1) / mc);                                        // A chunks
     const size_t a_sz = (size_t)(ain ? 1 : mpc) * MM_MR * kwm, b_sz = (size_t)bpp * MM_NR * kwm;
     const size_t n_ctr = (size_t)nch * nkb;
-    float* Ap = mm_scratch(a_sz + (size_t)T * b_sz + n_ctr);                        // (mpc, kc, MR)
+    float* Ap = mm_scratch(a_sz + (size_t)T * b_sz + n_ctr);                        // (mpc, kc, MR); ain: 1 panel
     if (!Ap) { kernels_oom_note(); return; }
     int* ctr = (int*)(Ap + a_sz + (size_t)T * b_sz);                                // (nch, nkb) B blocks taken
     memset(ctr, 0, n_ctr * sizeof(int));
