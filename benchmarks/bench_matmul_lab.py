@@ -75,13 +75,17 @@ class Params(ctypes.Structure):
 TARGETS = {"avx512": "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2", "avx2": "avx2,fma,f16c,bmi,bmi2"}
 
 
+def _cpu_flags() -> str:
+    """The first CPU's /proc/cpuinfo entry ("" where there is none)."""
+    return Path("/proc/cpuinfo").read_text().split("\n\nprocessor")[0] if Path("/proc/cpuinfo").exists() else ""
+
+
 def has_bf16dp() -> bool:
-    flags = Path("/proc/cpuinfo").read_text().split("\n\nprocessor")[0] if Path("/proc/cpuinfo").exists() else ""
-    return " avx512_bf16" in flags
+    return " avx512_bf16" in _cpu_flags()
 
 
 def best_isa() -> str:
-    flags = Path("/proc/cpuinfo").read_text().split("\n\nprocessor")[0] if Path("/proc/cpuinfo").exists() else ""
+    flags = _cpu_flags()
     return "avx512" if " avx512bw" in flags and " avx512vl" in flags else "avx2"
 
 
