@@ -794,7 +794,7 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
             const int i1 = nsplit || nt == 1 ? mp : (int)((long)mp * (t + 1) / nt);
             // where those panels are packed: their region at the largest kc, so a thread packing a shorter last K
             // block never writes into a panel that another thread is still reading (kc sets the panel stride)
-            float* Aq = ain ? Ap : Ap + (size_t)i0 * MM_MR * kwm;
+            float* Aq = Ap + (size_t)i0 * MM_MR * kwm;
             for (int k0 = 0; k0 < K; k0 += kcm) {
                 const int kc = K - k0 < kcm ? K - k0 : kcm;
                 const int add = accumulate || k0 > 0;
