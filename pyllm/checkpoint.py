@@ -87,7 +87,9 @@ def save_checkpoint(dir, model: GPT, tokenizer=None, extra: dict | None = None,
     """Write the checkpoint directory atomically: everything goes into <dir>.tmp-<pid> first, then that directory
     replaces <dir> (a crash mid-save leaves the previous checkpoint intact). extra (JSON-able) is kept under
     config.json["pyllm"]["extra"]; extra_files(tmp_dir) lets a trainer add its state files inside the same swap."""
-    dir = Path(dir)
+    given = dir = Path(dir)
+    if dir.is_symlink():  # swap the link's target: renaming the link itself left a real <dir> in its place and a
+        dir = Path(os.path.realpath(dir))  # stray <dir>.old-<pid> link ("Cannot call rmtree on a symbolic link")
     tmp = dir.with_name(f"{dir.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -122,7 +124,7 @@ def save_checkpoint(dir, model: GPT, tokenizer=None, extra: dict | None = None,
                 f = str(dir) + f[len(str(tmp)):]
             raise OSError(e.errno, e.strerror, f) from e
         raise
-    return dir
+    return given
 
 
 def _get(d: dict, key: str, default):

@@ -801,6 +801,15 @@ def main(args) -> int:
     cfg = apply_overrides(QUICK if args.quick else FULL, args.set)
     if cfg.rl_algo not in ("grpo", "rft"):
         raise ValueError(f"--set rl_algo={cfg.rl_algo}: expected grpo or rft")
+    # the other words and lists now too: a bad one failed in the RL stage, after every stage before it had run
+    if cfg.rl_scale_rewards not in ("group", "batch", "none"):
+        raise ValueError(f"--set rl_scale_rewards={cfg.rl_scale_rewards}: expected group, batch or none")
+    from .tasks import ARITH
+    if not cfg.kinds or not set(cfg.kinds) <= set(ARITH):
+        raise ValueError(f"--set kinds={','.join(cfg.kinds)}: expected a comma-separated subset of {','.join(ARITH)}")
+    if not cfg.rl_kinds or not set(cfg.rl_kinds) <= set(cfg.kinds):
+        raise ValueError(f"--set rl_kinds={','.join(cfg.rl_kinds)}: expected a comma-separated subset of kinds "
+                         f"({','.join(cfg.kinds)})")
     if cfg.rl_algo == "rft" and "verifier" not in args.reward:
         # rejection sampling keeps what the program verifier accepts: with the RM alone the RL stage is GRPO
         if any(s_.replace("-", "_").startswith("rl_algo=") for s_ in args.set):

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .reward import pad_batch, pad_id_of, pair_training_setup, parse_preference
-from .sft import (Bar, Dist, Metrics, add_common_args, check_common_args, check_same_tokenizer, clip_and_step,
-                  load_policy, lr_at, prepare_model, read_jsonl, render_checked, resume_state, save_stage, set_lr,
+from .sft import (Bar, Dist, Metrics, add_common_args, check_common_args, check_context, check_same_tokenizer,
+                  clip_and_step, load_policy, lr_at, prepare_model, read_jsonl, render_checked, resume_state, save_stage, set_lr,
                   run_args, step_items)
 
 
@@ -92,6 +92,7 @@ def main(args) -> int:
     policy, tok = prepare_model(args, dist, args.out if st else None)
     ref, ref_tok = load_policy(args.ref_model or args.model, dist.device, args.tokenizer)
     check_same_tokenizer(tok, ref_tok, args.ref_model or args.model, "reference model")
+    check_context(policy.config.max_seq_len, ref.config.max_seq_len, args.ref_model or args.model, "reference model")
     ref.eval().requires_grad_(False)
     train, ev, per_step, steps, lr, opt, step = pair_training_setup(args, dist, policy, st, load_dpo_pairs, tok,
                                                                     policy.config.max_seq_len, DEFAULT_LR)
@@ -109,7 +110,7 @@ def main(args) -> int:
         loss, rc, rr = dpo_batch(dpol, ref, batch, pad, dist.device, args.beta, args.label_smoothing)
         set_lr(opt, lr_at(step, steps, lr, args.warmup_steps))
         loss.backward()
-        gn = clip_and_step(opt, params, args.grad_clip)
+        gn = clip_and_step(opt, params, args.grad_clip, step + 1)
         step += 1
         row = {"step": step, "loss": dist.mean(loss.item()), "rewards/chosen": dist.mean(rc.mean().item()),
                "rewards/rejected": dist.mean(rr.mean().item()),

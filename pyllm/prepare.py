@@ -146,6 +146,9 @@ def prepare(inputs, out, tokenizer=None, byte_level=False, vocab_size=4096, val_
     if workers is not None and workers < 0:
         raise ValueError(f"--workers must be >= 0 (0 = number of CPUs), got {workers}")
     out = Path(out)
+    given = Path(tokenizer) / "tokenizer.json" if tokenizer and Path(tokenizer).is_dir() else tokenizer
+    given_is_out = bool(given) and os.path.realpath(given) == os.path.realpath(out / "tokenizer.json")
+    refuse_foreign_out(out, "prepare", keep_tokenizer=given_is_out or overwrite)
     made_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(inputs=[[f, os.path.getsize(f)] for f in files], val_inputs=[[f, os.path.getsize(f)]
@@ -173,11 +176,29 @@ def prepare(inputs, out, tokenizer=None, byte_level=False, vocab_size=4096, val_
         return _prepare(out, mpath, old, settings, files, val_files, tokenizer, byte_level, vocab_size, val_fraction,
                         shard_tokens, workers, skip_bad_lines, doc_sep)
     except ValueError:  # bad input in a fresh run: nothing it made can be reused (the fixed input is another run)
-        if not resume:
-            given = Path(tokenizer) / "tokenizer.json" if tokenizer and Path(tokenizer).is_dir() else tokenizer
-            _remove_partial(out, made_out, keep_tokenizer=bool(given) and os.path.realpath(given) ==
-                            os.path.realpath(out / "tokenizer.json"))   # the user's --tokenizer sits in --out
+        if not resume:  # (the user's --tokenizer may sit in --out: kept)
+            _remove_partial(out, made_out, keep_tokenizer=given_is_out)
         raise
+
+
+def refuse_foreign_out(out: Path, stage: str, keep_tokenizer: bool = False) -> None:
+    """Before any work: an --out that holds a model checkpoint or a tokenizer.json that no data run there wrote
+    (no manifest.json) would have its tokenizer replaced, or deleted by a failed run's clean-up (a checkpoint given
+    as --out lost its tokenizer.json, or got one whose vocabulary no longer matched its config.json).
+    keep_tokenizer: the run reads that tokenizer.json itself (--tokenizer) or was told to replace it (--overwrite)."""
+    if not out.is_dir():
+        return
+    for f in ("config.json", "model.safetensors"):
+        if (out / f).exists():
+            raise ValueError(f"--out {out}: holds a model checkpoint ({f}); `pyllm {stage}` would replace its "
+                             f"tokenizer.json: name another directory")
+    if stage == "prepare" and not keep_tokenizer and (out / "tokenizer.json").exists() \
+            and not (out / data.MANIFEST).exists():
+        raise ValueError(f"--out {out}: holds a tokenizer.json that no `pyllm prepare` run there wrote; pass "
+                         f"--tokenizer {out} to encode with it, --overwrite to replace it, or name another --out")
+    if stage == "tokenizer-train" and (out / data.MANIFEST).exists():
+        raise ValueError(f"--out {out}: holds prepared token shards (manifest.json) encoded with its tokenizer.json; "
+                         f"name another directory")
 
 
 def _remove_partial(out: Path, made_out: bool, keep_tokenizer: bool = False) -> None:

@@ -279,6 +279,9 @@ def train(args) -> dict:
         if step > args.max_steps:  # the schedule would be past its end and the loop would train nothing
             raise ValueError(f"{resume_from}: checkpoint is at step {step}, past --max-steps {args.max_steps}; raise "
                              f"--max-steps to continue it")
+        if args.stop_at and args.stop_at <= step:  # else a run that exits 0 having trained nothing
+            raise ValueError(f"{resume_from}: checkpoint is at step {step}, already at or past --stop-at "
+                             f"{args.stop_at}; raise --stop-at (or drop it) to continue")
         loader.load_state_dict(resume_meta["loader"])
         torch.set_rng_state(rtensors["rng.torch"])
     model.to(device)
@@ -579,6 +582,9 @@ def main(args) -> int:
     check_float_ranges(args, {"weight_decay": (0.0, None, False), "grad_clip": (0.0, None, False),
                               "beta1": (0.0, 1.0, False), "beta2": (0.0, 1.0, False),
                               "min_lr_frac": (0.0, 1.0, False), "tokens_per_param": (0.0, None, True)})
+    for k in ("beta1", "beta2"):  # 1 itself: the optimizer's "Invalid beta parameter at index 1" named no flag
+        if getattr(args, k) == 1.0:
+            raise ValueError(f"--{k} must be in [0, 1), got 1")
     if not 0 <= args.peak_flops < math.inf:  # a negative figure printed a negative MFU
         raise ValueError("--peak-flops must be a finite number >= 0 (0 = a guess from the device), "
                          f"got {args.peak_flops}")

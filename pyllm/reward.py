@@ -107,6 +107,9 @@ def parse_preference(obj: dict, where: str):
     prompt = as_messages(obj["prompt"], where, "prompt", "user")
     chosen = as_messages(obj["chosen"], where, "chosen", "assistant")
     rejected = as_messages(obj["rejected"], where, "rejected", "assistant")
+    for k, msgs in (("chosen", chosen), ("rejected", rejected)):  # DPO's loss masks were all zero: it trained on
+        if not any(m["role"] == "assistant" for m in msgs):          # nothing and exited 0
+            raise BadLine(f"{where}: '{k}' has no assistant turn (it is the reply being compared)")
     if chosen == rejected:
         raise BadLine(f"{where}: chosen and rejected are identical (no preference to learn)")
     margin = obj.get("margin", 0.0)
@@ -206,7 +209,7 @@ def main(args) -> int:
         loss = bradley_terry_loss(rc, rr, margin)
         set_lr(opt, lr_at(step, steps, lr, args.warmup_steps))
         loss.backward()
-        gn = clip_and_step(opt, params, args.grad_clip)
+        gn = clip_and_step(opt, params, args.grad_clip, step + 1)
         step += 1
         row = {"step": step, "loss": dist.mean(loss.item()), "accuracy": dist.mean(float((rc > rr).float().mean())),
                "margin": dist.mean((rc - rr).mean().item()), "lr": opt.param_groups[0]["lr"], "grad_norm": gn}

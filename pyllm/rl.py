@@ -42,7 +42,8 @@ from torch.nn.utils import parametrize
 
 from .reward import pad_batch, pad_id_of
 from .sft import (BadLine, Bar, Dist, Metrics, add_common_args, as_messages, check_common_args, check_messages,
-                  check_same_tokenizer, clip_and_step, load_optimizer_tensors, load_policy, make_optimizer,
+                  check_context, check_same_tokenizer, clip_and_step, load_optimizer_tensors, load_policy,
+                  make_optimizer,
                   prepare_model, read_jsonl, render_checked, resume_state, resume_step, save_stage, set_lr, lr_at,
                   run_args, step_items)
 
@@ -259,6 +260,10 @@ def parse_prompt(obj: dict, where: str):
         raise BadLine(f"{where}: expected a 'prompt' or 'messages' key, got {sorted(obj)}")
     if msgs[-1]["role"] == "assistant":
         raise BadLine(f"{where}: the prompt ends with an assistant turn; nothing left to generate")
+    w = extra.get("weight", 1.0)  # the verifier's full credit (see _passfail): a null or a string failed mid-run
+    if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
+        raise BadLine(f"{where}: weight must be a finite number (the --reward-fn score of a fully right reply), "
+                      f"got {w!r}")
     return msgs, raw, extra
 
 
@@ -424,6 +429,7 @@ def main(args) -> int:
         from .reward import load_reward_model
         rm, rm_tok = load_reward_model(args.reward_model, dist.device, args.tokenizer)
         check_same_tokenizer(tok, rm_tok, args.reward_model, "reward model")
+        check_context(model.config.max_seq_len, rm.model.config.max_seq_len, args.reward_model, "reward model")
         rm.eval().requires_grad_(False)
     fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     k = args.num_samples or (1 if args.algo == "ppo" else 4)
@@ -599,7 +605,7 @@ def main(args) -> int:
                     loss = loss + args.vf_coef * vf
                     stats["vf_loss"].append(vf.item())
                 loss.backward()
-                stats["grad_norm"].append(clip_and_step(opt, params, args.grad_clip))
+                stats["grad_norm"].append(clip_and_step(opt, params, args.grad_clip, step + 1))
                 with torch.no_grad():
                     lpa = torch.log_softmax(logits_b[:, :-1].float(), -1)
                     stats["entropy"].append(masked_mean(-(lpa.exp() * lpa).sum(-1), mm).item())

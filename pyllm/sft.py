@@ -362,6 +362,14 @@ def check_same_tokenizer(tok, other, path, what: str):
                          f"{tok.vocab_size} tokens); it would read the policy's token ids as other tokens")
 
 
+def check_context(policy_T: int, other_T: int, path, what: str) -> None:
+    """The second model reads the policy's sequences (checked against the policy's context): a shorter context
+    failed at the first step or after the first rollout, naming neither the flag nor the file."""
+    if other_T < policy_T:
+        raise ValueError(f"{path}: the {what}'s context (max_seq_len {other_T}) is shorter than the policy's "
+                         f"({policy_T}); it could not read the policy's longest sequences")
+
+
 def plain_copy(model: nn.Module) -> nn.Module:
     """A plain GPT with the same (LoRA-merged) weights, on CPU: what checkpoints and references are made from."""
     from .lora import has_lora, merged_state_dict
@@ -512,7 +520,7 @@ def add_common_args(p, lora: bool = True, default_lr: tuple | None = None, evals
 # the smallest value each count flag can run with (getattr: a stage without the flag skips it)
 MIN_FLAGS = {"batch_size": 1, "steps": 0, "warmup_steps": 0, "eval_every": 1, "save_every": 1, "log_every": 1,
              "seq_len": 0, "num_samples": 0, "max_new_tokens": 1, "ppo_epochs": 1, "minibatches": 1,
-             "prefilter_samples": 0}
+             "prefilter_samples": 0, "top_k": 0}
 
 
 # float flags' ranges, (low, high, low excluded): a value outside trained silently wrong (a negative --grad-clip
@@ -548,6 +556,10 @@ def check_common_args(args):
         raise ValueError(f"--seed must be in [0, 2^63), got {args.seed}")
     if not 0 <= getattr(args, "eval_frac", 0) < 1:
         raise ValueError(f"--eval-frac must be in [0, 1), got {args.eval_frac}")
+    ev, tr = getattr(args, "eval_data", None), getattr(args, "data", None)
+    if ev and tr and os.path.exists(ev) and os.path.realpath(ev) == os.path.realpath(tr):
+        raise ValueError(f"--eval-data {ev}: is the --data file; the eval loss would be measured on training data "
+                         f"(leave it out to hold out --eval-frac of --data)")
     check_float_ranges(args)
     out = getattr(args, "out", None)
     if out is not None and Path(out).exists() and not Path(out).is_dir():  # before the run, not at its first save
@@ -673,25 +685,38 @@ def resume_state(args, stage: str | None = None):
     if st:
         resume_args(args, st[0].get("args"), args.out)
     check_lora_flags(args)  # after the run's own LoRA flags are restored
-    check_out_dir(args.out, getattr(args, "model", None))
+    inputs = [("--policy" if stage == "rl" else "--model", getattr(args, "model", None))]
+    inputs += [(f, getattr(args, a, None))
+               for f, a in (("--reward-model", "reward_model"), ("--ref-model", "ref_model"))]
+    check_out_dir(args.out, inputs, stage)
     if not args.resume and (Path(args.out) / "trainer_state.json").exists():
         print(f"{args.out}: existing checkpoint will be overwritten (pass --resume to continue it)",
               file=sys.stderr)
     return st
 
 
-def check_out_dir(out, model=None) -> None:
+def check_out_dir(out, inputs=(), stage: str | None = None) -> None:
     """Before any work: --out is replaced as a whole by each save (save_checkpoint's swap keeps only the run's
-    metrics and plots), so it must be new, empty, or a checkpoint of a stage run. A project directory (notes and
-    code deleted), a pretraining run's directory (its ckpt_* and `latest` deleted), the --model being trained from,
-    or `.` (a whole run trained, then "'.' has an empty name") were each accepted."""
+    metrics and plots), so it must be new, empty, or a checkpoint of this stage's runs. A project directory (notes
+    and code deleted), a pretraining run's directory (its ckpt_* and `latest` deleted), a model the run reads
+    (inputs: (flag, path); `rl --out` = its --reward-model replaced the reward model by the policy), another stage's
+    run, or `.` (a whole run trained, then "'.' has an empty name") were each accepted."""
     out = Path(out)
     where = out.resolve()
     if where == Path.cwd().resolve() or where in Path.cwd().resolve().parents:
         raise ValueError(f"--out {out}: is the current directory or holds it; name a new directory for the run")
-    if model is not None and Path(model).exists() and where == Path(model).resolve():
-        raise ValueError(f"--out {out}: is the --model it starts from (each save replaces --out); use a new "
-                         f"directory")
+    for flag, path in inputs:
+        if path is not None and Path(path).exists() and where == Path(path).resolve():
+            what = "starts from" if flag in ("--model", "--policy") else "reads"
+            raise ValueError(f"--out {out}: is the {flag} it {what} (each save replaces --out); use a new directory")
+    if stage and (out / "trainer_state.json").is_file():
+        try:
+            found = json.loads((out / "trainer_state.json").read_text()).get("stage")
+        except (OSError, ValueError, AttributeError):  # unreadable: --resume says so; a fresh run replaces it
+            found = None
+        if found not in (None, stage):
+            raise ValueError(f"--out {out}: holds a `pyllm {found}` run; `pyllm {stage}` replaces only its own "
+                             f"runs (use another --out)")
     if out.is_dir() and not (out / "trainer_state.json").is_file():  # (a file: check_common_args said so)
         held = sorted(f.name for f in out.iterdir() if not (f.is_file() and f.suffix in KEEP))  # a run's own logs
         if held:
@@ -716,8 +741,15 @@ def step_items(items: list, step: int, per_step: int, seed: int, dist: "Dist") -
     return [items[i] for i in picked[dist.rank::dist.world]]
 
 
-def clip_and_step(opt, params, grad_clip: float) -> float:
+def clip_and_step(opt, params, grad_clip: float, step: int | None = None) -> float:
+    """Clip, then step. A non-finite gradient norm (a diverged loss) stops the run before the update, as pretrain
+    does: an all-NaN model was saved and the run exited 0 (and a --resume of a good run replaced it). step: the
+    step about to be taken, for the message."""
     gn = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if not math.isfinite(float(gn)):
+        at = f" at step {step}" if step is not None else ""
+        raise ValueError(f"gradient norm is {float(gn)}{at} (the loss diverged); lower --lr or check the data "
+                         f"(the last saved checkpoint is kept)")
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(gn)
@@ -808,7 +840,7 @@ def main(args) -> int:
         n_all = dist.sum(n_tok)
         share = dist.world * n_tok / max(n_all, 1)
         (loss * share).backward()
-        gn = clip_and_step(opt, params, args.grad_clip)
+        gn = clip_and_step(opt, params, args.grad_clip, step + 1)
         step += 1
         row = {"step": step, "loss": dist.mean(loss.item() * share), "lr": opt.param_groups[0]["lr"],
                "grad_norm": gn, "tokens": int(n_all)}

@@ -184,7 +184,7 @@ class Tokenizer:
         """Write tokenizer.json (atomically). A directory (or a path without .json) gets dir/tokenizer.json plus
         a tokenizer_config.json so transformers' AutoTokenizer finds the special tokens."""
         p = Path(path)
-        if p.suffix != ".json":
+        if p.suffix != ".json" or p.is_dir():  # (a directory named x.json: `--out x.json` made it)
             p.mkdir(parents=True, exist_ok=True)
             cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|end|>",
                    "pad_token": "<|pad|>", "clean_up_tokenization_spaces": False,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import data
-from .prepare import _unescape, add_input_arguments, train_tokenizer
+from .prepare import _unescape, add_input_arguments, refuse_foreign_out, train_tokenizer
 
 
 def add_arguments(p):
@@ -20,19 +20,20 @@ def main(args) -> int:
     if args.vocab_size < 262:
         raise ValueError(f"--vocab-size must be at least 262 (256 bytes + specials), got {args.vocab_size}")
     out = Path(args.out)
+    refuse_foreign_out(out, "tokenizer-train")
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)  # before training: an --out that is a file fails at once, not after it
     try:
         files = data.expand_inputs(args.input)
         tok = train_tokenizer(files, args.vocab_size, skip_bad_lines=args.skip_bad_lines,
                               doc_sep=_unescape(args.doc_sep))
+        tok.save(str(out))
+        if hasattr(tok, "save_bin"):
+            tok.save_bin(str(out / "tokenizer.bin"))
     except BaseException:
-        if made and not any(out.iterdir()):  # a failed run left an empty --out behind
+        if made and out.is_dir() and not any(out.iterdir()):  # a failed run left an empty --out behind
             out.rmdir()
         raise
-    tok.save(str(out))
-    if hasattr(tok, "save_bin"):
-        tok.save_bin(str(out / "tokenizer.bin"))
     print(f"{out}: tokenizer with {tok.vocab_size} tokens, hash {data.tokenizer_hash(tok)}")
     return 0
 

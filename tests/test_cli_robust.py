@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from chat_util import cli, tiny_checkpoint, write_jsonl
 
@@ -104,6 +105,7 @@ def test_jsonl_directory_and_non_utf8_line(base, tmp_path, capsys):
     ("rl", "--reward-clip", "-1", "--reward-clip must be >= 0"),
     ("rl", "--hard-prompts", "-1", "--hard-prompts must be >= 0"),
     ("rl", "--prefilter-samples", "-1", "--prefilter-samples must be >= 0"),
+    ("rl", "--top-k", "-1", "--top-k must be >= 0"),  # session 30: was "generate top_k: ..." after loading
 ])
 def test_out_of_range_flags(base, tmp_path, capsys, stage, flag, value, message):
     sft = write_jsonl(tmp_path / "s.jsonl", [GOOD_SFT] * 4)
@@ -772,3 +774,181 @@ def test_resume_restores_lora_rank_before_checking_lora_flags(tmp_path, capsys):
     assert cli([*sft, "--steps", "1", "--batch-size", "2", "--lora-r", "2", "--lora-alpha", "4"]) == 0
     assert cli([*sft, "--steps", "2", "--lora-alpha", "4", "--resume"]) == 0
     assert "resuming with the run's --batch-size 2 --lora-r 2" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# session 30 audit: inputs that were destroyed, runs that ended "fine" on nothing, checks that came too late
+
+def _same_tree(a, b) -> bool:
+    fa = sorted(p.relative_to(a) for p in a.rglob("*"))
+    return fa == sorted(p.relative_to(b) for p in b.rglob("*")) and all(
+        (a / f).read_bytes() == (b / f).read_bytes() for f in fa if (a / f).is_file())
+
+
+def test_prepare_and_tokenizer_train_leave_a_checkpoint_alone(base, tmp_path, capsys):
+    """`prepare --out <checkpoint>` replaced the checkpoint's tokenizer.json (a 300-token one beside a 262-token
+    config), or, on a bad input line, deleted it with its own partial output; tokenizer-train replaced it too."""
+    import shutil
+    ck = tmp_path / "ck"
+    shutil.copytree(base, ck)
+    good = tmp_path / "in.txt"
+    good.write_text("hello world. " * 40)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "hello"}\n{bad\n')
+    for argv in (["prepare", "--input", str(bad), "--byte-level", "--workers", "1"],
+                 ["prepare", "--input", str(good), "--vocab-size", "300", "--workers", "1"],
+                 ["tokenizer-train", "--input", str(good), "--vocab-size", "300"]):
+        assert cli([*argv, "--out", str(ck)]) == 2, argv
+        assert f"--out {ck}: holds a model checkpoint (config.json)" in one_line_error(capsys, argv[0])
+        assert _same_tree(base, ck)
+    # a tokenizer.json that no prepare run wrote: refused, unless it is the run's own --tokenizer
+    tk = tmp_path / "tk"
+    assert cli(["tokenizer-train", "--input", str(good), "--vocab-size", "270", "--out", str(tk)]) == 0
+    before = (tk / "tokenizer.json").read_bytes()
+    assert cli(["prepare", "--input", str(good), "--vocab-size", "300", "--workers", "1", "--out", str(tk)]) == 2
+    assert f"--out {tk}: holds a tokenizer.json that no `pyllm prepare` run there wrote; pass --tokenizer {tk}" in \
+        one_line_error(capsys, "prepare")
+    assert (tk / "tokenizer.json").read_bytes() == before
+    assert cli(["prepare", "--input", str(bad), "--tokenizer", str(tk), "--workers", "1", "--out", str(tk)]) == 2
+    capsys.readouterr()
+    assert (tk / "tokenizer.json").read_bytes() == before  # the failed run kept the user's --tokenizer
+    assert cli(["prepare", "--input", str(good), "--tokenizer", str(tk), "--workers", "1", "--out", str(tk)]) == 0
+    assert (tk / "tokenizer.json").read_bytes() == before and (tk / "manifest.json").is_file()
+    # and tokenizer-train does not replace the tokenizer that prepared shards were encoded with
+    assert cli(["tokenizer-train", "--input", str(good), "--vocab-size", "300", "--out", str(tk)]) == 2
+    assert "holds prepared token shards (manifest.json)" in one_line_error(capsys, "tokenizer-train")
+    assert (tk / "tokenizer.json").read_bytes() == before
+
+
+def test_tokenizer_out_named_like_a_json_file(tmp_path, capsys):
+    """`--out tok.json` made a directory tok.json, trained, then failed "tok.json: Is a directory"."""
+    good = tmp_path / "in.txt"
+    good.write_text("hello world. " * 40)
+    assert cli(["tokenizer-train", "--input", str(good), "--vocab-size", "270", "--out", str(tmp_path / "t.json")]) == 0
+    assert (tmp_path / "t.json" / "tokenizer.json").is_file() and (tmp_path / "t.json" / "tokenizer.bin").is_file()
+    assert cli(["prepare", "--input", str(good), "--byte-level", "--workers", "1",
+                "--out", str(tmp_path / "d.json")]) == 0
+    assert (tmp_path / "d.json" / "tokenizer.json").is_file() and (tmp_path / "d.json" / "manifest.json").is_file()
+
+
+def test_out_that_is_a_symlink_to_a_directory(base, tmp_path):
+    """The save renamed the link itself: a real directory took its place, a stray `<out>.old-<pid>` link stayed and
+    the run failed "Cannot call rmtree on a symbolic link". The link's target is replaced now, twice over."""
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    data = write_jsonl(tmp_path / "s.jsonl", [GOOD_SFT] * 4)
+    args = ["sft", "--model", str(base), "--data", str(data), "--eval-frac", "0", "--device", "cpu", "--out", str(link)]
+    assert cli([*args, "--steps", "1", "--save-every", "1"]) == 0
+    assert cli([*args, "--steps", "2", "--resume"]) == 0
+    assert link.is_symlink() and (real / "model.safetensors").is_file()
+    assert json.loads((real / "trainer_state.json").read_text())["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real", "s.jsonl"]  # no stray .old / .tmp
+
+
+def test_out_that_is_an_input_model_or_another_stages_run(base, tmp_path, capsys):
+    """`rl --out <its --reward-model>` replaced the reward model by the policy (and then could not rerun: no reward
+    head); `sft --out <a reward run>` replaced the reward run. Both were a warning and exit 0."""
+    import shutil
+    prefs = write_jsonl(tmp_path / "p.jsonl", [GOOD_PREF] * 4)
+    rm = tmp_path / "rm"
+    assert cli(["reward", "--model", str(base), "--data", str(prefs), "--steps", "1", "--batch-size", "2",
+                "--eval-frac", "0", "--device", "cpu", "--out", str(rm)]) == 0
+    capsys.readouterr()
+    keep = tmp_path / "rm_copy"
+    shutil.copytree(rm, keep)
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi"}] * 2)
+    assert cli(["rl", "--policy", str(base), "--reward-model", str(rm), "--prompts", str(prompts), "--steps", "1",
+                "--batch-size", "2", "--max-new-tokens", "2", "--device", "cpu", "--out", str(rm)]) == 2
+    assert f"--out {rm}: is the --reward-model it reads" in one_line_error(capsys, "rl")
+    assert cli(["dpo", "--model", str(base), "--ref-model", str(rm), "--data", str(prefs), "--steps", "1",
+                "--device", "cpu", "--out", str(rm)]) == 2
+    assert f"--out {rm}: is the --ref-model it reads" in one_line_error(capsys, "dpo")
+    sft = write_jsonl(tmp_path / "s.jsonl", [GOOD_SFT] * 4)
+    assert cli(["sft", "--model", str(base), "--data", str(sft), "--steps", "1", "--eval-frac", "0", "--device", "cpu",
+                "--out", str(rm)]) == 2
+    assert f"--out {rm}: holds a `pyllm reward` run; `pyllm sft` replaces only its own runs" in \
+        one_line_error(capsys, "sft")
+    assert _same_tree(keep, rm)
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_a_diverged_loss_stops_before_the_update(base, tmp_path, capsys, stage):
+    """SFT at --lr 1000 (DPO at 1e30, no clipping) logged NaN losses, saved an all-NaN model and exited 0; a --resume
+    of a good run replaced it with that. Now the step that sees a non-finite gradient norm stops the run and the
+    last checkpoint (finite) stays."""
+    from pyllm.checkpoint import load_checkpoint
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD_SFT if stage == "sft" else GOOD_PREF] * 8)
+    out = tmp_path / "o"
+    args = [stage, "--model", str(base), "--data", str(data), "--eval-frac", "0", "--device", "cpu", "--out", str(out),
+            "--steps", "8", "--save-every", "1"]
+    args += ["--lr", "1000"] if stage == "sft" else ["--lr", "1e30", "--grad-clip", "0"]
+    assert cli(args) == 2
+    err = one_line_error(capsys, stage)
+    assert "gradient norm is nan at step" in err and "lower --lr" in err, err
+    step = int(err.split("at step ")[1].split()[0])
+    assert step >= 2  # the first update is finite (and huge): the next step's gradients are not
+    model, _ = load_checkpoint(str(out))
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == step - 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_prompt_and_preference_fields_checked_at_their_line(base, tmp_path, capsys):
+    """An RL prompt's `weight` of null / a list / a string was a TypeError traceback (or an unnamed error) after the
+    first rollout; DPO pairs whose chosen and rejected had no assistant turn trained on nothing and exited 0."""
+    fn = tmp_path / "rf.py"
+    fn.write_text("def fn(prompt, response, **kw):\n    return 1.0\n")
+    for w in (None, [1], "high", True):
+        prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi", "weight": 1}, {"prompt": "ho", "weight": w}])
+        assert cli(["rl", "--policy", str(base), "--reward-fn", f"{fn}:fn", "--prompts", str(prompts), "--steps", "1",
+                    "--batch-size", "2", "--max-new-tokens", "2", "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
+        assert f"q.jsonl:2: weight must be a finite number" in one_line_error(capsys, "rl")
+    turns = [{"role": "user", "content": "nope"}]
+    for stage in ("dpo", "reward"):
+        prefs = write_jsonl(tmp_path / "p.jsonl", [GOOD_PREF, {"prompt": "q", "chosen": turns, "rejected": "bad"}])
+        assert cli([stage, "--model", str(base), "--data", str(prefs), "--steps", "1", "--eval-frac", "0",
+                    "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
+        assert "p.jsonl:2: 'chosen' has no assistant turn" in one_line_error(capsys, stage)
+    assert not (tmp_path / "o").exists()
+
+
+def test_second_model_context_and_eval_data_checked_up_front(base, tmp_path, capsys):
+    """A --ref-model / --reward-model with a shorter context failed at the first step (or after the first rollout)
+    with "sequence of 18 tokens exceeds max_seq_len 16", naming neither; --eval-data = --data measured the eval loss
+    on the training data without a word."""
+    from pyllm.checkpoint import save_checkpoint
+    from chat_util import tiny_model
+    from pyllm.tokenizer import Tokenizer
+    model, _ = tiny_model(max_seq_len=16)
+    short = save_checkpoint(tmp_path / "short", model, Tokenizer.byte_level())
+    prefs = write_jsonl(tmp_path / "p.jsonl", [GOOD_PREF] * 4)
+    assert cli(["dpo", "--model", str(base), "--ref-model", str(short), "--data", str(prefs), "--steps", "1",
+                "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
+    assert f"{short}: the reference model's context (max_seq_len 16) is shorter than the policy's (48)" in \
+        one_line_error(capsys, "dpo")
+    assert cli(["reward", "--model", str(short), "--data", str(prefs), "--steps", "1", "--batch-size", "2",
+                "--eval-frac", "0", "--device", "cpu", "--out", str(tmp_path / "rm")]) == 0
+    capsys.readouterr()
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi"}] * 2)
+    assert cli(["rl", "--policy", str(base), "--reward-model", str(tmp_path / "rm"), "--prompts", str(prompts),
+                "--steps", "1", "--batch-size", "2", "--max-new-tokens", "2", "--device", "cpu",
+                "--out", str(tmp_path / "o")]) == 2
+    assert "the reward model's context (max_seq_len 16) is shorter" in one_line_error(capsys, "rl")
+    for stage in ("sft", "reward", "dpo"):
+        data = write_jsonl(tmp_path / "d.jsonl", [GOOD_SFT if stage == "sft" else GOOD_PREF] * 4)
+        assert cli([stage, "--model", str(base), "--data", str(data), "--eval-data", str(data), "--steps", "1",
+                    "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
+        assert f"--eval-data {data}: is the --data file" in one_line_error(capsys, stage)
+    assert not (tmp_path / "o").exists()
+
+
+def test_demo_word_and_list_settings_checked_before_any_stage(tmp_path, capsys):
+    """rl_scale_rewards=bogus / rl_kinds=mul failed in the RL stage, after every stage before it had run."""
+    for argv, message in ((["--set", "rl_scale_rewards=bogus"], "expected group, batch or none"),
+                          (["--set", "rl_kinds=mul"], "rl_kinds=mul: expected a comma-separated subset of kinds"),
+                          (["--set", "kinds=add,mul"], "kinds=add,mul: expected a comma-separated subset of add,sub"),
+                          (["--set", "kinds=add", "--set", "rl_kinds=sub"], "rl_kinds=sub: expected")):
+        assert cli(["demo", "--quick", "--device", "cpu", "--out", str(tmp_path / "d"), *argv]) == 2
+        assert message in one_line_error(capsys, "demo")
+        assert not (tmp_path / "d").exists()

@@ -111,6 +111,16 @@ def test_resume_errors(data_dir, tmp_path, capsys):
     assert cli([*base, "--max-steps", "1", "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "checkpoint is at step 2, past --max-steps 1; raise --max-steps" in err[0], err
+    # --stop-at at or before the checkpoint's step: the same, was exit 0 with nothing trained
+    for stop in (1, 2):
+        assert cli([*base, "--max-steps", "4", "--stop-at", str(stop), "--resume"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"checkpoint is at step 2, already at or past --stop-at {stop}" in err[0], err
+    # beta 1 passed the range check and reached the optimizer ("Invalid beta parameter at index 1", no flag)
+    for flag in ("--beta1", "--beta2"):
+        assert cli([*base, "--max-steps", "4", flag, "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{flag} must be in [0, 1), got 1" in err[0], err
     good = (out / (out / "latest").read_text().strip() / "trainer_state.json").read_text()
     tj = out / (out / "latest").read_text().strip() / "trainer_state.json"
     for step in (-5, "2", True):

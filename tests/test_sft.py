@@ -281,7 +281,7 @@ def test_out_that_is_not_a_stage_checkpoint_is_refused_before_any_work(tmp_path,
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     for out, want in ((proj, f"--out {proj}: exists and is not a stage checkpoint (it holds notes, train.py)"),
-                      (base, f"--out {base}: is the --model it starts from"),
+                      (base, f"--out {base}: is the {'--policy' if stage == 'rl' else '--model'} it starts from"),
                       (".", "--out .: is the current directory or holds it"),
                       (str(tmp_path), f"--out {tmp_path}: is the current directory or holds it")):
         src = ["--policy", str(base), "--prompts", str(data), "--reward-model", str(base)] if stage == "rl" else \
