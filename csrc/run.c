@@ -322,7 +322,7 @@ int run_sample(float* logits, int n, float temperature, float top_p, int top_k, 
 // ---------------------------------------------------------------------------------------------------------------
 // Tokenizer: a thin wrapper over csrc/tokenizer.h (pyllm BPE or llama2.c tokenizer.bin, detected from the file).
 
-struct run_tokenizer { tokenizer t; char path[256]; };  // path: for errors at encode time
+struct run_tokenizer { tokenizer t; char path[RUN_ERR_LEN - 512]; };  // path: for errors at encode time
 
 run_tokenizer* run_tokenizer_build(const char* path, int vocab_size, char* err, size_t errlen) {
     run_tokenizer* t = (run_tokenizer*)calloc(1, sizeof(run_tokenizer));
@@ -330,13 +330,13 @@ run_tokenizer* run_tokenizer_build(const char* path, int vocab_size, char* err, 
     if (tokenizer_build(&t->t, path, err, errlen) != 0) { free(t); return NULL; }
     snprintf(t->path, sizeof(t->path), "%s", path);
     if (vocab_size > 0 && t->t.vocab_size != vocab_size) {
-        snprintf(err, errlen, "%.300s: tokenizer has %d tokens but the model's vocab_size is %d (wrong tokenizer?)", path,
+        snprintf(err, errlen, "%s: tokenizer has %d tokens but the model's vocab_size is %d (wrong tokenizer?)", path,
                  t->t.vocab_size, vocab_size);
         run_tokenizer_free(t);
         return NULL;
     }
     if (t->t.bos_id < 0) {  // every prompt starts with it: this failed later as "cannot encode the prompt"
-        snprintf(err, errlen, "%.300s: the tokenizer has no <|bos|> token (pyllm's tokenizers always have one)", path);
+        snprintf(err, errlen, "%s: the tokenizer has no <|bos|> token (pyllm's tokenizers always have one)", path);
         run_tokenizer_free(t);
         return NULL;
     }
@@ -465,8 +465,10 @@ static int chat(run_model* m, run_tokenizer* tok, const char* first_user, const 
               usr = run_token_id(tok, "<|user|>"), ast = run_token_id(tok, "<|assistant|>"),
               end = run_token_id(tok, "<|end|>");
     if (bos < 0 || sys < 0 || usr < 0 || ast < 0 || end < 0) {
-        fprintf(stderr, "pyllm-run: error: chat mode needs a pyllm tokenizer with <|bos|> <|system|> <|user|> "
-                        "<|assistant|> <|end|> tokens\n");
+        fprintf(stderr, "pyllm-run: error: %s: chat mode needs a pyllm tokenizer with <|bos|> <|system|> <|user|> "
+                        "<|assistant|> <|end|> tokens; missing:%s%s%s%s%s\n", run_tokenizer_path(tok),
+                bos < 0 ? " <|bos|>" : "", sys < 0 ? " <|system|>" : "", usr < 0 ? " <|user|>" : "",
+                ast < 0 ? " <|assistant|>" : "", end < 0 ? " <|end|>" : "");
         return 1;
     }
     const int cap = 1 << 16;
@@ -502,8 +504,15 @@ static int chat(run_model* m, run_tokenizer* tok, const char* first_user, const 
         } else {
             printf("User: ");
             fflush(stdout);
+            errno = 0;
             ssize_t len = getline(&line, &line_cap, stdin);
-            if (len < 0) break;
+            if (len < 0) {  // the end of input, or a read error (stdin a directory, closed): not a clean end
+                if (ferror(stdin)) {
+                    fprintf(stderr, "pyllm-run: error: reading standard input: %s\n", strerror(errno ? errno : EIO));
+                    rc = 1;
+                }
+                break;
+            }
             if (len > 0 && line[len - 1] == '\n') line[--len] = 0;  // the line end only (a lone \r inside is text)
             if (len > 0 && line[len - 1] == '\r') line[--len] = 0;
             if (memchr(line, 0, (size_t)len)) {  // strlen stopped there: the rest of the line was dropped
@@ -631,10 +640,10 @@ int main(int argc, char** argv) {
     }
     const char* isa_err = isa_env_error();
     if (isa_err) { fprintf(stderr, "pyllm-run: error: %s\n", isa_err); return 2; }
-    char err[512];
+    char err[RUN_ERR_LEN];
     run_model* m = run_model_build(model_path, err, sizeof(err));
     if (!m) { fprintf(stderr, "pyllm-run: error: %s\n", err); return 1; }
-    char tok_buf[4096];
+    char tok_buf[RUN_ERR_LEN];
     if (!tok_path) {  // tokenizer.bin in the model's directory
         const char* slash = strrchr(model_path, '/');
         int dl = slash ? (int)(slash - model_path + 1) : 0;

@@ -12,6 +12,10 @@ extern "C" {
 typedef struct run_model run_model;          // weights (mmap) + KV cache + activations
 typedef struct run_tokenizer run_tokenizer;  // pyllm BPE or llama2.c tokenizer.bin (see csrc/tokenizer.h)
 
+// Size of the err buffers of the *_build calls: PATH_MAX (4096) and the message, so an error keeps the whole path
+// and the problem (512 bytes cut the problem, or the path, off a long path). pyllm/runtime.py uses the same.
+#define RUN_ERR_LEN 4608
+
 // --- model -------------------------------------------------------------------------------------------------------
 run_model* run_model_build(const char* path, char* err, size_t errlen);
 void run_model_free(run_model* m);

@@ -20,6 +20,7 @@ import numpy as np
 
 _PKG = Path(__file__).resolve().parent
 LIB_PATH = _PKG / "lib" / "libpyllm_run.so"
+ERR_LEN = 4608  # csrc/run.h RUN_ERR_LEN: room for a whole path and the problem in a *_build error
 BIN_PATH = _PKG / "bin" / "pyllm-run"
 FORMATS = {0: "pyllm", 1: "llama2c-v0", 2: "llama2c-v1", 3: "llama2c-v2"}
 
@@ -58,8 +59,8 @@ class Model:
     def __init__(self, path):
         ffi, L = lib()
         self.path = str(path)
-        err = ffi.new("char[512]")
-        self._m = L.run_model_build(self.path.encode(), err, 512)
+        err = ffi.new(f"char[{ERR_LEN}]")
+        self._m = L.run_model_build(self.path.encode(), err, ERR_LEN)
         if self._m == ffi.NULL:
             raise ValueError(ffi.string(err).decode(errors="replace"))
         out = ffi.new("int[11]")
@@ -105,8 +106,8 @@ class CTokenizer:
 
     def __init__(self, path, vocab_size: int = 0):
         ffi, L = lib()
-        err = ffi.new("char[512]")
-        self._t = L.run_tokenizer_build(str(path).encode(), int(vocab_size), err, 512)
+        err = ffi.new(f"char[{ERR_LEN}]")
+        self._t = L.run_tokenizer_build(str(path).encode(), int(vocab_size), err, ERR_LEN)
         if self._t == ffi.NULL:
             raise ValueError(ffi.string(err).decode(errors="replace"))
         self.bos_id = L.run_bos_id(self._t)

@@ -444,6 +444,38 @@ def test_binary_prompt_bytes_and_lengths(tok_and_model):
     assert ok.returncode == 0 and ok.stdout.startswith("Café 東京 🙂".encode())
 
 
+@pytest.mark.skipif(not runtime.BIN_PATH.exists(), reason="pyllm-run not built")
+def test_binary_chat_stdin_read_error_and_long_paths(tok_and_model, tmp_path):
+    """Session 30 audit: an unreadable stdin in chat mode (a directory, a closed descriptor) ended as a clean end of
+    input, exit 0; with a path of ~500+ bytes the 512-byte error buffer cut off the problem (tokenizer) or dropped
+    the path (model). Now a read error is one line and exit 1, and an error keeps the whole path and the problem."""
+    _, _, c, paths = tok_and_model
+    env = {"OMP_NUM_THREADS": "1"}
+    d = os.open(tmp_path, os.O_RDONLY)  # a directory as stdin: read() fails with EISDIR
+    try:
+        r = subprocess.run([str(runtime.BIN_PATH), str(paths["model"]), "-m", "chat", "-n", "20"], stdin=d,
+                           capture_output=True, timeout=60, env=env)
+    finally:
+        os.close(d)
+    assert r.returncode == 1 and r.stderr.decode().splitlines() == [
+        "pyllm-run: error: reading standard input: Is a directory"], r.stderr
+    r = subprocess.run([str(runtime.BIN_PATH), str(paths["model"]), "-m", "chat", "-n", "20"], input=b"",
+                       capture_output=True, timeout=60, env=env)
+    assert r.returncode == 0 and r.stderr == b"", r.stderr  # a plain end of input is still a clean end
+    deep = tmp_path.joinpath(*["d" * 200] * 4)
+    deep.mkdir(parents=True)
+    bad = deep / "bad.bin"
+    bad.write_bytes(b"\xff" * 1000)
+    for args, want in (([str(bad)], f"pyllm-run: error: {bad}: not a model file"),
+                       ([str(paths["model"]), "-z", str(deep / "none.bin")],
+                        f"pyllm-run: error: {deep / 'none.bin'}: cannot open tokenizer file: No such file or directory")):
+        r = subprocess.run([str(runtime.BIN_PATH), *args, "-n", "2"], capture_output=True, timeout=60, env=env)
+        err = r.stderr.decode().splitlines()
+        assert r.returncode == 1 and len(err) == 1 and err[0].startswith(want), err
+    with pytest.raises(ValueError, match=f"^{bad}: not a model file"):  # the Python binding's buffer too
+        runtime.Model(bad)
+
+
 L2C_TOK = __import__("conftest").SHARED / "data" / "llama2c-tokenizer.bin"
 
 
@@ -561,6 +593,10 @@ def test_binary_llama2c_checkpoint_and_tokenizer(tmp_path, rng):
     r = subprocess.run([str(runtime.BIN_PATH), str(tmp_path / "model.bin"), "-z", str(L2C_TOK), "-m", "chat"],
                        capture_output=True, text=True, timeout=60, input="")
     assert r.returncode == 1 and "chat mode needs a pyllm tokenizer" in r.stderr
+    # the error names the tokenizer file and what it lacks (session 30: it named neither)
+    assert r.stderr.splitlines() == [f"pyllm-run: error: {L2C_TOK}: chat mode needs a pyllm tokenizer with <|bos|> "
+                                     "<|system|> <|user|> <|assistant|> <|end|> tokens; missing: <|bos|> <|system|> "
+                                     "<|user|> <|assistant|> <|end|>"], r.stderr
 
 
 @pytest.mark.skipif(not runtime.BIN_PATH.exists(), reason="pyllm-run not built")
