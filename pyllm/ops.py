@@ -34,9 +34,26 @@ def check(t: torch.Tensor, name: str, dtype=torch.float32, shape: tuple | None =
     if shape is not None and t.shape != shape:   # an exact match is one C compare; None is a wildcard
         if len(shape) != t.dim() or any(s is not None and s != d for s, d in zip(shape, t.shape)):
             raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.layout != torch.strided:  # sparse / mkldnn: torch's own error from is_contiguous or data_ptr
+        raise ValueError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
     if not t.is_contiguous():
         raise ValueError(f"{name}: must be contiguous (call .contiguous())")
+    if t.is_neg():  # a lazy negation (x.conj().imag): the kernel would read the bytes without the sign
+        raise ValueError(f"{name}: has a lazy negation bit (call .resolve_neg())")
+    if t.dim() and max(t.shape) > INT_MAX:  # the kernels' sizes are C ints (was pybind11's 4-line type error)
+        raise ValueError(f"{name}: a dimension of {max(t.shape)} is beyond the kernels' 32-bit sizes (2^31 - 1)")
     return t
+
+
+INT_MAX = 2 ** 31 - 1
+
+
+def _no_autograd(where: str, *tensors) -> None:
+    """The ops without a backward: an input that requires grad gave an output with no graph, and the gradient was
+    silently never computed; an out= that requires grad was overwritten in place (torch refuses both)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise ValueError(f"{where}: records no gradient; call it under torch.no_grad() (for gradients: linear, "
+                         f"attention)")
 
 
 def check_int(v, name: str, lo: int | None = None, hi: int | None = None) -> int:
@@ -370,6 +387,8 @@ def matmul(a, b, bias=None, trans_a=False, trans_b=False, out=None, accumulate=F
     dt = torch.bfloat16 if isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 else torch.float32
     check(a, "matmul a", dt)
     check(b, "matmul b", dt)
+    _no_autograd("matmul", a, b, bias if isinstance(bias, torch.Tensor) else None,
+                 out if isinstance(out, torch.Tensor) else None)
     if a.dim() != 2 or b.dim() != 2:
         raise ValueError(f"matmul: a and b must be 2-D, got {tuple(a.shape)} and {tuple(b.shape)}")
     M, K = (a.shape[1], a.shape[0]) if trans_a else tuple(a.shape)
@@ -458,6 +477,7 @@ def matvec(W, x):
     if W.dim() != 2 or W.numel() == 0:  # an empty W was the binding's "null pointer for w"
         raise ValueError(f"matvec W: expected a non-empty 2-D tensor, got {tuple(W.shape)}")
     check(x, "matvec x", shape=(W.shape[1],))
+    _no_autograd("matvec", W, x)
     y = torch.empty(W.shape[0], dtype=torch.float32)
     C().matvec_f32(ptr(y), ptr(W), ptr(x), W.shape[0], W.shape[1])
     return y
@@ -466,6 +486,7 @@ def matvec(W, x):
 def quantize_q8(w, G):
     """w (n, k) fp32, k % G == 0 -> (q (n, k) int8, s (n, k/G) fp32); Q8_0: s = max|w|/127, q = roundf(w/s)."""
     check(w, "quantize_q8 w")
+    _no_autograd("quantize_q8", w)
     G = check_int(G, "quantize_q8 G", 1, 2 ** 31 - 1)  # 2.0 was torch.empty's TypeError
     if w.dim() != 2 or w.numel() == 0 or w.shape[1] % G:  # empty: the binding's "null pointer for q"
         raise ValueError(f"quantize_q8 w: expected a non-empty (n, k) with k a multiple of G={G}, got "
@@ -487,6 +508,7 @@ def matvec_q8(wq, ws, x):
     if ws.shape[1] == 0 or k % ws.shape[1]:
         raise ValueError(f"matvec_q8 ws: k={k} is not a multiple of the number of groups {ws.shape[1]}")
     check(x, "matvec_q8 x", shape=(k,))
+    _no_autograd("matvec_q8", ws, x)
     y = torch.empty(n, dtype=torch.float32)
     C().matvec_q8(ptr(y), ptr(wq), ptr(ws), ptr(x), n, k, k // ws.shape[1])
     return y
@@ -611,6 +633,14 @@ def adamw_step(params, grads, ms, vs, lr: float, beta1: float, beta2: float, eps
             check(t, f"adamw_step {name}[{i}]", shape=tuple(p.shape))
             if _overlap(p, t):
                 raise ValueError(f"adamw_step {name}[{i}]: shares memory with params[{i}]")
+    # every tensor its own bytes (p, m, v are written, g read): ms[i] = vs[i] (or a parameter listed twice) gave
+    # wrong updates without an error. Sorted by address, an overlap shows between neighbours: O(n log n).
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * 4, f"{name}[{i}]")
+                   for name, ts in (("params", params), ("grads", grads), ("ms", ms), ("vs", vs))
+                   for i, t in enumerate(ts) if t.numel())
+    for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise ValueError(f"adamw_step {n1}: shares memory with {n0}")
     # the kernel's step is an int32 (2^31 was pybind11's 4-line type error): beyond it the fp32 bias corrections
     # 1 - beta^step are exactly 1 for every beta < 1, so the clamp changes nothing
     step = min(step, 2 ** 31 - 1)
@@ -710,6 +740,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     fp32 whose last two dims are contiguous (a slice of a bigger cache is fine) -> (B, H, D). No autograd.
     n_ctx: an int, or a 1-element int64 tensor on q's device (read by the kernel: CUDA-graph friendly)."""
     B, H, Hkv, D, n_ctx = _check_decode_attention(q, k_cache, v_cache, n_ctx)
+    _no_autograd("decode_attention", q, k_cache, v_cache)
     out = torch.empty_like(q)
     C().decode_attention(ptr(out), ptr(q), ptr(k_cache), ptr(v_cache), k_cache.stride(0), k_cache.stride(1), B, H, Hkv, D, n_ctx)
     return out
@@ -832,9 +863,11 @@ def block(x, w_in, wq, wk, wv, wo, w_post, wg, wu, wd, cos, sin, doc_ids=None, n
     if wq.dim() != 2 or wg.dim() != 2 or H % Hkv or wq.shape[0] % H:
         raise ValueError(f"block: bad heads H={H}, Hkv={Hkv} for wq of shape {tuple(wq.shape)}")
     D = wq.shape[0] // H
-    if D % 2 or D > 256:
-        raise ValueError(f"block: head dim {D} must be even and <= 256")
+    if D % 2 or D > 256 or D == 0:
+        raise ValueError(f"block: head dim {D} must be even, > 0 and <= 256")
     F = wg.shape[0]
+    if F == 0:  # (and D = 0 above) was the binding's "null pointer for out"
+        raise ValueError(f"block wg: expected (F, C) with F >= 1, got {tuple(wg.shape)}")
     for t, name, shp in ((w_in, "w_in", (Cm,)), (wq, "wq", (H * D, Cm)), (wk, "wk", (Hkv * D, Cm)),
                          (wv, "wv", (Hkv * D, Cm)), (wo, "wo", (Cm, H * D)), (w_post, "w_post", (Cm,)),
                          (wg, "wg", (F, Cm)), (wu, "wu", (F, Cm)), (wd, "wd", (Cm, F)),
@@ -868,6 +901,35 @@ def _check_cache_pair(k_cache, v_cache, B, Hkv, D, where):
             span = stride * n
     if k_cache.shape != v_cache.shape or st != v_cache.stride():
         raise ValueError(f"{where} v_cache: must have the same shape and strides as k_cache")
+    if _caches_meet(k_cache, v_cache):  # v is written, then k over it: every layer's attention read wrong values
+        raise ValueError(f"{where} v_cache: shares memory with k_cache (each needs its own rows)")
+
+
+def _caches_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Do two KV caches (B, T_max, Hkv, D) share an element? Rows (Hkv, D) contiguous and not overlapping one another
+    (_check_cache_pair). With equal strides, exactly: is b's start, from a's, within a row of some whole-row step
+    sum i0*s0 + i1*s1 (|i| < n); the largest stride first, the rest reach less than it. Not a byte-range test:
+    interleaved caches (buf[:, :, 0], buf[:, :, 1] of one (B, T, 2, Hkv, D) buffer) are a valid layout. Other
+    strides: any common byte range counts."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    def ext(t):  # bytes from the first element to past the last
+        return 4 * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    if a0 >= b0 + ext(b) or b0 >= a0 + ext(a):
+        return False
+    if a.shape != b.shape or a.stride() != b.stride():
+        return True
+    width = 4 * a.shape[2] * a.shape[3]
+    steps = sorted((4 * st, n) for st, n in zip(a.stride()[:2], a.shape[:2]) if n > 1)
+
+    def meet(delta, steps):
+        if not steps:
+            return -width < delta < width
+        st, n = steps[-1]
+        i0 = delta // st
+        return any(-n < i < n and meet(delta - i * st, steps[:-1]) for i in (i0 - 1, i0, i0 + 1))
+    return meet(b0 - a0, steps)
 
 
 def _decode_block_check(x, w_in, wq, wk, wv, wo, w_post, wg, wu, wd, cos, sin, k_cache, v_cache, n_heads, n_kv_heads,
@@ -884,8 +946,10 @@ def _decode_block_check(x, w_in, wq, wk, wv, wo, w_post, wg, wu, wd, cos, sin, k
     if wq.dim() != 2 or wg.dim() != 2 or H % Hkv or wq.shape[0] % H:
         raise ValueError(f"{where}: bad heads H={H}, Hkv={Hkv} for wq of shape {tuple(wq.shape)}")
     D, F = wq.shape[0] // H, wg.shape[0]
-    if D % 2 or D > 256:
-        raise ValueError(f"{where}: head dim {D} must be even and <= 256")
+    if D % 2 or D > 256 or D == 0:
+        raise ValueError(f"{where}: head dim {D} must be even, > 0 and <= 256")
+    if F == 0:  # (and D = 0 above) was the binding's "null pointer for c"
+        raise ValueError(f"{where} wg: expected (F, C) with F >= 1, got {tuple(wg.shape)}")
     HD, KD = H * D, Hkv * D
     weights = (x, w_in, wq, wk, wv, wo, w_post, wg, wu, wd)
     for t, name, shp in ((w_in, "w_in", (Cm,)), (wk, "wk", (KD, Cm)), (wv, "wv", (KD, Cm)), (wo, "wo", (Cm, HD)),
@@ -995,6 +1059,11 @@ class DecodeStack:
             if self.dims is not None and dims != self.dims:
                 raise ValueError(f"DecodeStack layer {i}: shapes {dims} differ from layer 0's {self.dims}")
             self.dims = dims
+            for j, (_, kj, vj) in enumerate(self.layers):  # two layers' caches in the same memory: each step's
+                for a, an in ((kc, "k_cache"), (vc, "v_cache")):  # writes of one overwrote the other's
+                    for c, cn in ((kj, "k_cache"), (vj, "v_cache")):
+                        if _caches_meet(a, c):
+                            raise ValueError(f"DecodeStack layer {i} {an}: shares memory with layer {j}'s {cn}")
             self.layers.append((tuple(w), kc, vc))
         self.cos, self.sin, self.eps = rope_cos, rope_sin, float(eps)
         self.T = min(self.dims[6], rope_cos.shape[0])

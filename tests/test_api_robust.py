@@ -201,3 +201,75 @@ def test_q8_and_adamw_argument_edges(rng):
     ops.adamw_step([expect[0]], [g], [expect[1]], [expect[2]], 1e-2, 0.9, 0.999, 1e-8, 0.1, 2 ** 31 - 1)
     ops.adamw_step([p], [g], [m], [v], 1e-2, 0.9, 0.999, 1e-8, 0.1, 2 ** 40)
     assert all(torch.equal(a, b) for a, b in zip((p, m, v), expect))  # the fp32 bias corrections are 1 at both
+
+
+def test_ops_without_a_backward_refuse_inputs_that_ask_for_one(rng):
+    """Session 30 audit: matmul, matvec, decode_attention, quantize_q8, matvec_q8 returned outputs with no graph for
+    inputs that require grad: backward() then left .grad None without a word (torch's ops would differentiate), and
+    an out= leaf that requires grad was overwritten in place. Under no_grad they run as before."""
+    a = torch.randn(3, 4, generator=rng).requires_grad_()
+    b = torch.randn(5, 4, generator=rng)
+    q, kc = torch.randn(2, 2, 8, generator=rng), torch.randn(2, 6, 1, 8, generator=rng)
+    wq, ws = torch.zeros(5, 4, dtype=torch.int8), torch.ones(5, 1)
+    calls = {"matmul": lambda: ops.matmul(a, b),
+             "matmul out": lambda: ops.matmul(b[:3].detach(), b, out=torch.zeros(3, 5, requires_grad=True)),
+             "matvec": lambda: ops.matvec(b, a[0]),
+             "decode_attention": lambda: ops.decode_attention(q.requires_grad_(), kc, kc, 4),
+             "quantize_q8": lambda: ops.quantize_q8(a, 4),
+             "matvec_q8": lambda: ops.matvec_q8(wq, ws, a[0])}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="records no gradient; call it under torch.no_grad"):
+            call()
+        with torch.no_grad():
+            call()
+    torch.testing.assert_close(ops.matmul(a.detach(), b), a.detach() @ b.T, rtol=1e-5, atol=1e-5)
+
+
+def test_tensors_the_kernels_would_misread(rng):
+    """A lazy negation bit (x.conj().imag) was read without its sign (swiglu gave 1.46 for -1.46); a sparse tensor
+    was torch's RuntimeError; a dimension of 2^31 was pybind11's 4-line type error."""
+    z = torch.tensor([1 + 2j], dtype=torch.complex64).conj().imag    # -2 behind a negation bit (one element:
+    assert z.is_neg() and z.is_contiguous()                           # longer, the imag view is strided)
+    with pytest.raises(ValueError, match="swiglu gate: has a lazy negation bit"):
+        ops.swiglu(z, torch.ones(1))
+    torch.testing.assert_close(ops.swiglu(z.resolve_neg(), torch.ones(1)), ref.swiglu(z.resolve_neg(), torch.ones(1)),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"matvec W: expected a dense \(strided\) tensor"):
+        ops.matvec(torch.eye(3).to_sparse(), torch.ones(3))
+    with pytest.raises(ValueError, match="rmsnorm x: a dimension of 2147483648 is beyond the kernels' 32-bit"):
+        ops.rmsnorm(torch.empty(0, 2 ** 31), torch.ones(2 ** 31 - 1))  # no element: nothing allocated
+
+
+def test_sample_top_k_1_is_the_argmax(isa, rng):
+    """top_k=1 ranked tokens by their fp32 weight exp((l - max)/T): a logit within ~1e-7 of the maximum weighs exactly
+    1 as well, and the tie went to the lower id, a token that is not the argmax (greedy picked the right one)."""
+    logits = torch.tensor([[0.1, 0.10000000894069672], [2.0, 2.0 - 1e-7], [5.0, 5.0]])
+    for seed in range(4):
+        for T in (1.0, 0.7, 3.0):
+            tok, lp = ops.sample(logits, temperature=T, top_k=1, seed=seed)
+            assert tok.tolist() == [1, 0, 0], (seed, T)       # ties of equal logits: the lower id, as greedy
+            torch.testing.assert_close(lp, torch.log_softmax(logits / T, -1).gather(1, tok[:, None])[:, 0])
+            tok2, _ = ops.sample(logits, temperature=T, top_k=1, top_p=0.3, min_p=0.9, seed=seed)
+            assert torch.equal(tok2, tok)
+    mask = torch.tensor([[True, False], [False, True], [True, True]])
+    assert ops.sample(logits, top_k=1, mask=mask)[0].tolist() == [0, 1, 0]
+
+
+def test_adamw_step_buffers_that_share_memory(rng):
+    """ms[i] = vs[i] (or a parameter listed twice) gave wrong updates without an error: only params against their
+    own grads, ms, vs were checked."""
+    p = [torch.randn(4, generator=rng), torch.randn(3, generator=rng)]
+    g = [torch.randn(4, generator=rng), torch.randn(3, generator=rng)]
+    m, v = [torch.zeros(4), torch.zeros(3)], [torch.zeros(4), torch.zeros(3)]
+    hp = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, step=1)
+    with pytest.raises(ValueError, match=r"adamw_step (ms|vs)\[0\]: shares memory with (ms|vs)\[0\]"):
+        ops.adamw_step(p, g, [m[0], m[1]], [m[0], v[1]], **hp)
+    with pytest.raises(ValueError, match=r"adamw_step params\[[01]\]: shares memory with params\[[01]\]"):
+        ops.adamw_step([p[0], p[0]], [g[0], torch.randn(4, generator=rng)], [m[0], torch.zeros(4)],
+                       [v[0], torch.zeros(4)], **hp)
+    buf = torch.zeros(8)
+    with pytest.raises(ValueError, match=r"adamw_step ms\[1\]: shares memory with ms\[0\]"):  # one element shared
+        ops.adamw_step(p, g, [buf[:4], buf[3:6]], v, **hp)
+    p0 = [t.clone() for t in p]
+    ops.adamw_step(p, g, m, v, **hp)  # separate buffers: the step runs
+    assert not torch.equal(p[0], p0[0])

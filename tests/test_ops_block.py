@@ -470,3 +470,50 @@ def test_rmsnorm_backward_residual(isa, rng, N, C_):
                          N, C_, res.data_ptr())
     torch.testing.assert_close(dx, xr.grad + res, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dw, wr.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_decode_caches_that_share_memory(rng):
+    """Session 30 audit: k_cache = v_cache (or two layers of a DecodeStack on one cache) was accepted and gave wrong
+    attention (v written, then the rotated k over it) with no error. Interleaved caches, buf[:, :, 0] and
+    buf[:, :, 1] of one (B, T, 2, Hkv, D) buffer, share a byte range but no element: still accepted, same values."""
+    B, dim, H, Hkv, F, T_max, pos = 2, 32, 2, 1, 24, 8, 3
+    _, cache, x, cos, sin, w, c = _decode_setup(rng, B, dim, H, Hkv, F, T_max, pos)
+    k, v = cache.k[0], cache.v[0]
+    model = GPT(c)
+    cs = (model.rope_cos, model.rope_sin)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="decode_block v_cache: shares memory with k_cache"):
+            ops.decode_block(x, *w, cos, sin, k, k, pos, H, Hkv)
+        shifted = torch.empty(B * T_max * Hkv * 16 + 8)  # v half a row after k: the same strides, meeting rows
+        kk = shifted[:-8].view(B, T_max, Hkv, 16)
+        vv = shifted[8:].view(B, T_max, Hkv, 16)
+        with pytest.raises(ValueError, match="decode_block v_cache: shares memory with k_cache"):
+            ops.decode_block(x, *w, cos, sin, kk, vv, pos, H, Hkv)
+        with pytest.raises(ValueError, match="DecodeStack layer 0 v_cache: shares memory with k_cache"):
+            ops.DecodeStack([w], [k], [k], *cs, B, H, Hkv)
+        with pytest.raises(ValueError, match="DecodeStack layer 1 v_cache: shares memory with layer 0's k_cache"):
+            ops.DecodeStack([w, w], [k, v.clone()], [v, k], *cs, B, H, Hkv)
+        buf = torch.empty(B, T_max, 2, Hkv, 16)
+        buf[:, :, 0], buf[:, :, 1] = k, v
+        ki, vi = buf[:, :, 0], buf[:, :, 1]
+        want = ops.decode_block(x, *w, cos, sin, k.clone(), v.clone(), pos, H, Hkv)
+        got = ops.decode_block(x, *w, cos, sin, ki, vi, pos, H, Hkv)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        ops.DecodeStack([w, w], [ki, k], [vi, v], *cs, B, H, Hkv)  # and in a stack, beside separate caches
+
+
+def test_decode_zero_size_heads_or_hidden(rng):
+    """A wq with no rows (head dim 0) or a wg with none (F = 0) reached the binding: "null pointer for out"."""
+    _, cache, x, cos, sin, w, _ = _decode_setup(rng, 2, 32, 2, 1, 24, 8, 3)
+    k, v = cache.k[0], cache.v[0]
+    no_f = (*w[:6], w[6][:0], w[7][:0], w[8][:, :0].contiguous())
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"decode_block wg: expected \(F, C\) with F >= 1"):
+            ops.decode_block(x, *no_f, cos, sin, k, v, 3, 2, 1)
+    xb = torch.randn(2, 3, 32, generator=rng)
+    cb, sb = torch.ones(3, 8), torch.zeros(3, 8)
+    with pytest.raises(ValueError, match=r"block wg: expected \(F, C\) with F >= 1"):
+        ops.block(xb, *no_f, cb, sb, None, 2, 1)
+    no_d = (w[0], w[1][:0], w[2][:0], w[3][:0], w[4][:, :0].contiguous(), *w[5:])
+    with pytest.raises(ValueError, match="block: head dim 0 must be even, > 0 and <= 256"):
+        ops.block(xb, *no_d, torch.ones(3, 0), torch.ones(3, 0), None, 2, 1)

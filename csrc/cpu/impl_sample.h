@@ -350,6 +350,23 @@ static int64_t smp_draw(const float* w, int V, int nblk, const float* bmax, smp_
 }
 
 // One row. Returns the token, or -1 (no allowed token with a finite logit) / -2 (NaN or +inf in the logits).
+
+// The first allowed token whose logit is the allowed maximum m_a (l (V), mk (V) allowed flags or NULL).
+static int64_t smp_argmax(const float* l, const uint8_t* mk, int V, float m_a) {
+    int i = 0;
+    if (!mk) {  // skip whole vectors without the maximum
+        const vf vm = vf_set1(m_a);
+        for (; i + VLEN <= V; i += VLEN) {
+            const vi eq = vf_load(l + i) == vm;
+            int any = 0;
+            for (int q = 0; q < VLEN; q++) any |= eq[q];
+            if (any) break;
+        }
+    }
+    for (; i < V; i++) if (l[i] == m_a && (!mk || mk[i])) return i;
+    return 0;
+}
+
 static int64_t sample_row(const sample_params* p, int b, float* w, int* grp, int* tmp, double* bsum, float* bmax,
                           float* logprob) {
     const int V = p->V;
@@ -380,18 +397,7 @@ static int64_t sample_row(const sample_params* p, int b, float* w, int* grp, int
     if (m_a == -INFINITY) return -1;
 
     if (p->temperature <= 0.f) {  // greedy: the first allowed argmax; logprob under T = 1
-        int64_t tok = 0;
-        i = 0;
-        if (!mk) {  // skip whole vectors without the maximum
-            const vf vm = vf_set1(m_a);
-            for (; i + VLEN <= V; i += VLEN) {
-                const vi eq = vf_load(l + i) == vm;
-                int any = 0;
-                for (int q = 0; q < VLEN; q++) any |= eq[q];
-                if (any) break;
-            }
-        }
-        for (; i < V; i++) if (l[i] == m_a && (!mk || mk[i])) { tok = i; break; }
+        const int64_t tok = smp_argmax(l, mk, V, m_a);
         double Z = exp_pass(l, NULL, V, m_all, m_all, 1.f, NULL, NULL, NULL);
         *logprob = (float)((double)l[tok] - m_all - log(Z));
         return tok;
@@ -407,7 +413,11 @@ static int64_t sample_row(const sample_params* p, int b, float* w, int* grp, int
     const double top_p = p->top_p, min_p = p->min_p;
     int64_t tok = -1;
 
-    if (k == 0 && top_p >= 1.0 && min_p <= 0.0) {  // no truncation: inverse CDF over the block sums
+    if (k == 1) {  // the argmax, as greedy picks it: by weight, logits within ~1e-7 of the top (exp rounds them to
+        // the top's weight 1) were a tie that went to the lower id, a token below the argmax. Top-p and min-p keep
+        // the one token (its relative weight is 1).
+        tok = smp_argmax(l, mk, V, m_a);
+    } else if (k == 0 && top_p >= 1.0 && min_p <= 0.0) {  // no truncation: inverse CDF over the block sums
         double Za = 0;
         for (int q = 0; q < nblk; q++) Za += bsum[q];
         const double t = u * Za;
