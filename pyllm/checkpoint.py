@@ -67,9 +67,12 @@ def _special_ids(tokenizer) -> dict:
 
 
 def state_dict_hf(model: GPT) -> dict[str, torch.Tensor]:
-    """HF names (model.<name>, lm_head.weight) -> fp32 CPU tensors, exactly the keys save_pretrained writes."""
+    """HF names (model.<name>, lm_head.weight) -> fp32 CPU tensors, exactly the keys save_pretrained writes. A model
+    with LoRA adapters gives its merged weights (its raw state dict's `...parametrizations.weight.original` names
+    made a checkpoint load_checkpoint refused and transformers loaded with those layers randomly initialised)."""
+    from .lora import has_lora, merged_state_dict
     out = {}
-    for k, v in model.state_dict().items():
+    for k, v in (merged_state_dict(model) if has_lora(model) else model.state_dict()).items():
         out[k if k == "lm_head.weight" else "model." + k] = v.detach().to("cpu", torch.float32).contiguous()
     return out
 
@@ -88,6 +91,8 @@ def save_checkpoint(dir, model: GPT, tokenizer=None, extra: dict | None = None,
     replaces <dir> (a crash mid-save leaves the previous checkpoint intact). extra (JSON-able) is kept under
     config.json["pyllm"]["extra"]; extra_files(tmp_dir) lets a trainer add its state files inside the same swap."""
     given = dir = Path(dir)
+    if dir.exists() and not dir.is_dir():  # the swap below moved the file aside, then failed on rmtree of it
+        raise FileExistsError(f"{dir}: exists and is not a directory (a checkpoint is a directory)")
     if dir.is_symlink():  # swap the link's target: renaming the link itself left a real <dir> in its place and a
         dir = Path(os.path.realpath(dir))  # stray <dir>.old-<pid> link ("Cannot call rmtree on a symbolic link")
     tmp = dir.with_name(f"{dir.name}.tmp-{os.getpid()}")

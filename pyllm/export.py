@@ -115,7 +115,9 @@ class _Writer:
         error that names none (a full disk)."""
         try:
             if e is None:
-                self.f.close()  # the last buffered bytes reach the disk here: this can fail too
+                self.f.flush()  # the last buffered bytes reach the OS here: this can fail too
+                os.fsync(self.f.fileno())  # and the disk, before the rename (else a crash can leave it empty)
+                self.f.close()
                 os.replace(self.tmp, self.path)
                 return False
         except OSError as err:

@@ -3,7 +3,7 @@
 An adapter adds (alpha/r) * B @ A to a target weight W (N, K): A (r, K) random, B (N, r) zero, so training starts
 at the base model. It is a torch parametrization of `weight`, so it works however the model consumes the weight
 (nn.Linear, ops.linear, fused kernels) and the base weight stays frozen. Cost: one (N, r) @ (r, K) per target per
-forward, small next to the matmuls it feeds. Adapters save separately in PEFT's layout (adapter.safetensors +
+forward, small next to the matmuls it feeds. Adapters save separately in PEFT's layout (adapter_model.safetensors +
 adapter_config.json) and merge into the plain weights for every exported checkpoint (`merged_state_dict`).
 """
 from __future__ import annotations
@@ -159,12 +159,16 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+ADAPTER_FILE = "adapter_model.safetensors"  # PEFT's SAFETENSORS_WEIGHTS_NAME (PeftModel.from_pretrained reads it)
+OLD_ADAPTER_FILE = "adapter.safetensors"      # what pyllm wrote before session 30: still read
+
+
 def save_adapter(out_dir, model: nn.Module, base_model: str | None = None) -> None:
-    """adapter.safetensors + adapter_config.json (PEFT fields), each written atomically."""
+    """adapter_model.safetensors + adapter_config.json (PEFT names and fields), each written atomically."""
     from .safetensors_io import save_file
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state_dict(model), str(out_dir / "adapter.safetensors"))
+    save_file(adapter_state_dict(model), str(out_dir / ADAPTER_FILE))
     cfg = dict(peft_type="LORA", task_type="CAUSAL_LM", bias="none", lora_dropout=0.0,
                base_model_name_or_path=base_model, **model._lora_config)
     tmp = out_dir / "adapter_config.json.tmp"
@@ -173,8 +177,8 @@ def save_adapter(out_dir, model: nn.Module, base_model: str | None = None) -> No
 
 
 def load_adapter(model: nn.Module, adapter_dir, verbose: bool = False, r: int | None = None) -> nn.Module:
-    """Add adapters as adapter_config.json describes and load adapter.safetensors into them. r: the rank the caller
-    asked for (--lora-r on --resume); a saved rank that differs is an error, not silently kept."""
+    """Add adapters as adapter_config.json describes and load adapter_model.safetensors into them. r: the rank the
+    caller asked for (--lora-r on --resume); a saved rank that differs is an error, not silently kept."""
     from .safetensors_io import load_file
     adapter_dir = Path(adapter_dir)
     cfg_path = adapter_dir / "adapter_config.json"
@@ -187,5 +191,8 @@ def load_adapter(model: nn.Module, adapter_dir, verbose: bool = False, r: int | 
     if r is not None and cfg["r"] != r:
         raise ValueError(f"{cfg_path}: the adapters being resumed have r={cfg['r']}, not --lora-r {r}")
     apply_lora(model, int(cfg["r"]), float(cfg["lora_alpha"]), cfg["target_modules"], verbose=verbose)
-    load_adapter_state(model, load_file(str(adapter_dir / "adapter.safetensors")), str(adapter_dir))
+    f = adapter_dir / ADAPTER_FILE
+    if not f.exists() and (adapter_dir / OLD_ADAPTER_FILE).exists():
+        f = adapter_dir / OLD_ADAPTER_FILE
+    load_adapter_state(model, load_file(str(f)), str(adapter_dir))
     return model

@@ -84,7 +84,9 @@ def read_header(path) -> tuple[dict, dict[str, str], int]:
             raise ValueError(f"{path}: header length {n} does not fit in a {size}-byte file (truncated or corrupt)")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise ValueError(f"{path}: header names {e.args[0]!r} twice") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: header is not valid JSON ({e})") from None
     except RecursionError:  # json's C scanner recurses per nesting level
@@ -99,7 +101,7 @@ def read_header(path) -> tuple[dict, dict[str, str], int]:
     for name, e in header.items():
         if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
             raise ValueError(f"{path}: tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
-        if e["dtype"] not in DTYPES:
+        if not isinstance(e["dtype"], str) or e["dtype"] not in DTYPES:  # a list: "unhashable type" traceback
             raise ValueError(f"{path}: tensor {name!r}: unsupported dtype {e['dtype']!r}")
         shape, offs = e["shape"], e["data_offsets"]
         # bool is an int to isinstance ([true] was torch.empty's TypeError); a dim >= 2^63 was its overflow error
@@ -120,7 +122,28 @@ def read_header(path) -> tuple[dict, dict[str, str], int]:
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise ValueError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data section")
+        if b1 > e0:  # the safetensors package refuses gaps and trailing bytes too (a file it would not load)
+            raise ValueError(f"{path}: {b1 - e0} unused bytes between tensors {n0!r} and {n1!r} in the data section")
+    end = spans[-1][1] if spans else 0
+    if (spans and spans[0][0]) or end != data_len:
+        raise ValueError(f"{path}: the tensors cover bytes {spans[0][0] if spans else 0}..{end} of the {data_len}-byte "
+                         f"data section (unused bytes: corrupt, or written by something else)")
     return header, meta, 8 + n
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs):
+    """json object hook: a name given twice is an error (json kept the last: a second 'model.norm.weight' entry
+    silently replaced the first; the safetensors package refuses the file)."""
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise _DuplicateKey(k)
+        seen[k] = v
+    return seen
 
 
 def load_file(path, device: str = "cpu", with_metadata: bool = False):

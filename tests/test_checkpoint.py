@@ -104,6 +104,12 @@ def _write_raw(path, header: dict, data: bytes):
     ("deep_json", "nested too deeply"),
     ("bool_shape", r"'w': bad shape \[True\]"),
     ("huge_dim", r"'w': bad shape \[0, 9223372036854775808\]"),
+    # session 30: a list as dtype was "unhashable type: 'list'" with a traceback; a name given twice (json kept the
+    # last entry), gaps and trailing bytes were read, where the safetensors package refuses each
+    ("list_dtype", r"'w': unsupported dtype \['F32'\]"),
+    ("duplicate", "header names 'w' twice"),
+    ("gap", "4 unused bytes between tensors 'w' and 'v'"),
+    ("trailing", "the tensors cover bytes 0..16 of the 20-byte data section"),
 ])
 def test_safetensors_bad_files_one_line_errors(tmp_path, case, pattern):
     p = tmp_path / f"{case}.safetensors"
@@ -130,6 +136,17 @@ def test_safetensors_bad_files_one_line_errors(tmp_path, case, pattern):
         _write_raw(p, {"w": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4)
     elif case == "huge_dim":
         _write_raw(p, {"w": {"dtype": "F32", "shape": [0, 2 ** 63], "data_offsets": [0, 0]}}, b"")
+    elif case == "list_dtype":
+        _write_raw(p, {"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4)
+    elif case == "duplicate":
+        e = '{"dtype": "F32", "shape": [1], "data_offsets": [%d, %d]}'
+        h = ('{"w": %s, "w": %s}' % (e % (0, 4), e % (4, 8))).encode()
+        p.write_bytes(struct.pack("<Q", len(h)) + h + b"\0" * 8)
+    elif case == "gap":
+        _write_raw(p, {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                       "v": {"dtype": "F32", "shape": [4], "data_offsets": [20, 36]}}, b"\0" * 36)
+    elif case == "trailing":
+        _write_raw(p, {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 20)
     with pytest.raises(ValueError, match=pattern) as e:
         safetensors_io.load_file(p)
     msg = str(e.value)
@@ -471,3 +488,35 @@ def test_a_model_loaded_in_another_dtype_says_what_to_do(rng, tmp_path, dtype):
         assert m.set_backend("torch")(idx)[0].dtype == dtype
         m.set_backend("pyllm").float()
         assert m(idx)[0].dtype == torch.float32
+
+
+def test_save_checkpoint_of_a_lora_model_writes_the_merged_weights(rng, tmp_path):
+    """Session 30 audit: save_checkpoint on a model with adapters wrote its raw parametrization names
+    (`...q_proj.parametrizations.weight.original`, `lora_A`, `lora_B`): load_checkpoint refused the result and
+    transformers loaded it with q_proj randomly initialised. The stages merged first; the API did not."""
+    from pyllm.lora import apply_lora
+    m = tiny(rng).eval()
+    apply_lora(m, 2, 4.0, ["q_proj", "v_proj"])
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(generator=rng)  # B starts at zero: make the adapters count
+    idx = torch.randint(0, 67, (2, 9), generator=rng)
+    with torch.no_grad():
+        want = m(idx)[0]
+    save_checkpoint(tmp_path / "ck", m)
+    names = set(safetensors_io.load_file(tmp_path / "ck" / "model.safetensors"))
+    assert not any("parametrizations" in n or "lora" in n for n in names), sorted(names)[:4]
+    back, _ = load_checkpoint(tmp_path / "ck")
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(idx)[0], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hf_logits(tmp_path / "ck", idx), want, rtol=1e-4, atol=1e-4)
+
+
+def test_save_checkpoint_onto_a_file_leaves_it(rng, tmp_path):
+    """The swap moved the user's file aside to <dir>.old-<pid>, wrote the checkpoint, then failed (rmtree of a file)."""
+    f = tmp_path / "taken"
+    f.write_text("precious")
+    with pytest.raises(FileExistsError, match="taken: exists and is not a directory"):
+        save_checkpoint(f, tiny(rng))
+    assert f.read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == ["taken"]

@@ -208,7 +208,7 @@ def test_from_stage_rl_reuses_earlier_stages(quick_run, tmp_path):
     R = json.loads((out / "results.json").read_text())
     assert R["reused"] == ["pretrain", "sft", "reward"]
     assert R["config"]["rl_lr"] == 3e-4 and R["config"]["rl_filter_groups"] is True and R["config"]["rl_lora_r"] == 2
-    assert (out / "rl" / "adapter.safetensors").is_file()          # the RL stage really trained a LoRA adapter
+    assert (out / "rl" / "adapter_model.safetensors").is_file()          # the RL stage really trained a LoRA adapter
     assert "LoRA rank 2 update" in (out / "report.md").read_text()
     assert "drawn with probability" in (quick_run / "report.md").read_text()   # the default: hard prompts
     assert "drawn with probability" not in (out / "report.md").read_text()     # --set rl_hard_prompts=0 above

@@ -47,7 +47,7 @@ def test_dpo_raises_chosen_over_rejected(tmp_path, lora):
     pairs = load_dpo_pairs(data, tok, 256, False)
     pad = tok.special_ids["<|pad|>"]
     assert _log_ratio(pol, pairs, pad) - _log_ratio(ref, pairs, pad) > 1.0
-    assert (out / "adapter.safetensors").is_file() == lora
+    assert (out / "adapter_model.safetensors").is_file() == lora
 
 
 def test_dpo_rejects_identical_pair(tmp_path, capsys):

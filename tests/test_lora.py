@@ -76,7 +76,7 @@ def test_merged_equals_base_plus_adapters(tmp_path, rng):
     with torch.no_grad():
         got = loaded(idx)[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    assert (tmp_path / "ck" / "adapter.safetensors").is_file()
+    assert (tmp_path / "ck" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "ck" / "adapter_config.json").is_file()
     # base + the saved adapter reproduces the adapted model too; merge_lora in place as well
     fresh, _ = tiny_model(seed=3)
@@ -99,6 +99,14 @@ def test_adapter_names_are_peft_style(tmp_path):
     assert len(names) == 2 * 2 * model.config.n_layers
     save_adapter(tmp_path, model)
     assert '"target_modules"' in (tmp_path / "adapter_config.json").read_text()
+    # PEFT's file name (SAFETENSORS_WEIGHTS_NAME): pyllm wrote adapter.safetensors before session 30, which
+    # PeftModel.from_pretrained does not look for; that old name is still read
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    (tmp_path / "adapter_model.safetensors").rename(tmp_path / "adapter.safetensors")
+    fresh, _ = tiny_model()
+    load_adapter(fresh, tmp_path)
+    for (n, a), (n2, b) in zip(sorted(adapter_state_dict(model).items()), sorted(adapter_state_dict(fresh).items())):
+        assert n == n2 and torch.equal(a, b)
 
 
 def test_bad_targets_and_rank():

@@ -108,7 +108,7 @@ def test_pair_stage_resume_matches_uninterrupted_run(tmp_path, stage, lora_r):
         assert cli(args + ["--out", str(tmp_path / "resumed"), "--save-every", "3"]) == 130
     assert cli(args + ["--out", str(tmp_path / "resumed"), "--resume"]) == 0
     names = sorted(p.name for p in (tmp_path / "full").glob("*.safetensors"))
-    assert ("adapter.safetensors" in names) == (lora_r != "0")
+    assert ("adapter_model.safetensors" in names) == (lora_r != "0")
     for name in names:
         a, b = (load_file(str(tmp_path / d / name)) for d in ("full", "resumed"))
         for k in a:

@@ -65,7 +65,7 @@ def test_rl_with_reward_model_and_lora(tmp_path):
     assert cli(args + ["--steps", "3", "--resume"]) == 0
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3] and "rm_score" in rows[0] and "fn_score" in rows[0]
-    assert (out / "adapter.safetensors").is_file()
+    assert (out / "adapter_model.safetensors").is_file()
 
 
 def test_gae_matches_reward_to_go_and_whitening():

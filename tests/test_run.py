@@ -228,6 +228,24 @@ def test_sampler_rejects_bad_arguments(rng):
         runtime.sample(np.full(8, -np.inf, np.float32))
 
 
+def test_export_fsyncs_model_bin_before_the_rename(tmp_path, rng, monkeypatch):
+    """Session 30 audit: model.bin.tmp was closed and renamed without an fsync (tokenizer.bin had one): after a
+    crash the rename could have reached the disk before the data, an empty or partial model.bin."""
+    import pyllm.export as ex
+    c = tiny_config()
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a))) or real_replace(a, b))
+    for quant in (None, "q8_0"):
+        events.clear()
+        ex.write_model_bin(tmp_path / "m.bin", random_state_dict(c, rng), c, quantize=quant, group_size=8)
+        tmp = [e for e in events if e[0] == "replace" and e[1].endswith(".tmp")]
+        assert len(tmp) == 1, events
+        assert ("fsync", tmp[0][1]) in events[:events.index(tmp[0])], events
+
+
 def test_export_writes_atomically_and_rejects_bad_args(tmp_path, rng):
     c = tiny_config()
     sd = random_state_dict(c, rng)
