@@ -153,6 +153,7 @@ class InputStats:
 def expand_inputs(patterns) -> list[str]:
     """Files, directories (searched recursively for .txt/.jsonl) and globs -> sorted, de-duplicated file list."""
     out: list[str] = []
+    seen: set[str] = set()  # real paths: `in.txt ./in.txt` read the file twice (its val documents also trained on)
     for p in [patterns] if isinstance(patterns, (str, Path)) else patterns:
         p = str(p)
         if os.path.isdir(p):
@@ -168,7 +169,9 @@ def expand_inputs(patterns) -> list[str]:
         for q in sorted(found):
             if not q.endswith(TEXT_SUFFIXES):
                 raise ValueError(f"{q}: unsupported input type (use .txt or .jsonl)")
-            if q not in out:
+            real = os.path.realpath(q)
+            if real not in seen:
+                seen.add(real)
                 out.append(q)
     return out
 

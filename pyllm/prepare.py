@@ -151,21 +151,20 @@ def prepare(inputs, out, tokenizer=None, byte_level=False, vocab_size=4096, val_
     refuse_foreign_out(out, "prepare", keep_tokenizer=given_is_out or overwrite)
     made_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    settings = dict(inputs=[[f, os.path.getsize(f)] for f in files], val_inputs=[[f, os.path.getsize(f)]
-                    for f in val_files], tokenizer=str(tokenizer) if tokenizer else None, byte_level=byte_level,
+    settings = dict(inputs=[_input_stamp(f) for f in files], val_inputs=[_input_stamp(f) for f in val_files],
+                    tokenizer=str(tokenizer) if tokenizer else None, byte_level=byte_level,
                     vocab_size=vocab_size, val_fraction=val_fraction, shard_tokens=shard_tokens,
-                    skip_bad_lines=skip_bad_lines, doc_sep=doc_sep)
+                    skip_bad_lines=skip_bad_lines, doc_sep=doc_sep,
+                    tokenizer_hash=_tokenizer_hash(given))
     mpath = out / data.MANIFEST
+    if overwrite and mpath.exists():  # leniently: a foreign or corrupt manifest is what --overwrite is for
+        _remove_partial(out, False, keep_tokenizer=given_is_out)
     old = data.read_manifest(out) if mpath.is_file() else None
-    if old is not None and (overwrite or old.get("settings") != settings):
-        if not overwrite:
-            raise ValueError(f"{out}: holds data prepared with other settings or inputs; use --overwrite to "
-                             "replace it, or another --out")
-        for s in old.get("shards", []):
-            (out / s["file"]).unlink(missing_ok=True)
-        mpath.unlink()
-        (out / "tokenizer.json").unlink(missing_ok=True)
-        old = None
+    if old is not None:
+        changed = _changed_setting(old.get("settings"), settings)
+        if changed:
+            raise ValueError(f"{out}: holds data prepared with other settings or inputs ({changed}); use "
+                             "--overwrite to replace it, or another --out")
     if old is not None:
         _verify_shards(out, old, mpath)
     if old is not None and old.get("complete"):
@@ -179,6 +178,52 @@ def prepare(inputs, out, tokenizer=None, byte_level=False, vocab_size=4096, val_
         if not resume:  # (the user's --tokenizer may sit in --out: kept)
             _remove_partial(out, made_out, keep_tokenizer=given_is_out)
         raise
+
+
+def _input_stamp(f: str) -> list:
+    """[path, size, mtime_ns] of an input: an edit that kept the size (apple -> mango) was not noticed, and a
+    resumed run mixed the old text's shards with the new text's."""
+    st = os.stat(f)
+    return [f, st.st_size, st.st_mtime_ns]
+
+
+def _tokenizer_hash(path) -> str | None:
+    """The --tokenizer's hash (data.tokenizer_hash): the file edited since was not noticed (its path was all that
+    was recorded). None when there is none or it does not load (get_tokenizer then says why)."""
+    if not path:
+        return None
+    from .tokenizer import Tokenizer
+    try:
+        return data.tokenizer_hash(Tokenizer.load(str(path)))
+    except (OSError, ValueError):
+        return None
+
+
+def _changed_setting(old, new: dict) -> str:
+    """'' when a manifest's recorded settings match this run's, else what differs. Inputs compare by real path
+    (in.txt and $PWD/in.txt are one file: an interrupted run's shards were thrown away); settings a manifest
+    predates (an input's mtime, the --tokenizer's hash) are not compared."""
+    if not isinstance(old, dict):
+        return "no recorded settings"
+    for k, v in new.items():
+        if k not in old:
+            continue
+        o = old[k]
+        if k in ("inputs", "val_inputs"):
+            flag = "--input" if k == "inputs" else "--val-input"
+            if not isinstance(o, list) or len(o) != len(v):
+                return f"the {flag} files"
+            for a, b in zip(o, v):
+                if not isinstance(a, list) or len(a) < 2 or os.path.realpath(str(a[0])) != os.path.realpath(b[0]):
+                    return f"the {flag} files"
+                if a[1:] != b[1:len(a)]:
+                    return f"{b[0]} changed since"
+        elif k == "tokenizer":
+            if (o is None) != (v is None) or (o and os.path.realpath(o) != os.path.realpath(v)):
+                return "--tokenizer"
+        elif o != v:
+            return f"{'the --tokenizer file' if k == 'tokenizer_hash' else '--' + k.replace('_', '-')}"
+    return ""
 
 
 def refuse_foreign_out(out: Path, stage: str, keep_tokenizer: bool = False) -> None:
@@ -386,6 +431,8 @@ def add_arguments(p):
 
 
 def main(args) -> int:
+    if not args.tokenizer and not args.byte_level and args.vocab_size < 262:  # (was Tokenizer.train's message)
+        raise ValueError(f"--vocab-size must be at least 262 (256 bytes + specials), got {args.vocab_size}")
     prepare(args.input, args.out, tokenizer=args.tokenizer, byte_level=args.byte_level, vocab_size=args.vocab_size,
             val_fraction=args.val_fraction, val_inputs=args.val_input, shard_tokens=args.shard_tokens,
             workers=args.workers or None, skip_bad_lines=args.skip_bad_lines, doc_sep=_unescape(args.doc_sep),

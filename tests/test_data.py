@@ -525,3 +525,60 @@ def test_tokenizer_train_failure_leaves_no_empty_out(tmp_path, capsys):
     assert cli(["tokenizer-train", "--input", str(tmp_path / "empty.txt"), "--vocab-size", "300",
                 "--out", str(tmp_path / "mine")]) == 2
     assert (tmp_path / "mine").is_dir()
+
+
+def test_prepare_inputs_compare_by_file_and_contents(tmp_path, monkeypatch):
+    """Session 30 audit: `in.txt ./in.txt` was read twice (every document trained on twice, the val ones too); an
+    edit that kept the size was "already prepared" (or, after an interruption, resumed into a mix of old and new
+    text); and `$PWD/in.txt` for `in.txt` threw an interrupted run's shards away as "other settings"."""
+    monkeypatch.chdir(tmp_path)
+    Path("in.txt").write_text("\n\n".join(f"document number {i} apple " + "x" * i for i in range(23)))
+    kw = dict(byte_level=True, val_fraction=0.1, doc_sep="\n\n", workers=1)
+    man = prepare(["in.txt", "./in.txt", str(tmp_path / "in.txt")], "d", **kw)
+    assert man["stats"]["docs"] == 23 and len(man["settings"]["inputs"]) == 1
+    assert prepare([str(tmp_path / "in.txt")], "d", **kw)["complete"]  # the same file: nothing to do
+    os.utime("in.txt", ns=(1, 1))  # "apple" -> "mango" keeps the size; so does a touch: the stamp is what counts
+    Path("in.txt").write_text(Path("in.txt").read_text().replace("apple", "mango"))
+    with pytest.raises(ValueError, match=r"holds data prepared with other settings or inputs \(in.txt changed since\)"):
+        prepare(["in.txt"], "d", **kw)
+    man = prepare(["in.txt"], "d", overwrite=True, **kw)
+    st = D.TokenStream(Path("d"), "train")
+    text = Tokenizer.load(Path("d") / "tokenizer.json").decode(st.get(0, st.n_tokens).tolist())
+    assert "mango" in text and "apple" not in text
+
+
+def test_prepare_overwrite_past_a_bad_manifest_keeps_the_given_tokenizer(tmp_path, capsys):
+    """--overwrite (which the manifest errors advise) failed on the same manifest error; with the run's own
+    --tokenizer sitting in --out it deleted that tokenizer.json, then failed 'no tokenizer.json there'."""
+    src = tmp_path / "in.txt"
+    src.write_text("hello world\n\nmore text here\n\nthird one")
+    d = tmp_path / "d"
+    assert cli(["tokenizer-train", "--input", str(src), "--vocab-size", "270", "--out", str(d)]) == 0
+    tok = (d / "tokenizer.json").read_bytes()
+    args = ["prepare", "--input", str(src), "--tokenizer", str(d / "tokenizer.json"), "--out", str(d), "--workers",
+            "1", "--val-fraction", "0", "--doc-sep", "\\n\\n"]
+    assert cli(args) == 0
+    man = json.loads((d / "manifest.json").read_text())
+    for bad in ({**man, "version": 99}, {"shards": "oops"}):
+        (d / "manifest.json").write_text(json.dumps(bad))
+        assert cli(args) == 2
+        assert "rerun `pyllm prepare --overwrite`" in capsys.readouterr().err
+        assert cli(args + ["--overwrite"]) == 0
+        assert (d / "tokenizer.json").read_bytes() == tok and D.read_manifest(d)["complete"]
+    src.write_text(src.read_text() + "\n\nfourth")
+    assert cli(args + ["--overwrite"]) == 0
+    assert (d / "tokenizer.json").read_bytes() == tok and D.read_manifest(d)["stats"]["docs"] == 4
+    # the --tokenizer file edited since: noticed, as an input's edit is
+    other = tmp_path / "t2"
+    assert cli(["tokenizer-train", "--input", str(src), "--vocab-size", "280", "--out", str(other)]) == 0
+    args2 = ["prepare", "--input", str(src), "--tokenizer", str(other), "--out", str(tmp_path / "d2"), "--workers",
+             "1", "--val-fraction", "0"]
+    assert cli(args2) == 0
+    (tmp_path / "more.txt").write_text("the quick brown fox jumps over the lazy dog. " * 30)
+    assert cli(["tokenizer-train", "--input", str(tmp_path / "more.txt"), "--vocab-size", "280", "--out",
+                str(other)]) == 0
+    capsys.readouterr()
+    assert cli(args2) == 2
+    assert "(the --tokenizer file)" in capsys.readouterr().err
+    assert cli(["prepare", "--input", str(src), "--vocab-size", "100", "--out", str(tmp_path / "d3")]) == 2
+    assert "--vocab-size must be at least 262" in capsys.readouterr().err
