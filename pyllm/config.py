@@ -48,6 +48,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig: head_dim {self.head_dim} must be even for RoPE")
+        if not isinstance(self.tie_embeddings, bool):  # 'no' is truthy: a tied model was built
+            raise ValueError(f"ModelConfig.tie_embeddings must be True or False, got {self.tie_embeddings!r}")
         # the ranges pyllm-run's loader accepts (csrc/model_file.c): a config it would reject must not train
         for name, ok, want in (("norm_eps", lambda v: 0 < v < 1, "a number in (0, 1)"),
                                ("rope_theta", lambda v: 0 < v < math.inf, "a positive finite number"),
@@ -115,6 +117,8 @@ def depth_config(depth: int, vocab_size: int = 8192, max_seq_len: int = 1024, **
 
 def preset(name: str, **overrides) -> ModelConfig:
     """A named preset ("15M", "d4", ...) with fields overridden, e.g. preset("15M", vocab_size=4096)."""
+    if not isinstance(name, str):  # preset(15) was "'int' object has no attribute 'startswith'"
+        raise TypeError(f"preset: expected a name like '15M' or 'd6', got {name!r}")
     if name.startswith("d") and name[1:].isdigit():
         return depth_config(int(name[1:]), **overrides)
     if name not in PRESETS:

@@ -166,6 +166,8 @@ OLD_ADAPTER_FILE = "adapter.safetensors"      # what pyllm wrote before session 
 def save_adapter(out_dir, model: nn.Module, base_model: str | None = None) -> None:
     """adapter_model.safetensors + adapter_config.json (PEFT names and fields), each written atomically."""
     from .safetensors_io import save_file
+    if not has_lora(model):  # was an AttributeError after an empty adapter file had been written
+        raise ValueError("save_adapter: the model has no LoRA adapters (apply_lora first)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(adapter_state_dict(model), str(out_dir / ADAPTER_FILE))

@@ -137,8 +137,9 @@ class Block(nn.Module):
         if cache is None:
             y = o["attention"](q, k, v, doc_ids)                           # (B, T, H, D)
         elif isinstance(pos, torch.Tensor):   # a decode step (GPT._decode_step): one query, position on the device
-            cache.k[layer].index_copy_(1, pos, k)
-            cache.v[layer].index_copy_(1, pos, v)
+            # in the cache's dtype: under autocast (torch backend) v comes out bf16 and index_copy_ refused it
+            cache.k[layer].index_copy_(1, pos, k.to(cache.k[layer].dtype))
+            cache.v[layer].index_copy_(1, pos, v.to(cache.v[layer].dtype))
             y = o["decode_attention"](q[:, 0].contiguous(), cache.k[layer], cache.v[layer], cache.n_ctx)[:, None]
         elif pos == 0:   # the prompt: plain causal attention over it
             cache.k[layer][:, :T] = k
@@ -171,11 +172,26 @@ class KVCache:
         self.n_ctx.fill_(pos + 1)
 
 
+def _callback_says_stop(r) -> bool:
+    """generate's callback result: None / False go on, anything true stops (a tensor(True) or numpy bool was
+    ignored: only the object True stopped, so `lambda t: (t == eos).all()` never did)."""
+    if r is None:
+        return False
+    try:
+        return bool(r)
+    except (RuntimeError, ValueError, TypeError):  # a many-element tensor or array: ambiguous
+        raise TypeError(f"generate callback: return True to stop or None/False to go on, got {r!r}") from None
+
+
 class GPT(nn.Module):
     """Llama-style decoder. forward(idx (B, T)) -> (logits (B, T, V), loss or None)."""
 
     def __init__(self, config: ModelConfig, backend: str | None = None):
         super().__init__()
+        if not isinstance(config, ModelConfig):  # a dict was "'dict' object has no attribute 'vocab_size'"
+            raise TypeError(f"GPT: expected a ModelConfig (pyllm.config), got {type(config).__name__}")
+        if backend is not None and backend not in BACKENDS:  # was accepted, then failed at the first forward
+            raise ValueError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
         self.config = c = config
         self.embed_tokens = nn.Embedding(c.vocab_size, c.dim)
         self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
@@ -254,6 +270,11 @@ class GPT(nn.Module):
             _check_ids(doc_ids, "doc_ids")  # a float tensor was cast to int32 without a word
             if tuple(doc_ids.shape) != (B, T):
                 raise ValueError(f"doc_ids: expected shape {(B, T)}, got {tuple(doc_ids.shape)}")
+            if doc_ids.dtype == torch.int64 and doc_ids.numel() and (
+                    int(doc_ids.max()) > 2 ** 31 - 1 or int(doc_ids.min()) < -2 ** 31):
+                # the kernels compare int32 ids: 5 and 5 + 2^32 (hashed or global ids) became one document.
+                # Renumbered per batch, which keeps exactly which tokens share a document.
+                doc_ids = torch.unique(doc_ids, return_inverse=True)[1]
             doc_ids = doc_ids.to(device=idx.device, dtype=torch.int32).contiguous()
             # One document per row masks nothing beyond causality: drop it on every backend (the masked kernel is
             # ~25% slower at T = 64, and torch then uses SDPA's causal path instead of an explicit mask).
@@ -325,6 +346,8 @@ class GPT(nn.Module):
         check_sample_settings(temperature, top_k, top_p, min_p, "generate")
         if seed is not None:
             seed = check_int(seed, "seed", 0, 2 ** 64 - 1)
+        if callback is not None and not callable(callback):  # was "'int' object is not callable" after the prompt
+            raise TypeError(f"callback: expected a function of the step's tokens, got {callback!r}")
         if isinstance(stop_tokens, (str, bytes)) or not hasattr(stop_tokens, "__iter__"):
             raise TypeError(f"stop_tokens: expected an iterable of token ids, got {stop_tokens!r}")
         stop_tokens = [check_int(s, "stop_tokens", 0) for s in stop_tokens]
@@ -370,9 +393,9 @@ class GPT(nn.Module):
             if stop.numel():
                 done = done | torch.isin(tok, stop)
                 last = tok
-            stop_now = callback(tok) if callback is not None else False
+            stop_now = _callback_says_stop(callback(tok)) if callback is not None else False
             # done only changes with stop tokens: without them, skip the host sync (the GPU keeps its queue)
-            if (stop.numel() and bool(done.all())) or stop_now is True:
+            if (stop.numel() and bool(done.all())) or stop_now:
                 break
             x = tok[:, None]
         seq = torch.cat(out, dim=1)

@@ -41,6 +41,9 @@ class RewardModel(nn.Module):
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """idx (B, T) int64, attention_mask (B, T) 1 on real tokens (left or right padded) -> rewards (B,)."""
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(idx.shape):
+            raise ValueError(f"reward model attention_mask: expected shape {tuple(idx.shape)} (as idx), got "
+                             f"{tuple(getattr(attention_mask, 'shape', ())) or type(attention_mask).__name__}")
         m = attention_mask.long()
         if bool((m.sum(1) == 0).any()):
             raise ValueError("reward model: a row has no real tokens")

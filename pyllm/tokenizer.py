@@ -87,8 +87,18 @@ def _check_texts(texts) -> None:
                              f"a \\ud800-style JSON escape?)") from None
 
 
+def _strings(it):
+    """Tokenizer.train's documents, each checked: an int was the trainer's "'int' object is not iterable"."""
+    for n, t in enumerate(it):
+        if not isinstance(t, str):
+            raise TypeError(f"Tokenizer.train: iterator item {n} is a {type(t).__name__}, not a string")
+        yield t
+
+
 def _token_id(i) -> int:
     """An id as an int: Python/numpy ints and integer 0-d tensors (int() also took "7" and 7.9)."""
+    if isinstance(i, bool):  # True was token 1
+        raise ValueError(f"decode: token ids must be integers, got {i!r}")
     try:
         return operator.index(i)
     except TypeError:
@@ -136,6 +146,14 @@ class Tokenizer:
         """Train byte-level BPE on text files or an iterator of strings. vocab_size counts bytes + specials."""
         if (files is None) == (iterator is None):
             raise ValueError("Tokenizer.train: give exactly one of files= or iterator=")
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+            raise TypeError(f"Tokenizer.train: vocab_size must be an int, got {vocab_size!r}")
+        if isinstance(files, (str, os.PathLike)):  # one path: iterated, it was one file per character
+            files = [files]
+        if isinstance(iterator, (str, bytes)):     # one string: trained on its single characters, 0 merges
+            raise TypeError("Tokenizer.train: iterator= takes an iterable of strings (documents), got one string")
+        if iterator is not None:
+            iterator = _strings(iterator)
         special_tokens = list(special_tokens)
         base = 256 + len(special_tokens)
         if vocab_size < base:

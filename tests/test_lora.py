@@ -127,3 +127,11 @@ def test_bad_targets_and_rank():
     apply_lora(model, r=2, verbose=False)
     with pytest.raises(ValueError, match="already has adapters"):  # stacked a second adapter that saving dropped
         apply_lora(model, r=3, verbose=False)
+
+
+def test_save_adapter_without_adapters_writes_nothing(tmp_path):
+    """Session 30 audit: an AttributeError ('_lora_config') after an empty adapter file had been written."""
+    model, _ = tiny_model()
+    with pytest.raises(ValueError, match="save_adapter: the model has no LoRA adapters"):
+        save_adapter(tmp_path / "a", model)
+    assert not (tmp_path / "a").exists()

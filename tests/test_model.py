@@ -337,3 +337,61 @@ def test_cuda_model_matches_cpu(rng):
     lg, lossg = g(idx.cuda(), tgt.cuda())
     torch.testing.assert_close(lg.cpu(), logits, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(g.generate(idx.cuda(), 6, temperature=0).cpu(), m.generate(idx, 6, temperature=0))
+
+
+@pytest.mark.parametrize("backend", ["pyllm", "torch"])
+def test_generate_under_bf16_autocast(rng, backend):
+    """Session 30 audit: with the torch backend under autocast, v came out bf16 and the decode step's index_copy_ into
+    the fp32 cache raised (pretrain --backend torch --dtype bf16 died at its first sample; CUDA pretraining's
+    defaults are that backend and autocast). Generate equals an argmax loop of full forwards under autocast."""
+    m = tiny(rng).set_backend(backend).eval()
+    idx = ids(rng, 2, 5)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = m.generate(idx, 6, temperature=0)
+        with torch.no_grad():
+            logits = m(out)[0][:, 4:-1].float()  # the full forward over generate's own tokens, teacher-forced
+    assert out.shape == (2, 11)
+    chosen = logits.gather(-1, out[:, 5:, None])[..., 0]
+    # each token is that forward's argmax up to bf16 rounding (the cache path and the full forward round apart)
+    assert (logits.max(-1).values - chosen).max() < 0.05, (logits.max(-1).values - chosen)
+
+
+def test_doc_ids_beyond_int32_keep_documents_apart(rng):
+    """int64 ids 5 and 5 + 2^32 (hashed or global document ids) were cast to int32, became one document, and the
+    tokens attended across the boundary without a word. They mask as 0 and 1 do."""
+    m = tiny(rng)
+    idx = ids(rng, 2, 8)
+    small = torch.tensor([[0] * 4 + [1] * 4, [3] * 3 + [7] * 5])
+    big = torch.tensor([[5] * 4 + [5 + 2 ** 32] * 4, [-2 ** 40] * 3 + [2 ** 40] * 5])
+    for backend in ("pyllm", "torch"):
+        m.set_backend(backend)
+        with torch.no_grad():
+            want, got, none = m(idx, doc_ids=small)[0], m(idx, doc_ids=big)[0], m(idx)[0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, none, atol=1e-3)
+
+
+def test_generate_callback_results_and_model_arguments(rng):
+    """A callback's tensor(True) / numpy True did not stop generation (only the object True did); callback=5 failed
+    after the prompt step; GPT(dict), GPT(cfg, backend='jax'), preset(15), ModelConfig(tie_embeddings='no') were deep
+    errors, a failure at the first forward, or a tied model built silently."""
+    import numpy as np
+    from pyllm.config import preset
+    m = tiny(rng)
+    idx = ids(rng, 1, 3)
+    for stop in (torch.tensor(True), np.bool_(True), 1):
+        n = []
+        out = m.generate(idx, 9, temperature=0, callback=lambda t: n.append(1) or (stop if len(n) == 2 else None))
+        assert out.shape == (1, 5), stop
+    with pytest.raises(TypeError, match="generate callback: return True to stop"):
+        m.generate(idx, 3, temperature=0, callback=lambda t: torch.tensor([True, False]))
+    with pytest.raises(TypeError, match="callback: expected a function"):
+        m.generate(idx, 3, callback=5)
+    with pytest.raises(TypeError, match="GPT: expected a ModelConfig"):
+        GPT({"dim": 8})
+    with pytest.raises(ValueError, match="unknown backend 'jax'"):
+        GPT(ModelConfig(), backend="jax")
+    with pytest.raises(TypeError, match="preset: expected a name"):
+        preset(15)
+    with pytest.raises(ValueError, match="tie_embeddings must be True or False, got 'no'"):
+        ModelConfig(tie_embeddings="no")

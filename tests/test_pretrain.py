@@ -100,6 +100,15 @@ def test_bf16_on_cpu_with_pyllm_kernels(data_dir, tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_bf16_torch_backend_samples(data_dir, tmp_path):
+    """--backend torch --dtype bf16 trained, then died at its first sample (generate under autocast wrote a bf16 v
+    into the fp32 KV cache: index_copy_ refused); CUDA pretraining runs that backend under autocast by default."""
+    out = tmp_path / "tb"
+    assert cli(["pretrain", "--data", str(data_dir), "--out", str(out), *TINY, "--batch-size", "4", "--max-steps", "2",
+                "--dtype", "bf16", "--backend", "torch", "--eval-every", "1", "--sample-tokens", "4"]) == 0
+    assert (out / "samples.txt").read_text().count("--- step") >= 1
+
+
 def test_resume_errors(data_dir, tmp_path, capsys):
     out = tmp_path / "o"
     base = ["pretrain", "--data", str(data_dir), "--out", str(out), *TINY, "--batch-size", "4"]

@@ -145,3 +145,15 @@ def test_bad_preference_lines(tmp_path, capsys, line, problem):
     err = capsys.readouterr().err
     assert f"{data}:3:" in err and problem in err
     assert cli(args + ["--skip-bad-lines"]) == 0
+
+
+def test_attention_mask_shape_is_checked(rng):
+    """Session 30 audit: a 1-D mask was an IndexError; a mask of another shape an error about 'doc_ids'."""
+    from chat_util import tiny_model
+    from pyllm.reward import RewardModel
+    model, _ = tiny_model()
+    rm = RewardModel(model)
+    idx = torch.randint(0, 50, (2, 6), generator=rng)
+    for bad in (torch.ones(6), torch.ones(2, 5), [1] * 6):
+        with pytest.raises(ValueError, match=r"reward model attention_mask: expected shape \(2, 6\)"):
+            rm(idx, bad)

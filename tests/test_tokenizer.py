@@ -209,3 +209,22 @@ def test_encode_explains_what_the_library_refused():
         t.encode_batch(["ok", "x\udc00"])
     with pytest.raises(TypeError, match="text 1 is int, not str"):
         t.encode_batch(["a", 3])
+
+
+def test_train_and_decode_argument_types(tmp_path):
+    """Session 30 audit: Tokenizer.train(iterator='one string') trained on single characters (0 merges); files='a.txt'
+    iterated the path ("no such file /"); an int document was "'int' object is not iterable"; vocab_size='300' a
+    comparison TypeError; decode([True]) gave '\\x01'."""
+    from pyllm.tokenizer import Tokenizer
+    f = tmp_path / "a.txt"
+    f.write_text("the cat sat on the mat. " * 40)
+    tok = Tokenizer.train(files=str(f), vocab_size=270)  # one path: a file list of one
+    assert tok.vocab_size == 270
+    with pytest.raises(TypeError, match="iterator= takes an iterable of strings"):
+        Tokenizer.train(iterator="the cat sat", vocab_size=270)
+    with pytest.raises(TypeError, match="iterator item 1 is a int, not a string"):
+        Tokenizer.train(iterator=["the cat", 2], vocab_size=270)
+    with pytest.raises(TypeError, match="vocab_size must be an int, got '300'"):
+        Tokenizer.train(iterator=["the cat"], vocab_size="300")
+    with pytest.raises(ValueError, match="token ids must be integers, got True"):
+        tok.decode([True])
