@@ -9,8 +9,8 @@ cache and pyllm's sampling op), score them, then update the policy:
               the reference as a loss term (k3 estimator, --kl-coef) instead of in the reward.
   --algo rft  (rejection-sampling fine-tuning / expert iteration: STaR, RAFT, ReST): k samples per prompt, keep the
               ones the --reward-fn verifies (score reaches the prompt's `weight`, default 1), one supervised step
-              (cross-entropy) on them, each distinct kept reply once and every prompt with a kept reply weighted
-              equally. A mean-probability shift (GRPO) rarely flips an argmax between near-tied answers; a
+              (cross-entropy) on them, each distinct kept reply once, every prompt with a kept reply given the same
+              weight per token (a token mean over the kept replies, as SFT's). A mean-probability shift (GRPO) rarely flips an argmax between near-tied answers; a
               cross-entropy step on the verified answer does. The reward model, if given, is only scored (logged,
               on the first of each group's k samples).
 The score is the reward model's output and/or a Python function (--reward-fn module:function or file.py:function)
@@ -195,7 +195,8 @@ def rft_select(responses: list, correct: torch.Tensor, k: int, drop_solved: bool
     """Rejection sampling: responses (N lists of ids) in N/k groups of k, correct (N,) bool -> (kept indices, their
     weights, fraction of groups with a kept reply). Each distinct correct reply of a group is kept once (the first
     sample of it) with weight 1 / (distinct correct replies of its group), so every prompt the policy solved at least
-    once counts the same however often it solved it; drop_solved also drops groups solved by all k samples;
+    once has the same weight however often it solved it (a per-token weight: the step is a token mean over the kept
+    replies, so a prompt's share of it also grows with its replies' length, as in SFT); drop_solved also drops groups solved by all k samples;
     mode_wrong_only keeps only groups whose most frequent reply (the k samples' estimate of the greedy answer; a tie
     counts as wrong) is not verified: the prompts where a right answer exists but is not yet the policy's choice.
     hard_weight a > 0 scales each kept group by (1 - its pass rate over the k samples) ** a, renormalised so the kept
@@ -283,7 +284,8 @@ def add_arguments(p):
     p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
     p.add_argument("--top-k", type=int, default=0, help="rollout top-k (0 = off)")
     p.add_argument("--kl-coef", type=float, default=0.05, help="KL weight (PPO: per-token penalty; GRPO: beta)")
-    p.add_argument("--ppo-epochs", type=int, default=2, help="optimization passes over each rollout batch")
+    p.add_argument("--ppo-epochs", type=int, default=None,
+                   help="optimization passes over each rollout batch (default: 2; rft: 1, its one supervised step)")
     p.add_argument("--minibatches", type=int, default=1, help="minibatches per pass")
     p.add_argument("--clip-range", type=float, default=0.2, help="policy ratio clip epsilon")
     p.add_argument("--clip-range-value", type=float, default=0.2, help="value clip around the rollout values")
@@ -413,6 +415,8 @@ def main(args) -> int:
     check_common_args(args)
     dist = Dist(args.device)
     args.model = args.policy
+    if args.ppo_epochs is None:  # rft's one supervised step: a 2nd pass (the PPO default) was a clipped-surrogate
+        args.ppo_epochs = 1 if args.algo == "rft" else 2  # step on the first one's samples (a resume keeps the run's)
     st = resume_state(args, "rl")  # a resumed run's own --reward-fn/--reward-model are restored here
     if args.reward_model is None and args.reward_fn is None:
         raise ValueError("rl: give --reward-model and/or --reward-fn")

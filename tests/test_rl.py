@@ -616,3 +616,20 @@ def test_log_probs_are_scored_at_the_rollout_temperature(tmp_path, monkeypatch):
     want, at_one = kl_at(tau), kl_at(1.0)
     assert abs(want - at_one) > 0.05 * abs(want) + 1e-3, (want, at_one)   # the temperature matters here
     assert rows[1]["kl"] == pytest.approx(want, rel=1e-3, abs=1e-5)
+
+
+@pytest.mark.parametrize("algo, flags, want", [("rft", [], 1), ("grpo", [], 2), ("rft", ["--ppo-epochs", "3"], 3)])
+def test_ppo_epochs_default_follows_the_algorithm(tmp_path, monkeypatch, algo, flags, want):
+    """Session 30 audit: rft is documented as one supervised step per rollout, but took --ppo-epochs' PPO default of
+    2: a second, clipped-surrogate pass on the samples the first had already moved. Now rft defaults to 1 and the
+    others keep 2; a given value is kept."""
+    import pyllm.rl as rl
+    base, _, prompts = _setup(tmp_path)
+    (tmp_path / "fa.py").write_text(FIRST_A)
+    steps = []
+    real = rl.clip_and_step
+    monkeypatch.setattr(rl, "clip_and_step", lambda *a, **k: steps.append(1) or real(*a, **k))
+    assert cli(["rl", "--algo", algo, "--policy", str(base), "--reward-fn", f"{tmp_path / 'fa.py'}:first_a",
+                "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--batch-size", "2", "--num-samples", "4",
+                "--max-new-tokens", "3", "--steps", "1", *flags]) == 0
+    assert len(steps) == want
