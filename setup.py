@@ -104,13 +104,19 @@ class BuildExt(build_ext):
             num = a.rstrip("a")
             gencode += [f"-gencode=arch=compute_{a},code=sm_{a}"]
         gencode += [f"-gencode=arch=compute_{archs[0]},code=compute_{archs[0]}"]  # PTX for newer GPUs
-        objdir = Path(self.build_temp) / "cuda"
+        # one object directory per target list: a build for other GPUs (PYLLM_CUDA_ARCHS=90a, then the default)
+        # reused the other targets' objects ("no kernel image" on an A100)
+        objdir = Path(self.build_temp) / ("cuda-" + "_".join(archs))
         objdir.mkdir(parents=True, exist_ok=True)
+        # every header a .cu sees: kernels_cuda.h and the CPU kernels.h declare the parameter structs it takes by
+        # value (a changed layout beside a stale object was a silent mismatch)
+        headers = [*(ROOT / "csrc" / "cuda").glob("*.cuh"), *(ROOT / "csrc" / "cuda").glob("*.h"),
+                   ROOT / "csrc" / "cpu" / "kernels.h"]
+        newest_header = max(p.stat().st_mtime for p in headers if p.exists())
         objs, todo = [], []
         for src in srcs:
             obj = objdir / (Path(src).stem + ".o")
-            if not obj.exists() or obj.stat().st_mtime < max(
-                    p.stat().st_mtime for p in [ROOT / src, *(ROOT / "csrc" / "cuda").glob("*.cuh")]):
+            if not obj.exists() or obj.stat().st_mtime < max(newest_header, (ROOT / src).stat().st_mtime):
                 todo.append([nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
                              "--expt-relaxed-constexpr", "-lineinfo", *gencode])
             objs.append(str(obj))

@@ -1096,7 +1096,8 @@ def _cuda_dispatch(name: str):
         if isinstance(first, torch.Tensor) and first.is_cuda:
             from . import ops_cuda
             ops_cuda.require_built(name)
-            return getattr(ops_cuda, name)(*args, **kwargs)
+            with ops_cuda.on_device(first):  # the kernels launch on the current device: cuda:1 tensors were
+                return getattr(ops_cuda, name)(*args, **kwargs)  # read from GPU 0
         if cpu_fn is not None:
             return cpu_fn(*args, **kwargs)
         from . import ref

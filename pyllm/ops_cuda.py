@@ -51,6 +51,15 @@ def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
+def on_device(t: torch.Tensor):
+    """The context that makes t's GPU the current device (the kernels launch there), or nothing when it is already
+    (torch.cuda.device() costs a few us)."""
+    import contextlib
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def _ops():
     """pyllm.ops, imported on first use (it imports this module at its end): its check() and the op validators
     (_check_<op>) are shared, so both backends take and refuse the same inputs with the same messages."""
@@ -219,6 +228,7 @@ def decode_attention(q, k_cache, v_cache, n_ctx):
     require_built("decode_attention")
     q = _f32(q).contiguous()
     B, H, Hkv, D, n_ctx = _ops()._check_decode_attention(q, k_cache, v_cache, n_ctx, device="cuda")
+    _ops()._no_autograd("decode_attention", q, k_cache, v_cache)  # as the CPU op: no backward here either
     n_dev = 0
     if isinstance(n_ctx, torch.Tensor):  # read on the device: the bound T_max fixes the grid and the scratch
         n_dev, n_ctx = n_ctx.data_ptr(), k_cache.shape[1]
@@ -339,9 +349,18 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, mask=None, se
 def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
     """One in-place AdamW step on fp32 CUDA tensors of the same shape (PyTorch's formula)."""
     require_built("adamw_step")
-    for name, t in (("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+    ts = (("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq))
+    for name, t in ts:
         _check(t, f"adamw_step {name}", shape=tuple(param.shape), device=param.device)
+    for i, (n0, a) in enumerate(ts):  # as the CPU op: each its own memory (an aliased pair gave wrong updates)
+        for n1, b in ts[i + 1:]:
+            if _ops()._overlap(a, b):
+                raise ValueError(f"adamw_step {n1}: shares memory with {n0}")
     _ops()._check_adamw(lr, beta1, beta2, eps, weight_decay, "adamw_step")
-    step = _ops().check_int(step, "adamw_step step", 1)
-    C().cuda_adamw(param.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), grad.data_ptr(), param.numel(),
-                   float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step), _stream(param))
+    step = min(_ops().check_int(step, "adamw_step step", 1), 2 ** 31 - 1)  # int32 in the kernel (see ops.py)
+    if param.numel() == 0:  # the binding refuses a null pointer; nothing to update
+        return
+    with on_device(param):  # not an op of the model's table (those switch in ops._cuda_dispatch)
+        C().cuda_adamw(param.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), grad.data_ptr(), param.numel(),
+                       float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step),
+                       _stream(param))

@@ -283,6 +283,21 @@ def test_wiring_adamw(fake_c, monkeypatch):
     assert (f["lr"], f["beta1"], f["beta2"], f["eps"], f["weight_decay"]) == pytest.approx((1e-3, 0.9, 0.95, 1e-8, 0.1))
 
 
+def test_wiring_adamw_checks(fake_c, monkeypatch):
+    """Session-30 review: as the CPU op, aliased buffers are refused, an empty tensor makes no call (the binding's
+    null pointer) and a step beyond int32 is clamped (was pybind11's type error)."""
+    from pyllm import ops_cuda
+    monkeypatch.setattr(ops_cuda, "require_built", lambda name: None)
+    p, g, m = (torch.randn(9) for _ in range(3))
+    with pytest.raises(ValueError, match="adamw_step exp_avg_sq: shares memory with exp_avg"):
+        ops_cuda.adamw_step(p, g, m, m, 1e-3, 0.9, 0.95, 1e-8, 0.1, 3)
+    e = torch.empty(0)
+    ops_cuda.adamw_step(e, e.clone(), e.clone(), e.clone(), 1e-3, 0.9, 0.95, 1e-8, 0.1, 3)
+    assert fake_c == []
+    ops_cuda.adamw_step(p, g, m, torch.zeros(9), 1e-3, 0.9, 0.95, 1e-8, 0.1, 2 ** 40)
+    assert fake_c[0][1]["step"] == 2 ** 31 - 1
+
+
 def test_bf16_attention_routing():
     from pyllm import ops_cuda
     bf = torch.zeros(1, 3, 2, 64, dtype=torch.bfloat16)
@@ -583,21 +598,10 @@ def test_adamw_step_matches_torch(rng):
 
 
 def _kept(logits, temperature, top_k, top_p, min_p, mask):
-    """The reference's truncation (ref.sample's steps), in float64: bool (B, V) of tokens that may be drawn."""
-    x = logits.double()
-    if mask is not None:
-        x = x.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(x / temperature, -1)
-    V = probs.shape[-1]
-    if top_k and top_k < V:
-        probs = probs.masked_fill(probs < probs.topk(top_k, -1).values[:, -1:], 0)
-    if min_p > 0:
-        probs = probs.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, 0)
-    if top_p < 1:
-        sp, si = probs.sort(-1, descending=True)
-        cum = sp.cumsum(-1) / sp.sum(-1, keepdim=True)
-        probs = probs.scatter(1, si, sp.masked_fill((cum - sp / sp.sum(-1, keepdim=True)) >= top_p, 0))
-    return probs
+    """The reference's truncated distribution (pyllm.ref.sample_probs: top-k, top-p on the top-k set, then min-p, as
+    the CPU kernel and HF). This helper once applied min-p before top-p, the CUDA kernel's old order, so the test
+    could not see that order differ from the reference's (session-30 review)."""
+    return ref.sample_probs(logits, temperature, top_k, top_p, min_p, mask)
 
 
 @pytest.mark.gpu
@@ -636,6 +640,50 @@ def test_sample_truncation_and_distribution(top_k, top_p, min_p, rng):
     tok2, _ = ops.sample(x, temperature=0.9, top_k=top_k, top_p=top_p, min_p=min_p, seed=7, step=1)
     tok3, _ = ops.sample(x, temperature=0.9, top_k=top_k, top_p=top_p, min_p=min_p, seed=7, step=1)
     assert torch.equal(tok2, tok3)
+
+
+@pytest.mark.gpu
+def test_sample_order_tiny_temperature_and_top_k_1():
+    """Session-30 review of sample.cu (no GPU then; first run pending): min-p was applied before top-p (token 1 below,
+    kept with probability 1/6 by the reference, was never drawn); T -> 0 scaled the logits before subtracting the
+    max (+inf - +inf: no token kept, token -1, a read of logits[row, -1]); top_k = 1 drew among logits that round to
+    the same q; the uniform hashed (row, step) in the other order from the CPU kernel's."""
+    import math
+    lg = torch.tensor([0.0, math.log(0.2)] + [math.log(0.01)] * 200)
+    x = lg.repeat(4000, 1).cuda()
+    tok, _ = ops.sample(x, temperature=1.0, top_p=0.5, min_p=0.05, seed=1)
+    want = _kept(lg[None], 1.0, 0, 0.5, 0.05, None)[0]
+    assert abs(want[1].item() - 1 / 6) < 1e-6
+    assert abs((tok == 1).double().mean().item() - 1 / 6) < 0.03
+    logits = torch.tensor([[4.5, 1.0, -2.0], [0.3, 9.0, 8.9]]).cuda()
+    for T in (1e-50, 1e-45, 2e-39):  # f32_positive makes these FLT_MIN / denormals: 1/T is clamped to FLT_MAX
+        tok, lp = ops.sample(logits, temperature=T, seed=3)
+        assert tok.tolist() == [0, 1] and torch.isfinite(lp).all() and lp.abs().max().item() < 1e-6
+    near = torch.tensor([[0.1, 0.10000000894069672, -1.0], [2.0, 2.0, 1.0]]).cuda()
+    for seed in range(8):
+        tok, lp = ops.sample(near, temperature=0.7, top_k=1, seed=seed)
+        assert tok.tolist() == [1, 0]
+        torch.testing.assert_close(lp.cpu(), torch.log_softmax(near.cpu() / 0.7, -1).gather(1, tok.cpu()[:, None])[:, 0])
+    # the same (seed, row, step) draws the same uniform as the CPU kernel: on logits both paths weigh alike (well
+    # separated), the tokens agree row for row
+    xs = (torch.randn(256, 50, generator=torch.Generator().manual_seed(0)) * 3)
+    for step in (0, 5):
+        t_cpu, _ = ops.sample(xs, temperature=1.0, seed=11, step=step)
+        t_gpu, _ = ops.sample(xs.cuda(), temperature=1.0, seed=11, step=step)
+        assert (t_cpu == t_gpu.cpu()).double().mean().item() > 0.98
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_ops_run_on_their_tensors_device(rng):
+    """The kernels launched on the current device: tensors on cuda:1 with device 0 current read another GPU's memory
+    (or failed with an invalid resource handle). The dispatch now makes the tensors' device current."""
+    torch.cuda.set_device(0)
+    x = torch.randn(4, 8, 64, generator=rng).to("cuda:1")
+    w = torch.randn(48, 64, generator=rng).to("cuda:1")
+    torch.testing.assert_close(ops.linear(x, w).cpu(), ref.linear(x.cpu(), w.cpu()), rtol=1e-4, atol=1e-4)
+    tok, _ = ops.sample(torch.randn(3, 40, generator=rng).to("cuda:1"), temperature=0.0)
+    assert tok.device == torch.device("cuda:1")
 
 
 @pytest.mark.gpu

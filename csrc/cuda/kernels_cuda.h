@@ -78,10 +78,12 @@ const char* decode_attention_cuda(const decode_attention_params* p, const long l
                                   pyllm_stream stream);
 
 // --- sampling (sample.cu) ----------------------------------------------------------------------------------
-// One block per row. temperature <= 0: greedy (argmax, smallest index on ties), logprob under T = 1.
-// Otherwise x = logits / T (mask: disallowed -> -inf); keep tokens whose prob q = exp(x - max) passes all of
-// top_k (k-th largest q, by bisection on the float bits), min_p (q >= min_p) and top_p (the largest threshold t
-// with mass(q >= t) >= top_p * kept mass, by bisection — no sort), then draw with u = hash(seed, row, step).
+// One block per row. temperature <= 0: greedy (argmax, smallest index on ties), logprob under T = 1; top_k = 1
+// is that argmax too. Otherwise q = exp((logit - max) / T) (mask: disallowed -> 0; 1/T clamped to FLT_MAX), then in
+// the CPU kernel's order: top_k (k-th largest q, by bisection on the float bits), top_p over what top_k kept (the
+// largest threshold t with mass(q >= t) >= top_p * kept mass, by bisection — no sort), min_p (q >= min_p); then
+// draw with the CPU kernel's u = hash(seed, step, row) (53 bits). Ties at a cut are all kept (the CPU keeps the
+// lower ids), so rows with such ties, and float sums in another order, can draw other tokens than the CPU.
 // logprob = log_softmax(logits / T)[token] over the full row: unmasked and untruncated, as the CPU kernel.
 typedef struct {
     int64_t* tokens;         // (B)     written

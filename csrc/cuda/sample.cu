@@ -6,6 +6,8 @@
 // on H100: 227 KB): each bisection pass then costs ~V/1024 shared loads per thread instead of a pass over the
 // logits through L2 with an expf per element (H100, V = 50257: 0.31 -> 0.14 ms a call at B = 1, 0.83 -> 0.27 ms at
 // B = 256; RESULTS.md, issue 8). One block per row leaves B = 1 on one SM: the next step is a row split over SMs.
+#include <float.h>
+
 #include "common.cuh"
 
 namespace {
@@ -17,15 +19,20 @@ __device__ __forceinline__ uint64_t splitmix64(uint64_t x) {
     x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
     return x ^ (x >> 31);
 }
-// Uniform in [0, 1) from (seed, row, step): 24 random bits, so u * S never rounds up to S.
-__device__ __forceinline__ float uniform01(uint64_t seed, uint64_t row, uint64_t step) {
-    uint64_t h = splitmix64(splitmix64(splitmix64(seed) ^ row) ^ step);
-    return (float)(h >> 40) * (1.0f / 16777216.0f);
+// Uniform in [0, 1) from (seed, row, step): the CPU kernel's hash in its order (impl_sample.h sample_uniform: seed,
+// then step, then row; this kernel hashed row before step, so the same draw came from a swapped (row, step)) and its
+// 53 bits. The inverse CDF below scales it in double; a target rounded up to the float total takes the last token.
+__device__ __forceinline__ double uniform01(uint64_t seed, uint64_t row, uint64_t step) {
+    uint64_t h = splitmix64(splitmix64(splitmix64(seed) ^ step) ^ row);
+    return (double)(h >> 11) * 0x1.0p-53;
 }
 
+// x(v) = logit in raw units, -inf where masked. Scaled by 1/T only AFTER the max is subtracted, as the CPU kernel
+// does: with T near 0 (1/T clamped to FLT_MAX), raw * (1/T) was +inf for every logit >= ~4, q = exp(inf - inf) NaN,
+// no token kept, token -1 and a read of logits[row, -1].
 struct Row {
     const float* lg; const uint8_t* mk; float invT; int V;
-    __device__ float x(int v) const { return (mk && !mk[v]) ? -INFINITY : lg[v] * invT; }
+    __device__ float x(int v) const { return (mk && !mk[v]) ? -INFINITY : lg[v]; }
 };
 
 // Block sum in double: the log-prob's normaliser. A log-prob near 0 is -log(z) with z just above 1, and a float
@@ -47,7 +54,7 @@ __device__ double block_sum_d(double v, double* sh) {
 template <bool CACHED>
 __device__ __forceinline__ float q_at(const Row& r, const float* qs, float M, int v) {
     if constexpr (CACHED) return qs[v];
-    else return expf(r.x(v) - M);
+    else return expf((r.x(v) - M) * r.invT);
 }
 __device__ __forceinline__ bool kept(float q, uint32_t thr) { return q > 0.f && __float_as_uint(q) >= thr; }
 
@@ -85,7 +92,7 @@ __global__ void __launch_bounds__(THREADS, 1) sample_kernel(sample_cuda_params p
     const int row = blockIdx.x, lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const bool greedy = p.temperature <= 0.f;
     const Row r{p.logits + (long)row * p.V, p.mask ? p.mask + (long)row * p.V : nullptr,
-                greedy ? 1.f : 1.f / p.temperature, p.V};
+                greedy ? 1.f : fminf(1.f / p.temperature, FLT_MAX), p.V};
 
     // The one pass over the logits in global memory, four loads in flight per thread: the max and argmax over the
     // allowed tokens (smallest index among equal maxima), and an online max and sum of exp over ALL tokens for
@@ -93,10 +100,9 @@ __global__ void __launch_bounds__(THREADS, 1) sample_kernel(sample_cuda_params p
     float mx = -INFINITY, m_all = -INFINITY;
     double z = 0.0;
     int arg = 0x7fffffff;
-    auto visit = [&](int v, float raw, bool allowed) {
-        const float x = raw * r.invT;
-        if (x > m_all) { z = z * exp((double)m_all - (double)x) + 1.0; m_all = x; }
-        else if (x > -INFINITY) z += (double)expf(x - m_all);
+    auto visit = [&](int v, float x, bool allowed) {  // x raw: maxima in raw units, differences scaled by 1/T
+        if (x > m_all) { z = z * exp(((double)m_all - (double)x) * r.invT) + 1.0; m_all = x; }
+        else if (x > -INFINITY) z += (double)expf((x - m_all) * r.invT);
         if (allowed && x > mx) { mx = x; arg = v; }  // v ascends per thread: the first maximum wins
         if constexpr (CACHED) qs[v] = allowed ? x : -INFINITY;
     };
@@ -117,7 +123,8 @@ __global__ void __launch_bounds__(THREADS, 1) sample_kernel(sample_cuda_params p
         for (; v < p.V; v += bd) visit(v, r.lg[v], !r.mk || r.mk[v]);
     }
     const float M_all = block_max(m_all, sh);
-    const double log_z = log(block_sum_d(m_all > -INFINITY ? z * exp((double)m_all - (double)M_all) : 0.0, sh_d));
+    const double log_z = log(block_sum_d(m_all > -INFINITY ? z * exp(((double)m_all - (double)M_all) * r.invT) : 0.0,
+                                         sh_d));
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         float ov = __shfl_xor_sync(0xffffffffu, mx, o);
@@ -139,18 +146,23 @@ __global__ void __launch_bounds__(THREADS, 1) sample_kernel(sample_cuda_params p
         if (threadIdx.x == 0) { p.tokens[row] = -1; p.logprobs[row] = NAN; }
         return;
     }
-    // log-prob = (x - M_all) - log z: the difference first, so a log-prob near 0 keeps its relative accuracy
-    if (greedy) {
-        if (threadIdx.x == 0) { p.tokens[row] = arg; p.logprobs[row] = (float)((r.lg[arg] - M_all) - log_z); }
+    // log-prob = (x - M_all) / T - log z: the difference first, so a log-prob near 0 keeps its relative accuracy.
+    // top_k = 1 is the argmax, as greedy (by q, logits within ~1e-7 of the maximum round to q = 1 and tied).
+    if (greedy || p.top_k == 1) {
+        if (threadIdx.x == 0) {
+            p.tokens[row] = arg;
+            p.logprobs[row] = (float)((double)(r.lg[arg] - M_all) * r.invT - log_z);
+        }
         return;
     }
-    if constexpr (CACHED) {  // x -> q = exp(x - M) in place (masked: -inf -> 0)
-        for (int v = threadIdx.x; v < p.V; v += blockDim.x) qs[v] = expf(qs[v] - M);
+    if constexpr (CACHED) {  // x -> q = exp((x - M) / T) in place (masked: -inf -> 0)
+        for (int v = threadIdx.x; v < p.V; v += blockDim.x) qs[v] = expf((qs[v] - M) * r.invT);
         __syncthreads();
     }
 
+    // Filters in the order of the CPU kernel and pyllm.ref (HF's): top-k, then top-p over what top-k kept, then min-p
+    // (min-p first made top-p's mass that of the min-p set: a token ref keeps could never be drawn).
     uint32_t thr = 1;  // keep q >= thr (bits) and q > 0; 1 = the smallest positive float
-    if (p.min_p > 0.f) thr = max(thr, __float_as_uint(fminf(p.min_p, 1.f)));  // q_max = 1, so p >= min_p p_max
     const uint32_t top = __float_as_uint(1.f) + 1;  // nothing has q >= top
     if (p.top_k > 0 && p.top_k < p.V) {
         // largest u with count(q >= u) >= k: the k-th largest q (ties at it are all kept)
@@ -174,6 +186,7 @@ __global__ void __launch_bounds__(THREADS, 1) sample_kernel(sample_cuda_params p
         }
         thr = lo;
     }
+    if (p.min_p > 0.f) thr = max(thr, __float_as_uint(fminf(p.min_p, 1.f)));  // q_max = 1, so p >= min_p p_max
 
     // Inverse CDF in index order: each thread owns a contiguous chunk; block exclusive scan of chunk sums.
     const int chunk = (p.V + blockDim.x - 1) / blockDim.x;
@@ -206,7 +219,7 @@ __global__ void __launch_bounds__(THREADS, 1) sample_kernel(sample_cuda_params p
     __syncthreads();
     const float total = sh_v[nw - 1];
     const float pre = incl - local + (w > 0 ? sh_v[w - 1] : 0.f);
-    const float target = uniform01(p.seed, (uint64_t)row, p.step) * total;
+    const float target = (float)(uniform01(p.seed, (uint64_t)row, p.step) * (double)total);
     if (local > 0.f && pre <= target && target < pre + local) {
         float c = pre;
         int tok = last_kept;  // rounding: fall back to the chunk's last kept token
@@ -232,8 +245,8 @@ __global__ void __launch_bounds__(THREADS, 1) sample_kernel(sample_cuda_params p
             tok = -1;
             for (int i = 0; i < nw; i++) tok = max(tok, sh_i[i]);
         }
-        p.tokens[row] = tok;
-        p.logprobs[row] = (float)((r.lg[tok] * r.invT - M_all) - log_z);
+        p.tokens[row] = tok;  // -1 only if no token was kept (NaN logits): never read logits[row, -1]
+        p.logprobs[row] = tok >= 0 ? (float)((double)(r.lg[tok] - M_all) * r.invT - log_z) : NAN;
     }
 }
 
