@@ -6,7 +6,7 @@ Decode attention (one query per sequence over a (B, T_max, Hkv, D) KV cache) vs 
 with the K+V read rate against the copy bandwidth measured in the same run:
     PYTHONPATH=$PWD python benchmarks/bench_attention.py --decode [--threads 1]
 pytest-benchmark:
-    PYTHONPATH=$PWD python -m pytest benchmarks/bench_attention.py --benchmark-only
+    PYTHONPATH=$PWD python -m pytest benchmarks/bench_attention.py --benchmark-enable --benchmark-only
 FLOPs counted as the useful causal work: 4*B*H*T*T*D/2 forward, 2.5x that backward (5 vs 2 matmuls).
 """
 from __future__ import annotations

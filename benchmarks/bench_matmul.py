@@ -1,5 +1,5 @@
 """pytest-benchmark: pyllm GEMM / matvec vs torch at transformer shapes (same run, so compare the two groups).
-Run: PYTHONPATH=$PWD python -m pytest -q benchmarks/bench_matmul.py --benchmark-columns=min,median
+Run: PYTHONPATH=$PWD python -m pytest -q benchmarks/bench_matmul.py --benchmark-enable --benchmark-columns=min,median
 (1 thread by default; PYLLM_BENCH_THREADS=2 for two.) The ratio table is benchmarks/bench_matmul_table.py."""
 import os
 

@@ -82,7 +82,10 @@ def measure_peaks(threads: int) -> dict:
 
 
 if __name__ == "__main__":
-    for th in (1, 2):
+    import argparse
+    ap = argparse.ArgumentParser(description="The machine's floors: fp32 FMA peak, bf16 dot peak, copy bandwidth.")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to measure (1 2)")
+    for th in ap.parse_args().threads:
         d = measure_peaks(th)
         print(f"threads={th}: fp32 FMA peak {d['fma_gflops']:.0f} GFLOP/s, bf16 dot (vdpbf16ps) peak "
               f"{bf16_dot_peak_gflops(th):.0f} GFLOP/s, copy bandwidth {d['copy_gbs']:.1f} GB/s")
