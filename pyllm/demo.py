@@ -355,7 +355,25 @@ def reused_results(out: Path, cfg: DemoConfig, seed: int, from_stage: str) -> di
     if diff:
         raise ValueError(f"--from-stage {from_stage}: {path} was made with different {', '.join(diff)}; "
                          f"rerun those stages")
+    for st in STAGES[:STAGES.index(from_stage)]:  # written as each stage finished (see _save_partial)
+        if not all(isinstance(prev.get(k), dict) for k in _STAGE_KEYS[st]):
+            raise ValueError(f"--from-stage {from_stage}: {path}: the earlier run did not finish its {st} stage "
+                             f"(failed or interrupted); rerun from there")
     return prev
+
+
+_STAGE_KEYS = {"pretrain": ("base", "corpus"), "sft": ("sft",), "reward": ("rm",)}  # results.json entries per stage
+
+
+def _save_partial(out: Path, R: dict, clock) -> None:
+    """results.json as far as this run got: the reused stages' entries and each stage's as it finishes, replaced by
+    the full results at the end. A run that failed (or was killed) after rewriting base/ or sft/ left the previous
+    run's results.json beside the new checkpoints, and --from-stage trusted it: a report of a dim-32 base model on a
+    dim-64 checkpoint. Now the entries of the stages being rerun are gone until they finish again."""
+    res = {k: v for k, v in R.items() if k != "curves"}
+    res.update(timing=list(clock.rows), partial=True)
+    (out / "results.json.tmp").write_text(json.dumps(res, indent=1))
+    os.replace(out / "results.json.tmp", out / "results.json")
 
 
 def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "rm+verifier",
@@ -376,12 +394,13 @@ def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "
     t_all = time.perf_counter()
     reused_s = 0.0
     for st in R["reused"]:
-        R.update({k: prev[k] for k in {"pretrain": ("base", "corpus"), "sft": ("sft",), "reward": ("rm",)}[st]})
-        for row in prev["timing"]:
+        R.update({k: prev[k] for k in _STAGE_KEYS[st]})
+        for row in prev.get("timing", []):
             if row["stage"].split(" (reused)")[0] in _STAGE_ROWS[st]:
                 clock.rows.append(dict(row, stage=row["stage"].split(" (reused)")[0] + " (reused)"))
                 reused_s += row["seconds"]
     n_stages = 8
+    _save_partial(out, R, clock)  # the entries of the stages about to be rerun are no longer there
 
     def head(i, name):
         print(f"\n=== [{i}/{n_stages}] {name} ===", flush=True)
@@ -430,6 +449,7 @@ def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "
         del base
         print(f"base: val loss {R['base']['val_loss']:.3f}, {R['base']['bits_per_byte']:.3f} bits/byte, few-shot "
               f"accuracy {fs['accuracy']:.3f}", flush=True)
+        _save_partial(out, R, clock)
     else:
         from .tokenizer import Tokenizer
         tok = Tokenizer.load(tok_json)
@@ -454,6 +474,7 @@ def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "
                     "sampled_format_valid": ss["format_valid"]}
         clock.add("eval sft", time.perf_counter() - t0, 2 * len(D["heldout"]) * 4, "generated tokens (approx.)")
         print(f"sft: accuracy {sg['accuracy']:.3f}, format-valid {sg['format_valid']:.3f}", flush=True)
+        _save_partial(out, R, clock)
     else:
         sft, _ = _load(out / "sft", dev)
         if "reward" in run:  # the RM section scores the SFT policy's sampled replies
@@ -486,6 +507,7 @@ def run_demo(out: Path, cfg: DemoConfig, seed: int, device: str, reward: str = "
         clock.add("eval rm", time.perf_counter() - t0, 0, "")
         print(f"reward model: held-out pairwise accuracy {R['rm']['accuracy']:.3f} (length-only "
               f"{R['rm']['length_baseline']:.3f}, chance 0.5)", flush=True)
+        _save_partial(out, R, clock)
 
     # 5. RL ----------------------------------------------------------------------------------------------------
     head(5, f"RL ({ {'grpo': 'GRPO', 'rft': 'rejection-sampling fine-tuning'}.get(cfg.rl_algo, cfg.rl_algo)}), "
@@ -624,8 +646,12 @@ def write_report(out: Path, R: dict) -> None:
          f"Task: 2-digit {' and '.join({'add': 'addition', 'sub': 'subtraction'}[k] for k in cfg['kinds'])}, "
          f"answers checked by a program. {R['corpus']['train_problems']} "
          f"train-side and {R['corpus']['heldout_problems']} held-out problems (split by a hash of the operands); "
-         f"every number below is measured on {cfg['n_eval']} held-out problems the model never saw in any stage "
-         f"(settings were chosen on a separate dev split of held-out problems, never reported here). "
+         f"every number below is measured on {cfg['n_eval']} held-out problems the model never saw in any stage"
+         + (" (settings were chosen on a separate dev split of held-out problems, never reported here). "
+            if cfg['n_eval'] > N_FIRST else ". ")  # --quick's n_eval <= 300 has no dev split
+         + "The split is by the ordered operands: a held-out a + b can have its swapped twin b + a (and a - b the "
+           "fact a - (a - b) = b) on the train side, so part of what these numbers measure is transfer across the "
+           "operand order. "
          f"Model: {b['params'] / 1e6:.2f}M parameters ({cfg['n_layers']} layers, dim {cfg['dim']}, vocab "
          f"{cfg['vocab_size']}, context {cfg['seq_len']}). Device {R['device']}, {R['threads']} threads. "
          f"Total wall time {R['total_seconds']:.0f} s."
@@ -791,7 +817,8 @@ def apply_overrides(cfg: DemoConfig, sets: list[str]) -> DemoConfig:
 
 
 # DemoConfig fields that must be >= 1 (sizes, batches, counts of data); the other numbers may be 0 (off / default)
-POSITIVE = {"n_docs", "n_val_docs", "vocab_size", "dim", "n_layers", "n_heads", "seq_len", "pt_batch", "sft_examples",
+POSITIVE = {"sft_steps", "rm_steps", "rl_steps",  # 0 was "--save-every must be >= 1" from that stage, late
+            "n_docs", "n_val_docs", "vocab_size", "dim", "n_layers", "n_heads", "seq_len", "pt_batch", "sft_examples",
             "sft_batch", "rm_pairs", "rm_batch", "rl_prompts", "rl_batch", "rl_k"}
 
 
@@ -807,6 +834,10 @@ def main(args) -> int:
     from .tasks import ARITH
     if not cfg.kinds or not set(cfg.kinds) <= set(ARITH):
         raise ValueError(f"--set kinds={','.join(cfg.kinds)}: expected a comma-separated subset of {','.join(ARITH)}")
+    if cfg.rl_prefilter == 1:  # the RL stage's --prefilter-samples needs two samples to see a spread
+        raise ValueError("--set rl_prefilter=1: expected 0 (off) or >= 2 samples")
+    if cfg.rl_algo == "grpo" and cfg.rl_k < 2:  # advantages are relative within a group
+        raise ValueError(f"--set rl_k={cfg.rl_k}: GRPO needs >= 2 samples per prompt")
     if not cfg.rl_kinds or not set(cfg.rl_kinds) <= set(cfg.kinds):
         raise ValueError(f"--set rl_kinds={','.join(cfg.rl_kinds)}: expected a comma-separated subset of kinds "
                          f"({','.join(cfg.kinds)})")

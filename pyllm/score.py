@@ -38,7 +38,8 @@ def main(args) -> int:
                 raise BadLine(f"{where}: expected 'messages' or 'prompt' + 'response'")
             msgs = as_messages(obj["prompt"], where, "prompt", "user") + as_messages(obj[key], where, key,
                                                                                        "assistant")
-        return obj, render_checked(msgs, tok, where, T)[0]
+        return obj, render_checked(msgs, tok, where, T, hint="the reward model cannot score it (--skip-bad-lines "
+                                                             "skips such lines)")[0]
     rows, _ = read_jsonl(args.data, parse, args.skip_bad_lines, "scoring")
     rewards = score_ids(rm, [r[1] for r in rows], pad_id_of(tok), dist.device, args.batch_size)
     text = "".join(json.dumps({**obj, "reward": float(r)}) + "\n" for (obj, _), r in zip(rows, rewards))

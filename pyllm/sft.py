@@ -111,16 +111,17 @@ def parse_conversation(obj: dict, where: str) -> list[dict]:
     return msgs
 
 
-def render_checked(msgs, tok, where: str, max_len: int, add_generation_prompt: bool = False):
-    """chat.render with the context check: (ids, loss_mask) or BadLine naming the line and the lengths."""
+def render_checked(msgs, tok, where: str, max_len: int, add_generation_prompt: bool = False,
+                   hint: str = "shorten it or raise --seq-len up to the model's max_seq_len"):
+    """chat.render with the context check: (ids, loss_mask) or BadLine naming the line and the lengths (and, hint,
+    what to do: a command without --seq-len says something else)."""
     from .chat import render
     try:
         ids, mask = render(msgs, tok, add_generation_prompt=add_generation_prompt)
     except (ValueError, KeyError) as e:
         raise BadLine(f"{where}: {e}") from None
     if len(ids) > max_len:
-        raise BadLine(f"{where}: {len(ids)} tokens is longer than the context ({max_len}); shorten it or raise "
-                      f"--seq-len up to the model's max_seq_len")
+        raise BadLine(f"{where}: {len(ids)} tokens is longer than the context ({max_len}); {hint}")
     return list(ids), list(mask)
 
 

@@ -166,6 +166,11 @@ def test_score_out_is_a_directory_leaves_no_tmp(base, tmp_path, capsys):
     assert cli(["score", "--reward-model", str(rm), "--data", str(prefs), "--device", "cpu", "--out", str(d)]) == 2
     assert "Is a directory" in one_line_error(capsys, "score")  # was IsADirectoryError with a traceback
     assert not (tmp_path / "scores.tmp").exists()
+    # a reply longer than the context: the hint was "raise --seq-len", a flag score does not have (session 30)
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "q", "response": "word " * 60}])
+    assert cli(["score", "--reward-model", str(rm), "--data", str(long), "--device", "cpu"]) == 2
+    err = one_line_error(capsys, "score")
+    assert "longer than the context (48); the reward model cannot score it" in err and "--seq-len" not in err
 
 
 def test_export_refuses_a_tokenizer_of_another_vocab(tmp_path, capsys):
@@ -477,7 +482,7 @@ def test_export_onto_a_directory_named_tokenizer_bin_writes_nothing(base, tmp_pa
 
 def test_demo_set_values_are_checked_before_any_stage(tmp_path, capsys):
     """--set rl_steps=-5 failed only at the RL stage, after the tokenizer, pretraining, SFT and the RM had run."""
-    for argv, message in ((["--set", "rl_steps=-5"], "rl_steps must be a finite number >= 0"),
+    for argv, message in ((["--set", "rl_steps=-5"], "rl_steps must be a finite number > 0"),
                           (["--set", "pt_lr=nan"], "pt_lr must be a finite number > 0"),
                           (["--set", "dim=0"], "dim must be a finite number > 0"),
                           (["--seed", "-1"], "--seed must be in [0, 2^63)")):
@@ -948,7 +953,11 @@ def test_demo_word_and_list_settings_checked_before_any_stage(tmp_path, capsys):
     for argv, message in ((["--set", "rl_scale_rewards=bogus"], "expected group, batch or none"),
                           (["--set", "rl_kinds=mul"], "rl_kinds=mul: expected a comma-separated subset of kinds"),
                           (["--set", "kinds=add,mul"], "kinds=add,mul: expected a comma-separated subset of add,sub"),
-                          (["--set", "kinds=add", "--set", "rl_kinds=sub"], "rl_kinds=sub: expected")):
+                          (["--set", "kinds=add", "--set", "rl_kinds=sub"], "rl_kinds=sub: expected"),
+                          # and numbers that passed the range check but failed in their stage
+                          (["--set", "sft_steps=0"], "sft_steps must be a finite number > 0"),
+                          (["--set", "rl_prefilter=1"], "rl_prefilter=1: expected 0 (off) or >= 2"),
+                          (["--set", "rl_algo=grpo", "--set", "rl_k=1"], "rl_k=1: GRPO needs >= 2")):
         assert cli(["demo", "--quick", "--device", "cpu", "--out", str(tmp_path / "d"), *argv]) == 2
         assert message in one_line_error(capsys, "demo")
         assert not (tmp_path / "d").exists()

@@ -258,3 +258,36 @@ def test_rl_algorithms_and_sft_budget(quick_run, tmp_path):
     R = json.loads((out / "results.json").read_text())
     assert R["reused"] == ["pretrain"] and R["config"]["sft_examples"] == 80
     assert len((out / "data" / "sft.jsonl").read_text().splitlines()) == 80
+
+
+def test_a_failed_run_leaves_no_results_for_the_stages_it_rewrote(quick_run, tmp_path, monkeypatch, capsys):
+    """Session 30 audit: results.json was written only at the end, so a run that failed (or was killed) after
+    rewriting base/ kept the previous run's results.json, and --from-stage trusted it: the report described a dim-32
+    base model while sft/ and rl/ were trained from a dim-64 one. Now each stage's entry is written as it finishes
+    and the entries of the stages being rerun are gone until then."""
+    import shutil
+    from pyllm import demo
+    out = tmp_path / "run"
+    shutil.copytree(quick_run, out)
+    real = demo.stage_cli
+
+    def sft_fails(cmd, argv):
+        if cmd == "sft":
+            raise ValueError("sft: boom")
+        return real(cmd, argv)
+    monkeypatch.setattr(demo, "stage_cli", sft_fails)
+    assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "3", "--set", "dim=64"]) == 2
+    monkeypatch.setattr(demo, "stage_cli", real)
+    R = json.loads((out / "results.json").read_text())
+    assert R["partial"] and R["config"]["dim"] == 64 and R["base"]["params"] > 0 and "sft" not in R
+    capsys.readouterr()
+    assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "3", "--from-stage", "rl", "--set",
+                     "dim=64"]) == 2
+    assert "the earlier run did not finish its sft stage" in capsys.readouterr().err
+    assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "3", "--from-stage", "sft"]) == 2
+    assert "was made with different dim" in capsys.readouterr().err   # base/ is the dim-64 one now
+    assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "3", "--from-stage", "sft", "--set",
+                     "dim=64"]) == 0
+    R = json.loads((out / "results.json").read_text())
+    assert "partial" not in R and R["reused"] == ["pretrain"] and R["config"]["dim"] == 64
+    assert "dim 64" in (out / "report.md").read_text()
