@@ -10,8 +10,8 @@ cache and pyllm's sampling op), score them, then update the policy:
   --algo rft  (rejection-sampling fine-tuning / expert iteration: STaR, RAFT, ReST): k samples per prompt, keep the
               ones the --reward-fn verifies (score reaches the prompt's `weight`, default 1), one supervised step
               (cross-entropy) on them, each distinct kept reply once, every prompt with a kept reply given the same
-              weight per token (a token mean over the kept replies, as SFT's). A mean-probability shift (GRPO) rarely flips an argmax between near-tied answers; a
-              cross-entropy step on the verified answer does. The reward model, if given, is only scored (logged,
+              weight per token (a token mean over the kept replies, as SFT's). A mean-probability shift (GRPO)
+              rarely flips an argmax between near-tied answers; a cross-entropy step on the verified answer does. The reward model, if given, is only scored (logged,
               on the first of each group's k samples).
 The score is the reward model's output and/or a Python function (--reward-fn module:function or file.py:function)
 called as fn(prompt=..., response=..., **other JSONL fields) -> float; with both, they add (the RM's share scaled by
@@ -176,13 +176,17 @@ def gae(rewards, values, m, gamma: float, lam: float):
     return adv, adv + values
 
 
-def grpo_advantages(score: torch.Tensor, k: int, scale: str = "group") -> torch.Tensor:
+def grpo_advantages(score: torch.Tensor, k: int, scale: str = "group",
+                    batch_std: float | None = None) -> torch.Tensor:
     """score (N,) laid out as N/k groups of k samples of one prompt -> advantages (N,): the score minus its group's
-    mean, divided by the group's std ("group", DeepSeekMath), the whole batch's std ("batch"), or nothing ("none")."""
+    mean, divided by the group's std ("group", DeepSeekMath), the whole batch's std ("batch"; batch_std: that of
+    every rank's scores under DDP), or nothing ("none")."""
     grp = score.view(-1, k)
     a = grp - grp.mean(1, keepdim=True)
     if scale == "group":
         a = a / (grp.std(1, keepdim=True) + 1e-4)
+    elif scale == "batch" and batch_std is not None:
+        a = a / (batch_std + 1e-4)
     elif scale == "batch" and score.numel() > 1:
         a = a / (score.std() + 1e-4)
     elif scale not in ("group", "batch", "none"):
@@ -578,7 +582,12 @@ def main(args) -> int:
             elif args.algo == "rft":  # weighted cross-entropy on the kept samples (the ratio is 1 on-policy)
                 adv = rft_w.to(dist.device)[:, None] * m
             else:
-                a = grpo_advantages(score, k, args.scale_rewards)
+                bstd = None
+                if args.scale_rewards == "batch" and dist.world > 1:  # every rank's scores (each rank's own std
+                    n_, s1 = dist.sum(score.numel()), dist.sum(float(score.double().sum()))  # trained apart)
+                    s2 = dist.sum(float((score.double() ** 2).sum()))
+                    bstd = math.sqrt(max(s2 - s1 * s1 / n_, 0.0) / max(n_ - 1, 1))
+                a = grpo_advantages(score, k, args.scale_rewards, bstd)
                 if no_signal:
                     a = torch.zeros_like(a)
                 adv = a[:, None] * m
@@ -608,6 +617,9 @@ def main(args) -> int:
                     vf = 0.5 * masked_mean(torch.max((v - returns[b]) ** 2, (v_clip - returns[b]) ** 2), mm)
                     loss = loss + args.vf_coef * vf
                     stats["vf_loss"].append(vf.item())
+                if dist.world > 1:  # the losses are token means over this rank's tokens and DDP averages the ranks:
+                    n_tok = float(mm.sum())  # weighting each by its share of all ranks' tokens makes the update
+                    loss = loss * (dist.world * n_tok / max(dist.sum(n_tok), 1.0))  # the mean over all of them
                 loss.backward()
                 stats["grad_norm"].append(clip_and_step(opt, params, args.grad_clip, step + 1))
                 with torch.no_grad():
@@ -617,9 +629,10 @@ def main(args) -> int:
                     stats["approx_kl"].append(masked_mean(0.5 * (lp - old_lp[b]) ** 2, mm).item())
                     stats["pg_loss"].append(pg.item())
         step += 1
+        n_rows = dist.sum(m.shape[0])  # per row over every rank's rows (rft and --filter-groups: unequal N)
         row = {"step": step, "reward": dist.mean(raw_score.mean().item()),
-               "kl": dist.mean((kl_tok.sum(1)).mean().item()),
-               "response_length": dist.mean(m.sum(1).mean().item()), "lr": opt.param_groups[0]["lr"],
+               "kl": dist.sum(float(kl_tok.sum())) / max(n_rows, 1),
+               "response_length": dist.sum(float(m.sum())) / max(n_rows, 1), "lr": opt.param_groups[0]["lr"],
                **{k_: dist.mean(sum(v) / len(v)) for k_, v in stats.items() if v},
                **{k_: dist.mean(v) for k_, v in info.items()}}
         if step % args.log_every == 0:

@@ -633,3 +633,81 @@ def test_ppo_epochs_default_follows_the_algorithm(tmp_path, monkeypatch, algo, f
                 "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--batch-size", "2", "--num-samples", "4",
                 "--max-new-tokens", "3", "--steps", "1", *flags]) == 0
     assert len(steps) == want
+
+
+SAME_ROLLOUTS = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import pyllm.rl as rl
+from chat_util import cli
+orig = rl.rollout
+def rollout(policy, tok, prompts, k, args, seed, device):  # each prompt's samples from (step, prompt) only
+    base = seed - int(os.environ.get("RANK", "0"))
+    out = []
+    for pi, ids in prompts:
+        out += orig(policy, tok, [(pi, ids)], k, args, base * 1000 + pi, device)
+    return out
+rl.rollout = rollout
+sys.exit(cli(sys.argv[2:]))
+"""
+
+GRADED = '''
+def graded(prompt, response, target, **extra):
+    return (len(response) % 5) / 4 + (1.0 if target in response else 0.0)
+def passfail(prompt, response, target, **extra):
+    return 1.0 if sum(map(ord, response)) % 2 == 0 else 0.0
+'''
+
+
+@pytest.mark.parametrize("algo, fn, extra", [("rft", "passfail", []),
+                                             ("grpo", "graded", ["--scale-rewards", "batch", "--ppo-epochs", "1"]),
+                                             ("ppo", "graded", ["--num-samples", "1"])])
+def test_two_ranks_train_as_one_process(tmp_path, algo, fn, extra):
+    """Session 30 audit: each rank's losses were token means over its own tokens (DDP then averaged the ranks, so a
+    token on the rank with fewer weighed more: RFT's kept replies and PPO's reply lengths differ per rank), and
+    --scale-rewards batch divided by each rank's own std. With rollouts made independent of the rank layout, 2 gloo
+    ranks x 2 prompts now train as 1 process x 4 prompts (fp32 noise), as SFT, reward and DPO already did."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    from pyllm.checkpoint import load_checkpoint
+    from pyllm.checkpoint import save_checkpoint
+    from chat_util import tiny_model
+    _, _, prompts = _setup(tmp_path)
+    model, tok = tiny_model(0, max_seq_len=48)
+    with torch.no_grad():  # <|end|> made likely (its LM-head row along the mean hidden state): replies of
+        _, _, hid = model(torch.randint(0, 250, (1, 40), generator=torch.Generator().manual_seed(0)),
+                          return_hidden=True)  # different lengths, so the ranks hold different token counts
+        d = hid[0].mean(0)
+        model.lm_head.weight[tok.special_ids["<|end|>"]] = d / d.norm() * 6
+    base = save_checkpoint(tmp_path / "base_end", model, tok)
+    (tmp_path / "fns.py").write_text(GRADED)
+    (tmp_path / "run.py").write_text(SAME_ROLLOUTS)
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", PYLLM_PROGRESS="0")
+    args = ["rl", "--algo", algo, "--policy", str(base), "--reward-fn", f"{tmp_path / 'fns.py'}:{fn}", "--prompts",
+            str(prompts), "--lr", "1e-2", "--max-new-tokens", "10", "--steps", "2", "--seed", "3", "--device", "cpu",
+            *(["--num-samples", "4"] if "--num-samples" not in extra else []), *extra]
+    one = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(root / "tests"), *args, "--batch-size", "4",
+                          "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env, timeout=240)
+    assert one.returncode == 0, one.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(port), str(tmp_path / "run.py"), str(root / "tests"), *args, "--batch-size", "2",
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=240)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, _ = load_checkpoint(str(tmp_path / "one"))
+    b, _ = load_checkpoint(str(tmp_path / "two"))
+    base_m, _ = load_checkpoint(str(base))
+    with torch.no_grad():
+        moved = sum(float((p - q).norm()) for p, q in zip(a.parameters(), base_m.parameters()))
+        diff = sum(float((p - q).norm()) for p, q in zip(a.parameters(), b.parameters()))
+    assert moved > 1e-3 and diff < 1e-3 * moved, (moved, diff)
+    ra, rb = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    for x, y in zip(ra, rb):
+        assert x["response_length"] == pytest.approx(y["response_length"], rel=1e-6)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3)
