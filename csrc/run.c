@@ -375,6 +375,13 @@ static void print_token(run_tokenizer* tok, int prev, int id) {
     if (run_is_special(tok, id)) return;  // <|end|> etc. are control tokens, not text
     int len = 0;
     const char* s = run_decode(tok, prev, id, &len);
+    // llama2.c's safe_printf: a <0xHH> byte token that is a control character (ESC of a terminal escape, NUL, ...)
+    // is not printed; bytes >= 0x80 are (llama2.c drops them too, and with them the UTF-8 of every character
+    // spelled in byte tokens). Only llama2.c tokenizers: pyllm's byte-level pieces print as Python decodes them.
+    if (s && len == 1 && tok->t.kind == TOKENIZER_LLAMA2C) {
+        const unsigned char c = (unsigned char)s[0];
+        if ((c < 0x20 && c != '\n' && c != '\t' && c != '\r' && c != '\v' && c != '\f') || c == 0x7f) return;
+    }
     if (s && len > 0) fwrite(s, 1, (size_t)len, stdout);
     fflush(stdout);
 }

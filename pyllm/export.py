@@ -134,7 +134,8 @@ class _Writer:
 
 
 def auto_group_size(config, start: int = 64) -> int:
-    """llama2.c's rule: the largest of 64, 32, 16, ... that divides dim and hidden_dim."""
+    """The largest of 64, 32, 16, ... that divides dim and hidden_dim (llama2.c's export.py halves until it divides
+    dim only, and its runq.c then skips the last hidden_dim % group units of w2: pyllm checks both)."""
     g = start
     while g > 1 and (config.dim % g or config.hidden_dim % g):
         g //= 2
@@ -298,8 +299,8 @@ def add_arguments(p):
                         "llama2.c, whose tokenizer is sentencepiece-only)")
     p.add_argument("--quantize", default=None, choices=["q8_0"], help="int8 weights in groups (default: fp32)")
     p.add_argument("--group-size", type=int, default=None,
-                   help="Q8_0 group size along the input dim (default: 64, halved until it divides dim and hidden_dim, "
-                        "as llama2.c does)")
+                   help="Q8_0 group size along the input dim (default: 64, halved until it divides dim and hidden_dim; "
+                        "llama2.c's export.py checks dim only)")
     p.add_argument("--llama2c-version", type=int, default=None, choices=[0, 1, 2],
                    help="llama2.c file version (default: 0 for fp32, 2 for q8_0)")
 
