@@ -331,6 +331,13 @@ def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
     return ((out - want).norm() / want.norm().clamp(min=1e-30)).item()
 
 
+def max_err(out: torch.Tensor, want: torch.Tensor) -> float:
+    """The worst element's error over the largest |want|: rel_err is a norm, and one wrong element of a 256 x 384
+    output moved it by ~0.003, under the bf16 bound (session-30 test audit). bf16 rounding keeps this ~1e-2."""
+    out, want = out.double().cpu(), want.double().cpu()
+    return ((out - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
+
+
 def randn(*shape, rng, dtype=torch.float32):
     return torch.randn(*shape, generator=rng).to(dtype).cuda()
 
@@ -391,7 +398,7 @@ def test_linear_autocast(dtype, rng):
     with torch.autocast("cuda", dtype=dtype):
         y = ops.linear(x, w)
     assert y.dtype == dtype
-    assert rel_err(y, x.double() @ w.double().T) < 1e-2
+    assert rel_err(y, x.double() @ w.double().T) < 1e-2 and max_err(y, x.double() @ w.double().T) < 3e-2
 
 
 def _docs(B, T, rng):
@@ -438,7 +445,7 @@ def test_attention_bf16_forward_backward(B, T, H, Hkv, D, docs, rng):
     out, lse = ops.attention_with_lse(q, k, v, doc)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     want = ref.attention(qr, kr, vr, doc)
-    assert rel_err(out, want) < 1e-2
+    assert rel_err(out, want) < 1e-2 and max_err(out, want) < 3e-2
     assert rel_err(lse, ref.attention_lse(qr.detach(), kr.detach(), doc)) < 1e-3
     g = randn(B, T, H, D, rng=rng, dtype=torch.bfloat16)
     poison_cuda_cache()
@@ -449,7 +456,7 @@ def test_attention_bf16_forward_backward(B, T, H, Hkv, D, docs, rng):
         if exp.norm() < 1e-6:  # T = 1: dq = dk = 0 exactly; delta's bf16 rounding leaves ~1e-7 (no relative error)
             assert got.double().abs().max().item() < 1e-3
         else:
-            assert rel_err(got, exp) < 1e-2
+            assert rel_err(got, exp) < 1e-2 and max_err(got, exp) < 3e-2
 
 
 @pytest.mark.gpu
@@ -460,7 +467,7 @@ def test_attention_bf16_autocast(rng):
         out = ops.attention(q, k, v)
     assert out.dtype == torch.bfloat16
     want = ref.attention(*(t.detach().double() for t in (q, k, v)))
-    assert rel_err(out, want) < 1e-2
+    assert rel_err(out, want) < 1e-2 and max_err(out, want) < 3e-2
     out.float().sum().backward()
     assert q.grad.dtype == torch.float32 and not torch.isnan(q.grad).any()
 

@@ -12,6 +12,7 @@ from conftest import ISAS, poison
 COMBOS = [  # temperature, top_k, top_p, min_p
     (1.0, 0, 1.0, 0.0), (0.7, 0, 1.0, 0.0), (1.3, 5, 1.0, 0.0), (1.0, 0, 0.8, 0.0), (1.0, 0, 1.0, 0.1),
     (0.9, 10, 0.7, 0.0), (1.0, 8, 0.9, 0.05), (2.0, 0, 0.5, 0.02),
+    (1.0, 10, 1.0, 0.2),  # top-k with a min-p that cuts into it (no top-p): a kernel skipping min-p after top-k passed
 ]
 
 
