@@ -645,14 +645,12 @@ def write_report(out: Path, R: dict) -> None:
     L = [f"# pyllm demo report card (seed {R['seed']})", "",
          f"Task: 2-digit {' and '.join({'add': 'addition', 'sub': 'subtraction'}[k] for k in cfg['kinds'])}, "
          f"answers checked by a program. {R['corpus']['train_problems']} "
-         f"train-side and {R['corpus']['heldout_problems']} held-out problems (split by a hash of the operands); "
+         f"train-side and {R['corpus']['heldout_problems']} held-out problems (split by a hash of the arithmetic "
+         f"fact: a + b and b + a, a - b and a - (a - b) fall on the same side); "
          f"every number below is measured on {cfg['n_eval']} held-out problems the model never saw in any stage"
          + (" (settings were chosen on a separate dev split of held-out problems, never reported here). "
             if cfg['n_eval'] > N_FIRST else ". ")  # --quick's n_eval <= 300 has no dev split
-         + "The split is by the ordered operands: a held-out a + b can have its swapped twin b + a (and a - b the "
-           "fact a - (a - b) = b) on the train side, so part of what these numbers measure is transfer across the "
-           "operand order. "
-         f"Model: {b['params'] / 1e6:.2f}M parameters ({cfg['n_layers']} layers, dim {cfg['dim']}, vocab "
+         + f"Model: {b['params'] / 1e6:.2f}M parameters ({cfg['n_layers']} layers, dim {cfg['dim']}, vocab "
          f"{cfg['vocab_size']}, context {cfg['seq_len']}). Device {R['device']}, {R['threads']} threads. "
          f"Total wall time {R['total_seconds']:.0f} s."
          + (f" Stages {', '.join(R['reused'])} were reused from an earlier run in this directory "
