@@ -155,12 +155,19 @@ def test_reward_fn_may_return_a_bool(base, tmp_path):
                 "cpu", "--out", str(tmp_path / "o")]) == 0
 
 
-def test_score_out_is_a_directory_leaves_no_tmp(base, tmp_path, capsys):
+def _train_rm(model, tmp_path, capsys, name: str = "rm"):
+    """A one-step reward model trained from `model` at tmp_path / name (its output swallowed)."""
     prefs = write_jsonl(tmp_path / "p.jsonl", [GOOD_PREF] * 4)
-    rm = tmp_path / "rm"
-    assert cli(["reward", "--model", str(base), "--data", str(prefs), "--steps", "1", "--batch-size", "2",
+    rm = tmp_path / name
+    assert cli(["reward", "--model", str(model), "--data", str(prefs), "--steps", "1", "--batch-size", "2",
                 "--eval-frac", "0", "--device", "cpu", "--out", str(rm)]) == 0
     capsys.readouterr()
+    return rm
+
+
+def test_score_out_is_a_directory_leaves_no_tmp(base, tmp_path, capsys):
+    rm = _train_rm(base, tmp_path, capsys)
+    prefs = tmp_path / "p.jsonl"
     d = tmp_path / "scores"
     d.mkdir()
     assert cli(["score", "--reward-model", str(rm), "--data", str(prefs), "--device", "cpu", "--out", str(d)]) == 2
@@ -191,20 +198,25 @@ def test_second_model_with_another_tokenizer(base, tmp_path, capsys):
     tok = Tokenizer.train(iterator=["the cat sat on the mat. " * 50], vocab_size=280)
     model, _ = tiny_model(vocab_size=tok.vocab_size, max_seq_len=48)
     other = save_checkpoint(tmp_path / "other", model, tok)
+    _second_model_refused(base, other, tmp_path, capsys,
+                          f"{other}: the reference model's tokenizer differs from the policy's ({tok.vocab_size} vs "
+                          f"262 tokens)", "the reward model's tokenizer differs from the policy's")
+
+
+def _second_model_refused(base, other, tmp_path, capsys, want_dpo: str, want_rl: str) -> None:
+    """`other` as DPO's --ref-model, and a reward model trained from it as RL's --reward-model: both one-line
+    errors containing want_dpo / want_rl, before any output."""
     prefs = write_jsonl(tmp_path / "p.jsonl", [GOOD_PREF] * 4)
     assert cli(["dpo", "--model", str(base), "--ref-model", str(other), "--data", str(prefs), "--steps", "1",
                 "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
     err = one_line_error(capsys, "dpo")
-    want = f"{other}: the reference model's tokenizer differs from the policy's ({tok.vocab_size} vs 262 tokens)"
-    assert want in err, err
-    assert cli(["reward", "--model", str(other), "--data", str(prefs), "--steps", "1", "--batch-size", "2",
-                "--eval-frac", "0", "--device", "cpu", "--out", str(tmp_path / "rm")]) == 0
-    capsys.readouterr()
+    assert want_dpo in err, err
+    _train_rm(other, tmp_path, capsys)
     prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi"}] * 2)
     assert cli(["rl", "--policy", str(base), "--reward-model", str(tmp_path / "rm"), "--prompts", str(prompts),
                 "--steps", "1", "--batch-size", "2", "--max-new-tokens", "2", "--device", "cpu",
                 "--out", str(tmp_path / "o")]) == 2
-    assert "the reward model's tokenizer differs from the policy's" in one_line_error(capsys, "rl")
+    assert want_rl in one_line_error(capsys, "rl")
     assert not (tmp_path / "o").exists()
 
 
@@ -856,11 +868,8 @@ def test_out_that_is_an_input_model_or_another_stages_run(base, tmp_path, capsys
     """`rl --out <its --reward-model>` replaced the reward model by the policy (and then could not rerun: no reward
     head); `sft --out <a reward run>` replaced the reward run. Both were a warning and exit 0."""
     import shutil
-    prefs = write_jsonl(tmp_path / "p.jsonl", [GOOD_PREF] * 4)
-    rm = tmp_path / "rm"
-    assert cli(["reward", "--model", str(base), "--data", str(prefs), "--steps", "1", "--batch-size", "2",
-                "--eval-frac", "0", "--device", "cpu", "--out", str(rm)]) == 0
-    capsys.readouterr()
+    rm = _train_rm(base, tmp_path, capsys)
+    prefs = tmp_path / "p.jsonl"
     keep = tmp_path / "rm_copy"
     shutil.copytree(rm, keep)
     prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi"}] * 2)
@@ -927,19 +936,9 @@ def test_second_model_context_and_eval_data_checked_up_front(base, tmp_path, cap
     from pyllm.tokenizer import Tokenizer
     model, _ = tiny_model(max_seq_len=16)
     short = save_checkpoint(tmp_path / "short", model, Tokenizer.byte_level())
-    prefs = write_jsonl(tmp_path / "p.jsonl", [GOOD_PREF] * 4)
-    assert cli(["dpo", "--model", str(base), "--ref-model", str(short), "--data", str(prefs), "--steps", "1",
-                "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
-    assert f"{short}: the reference model's context (max_seq_len 16) is shorter than the policy's (48)" in \
-        one_line_error(capsys, "dpo")
-    assert cli(["reward", "--model", str(short), "--data", str(prefs), "--steps", "1", "--batch-size", "2",
-                "--eval-frac", "0", "--device", "cpu", "--out", str(tmp_path / "rm")]) == 0
-    capsys.readouterr()
-    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi"}] * 2)
-    assert cli(["rl", "--policy", str(base), "--reward-model", str(tmp_path / "rm"), "--prompts", str(prompts),
-                "--steps", "1", "--batch-size", "2", "--max-new-tokens", "2", "--device", "cpu",
-                "--out", str(tmp_path / "o")]) == 2
-    assert "the reward model's context (max_seq_len 16) is shorter" in one_line_error(capsys, "rl")
+    _second_model_refused(base, short, tmp_path, capsys,
+                          f"{short}: the reference model's context (max_seq_len 16) is shorter than the policy's (48)",
+                          "the reward model's context (max_seq_len 16) is shorter")
     for stage in ("sft", "reward", "dpo"):
         data = write_jsonl(tmp_path / "d.jsonl", [GOOD_SFT if stage == "sft" else GOOD_PREF] * 4)
         assert cli([stage, "--model", str(base), "--data", str(data), "--eval-data", str(data), "--steps", "1",
