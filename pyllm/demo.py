@@ -683,7 +683,8 @@ def write_report(out: Path, R: dict) -> None:
          (f"- algorithm: rejection-sampling fine-tuning (expert iteration, as in STaR / RAFT / ReST): each step "
           f"samples {cfg['rl_k']} replies to each of {cfg['rl_batch']} prompts, keeps the replies the program verifier "
           "accepts, and takes one supervised (cross-entropy) step on them (each distinct accepted reply once, every "
-          "prompt with one weighted equally); no demonstration is used, only the verifier's check of the policy's own "
+          "prompt with one given the same weight per token); no demonstration is used, only the verifier's check of "
+          "the policy's own "
           "samples; the reward model is scored on the samples (reward curve below) but not optimised"
           + ("; prompts every sample already solves are skipped" if cfg.get("rl_filter_groups") else "")
           + ("; only prompts whose most frequent sampled reply is wrong are learned from (where a verified reply "
