@@ -92,7 +92,7 @@ def heldout_split(kinds, n_eval: int = 0) -> tuple[list, list]:
     eval starts with problems(EVAL_SEED, 300) (the set the demo reported on before), then the rest of the
     held-out pool in its fixed order; dev is N_DEV problems drawn (DEV_SEED) from the pool outside those 300 and is
     never reported: settings are chosen on it (results_demo.md). n_eval = 0 reports every held-out problem outside
-    dev (893 for 2-digit addition and subtraction): at 300 the eval's own sampling noise (s.e. ~0.025 at accuracy
+    dev (911 for 2-digit addition and subtraction): at 300 the eval's own sampling noise (s.e. ~0.025 at accuracy
     0.75) was as large as the spread between seeds. n_eval <= 300 keeps the old draw (and has no dev split)."""
     if 0 < n_eval <= N_FIRST:
         return tasks.problems(EVAL_SEED, n_eval, "heldout", kinds), []
