@@ -31,10 +31,14 @@ def _check_ids(t, name: str) -> None:
         raise TypeError(f"{name}: expected an integer tensor (torch.int64), got {t.dtype}")
 
 
-def backend_table(name: str, device_type: str = "cpu") -> dict[str, Callable]:
-    """The functions a backend runs on a device: ops.<op> where pyllm has a kernel for it, ref.<op> otherwise."""
+def check_backend(name) -> None:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose from {list(BACKENDS)}")
+
+
+def backend_table(name: str, device_type: str = "cpu") -> dict[str, Callable]:
+    """The functions a backend runs on a device: ops.<op> where pyllm has a kernel for it, ref.<op> otherwise."""
+    check_backend(name)
     table = {n: getattr(ref, n) for n in OP_NAMES}
     if name == "torch":
         return table
@@ -190,8 +194,8 @@ class GPT(nn.Module):
         super().__init__()
         if not isinstance(config, ModelConfig):  # a dict was "'dict' object has no attribute 'vocab_size'"
             raise TypeError(f"GPT: expected a ModelConfig (pyllm.config), got {type(config).__name__}")
-        if backend is not None and backend not in BACKENDS:  # was accepted, then failed at the first forward
-            raise ValueError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
+        if backend is not None:  # was accepted, then failed at the first forward
+            check_backend(backend)
         self.config = c = config
         self.embed_tokens = nn.Embedding(c.vocab_size, c.dim)
         self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
@@ -236,8 +240,7 @@ class GPT(nn.Module):
         return self._backend_name or "pyllm"
 
     def set_backend(self, name: str) -> "GPT":
-        if name not in BACKENDS:
-            raise ValueError(f"unknown backend {name!r}; choose from {list(BACKENDS)}")
+        check_backend(name)
         self._backend_name = name
         self._tables = {}
         return self
@@ -270,11 +273,12 @@ class GPT(nn.Module):
             _check_ids(doc_ids, "doc_ids")  # a float tensor was cast to int32 without a word
             if tuple(doc_ids.shape) != (B, T):
                 raise ValueError(f"doc_ids: expected shape {(B, T)}, got {tuple(doc_ids.shape)}")
-            if doc_ids.dtype == torch.int64 and doc_ids.numel() and (
-                    int(doc_ids.max()) > 2 ** 31 - 1 or int(doc_ids.min()) < -2 ** 31):
-                # the kernels compare int32 ids: 5 and 5 + 2^32 (hashed or global ids) became one document.
-                # Renumbered per batch, which keeps exactly which tokens share a document.
-                doc_ids = torch.unique(doc_ids, return_inverse=True)[1]
+            if doc_ids.dtype == torch.int64 and doc_ids.numel():
+                lo, hi = torch.aminmax(doc_ids)  # one reduction, one read back
+                if bool((hi > 2 ** 31 - 1) | (lo < -2 ** 31)):
+                    # the kernels compare int32 ids: 5 and 5 + 2^32 (hashed or global ids) became one document.
+                    # Renumbered per batch, which keeps exactly which tokens share a document.
+                    doc_ids = torch.unique(doc_ids, return_inverse=True)[1]
             doc_ids = doc_ids.to(device=idx.device, dtype=torch.int32).contiguous()
             # One document per row masks nothing beyond causality: drop it on every backend (the masked kernel is
             # ~25% slower at T = 64, and torch then uses SDPA's causal path instead of an explicit mask).
