@@ -370,8 +370,12 @@ def _save_partial(out: Path, R: dict, clock) -> None:
     the full results at the end. A run that failed (or was killed) after rewriting base/ or sft/ left the previous
     run's results.json beside the new checkpoints, and --from-stage trusted it: a report of a dim-32 base model on a
     dim-64 checkpoint. Now the entries of the stages being rerun are gone until they finish again."""
+    _write_results(out, {**R, "timing": list(clock.rows), "partial": True})
+
+
+def _write_results(out: Path, R: dict) -> None:
+    """results.json (all of R but the curves), atomically."""
     res = {k: v for k, v in R.items() if k != "curves"}
-    res.update(timing=list(clock.rows), partial=True)
     (out / "results.json.tmp").write_text(json.dumps(res, indent=1))
     os.replace(out / "results.json.tmp", out / "results.json")
 
@@ -760,9 +764,7 @@ def write_report(out: Path, R: dict) -> None:
     tmp = out / "report.md.tmp"
     tmp.write_text(text)
     os.replace(tmp, out / "report.md")
-    res = {k: v for k, v in R.items() if k != "curves"}
-    (out / "results.json.tmp").write_text(json.dumps(res, indent=1))
-    os.replace(out / "results.json.tmp", out / "results.json")
+    _write_results(out, R)
     print("\n" + text)
     print(f"report: {out / 'report.md'}")
 
