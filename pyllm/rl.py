@@ -11,8 +11,8 @@ cache and pyllm's sampling op), score them, then update the policy:
               ones the --reward-fn verifies (score reaches the prompt's `weight`, default 1), one supervised step
               (cross-entropy) on them, each distinct kept reply once, every prompt with a kept reply given the same
               weight per token (a token mean over the kept replies, as SFT's). A mean-probability shift (GRPO)
-              rarely flips an argmax between near-tied answers; a cross-entropy step on the verified answer does. The reward model, if given, is only scored (logged,
-              on the first of each group's k samples).
+              rarely flips an argmax between near-tied answers; a cross-entropy step on the verified answer does.
+              The reward model, if given, is only scored (logged, on the first of each group's k samples).
 The score is the reward model's output and/or a Python function (--reward-fn module:function or file.py:function)
 called as fn(prompt=..., response=..., **other JSONL fields) -> float; with both, they add (the RM's share scaled by
 --reward-model-weight). GRPO options after TRL / DAPO: --scale-rewards group|batch|none (divide advantages by the
@@ -176,17 +176,19 @@ def gae(rewards, values, m, gamma: float, lam: float):
     return adv, adv + values
 
 
-def grpo_advantages(score: torch.Tensor, k: int, scale: str = "group",
-                    batch_std: float | None = None) -> torch.Tensor:
+def grpo_advantages(score: torch.Tensor, k: int, scale: str = "group", distributed: bool = False) -> torch.Tensor:
     """score (N,) laid out as N/k groups of k samples of one prompt -> advantages (N,): the score minus its group's
-    mean, divided by the group's std ("group", DeepSeekMath), the whole batch's std ("batch"; batch_std: that of
-    every rank's scores under DDP), or nothing ("none")."""
+    mean, divided by the group's std ("group", DeepSeekMath), the whole batch's std ("batch"; with `distributed`,
+    that of every rank's scores, as whiten: each rank's own std trained the ranks apart), or nothing ("none")."""
     grp = score.view(-1, k)
     a = grp - grp.mean(1, keepdim=True)
     if scale == "group":
         a = a / (grp.std(1, keepdim=True) + 1e-4)
-    elif scale == "batch" and batch_std is not None:
-        a = a / (batch_std + 1e-4)
+    elif scale == "batch" and distributed:
+        x = score.double()
+        n, s = _sum_ranks(torch.stack([x.new_tensor(float(x.numel())), x.sum()]), True)
+        var = _sum_ranks(((x - s / n) ** 2).sum(), True) / (n - 1).clamp(min=1)  # unbiased, as Tensor.std
+        a = a / (var.sqrt().to(a.dtype) + 1e-4)
     elif scale == "batch" and score.numel() > 1:
         a = a / (score.std() + 1e-4)
     elif scale not in ("group", "batch", "none"):
@@ -200,7 +202,8 @@ def rft_select(responses: list, correct: torch.Tensor, k: int, drop_solved: bool
     weights, fraction of groups with a kept reply). Each distinct correct reply of a group is kept once (the first
     sample of it) with weight 1 / (distinct correct replies of its group), so every prompt the policy solved at least
     once has the same weight however often it solved it (a per-token weight: the step is a token mean over the kept
-    replies, so a prompt's share of it also grows with its replies' length, as in SFT); drop_solved also drops groups solved by all k samples;
+    replies, so a prompt's share of it also grows with its replies' length, as in SFT); drop_solved also drops
+    groups solved by all k samples;
     mode_wrong_only keeps only groups whose most frequent reply (the k samples' estimate of the greedy answer; a tie
     counts as wrong) is not verified: the prompts where a right answer exists but is not yet the policy's choice.
     hard_weight a > 0 scales each kept group by (1 - its pass rate over the k samples) ** a, renormalised so the kept
@@ -582,12 +585,7 @@ def main(args) -> int:
             elif args.algo == "rft":  # weighted cross-entropy on the kept samples (the ratio is 1 on-policy)
                 adv = rft_w.to(dist.device)[:, None] * m
             else:
-                bstd = None
-                if args.scale_rewards == "batch" and dist.world > 1:  # every rank's scores (each rank's own std
-                    n_, s1 = dist.sum(score.numel()), dist.sum(float(score.double().sum()))  # trained apart)
-                    s2 = dist.sum(float((score.double() ** 2).sum()))
-                    bstd = math.sqrt(max(s2 - s1 * s1 / n_, 0.0) / max(n_ - 1, 1))
-                a = grpo_advantages(score, k, args.scale_rewards, bstd)
+                a = grpo_advantages(score, k, args.scale_rewards, distributed=dist.world > 1)
                 if no_signal:
                     a = torch.zeros_like(a)
                 adv = a[:, None] * m
