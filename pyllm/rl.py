@@ -197,7 +197,8 @@ def grpo_advantages(score: torch.Tensor, k: int, scale: str = "group", distribut
 
 
 def rft_select(responses: list, correct: torch.Tensor, k: int, drop_solved: bool = False,
-               mode_wrong_only: bool = False, hard_weight: float = 0.0, neg_mode: float = 0.0):
+               mode_wrong_only: bool = False, hard_weight: float = 0.0, neg_mode: float = 0.0,
+               sum_ranks=None):
     """Rejection sampling: responses (N lists of ids) in N/k groups of k, correct (N,) bool -> (kept indices, their
     weights, fraction of groups with a kept reply). Each distinct correct reply of a group is kept once (the first
     sample of it) with weight 1 / (distinct correct replies of its group), so every prompt the policy solved at least
@@ -207,8 +208,10 @@ def rft_select(responses: list, correct: torch.Tensor, k: int, drop_solved: bool
     mode_wrong_only keeps only groups whose most frequent reply (the k samples' estimate of the greedy answer; a tie
     counts as wrong) is not verified: the prompts where a right answer exists but is not yet the policy's choice.
     hard_weight a > 0 scales each kept group by (1 - its pass rate over the k samples) ** a, renormalised so the kept
-    groups' mean scale stays 1: prompts the policy still mostly fails (where greedy decoding is likely wrong) count
-    more, nearly solved ones less but not zero (they keep anchoring the answers already right).
+    groups' mean scale stays 1 (sum_ranks, a float -> float sum over torchrun's ranks such as Dist.sum: the mean over
+    every rank's kept groups, as one process with the whole batch; every rank calls it, kept groups or not):
+    prompts the policy still mostly fails (where greedy decoding is likely wrong) count more, nearly solved ones less
+    but not zero (they keep anchoring the answers already right).
     neg_mode b > 0: in a kept group whose most frequent reply (a unique plurality) is wrong, that reply is also
     selected, once, with weight -b x the group's total positive weight: the step pushes the policy's wrong choice
     down beside pulling the verified replies up (a wrong reply that is not the plurality is left alone)."""
@@ -241,10 +244,11 @@ def rft_select(responses: list, correct: torch.Tensor, k: int, drop_solved: bool
         sel += list(uniq.values())
         w += [1.0 / len(uniq)] * len(uniq)  # (nothing when the group has no verified reply)
         gw += [float(1.0 - rate[g]) ** hard_weight if hard_weight > 0 else 1.0] * len(uniq)
-    if hard_weight > 0 and sel:
-        n_groups = sum(w)                                                   # each kept group's w sums to 1
-        scale = n_groups / max(sum(a * b for a, b in zip(w, gw)), 1e-12)
-        w = [a * b * scale for a, b in zip(w, gw)]
+    if hard_weight > 0:  # each kept group's w sums to 1: sum(w) counts the kept groups
+        n, s = sum(w), sum(a * b for a, b in zip(w, gw))
+        if sum_ranks is not None:
+            n, s = sum_ranks(n), sum_ranks(s)
+        w = [a * b * (n / max(s, 1e-12)) for a, b in zip(w, gw)]
     if neg_mode > 0:
         for g in sorted({i // k for i in sel}):
             i = plurality(g)
@@ -545,7 +549,7 @@ def main(args) -> int:
         if args.algo == "rft":
             sel, rft_w, info["kept_groups"] = rft_select([r for _, _, r in samples], correct, k, args.filter_groups,
                                                          args.rft_mode_wrong, args.rft_hard_weight,
-                                                         args.rft_neg_mode)
+                                                         args.rft_neg_mode, sum_ranks=dist.sum)
             no_signal = not sel
             if no_signal:  # nothing verified: a zero-weight step keeps every rank in step
                 sel, rft_w = [0], [0.0]

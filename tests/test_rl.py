@@ -659,14 +659,16 @@ def passfail(prompt, response, target, **extra):
 '''
 
 
-@pytest.mark.parametrize("algo, fn, extra", [("rft", "passfail", []),
+@pytest.mark.parametrize("algo, fn, extra", [("rft", "passfail", []), ("rft", "passfail", ["--rft-hard-weight", "2"]),
                                              ("grpo", "graded", ["--scale-rewards", "batch", "--ppo-epochs", "1"]),
                                              ("ppo", "graded", ["--num-samples", "1"])])
 def test_two_ranks_train_as_one_process(tmp_path, algo, fn, extra):
     """Session 30 audit: each rank's losses were token means over its own tokens (DDP then averaged the ranks, so a
     token on the rank with fewer weighed more: RFT's kept replies and PPO's reply lengths differ per rank), and
     --scale-rewards batch divided by each rank's own std. With rollouts made independent of the rank layout, 2 gloo
-    ranks x 2 prompts now train as 1 process x 4 prompts (fp32 noise), as SFT, reward and DPO already did."""
+    ranks x 2 prompts now train as 1 process x 4 prompts (fp32 noise), as SFT, reward and DPO already did.
+    Session 31: --rft-hard-weight renormalised each rank's kept groups to mean scale 1 on its own (a rank of hard
+    prompts and a rank of easy ones weighed the same); now over every rank's groups."""
     import os
     import socket
     import subprocess
