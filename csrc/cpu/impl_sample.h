@@ -410,7 +410,9 @@ static int64_t sample_row(const sample_params* p, int b, float* w, int* grp, int
     const double Z = exp_pass(l, mk, V, m_all, m_a, invT, w, bsum, bmax);
     const double u = sample_uniform(p->seed, (uint64_t)b, p->step);
     const int k = p->top_k > 0 && p->top_k < V ? p->top_k : 0;
-    const double top_p = p->top_p, min_p = p->min_p;
+    // min_p > 1 acts as 1, the top token(s) alone, as HF's warper keeps one (run_sample passes any float on): a cut
+    // above the top weight held no token, the draw returned -1 and the logprob read l[-1] (tests/asan_kernels.c)
+    const double top_p = p->top_p, min_p = p->min_p > 1.f ? 1.0 : p->min_p;
     int64_t tok = -1;
 
     if (k == 1) {  // the argmax, as greedy picks it: by weight, logits within ~1e-7 of the top (exp rounds them to

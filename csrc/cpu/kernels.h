@@ -110,7 +110,7 @@ typedef struct {
     float temperature;    // 0 = greedy
     int top_k;            // 0 = off
     float top_p;          // 1 = off
-    float min_p;          // 0 = off
+    float min_p;          // 0 = off; > 1 acts as 1 (the top token alone)
     uint64_t seed, step;  // the draw for row b is a pure function of (seed, b, step)
 } sample_params;
 
