@@ -531,11 +531,15 @@ static _Thread_local size_t mm_scratch_cap;
 static pthread_key_t mm_scratch_key;
 static pthread_once_t mm_scratch_once = PTHREAD_ONCE_INIT;
 static void mm_scratch_key_make(void) { (void)pthread_key_create(&mm_scratch_key, free); }
+#ifndef MM_SCRATCH_EXACT
+#define MM_SCRATCH_EXACT 0  // 1 (tests/asan_kernels.c only): a fresh buffer of exactly `floats` per call, so ASan's
+#endif                      // redzone lies right past it and its malloc fill (NaN) is what a kernel reads unwritten
 static float* mm_scratch(size_t floats) {
-    if (floats > mm_scratch_cap) {
+    if (floats > mm_scratch_cap || MM_SCRATCH_EXACT) {
         free(mm_scratch_buf);
-        mm_scratch_cap = (floats + 4095) / 4096 * 4096;
-        mm_scratch_buf = (float*)aligned_alloc(64, mm_scratch_cap * sizeof(float));
+        mm_scratch_cap = MM_SCRATCH_EXACT ? floats : (floats + 4095) / 4096 * 4096;
+        mm_scratch_buf = MM_SCRATCH_EXACT ? (float*)malloc(floats * sizeof(float))   // (no aligned load reads it)
+                                          : (float*)aligned_alloc(64, mm_scratch_cap * sizeof(float));
         if (!mm_scratch_buf) mm_scratch_cap = 0;
         pthread_once(&mm_scratch_once, mm_scratch_key_make);
         (void)pthread_setspecific(mm_scratch_key, mm_scratch_buf);   // the destructor frees the current buffer
