@@ -10,6 +10,7 @@ benchmarks/results_run.md.
 
     PYTHONPATH=$PWD python benchmarks/bench_run.py                      # both shapes (a few minutes)
     PYTHONPATH=$PWD python benchmarks/bench_run.py --shapes 15M --threads 1
+Needs llama2.c's tokenizer.bin (32000 tokens) at ../shared/data/llama2c-tokenizer.bin, beside the checkout.
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_shakespeare.py                  # full: 2000 iterations per backend (minutes)
     python benchmarks/bench_shakespeare.py --iters 100      # smoke run
+Needs the Tiny Shakespeare text (nanoGPT's input.txt) at ../shared/data/tinyshakespeare.txt, beside the checkout.
 nanoGPT (`train_shakespeare_char.py` with --device=cpu --block_size=64 --batch_size=12 --n_layer=4 --n_head=4
 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0; lr 1e-3 -> 1e-4 cosine, warmup 100, beta2 0.99,
 weight decay 0.1, clip 1.0) reports val loss 1.88. Here: byte-level tokens (= characters on this ASCII text), the

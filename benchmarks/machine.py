@@ -1,7 +1,7 @@
 """Measures the machine's floors in the calling process: fp32 FMA peak (GFLOP/s) and copy bandwidth (GB/s).
 
 Benchmarks import `measure_peaks(threads)` so every ratio to a floor uses a floor measured in the same run.
-Run alone: `python benchmarks/machine.py` prints both for 1 and 2 threads.
+Run alone: `python benchmarks/machine.py` prints both, and the bf16 dot (vdpbf16ps) peak, for 1 and 2 threads.
 """
 from __future__ import annotations
 

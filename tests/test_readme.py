@@ -81,3 +81,14 @@ def test_every_flag_in_the_readme_exists():
     anywhere = set(re.findall(FLAG, text))
     unknown = anywhere - set().union(*known.values()) - run_flags - bench_flags - {"--nproc-per-node"}
     assert not unknown, f"README mentions flags no command has: {sorted(unknown)}"
+
+
+def test_quick_api_snippet_runs():
+    """The README's Quick API block, run verbatim: logits (B, T, V), a scalar loss, the prompt + 16 new tokens."""
+    import re
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) == 1, "README: expected one python block (Quick API)"
+    ns: dict = {}
+    exec(compile(blocks[0], "README.md:Quick API", "exec"), ns)
+    assert tuple(ns["logits"].shape) == (2, 64, 512) and ns["loss"].ndim == 0
+    assert tuple(ns["out"].shape) == (2, 8 + 16)
