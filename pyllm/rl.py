@@ -33,6 +33,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -70,7 +71,17 @@ def load_reward_fn(spec: str):
             raise ValueError(f"--reward-fn: cannot load {path} ({type(e).__name__}: {e})") from None
     else:
         try:
-            mod = importlib.import_module(mod_name)
+            try:
+                mod = importlib.import_module(mod_name)
+            except ModuleNotFoundError as e:
+                # the `pyllm` console script, unlike `python -m pyllm`, has no current directory on sys.path:
+                # my_rewards.py beside the user was "no module named" there. Appended (last: it shadows nothing)
+                # and left there, so the module's own later imports of its neighbours work too
+                cwd = os.getcwd()
+                if e.name != mod_name.split(".")[0] or cwd in sys.path or "" in sys.path:
+                    raise
+                sys.path.append(cwd)
+                mod = importlib.import_module(mod_name)
         except ImportError as e:
             raise ValueError(f"--reward-fn: cannot import {mod_name!r} ({e})") from None
     fn = getattr(mod, fn_name, None)

@@ -713,3 +713,19 @@ def test_two_ranks_train_as_one_process(tmp_path, algo, fn, extra):
     for x, y in zip(ra, rb):
         assert x["response_length"] == pytest.approx(y["response_length"], rel=1e-6)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3)
+
+
+def test_reward_fn_module_beside_the_user_imports_without_cwd_on_path(tmp_path, monkeypatch):
+    """Session 31: `--reward-fn my_rewards:fn` found no module under the `pyllm` console script (its sys.path has no
+    current directory, unlike `python -m pyllm`); now the current directory is looked at last. A missing module is
+    still one line naming it."""
+    import os
+    import sys
+    from pyllm.rl import load_reward_fn
+    (tmp_path / "pyllm_s31_rewards.py").write_text("def fn(prompt, response, **extra):\n    return 0.5\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", os.getcwd())])
+    monkeypatch.delitem(sys.modules, "pyllm_s31_rewards", raising=False)
+    assert load_reward_fn("pyllm_s31_rewards:fn")(prompt="a", response="b") == 0.5
+    with pytest.raises(ValueError, match="cannot import 'pyllm_s31_missing'"):
+        load_reward_fn("pyllm_s31_missing:fn")
