@@ -1092,7 +1092,7 @@ def _cuda_dispatch(name: str):
     cpu_fn = globals().get(name)
 
     def fn(*args, **kwargs):
-        first = args[0] if args else next(iter(kwargs.values()))
+        first = args[0] if args else next(iter(kwargs.values()), None)  # none given: the CPU function's TypeError
         if isinstance(first, torch.Tensor) and first.is_cuda:
             from . import ops_cuda
             ops_cuda.require_built(name)
@@ -1103,6 +1103,8 @@ def _cuda_dispatch(name: str):
         from . import ref
         return getattr(ref, name)(*args, **kwargs)
 
+    if cpu_fn is not None:  # help() and inspect.signature show the op's own arguments, not (*args, **kwargs)
+        functools.update_wrapper(fn, cpu_fn)
     fn.__name__ = name
     fn.__doc__ = (cpu_fn.__doc__ if cpu_fn is not None else f"ref.{name} on CPU") + " (CUDA: pyllm.ops_cuda)"
     fn._pyllm_cuda_dispatch = True

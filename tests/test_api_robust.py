@@ -273,3 +273,17 @@ def test_adamw_step_buffers_that_share_memory(rng):
     p0 = [t.clone() for t in p]
     ops.adamw_step(p, g, m, v, **hp)  # separate buffers: the step runs
     assert not torch.equal(p[0], p0[0])
+
+
+def test_dispatched_ops_keep_their_signatures():
+    """Session 31: the CUDA-dispatch wrappers showed help() and inspect (*args, **kwargs); a call with no arguments
+    raised StopIteration from inside the wrapper rather than the op's own TypeError."""
+    import inspect
+    from pyllm import ops
+    for name in ("rmsnorm", "linear", "attention", "attention_with_lse", "rope", "swiglu", "cross_entropy", "sample",
+                 "decode_attention"):
+        fn = getattr(ops, name)
+        assert getattr(fn, "_pyllm_cuda_dispatch", False), name
+        assert "*args" not in str(inspect.signature(fn)), (name, inspect.signature(fn))
+        with pytest.raises(TypeError, match="missing"):
+            fn()
