@@ -143,6 +143,8 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results_run.md"), help="markdown file to append to")
     ap.add_argument("--note", default="", help="a line written under the table")
     args = ap.parse_args()
+    if args.steps and args.steps <= 14:  # the prompt's ~14 tokens (prompt_len below) come first
+        ap.error(f"--steps {args.steps}: must exceed the prompt's 14 tokens (or 0 for the defaults)")
     if not BIN_PATH.exists():
         sys.exit(f"{BIN_PATH} not built: python setup.py build_ext --inplace")
     if not TOKENIZER.exists():
