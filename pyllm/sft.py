@@ -398,6 +398,53 @@ def optimizer_tensors(opt) -> tuple[dict, dict]:
     return tensors, {"param_groups": groups}
 
 
+# The param-group settings that change the update. The others (foreach, fused, capturable, differentiable) say how
+# it runs on this device: a run started on CPU resumes on CUDA with the fused kernel.
+OPT_MATH_KEYS = ("betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
+
+
+def checked_param_groups(opt, saved, source) -> list[dict]:
+    """The param groups to load: the optimizer's own settings with the saved parameter numbering, after checking that
+    the saved groups are the same (a resumed run rebuilds its optimizer from the run's own flags, so they can differ
+    only in a corrupt or foreign file). Handed to torch unchecked, a hand-edited or damaged trainer_state.json was a
+    TypeError/KeyError/AssertionError traceback from inside torch's Adam at the first step, or trained silently with
+    "maximize": true or a NaN eps."""
+    cur = opt.param_groups
+    if not isinstance(saved, list) or len(saved) != len(cur) or not all(isinstance(g, dict) for g in saved):
+        raise ValueError(f"{source}: corrupt trainer state (optimizer param_groups: expected a list of {len(cur)} "
+                         f"objects)")
+    out, n = [], 0
+    for i, (g, c) in enumerate(zip(saved, cur)):
+        ids, want = g.get("params"), list(range(n, n + len(c["params"])))
+        n += len(c["params"])
+        if not isinstance(ids, list) or any(type(x) is not int for x in ids):
+            raise ValueError(f"{source}: corrupt trainer state (optimizer param group {i}: 'params' must be a list "
+                             f"of parameter numbers)")
+        if len(ids) != len(want):  # torch's "parameter group that doesn't match the size of optimizer's group"
+            raise ValueError(f"{source}: the saved optimizer state does not fit the parameters being trained (group "
+                             f"{i} has {len(ids)} parameters, this run {len(want)}: resumed with another "
+                             f"--lora-r/--lora-targets, or saved by an older pyllm?)")
+        if ids != want:  # torch maps the saved state by these numbers: a wrong one dropped that parameter's moments
+            raise ValueError(f"{source}: corrupt trainer state (optimizer param group {i} numbers its parameters "
+                             f"{ids[:4]}..., expected {want[:4]}...)")
+        for k in OPT_MATH_KEYS:
+            if k in g and k in c:
+                v, mine = g[k], c[k]
+                if isinstance(v, list):
+                    v = tuple(v)
+                if not (v == mine and type(v) is type(mine) or _same_number(v, mine)):
+                    raise ValueError(f"{source}: corrupt trainer state (optimizer param group {i} has {k} {g[k]!r}, "
+                                     f"this run's optimizer {mine!r})")
+        out.append({**{k: v for k, v in c.items() if k != "params"}, "params": ids})
+    return out
+
+
+def _same_number(a, b) -> bool:
+    """0 and 0.0 (JSON keeps an int an int), never True and 1."""
+    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    return num(a) and num(b) and a == b
+
+
 def load_optimizer_tensors(opt, tensors: dict, side: dict, source: str = "trainer_state.safetensors"):
     state: dict = {}
     params = [p for g in opt.param_groups for p in g["params"]]  # torch numbers them in this order
@@ -411,11 +458,22 @@ def load_optimizer_tensors(opt, tensors: dict, side: dict, source: str = "traine
         if name in ("exp_avg", "exp_avg_sq") and tuple(v.shape) != tuple(params[int(pid)].shape):
             raise ValueError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, the parameter "
                              f"{tuple(params[int(pid)].shape)}")
+        # a NaN moment or step trained on and saved an all-NaN model with exit status 0 (the loss of the step it
+        # poisons is still finite); an integer moment was copied in truncated
+        if v.dtype == torch.bool or (name != "step" and not v.is_floating_point()):
+            raise ValueError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected a float tensor")
+        if not bool(torch.isfinite(v).all()) or (name in ("step", "exp_avg_sq", "max_exp_avg_sq")
+                                                  and bool((v < 0).any())):
+            raise ValueError(f"{source}: tensor {k!r} holds NaN, infinite or (a step or squared moment) negative "
+                             f"values (corrupt trainer state)")
         state.setdefault(int(pid), {})[name] = v
-    groups = side["param_groups"]
-    for g in groups:
-        if isinstance(g.get("betas"), list):
-            g["betas"] = tuple(g["betas"])
+    # a parameter with some state and not all of it was a KeyError 'exp_avg' from inside torch's Adam
+    need = ("step", "exp_avg", "exp_avg_sq")
+    for pid, st in state.items():
+        lack = [k for k in need if k not in st]
+        if lack:
+            raise ValueError(f"{source}: missing tensor 'opt.{pid}.{lack[0]}' (corrupt trainer state)")
+    groups = checked_param_groups(opt, side.get("param_groups"), Path(source).with_suffix(".json"))
     try:
         opt.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError) as e:  # torch's "parameter group that doesn't match the size of optimizer's group"

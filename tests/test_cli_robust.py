@@ -671,6 +671,51 @@ def test_foreign_state_files_are_one_line_errors(tmp_path, capsys):
         assert len(err) == 1 and f"{tmp_path / 'o'}/trainer_state.safetensors: {want}" in err[0], err
 
 
+def test_resume_with_a_corrupt_optimizer_state(tmp_path, capsys):
+    """Found by a mutation fuzz of trainer_state.{json,safetensors}: the optimizer's param groups went to torch
+    unchecked ("betas": 0 a TypeError, "capturable": true an AssertionError, "eps" deleted a KeyError, each a traceback
+    from inside torch's Adam; "maximize": true trained silently), a missing moment was KeyError 'exp_avg', and a NaN
+    moment trained on and saved an all-NaN model with exit status 0."""
+    import torch
+
+    from pyllm import safetensors_io as S
+    base = tiny_checkpoint(tmp_path / "base")
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD_SFT] * 4)
+    out = tmp_path / "o"
+    argv = ["sft", "--model", str(base), "--data", str(data), "--out", str(out), "--eval-frac", "0", "--device", "cpu"]
+    assert cli([*argv, "--steps", "1"]) == 0
+    capsys.readouterr()
+    tj, st = out / "trainer_state.json", out / "trainer_state.safetensors"
+    good_j, good_t = json.loads(tj.read_text()), S.load_file(st)
+
+    def group0(**kw):
+        d = json.loads(json.dumps(good_j))
+        d["optimizer"]["param_groups"][0].update(kw)
+        return d
+    for side, want in ((group0(betas=0), "optimizer param group 0 has betas 0, this run's optimizer (0.9, 0.95)"),
+                       (group0(maximize=True), "optimizer param group 0 has maximize True, this run's optimizer False"),
+                       (group0(eps=float("nan")), "optimizer param group 0 has eps nan"),
+                       (group0(params=[1, 0] + good_j["optimizer"]["param_groups"][0]["params"][2:]),
+                        "optimizer param group 0 numbers its parameters [1, 0, 2, 3]..., expected [0, 1, 2, 3]"),
+                       (group0(params=None), "optimizer param group 0: 'params' must be a list of parameter numbers"),
+                       ({**good_j, "optimizer": {}}, "optimizer param_groups: expected a list of 2 objects")):
+        tj.write_text(json.dumps(side))
+        assert cli([*argv, "--steps", "2", "--resume"]) == 2
+        err = one_line_error(capsys, "sft")
+        assert f"{tj}: corrupt trainer state ({want}" in err, err
+    tj.write_text(json.dumps(good_j))
+    nan = {**good_t, "opt.0.exp_avg": torch.full_like(good_t["opt.0.exp_avg"], float("nan"))}
+    for tensors, want in ((nan, "tensor 'opt.0.exp_avg' holds NaN, infinite or"),
+                          ({k: v for k, v in good_t.items() if k != "opt.0.exp_avg"},
+                           "missing tensor 'opt.0.exp_avg' (corrupt trainer state)"),
+                          ({**good_t, "opt.0.exp_avg": good_t["opt.0.exp_avg"].to(torch.int32)},
+                           "tensor 'opt.0.exp_avg' has dtype torch.int32, expected a float tensor")):
+        S.save_file(tensors, st)
+        assert cli([*argv, "--steps", "2", "--resume"]) == 2
+        assert f"{st}: {want}" in one_line_error(capsys, "sft")
+    assert not S.load_file(out / "model.safetensors")["model.embed_tokens.weight"].isnan().any()
+
+
 def test_pretrain_resume_with_a_corrupt_trainer_state_tensor_file(tmp_path, capsys):
     """The tensors side of a pretrain checkpoint's trainer state: a missing rng.torch was KeyError: 'rng.torch', a
     wrong-sized optimizer moment reshape's RuntimeError ("shape '[262, 64]' is invalid")."""
