@@ -560,7 +560,8 @@ def check_fsdp_torch(fsdp: bool, torch_version: str) -> None:
                          "resumes inexactly); upgrade torch, or drop --fsdp to train with DDP")
 
 
-def main(args) -> int:
+def check_args(args) -> None:
+    """The flags' values, one line naming the flag; run again on the values --resume restores from the run."""
     if args.max_steps < 0:
         raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
     for k in ("batch_size", "seq_len", "keep_checkpoints"):
@@ -578,7 +579,7 @@ def main(args) -> int:
         raise ValueError("--depth and --preset each give the whole model shape: pass one of them")
     if args.depth is not None and args.depth <= 0:  # was silently replaced by the default depth 4
         raise ValueError(f"--depth must be positive, got {args.depth}")
-    from .sft import check_float_ranges, resume_args
+    from .sft import check_float_ranges
     check_float_ranges(args, {"weight_decay": (0.0, None, False), "grad_clip": (0.0, None, False),
                               "beta1": (0.0, 1.0, False), "beta2": (0.0, 1.0, False),
                               "min_lr_frac": (0.0, 1.0, False), "tokens_per_param": (0.0, None, True)})
@@ -589,12 +590,17 @@ def main(args) -> int:
         raise ValueError("--peak-flops must be a finite number >= 0 (0 = a guess from the device), "
                          f"got {args.peak_flops}")
     check_fsdp_torch(args.fsdp, torch.__version__)
+
+
+def main(args) -> int:
+    from .sft import resume_args
+    check_args(args)
     if args.resume:  # before anything reads the flags: the run's own settings for those left out
         ck = _latest(Path(args.out)) if args.resume == "latest" else Path(args.resume)
         tj = ck / "trainer_state.json" if ck is not None else None
         if tj is not None and tj.is_file():
             meta = D.read_json(tj, "corrupt trainer state")
-            resume_args(args, meta.get("args") if isinstance(meta, dict) else None, ck)
+            resume_args(args, meta.get("args") if isinstance(meta, dict) else None, ck, check=check_args)
     try:
         train(args)
     finally:

@@ -9,6 +9,7 @@ with file:line errors, devices and DDP, metrics, atomic checkpoints with resumab
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -699,10 +700,11 @@ def check_lora_flags(args) -> None:
         raise ValueError("--lora-alpha/--lora-targets need --lora-r (the LoRA rank; 0 = full fine-tuning)")
 
 
-def resume_args(args, saved, where) -> None:
+def resume_args(args, saved, where, check=None) -> None:
     """--resume continues the run as it was started: a flag left out takes the run's saved value (the defaults
     restarted the warmup, changed the batch and the schedule's length); a flag given with another value is an error,
-    except the operational ones in RESUME_FREE. Runs saved before the flags were kept (no "args") resume as given."""
+    except the operational ones in RESUME_FREE. Runs saved before the flags were kept (no "args") resume as given.
+    check(args): the stage's flag checks, run again on the restored values (the given ones passed them already)."""
     if not isinstance(saved, dict):
         return
     given = getattr(args, "_given", None)  # None (a library call): every flag counts as given
@@ -712,6 +714,10 @@ def resume_args(args, saved, where) -> None:
         if k not in cur or k in RESUME_ONCE or _same_setting(old, cur[k]):
             continue
         if given is not None and k not in given:
+            bad = _not_a_value_of(getattr(args, "_parser", None), k, old)
+            if bad:
+                raise ValueError(f"{Path(where) / 'trainer_state.json'}: corrupt trainer state (the run's saved "
+                                 f"--{k.replace('_', '-')} {old!r} {bad})")
             setattr(args, k, old)
             restored.append(k)
         elif k not in RESUME_FREE:
@@ -719,9 +725,39 @@ def resume_args(args, saved, where) -> None:
     if changed:
         raise ValueError(f"{where}: --resume continues the run with its own settings, and this command changes "
                          f"{', '.join(changed)} (leave them out, or start a new run in another --out)")
+    if restored and check is not None:
+        try:  # a saved "save_every": 0 was a ZeroDivisionError mid-run, a "grad_clip": -1 trained on silently
+            check(args)
+        except ValueError as e:
+            raise ValueError(f"{Path(where) / 'trainer_state.json'}: corrupt trainer state (the run's saved "
+                             f"settings: {e})") from None
     if restored and int(os.environ.get("RANK", "0")) == 0:
         print(f"{where}: resuming with the run's " + " ".join(_flag_text(k, saved[k]) for k in restored),
               file=sys.stderr)
+
+
+def _not_a_value_of(parser, dest: str, v) -> str | None:
+    """Why a saved flag value is not one the command line could have given (None if it is): restored unchecked, a
+    "batch_size": "x" or a "seed": 1.5 was a TypeError traceback mid-run, a "skip_bad_lines": "x" a switch silently
+    on. Compared as argparse would parse its text: the flag's type and choices; a switch takes true or false."""
+    action = next((a for a in (parser._actions if parser is not None else ()) if a.dest == dest), None)
+    if action is None:  # a library call (no parser): nothing to compare with
+        return None
+    if action.nargs == 0:  # store_true / store_false
+        return None if isinstance(v, bool) else "is not true or false"
+    if v is None:
+        return None if action.default is None else "is null, and the flag takes a value"
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        return "is not a value of that flag"
+    try:
+        parsed = (action.type or str)(str(v))
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+        return f"is not a value of that flag ({e})"
+    if parsed != v:  # "5" for an int flag, 5 for a path
+        return "is not a value of that flag"
+    if action.choices is not None and parsed not in action.choices:
+        return f"is not one of {', '.join(map(str, action.choices))}"
+    return None
 
 
 def _flag_text(k: str, v) -> str:
@@ -742,7 +778,7 @@ def resume_state(args, stage: str | None = None):
         raise ValueError(f"{args.out}: holds a `pyllm {found}` run; `pyllm {stage} --resume` continues only its own "
                          f"runs (use another --out)")
     if st:
-        resume_args(args, st[0].get("args"), args.out)
+        resume_args(args, st[0].get("args"), args.out, check=check_common_args)
     check_lora_flags(args)  # after the run's own LoRA flags are restored
     inputs = [("--policy" if stage == "rl" else "--model", getattr(args, "model", None))]
     inputs += [(f, getattr(args, a, None))

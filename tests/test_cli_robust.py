@@ -744,6 +744,45 @@ def test_pretrain_resume_with_a_corrupt_trainer_state_tensor_file(tmp_path, caps
     assert cli([*base, "--max-steps", "2", "--resume"]) == 0
 
 
+def test_resume_checks_the_settings_it_restores(tmp_path, capsys):
+    """Found by a mutation fuzz of trainer_state.json's "args": --resume restored a left-out flag's saved value
+    without argparse's type or the stage's range checks: "batch_size": "x" or "seed": 1.5 was a TypeError/RuntimeError
+    traceback, "save_every": 0 a ZeroDivisionError mid-run, "skip_bad_lines": "x" a switch silently on, pretrain's
+    "decay": "nope" a run on no schedule its --decay choices allow."""
+    from pyllm.prepare import prepare
+    base = tiny_checkpoint(tmp_path / "base")
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD_SFT] * 4)
+    out = tmp_path / "o"
+    argv = ["sft", "--model", str(base), "--data", str(data), "--out", str(out), "--eval-frac", "0", "--device", "cpu"]
+    assert cli([*argv, "--steps", "1"]) == 0
+    capsys.readouterr()
+    tj = out / "trainer_state.json"
+    good = json.loads(tj.read_text())
+    for key, value, want in (("batch_size", "x", "saved --batch-size 'x' is not a value of that flag (invalid"),
+                             ("seed", 1.5, "saved --seed 1.5 is not a value of that flag"),
+                             ("eval_data", 5, "saved --eval-data 5 is not a value of that flag"),
+                             ("epochs", None, "saved --epochs None is null, and the flag takes a value"),
+                             ("skip_bad_lines", "x", "saved --skip-bad-lines 'x' is not true or false"),
+                             ("save_every", 0, "saved settings: --save-every must be >= 1, got 0")):
+        tj.write_text(json.dumps({**good, "args": {**good["args"], key: value}}))
+        assert cli([*argv, "--steps", "2", "--resume"]) == 2
+        assert f"{tj}: corrupt trainer state (the run's {want}" in one_line_error(capsys, "sft")
+    (tmp_path / "in.txt").write_text("\n\n".join(f"doc {i} " * 30 for i in range(40)))
+    prepare([str(tmp_path / "in.txt")], tmp_path / "p", byte_level=True, val_fraction=0.1, doc_sep="\n\n", workers=1)
+    run = tmp_path / "run"
+    pre = ["pretrain", "--data", str(tmp_path / "p"), "--out", str(run), "--dim", "32", "--n-layers", "1", "--n-heads",
+           "2", "--seq-len", "32", "--eval-every", "0", "--sample-tokens", "0", "--batch-size", "2"]
+    assert cli([*pre, "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    tj = run / (run / "latest").read_text().strip() / "trainer_state.json"
+    good = json.loads(tj.read_text())
+    for key, value, want in (("decay", "nope", "saved --decay 'nope' is not one of"),
+                             ("warmup_steps", -3, "saved settings: --warmup-steps must be >= 0")):
+        tj.write_text(json.dumps({**good, "args": {**good["args"], key: value}}))
+        assert cli([*pre, "--max-steps", "2", "--resume"]) == 2
+        assert f"{tj}: corrupt trainer state (the run's {want}" in one_line_error(capsys, "pretrain")
+
+
 def test_resume_keeps_the_runs_settings(tmp_path, capsys):
     """`pretrain --resume` (or a stage's) with flags left out ran on the defaults: the warmup restarted at 100 steps,
     the batch went 4 -> 16, the schedule ran to 3398 steps instead of 6, the optimizer kept its old weight decay while
