@@ -96,7 +96,9 @@ def optimizer_state(opt) -> tuple[dict, dict]:
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars, "shapes": shapes}
 
 
-def load_optimizer_state(opt, tensors: dict, meta: dict) -> None:
+def load_optimizer_state(opt, tensors: dict, meta: dict, source=None) -> None:
+    """source: the checkpoint directory (its trainer_state.{json,safetensors} are named in the errors)."""
+    from .sft import check_adam_state, checked_param_groups
     state: dict = {}
     for name, shape in meta["shapes"].items():
         _, pid, k = name.split(".", 2)
@@ -104,7 +106,13 @@ def load_optimizer_state(opt, tensors: dict, meta: dict) -> None:
     for name, v in meta["scalars"].items():
         _, pid, k = name.split(".", 2)
         state.setdefault(int(pid) if pid.isdigit() else pid, {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if source is not None:  # the groups went to torch unchecked: "betas": "x" an IndexError, "eps" deleted a KeyError
+        source = Path(source)  # (tracebacks from inside the optimizer), a NaN moment an all-NaN model
+        check_adam_state(opt, state, source / "trainer_state.safetensors")
+        groups = checked_param_groups(opt, meta["param_groups"], source / "trainer_state.json")
+    else:
+        groups = meta["param_groups"]
+    opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _dist_setup(device_arg: str):
@@ -202,6 +210,18 @@ def load_resume(path: Path, config: ModelConfig):
                          f"next stage, or resume it with `pyllm {meta['stage']} --resume`)")
     if not isinstance(meta, dict) or not set(need) <= set(meta) or not isinstance(meta["config"], dict):
         raise ValueError(f"{tj}: corrupt trainer state (expected an object with {', '.join(need)})")
+    # the JSON side's structure before anything indexes it: a hand-edited or damaged file was an AttributeError,
+    # KeyError or TypeError traceback (scalars a string, a loader field deleted, a shape ["x"]) or, with a loader
+    # position of Infinity, int()'s OverflowError
+    ld = meta["loader"]
+    if not (isinstance(ld, dict) and all(type(ld.get(k)) is int and ld[k] >= 0
+                                         for k in ("epoch", "pos", "seed", "n_windows", "seq_len"))):
+        raise ValueError(f"{tj}: corrupt trainer state (loader must hold integers epoch, pos, seed, n_windows and "
+                         f"seq_len >= 0)")
+    if not isinstance(meta["scalars"], dict) or not isinstance(meta["shapes"], dict) or not all(
+            isinstance(v, list) and all(type(d) is int and d >= 0 for d in v) for v in meta["shapes"].values()):
+        raise ValueError(f"{tj}: corrupt trainer state (scalars and shapes must be objects, each shape a list of "
+                         f"sizes)")
     if meta["config"] != config.to_dict():
         diff = {k: (meta["config"].get(k), v) for k, v in config.to_dict().items() if meta["config"].get(k) != v}
         raise ValueError(f"{path}: checkpoint is a different model shape (checkpoint vs this run: "
@@ -309,7 +329,7 @@ def train(args) -> dict:
             set_optimizer_state_dict(model, opt, _unflatten_fsdp(rtensors, resume_meta),
                                      options=StateDictOptions(full_state_dict=True))
         else:
-            load_optimizer_state(opt, {k: v.to(device) for k, v in rtensors.items()}, resume_meta)
+            load_optimizer_state(opt, {k: v.to(device) for k, v in rtensors.items()}, resume_meta, resume_from)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
     peak = args.peak_flops or default_peak_flops(device)
     flops_step = config.flops_per_token(T) * total

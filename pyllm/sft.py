@@ -440,6 +440,32 @@ def checked_param_groups(opt, saved, source) -> list[dict]:
     return out
 
 
+def check_adam_state(opt, state: dict, source, prefix: str = "optim") -> None:
+    """The saved AdamW state {param number: {step, exp_avg, exp_avg_sq}} before torch takes it: a NaN moment or step
+    trained on and saved an all-NaN model with exit status 0 (the loss of the step it poisons is still finite), an
+    integer moment was copied in truncated, a parameter with part of its state a KeyError 'exp_avg' from inside
+    torch's Adam."""
+    n = sum(len(g["params"]) for g in opt.param_groups)
+    for pid, st in state.items():
+        if type(pid) is not int or not 0 <= pid < n:
+            raise ValueError(f"{source}: '{prefix}.{pid}' names no parameter of the {n} being trained")
+        lack = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in st]
+        if lack:
+            raise ValueError(f"{source}: missing tensor '{prefix}.{pid}.{lack[0]}' (corrupt trainer state)")
+        for name, v in st.items():
+            k = f"{prefix}.{pid}.{name}"
+            if not isinstance(v, torch.Tensor):  # pretrain's JSON scalars: a number, as torch saves a step
+                v = torch.tensor(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+                if v is None:
+                    raise ValueError(f"{source}: {k!r} is not a number (corrupt trainer state)")
+            if v.dtype == torch.bool or (name != "step" and not v.is_floating_point()):
+                raise ValueError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected a float tensor")
+            if not bool(torch.isfinite(v).all()) or (name in ("step", "exp_avg_sq", "max_exp_avg_sq")
+                                                      and bool((v < 0).any())):
+                raise ValueError(f"{source}: tensor {k!r} holds NaN, infinite or (a step or squared moment) "
+                                 f"negative values (corrupt trainer state)")
+
+
 def _same_number(a, b) -> bool:
     """0 and 0.0 (JSON keeps an int an int), never True and 1."""
     num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
@@ -459,21 +485,8 @@ def load_optimizer_tensors(opt, tensors: dict, side: dict, source: str = "traine
         if name in ("exp_avg", "exp_avg_sq") and tuple(v.shape) != tuple(params[int(pid)].shape):
             raise ValueError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, the parameter "
                              f"{tuple(params[int(pid)].shape)}")
-        # a NaN moment or step trained on and saved an all-NaN model with exit status 0 (the loss of the step it
-        # poisons is still finite); an integer moment was copied in truncated
-        if v.dtype == torch.bool or (name != "step" and not v.is_floating_point()):
-            raise ValueError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected a float tensor")
-        if not bool(torch.isfinite(v).all()) or (name in ("step", "exp_avg_sq", "max_exp_avg_sq")
-                                                  and bool((v < 0).any())):
-            raise ValueError(f"{source}: tensor {k!r} holds NaN, infinite or (a step or squared moment) negative "
-                             f"values (corrupt trainer state)")
         state.setdefault(int(pid), {})[name] = v
-    # a parameter with some state and not all of it was a KeyError 'exp_avg' from inside torch's Adam
-    need = ("step", "exp_avg", "exp_avg_sq")
-    for pid, st in state.items():
-        lack = [k for k in need if k not in st]
-        if lack:
-            raise ValueError(f"{source}: missing tensor 'opt.{pid}.{lack[0]}' (corrupt trainer state)")
+    check_adam_state(opt, state, source, prefix="opt")
     groups = checked_param_groups(opt, side.get("param_groups"), Path(source).with_suffix(".json"))
     try:
         opt.load_state_dict({"state": state, "param_groups": groups})
@@ -714,11 +727,11 @@ def resume_args(args, saved, where, check=None) -> None:
         if k not in cur or k in RESUME_ONCE or _same_setting(old, cur[k]):
             continue
         if given is not None and k not in given:
-            bad = _not_a_value_of(getattr(args, "_parser", None), k, old)
+            value, bad = _saved_value(getattr(args, "_parser", None), k, old)
             if bad:
                 raise ValueError(f"{Path(where) / 'trainer_state.json'}: corrupt trainer state (the run's saved "
                                  f"--{k.replace('_', '-')} {old!r} {bad})")
-            setattr(args, k, old)
+            setattr(args, k, value)
             restored.append(k)
         elif k not in RESUME_FREE:
             changed.append(f"--{k.replace('_', '-')} {old!r} -> {cur[k]!r}")
@@ -736,28 +749,29 @@ def resume_args(args, saved, where, check=None) -> None:
               file=sys.stderr)
 
 
-def _not_a_value_of(parser, dest: str, v) -> str | None:
-    """Why a saved flag value is not one the command line could have given (None if it is): restored unchecked, a
-    "batch_size": "x" or a "seed": 1.5 was a TypeError traceback mid-run, a "skip_bad_lines": "x" a switch silently
-    on. Compared as argparse would parse its text: the flag's type and choices; a switch takes true or false."""
+def _saved_value(parser, dest: str, v):
+    """(the value, None), or (None, why) a saved flag value is not one the command line could have given: restored
+    unchecked, a "batch_size": "x" or a "seed": 1.5 was a TypeError traceback mid-run, a "skip_bad_lines": "x" a
+    switch silently on. Parsed as argparse would parse its text (the flag's type and choices: a float flag's 2**64
+    is the float argparse makes of it, not an int too big for the kernels); a switch takes true or false."""
     action = next((a for a in (parser._actions if parser is not None else ()) if a.dest == dest), None)
     if action is None:  # a library call (no parser): nothing to compare with
-        return None
+        return v, None
     if action.nargs == 0:  # store_true / store_false
-        return None if isinstance(v, bool) else "is not true or false"
+        return (v, None) if isinstance(v, bool) else (None, "is not true or false")
     if v is None:
-        return None if action.default is None else "is null, and the flag takes a value"
+        return (None, None) if action.default is None else (None, "is null, and the flag takes a value")
     if isinstance(v, bool) or not isinstance(v, (str, int, float)):
-        return "is not a value of that flag"
+        return None, "is not a value of that flag"
     try:
         parsed = (action.type or str)(str(v))
     except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
-        return f"is not a value of that flag ({e})"
+        return None, f"is not a value of that flag ({e})"
     if parsed != v:  # "5" for an int flag, 5 for a path
-        return "is not a value of that flag"
+        return None, "is not a value of that flag"
     if action.choices is not None and parsed not in action.choices:
-        return f"is not one of {', '.join(map(str, action.choices))}"
-    return None
+        return None, f"is not one of {', '.join(map(str, action.choices))}"
+    return parsed, None
 
 
 def _flag_text(k: str, v) -> str:

@@ -744,6 +744,36 @@ def test_pretrain_resume_with_a_corrupt_trainer_state_tensor_file(tmp_path, caps
     assert cli([*base, "--max-steps", "2", "--resume"]) == 0
 
 
+def test_pretrain_resume_with_a_corrupt_trainer_state_json(tmp_path, capsys):
+    """Found by a mutation fuzz of a pretrain checkpoint's trainer_state.json: "scalars": "x" was an AttributeError,
+    a loader field deleted a KeyError, a loader "pos": Infinity int()'s OverflowError, a shape ["x"] math.prod's
+    TypeError, "betas": "x" an IndexError from inside the optimizer, each a traceback."""
+    from pyllm.prepare import prepare
+    (tmp_path / "in.txt").write_text("\n\n".join(f"doc {i} " * 30 for i in range(40)))
+    prepare([str(tmp_path / "in.txt")], tmp_path / "d", byte_level=True, val_fraction=0.1, doc_sep="\n\n", workers=1)
+    out = tmp_path / "o"
+    base = ["pretrain", "--data", str(tmp_path / "d"), "--out", str(out), "--dim", "32", "--n-layers", "1",
+            "--n-heads", "2", "--seq-len", "32", "--eval-every", "0", "--sample-tokens", "0", "--batch-size", "2"]
+    assert cli([*base, "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    tj = out / (out / "latest").read_text().strip() / "trainer_state.json"
+    good = json.loads(tj.read_text())
+    moment = next(k for k in good["shapes"] if k.endswith("exp_avg"))
+    loader = {k: v for k, v in good["loader"].items() if k != "epoch"}
+    g0 = {**good["param_groups"][0], "betas": "x"}
+    for meta, want in (({**good, "scalars": "x"}, "scalars and shapes must be objects"),
+                       ({**good, "loader": loader}, "loader must hold integers epoch, pos"),
+                       ({**good, "loader": {**good["loader"], "pos": float("inf")}}, "loader must hold integers"),
+                       ({**good, "shapes": {**good["shapes"], moment: ["x"]}}, "scalars and shapes must be objects, each shape"),
+                       ({**good, "param_groups": [g0, *good["param_groups"][1:]]},
+                        "optimizer param group 0 has betas 'x', this run's optimizer (0.9, 0.95)")):
+        tj.write_text(json.dumps(meta))
+        assert cli([*base, "--max-steps", "2", "--resume"]) == 2
+        assert f"{tj}: corrupt trainer state ({want}" in one_line_error(capsys, "pretrain")
+    tj.write_text(json.dumps(good))
+    assert cli([*base, "--max-steps", "2", "--resume"]) == 0
+
+
 def test_resume_checks_the_settings_it_restores(tmp_path, capsys):
     """Found by a mutation fuzz of trainer_state.json's "args": --resume restored a left-out flag's saved value
     without argparse's type or the stage's range checks: "batch_size": "x" or "seed": 1.5 was a TypeError/RuntimeError
