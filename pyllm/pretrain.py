@@ -492,7 +492,11 @@ def _open_metrics(path: Path, step: int):
                 r = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if r.get("step", 0) <= step and not ("val_loss" in r and r["step"] == step):
+            # dropped like a line cut short by a kill: a row that is not an object with an integer step ([1] was
+            # an AttributeError traceback, {"step": "x"} a TypeError, on every --resume of the run)
+            if not isinstance(r, dict) or type(r.get("step")) is not int:
+                continue
+            if r["step"] <= step and not ("val_loss" in r and r["step"] == step):
                 rows.append(line)
     D.atomic_write_text(path, "".join(r + "\n" for r in rows))
     return open(path, "a")

@@ -277,7 +277,8 @@ class Metrics:
                         row = json.loads(line)
                     except json.JSONDecodeError:  # a line cut short by the kill
                         continue
-                    if isinstance(row, dict) and row.get("step", 0) <= step:
+                    # {"step": "x"} was a TypeError traceback on every --resume of the run: dropped like a cut line
+                    if isinstance(row, dict) and type(row.get("step")) is int and row["step"] <= step:
                         keep.append(line + "\n")
                 atomic_write_text(self.path, "".join(keep))
 
