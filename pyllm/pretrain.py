@@ -242,6 +242,10 @@ def load_resume(path: Path, config: ModelConfig):
                              f"{shape} (corrupt trainer state)")
     if tensors["rng.torch"].dtype != torch.uint8:
         raise ValueError(f"{tf}: tensor 'rng.torch' is {tensors['rng.torch'].dtype}, not a torch RNG state")
+    n_rng = torch.get_rng_state().numel()  # another size was torch's RuntimeError traceback from set_rng_state
+    if tensors["rng.torch"].numel() != n_rng:
+        raise ValueError(f"{tf}: tensor 'rng.torch' has {tensors['rng.torch'].numel()} bytes, a torch RNG state "
+                         f"{n_rng}")
     return ck_model.state_dict(), tensors, meta
 
 
