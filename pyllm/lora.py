@@ -119,6 +119,15 @@ def load_adapter_state(model: nn.Module, sd: dict[str, torch.Tensor], source: st
     missing = sorted(set(want) - set(sd))
     if missing:
         raise ValueError(f"{source}: adapter tensors missing, e.g. {missing[0]} (different --lora-targets?)")
+    # an adapter the config does not name was dropped without a word (a model other than the one trained), an
+    # integer tensor copied in as its truncated values
+    extra = sorted(set(sd) - set(want))
+    if extra:
+        raise ValueError(f"{source}: unexpected adapter tensor {extra[0]} (adapter_config.json's target_modules do "
+                         f"not name it)")
+    bad = next((k for k, t in sd.items() if not t.is_floating_point()), None)
+    if bad is not None:
+        raise ValueError(f"{source}: adapter tensor {bad} has dtype {sd[bad].dtype}, expected a float tensor")
     with torch.no_grad():
         for wname, p in _lora_modules(model):
             mod = wname[: -len(".weight")]
@@ -192,9 +201,17 @@ def load_adapter(model: nn.Module, adapter_dir, verbose: bool = False, r: int | 
         raise ValueError(f"{cfg_path}: expected an object with r, lora_alpha and target_modules")
     if r is not None and cfg["r"] != r:
         raise ValueError(f"{cfg_path}: the adapters being resumed have r={cfg['r']}, not --lora-r {r}")
-    apply_lora(model, int(cfg["r"]), float(cfg["lora_alpha"]), cfg["target_modules"], verbose=verbose)
+    # the values as saved, not int()/float() of them: a lora_alpha of null or a list was float()'s TypeError
+    # traceback, true a silent alpha of 1 (a rescaled adapter); target_modules 5 parse_targets' TypeError traceback.
+    # null is no value here (apply_lora would read it as "the default 2 * r", not the alpha the adapters trained with)
+    if cfg["lora_alpha"] is None:
+        raise ValueError(f"{cfg_path}: lora_alpha is null, expected the number the adapters were trained with")
+    try:
+        apply_lora(model, cfg["r"], cfg["lora_alpha"], cfg["target_modules"], verbose=verbose)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
     f = adapter_dir / ADAPTER_FILE
     if not f.exists() and (adapter_dir / OLD_ADAPTER_FILE).exists():
         f = adapter_dir / OLD_ADAPTER_FILE
-    load_adapter_state(model, load_file(str(f)), str(adapter_dir))
+    load_adapter_state(model, load_file(str(f)), str(f))
     return model

@@ -96,7 +96,9 @@ def optimizer_state(opt) -> tuple[dict, dict]:
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars, "shapes": shapes}
 
 
-def load_optimizer_state(opt, tensors: dict, meta: dict) -> None:
+def load_optimizer_state(opt, tensors: dict, meta: dict, source=None) -> None:
+    """source: the checkpoint directory (its trainer_state.{json,safetensors} are named in the errors)."""
+    from .sft import check_adam_state, checked_param_groups
     state: dict = {}
     for name, shape in meta["shapes"].items():
         _, pid, k = name.split(".", 2)
@@ -104,7 +106,13 @@ def load_optimizer_state(opt, tensors: dict, meta: dict) -> None:
     for name, v in meta["scalars"].items():
         _, pid, k = name.split(".", 2)
         state.setdefault(int(pid) if pid.isdigit() else pid, {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if source is not None:  # the groups went to torch unchecked: "betas": "x" an IndexError, "eps" deleted a KeyError
+        source = Path(source)  # (tracebacks from inside the optimizer), a NaN moment an all-NaN model
+        check_adam_state(opt, state, source / "trainer_state.safetensors")
+        groups = checked_param_groups(opt, meta["param_groups"], source / "trainer_state.json")
+    else:
+        groups = meta["param_groups"]
+    opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _dist_setup(device_arg: str):
@@ -202,6 +210,18 @@ def load_resume(path: Path, config: ModelConfig):
                          f"next stage, or resume it with `pyllm {meta['stage']} --resume`)")
     if not isinstance(meta, dict) or not set(need) <= set(meta) or not isinstance(meta["config"], dict):
         raise ValueError(f"{tj}: corrupt trainer state (expected an object with {', '.join(need)})")
+    # the JSON side's structure before anything indexes it: a hand-edited or damaged file was an AttributeError,
+    # KeyError or TypeError traceback (scalars a string, a loader field deleted, a shape ["x"]) or, with a loader
+    # position of Infinity, int()'s OverflowError
+    ld = meta["loader"]
+    if not (isinstance(ld, dict) and all(type(ld.get(k)) is int and ld[k] >= 0
+                                         for k in ("epoch", "pos", "seed", "n_windows", "seq_len"))):
+        raise ValueError(f"{tj}: corrupt trainer state (loader must hold integers epoch, pos, seed, n_windows and "
+                         f"seq_len >= 0)")
+    if not isinstance(meta["scalars"], dict) or not isinstance(meta["shapes"], dict) or not all(
+            isinstance(v, list) and all(type(d) is int and d >= 0 for d in v) for v in meta["shapes"].values()):
+        raise ValueError(f"{tj}: corrupt trainer state (scalars and shapes must be objects, each shape a list of "
+                         f"sizes)")
     if meta["config"] != config.to_dict():
         diff = {k: (meta["config"].get(k), v) for k, v in config.to_dict().items() if meta["config"].get(k) != v}
         raise ValueError(f"{path}: checkpoint is a different model shape (checkpoint vs this run: "
@@ -222,6 +242,10 @@ def load_resume(path: Path, config: ModelConfig):
                              f"{shape} (corrupt trainer state)")
     if tensors["rng.torch"].dtype != torch.uint8:
         raise ValueError(f"{tf}: tensor 'rng.torch' is {tensors['rng.torch'].dtype}, not a torch RNG state")
+    n_rng = torch.get_rng_state().numel()  # another size was torch's RuntimeError traceback from set_rng_state
+    if tensors["rng.torch"].numel() != n_rng:
+        raise ValueError(f"{tf}: tensor 'rng.torch' has {tensors['rng.torch'].numel()} bytes, a torch RNG state "
+                         f"{n_rng}")
     return ck_model.state_dict(), tensors, meta
 
 
@@ -309,7 +333,7 @@ def train(args) -> dict:
             set_optimizer_state_dict(model, opt, _unflatten_fsdp(rtensors, resume_meta),
                                      options=StateDictOptions(full_state_dict=True))
         else:
-            load_optimizer_state(opt, {k: v.to(device) for k, v in rtensors.items()}, resume_meta)
+            load_optimizer_state(opt, {k: v.to(device) for k, v in rtensors.items()}, resume_meta, resume_from)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
     peak = args.peak_flops or default_peak_flops(device)
     flops_step = config.flops_per_token(T) * total
@@ -472,7 +496,11 @@ def _open_metrics(path: Path, step: int):
                 r = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if r.get("step", 0) <= step and not ("val_loss" in r and r["step"] == step):
+            # dropped like a line cut short by a kill: a row that is not an object with an integer step ([1] was
+            # an AttributeError traceback, {"step": "x"} a TypeError, on every --resume of the run)
+            if not isinstance(r, dict) or type(r.get("step")) is not int:
+                continue
+            if r["step"] <= step and not ("val_loss" in r and r["step"] == step):
                 rows.append(line)
     D.atomic_write_text(path, "".join(r + "\n" for r in rows))
     return open(path, "a")
@@ -560,7 +588,8 @@ def check_fsdp_torch(fsdp: bool, torch_version: str) -> None:
                          "resumes inexactly); upgrade torch, or drop --fsdp to train with DDP")
 
 
-def main(args) -> int:
+def check_args(args) -> None:
+    """The flags' values, one line naming the flag; run again on the values --resume restores from the run."""
     if args.max_steps < 0:
         raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
     for k in ("batch_size", "seq_len", "keep_checkpoints"):
@@ -578,7 +607,7 @@ def main(args) -> int:
         raise ValueError("--depth and --preset each give the whole model shape: pass one of them")
     if args.depth is not None and args.depth <= 0:  # was silently replaced by the default depth 4
         raise ValueError(f"--depth must be positive, got {args.depth}")
-    from .sft import check_float_ranges, resume_args
+    from .sft import check_float_ranges
     check_float_ranges(args, {"weight_decay": (0.0, None, False), "grad_clip": (0.0, None, False),
                               "beta1": (0.0, 1.0, False), "beta2": (0.0, 1.0, False),
                               "min_lr_frac": (0.0, 1.0, False), "tokens_per_param": (0.0, None, True)})
@@ -589,12 +618,17 @@ def main(args) -> int:
         raise ValueError("--peak-flops must be a finite number >= 0 (0 = a guess from the device), "
                          f"got {args.peak_flops}")
     check_fsdp_torch(args.fsdp, torch.__version__)
+
+
+def main(args) -> int:
+    from .sft import resume_args
+    check_args(args)
     if args.resume:  # before anything reads the flags: the run's own settings for those left out
         ck = _latest(Path(args.out)) if args.resume == "latest" else Path(args.resume)
         tj = ck / "trainer_state.json" if ck is not None else None
         if tj is not None and tj.is_file():
             meta = D.read_json(tj, "corrupt trainer state")
-            resume_args(args, meta.get("args") if isinstance(meta, dict) else None, ck)
+            resume_args(args, meta.get("args") if isinstance(meta, dict) else None, ck, check=check_args)
     try:
         train(args)
     finally:

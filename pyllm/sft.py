@@ -9,6 +9,7 @@ with file:line errors, devices and DDP, metrics, atomic checkpoints with resumab
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -276,7 +277,8 @@ class Metrics:
                         row = json.loads(line)
                     except json.JSONDecodeError:  # a line cut short by the kill
                         continue
-                    if isinstance(row, dict) and row.get("step", 0) <= step:
+                    # {"step": "x"} was a TypeError traceback on every --resume of the run: dropped like a cut line
+                    if isinstance(row, dict) and type(row.get("step")) is int and row["step"] <= step:
                         keep.append(line + "\n")
                 atomic_write_text(self.path, "".join(keep))
 
@@ -398,6 +400,79 @@ def optimizer_tensors(opt) -> tuple[dict, dict]:
     return tensors, {"param_groups": groups}
 
 
+# The param-group settings that change the update. The others (foreach, fused, capturable, differentiable) say how
+# it runs on this device: a run started on CPU resumes on CUDA with the fused kernel.
+OPT_MATH_KEYS = ("betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
+
+
+def checked_param_groups(opt, saved, source) -> list[dict]:
+    """The param groups to load: the optimizer's own settings with the saved parameter numbering, after checking that
+    the saved groups are the same (a resumed run rebuilds its optimizer from the run's own flags, so they can differ
+    only in a corrupt or foreign file). Handed to torch unchecked, a hand-edited or damaged trainer_state.json was a
+    TypeError/KeyError/AssertionError traceback from inside torch's Adam at the first step, or trained silently with
+    "maximize": true or a NaN eps."""
+    cur = opt.param_groups
+    if not isinstance(saved, list) or len(saved) != len(cur) or not all(isinstance(g, dict) for g in saved):
+        raise ValueError(f"{source}: corrupt trainer state (optimizer param_groups: expected a list of {len(cur)} "
+                         f"objects)")
+    out, n = [], 0
+    for i, (g, c) in enumerate(zip(saved, cur)):
+        ids, want = g.get("params"), list(range(n, n + len(c["params"])))
+        n += len(c["params"])
+        if not isinstance(ids, list) or any(type(x) is not int for x in ids):
+            raise ValueError(f"{source}: corrupt trainer state (optimizer param group {i}: 'params' must be a list "
+                             f"of parameter numbers)")
+        if len(ids) != len(want):  # torch's "parameter group that doesn't match the size of optimizer's group"
+            raise ValueError(f"{source}: the saved optimizer state does not fit the parameters being trained (group "
+                             f"{i} has {len(ids)} parameters, this run {len(want)}: resumed with another "
+                             f"--lora-r/--lora-targets, or saved by an older pyllm?)")
+        if ids != want:  # torch maps the saved state by these numbers: a wrong one dropped that parameter's moments
+            raise ValueError(f"{source}: corrupt trainer state (optimizer param group {i} numbers its parameters "
+                             f"{ids[:4]}..., expected {want[:4]}...)")
+        for k in OPT_MATH_KEYS:
+            if k in g and k in c:
+                v, mine = g[k], c[k]
+                if isinstance(v, list):
+                    v = tuple(v)
+                if not (v == mine and type(v) is type(mine) or _same_number(v, mine)):
+                    raise ValueError(f"{source}: corrupt trainer state (optimizer param group {i} has {k} {g[k]!r}, "
+                                     f"this run's optimizer {mine!r})")
+        out.append({**{k: v for k, v in c.items() if k != "params"}, "params": ids})
+    return out
+
+
+def check_adam_state(opt, state: dict, source, prefix: str = "optim") -> None:
+    """The saved AdamW state {param number: {step, exp_avg, exp_avg_sq}} before torch takes it: a NaN moment or step
+    trained on and saved an all-NaN model with exit status 0 (the loss of the step it poisons is still finite), an
+    integer moment was copied in truncated, a parameter with part of its state a KeyError 'exp_avg' from inside
+    torch's Adam."""
+    n = sum(len(g["params"]) for g in opt.param_groups)
+    for pid, st in state.items():
+        if type(pid) is not int or not 0 <= pid < n:
+            raise ValueError(f"{source}: '{prefix}.{pid}' names no parameter of the {n} being trained")
+        lack = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in st]
+        if lack:
+            raise ValueError(f"{source}: missing tensor '{prefix}.{pid}.{lack[0]}' (corrupt trainer state)")
+        for name, v in st.items():
+            k = f"{prefix}.{pid}.{name}"
+            if not isinstance(v, torch.Tensor):  # pretrain's JSON scalars: a number, as torch saves a step
+                v = torch.tensor(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+                if v is None:
+                    raise ValueError(f"{source}: {k!r} is not a number (corrupt trainer state)")
+            if v.dtype == torch.bool or (name != "step" and not v.is_floating_point()):
+                raise ValueError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected a float tensor")
+            if not bool(torch.isfinite(v).all()) or (name in ("step", "exp_avg_sq", "max_exp_avg_sq")
+                                                      and bool((v < 0).any())):
+                raise ValueError(f"{source}: tensor {k!r} holds NaN, infinite or (a step or squared moment) "
+                                 f"negative values (corrupt trainer state)")
+
+
+def _same_number(a, b) -> bool:
+    """0 and 0.0 (JSON keeps an int an int), never True and 1."""
+    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    return num(a) and num(b) and a == b
+
+
 def load_optimizer_tensors(opt, tensors: dict, side: dict, source: str = "trainer_state.safetensors"):
     state: dict = {}
     params = [p for g in opt.param_groups for p in g["params"]]  # torch numbers them in this order
@@ -412,10 +487,8 @@ def load_optimizer_tensors(opt, tensors: dict, side: dict, source: str = "traine
             raise ValueError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, the parameter "
                              f"{tuple(params[int(pid)].shape)}")
         state.setdefault(int(pid), {})[name] = v
-    groups = side["param_groups"]
-    for g in groups:
-        if isinstance(g.get("betas"), list):
-            g["betas"] = tuple(g["betas"])
+    check_adam_state(opt, state, source, prefix="opt")
+    groups = checked_param_groups(opt, side.get("param_groups"), Path(source).with_suffix(".json"))
     try:
         opt.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError) as e:  # torch's "parameter group that doesn't match the size of optimizer's group"
@@ -641,10 +714,11 @@ def check_lora_flags(args) -> None:
         raise ValueError("--lora-alpha/--lora-targets need --lora-r (the LoRA rank; 0 = full fine-tuning)")
 
 
-def resume_args(args, saved, where) -> None:
+def resume_args(args, saved, where, check=None) -> None:
     """--resume continues the run as it was started: a flag left out takes the run's saved value (the defaults
     restarted the warmup, changed the batch and the schedule's length); a flag given with another value is an error,
-    except the operational ones in RESUME_FREE. Runs saved before the flags were kept (no "args") resume as given."""
+    except the operational ones in RESUME_FREE. Runs saved before the flags were kept (no "args") resume as given.
+    check(args): the stage's flag checks, run again on the restored values (the given ones passed them already)."""
     if not isinstance(saved, dict):
         return
     given = getattr(args, "_given", None)  # None (a library call): every flag counts as given
@@ -654,16 +728,51 @@ def resume_args(args, saved, where) -> None:
         if k not in cur or k in RESUME_ONCE or _same_setting(old, cur[k]):
             continue
         if given is not None and k not in given:
-            setattr(args, k, old)
+            value, bad = _saved_value(getattr(args, "_parser", None), k, old)
+            if bad:
+                raise ValueError(f"{Path(where) / 'trainer_state.json'}: corrupt trainer state (the run's saved "
+                                 f"--{k.replace('_', '-')} {old!r} {bad})")
+            setattr(args, k, value)
             restored.append(k)
         elif k not in RESUME_FREE:
             changed.append(f"--{k.replace('_', '-')} {old!r} -> {cur[k]!r}")
     if changed:
         raise ValueError(f"{where}: --resume continues the run with its own settings, and this command changes "
                          f"{', '.join(changed)} (leave them out, or start a new run in another --out)")
+    if restored and check is not None:
+        try:  # a saved "save_every": 0 was a ZeroDivisionError mid-run, a "grad_clip": -1 trained on silently
+            check(args)
+        except ValueError as e:
+            raise ValueError(f"{Path(where) / 'trainer_state.json'}: corrupt trainer state (the run's saved "
+                             f"settings: {e})") from None
     if restored and int(os.environ.get("RANK", "0")) == 0:
         print(f"{where}: resuming with the run's " + " ".join(_flag_text(k, saved[k]) for k in restored),
               file=sys.stderr)
+
+
+def _saved_value(parser, dest: str, v):
+    """(the value, None), or (None, why) a saved flag value is not one the command line could have given: restored
+    unchecked, a "batch_size": "x" or a "seed": 1.5 was a TypeError traceback mid-run, a "skip_bad_lines": "x" a
+    switch silently on. Parsed as argparse would parse its text (the flag's type and choices: a float flag's 2**64
+    is the float argparse makes of it, not an int too big for the kernels); a switch takes true or false."""
+    action = next((a for a in (parser._actions if parser is not None else ()) if a.dest == dest), None)
+    if action is None:  # a library call (no parser): nothing to compare with
+        return v, None
+    if action.nargs == 0:  # store_true / store_false
+        return (v, None) if isinstance(v, bool) else (None, "is not true or false")
+    if v is None:
+        return (None, None) if action.default is None else (None, "is null, and the flag takes a value")
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        return None, "is not a value of that flag"
+    try:
+        parsed = (action.type or str)(str(v))
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+        return None, f"is not a value of that flag ({e})"
+    if parsed != v:  # "5" for an int flag, 5 for a path
+        return None, "is not a value of that flag"
+    if action.choices is not None and parsed not in action.choices:
+        return None, f"is not one of {', '.join(map(str, action.choices))}"
+    return parsed, None
 
 
 def _flag_text(k: str, v) -> str:
@@ -684,7 +793,7 @@ def resume_state(args, stage: str | None = None):
         raise ValueError(f"{args.out}: holds a `pyllm {found}` run; `pyllm {stage} --resume` continues only its own "
                          f"runs (use another --out)")
     if st:
-        resume_args(args, st[0].get("args"), args.out)
+        resume_args(args, st[0].get("args"), args.out, check=check_common_args)
     check_lora_flags(args)  # after the run's own LoRA flags are restored
     inputs = [("--policy" if stage == "rl" else "--model", getattr(args, "model", None))]
     inputs += [(f, getattr(args, a, None))

@@ -117,10 +117,6 @@ class Tokenizer:
         missing = [s for s in SPECIAL_TOKENS if s not in self.special_ids]
         if missing:
             raise ValueError(f"{source}: tokenizer lacks special tokens {missing}")
-        # A twin without added tokens: encodes user text with special-looking strings as plain text.
-        plain = dict(spec)
-        plain["added_tokens"] = []
-        self._plain = HFTokenizer.from_str(json.dumps(plain))
         self._spec = spec
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
         vocab = hf.get_vocab(with_added_tokens=True)
@@ -128,9 +124,18 @@ class Tokenizer:
         for s, i in vocab.items():
             if not 0 <= i < self.vocab_size:
                 raise ValueError(f"{source}: token {s!r} has id {i} outside 0..{self.vocab_size - 1}")
+            if self._id_to_token[i] is not None:  # tokenizers loads it, then keeps one of the two by hash order
+                raise ValueError(f"{source}: tokens {self._id_to_token[i]!r} and {s!r} both have id {i}")
             self._id_to_token[i] = s
         if any(t is None for t in self._id_to_token):
             raise ValueError(f"{source}: token ids are not contiguous 0..{self.vocab_size - 1}")
+        # A twin without added tokens: encodes user text with special-looking strings as plain text.
+        plain = dict(spec)
+        plain["added_tokens"] = []
+        try:  # tokenizers raises a bare Exception for a spec it wrote itself but cannot read back
+            self._plain = HFTokenizer.from_str(json.dumps(plain))
+        except Exception as e:
+            raise ValueError(f"{source}: not a valid tokenizer ({str(e).splitlines()[0][:200]})") from None
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod

@@ -671,6 +671,51 @@ def test_foreign_state_files_are_one_line_errors(tmp_path, capsys):
         assert len(err) == 1 and f"{tmp_path / 'o'}/trainer_state.safetensors: {want}" in err[0], err
 
 
+def test_resume_with_a_corrupt_optimizer_state(tmp_path, capsys):
+    """Found by a mutation fuzz of trainer_state.{json,safetensors}: the optimizer's param groups went to torch
+    unchecked ("betas": 0 a TypeError, "capturable": true an AssertionError, "eps" deleted a KeyError, each a traceback
+    from inside torch's Adam; "maximize": true trained silently), a missing moment was KeyError 'exp_avg', and a NaN
+    moment trained on and saved an all-NaN model with exit status 0."""
+    import torch
+
+    from pyllm import safetensors_io as S
+    base = tiny_checkpoint(tmp_path / "base")
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD_SFT] * 4)
+    out = tmp_path / "o"
+    argv = ["sft", "--model", str(base), "--data", str(data), "--out", str(out), "--eval-frac", "0", "--device", "cpu"]
+    assert cli([*argv, "--steps", "1"]) == 0
+    capsys.readouterr()
+    tj, st = out / "trainer_state.json", out / "trainer_state.safetensors"
+    good_j, good_t = json.loads(tj.read_text()), S.load_file(st)
+
+    def group0(**kw):
+        d = json.loads(json.dumps(good_j))
+        d["optimizer"]["param_groups"][0].update(kw)
+        return d
+    for side, want in ((group0(betas=0), "optimizer param group 0 has betas 0, this run's optimizer (0.9, 0.95)"),
+                       (group0(maximize=True), "optimizer param group 0 has maximize True, this run's optimizer False"),
+                       (group0(eps=float("nan")), "optimizer param group 0 has eps nan"),
+                       (group0(params=[1, 0] + good_j["optimizer"]["param_groups"][0]["params"][2:]),
+                        "optimizer param group 0 numbers its parameters [1, 0, 2, 3]..., expected [0, 1, 2, 3]"),
+                       (group0(params=None), "optimizer param group 0: 'params' must be a list of parameter numbers"),
+                       ({**good_j, "optimizer": {}}, "optimizer param_groups: expected a list of 2 objects")):
+        tj.write_text(json.dumps(side))
+        assert cli([*argv, "--steps", "2", "--resume"]) == 2
+        err = one_line_error(capsys, "sft")
+        assert f"{tj}: corrupt trainer state ({want}" in err, err
+    tj.write_text(json.dumps(good_j))
+    nan = {**good_t, "opt.0.exp_avg": torch.full_like(good_t["opt.0.exp_avg"], float("nan"))}
+    for tensors, want in ((nan, "tensor 'opt.0.exp_avg' holds NaN, infinite or"),
+                          ({k: v for k, v in good_t.items() if k != "opt.0.exp_avg"},
+                           "missing tensor 'opt.0.exp_avg' (corrupt trainer state)"),
+                          ({**good_t, "opt.0.exp_avg": good_t["opt.0.exp_avg"].to(torch.int32)},
+                           "tensor 'opt.0.exp_avg' has dtype torch.int32, expected a float tensor")):
+        S.save_file(tensors, st)
+        assert cli([*argv, "--steps", "2", "--resume"]) == 2
+        assert f"{st}: {want}" in one_line_error(capsys, "sft")
+    assert not S.load_file(out / "model.safetensors")["model.embed_tokens.weight"].isnan().any()
+
+
 def test_pretrain_resume_with_a_corrupt_trainer_state_tensor_file(tmp_path, capsys):
     """The tensors side of a pretrain checkpoint's trainer state: a missing rng.torch was KeyError: 'rng.torch', a
     wrong-sized optimizer moment reshape's RuntimeError ("shape '[262, 64]' is invalid")."""
@@ -690,13 +735,84 @@ def test_pretrain_resume_with_a_corrupt_trainer_state_tensor_file(tmp_path, caps
     moment = next(k for k in good if k.startswith("optim.") and k.endswith("exp_avg"))
     for bad, want in (({k: v for k, v in good.items() if k != "rng.torch"}, "missing tensor 'rng.torch'"),
                       ({**good, moment: torch.zeros(5)}, f"tensor '{moment}' has 5 elements, trainer_state.json says"),
-                      ({**good, "rng.torch": torch.zeros(3)}, "tensor 'rng.torch' is torch.float32")):
+                      ({**good, "rng.torch": torch.zeros(3)}, "tensor 'rng.torch' is torch.float32"),
+                      ({**good, "rng.torch": good["rng.torch"][:1].clone()},  # fuzz: set_rng_state's RuntimeError
+                       f"tensor 'rng.torch' has 1 bytes, a torch RNG state {good['rng.torch'].numel()}")):
         S.save_file(bad, tf)
         assert cli([*base, "--max-steps", "2", "--resume"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"{tf}: {want}" in err[0], err
     S.save_file(good, tf)
     assert cli([*base, "--max-steps", "2", "--resume"]) == 0
+
+
+def test_pretrain_resume_with_a_corrupt_trainer_state_json(tmp_path, capsys):
+    """Found by a mutation fuzz of a pretrain checkpoint's trainer_state.json: "scalars": "x" was an AttributeError,
+    a loader field deleted a KeyError, a loader "pos": Infinity int()'s OverflowError, a shape ["x"] math.prod's
+    TypeError, "betas": "x" an IndexError from inside the optimizer, each a traceback."""
+    from pyllm.prepare import prepare
+    (tmp_path / "in.txt").write_text("\n\n".join(f"doc {i} " * 30 for i in range(40)))
+    prepare([str(tmp_path / "in.txt")], tmp_path / "d", byte_level=True, val_fraction=0.1, doc_sep="\n\n", workers=1)
+    out = tmp_path / "o"
+    base = ["pretrain", "--data", str(tmp_path / "d"), "--out", str(out), "--dim", "32", "--n-layers", "1",
+            "--n-heads", "2", "--seq-len", "32", "--eval-every", "0", "--sample-tokens", "0", "--batch-size", "2"]
+    assert cli([*base, "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    tj = out / (out / "latest").read_text().strip() / "trainer_state.json"
+    good = json.loads(tj.read_text())
+    moment = next(k for k in good["shapes"] if k.endswith("exp_avg"))
+    loader = {k: v for k, v in good["loader"].items() if k != "epoch"}
+    g0 = {**good["param_groups"][0], "betas": "x"}
+    for meta, want in (({**good, "scalars": "x"}, "scalars and shapes must be objects"),
+                       ({**good, "loader": loader}, "loader must hold integers epoch, pos"),
+                       ({**good, "loader": {**good["loader"], "pos": float("inf")}}, "loader must hold integers"),
+                       ({**good, "shapes": {**good["shapes"], moment: ["x"]}}, "scalars and shapes must be objects, each shape"),
+                       ({**good, "param_groups": [g0, *good["param_groups"][1:]]},
+                        "optimizer param group 0 has betas 'x', this run's optimizer (0.9, 0.95)")):
+        tj.write_text(json.dumps(meta))
+        assert cli([*base, "--max-steps", "2", "--resume"]) == 2
+        assert f"{tj}: corrupt trainer state ({want}" in one_line_error(capsys, "pretrain")
+    tj.write_text(json.dumps(good))
+    assert cli([*base, "--max-steps", "2", "--resume"]) == 0
+
+
+def test_resume_checks_the_settings_it_restores(tmp_path, capsys):
+    """Found by a mutation fuzz of trainer_state.json's "args": --resume restored a left-out flag's saved value
+    without argparse's type or the stage's range checks: "batch_size": "x" or "seed": 1.5 was a TypeError/RuntimeError
+    traceback, "save_every": 0 a ZeroDivisionError mid-run, "skip_bad_lines": "x" a switch silently on, pretrain's
+    "decay": "nope" a run on no schedule its --decay choices allow."""
+    from pyllm.prepare import prepare
+    base = tiny_checkpoint(tmp_path / "base")
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD_SFT] * 4)
+    out = tmp_path / "o"
+    argv = ["sft", "--model", str(base), "--data", str(data), "--out", str(out), "--eval-frac", "0", "--device", "cpu"]
+    assert cli([*argv, "--steps", "1"]) == 0
+    capsys.readouterr()
+    tj = out / "trainer_state.json"
+    good = json.loads(tj.read_text())
+    for key, value, want in (("batch_size", "x", "saved --batch-size 'x' is not a value of that flag (invalid"),
+                             ("seed", 1.5, "saved --seed 1.5 is not a value of that flag"),
+                             ("eval_data", 5, "saved --eval-data 5 is not a value of that flag"),
+                             ("epochs", None, "saved --epochs None is null, and the flag takes a value"),
+                             ("skip_bad_lines", "x", "saved --skip-bad-lines 'x' is not true or false"),
+                             ("save_every", 0, "saved settings: --save-every must be >= 1, got 0")):
+        tj.write_text(json.dumps({**good, "args": {**good["args"], key: value}}))
+        assert cli([*argv, "--steps", "2", "--resume"]) == 2
+        assert f"{tj}: corrupt trainer state (the run's {want}" in one_line_error(capsys, "sft")
+    (tmp_path / "in.txt").write_text("\n\n".join(f"doc {i} " * 30 for i in range(40)))
+    prepare([str(tmp_path / "in.txt")], tmp_path / "p", byte_level=True, val_fraction=0.1, doc_sep="\n\n", workers=1)
+    run = tmp_path / "run"
+    pre = ["pretrain", "--data", str(tmp_path / "p"), "--out", str(run), "--dim", "32", "--n-layers", "1", "--n-heads",
+           "2", "--seq-len", "32", "--eval-every", "0", "--sample-tokens", "0", "--batch-size", "2"]
+    assert cli([*pre, "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    tj = run / (run / "latest").read_text().strip() / "trainer_state.json"
+    good = json.loads(tj.read_text())
+    for key, value, want in (("decay", "nope", "saved --decay 'nope' is not one of"),
+                             ("warmup_steps", -3, "saved settings: --warmup-steps must be >= 0")):
+        tj.write_text(json.dumps({**good, "args": {**good["args"], key: value}}))
+        assert cli([*pre, "--max-steps", "2", "--resume"]) == 2
+        assert f"{tj}: corrupt trainer state (the run's {want}" in one_line_error(capsys, "pretrain")
 
 
 def test_resume_keeps_the_runs_settings(tmp_path, capsys):

@@ -135,3 +135,37 @@ def test_save_adapter_without_adapters_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="save_adapter: the model has no LoRA adapters"):
         save_adapter(tmp_path / "a", model)
     assert not (tmp_path / "a").exists()
+
+
+def test_a_corrupt_saved_adapter_is_one_line_naming_its_file(tmp_path):
+    """Found by a mutation fuzz of adapter files (`sft --resume` of a LoRA run): lora_alpha null was float()'s
+    TypeError traceback, target_modules 5 parse_targets' TypeError traceback, lora_alpha true a silent alpha of 1;
+    an adapter tensor the config does not name was dropped without a word, an int32 one copied in truncated."""
+    import json
+
+    from pyllm.safetensors_io import load_file, save_file
+    model, _ = tiny_model()
+    apply_lora(model, r=2, targets="q_proj", verbose=False)
+    save_adapter(tmp_path, model)
+    cfg_path, st_path = tmp_path / "adapter_config.json", tmp_path / "adapter_model.safetensors"
+    good_cfg, good_st = json.loads(cfg_path.read_text()), load_file(st_path)
+    for key, value, pattern in (("lora_alpha", None, "lora_alpha is null, expected the number"),
+                                ("lora_alpha", True, "--lora-alpha: expected a number, got True"),
+                                ("r", 2.0, "--lora-r: expected an integer, got 2.0"),
+                                ("target_modules", 5, "--lora-targets: expected module names"),
+                                ("target_modules", ["q_proj", None], "--lora-targets: expected module names")):
+        cfg_path.write_text(json.dumps({**good_cfg, key: value}))
+        with pytest.raises(ValueError, match=pattern) as e:
+            load_adapter(tiny_model()[0], tmp_path)
+        assert str(e.value).startswith(f"{cfg_path}: ") and "\n" not in str(e.value)
+    cfg_path.write_text(json.dumps(good_cfg))
+    k_proj = {k.replace("q_proj", "k_proj"): v for k, v in good_st.items()}  # trained on more modules than named
+    name = next(k for k in good_st if k.endswith("lora_A.weight"))
+    for tensors, pattern in (({**good_st, **k_proj}, "unexpected adapter tensor base_model.model.model.layers.0."
+                                                     "self_attn.k_proj.lora_A.weight"),
+                             ({**good_st, name: good_st[name].to(torch.int32)},
+                              f"adapter tensor {name} has dtype torch.int32, expected a float tensor")):
+        save_file(tensors, st_path)
+        with pytest.raises(ValueError, match=pattern) as e:
+            load_adapter(tiny_model()[0], tmp_path)
+        assert str(e.value).startswith(f"{st_path}: "), e.value

@@ -266,6 +266,32 @@ def test_resume_rewrites_the_metrics_rows_past_the_checkpoint(tmp_path):
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
+def test_resume_drops_metrics_rows_that_are_not_rows(tmp_path):
+    """Found by a mutation fuzz of metrics.jsonl: a row {"step": "x"} was a TypeError traceback on every --resume of
+    the run (sft's Metrics; pretrain's [1] an AttributeError too); such a line is dropped like one cut short."""
+    from pyllm.prepare import prepare
+    base = tiny_checkpoint(tmp_path / "base")
+    data = _sft_data(tmp_path / "sft.jsonl", n=4)
+    out = tmp_path / "o"
+    args = ["sft", "--model", str(base), "--data", str(data), "--out", str(out), "--batch-size", "2", "--eval-frac",
+            "0", "--steps", "1"]
+    assert cli(args) == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": "x"}\n[1]\n')
+    assert cli([*args[:-1], "2", "--resume"]) == 0
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    (tmp_path / "in.txt").write_text("\n\n".join(f"doc {i} " * 30 for i in range(40)))
+    prepare([str(tmp_path / "in.txt")], tmp_path / "d", byte_level=True, val_fraction=0.1, doc_sep="\n\n", workers=1)
+    run = tmp_path / "run"
+    pre = ["pretrain", "--data", str(tmp_path / "d"), "--out", str(run), "--dim", "32", "--n-layers", "1", "--n-heads",
+           "2", "--seq-len", "32", "--eval-every", "0", "--sample-tokens", "0", "--batch-size", "2"]
+    assert cli([*pre, "--max-steps", "1"]) == 0
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('[1]\n{"step": "x"}\n')
+    assert cli([*pre, "--max-steps", "2", "--resume"]) == 0
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2]
+
+
 @pytest.mark.parametrize("stage", ["sft", "dpo", "reward", "rl"])
 def test_out_that_is_not_a_stage_checkpoint_is_refused_before_any_work(tmp_path, capsys, monkeypatch, stage):
     """Each save replaces --out as a whole (keeping only the run's .jsonl/.png/.txt), so a project directory given as

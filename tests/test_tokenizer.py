@@ -176,6 +176,22 @@ def test_load_errors(tmp_path):
         Tokenizer.load(bad)
 
 
+def test_two_tokens_with_one_id_is_one_line(tok, tmp_path):
+    """Found by a mutation fuzz of tokenizer.json: a merge token given a byte's id (0) loaded in tokenizers, which
+    then kept one of the two by hash order: the plain twin's from_str was a bare `Exception: Token ... out of
+    vocabulary` traceback in most runs, "ids are not contiguous" in the others."""
+    spec = json.loads(tok._hf.to_str())
+    last = max(spec["model"]["vocab"], key=spec["model"]["vocab"].get)  # a merge result: its merge names it
+    spec["model"]["vocab"][last] = 0
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text(json.dumps(spec))
+    for _ in range(4):  # the hash order differs per process, not per load: the check must not depend on it
+        with pytest.raises(ValueError) as e:
+            Tokenizer.load(bad)
+        assert str(e.value).startswith(f"{bad}: tokens ") and f"{last!r}" in str(e.value) and "both have id 0" \
+            in str(e.value), e.value
+
+
 def test_decode_rejects_bad_ids(tok):
     with pytest.raises(ValueError, match="outside"):
         tok.decode([1, tok.vocab_size])
