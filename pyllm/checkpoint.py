@@ -288,6 +288,9 @@ def load_checkpoint(dir, dtype: torch.dtype | None = None, device: str = "cpu", 
     model.load_state_dict(sd, strict=True)
     model.to(device)
     tok = None
+    if load_tokenizer and (dir / TOKENIZER).exists() and not (dir / TOKENIZER).is_file():
+        # a directory there read as "no tokenizer": export went on without tokenizer.bin, exit 0
+        raise ValueError(f"{dir / TOKENIZER}: exists and is not a regular file")
     if load_tokenizer and (dir / TOKENIZER).is_file():
         try:
             from .tokenizer import Tokenizer

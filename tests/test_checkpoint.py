@@ -520,3 +520,17 @@ def test_save_checkpoint_onto_a_file_leaves_it(rng, tmp_path):
     with pytest.raises(FileExistsError, match="taken: exists and is not a directory"):
         save_checkpoint(f, tiny(rng))
     assert f.read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_a_tokenizer_json_that_is_a_directory_is_an_error(tmp_path):
+    """Session 31 audit: a directory named tokenizer.json read as "no tokenizer": `pyllm export` then wrote model.bin
+    without tokenizer.bin and exited 0."""
+    from chat_util import cli, tiny_checkpoint
+    ck = tiny_checkpoint(tmp_path / "ck")
+    (ck / "tokenizer.json").unlink()
+    (ck / "tokenizer.json").mkdir()
+    with pytest.raises(ValueError, match="tokenizer.json: exists and is not a regular file"):
+        load_checkpoint(str(ck))
+    assert load_checkpoint(str(ck), load_tokenizer=False)[1] is None
+    assert cli(["export", "--checkpoint", str(ck), "--out", str(tmp_path / "ex")]) == 2
+    assert not (tmp_path / "ex" / "model.bin").exists()
