@@ -437,9 +437,10 @@ def main(args) -> int:
     check_common_args(args)
     dist = Dist(args.device)
     args.model = args.policy
-    if args.ppo_epochs is None:  # rft's one supervised step: a 2nd pass (the PPO default) was a clipped-surrogate
-        args.ppo_epochs = 1 if args.algo == "rft" else 2  # step on the first one's samples (a resume keeps the run's)
     st = resume_state(args, "rl")  # a resumed run's own --reward-fn/--reward-model are restored here
+    if args.ppo_epochs is None:  # rft's one supervised step: a 2nd pass (the PPO default) was a clipped-surrogate
+        args.ppo_epochs = 1 if args.algo == "rft" else 2  # step on the first one's samples (after the resume: a
+        # run's own value is restored first; a saved null, hand-made, was a TypeError traceback at range())
     if args.reward_model is None and args.reward_fn is None:
         raise ValueError("rl: give --reward-model and/or --reward-fn")
     torch.manual_seed(args.seed)  # after resume_state: a resumed run's own --seed

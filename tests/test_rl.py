@@ -729,3 +729,21 @@ def test_reward_fn_module_beside_the_user_imports_without_cwd_on_path(tmp_path, 
     assert load_reward_fn("pyllm_s31_rewards:fn")(prompt="a", response="b") == 0.5
     with pytest.raises(ValueError, match="cannot import 'pyllm_s31_missing'"):
         load_reward_fn("pyllm_s31_missing:fn")
+
+
+def test_resume_of_a_run_saved_with_the_ppo_epochs_default_left_open(tmp_path):
+    """Session 31 audit: rl filled in --ppo-epochs' default (None: 1 for rft, 2 otherwise) before --resume restored
+    the run's saved value, so a saved null (the flag's own default) was restored after it and range(None) raised a
+    TypeError traceback; the default now follows the resume."""
+    import json
+    base, fn, prompts = _setup(tmp_path)
+    args = ["rl", "--algo", "grpo", "--policy", str(base), "--reward-fn", fn, "--prompts", str(prompts),
+            "--batch-size", "2", "--num-samples", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "o")]
+    assert cli(args + ["--steps", "1"]) == 0
+    tj = tmp_path / "o" / "trainer_state.json"
+    st = json.loads(tj.read_text())
+    assert st["args"]["ppo_epochs"] == 2
+    st["args"]["ppo_epochs"] = None
+    tj.write_text(json.dumps(st))
+    assert cli(args + ["--steps", "2", "--resume"]) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "o" / "metrics.jsonl")] == [1, 2]
