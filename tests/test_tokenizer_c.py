@@ -299,3 +299,17 @@ def test_llama2c_small_written_file(C, tmp_path):
     expect_error(C, bad, "truncated or corrupt")
     bad.write_bytes(data[:4] + struct.pack("<fi", 0.0, 10**9))
     expect_error(C, bad)
+
+
+# ---- differential checks found by fuzzing C against HF tokenizers -------------------------------------------------
+def test_runtime_ctokenizer_encodes_past_nul(pair, tmp_path):
+    """pyllm.runtime.CTokenizer.encode went through run_encode, a C string: "a\\0b" was [a] (the rest of the text
+    dropped without a word) where pyllm.tokenizer gives [a, \\0, b]."""
+    from pyllm import runtime
+    if not runtime.LIB_PATH.exists():
+        pytest.skip("libpyllm_run.so not built")
+    tok, _ = pair
+    ct = runtime.CTokenizer(tok.save_bin(tmp_path / "t.bin"), tok.vocab_size)
+    for s in ("a\x00b", "hello\x00 world\x00", "\x00", "\x00\x00<|end|>"):
+        for add_bos in (False, True):
+            assert ct.encode(s, add_bos) == tok.encode(s, add_bos=add_bos), repr(s)
