@@ -313,3 +313,29 @@ def test_runtime_ctokenizer_encodes_past_nul(pair, tmp_path):
     for s in ("a\x00b", "hello\x00 world\x00", "\x00", "\x00\x00<|end|>"):
         for add_bos in (False, True):
             assert ct.encode(s, add_bos) == tok.encode(s, add_bos=add_bos), repr(s)
+
+
+def test_save_bin_refuses_special_that_is_an_ordinary_token(C, tmp_path):
+    """special_tokens=[..., "a"] gives the special "a" the id of the byte token a (HF reuses it): save_bin wrote a file the C
+    tokenizer then refused ("byte 0x61 has no token"); it now says why at once."""
+    from pyllm.tokenizer import DEFAULT
+    tok = Tokenizer.byte_level(special_tokens=DEFAULT + ("a",))
+    with pytest.raises(ValueError, match=r"special tokens \{'a': 97\} are also byte or merge tokens"):
+        tok.save_bin(tmp_path / "t.bin")
+    ok = Tokenizer.byte_level(special_tokens=DEFAULT + ("<|tool|>",))  # a new text: its own id, loads in C
+    c = CTok(C, ok.save_bin(tmp_path / "ok.bin"))
+    assert c.rc == 0, c.err
+    assert c.encode("x<|tool|>", allow_special=True) == ok.encode("x<|tool|>", allow_special=True)
+    # HF's own trainer puts the specials in the model's vocabulary too (ids 0..5), but no merge makes them: still fine
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from pyllm.tokenizer import SPECIAL_TOKENS, _pre_tokenizer
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer, hf.decoder = _pre_tokenizer(), decoders.ByteLevel()
+    hf.train_from_iterator(corpus(100), trainers.BpeTrainer(vocab_size=300, special_tokens=list(SPECIAL_TOKENS),
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    raw = Tokenizer(hf, "raw")
+    assert raw.bos_id == 0
+    c = CTok(C, raw.save_bin(tmp_path / "raw.bin"))
+    assert c.rc == 0, c.err
+    for s in TRICKY:
+        assert c.encode(s, True, True) == raw.encode(s, add_bos=True, allow_special=True), s
