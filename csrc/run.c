@@ -343,9 +343,12 @@ run_tokenizer* run_tokenizer_build(const char* path, int vocab_size, char* err, 
     return t;
 }
 void run_tokenizer_free(run_tokenizer* t) { if (t) { tokenizer_free(&t->t); free(t); } }
-int run_encode(run_tokenizer* t, const char* text, int add_bos, int* ids, int max_ids) {
-    int n = tokenizer_encode(&t->t, text, strlen(text), add_bos, (int32_t*)ids, max_ids);
+int run_encode_len(run_tokenizer* t, const char* text, size_t len, int add_bos, int* ids, int max_ids) {
+    int n = tokenizer_encode(&t->t, text, len, add_bos, (int32_t*)ids, max_ids);
     return n >= 0 ? n : n == TOKENIZER_ERR_SPACE ? -2 : n == TOKENIZER_ERR_NOMEM ? -3 : -1;
+}
+int run_encode(run_tokenizer* t, const char* text, int add_bos, int* ids, int max_ids) {
+    return run_encode_len(t, text, strlen(text), add_bos, ids, max_ids);
 }
 const char* run_tokenizer_path(run_tokenizer* t) { return t->path; }
 const char* run_decode(run_tokenizer* t, int prev, int id, int* len) {

@@ -43,6 +43,9 @@ void run_tokenizer_free(run_tokenizer* t);
 // Encode UTF-8 text into ids (at most max_ids; add_bos prepends the BOS id). Returns the count, or -1: a character
 // has no token (a tokenizer without byte fallback), -2: more than max_ids ids, -3: out of memory.
 int run_encode(run_tokenizer* t, const char* text, int add_bos, int* ids, int max_ids);
+// The same for len bytes of text, which may hold NUL bytes: run_encode stops at the first one (C strings), where
+// pyllm.tokenizer encodes "\0" as a byte token like any other (pyllm/runtime.py's CTokenizer uses this one).
+int run_encode_len(run_tokenizer* t, const char* text, size_t len, int add_bos, int* ids, int max_ids);
 const char* run_tokenizer_path(run_tokenizer* t);  // as given to run_tokenizer_build (for error messages)
 // The bytes of token `id` (pointer into the tokenizer; *len set). `prev` lets llama2.c's tokenizer strip the
 // leading space after BOS. NULL for an id out of range.

@@ -118,7 +118,8 @@ class CTokenizer:
         data = text.encode()
         cap = len(data) + 3
         ids = ffi.new("int[]", cap)
-        n = L.run_encode(self._t, data, int(add_bos), ids, cap)
+        # with the length: run_encode (a C string) stopped at a "\0", dropping the rest of the text without a word
+        n = L.run_encode_len(self._t, data, len(data), int(add_bos), ids, cap)
         if n == -3:
             raise MemoryError("C tokenizer: out of memory encoding the text")
         if n < 0:  # -2 (no room) cannot happen: cap is an upper bound

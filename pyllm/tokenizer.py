@@ -302,11 +302,21 @@ class Tokenizer:
                 or m.get("end_of_word_suffix") or m.get("ignore_merges"):
             raise ValueError(f"{self.source}: save_bin: BPE options unk/byte_fallback/prefix/suffix/ignore_merges unsupported")
         vocab = self._hf.get_vocab(with_added_tokens=False)
+        merges = self.merges()
+        # A special token whose text is already a byte or merge token (special_tokens=[..., "a"]) shares that token's
+        # id: HF then gives plain text that id too, and the C tokenizer refused the file this wrote, later and
+        # obscurely ("byte 0x61 has no token", or "merged token is not the concatenation"). (A special that is only
+        # in the model's vocabulary, as HF's trainer puts it there, is never produced by a merge: that is fine.)
+        used = {vocab[BYTE_TO_CHAR[b]] for b in range(256) if BYTE_TO_CHAR[b] in vocab}
+        used.update(vocab[t] for a, b in merges for t in (a, b, a + b) if t in vocab)
+        shared = {s: i for s, i in self.special_ids.items() if i in used}
+        if shared:
+            raise ValueError(f"{self.source}: save_bin: special tokens {shared} are also byte or merge tokens "
+                             "(same ids), which the C tokenizer cannot represent; choose other texts")
         toks = [self.token_bytes(i) for i in range(self.vocab_size)]
         out = [b""]  # header, filled in once the merges are counted
         for t in toks:
             out.append(struct.pack("<I", len(t)) + t)
-        merges = self.merges()
         for a, b in merges:
             out.append(struct.pack("<3i", vocab[a], vocab[b], vocab[a + b]))
         for name, i in self.special_ids.items():

@@ -299,3 +299,91 @@ def test_llama2c_small_written_file(C, tmp_path):
     expect_error(C, bad, "truncated or corrupt")
     bad.write_bytes(data[:4] + struct.pack("<fi", 0.0, 10**9))
     expect_error(C, bad)
+
+
+# ---- differential checks found by fuzzing C against HF tokenizers -------------------------------------------------
+def test_runtime_ctokenizer_encodes_past_nul(pair, tmp_path):
+    """pyllm.runtime.CTokenizer.encode went through run_encode, a C string: "a\\0b" was [a] (the rest of the text
+    dropped without a word) where pyllm.tokenizer gives [a, \\0, b]."""
+    from pyllm import runtime
+    if not runtime.LIB_PATH.exists():
+        pytest.skip("libpyllm_run.so not built")
+    tok, _ = pair
+    ct = runtime.CTokenizer(tok.save_bin(tmp_path / "t.bin"), tok.vocab_size)
+    for s in ("a\x00b", "hello\x00 world\x00", "\x00", "\x00\x00<|end|>"):
+        for add_bos in (False, True):
+            assert ct.encode(s, add_bos) == tok.encode(s, add_bos=add_bos), repr(s)
+
+
+def test_save_bin_refuses_special_that_is_an_ordinary_token(C, tmp_path):
+    """special_tokens=[..., "a"] gives the special "a" the id of the byte token a (HF reuses it): save_bin wrote a file the C
+    tokenizer then refused ("byte 0x61 has no token"); it now says why at once."""
+    from pyllm.tokenizer import DEFAULT
+    tok = Tokenizer.byte_level(special_tokens=DEFAULT + ("a",))
+    with pytest.raises(ValueError, match=r"special tokens \{'a': 97\} are also byte or merge tokens"):
+        tok.save_bin(tmp_path / "t.bin")
+    ok = Tokenizer.byte_level(special_tokens=DEFAULT + ("<|tool|>",))  # a new text: its own id, loads in C
+    c = CTok(C, ok.save_bin(tmp_path / "ok.bin"))
+    assert c.rc == 0, c.err
+    assert c.encode("x<|tool|>", allow_special=True) == ok.encode("x<|tool|>", allow_special=True)
+    # HF's own trainer puts the specials in the model's vocabulary too (ids 0..5), but no merge makes them: still fine
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from pyllm.tokenizer import SPECIAL_TOKENS, _pre_tokenizer
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer, hf.decoder = _pre_tokenizer(), decoders.ByteLevel()
+    hf.train_from_iterator(corpus(100), trainers.BpeTrainer(vocab_size=300, special_tokens=list(SPECIAL_TOKENS),
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    raw = Tokenizer(hf, "raw")
+    assert raw.bos_id == 0
+    c = CTok(C, raw.save_bin(tmp_path / "raw.bin"))
+    assert c.rc == 0, c.err
+    for s in TRICKY:
+        assert c.encode(s, True, True) == raw.encode(s, add_bos=True, allow_special=True), s
+
+
+# Pieces the seeded fuzz below strings together: whitespace of every kind, contractions, ZWJ emoji, combining marks,
+# RTL and CJK text, special-token text and parts of it, code points from every plane.
+FUZZ_PARTS = [" ", "  ", "\t", "\n", "\r\n", "\r", "\x0b", "\x0c", "\u00a0", "\u3000", "\u2028", "\u0085", "\x00",
+              "'s", "'T", "'Re", "’ll", "the", "The", "KING", "don't", "e\u0301", "\u0301\u0302", "👨‍👩‍👧", "🏳️‍🌈",
+              "👍🏽", "שלום", "مرحبا", "\u202e", "漢字你好", "한국어", "𝕜𝓝", "\U0010fffd", "\ufffd", ".", "...", "--",
+              "<|end|>", "<|user|>", "<|", "|>", "<|end", "end|>", "<<|bos|>>", "<|pad|>x"]
+
+
+def fuzz_text(r: random.Random) -> str:
+    out = []
+    for _ in range(r.randint(0, 10)):
+        k = r.randrange(6)
+        if k == 0:
+            out.append("".join(chr(r.choice([r.randrange(0x20, 0x7f), r.randrange(0x80, 0xd800),
+                                             r.randrange(0xe000, 0x110000)])) for _ in range(r.randint(1, 6))))
+        elif k == 1:
+            out.append("".join(r.choice("0123456789") for _ in range(r.randint(1, 25))))
+        elif k == 2:
+            out.append(r.choice("a é漢🙂.\n0") * r.randint(1, 80))
+        else:
+            out.append(r.choice(FUZZ_PARTS))
+    return "".join(out)
+
+
+def test_c_matches_hf_seeded_fuzz(C, tmp_path):
+    """Differential fuzz, C vs HF: encode (every flag) of mixed Unicode text, and decode of random ids (specials and
+    lone UTF-8 bytes included) as pyllm-run streams them piece by piece, against HF's decode of the whole."""
+    r = random.Random(1234)
+    docs = [fuzz_text(random.Random(i)) for i in range(400)] + corpus(200)
+    toks = [Tokenizer.byte_level(), Tokenizer.train(iterator=docs, vocab_size=300),
+            Tokenizer.train(iterator=docs, vocab_size=1200)]
+    for n, tok in enumerate(toks):
+        c = CTok(C, tok.save_bin(tmp_path / f"t{n}.bin"))
+        assert c.rc == 0, c.err
+        specials = sorted(tok.special_ids.values())
+        for _ in range(600):
+            s = fuzz_text(r)
+            for flags in range(4):
+                want = tok.encode(s, add_bos=bool(flags & 1), allow_special=bool(flags & 2))
+                assert c.encode(s, bool(flags & 1), bool(flags & 2)) == want, (n, flags, s)
+            ids = [r.choice([r.randrange(tok.vocab_size), r.randrange(128, 256), r.choice(specials)])
+                   for _ in range(r.randint(0, 12))]
+            pieces = [c.decode([i]) for i in ids]  # one token at a time, as pyllm-run prints
+            assert b"".join(pieces).decode(errors="replace") == tok.decode(ids), (n, ids)
+            shown = b"".join(p for i, p in zip(ids, pieces) if i not in specials)  # pyllm-run skips control tokens
+            assert shown.decode(errors="replace") == tok.decode(ids, skip_special=True), (n, ids)
