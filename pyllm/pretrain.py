@@ -262,6 +262,10 @@ def train(args) -> dict:
     thash = D.tokenizer_hash(tok)
     config = build_config(args, man["vocab_size"])
     train_stream = D.TokenStream(data_dir, "train", tokenizer_hash=thash, vocab_size=config.vocab_size)
+    if man["bos_id"] != tok.bos_id:  # the loader marks documents by the manifest's bos: another id silently let
+        # attention run across document boundaries (the tokenizer is the data's: TokenStream checked its hash)
+        raise ValueError(f"{data_dir / D.MANIFEST}: corrupt manifest (bos_id {man['bos_id']}, but its tokenizer.json's "
+                         f"bos token is {tok.bos_id})")
     has_val = any(s["split"] == "val" for s in man["shards"])
     val_stream = D.TokenStream(data_dir, "val", tokenizer_hash=thash) if has_val else None
     if val_stream is not None:

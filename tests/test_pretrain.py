@@ -328,3 +328,19 @@ def test_training_loss_masks_attention_at_document_boundaries(tmp_path, monkeypa
         assert losses[s] == pytest.approx(masked, abs=1e-5)
         gaps.append(abs(losses[s] - unmasked))
     assert max(gaps) > 1e-3  # the mask matters for these weights (about 2e-3 .. 7e-3)
+
+
+def test_manifest_bos_id_must_be_its_tokenizers(data_dir, tmp_path, capsys):
+    """Found by a mutation fuzz of manifest.json: the loader marks document starts by the manifest's bos_id, which
+    nothing compared with the tokenizer's; another id trained with attention across documents, exit 0."""
+    import shutil
+    d = tmp_path / "d"
+    shutil.copytree(data_dir, d)
+    man = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**man, "bos_id": 3}))
+    assert cli(["pretrain", "--data", str(d), "--out", str(tmp_path / "o"), *TINY, "--batch-size", "2",
+                "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{d / 'manifest.json'}: corrupt manifest (bos_id 3, but its tokenizer.json's bos token " \
+                             f"is {man['bos_id']})" in err[0], err
+    assert not (tmp_path / "o").exists()
