@@ -261,7 +261,8 @@ def read_manifest(data_dir) -> dict:
             or not all(isinstance(sh, dict) and shard_keys <= set(sh) for sh in m["shards"])):
         raise ValueError(f"{p}: corrupt manifest (expected an object with tokenizer_hash, vocab_size, bos_id and a "
                          f"shards list of {{{', '.join(sorted(shard_keys))}}}); rerun `pyllm prepare --overwrite`")
-    if m.get("format", "pyllm-tokens") != "pyllm-tokens" or m.get("version", VERSION) != VERSION:
+    if m.get("format", "pyllm-tokens") != "pyllm-tokens" or m.get("version", VERSION) != VERSION \
+            or type(m.get("version", VERSION)) is not int:
         raise ValueError(f"{p}: format {m.get('format')!r} version {m.get('version')!r}; this pyllm reads "
                          f"'pyllm-tokens' version {VERSION} (rerun `pyllm prepare --overwrite`)")
     for k, lo in (("vocab_size", 1), ("bos_id", 0)):
@@ -270,7 +271,34 @@ def read_manifest(data_dir) -> dict:
             raise ValueError(f"{p}: corrupt manifest ({k} must be an integer >= {lo}, got {v!r})")
     if not isinstance(m["tokenizer_hash"], str):
         raise ValueError(f"{p}: corrupt manifest (tokenizer_hash must be a string)")
+    if m["bos_id"] >= m["vocab_size"]:  # else no token is a document boundary: attention ran across documents
+        raise ValueError(f"{p}: corrupt manifest (bos_id {m['bos_id']} is not below vocab_size {m['vocab_size']})")
+    if not isinstance(m.get("complete", False), bool):  # "complete": "no" read as done
+        raise ValueError(f"{p}: corrupt manifest (complete must be true or false, got {m['complete']!r})")
+    # each shard entry's fields: a "file" of 5 was a TypeError traceback, and "../other/train_00000.bin" was read
+    # from another directory, and deleted there by a rerun of prepare as a damaged shard; a shard listed twice was
+    # trained on twice, one of split "test" silently left out (and its tokens re-encoded into the next train shard
+    # by a resumed prepare); a "doc_end" of "x" a TypeError traceback in the resume
+    seen = set()
+    for i, sh in enumerate(m["shards"]):
+        f = sh["file"]
+        if not is_shard_name(f):
+            raise ValueError(f"{p}: corrupt manifest (shard {i}: file {f!r} is not a file name in the directory)")
+        if f in seen:
+            raise ValueError(f"{p}: corrupt manifest (shard {f} is listed twice)")
+        seen.add(f)
+        if sh["split"] not in ("train", "val"):
+            raise ValueError(f"{p}: corrupt manifest (shard {f}: split {sh['split']!r}, expected 'train' or 'val')")
+        for k in ("n_tokens", "doc_end"):
+            if type(sh[k]) is not int or sh[k] < 0:
+                raise ValueError(f"{p}: corrupt manifest (shard {f}: {k} must be an integer >= 0, got {sh[k]!r})")
     return m
+
+
+def is_shard_name(name) -> bool:
+    """A manifest's shard "file" as prepare writes it: a plain name inside the data directory, no path."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "\0" not in name and os.sep not in name
+            and not (os.altsep and os.altsep in name))
 
 
 class TokenStream:

@@ -255,6 +255,9 @@ def _remove_partial(out: Path, made_out: bool, keep_tokenizer: bool = False) -> 
         shards = [s["file"] for s in man.get("shards", [])]
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         shards = []
+    # this manifest is not checked (--overwrite past a corrupt one): a "file" that names a path outside --out
+    # ("../other/train_00000.bin") had that file deleted, a "file" of 5 was a TypeError traceback
+    shards = [f for f in shards if data.is_shard_name(f)]
     for name in [*shards, data.MANIFEST] + ([] if keep_tokenizer else ["tokenizer.json", "tokenizer_config.json"]):
         (out / name).unlink(missing_ok=True)
     if made_out:

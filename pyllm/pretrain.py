@@ -262,6 +262,10 @@ def train(args) -> dict:
     thash = D.tokenizer_hash(tok)
     config = build_config(args, man["vocab_size"])
     train_stream = D.TokenStream(data_dir, "train", tokenizer_hash=thash, vocab_size=config.vocab_size)
+    if man["bos_id"] != tok.bos_id:  # the loader marks documents by the manifest's bos: another id silently let
+        # attention run across document boundaries (the tokenizer is the data's: TokenStream checked its hash)
+        raise ValueError(f"{data_dir / D.MANIFEST}: corrupt manifest (bos_id {man['bos_id']}, but its tokenizer.json's "
+                         f"bos token is {tok.bos_id})")
     has_val = any(s["split"] == "val" for s in man["shards"])
     val_stream = D.TokenStream(data_dir, "val", tokenizer_hash=thash) if has_val else None
     if val_stream is not None:
@@ -330,8 +334,8 @@ def train(args) -> dict:
     if resume_meta is not None:
         if args.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(model, opt, _unflatten_fsdp(rtensors, resume_meta),
-                                     options=StateDictOptions(full_state_dict=True))
+            osd = _unflatten_fsdp(model, opt, rtensors, resume_meta, resume_from)
+            set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=True))
         else:
             load_optimizer_state(opt, {k: v.to(device) for k, v in rtensors.items()}, resume_meta, resume_from)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
@@ -458,33 +462,66 @@ def _checkpoint(out, step, model, raw, opt, loader, tok, config, args, rank, wor
         o = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full = get_model_state_dict(model, options=o)  # collective: every rank takes part, rank 0 gets it all
         osd = get_optimizer_state_dict(model, opt, options=o)
-        tensors, meta = {}, {"fsdp": True, "shapes": {}, "scalars": {}, "param_groups": osd.get("param_groups", [])}
-        for pname, st in osd.get("state", {}).items():
-            for k, v in st.items():
-                key = f"optim.{pname}.{k}"
-                if torch.is_tensor(v):
-                    meta["shapes"][key] = list(v.shape)
-                    tensors[key] = v.detach().cpu().reshape(-1).contiguous()
-                else:
-                    meta["scalars"][key] = v
-        save(out, step, raw, full, (tensors, meta), loader, tok, config, args, rank, args.keep_checkpoints)
+        save(out, step, raw, full, _flatten_fsdp(osd), loader, tok, config, args, rank, args.keep_checkpoints)
     else:
         save(out, step, raw, None, optimizer_state(opt), loader, tok, config, args, rank, args.keep_checkpoints)
     if world > 1:
         torch.distributed.barrier()
 
 
-def _unflatten_fsdp(tensors, meta):
+def _flatten_fsdp(osd: dict) -> tuple[dict, dict]:
+    """A full optimizer state dict keyed by parameter name -> (tensors for safetensors, JSON-able rest)."""
+    tensors, meta = {}, {"fsdp": True, "shapes": {}, "scalars": {}, "param_groups": osd.get("param_groups", [])}
+    for pname, st in osd.get("state", {}).items():
+        for k, v in st.items():
+            key = f"optim.{pname}.{k}"
+            if torch.is_tensor(v):
+                meta["shapes"][key] = list(v.shape)
+                tensors[key] = v.detach().cpu().reshape(-1).contiguous()
+            else:
+                meta["scalars"][key] = v
+    return tensors, meta
+
+
+def _unflatten_fsdp(model, opt, tensors, meta, source) -> dict:
+    """The FSDP checkpoint's optimizer state {param name: {step, exp_avg, exp_avg_sq}} as set_optimizer_state_dict
+    takes it, checked first as the one-process resume checks its numbered state: handed over unchecked, a NaN or
+    negative moment trained on ("loss is nan", or with --stop-at an all-NaN checkpoint and exit 0), an integer one was
+    truncated in, param groups with "betas": "x", a parameter's state missing or a moment of another shape were
+    tracebacks from inside torch, "maximize": true or shuffled "params" trained on silently."""
+    from .sft import check_adam_state, checked_param_groups
+    source = Path(source)
+    tf, tj = source / "trainer_state.safetensors", source / "trainer_state.json"
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    cur = [[name_of[id(p)] for p in g["params"]] for g in opt.param_groups]
+    names = [n for g in cur for n in g]
+    number = {n: i for i, n in enumerate(names)}
+    params = [p for g in opt.param_groups for p in g["params"]]
+    saved = meta["param_groups"]
+    if isinstance(saved, list) and len(saved) == len(cur) and all(isinstance(g, dict) for g in saved):
+        for i, (g, mine) in enumerate(zip(saved, cur)):  # saved by name: each group must name this run's parameters
+            if g.get("params") != mine:
+                raise ValueError(f"{tj}: corrupt trainer state (optimizer param group {i} lists parameters "
+                                 f"{str(g.get('params'))[:60]}..., expected {mine[:2]}...)")
+        saved = [{**g, "params": [number[n] for n in g["params"]]} for g in saved]
+    groups = checked_param_groups(opt, saved, tj)
     state: dict = {}
-    for name, shape in meta["shapes"].items():
-        _, rest = name.split(".", 1)
-        pname, k = rest.rsplit(".", 1)
-        state.setdefault(pname, {})[k] = tensors[name].reshape(shape)
-    for name, v in meta["scalars"].items():
-        _, rest = name.split(".", 1)
-        pname, k = rest.rsplit(".", 1)
-        state.setdefault(pname, {})[k] = v
-    return {"state": state, "param_groups": meta["param_groups"]}
+    for side in ("shapes", "scalars"):
+        for name, v in meta[side].items():
+            pname, _, k = name.removeprefix("optim.").rpartition(".")
+            if not name.startswith("optim.") or pname not in number:
+                raise ValueError(f"{tf if side == 'shapes' else tj}: {name!r} names no parameter being trained "
+                                 f"(corrupt trainer state)")
+            state.setdefault(pname, {})[k] = tensors[name].reshape(v) if side == "shapes" else v
+    check_adam_state(opt, {number[n]: st for n, st in state.items()}, tf, names=names)
+    for n, p in zip(names, params):
+        if n not in state:  # torch's set_optimizer_state_dict failed deep inside on it
+            raise ValueError(f"{tf}: missing tensor 'optim.{n}.exp_avg' (corrupt trainer state)")
+        for k in ("exp_avg", "exp_avg_sq"):
+            if tuple(state[n][k].shape) != tuple(p.shape):
+                raise ValueError(f"{tf}: tensor 'optim.{n}.{k}' has shape {tuple(state[n][k].shape)}, the parameter "
+                                 f"{tuple(p.shape)} (corrupt trainer state)")
+    return {"state": state, "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]}
 
 
 def _open_metrics(path: Path, step: int):

@@ -441,20 +441,21 @@ def checked_param_groups(opt, saved, source) -> list[dict]:
     return out
 
 
-def check_adam_state(opt, state: dict, source, prefix: str = "optim") -> None:
+def check_adam_state(opt, state: dict, source, prefix: str = "optim", names=None) -> None:
     """The saved AdamW state {param number: {step, exp_avg, exp_avg_sq}} before torch takes it: a NaN moment or step
     trained on and saved an all-NaN model with exit status 0 (the loss of the step it poisons is still finite), an
     integer moment was copied in truncated, a parameter with part of its state a KeyError 'exp_avg' from inside
-    torch's Adam."""
+    torch's Adam. names: how the file names parameter number i (FSDP's state is keyed by parameter name)."""
     n = sum(len(g["params"]) for g in opt.param_groups)
     for pid, st in state.items():
         if type(pid) is not int or not 0 <= pid < n:
             raise ValueError(f"{source}: '{prefix}.{pid}' names no parameter of the {n} being trained")
+        label = names[pid] if names else pid
         lack = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in st]
         if lack:
-            raise ValueError(f"{source}: missing tensor '{prefix}.{pid}.{lack[0]}' (corrupt trainer state)")
+            raise ValueError(f"{source}: missing tensor '{prefix}.{label}.{lack[0]}' (corrupt trainer state)")
         for name, v in st.items():
-            k = f"{prefix}.{pid}.{name}"
+            k = f"{prefix}.{label}.{name}"
             if not isinstance(v, torch.Tensor):  # pretrain's JSON scalars: a number, as torch saves a step
                 v = torch.tensor(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
                 if v is None:

@@ -582,3 +582,53 @@ def test_prepare_overwrite_past_a_bad_manifest_keeps_the_given_tokenizer(tmp_pat
     assert "(the --tokenizer file)" in capsys.readouterr().err
     assert cli(["prepare", "--input", str(src), "--vocab-size", "100", "--out", str(tmp_path / "d3")]) == 2
     assert "--vocab-size must be at least 262" in capsys.readouterr().err
+
+
+def test_manifest_shard_entries_are_checked(tmp_path, capsys):
+    """Found by a mutation fuzz of manifest.json's shard entries: a "file" of 5 or null was a TypeError traceback from
+    pretrain and from a rerun of prepare; "../other/train_00000.bin" was read from another directory, and a rerun of
+    prepare (or --overwrite) deleted that file there as a damaged shard; a shard listed twice was trained on twice; one
+    of split "test" was silently left out; a "doc_end" of "x" a TypeError traceback in a resumed prepare; a bos_id past
+    the vocabulary marked no document boundary (attention across documents, exit 0)."""
+    src = tmp_path / "in.txt"
+    src.write_text("\n\n".join(f"document {i} " * 5 for i in range(20)))
+    args = ["prepare", "--input", str(src), "--byte-level", "--workers", "1", "--val-fraction", "0.2",
+            "--shard-tokens", "150", "--doc-sep", "\\n\\n"]
+    assert cli([*args, "--out", str(tmp_path / "other")]) == 0
+    d = tmp_path / "d"
+    assert cli([*args, "--out", str(d)]) == 0
+    mp = d / "manifest.json"
+    good = json.loads(mp.read_text())
+    victim = tmp_path / "other" / good["shards"][0]["file"]
+    theirs = victim.read_bytes()
+    capsys.readouterr()
+
+    def shard1(**kw):
+        m = json.loads(json.dumps(good))
+        m["shards"][1].update(kw)
+        return m
+    name = good["shards"][1]["file"]
+    for bad, want in ((shard1(file=5), "shard 1: file 5 is not a file name in the directory"),
+                      (shard1(file=None), "shard 1: file None is not a file name"),
+                      (shard1(file="../other/" + victim.name),
+                       f"shard 1: file '../other/{victim.name}' is not a file name"),
+                      ({**good, "shards": [good["shards"][0], *good["shards"]]},
+                       f"shard {good['shards'][0]['file']} is listed twice"),
+                      (shard1(split="test"), f"shard {name}: split 'test', expected 'train' or 'val'"),
+                      (shard1(n_tokens="1"), f"shard {name}: n_tokens must be an integer >= 0, got '1'"),
+                      (shard1(doc_end="x"), f"shard {name}: doc_end must be an integer >= 0, got 'x'"),
+                      ({**good, "bos_id": 10 ** 6}, "bos_id 1000000 is not below vocab_size 262"),
+                      ({**good, "complete": "no"}, "complete must be true or false, got 'no'")):
+        for incomplete in (False,) if "complete" in bad and bad["complete"] == "no" else (False, True):
+            mp.write_text(json.dumps({**bad, "complete": False} if incomplete else bad))
+            with pytest.raises(ValueError, match="manifest.json: corrupt manifest") as e:
+                D.TokenStream(d, "train")
+            assert want in str(e.value), (want, str(e.value))
+            assert cli([*args, "--out", str(d)]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"{mp}: corrupt manifest ({want}" in err[0], err
+            assert victim.read_bytes() == theirs
+    # --overwrite reads a corrupt manifest leniently to remove what it lists: only names inside --out
+    mp.write_text(json.dumps(shard1(file="../other/" + victim.name)))
+    assert cli([*args, "--out", str(d), "--overwrite"]) == 0
+    assert victim.read_bytes() == theirs and D.read_manifest(d)["shards"] == good["shards"]

@@ -244,7 +244,21 @@ def test_two_ranks_match_one_process(data_dir, tmp_path, one_process, mode):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            "-m", "pyllm", "pretrain", "--data", str(data_dir), "--dim", "32", *DIST, "--out", str(out)]
     runs = [cmd] if mode == "ddp" else [cmd + ["--fsdp", "--stop-at", "2"], cmd + ["--fsdp", "--resume"]]
-    for c in runs:
+    for i, c in enumerate(runs):
+        if i == 1:  # first a resume from a NaN optimizer moment: was trained on, and the step it poisoned saved as an
+            # all-NaN checkpoint with exit 0 (the sharded state went to torch unchecked)
+            from pyllm import safetensors_io as S
+            tf = out / "ckpt_0000002" / "trainer_state.safetensors"
+            good = S.load_file(str(tf))
+            key = next(k for k in good if k.endswith(".exp_avg"))
+            S.save_file({**good, key: torch.full_like(good[key], float("nan"))}, str(tf))
+            c2 = c[:-1] + ["--stop-at", "3", "--resume"]
+            c2[c2.index("--master-port") + 1] = str(_free_port())
+            r = subprocess.run(c2, capture_output=True, text=True, env=env, timeout=240)
+            assert r.returncode != 0 and f"pyllm pretrain: error: {tf}: tensor '{key}' holds NaN" in r.stderr, \
+                r.stderr[-3000:]
+            assert not (out / "ckpt_0000003").exists()
+            S.save_file(good, str(tf))
         c[c.index("--master-port") + 1] = str(_free_port())
         r = subprocess.run(c, capture_output=True, text=True, env=env, timeout=240)
         assert r.returncode == 0, "\n".join(x for x in r.stderr.splitlines() if "rror" in x or "what()" in x)[-3000:]
@@ -328,3 +342,85 @@ def test_training_loss_masks_attention_at_document_boundaries(tmp_path, monkeypa
         assert losses[s] == pytest.approx(masked, abs=1e-5)
         gaps.append(abs(losses[s] - unmasked))
     assert max(gaps) > 1e-3  # the mask matters for these weights (about 2e-3 .. 7e-3)
+
+
+def test_manifest_bos_id_must_be_its_tokenizers(data_dir, tmp_path, capsys):
+    """Found by a mutation fuzz of manifest.json: the loader marks document starts by the manifest's bos_id, which
+    nothing compared with the tokenizer's; another id trained with attention across documents, exit 0."""
+    import shutil
+    d = tmp_path / "d"
+    shutil.copytree(data_dir, d)
+    man = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**man, "bos_id": 3}))
+    assert cli(["pretrain", "--data", str(d), "--out", str(tmp_path / "o"), *TINY, "--batch-size", "2",
+                "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{d / 'manifest.json'}: corrupt manifest (bos_id 3, but its tokenizer.json's bos token " \
+                             f"is {man['bos_id']})" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_fsdp_optimizer_state_is_checked_before_torch_takes_it(tmp_path):
+    """Found by a mutation fuzz of a 2-rank --fsdp checkpoint's trainer state: its optimizer state (keyed by parameter
+    name) went to set_optimizer_state_dict unchecked, where the one-process resume checks it. A NaN or negative moment
+    trained on ("loss is nan ...; lower --lr", or with --stop-at the next step an all-NaN checkpoint and exit 0), an
+    int32 one was truncated in, "betas": "x", a parameter's state missing or a moment of another shape were
+    tracebacks from inside torch, "maximize": true or shuffled "params" trained on silently. The check reads names
+    and shapes only, so a plain model stands in for the sharded one here (tests/test_pretrain.py's 2-rank run covers
+    the resume itself)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    from pyllm.config import ModelConfig
+    from pyllm.model import GPT
+    from pyllm.pretrain import _flatten_fsdp, _unflatten_fsdp, make_optimizer
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=40, dim=16, n_layers=1, n_heads=2, max_seq_len=8))
+    opt = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "torch", torch.device("cpu"))
+    x = torch.randint(0, 40, (2, 8))
+    model(x, x)[1].backward()
+    opt.step()
+    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    tensors, meta = _flatten_fsdp(get_optimizer_state_dict(model, opt, options=o))
+    tensors, meta = {k: v.clone() for k, v in tensors.items()}, json.loads(json.dumps(meta))
+    m = "optim.layers.0.mlp.up_proj.weight"
+    tf, tj = tmp_path / "trainer_state.safetensors", tmp_path / "trainer_state.json"
+
+    def nan(t):
+        t = t.clone()
+        t[3] = float("nan")
+        return t
+    without = lambda d, *ks: {k: v for k, v in d.items() if k not in ks}  # noqa: E731
+    g0 = meta["param_groups"][0]
+    for t, mt, want in (
+            ({**tensors, m + ".exp_avg": nan(tensors[m + ".exp_avg"])}, meta,
+             f"{tf}: tensor '{m}.exp_avg' holds NaN, infinite or"),
+            ({**tensors, m + ".exp_avg_sq": -tensors[m + ".exp_avg_sq"] - 1}, meta,
+             f"{tf}: tensor '{m}.exp_avg_sq' holds NaN, infinite or"),
+            ({**tensors, m + ".exp_avg": tensors[m + ".exp_avg"].to(torch.int32)}, meta,
+             f"{tf}: tensor '{m}.exp_avg' has dtype torch.int32, expected a float tensor"),
+            (tensors, {**meta, "shapes": without(meta["shapes"], *(f"{m}.{k}" for k in ("step", "exp_avg",
+                                                                                     "exp_avg_sq")))},
+             f"{tf}: missing tensor '{m}.exp_avg'"),
+            (tensors, {**meta, "shapes": without(meta["shapes"], m + ".step")}, f"{tf}: missing tensor '{m}.step'"),
+            (tensors, {**meta, "shapes": {**meta["shapes"], m + ".exp_avg": meta["shapes"][m + ".exp_avg"][::-1]}},
+             f"{tf}: tensor '{m}.exp_avg' has shape"),
+            (tensors, {**meta, "shapes": {**meta["shapes"], "optim.nope.exp_avg": [1]}},
+             "'optim.nope.exp_avg' names no parameter being trained"),
+            (tensors, {**meta, "param_groups": [{**g0, "betas": "x"}, *meta["param_groups"][1:]]},
+             f"{tj}: corrupt trainer state (optimizer param group 0 has betas 'x'"),
+            (tensors, {**meta, "param_groups": [{**g0, "maximize": True}, *meta["param_groups"][1:]]},
+             f"{tj}: corrupt trainer state (optimizer param group 0 has maximize True"),
+            (tensors, {**meta, "param_groups": [{**g0, "params": g0["params"][::-1]}, *meta["param_groups"][1:]]},
+             f"{tj}: corrupt trainer state (optimizer param group 0 lists parameters"),
+            (tensors, {**meta, "param_groups": meta["param_groups"][:1]},
+             f"{tj}: corrupt trainer state (optimizer param_groups: expected a list of 2 objects)")):
+        if "optim.nope.exp_avg" in mt["shapes"]:
+            t = {**t, "optim.nope.exp_avg": torch.zeros(1)}
+        with pytest.raises(ValueError) as e:
+            _unflatten_fsdp(model, opt, t, mt, tmp_path)
+        assert want in str(e.value), (want, str(e.value))
+    before = {k: v.clone() for k, v in opt.state_dict()["state"][0].items()}
+    set_optimizer_state_dict(model, opt, _unflatten_fsdp(model, opt, tensors, meta, tmp_path),
+                             options=StateDictOptions(full_state_dict=True))
+    assert all(torch.equal(before[k], v) for k, v in opt.state_dict()["state"][0].items())
