@@ -108,7 +108,19 @@ def load_optimizer_state(opt, tensors: dict, meta: dict, source=None) -> None:
         state.setdefault(int(pid) if pid.isdigit() else pid, {})[k] = v
     if source is not None:  # the groups went to torch unchecked: "betas": "x" an IndexError, "eps" deleted a KeyError
         source = Path(source)  # (tracebacks from inside the optimizer), a NaN moment an all-NaN model
-        check_adam_state(opt, state, source / "trainer_state.safetensors")
+        tf = source / "trainer_state.safetensors"
+        if any(type(pid) is not int for pid in state):  # "'optim.embed_tokens' names no parameter"
+            raise ValueError(f"{tf}: optimizer state keyed by parameter name, as an --fsdp run saves it: resume it "
+                             f"with --fsdp under torchrun")
+        check_adam_state(opt, state, tf)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for i, p in enumerate(params):  # every parameter is trained from step 1: a missing state restarted its
+            if i not in state:          # moments silently, a moment of another shape failed in the AdamW kernel
+                raise ValueError(f"{tf}: missing tensor 'optim.{i}.exp_avg' (corrupt trainer state)")
+            for k in ("exp_avg", "exp_avg_sq"):
+                if tuple(state[i][k].shape) != tuple(p.shape):
+                    raise ValueError(f"{tf}: tensor 'optim.{i}.{k}' has shape {tuple(state[i][k].shape)}, the "
+                                     f"parameter {tuple(p.shape)} (corrupt trainer state)")
         groups = checked_param_groups(opt, meta["param_groups"], source / "trainer_state.json")
     else:
         groups = meta["param_groups"]

@@ -746,6 +746,42 @@ def test_pretrain_resume_with_a_corrupt_trainer_state_tensor_file(tmp_path, caps
     assert cli([*base, "--max-steps", "2", "--resume"]) == 0
 
 
+def test_pretrain_resume_checks_each_moment_against_its_parameter(tmp_path, capsys):
+    """Session 31 audit: one-process pretrain --resume took a moment of another shape with the same element count
+    (the AdamW kernel's error, naming no file) and a parameter whose whole state was gone (fresh moments, silently)."""
+    import json
+
+    from pyllm import safetensors_io as S
+    from pyllm.prepare import prepare
+    (tmp_path / "in.txt").write_text("\n\n".join(f"doc {i} " * 30 for i in range(40)))
+    prepare([str(tmp_path / "in.txt")], tmp_path / "d", byte_level=True, val_fraction=0.1, doc_sep="\n\n", workers=1)
+    out = tmp_path / "o"
+    base = ["pretrain", "--data", str(tmp_path / "d"), "--out", str(out), "--dim", "32", "--n-layers", "1",
+            "--n-heads", "2", "--seq-len", "32", "--eval-every", "0", "--sample-tokens", "0", "--batch-size", "2"]
+    assert cli([*base, "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    ck = out / (out / "latest").read_text().strip()
+    tf, tj = ck / "trainer_state.safetensors", ck / "trainer_state.json"
+    good_t, good_j = S.load_file(tf), json.loads(tj.read_text())
+    moment = next(k for k, v in good_j["shapes"].items() if k.endswith(".exp_avg") and len(v) == 2 and v[0] != v[1])
+    pid = moment.split(".")[1]
+    flipped = {**good_j, "shapes": {**good_j["shapes"], moment: good_j["shapes"][moment][::-1]}}
+    gone = {**good_j, "shapes": {k: v for k, v in good_j["shapes"].items() if k.split(".")[1] != pid},
+            "scalars": {k: v for k, v in good_j["scalars"].items() if k.split(".")[1] != pid}}
+    for meta, tensors, want in (
+            (flipped, good_t, f"tensor '{moment}' has shape {tuple(good_j['shapes'][moment][::-1])}, the parameter"),
+            (gone, {k: v for k, v in good_t.items() if not k.startswith(f"optim.{pid}.")},
+             f"missing tensor 'optim.{pid}.exp_avg'")):
+        tj.write_text(json.dumps(meta))
+        S.save_file(tensors, tf)
+        assert cli([*base, "--max-steps", "2", "--resume"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{tf}: {want}" in err[0], err
+    tj.write_text(json.dumps(good_j))
+    S.save_file(good_t, tf)
+    assert cli([*base, "--max-steps", "2", "--resume"]) == 0
+
+
 def test_pretrain_resume_with_a_corrupt_trainer_state_json(tmp_path, capsys):
     """Found by a mutation fuzz of a pretrain checkpoint's trainer_state.json: "scalars": "x" was an AttributeError,
     a loader field deleted a KeyError, a loader "pos": Infinity int()'s OverflowError, a shape ["x"] math.prod's
