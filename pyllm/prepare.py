@@ -168,6 +168,7 @@ def prepare(inputs, out, tokenizer=None, byte_level=False, vocab_size=4096, val_
     if old is not None:
         _verify_shards(out, old, mpath)
     if old is not None and old.get("complete"):
+        _check_tokenizer_file(out, old)
         print(f"{out}: already prepared ({len(old['shards'])} shards); nothing to do")
         return old
     resume = old is not None
@@ -178,6 +179,18 @@ def prepare(inputs, out, tokenizer=None, byte_level=False, vocab_size=4096, val_
         if not resume:  # (the user's --tokenizer may sit in --out: kept)
             _remove_partial(out, made_out, keep_tokenizer=given_is_out)
         raise
+
+
+def _check_tokenizer_file(out: Path, man: dict) -> None:
+    """A complete run's tokenizer.json against its manifest: missing, garbage or swapped for another tokenizer, the
+    run was "already prepared" (exit 0) and only pretrain refused it."""
+    from .tokenizer import Tokenizer
+    tj = out / "tokenizer.json"
+    if not tj.is_file():
+        raise ValueError(f"{tj}: missing (the prepared shards' tokenizer); use --overwrite to prepare again")
+    tok = Tokenizer.load(str(tj))  # its own one-line error for a file that is not a tokenizer
+    if data.tokenizer_hash(tok) != man["tokenizer_hash"] or tok.vocab_size != man["vocab_size"]:
+        raise ValueError(f"{tj}: does not match the manifest's tokenizer (edited or replaced since); use --overwrite")
 
 
 def _input_stamp(f: str) -> list:

@@ -632,3 +632,31 @@ def test_manifest_shard_entries_are_checked(tmp_path, capsys):
     mp.write_text(json.dumps(shard1(file="../other/" + victim.name)))
     assert cli([*args, "--out", str(d), "--overwrite"]) == 0
     assert victim.read_bytes() == theirs and D.read_manifest(d)["shards"] == good["shards"]
+
+
+def test_complete_rerun_checks_its_tokenizer_json(tmp_path, capsys):
+    """Session 31 audit: a complete directory whose tokenizer.json was deleted, garbled or swapped for another
+    tokenizer's was "already prepared; nothing to do" (exit 0), and only pretrain refused it."""
+    import shutil
+    src, _ = _corpus(tmp_path)
+    kw = dict(byte_level=True, val_fraction=0.2, shard_tokens=150, workers=1)
+    out = tmp_path / "d"
+    prepare([str(src)], out, **kw)
+    other = prepare([str(src)], tmp_path / "o", byte_level=False, vocab_size=300, val_fraction=0.2, workers=1)
+    assert other["tokenizer_hash"]
+    tj = out / "tokenizer.json"
+    good = tj.read_bytes()
+    for damage, want in (("delete", "tokenizer.json: missing"), ("garbage", "not a valid tokenizer.json"),
+                         ("swap", "tokenizer.json: does not match the manifest's tokenizer")):
+        if damage == "delete":
+            tj.unlink()
+        elif damage == "garbage":
+            tj.write_text("{not json")
+        else:
+            shutil.copy(tmp_path / "o" / "tokenizer.json", tj)
+        with pytest.raises(ValueError, match=want):
+            prepare([str(src)], out, **kw)
+        tj.write_bytes(good)
+    capsys.readouterr()
+    prepare([str(src)], out, **kw)
+    assert "already prepared" in capsys.readouterr().out
