@@ -6,7 +6,6 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -210,12 +209,6 @@ def test_fsdp_needs_a_torch_that_runs_it_exactly(data_dir, capsys, monkeypatch, 
     assert len(err) == 1 and f"--fsdp needs torch >= 2.9 (this is {version}" in err[0] and "drop --fsdp" in err[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 DIST = ["--n-layers", "2", "--n-heads", "2", "--seq-len", "32", "--eval-every", "0", "--sample-tokens", "0",
         "--warmup-steps", "2", "--batch-size", "2", "--total-batch-tokens", "128", "--max-steps", "4",
         "--checkpoint-every", "0"]
@@ -241,7 +234,8 @@ def test_two_ranks_match_one_process(data_dir, tmp_path, one_process, mode):
         pytest.skip(f"--fsdp needs torch >= {FSDP_MIN_TORCH}")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYLLM_PROGRESS="0")
     out = tmp_path / mode
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+    # --standalone: torchrun binds its own free port (a port picked here and released raced other jobs' runs)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "pyllm", "pretrain", "--data", str(data_dir), "--dim", "32", *DIST, "--out", str(out)]
     runs = [cmd] if mode == "ddp" else [cmd + ["--fsdp", "--stop-at", "2"], cmd + ["--fsdp", "--resume"]]
     for i, c in enumerate(runs):
@@ -253,13 +247,11 @@ def test_two_ranks_match_one_process(data_dir, tmp_path, one_process, mode):
             key = next(k for k in good if k.endswith(".exp_avg"))
             S.save_file({**good, key: torch.full_like(good[key], float("nan"))}, str(tf))
             c2 = c[:-1] + ["--stop-at", "3", "--resume"]
-            c2[c2.index("--master-port") + 1] = str(_free_port())
             r = subprocess.run(c2, capture_output=True, text=True, env=env, timeout=240)
             assert r.returncode != 0 and f"pyllm pretrain: error: {tf}: tensor '{key}' holds NaN" in r.stderr, \
                 r.stderr[-3000:]
             assert not (out / "ckpt_0000003").exists()
             S.save_file(good, str(tf))
-        c[c.index("--master-port") + 1] = str(_free_port())
         r = subprocess.run(c, capture_output=True, text=True, env=env, timeout=240)
         assert r.returncode == 0, "\n".join(x for x in r.stderr.splitlines() if "rror" in x or "what()" in x)[-3000:]
     run = json.loads((out / "run.json").read_text())

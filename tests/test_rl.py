@@ -403,21 +403,17 @@ def test_hard_prompts_two_ranks_resume_draws_what_the_uninterrupted_run_draws(tm
     both ranks continued on --resume, so rank 1 then drew other prompts than in the uninterrupted run; the ranks now
     share every rank's visits (one estimate). 8 steps vs 4 + --resume to 8 (the lr is too small to move the draws)."""
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
     base, _, prompts = _setup(tmp_path)
     (tmp_path / "seen.py").write_text(SEEN_FN)
     (tmp_path / "run.py").write_text(HARD_TWO_RANKS)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", PYLLM_PROGRESS="0",
                SEEN_LOG=str(tmp_path / "seen"))
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        str(port), str(tmp_path / "run.py"), str(root / "tests"), str(tmp_path), "rl", "--algo", "rft",
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                        str(tmp_path / "run.py"), str(root / "tests"), str(tmp_path), "rl", "--algo", "rft",
                         "--policy", str(base), "--reward-fn", f"{tmp_path / 'seen.py'}:seen", "--prompts",
                         str(prompts), "--lr", "1e-5", "--batch-size", "2", "--num-samples", "1", "--max-new-tokens",
                         "2", "--seed", "5", "--hard-prompts", "2", "--ppo-epochs", "1"],
@@ -670,7 +666,6 @@ def test_two_ranks_train_as_one_process(tmp_path, algo, fn, extra):
     Session 31: --rft-hard-weight renormalised each rank's kept groups to mean scale 1 on its own (a rank of hard
     prompts and a rank of easy ones weighed the same); now over every rank's groups."""
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
@@ -695,11 +690,8 @@ def test_two_ranks_train_as_one_process(tmp_path, algo, fn, extra):
     one = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(root / "tests"), *args, "--batch-size", "4",
                           "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env, timeout=240)
     assert one.returncode == 0, one.stderr[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          str(port), str(tmp_path / "run.py"), str(root / "tests"), *args, "--batch-size", "2",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                          str(tmp_path / "run.py"), str(root / "tests"), *args, "--batch-size", "2",
                           "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=240)
     assert two.returncode == 0, two.stderr[-3000:]
     a, _ = load_checkpoint(str(tmp_path / "one"))

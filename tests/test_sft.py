@@ -186,7 +186,6 @@ def test_two_ranks_match_one_process(tmp_path):
     weights differed by ~4e-2 after 3 steps): each rank's loss is now scaled by its share of the step's tokens."""
     import os
     import random
-    import socket
     import subprocess
     import sys
     from pathlib import Path
@@ -198,13 +197,10 @@ def test_two_ranks_match_one_process(tmp_path):
     args = ["sft", "--model", str(base), "--data", str(data), "--lr", "1e-2", "--eval-frac", "0", "--steps", "3",
             "--lora-r", "0", "--no-packing", "--seq-len", "64"]
     assert cli(args + ["--out", str(tmp_path / "one"), "--batch-size", "4"]) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", PYLLM_PROGRESS="0")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        str(port), "-m", "pyllm", *args, "--out", str(tmp_path / "two"), "--batch-size", "2"],
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                        "-m", "pyllm", *args, "--out", str(tmp_path / "two"), "--batch-size", "2"],
                        capture_output=True, text=True, env=env, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
