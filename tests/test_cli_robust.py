@@ -716,12 +716,9 @@ def test_resume_with_a_corrupt_optimizer_state(tmp_path, capsys):
     assert not S.load_file(out / "model.safetensors")["model.embed_tokens.weight"].isnan().any()
 
 
-def test_pretrain_resume_with_a_corrupt_trainer_state_tensor_file(tmp_path, capsys):
-    """The tensors side of a pretrain checkpoint's trainer state: a missing rng.torch was KeyError: 'rng.torch', a
-    wrong-sized optimizer moment reshape's RuntimeError ("shape '[262, 64]' is invalid")."""
-    import torch
-
-    from pyllm import safetensors_io as S
+def _pretrain_one_step(tmp_path, capsys):
+    """A prepared byte-level corpus and a 1-step tiny pretrain run in tmp_path/o -> (its argv without --max-steps,
+    the run's directory)."""
     from pyllm.prepare import prepare
     (tmp_path / "in.txt").write_text("\n\n".join(f"doc {i} " * 30 for i in range(40)))
     prepare([str(tmp_path / "in.txt")], tmp_path / "d", byte_level=True, val_fraction=0.1, doc_sep="\n\n", workers=1)
@@ -730,6 +727,16 @@ def test_pretrain_resume_with_a_corrupt_trainer_state_tensor_file(tmp_path, caps
             "--n-heads", "2", "--seq-len", "32", "--eval-every", "0", "--sample-tokens", "0", "--batch-size", "2"]
     assert cli([*base, "--max-steps", "1"]) == 0
     capsys.readouterr()
+    return base, out
+
+
+def test_pretrain_resume_with_a_corrupt_trainer_state_tensor_file(tmp_path, capsys):
+    """The tensors side of a pretrain checkpoint's trainer state: a missing rng.torch was KeyError: 'rng.torch', a
+    wrong-sized optimizer moment reshape's RuntimeError ("shape '[262, 64]' is invalid")."""
+    import torch
+
+    from pyllm import safetensors_io as S
+    base, out = _pretrain_one_step(tmp_path, capsys)
     tf = out / (out / "latest").read_text().strip() / "trainer_state.safetensors"
     good = S.load_file(tf)
     moment = next(k for k in good if k.startswith("optim.") and k.endswith("exp_avg"))
@@ -752,14 +759,7 @@ def test_pretrain_resume_checks_each_moment_against_its_parameter(tmp_path, caps
     import json
 
     from pyllm import safetensors_io as S
-    from pyllm.prepare import prepare
-    (tmp_path / "in.txt").write_text("\n\n".join(f"doc {i} " * 30 for i in range(40)))
-    prepare([str(tmp_path / "in.txt")], tmp_path / "d", byte_level=True, val_fraction=0.1, doc_sep="\n\n", workers=1)
-    out = tmp_path / "o"
-    base = ["pretrain", "--data", str(tmp_path / "d"), "--out", str(out), "--dim", "32", "--n-layers", "1",
-            "--n-heads", "2", "--seq-len", "32", "--eval-every", "0", "--sample-tokens", "0", "--batch-size", "2"]
-    assert cli([*base, "--max-steps", "1"]) == 0
-    capsys.readouterr()
+    base, out = _pretrain_one_step(tmp_path, capsys)
     ck = out / (out / "latest").read_text().strip()
     tf, tj = ck / "trainer_state.safetensors", ck / "trainer_state.json"
     good_t, good_j = S.load_file(tf), json.loads(tj.read_text())
@@ -786,14 +786,7 @@ def test_pretrain_resume_with_a_corrupt_trainer_state_json(tmp_path, capsys):
     """Found by a mutation fuzz of a pretrain checkpoint's trainer_state.json: "scalars": "x" was an AttributeError,
     a loader field deleted a KeyError, a loader "pos": Infinity int()'s OverflowError, a shape ["x"] math.prod's
     TypeError, "betas": "x" an IndexError from inside the optimizer, each a traceback."""
-    from pyllm.prepare import prepare
-    (tmp_path / "in.txt").write_text("\n\n".join(f"doc {i} " * 30 for i in range(40)))
-    prepare([str(tmp_path / "in.txt")], tmp_path / "d", byte_level=True, val_fraction=0.1, doc_sep="\n\n", workers=1)
-    out = tmp_path / "o"
-    base = ["pretrain", "--data", str(tmp_path / "d"), "--out", str(out), "--dim", "32", "--n-layers", "1",
-            "--n-heads", "2", "--seq-len", "32", "--eval-every", "0", "--sample-tokens", "0", "--batch-size", "2"]
-    assert cli([*base, "--max-steps", "1"]) == 0
-    capsys.readouterr()
+    base, out = _pretrain_one_step(tmp_path, capsys)
     tj = out / (out / "latest").read_text().strip() / "trainer_state.json"
     good = json.loads(tj.read_text())
     moment = next(k for k in good["shapes"] if k.endswith("exp_avg"))
@@ -817,7 +810,6 @@ def test_resume_checks_the_settings_it_restores(tmp_path, capsys):
     without argparse's type or the stage's range checks: "batch_size": "x" or "seed": 1.5 was a TypeError/RuntimeError
     traceback, "save_every": 0 a ZeroDivisionError mid-run, "skip_bad_lines": "x" a switch silently on, pretrain's
     "decay": "nope" a run on no schedule its --decay choices allow."""
-    from pyllm.prepare import prepare
     base = tiny_checkpoint(tmp_path / "base")
     data = write_jsonl(tmp_path / "d.jsonl", [GOOD_SFT] * 4)
     out = tmp_path / "o"
@@ -835,13 +827,7 @@ def test_resume_checks_the_settings_it_restores(tmp_path, capsys):
         tj.write_text(json.dumps({**good, "args": {**good["args"], key: value}}))
         assert cli([*argv, "--steps", "2", "--resume"]) == 2
         assert f"{tj}: corrupt trainer state (the run's {want}" in one_line_error(capsys, "sft")
-    (tmp_path / "in.txt").write_text("\n\n".join(f"doc {i} " * 30 for i in range(40)))
-    prepare([str(tmp_path / "in.txt")], tmp_path / "p", byte_level=True, val_fraction=0.1, doc_sep="\n\n", workers=1)
-    run = tmp_path / "run"
-    pre = ["pretrain", "--data", str(tmp_path / "p"), "--out", str(run), "--dim", "32", "--n-layers", "1", "--n-heads",
-           "2", "--seq-len", "32", "--eval-every", "0", "--sample-tokens", "0", "--batch-size", "2"]
-    assert cli([*pre, "--max-steps", "1"]) == 0
-    capsys.readouterr()
+    pre, run = _pretrain_one_step(tmp_path, capsys)
     tj = run / (run / "latest").read_text().strip() / "trainer_state.json"
     good = json.loads(tj.read_text())
     for key, value, want in (("decay", "nope", "saved --decay 'nope' is not one of"),
