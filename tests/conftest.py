@@ -30,6 +30,22 @@ def rng():
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.fixture
+def asan_cc(tmp_path) -> str:
+    """A C compiler whose ASan + UBSan runtime links (the sanitizer tests skip without one)."""
+    import shutil
+    import subprocess
+    cc = shutil.which(os.environ.get("CC", "gcc"))
+    if cc is None:
+        pytest.skip("no C compiler")
+    probe = tmp_path / "probe.c"
+    probe.write_text("int main(void){return 0;}\n")
+    if subprocess.run([cc, "-fsanitize=address,undefined", str(probe), "-o", str(tmp_path / "probe")],
+                      capture_output=True).returncode != 0:
+        pytest.skip("the ASan/UBSan runtime is not installed for this compiler")
+    return cc
+
+
 def poison(t: torch.Tensor) -> torch.Tensor:
     """Fill an output buffer with NaN so an element the kernel never writes fails the comparison."""
     return t.fill_(float("nan"))

@@ -679,12 +679,7 @@ def test_resume_with_a_corrupt_optimizer_state(tmp_path, capsys):
     import torch
 
     from pyllm import safetensors_io as S
-    base = tiny_checkpoint(tmp_path / "base")
-    data = write_jsonl(tmp_path / "d.jsonl", [GOOD_SFT] * 4)
-    out = tmp_path / "o"
-    argv = ["sft", "--model", str(base), "--data", str(data), "--out", str(out), "--eval-frac", "0", "--device", "cpu"]
-    assert cli([*argv, "--steps", "1"]) == 0
-    capsys.readouterr()
+    argv, out = _sft_one_step(tmp_path, capsys)
     tj, st = out / "trainer_state.json", out / "trainer_state.safetensors"
     good_j, good_t = json.loads(tj.read_text()), S.load_file(st)
 
@@ -714,6 +709,17 @@ def test_resume_with_a_corrupt_optimizer_state(tmp_path, capsys):
         assert cli([*argv, "--steps", "2", "--resume"]) == 2
         assert f"{st}: {want}" in one_line_error(capsys, "sft")
     assert not S.load_file(out / "model.safetensors")["model.embed_tokens.weight"].isnan().any()
+
+
+def _sft_one_step(tmp_path, capsys):
+    """A 1-step sft run of a tiny checkpoint in tmp_path/o -> (its argv without --steps, the run's directory)."""
+    base = tiny_checkpoint(tmp_path / "base")
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD_SFT] * 4)
+    out = tmp_path / "o"
+    argv = ["sft", "--model", str(base), "--data", str(data), "--out", str(out), "--eval-frac", "0", "--device", "cpu"]
+    assert cli([*argv, "--steps", "1"]) == 0
+    capsys.readouterr()
+    return argv, out
 
 
 def _pretrain_one_step(tmp_path, capsys):
@@ -810,12 +816,7 @@ def test_resume_checks_the_settings_it_restores(tmp_path, capsys):
     without argparse's type or the stage's range checks: "batch_size": "x" or "seed": 1.5 was a TypeError/RuntimeError
     traceback, "save_every": 0 a ZeroDivisionError mid-run, "skip_bad_lines": "x" a switch silently on, pretrain's
     "decay": "nope" a run on no schedule its --decay choices allow."""
-    base = tiny_checkpoint(tmp_path / "base")
-    data = write_jsonl(tmp_path / "d.jsonl", [GOOD_SFT] * 4)
-    out = tmp_path / "o"
-    argv = ["sft", "--model", str(base), "--data", str(data), "--out", str(out), "--eval-frac", "0", "--device", "cpu"]
-    assert cli([*argv, "--steps", "1"]) == 0
-    capsys.readouterr()
+    argv, out = _sft_one_step(tmp_path, capsys)
     tj = out / "trainer_state.json"
     good = json.loads(tj.read_text())
     for key, value, want in (("batch_size", "x", "saved --batch-size 'x' is not a value of that flag (invalid"),
