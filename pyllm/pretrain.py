@@ -112,15 +112,7 @@ def load_optimizer_state(opt, tensors: dict, meta: dict, source=None) -> None:
         if any(type(pid) is not int for pid in state):  # "'optim.embed_tokens' names no parameter"
             raise ValueError(f"{tf}: optimizer state keyed by parameter name, as an --fsdp run saves it: resume it "
                              f"with --fsdp under torchrun")
-        check_adam_state(opt, state, tf)
-        params = [p for g in opt.param_groups for p in g["params"]]
-        for i, p in enumerate(params):  # every parameter is trained from step 1: a missing state restarted its
-            if i not in state:          # moments silently, a moment of another shape failed in the AdamW kernel
-                raise ValueError(f"{tf}: missing tensor 'optim.{i}.exp_avg' (corrupt trainer state)")
-            for k in ("exp_avg", "exp_avg_sq"):
-                if tuple(state[i][k].shape) != tuple(p.shape):
-                    raise ValueError(f"{tf}: tensor 'optim.{i}.{k}' has shape {tuple(state[i][k].shape)}, the "
-                                     f"parameter {tuple(p.shape)} (corrupt trainer state)")
+        check_adam_state(opt, state, tf, complete=True)
         groups = checked_param_groups(opt, meta["param_groups"], source / "trainer_state.json")
     else:
         groups = meta["param_groups"]
@@ -508,7 +500,6 @@ def _unflatten_fsdp(model, opt, tensors, meta, source) -> dict:
     cur = [[name_of[id(p)] for p in g["params"]] for g in opt.param_groups]
     names = [n for g in cur for n in g]
     number = {n: i for i, n in enumerate(names)}
-    params = [p for g in opt.param_groups for p in g["params"]]
     saved = meta["param_groups"]
     if isinstance(saved, list) and len(saved) == len(cur) and all(isinstance(g, dict) for g in saved):
         for i, (g, mine) in enumerate(zip(saved, cur)):  # saved by name: each group must name this run's parameters
@@ -525,14 +516,8 @@ def _unflatten_fsdp(model, opt, tensors, meta, source) -> dict:
                 raise ValueError(f"{tf if side == 'shapes' else tj}: {name!r} names no parameter being trained "
                                  f"(corrupt trainer state)")
             state.setdefault(pname, {})[k] = tensors[name].reshape(v) if side == "shapes" else v
-    check_adam_state(opt, {number[n]: st for n, st in state.items()}, tf, names=names)
-    for n, p in zip(names, params):
-        if n not in state:  # torch's set_optimizer_state_dict failed deep inside on it
-            raise ValueError(f"{tf}: missing tensor 'optim.{n}.exp_avg' (corrupt trainer state)")
-        for k in ("exp_avg", "exp_avg_sq"):
-            if tuple(state[n][k].shape) != tuple(p.shape):
-                raise ValueError(f"{tf}: tensor 'optim.{n}.{k}' has shape {tuple(state[n][k].shape)}, the parameter "
-                                 f"{tuple(p.shape)} (corrupt trainer state)")
+    # complete: a parameter's state missing failed deep inside torch's set_optimizer_state_dict
+    check_adam_state(opt, {number[n]: st for n, st in state.items()}, tf, names=names, complete=True)
     return {"state": state, "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]}
 
 

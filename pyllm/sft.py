@@ -441,12 +441,20 @@ def checked_param_groups(opt, saved, source) -> list[dict]:
     return out
 
 
-def check_adam_state(opt, state: dict, source, prefix: str = "optim", names=None) -> None:
+def check_adam_state(opt, state: dict, source, prefix: str = "optim", names=None, complete: bool = False) -> None:
     """The saved AdamW state {param number: {step, exp_avg, exp_avg_sq}} before torch takes it: a NaN moment or step
     trained on and saved an all-NaN model with exit status 0 (the loss of the step it poisons is still finite), an
     integer moment was copied in truncated, a parameter with part of its state a KeyError 'exp_avg' from inside
-    torch's Adam. names: how the file names parameter number i (FSDP's state is keyed by parameter name)."""
-    n = sum(len(g["params"]) for g in opt.param_groups)
+    torch's Adam, a moment of another shape a failure inside the update naming no file. names: how the file names
+    parameter number i (FSDP's state is keyed by parameter name). complete: every parameter must have its state
+    (pretrain trains all of them from step 1: a state removed restarted its moments silently)."""
+    params = [p for g in opt.param_groups for p in g["params"]]  # torch numbers them in this order
+    n = len(params)
+    if complete:
+        for pid in range(n):
+            if pid not in state:
+                raise ValueError(f"{source}: missing tensor '{prefix}.{names[pid] if names else pid}.exp_avg' "
+                                 f"(corrupt trainer state)")
     for pid, st in state.items():
         if type(pid) is not int or not 0 <= pid < n:
             raise ValueError(f"{source}: '{prefix}.{pid}' names no parameter of the {n} being trained")
@@ -466,6 +474,9 @@ def check_adam_state(opt, state: dict, source, prefix: str = "optim", names=None
                                                       and bool((v < 0).any())):
                 raise ValueError(f"{source}: tensor {k!r} holds NaN, infinite or (a step or squared moment) "
                                  f"negative values (corrupt trainer state)")
+            if name != "step" and tuple(v.shape) != tuple(params[pid].shape):
+                raise ValueError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, the parameter "
+                                 f"{tuple(params[pid].shape)} (corrupt trainer state)")
 
 
 def _same_number(a, b) -> bool:
@@ -483,10 +494,6 @@ def load_optimizer_tensors(opt, tensors: dict, side: dict, source: str = "traine
         _, pid, name = (k.split(".", 2) + ["", ""])[:3]
         if not pid.isdigit() or int(pid) >= len(params) or not name:
             raise ValueError(f"{source}: tensor {k!r} names no parameter of the {len(params)} being trained")
-        # a wrong-shaped moment was a traceback from inside torch's Adam at the first step
-        if name in ("exp_avg", "exp_avg_sq") and tuple(v.shape) != tuple(params[int(pid)].shape):
-            raise ValueError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, the parameter "
-                             f"{tuple(params[int(pid)].shape)}")
         state.setdefault(int(pid), {})[name] = v
     check_adam_state(opt, state, source, prefix="opt")
     groups = checked_param_groups(opt, side.get("param_groups"), Path(source).with_suffix(".json"))
