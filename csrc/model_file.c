@@ -262,6 +262,7 @@ int model_file_build(model_file* m, const char* path, char* err, size_t errlen) 
             p->shared_classifier = h[44];
             p->weight_type = h[45];
             p->group_size = rd_i32(h + 48);
+            m->tokenizer_crc = rd_u32(h + 52);
             if (p->shared_classifier > 1) {
                 return bail(m, err, errlen, path, "corrupt header: shared_classifier flag is %d", p->shared_classifier);
             }

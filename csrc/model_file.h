@@ -6,7 +6,10 @@
 //   header, 256 bytes:  0 u32 magic 0x4d4c4c50 ("PLLM")   4 i32 version (1)
 //                       8 i32 dim  12 hidden_dim  16 n_layers  20 n_heads  24 n_kv_heads  28 vocab_size  32 seq_len
 //                      36 f32 norm_eps  40 f32 rope_theta  44 u8 shared_classifier  45 u8 weight_type (0 fp32, 1 q8_0)
-//                      46 u16 zero  48 i32 group_size (q8_0 only, else 0)  52.. zero
+//                      46 u16 zero  48 i32 group_size (q8_0 only, else 0)
+//                      52 u32 tokenizer_crc: zlib's CRC-32 of the tokenizer.bin exported with it (0: none, unchecked;
+//                         export renames two files, so a crash between them must not pair a new model with an old
+//                         tokenizer of the same vocab silently)   56.. zero
 //   then tensors, each starting on a 64-byte boundary (zero padding between):
 //     tok_emb (V, dim); per layer: rms_att (dim), wq (H*hd, dim), wk (Hkv*hd, dim), wv (Hkv*hd, dim), wo (dim, H*hd),
 //     rms_ffn (dim), w1 (hidden, dim) gate, w2 (dim, hidden) down, w3 (hidden, dim) up; rms_final (dim);
@@ -63,6 +66,7 @@ typedef struct {
     model_layer* layers;     // (n_layers)
     const float* rms_final;  // (dim)
     model_matrix cls;        // (vocab, dim); == tok_emb when shared
+    uint32_t tokenizer_crc;  // pyllm format: CRC-32 of the tokenizer.bin exported with it; 0 = unknown
     void* map;               // the whole file, mmap'ed read-only
     size_t map_size;
 } model_file;

@@ -343,6 +343,14 @@ run_tokenizer* run_tokenizer_build(const char* path, int vocab_size, char* err, 
     return t;
 }
 void run_tokenizer_free(run_tokenizer* t) { if (t) { tokenizer_free(&t->t); free(t); } }
+int run_tokenizer_check(const run_model* m, run_tokenizer* t, char* err, size_t errlen) {
+    const uint32_t want = m->f.tokenizer_crc;
+    if (!want || t->t.file_crc == want) return 0;
+    snprintf(err, errlen, "%s: not the tokenizer.bin exported with this model.bin (its CRC-32 is %08x, the model names "
+             "%08x): use the tokenizer.bin that the same `pyllm export` wrote, or export again", t->path,
+             t->t.file_crc, want);
+    return -1;
+}
 int run_encode_len(run_tokenizer* t, const char* text, size_t len, int add_bos, int* ids, int max_ids) {
     int n = tokenizer_encode(&t->t, text, len, add_bos, (int32_t*)ids, max_ids);
     return n >= 0 ? n : n == TOKENIZER_ERR_SPACE ? -2 : n == TOKENIZER_ERR_NOMEM ? -3 : -1;
@@ -662,6 +670,12 @@ int main(int argc, char** argv) {
     }
     run_tokenizer* tok = run_tokenizer_build(tok_path, m->f.cfg.vocab_size, err, sizeof(err));
     if (!tok) { fprintf(stderr, "pyllm-run: error: %s\n", err); run_model_free(m); return 1; }
+    if (run_tokenizer_check(m, tok, err, sizeof(err))) {
+        fprintf(stderr, "pyllm-run: error: %s\n", err);
+        run_tokenizer_free(tok);
+        run_model_free(m);
+        return 1;
+    }
     if (o.steps == 0 || o.steps > m->f.cfg.seq_len) o.steps = m->f.cfg.seq_len;
     int rc = !strcmp(mode, "chat") ? chat(m, tok, prompt, system, &o) : generate(m, tok, prompt, &o);
     run_tokenizer_free(tok);

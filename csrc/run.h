@@ -40,6 +40,9 @@ int run_sample(float* logits, int n, float temperature, float top_p, int top_k, 
 // --- tokenizer ---------------------------------------------------------------------------------------------------
 run_tokenizer* run_tokenizer_build(const char* path, int vocab_size, char* err, size_t errlen);
 void run_tokenizer_free(run_tokenizer* t);
+// 0 when t is the tokenizer.bin exported with m (a pyllm model.bin names it by CRC-32; other formats and older
+// exports name none and pass); else -1 with a one-line message naming t's file.
+int run_tokenizer_check(const run_model* m, run_tokenizer* t, char* err, size_t errlen);
 // Encode UTF-8 text into ids (at most max_ids; add_bos prepends the BOS id). Returns the count, or -1: a character
 // has no token (a tokenizer without byte fallback), -2: more than max_ids ids, -3: out of memory.
 int run_encode(run_tokenizer* t, const char* text, int add_bos, int* ids, int max_ids);

@@ -108,6 +108,16 @@ static uint8_t* read_file(const char* path, size_t* n, char* err, size_t errlen)
     return buf;
 }
 
+// zlib's CRC-32 (reflected polynomial 0xEDB88320), bit by bit: no table to build; a few ms per MB, once per load.
+static uint32_t crc32_bytes(const uint8_t* p, size_t n) {
+    uint32_t c = 0xFFFFFFFFu;
+    for (size_t i = 0; i < n; i++) {
+        c ^= p[i];
+        for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
+    }
+    return ~c;
+}
+
 // ---- hash tables ------------------------------------------------------------------------------------------
 static uint64_t mix64(uint64_t x) {
     x ^= x >> 33; x *= 0xff51afd7ed558ccdULL; x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ULL; x ^= x >> 33;
@@ -402,6 +412,7 @@ int tokenizer_build(tokenizer* t, const char* path, char* err, size_t errlen) {
     } else {
         rc = build_llama2c(t, &r, path, err, errlen);
     }
+    if (!rc) t->file_crc = crc32_bytes(data, n);
     free(data);
     if (rc) {
         if (rc == TOKENIZER_ERR_NOMEM) set_err(err, errlen, "%s: out of memory building the tokenizer", path);

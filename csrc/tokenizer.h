@@ -85,6 +85,7 @@ typedef struct {
     size_t n_str_slots;        // power of two
     int space_id;              // llama2.c: the " " token used as the dummy prefix (-1 if none)
     unsigned char byte_piece[512];  // llama2.c decode: byte i at byte_piece[2 * i], NUL after
+    uint32_t file_crc;         // zlib's CRC-32 of the whole file: a pyllm model.bin names its tokenizer by it
 } tokenizer;
 
 // Load a pyllm tokenizer file or a llama2.c tokenizer.bin. Returns 0, or a negative error code with a one-line

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import struct
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -147,8 +148,10 @@ def _check_group(c: dict, group_size: int):
         raise ValueError(f"--group-size {group_size} must divide dim {c['dim']} and hidden_dim {c['hidden_dim']}")
 
 
-def write_model_bin(path, state_dict: dict, config, quantize: str | None = None, group_size: int = 64) -> Path:
-    """pyllm model.bin v1 (layout in csrc/model_file.h)."""
+def write_model_bin(path, state_dict: dict, config, quantize: str | None = None, group_size: int = 64,
+                    tokenizer_crc: int = 0) -> Path:
+    """pyllm model.bin v1 (layout in csrc/model_file.h). tokenizer_crc: zlib.crc32 of the tokenizer.bin exported
+    with it, which pyllm-run then requires (0: none)."""
     c = _cfg(config)
     sd = _normalize(state_dict)
     emb, layers, norm, cls = _tensors(sd, c)
@@ -161,6 +164,7 @@ def write_model_bin(path, state_dict: dict, config, quantize: str | None = None,
         hdr = struct.pack("<Ii7iffBBHi", PYLLM_MAGIC, PYLLM_VERSION, c["dim"], c["hidden_dim"], c["n_layers"],
                           c["n_heads"], c["n_kv_heads"], c["vocab_size"], c["seq_len"], c["norm_eps"], c["rope_theta"],
                           int(cls is None), int(q8), 0, group_size if q8 else 0)
+        hdr += struct.pack("<I", tokenizer_crc & 0xFFFFFFFF)
         w.f.write(hdr + b"\0" * (HEADER_BYTES - len(hdr)))
 
         def matrix(t):
@@ -245,7 +249,8 @@ def export(state_dict: dict, config, out_dir, fmt: str = "pyllm", quantize: str 
     """Write model.bin (and tokenizer.bin when a tokenizer is given) into out_dir; returns the paths written.
     Every flag combination is checked before out_dir is created, and tokenizer.bin is written (to a .tmp) before
     model.bin replaces the old one: a failure leaves the old pair (or nothing), never a new model.bin beside an old
-    or missing tokenizer.bin."""
+    or missing tokenizer.bin. A kill between the two renames can still leave one; a pyllm model.bin names its
+    tokenizer.bin by CRC-32, so pyllm-run refuses that pair (llama2.c's format has no room for it)."""
     if fmt not in ("pyllm", "llama2c"):
         raise ValueError(f"unknown --format {fmt!r} (choose pyllm or llama2c)")
     if quantize not in (None, "q8_0"):
@@ -271,10 +276,12 @@ def export(state_dict: dict, config, out_dir, fmt: str = "pyllm", quantize: str 
     paths = {}
     tmp = out / "tokenizer.bin.tmp"
     try:
+        crc = 0
         if tokenizer is not None:
             tokenizer.save_bin(str(tmp))
-        if fmt == "pyllm":
-            paths["model"] = write_model_bin(out / "model.bin", state_dict, config, quantize, group_size)
+            crc = zlib.crc32(tmp.read_bytes())  # named in model.bin's header: a crash between the two renames below
+        if fmt == "pyllm":                      # leaves a pair that pyllm-run refuses, not one it runs wrongly
+            paths["model"] = write_model_bin(out / "model.bin", state_dict, config, quantize, group_size, crc)
         else:
             paths["model"] = write_llama2c(out / "model.bin", state_dict, config, version, group_size)
     except BaseException:

@@ -201,6 +201,11 @@ class Runtime:
     def __init__(self, model_bin, tokenizer_bin=None):
         self.model = Model(model_bin)
         self.tokenizer = CTokenizer(tokenizer_bin, self.model.vocab_size) if tokenizer_bin else None
+        if self.tokenizer is not None:
+            ffi, L = lib()
+            err = ffi.new(f"char[{ERR_LEN}]")
+            if L.run_tokenizer_check(self.model._m, self.tokenizer._t, err, ERR_LEN):
+                raise ValueError(ffi.string(err).decode(errors="replace"))
 
     def forward(self, token: int, pos: int) -> np.ndarray:
         return self.model.forward(token, pos)

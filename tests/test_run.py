@@ -5,6 +5,7 @@ Run: OMP_NUM_THREADS=1 PYTHONPATH=$PWD python -m pytest -q tests/test_run.py
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import subprocess
 
@@ -401,6 +402,41 @@ def test_c_tokenizer_matches_python(tok_and_model):
     assert ct.token_id("<|user|>") == tok.special_ids["<|user|>"]
     with pytest.raises(ValueError, match="vocab_size"):
         runtime.CTokenizer(paths["tokenizer"], vocab_size=tok.vocab_size + 1)
+
+
+@pytest.mark.skipif(not runtime.BIN_PATH.exists(), reason="pyllm-run not built")
+def test_model_bin_names_its_tokenizer(tok_and_model, tmp_path):
+    """export renames tokenizer.bin, then model.bin: a kill between the two left a new model beside the old tokenizer
+    (same vocab size), which pyllm-run used without a word. model.bin now carries the CRC-32 of the tokenizer.bin
+    exported with it; the binary and runtime.Runtime refuse any other, and a model.bin that names none (older
+    exports, export without a tokenizer) pairs with any tokenizer of its vocab size as before."""
+    import zlib
+    from pyllm.tokenizer import Tokenizer
+    tok, sd, c, paths = tok_and_model
+    crc = struct.unpack_from("<I", paths["model"].read_bytes(), 52)[0]
+    assert crc == zlib.crc32(paths["tokenizer"].read_bytes()) != 0
+    other = Tokenizer.train(iterator=[CORPUS[::-1]], vocab_size=tok.vocab_size)  # same vocab size, other merges
+    assert other.vocab_size == tok.vocab_size
+    old = tmp_path / "old"  # what the kill leaves: the earlier export's tokenizer.bin, this export's model.bin
+    export(sd, c, old, fmt="pyllm", tokenizer=other)
+    shutil.copy(paths["model"], old / "model.bin")
+    r = run_bin(str(old / "model.bin"), "-n", "4", "-t", "0", "-i", "Speak")
+    assert r.returncode == 1 and r.stdout == "", r
+    err = r.stderr
+    assert err.count("\n") == 1 and str(old / "tokenizer.bin") in err and "not the tokenizer.bin exported" in err, err
+    with pytest.raises(ValueError, match="not the tokenizer.bin exported with this model.bin"):
+        runtime.Runtime(old / "model.bin", old / "tokenizer.bin")
+    def run_raw(*args):  # bytes out: a byte-level model may print part of a UTF-8 character
+        return subprocess.run([str(runtime.BIN_PATH), *map(str, args), "-n", "16", "-t", "0", "-i", "Speak"],
+                              capture_output=True, timeout=60, env={"OMP_NUM_THREADS": "1"})
+    r = run_raw(paths["model"])  # its own tokenizer: runs
+    assert r.returncode == 0, r.stderr
+    none = tmp_path / "none"
+    export(sd, c, none, fmt="pyllm")  # no tokenizer: no CRC, any tokenizer of the vocab size goes
+    assert struct.unpack_from("<I", (none / "model.bin").read_bytes(), 52)[0] == 0
+    r = run_raw(none / "model.bin", "-z", old / "tokenizer.bin")
+    assert r.returncode == 0, r.stderr
+    runtime.Runtime(none / "model.bin", old / "tokenizer.bin")
 
 
 def test_c_tokenizer_decode_rejects_what_python_rejects(tok_and_model):
