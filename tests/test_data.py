@@ -201,6 +201,35 @@ def test_interrupted_prepare_leaves_no_complete_looking_shard(tmp_path, monkeypa
         prepare([str(src)], out, **dict(kw, shard_tokens=99))
 
 
+def test_resumed_prepare_refuses_a_manifest_past_the_inputs(tmp_path, monkeypatch):
+    """An interrupted manifest whose last shard claims a doc_end beyond the inputs' documents (a corrupt or hand-edited
+    manifest, or inputs shortened since) resumed after it: every document in between was skipped and the directory
+    marked complete. The resume now counts the documents it reads and refuses such a manifest."""
+    src, _ = _corpus(tmp_path)
+    kw = dict(byte_level=True, val_fraction=0.2, shard_tokens=150, workers=1)
+    real = D.write_shard
+    calls = {"n": 0}
+
+    def dying(path, tokens, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(path, tokens, *a, **k)
+    monkeypatch.setattr(D, "write_shard", dying)
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(src)], out, **kw)
+    monkeypatch.setattr(D, "write_shard", real)
+    mpath = out / D.MANIFEST
+    man = json.loads(mpath.read_text())
+    assert not man["complete"] and man["shards"]
+    man["shards"][-1]["doc_end"] = 10 ** 9
+    mpath.write_text(json.dumps(man))
+    with pytest.raises(ValueError, match=r"manifest.json: its shards end at document 1000000000 but the inputs hold"):
+        prepare([str(src)], out, **kw)
+    assert not D.read_manifest(out)["complete"]
+
+
 @pytest.mark.parametrize("damage", ["truncate", "delete", "foreign"])
 def test_prepare_rerun_rebuilds_damaged_shards(tmp_path, capsys, damage):
     """A complete directory with a truncated, deleted or foreign shard said "already prepared; nothing to do" and
