@@ -265,10 +265,11 @@ def read_manifest(data_dir) -> dict:
             or type(m.get("version", VERSION)) is not int:
         raise ValueError(f"{p}: format {m.get('format')!r} version {m.get('version')!r}; this pyllm reads "
                          f"'pyllm-tokens' version {VERSION} (rerun `pyllm prepare --overwrite`)")
-    for k, lo in (("vocab_size", 1), ("bos_id", 0)):
+    from .config import MAX_SIZES  # a vocab_size past the model's limit failed later in ModelConfig, unnamed
+    for k, lo, hi in (("vocab_size", 1, MAX_SIZES["vocab_size"]), ("bos_id", 0, MAX_SIZES["vocab_size"] - 1)):
         v = m[k]
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            raise ValueError(f"{p}: corrupt manifest ({k} must be an integer >= {lo}, got {v!r})")
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise ValueError(f"{p}: corrupt manifest ({k} must be an integer in [{lo}, {hi}], got {v!r})")
     if not isinstance(m["tokenizer_hash"], str):
         raise ValueError(f"{p}: corrupt manifest (tokenizer_hash must be a string)")
     if m["bos_id"] >= m["vocab_size"]:  # else no token is a document boundary: attention ran across documents

@@ -315,16 +315,17 @@ def test_corrupt_shard_contents_name_the_shard(tmp_path):
 
 
 def test_manifest_format_version_and_field_types(tmp_path):
-    """A manifest of another format or version, or a vocab_size of the wrong type, was trained on or failed in
-    ModelConfig with no file named."""
+    """A manifest of another format or version, or a vocab_size of the wrong type or past the model's limit (2^24),
+    was trained on or failed in ModelConfig with no file named."""
     (tmp_path / "in.txt").write_text("hello world")
     d = tmp_path / "d"
     prepare([str(tmp_path / "in.txt")], d, byte_level=True, val_fraction=0, workers=1)
     good = json.loads((d / "manifest.json").read_text())
     for bad, message in (({**good, "format": "other"}, "format 'other' version 1; this pyllm reads"),
                          ({**good, "version": 7}, "version 7; this pyllm reads 'pyllm-tokens' version 1"),
-                         ({**good, "vocab_size": "big"}, "vocab_size must be an integer >= 1, got 'big'"),
-                         ({**good, "bos_id": -1}, "bos_id must be an integer >= 0"),
+                         ({**good, "vocab_size": "big"}, "vocab_size must be an integer in [1, 16777216], got 'big'"),
+                         ({**good, "vocab_size": 1 << 25}, "vocab_size must be an integer in [1, 16777216], got 3355"),
+                         ({**good, "bos_id": -1}, "bos_id must be an integer in [0, 16777215]"),
                          ({**good, "tokenizer_hash": 5}, "tokenizer_hash must be a string")):
         (d / "manifest.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError, match="manifest.json: ") as e:
