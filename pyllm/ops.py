@@ -444,7 +444,7 @@ class _Linear(torch.autograd.Function):
         x2, weight = ctx.saved_tensors
         N, K = weight.shape
         M = x2.shape[0]
-        dy2 = dy.reshape(-1, N)                                  # (M, N)
+        dy2 = dy.reshape(M, N)                                   # (M, N) (-1 failed for N = 0)
         if dy2.dtype != torch.float32 or dy2.device.type != "cpu":
             raise TypeError(f"linear backward: expected a float32 cpu gradient, got {dy2.dtype} on {dy2.device}")
         dy2 = dy2.contiguous()

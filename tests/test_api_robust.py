@@ -287,3 +287,14 @@ def test_dispatched_ops_keep_their_signatures():
         assert "*args" not in str(inspect.signature(fn)), (name, inspect.signature(fn))
         with pytest.raises(TypeError, match="missing"):
             fn()
+
+
+# --- session 32's fuzz of the public API -----------------------------------------------------------------------------
+def test_linear_backward_with_no_output_features(rng):
+    """weight (0, K): the forward gave (M, 0), the backward torch's "cannot reshape tensor of 0 elements into shape
+    [-1, 0]" (dy.reshape(-1, N) with N = 0)."""
+    x = torch.randn(3, 4, generator=rng, requires_grad=True)
+    w = torch.randn(0, 4, requires_grad=True)
+    b = torch.randn(0, requires_grad=True)
+    ops.linear(x, w, b).sum().backward()
+    assert torch.equal(x.grad, torch.zeros(3, 4)) and w.grad.shape == (0, 4) and b.grad.shape == (0,)
