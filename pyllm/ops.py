@@ -599,6 +599,7 @@ class _CrossEntropy(torch.autograd.Function):
         C().cross_entropy_forward(ptr(loss_rows), ptr(stats), ptr(logits), ptr(targets), N, V, int(ignore_index),
                                   ptr(dlogits), 1.0 / n_valid)
         ctx.dlogits = dlogits
+        ctx.dlogits_version = None if dlogits is None else dlogits._version
         return loss_rows.sum(dtype=torch.float64).float() / n_valid
 
     @staticmethod
@@ -606,6 +607,10 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx, dloss):
         if ctx.dlogits is None:
             raise RuntimeError("cross_entropy: the logits did not require grad in the forward")
+        if ctx.dlogits._version != ctx.dlogits_version:  # the buffer an earlier backward returned, changed since
+            raise RuntimeError("cross_entropy backward: the gradient an earlier backward of this graph returned was "
+                               "modified in place (it is the buffer this backward returns): clone it before changing "
+                               "it")
         # loss.backward() passes exactly 1: the forward's buffer is the gradient (a copy would be one more pass
         # over (N, V)); the buffer is not changed in place, so a retained graph's second backward still sees it
         return (ctx.dlogits if float(dloss) == 1.0 else ctx.dlogits * float(dloss)), None, None

@@ -298,3 +298,23 @@ def test_linear_backward_with_no_output_features(rng):
     b = torch.randn(0, requires_grad=True)
     ops.linear(x, w, b).sum().backward()
     assert torch.equal(x.grad, torch.zeros(3, 4)) and w.grad.shape == (0, 4) and b.grad.shape == (0,)
+
+
+def test_cross_entropy_gradient_changed_in_place_before_a_second_backward(rng):
+    """The backward returns the forward's gradient buffer itself (no copy): a caller that changed the gradient it got
+    in place (g.zero_(), an in-place hook or clipping) changed what a retained graph's next backward returned, with
+    no error (all zeros here, where torch gives the gradient again)."""
+    logits = torch.randn(4, 7, generator=rng, requires_grad=True)
+    t = torch.tensor([0, 6, -1, 3])
+    loss = ops.cross_entropy(logits, t)
+    (g,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    expect = g.clone()
+    (g2,) = torch.autograd.grad(loss, logits, retain_graph=True)  # untouched: the same gradient again
+    assert torch.equal(g2, expect)
+    g.zero_()
+    with pytest.raises(RuntimeError, match="cross_entropy backward: the gradient an earlier backward"):
+        torch.autograd.grad(loss, logits)
+    loss = ops.cross_entropy(logits, t)  # three retained backwards into a leaf's .grad: still the sum
+    for _ in range(3):
+        loss.backward(retain_graph=True)
+    torch.testing.assert_close(logits.grad, 3 * expect)
