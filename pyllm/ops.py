@@ -254,6 +254,14 @@ def ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _written(*tensors) -> None:
+    """Tell autograd that a kernel changed these tensors in place through their data pointers (as torch's in-place
+    ops do): a graph that saved one then refuses its backward, where it backpropagated through the new values without
+    a word (a step of pyllm's AdamW before loss.backward(), a matmul out= saved by an earlier op). Inference tensors
+    have no version counter."""
+    torch.autograd.graph.increment_version([t for t in tensors if not t.is_inference()])
+
+
 # --- big output buffers -----------------------------------------------------------------------------------
 # A fresh multi-MB tensor is fresh memory: glibc maps blocks over 32 MB anew on every allocation (and trims freed
 # heap), so each training step page-faults its logits, dlogits and activations in again, inside the kernels that
@@ -397,6 +405,7 @@ def matmul(a, b, bias=None, trans_a=False, trans_b=False, out=None, accumulate=F
         raise ValueError(f"matmul: inner dimensions differ: op(a) is ({M}, {K}), op(b).T needs ({Kb}, {N})")
     if bias is not None:
         check(bias, "matmul bias", shape=(N,))
+    out_given = out is not None
     if out is None:
         if accumulate:
             raise ValueError("matmul: accumulate=True needs out")
@@ -405,7 +414,10 @@ def matmul(a, b, bias=None, trans_a=False, trans_b=False, out=None, accumulate=F
         for t, name in ((a, "a"), (b, "b"), (bias, "bias")):
             if _overlap(out, t):  # the kernel reads its operands while writing out: a wrong result, not an error
                 raise ValueError(f"matmul out: shares memory with {name}")
-    return _gemm(a, b, M, N, K, trans_a, trans_b, bias, out, accumulate)
+    out = _gemm(a, b, M, N, K, trans_a, trans_b, bias, out, accumulate)
+    if out_given:
+        _written(out)
+    return out
 
 
 def _overlap(x: torch.Tensor, y: torch.Tensor | None) -> bool:
@@ -653,6 +665,7 @@ def adamw_step(params, grads, ms, vs, lr: float, beta1: float, beta2: float, eps
         if p.numel():
             C().adamw_step(ptr(p), ptr(g), ptr(m), ptr(v), p.numel(), float(lr), float(beta1), float(beta2),
                            float(eps), float(weight_decay), step)
+    _written(*params, *ms, *vs)
 
 
 def _check_adamw(lr, beta1, beta2, eps, weight_decay, where):

@@ -318,3 +318,29 @@ def test_cross_entropy_gradient_changed_in_place_before_a_second_backward(rng):
     for _ in range(3):
         loss.backward(retain_graph=True)
     torch.testing.assert_close(logits.grad, 3 * expect)
+
+
+def test_in_place_kernel_writes_bump_the_version_counter(rng):
+    """adamw_step / AdamW.step and matmul(out=) wrote through raw pointers: autograd did not see the change, so a
+    graph that had saved the tensor backpropagated through the new values without a word (torch.optim.AdamW and
+    torch's out= ops make that backward an error)."""
+    w = torch.nn.Parameter(torch.randn(3, generator=rng))
+    opt = ops.AdamW([w], lr=0.5)
+    loss = (w * w).sum()
+    w.grad = torch.ones(3)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    a, b, out = torch.randn(2, 3, generator=rng), torch.randn(4, 3, generator=rng), torch.zeros(2, 4)
+    x = torch.randn(4, generator=rng, requires_grad=True)
+    y = (out * x).sum()
+    with torch.no_grad():
+        ops.matmul(a, b, out=out)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    with torch.inference_mode():  # inference tensors have no version counter: still fine
+        out_inf = torch.zeros(2, 4)
+        ops.matmul(a, b, out=out_inf)
+        p, g, m, v = torch.randn(3), torch.randn(3), torch.zeros(3), torch.zeros(3)
+        ops.adamw_step([p], [g], [m], [v], 1e-3, 0.9, 0.99, 1e-8, 0.0, 1)
+    torch.testing.assert_close(out_inf, a @ b.T, rtol=1e-5, atol=1e-5)
