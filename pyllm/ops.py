@@ -696,9 +696,13 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             ps, gs, ms, vs = [], [], [], []
-            for p in group["params"]:
+            for j, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
+                if p.grad.layout != torch.strided:  # was torch's "unsupported memory format option Contiguous"
+                    raise ValueError(f"AdamW: parameter {j} of group {self.param_groups.index(group)} has a "
+                                     f"{'sparse' if p.grad.is_sparse else p.grad.layout} gradient (only dense "
+                                     f"gradients are supported)")
                 st = self.state[p]
                 if not st:
                     st["step"] = torch.tensor(0.0)  # a tensor like torch's, so state_dicts interchange

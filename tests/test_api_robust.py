@@ -344,3 +344,12 @@ def test_in_place_kernel_writes_bump_the_version_counter(rng):
         p, g, m, v = torch.randn(3), torch.randn(3), torch.zeros(3), torch.zeros(3)
         ops.adamw_step([p], [g], [m], [v], 1e-3, 0.9, 0.99, 1e-8, 0.0, 1)
     torch.testing.assert_close(out_inf, a @ b.T, rtol=1e-5, atol=1e-5)
+
+
+def test_adamw_sparse_gradient():
+    """A sparse .grad was torch's "unsupported memory format option Contiguous" from inside AdamW.step."""
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = ops.AdamW([w])
+    w.grad = torch.randn(4, 3).to_sparse()
+    with pytest.raises(ValueError, match="AdamW: parameter 0 of group 0 has a sparse gradient"):
+        opt.step()
