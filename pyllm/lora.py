@@ -161,6 +161,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold the adapters into the weights in place and remove them; the model is a plain GPT again."""
     for name, mod in list(model.named_modules()):
         if parametrize.is_parametrized(mod, "weight"):
+            # torch deletes the `weight` property from the module's generated Parametrized* class, which a
+            # copy.deepcopy of the model shares with the original: the original lost its weights. Remove it from
+            # a class of this module's own.
+            cls = type(mod)
+            mod.__class__ = type(cls.__name__, cls.__bases__,
+                                 {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
     model._lora_config = None
     for p in model.parameters():

@@ -254,6 +254,14 @@ def ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _written(*tensors) -> None:
+    """Tell autograd that a kernel changed these tensors in place through their data pointers (as torch's in-place
+    ops do): a graph that saved one then refuses its backward, where it backpropagated through the new values without
+    a word (a step of pyllm's AdamW before loss.backward(), a matmul out= saved by an earlier op). Inference tensors
+    have no version counter."""
+    torch.autograd.graph.increment_version([t for t in tensors if not t.is_inference()])
+
+
 # --- big output buffers -----------------------------------------------------------------------------------
 # A fresh multi-MB tensor is fresh memory: glibc maps blocks over 32 MB anew on every allocation (and trims freed
 # heap), so each training step page-faults its logits, dlogits and activations in again, inside the kernels that
@@ -397,6 +405,7 @@ def matmul(a, b, bias=None, trans_a=False, trans_b=False, out=None, accumulate=F
         raise ValueError(f"matmul: inner dimensions differ: op(a) is ({M}, {K}), op(b).T needs ({Kb}, {N})")
     if bias is not None:
         check(bias, "matmul bias", shape=(N,))
+    out_given = out is not None
     if out is None:
         if accumulate:
             raise ValueError("matmul: accumulate=True needs out")
@@ -405,7 +414,10 @@ def matmul(a, b, bias=None, trans_a=False, trans_b=False, out=None, accumulate=F
         for t, name in ((a, "a"), (b, "b"), (bias, "bias")):
             if _overlap(out, t):  # the kernel reads its operands while writing out: a wrong result, not an error
                 raise ValueError(f"matmul out: shares memory with {name}")
-    return _gemm(a, b, M, N, K, trans_a, trans_b, bias, out, accumulate)
+    out = _gemm(a, b, M, N, K, trans_a, trans_b, bias, out, accumulate)
+    if out_given:
+        _written(out)
+    return out
 
 
 def _overlap(x: torch.Tensor, y: torch.Tensor | None) -> bool:
@@ -444,7 +456,7 @@ class _Linear(torch.autograd.Function):
         x2, weight = ctx.saved_tensors
         N, K = weight.shape
         M = x2.shape[0]
-        dy2 = dy.reshape(-1, N)                                  # (M, N)
+        dy2 = dy.reshape(M, N)                                   # (M, N) (-1 failed for N = 0)
         if dy2.dtype != torch.float32 or dy2.device.type != "cpu":
             raise TypeError(f"linear backward: expected a float32 cpu gradient, got {dy2.dtype} on {dy2.device}")
         dy2 = dy2.contiguous()
@@ -599,6 +611,7 @@ class _CrossEntropy(torch.autograd.Function):
         C().cross_entropy_forward(ptr(loss_rows), ptr(stats), ptr(logits), ptr(targets), N, V, int(ignore_index),
                                   ptr(dlogits), 1.0 / n_valid)
         ctx.dlogits = dlogits
+        ctx.dlogits_version = None if dlogits is None else dlogits._version
         return loss_rows.sum(dtype=torch.float64).float() / n_valid
 
     @staticmethod
@@ -606,6 +619,10 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx, dloss):
         if ctx.dlogits is None:
             raise RuntimeError("cross_entropy: the logits did not require grad in the forward")
+        if ctx.dlogits._version != ctx.dlogits_version:  # the buffer an earlier backward returned, changed since
+            raise RuntimeError("cross_entropy backward: the gradient an earlier backward of this graph returned was "
+                               "modified in place (it is the buffer this backward returns): clone it before changing "
+                               "it")
         # loss.backward() passes exactly 1: the forward's buffer is the gradient (a copy would be one more pass
         # over (N, V)); the buffer is not changed in place, so a retained graph's second backward still sees it
         return (ctx.dlogits if float(dloss) == 1.0 else ctx.dlogits * float(dloss)), None, None
@@ -648,6 +665,7 @@ def adamw_step(params, grads, ms, vs, lr: float, beta1: float, beta2: float, eps
         if p.numel():
             C().adamw_step(ptr(p), ptr(g), ptr(m), ptr(v), p.numel(), float(lr), float(beta1), float(beta2),
                            float(eps), float(weight_decay), step)
+    _written(*params, *ms, *vs)
 
 
 def _check_adamw(lr, beta1, beta2, eps, weight_decay, where):
@@ -678,9 +696,13 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             ps, gs, ms, vs = [], [], [], []
-            for p in group["params"]:
+            for j, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
+                if p.grad.layout != torch.strided:  # was torch's "unsupported memory format option Contiguous"
+                    raise ValueError(f"AdamW: parameter {j} of group {self.param_groups.index(group)} has a "
+                                     f"{'sparse' if p.grad.is_sparse else p.grad.layout} gradient (only dense "
+                                     f"gradients are supported)")
                 st = self.state[p]
                 if not st:
                     st["step"] = torch.tensor(0.0)  # a tensor like torch's, so state_dicts interchange

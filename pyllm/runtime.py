@@ -72,17 +72,24 @@ class Model:
         self.format = FORMATS.get(fmt, str(fmt))
         self.norm_eps = L.run_model_norm_eps(self._m)
         self.rope_theta = L.run_model_rope_theta(self._m)
+        self._n_run = 0   # positions [0, _n_run) hold this model's KV cache entries
 
     def forward(self, token: int, pos: int) -> np.ndarray:
         """Logits (vocab_size,) float32 (a copy) for `token` at `pos`; positions < pos must have been run."""
         ffi, L = lib()
         if self._m is None:
             raise ValueError("model is closed")
+        # integers only (3.7 ran token 3, True token 1, without a word)
+        token, pos = _int_arg(token, "forward token"), _int_arg(pos, "forward pos")
         if not (0 <= token < self.vocab_size) or not (0 <= pos < self.seq_len):
             raise ValueError(f"token {token} must be in [0, {self.vocab_size}) and pos {pos} in [0, {self.seq_len})")
-        p = L.run_forward(self._m, int(token), int(pos))
+        if pos > self._n_run:  # attention would read cache rows never written (zeros, or a stale sequence's)
+            raise ValueError(f"forward pos {pos}: positions {self._n_run}..{pos - 1} have not been run (run the "
+                             f"tokens before it first)")
+        p = L.run_forward(self._m, token, pos)
         if p == ffi.NULL:
             raise MemoryError("run_forward: out of memory for a kernel's scratch buffers")
+        self._n_run = pos + 1  # rows after pos belong to the sequence this one replaces
         return np.frombuffer(ffi.buffer(p, 4 * self.vocab_size), dtype=np.float32).copy()
 
     def close(self):
@@ -93,8 +100,21 @@ class Model:
     __del__ = close
 
 
+def _int_arg(v, name: str) -> int:
+    """An integer argument (Python/numpy ints, integer 0-d tensors) as an int: a float, bool or string is a TypeError
+    naming it."""
+    if isinstance(v, bool):
+        raise TypeError(f"{name}: expected an integer, got {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer, got {v!r}") from None
+
+
 def _token_id(i) -> int:
     """As pyllm.tokenizer's (not imported: it loads the tokenizers library, which this module does not need)."""
+    if isinstance(i, bool):  # True was token 1
+        raise ValueError(f"decode: token ids must be integers, got {i!r}")
     try:
         return operator.index(i)
     except TypeError:
@@ -113,13 +133,21 @@ class CTokenizer:
         self.bos_id = L.run_bos_id(self._t)
         self.vocab_size = L.run_tokenizer_vocab_size(self._t)
 
+    def _handle(self):
+        if getattr(self, "_t", None) is None:  # was cffi's "initializer for ctype 'run_tokenizer *' ..."
+            raise ValueError("tokenizer is closed")
+        return self._t
+
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ffi, L = lib()
+        t = self._handle()
+        if not isinstance(text, str):  # was "'int' object has no attribute 'encode'"
+            raise TypeError(f"encode expects str, got {type(text).__name__}")
         data = text.encode()
         cap = len(data) + 3
         ids = ffi.new("int[]", cap)
         # with the length: run_encode (a C string) stopped at a "\0", dropping the rest of the text without a word
-        n = L.run_encode_len(self._t, data, len(data), int(add_bos), ids, cap)
+        n = L.run_encode_len(t, data, len(data), int(add_bos), ids, cap)
         if n == -3:
             raise MemoryError("C tokenizer: out of memory encoding the text")
         if n < 0:  # -2 (no room) cannot happen: cap is an upper bound
@@ -129,17 +157,21 @@ class CTokenizer:
 
     def decode_bytes(self, ids, prev: int = -1, skip_special: bool = False) -> bytes:
         ffi, L = lib()
+        t = self._handle()
         # the same ids as pyllm.tokenizer.Tokenizer.decode takes, and the same error (run_decode's NULL for an id
         # out of range was skipped: a wrong id vanished from the text)
         ids = [_token_id(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"decode: ids {bad[:5]} outside 0..{self.vocab_size - 1}")
+        prev = _int_arg(prev, "decode_bytes prev")
+        if not 0 <= prev < self.vocab_size:  # no token before (-1); 2^40 was cffi's OverflowError
+            prev = -1
         n = ffi.new("int*")
         out = []
         for i in ids:
-            if not (skip_special and L.run_is_special(self._t, i)):  # as pyllm-run prints: control tokens are not text
-                s = L.run_decode(self._t, int(prev), i, n)
+            if not (skip_special and L.run_is_special(t, i)):  # as pyllm-run prints: control tokens are not text
+                s = L.run_decode(t, prev, i, n)
                 out.append(ffi.buffer(s, n[0])[:])
             prev = i  # a skipped token is still the next one's predecessor, as in pyllm-run
         return b"".join(out)
@@ -148,7 +180,9 @@ class CTokenizer:
         return self.decode_bytes(ids, skip_special=skip_special).decode(errors="replace")
 
     def token_id(self, piece: str) -> int:
-        return lib()[1].run_token_id(self._t, piece.encode())
+        if not isinstance(piece, str):
+            raise TypeError(f"token_id expects str, got {type(piece).__name__}")
+        return lib()[1].run_token_id(self._handle(), piece.encode())
 
     def close(self):
         if getattr(self, "_t", None) is not None:
@@ -179,6 +213,7 @@ def sample(logits: np.ndarray, temperature: float = 1.0, top_p: float = 1.0, top
         raise ValueError(f"sample: temperature must be a finite number >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"sample: top_p must be in (0, 1], got {top_p}")
+    top_k, seed, step = (_int_arg(v, f"sample {n}") for v, n in ((top_k, "top_k"), (seed, "seed"), (step, "step")))
     if not 0 <= top_k < 2 ** 31:
         raise ValueError(f"sample: top_k must be in [0, 2^31) (0 = off), got {top_k}")
     if not 0 <= min_p <= 1:
@@ -224,8 +259,10 @@ class Runtime:
     def generate_ids(self, ids: list[int], steps: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                      seed: int = 0, stop: tuple = (), min_p: float = 0.0) -> list[int]:
         """Run `ids` (from position 0), then sample up to `steps` new tokens; returns the new ids."""
+        ids = [_int_arg(i, "generate_ids ids") for i in ids]  # an array was "truth value ... is ambiguous"
         if not ids:
             raise ValueError("generate needs at least one token (e.g. BOS)")
+        steps = _int_arg(steps, "generate steps")
         if steps < 0:
             raise ValueError(f"generate: steps must be >= 0, got {steps}")
         if len(ids) + steps > self.model.seq_len:

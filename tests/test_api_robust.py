@@ -287,3 +287,69 @@ def test_dispatched_ops_keep_their_signatures():
         assert "*args" not in str(inspect.signature(fn)), (name, inspect.signature(fn))
         with pytest.raises(TypeError, match="missing"):
             fn()
+
+
+# --- session 32's fuzz of the public API -----------------------------------------------------------------------------
+def test_linear_backward_with_no_output_features(rng):
+    """weight (0, K): the forward gave (M, 0), the backward torch's "cannot reshape tensor of 0 elements into shape
+    [-1, 0]" (dy.reshape(-1, N) with N = 0)."""
+    x = torch.randn(3, 4, generator=rng, requires_grad=True)
+    w = torch.randn(0, 4, requires_grad=True)
+    b = torch.randn(0, requires_grad=True)
+    ops.linear(x, w, b).sum().backward()
+    assert torch.equal(x.grad, torch.zeros(3, 4)) and w.grad.shape == (0, 4) and b.grad.shape == (0,)
+
+
+def test_cross_entropy_gradient_changed_in_place_before_a_second_backward(rng):
+    """The backward returns the forward's gradient buffer itself (no copy): a caller that changed the gradient it got
+    in place (g.zero_(), an in-place hook or clipping) changed what a retained graph's next backward returned, with
+    no error (all zeros here, where torch gives the gradient again)."""
+    logits = torch.randn(4, 7, generator=rng, requires_grad=True)
+    t = torch.tensor([0, 6, -1, 3])
+    loss = ops.cross_entropy(logits, t)
+    (g,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    expect = g.clone()
+    (g2,) = torch.autograd.grad(loss, logits, retain_graph=True)  # untouched: the same gradient again
+    assert torch.equal(g2, expect)
+    g.zero_()
+    with pytest.raises(RuntimeError, match="cross_entropy backward: the gradient an earlier backward"):
+        torch.autograd.grad(loss, logits)
+    loss = ops.cross_entropy(logits, t)  # three retained backwards into a leaf's .grad: still the sum
+    for _ in range(3):
+        loss.backward(retain_graph=True)
+    torch.testing.assert_close(logits.grad, 3 * expect)
+
+
+def test_in_place_kernel_writes_bump_the_version_counter(rng):
+    """adamw_step / AdamW.step and matmul(out=) wrote through raw pointers: autograd did not see the change, so a
+    graph that had saved the tensor backpropagated through the new values without a word (torch.optim.AdamW and
+    torch's out= ops make that backward an error)."""
+    w = torch.nn.Parameter(torch.randn(3, generator=rng))
+    opt = ops.AdamW([w], lr=0.5)
+    loss = (w * w).sum()
+    w.grad = torch.ones(3)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    a, b, out = torch.randn(2, 3, generator=rng), torch.randn(4, 3, generator=rng), torch.zeros(2, 4)
+    x = torch.randn(4, generator=rng, requires_grad=True)
+    y = (out * x).sum()
+    with torch.no_grad():
+        ops.matmul(a, b, out=out)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    with torch.inference_mode():  # inference tensors have no version counter: still fine
+        out_inf = torch.zeros(2, 4)
+        ops.matmul(a, b, out=out_inf)
+        p, g, m, v = torch.randn(3), torch.randn(3), torch.zeros(3), torch.zeros(3)
+        ops.adamw_step([p], [g], [m], [v], 1e-3, 0.9, 0.99, 1e-8, 0.0, 1)
+    torch.testing.assert_close(out_inf, a @ b.T, rtol=1e-5, atol=1e-5)
+
+
+def test_adamw_sparse_gradient():
+    """A sparse .grad was torch's "unsupported memory format option Contiguous" from inside AdamW.step."""
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = ops.AdamW([w])
+    w.grad = torch.randn(4, 3).to_sparse()
+    with pytest.raises(ValueError, match="AdamW: parameter 0 of group 0 has a sparse gradient"):
+        opt.step()

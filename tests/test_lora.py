@@ -169,3 +169,20 @@ def test_a_corrupt_saved_adapter_is_one_line_naming_its_file(tmp_path):
         with pytest.raises(ValueError, match=pattern) as e:
             load_adapter(tiny_model()[0], tmp_path)
         assert str(e.value).startswith(f"{st_path}: "), e.value
+
+
+def test_merging_a_copy_leaves_the_original_working(rng):
+    """merge_lora(copy.deepcopy(model)): a deep copy shares torch's generated ParametrizedLinear classes, and removing
+    the parametrization deleted the `weight` property from the shared class: the original model's every forward
+    then failed with "'ParametrizedLinear' object has no attribute 'weight'"."""
+    import copy
+    model, _ = tiny_model(seed=4)
+    apply_lora(model, r=2, verbose=False)
+    _randomize_adapters(model, rng)
+    idx = torch.randint(0, model.config.vocab_size, (1, 6), generator=rng)
+    before = model(idx)[0]
+    merged = merge_lora(copy.deepcopy(model))
+    torch.testing.assert_close(model(idx)[0], before, rtol=0, atol=0)
+    torch.testing.assert_close(merged(idx)[0], before, rtol=1e-5, atol=1e-5)
+    merge_lora(model)  # and the original still merges
+    torch.testing.assert_close(model(idx)[0], before, rtol=1e-5, atol=1e-5)

@@ -794,3 +794,42 @@ def test_cffi_declarations_come_from_run_h():
     lib = ffi.dlopen(str(runtime.LIB_PATH))
     for name in declared:
         assert callable(getattr(lib, name)), name
+
+
+def test_runtime_integer_arguments_and_unrun_positions(tok_and_model):
+    """Model.forward took token 3.7 as 3, True as 1 and pos 0.5 as 0 without a word, and ran a position whose
+    predecessors had never been run (attention read cache rows of zeros or of an older sequence: wrong logits, no
+    error); a closed CTokenizer was cffi's "initializer for ctype 'run_tokenizer *'", encode(5) an AttributeError,
+    sample(seed=1.5) cffi's "an integer is required", generate_ids(np.array(...)) numpy's "truth value ... ambiguous"."""
+    tok, sd, c, paths = tok_and_model
+    m = runtime.Model(paths["model"])
+    for token, pos, name in ((3.7, 0, "forward token"), (True, 0, "forward token"), (3, 0.5, "forward pos")):
+        with pytest.raises(TypeError, match=f"{name}: expected an integer"):
+            m.forward(token, pos)
+    with pytest.raises(ValueError, match="forward pos 2: positions 0..1 have not been run"):
+        m.forward(5, 2)
+    first = [m.forward(t, p) for p, t in enumerate([5, 6, 7])]
+    np.testing.assert_array_equal(m.forward(np.int64(7), torch.tensor(2)), first[2])   # integer-likes are fine
+    m.forward(9, 1)                      # a new sequence from position 1 on: position 2 is no longer its
+    with pytest.raises(ValueError, match="forward pos 3: positions 2..2 have not been run"):
+        m.forward(5, 3)
+    m.close()
+    ct = runtime.CTokenizer(paths["tokenizer"], tok.vocab_size)
+    with pytest.raises(TypeError, match="encode expects str, got int"):
+        ct.encode(5)
+    with pytest.raises(ValueError, match="token ids must be integers, got True"):
+        ct.decode([True])
+    assert ct.decode_bytes([5], prev=2 ** 40) == ct.decode_bytes([5])   # was cffi's OverflowError
+    ct.close()
+    for call in (lambda: ct.encode("hi"), lambda: ct.decode([3]), lambda: ct.token_id("a")):
+        with pytest.raises(ValueError, match="tokenizer is closed"):
+            call()
+    logits = np.random.default_rng(0).standard_normal(20).astype(np.float32)
+    for kw in ({"seed": 1.5}, {"top_k": 2.5}, {"step": 1.0}):
+        with pytest.raises(TypeError, match=f"sample {next(iter(kw))}: expected an integer"):
+            runtime.sample(logits, **kw)
+    assert runtime.sample(logits, seed=torch.tensor(5)) == runtime.sample(logits, seed=5)  # was an OverflowError
+    r = runtime.Runtime(paths["model"], paths["tokenizer"])
+    assert r.generate_ids(np.array([1, 2]), 3, temperature=0) == r.generate_ids([1, 2], 3, temperature=0)
+    with pytest.raises(TypeError, match="generate_ids ids: expected an integer, got 1.5"):
+        r.generate_ids([1.5, 2], 2)
