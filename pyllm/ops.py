@@ -746,7 +746,8 @@ class _Attention(torch.autograd.Function):
 
 
 def attention_with_lse(q, k, v, doc_ids=None):
-    """Like attention() but also returns lse (B, H, T): log-sum-exp of each query row's scaled scores."""
+    """Like attention() but also returns lse (B, H, T): log-sum-exp of each query row's scaled scores. lse carries no
+    gradient (it is marked non-differentiable: lse.requires_grad is False), so a loss must not be built on it."""
     return _apply(_Attention, q, k, v, doc_ids)
 
 

@@ -102,7 +102,7 @@ class _Linear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout):
         x2, weight = ctx.saved_tensors
-        dout2 = dout.reshape(-1, weight.shape[0]).to(x2.dtype).contiguous()  # (M, N)
+        dout2 = dout.reshape(x2.shape[0], weight.shape[0]).to(x2.dtype).contiguous()  # (M, N); -1 fails at N=0
         # The kernel is NT only (both operands K-contiguous), so the other two products pay a transpose copy.
         dx = _mm(dout2, weight.t().contiguous())                    # (M, K) = dout . W
         dw = _mm(dout2.t().contiguous(), x2.t().contiguous())       # (N, K) = dout^T . x
