@@ -209,6 +209,9 @@ def sample(logits: np.ndarray, temperature: float = 1.0, top_p: float = 1.0, top
     # a 2-D array was flattened, a negative seed was cffi's OverflowError)
     if buf.ndim != 1 or buf.size == 0:
         raise ValueError(f"sample: expected non-empty 1-D logits (n,), got shape {buf.shape}")
+    for v, n in ((temperature, "temperature"), (top_p, "top_p"), (min_p, "min_p")):  # "1" was a bare TypeError
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise TypeError(f"sample: {n} must be a number, got {v!r}")
     if not (temperature >= 0 and math.isfinite(temperature)):
         raise ValueError(f"sample: temperature must be a finite number >= 0, got {temperature}")
     if not 0 < top_p <= 1:

@@ -227,6 +227,9 @@ def test_sampler_rejects_bad_arguments(rng):
         runtime.sample(logits.reshape(5, 10))
     with pytest.raises(ValueError, match="no finite logit"):
         runtime.sample(np.full(8, -np.inf, np.float32))
+    for kw in ({"temperature": "1"}, {"top_p": None}, {"min_p": True}):  # a bare TypeError from a comparison
+        with pytest.raises(TypeError, match=f"sample: {next(iter(kw))} must be a number, got "):
+            runtime.sample(logits, **kw)
 
 
 def test_export_fsyncs_model_bin_before_the_rename(tmp_path, rng, monkeypatch):
