@@ -160,6 +160,8 @@ def save_checkpoint(dir, model: GPT, tokenizer=None, extra: dict | None = None,
     except BaseException as e:
         if old is not None and old.is_dir() and not dir.exists():  # Ctrl-C between the renames: put it back
             os.replace(old, dir)
+        elif old is not None and old.is_dir():  # Ctrl-C / SIGTERM while the previous one was being removed
+            shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno is not None:  # name what failed by its place in <dir>, not the gone tmp
             f = str(e.filename or dir)
