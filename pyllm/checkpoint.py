@@ -115,7 +115,10 @@ def recover_interrupted_save(dir) -> None:
         if not m or p.is_symlink() or not p.is_dir() or _pid_alive(int(m.group(2))):
             continue
         if m.group(1) == "old" and not os.path.lexists(dir):
-            os.replace(p, dir)
+            try:
+                os.replace(p, dir)
+            except FileNotFoundError:  # another rank of the run (each resumes) put it back first
+                continue
             print(f"{dir}: put back the previous checkpoint from {p.name} (a save was killed mid-swap)",
                   file=sys.stderr)
         else:
