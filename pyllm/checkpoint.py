@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -85,6 +87,44 @@ def _write_json(path: Path, obj) -> None:
         os.fsync(f.fileno())
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def recover_interrupted_save(dir) -> None:
+    """What a save_checkpoint killed mid-way (SIGKILL, the OOM killer, a power cut: no clean-up ran) left beside
+    <dir>: its <dir>.tmp-<pid>/ (a partial copy), or, killed while the previous checkpoint was being removed,
+    <dir>.old-<pid>/; both are removed. Killed between the two renames, <dir> is gone and <dir>.old-<pid>/ is the
+    previous complete checkpoint: it is put back (a --resume said "no trainer_state.json there"). Only a dead
+    process's leftovers are touched: a live one may be saving now. Each leftover was a model-sized directory that
+    no later run removed."""
+    dir = Path(dir)
+    if dir.is_symlink():
+        dir = Path(os.path.realpath(dir))
+    if not dir.name or not dir.parent.is_dir():  # ("." or "/": no sibling is its save's)
+        return
+    pattern = re.compile(re.escape(dir.name) + r"\.(old|tmp)-(\d+)")
+    for p in sorted(dir.parent.iterdir()):  # .old-* before .tmp-*
+        m = pattern.fullmatch(p.name)
+        if not m or p.is_symlink() or not p.is_dir() or _pid_alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not os.path.lexists(dir):
+            try:
+                os.replace(p, dir)
+            except FileNotFoundError:  # another rank of the run (each resumes) put it back first
+                continue
+            print(f"{dir}: put back the previous checkpoint from {p.name} (a save was killed mid-swap)",
+                  file=sys.stderr)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def save_checkpoint(dir, model: GPT, tokenizer=None, extra: dict | None = None,
                     extra_files: Callable[[Path], None] | None = None) -> Path:
     """Write the checkpoint directory atomically: everything goes into <dir>.tmp-<pid> first, then that directory
@@ -95,6 +135,7 @@ def save_checkpoint(dir, model: GPT, tokenizer=None, extra: dict | None = None,
         raise FileExistsError(f"{dir}: exists and is not a directory (a checkpoint is a directory)")
     if dir.is_symlink():  # swap the link's target: renaming the link itself left a real <dir> in its place and a
         dir = Path(os.path.realpath(dir))  # stray <dir>.old-<pid> link ("Cannot call rmtree on a symbolic link")
+    recover_interrupted_save(dir)
     tmp = dir.with_name(f"{dir.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -122,6 +163,8 @@ def save_checkpoint(dir, model: GPT, tokenizer=None, extra: dict | None = None,
     except BaseException as e:
         if old is not None and old.is_dir() and not dir.exists():  # Ctrl-C between the renames: put it back
             os.replace(old, dir)
+        elif old is not None and old.is_dir():  # Ctrl-C / SIGTERM while the previous one was being removed
+            shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno is not None:  # name what failed by its place in <dir>, not the gone tmp
             f = str(e.filename or dir)
@@ -313,4 +356,5 @@ def read_extra(dir) -> dict:
     return extra or {}
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "config_from_hf", "hf_config", "state_dict_hf", "read_extra"]
+__all__ = ["save_checkpoint", "recover_interrupted_save", "load_checkpoint", "config_from_hf", "hf_config",
+           "state_dict_hf", "read_extra"]

@@ -63,7 +63,8 @@ def _chunks(items, max_chars: int = 1 << 18, max_docs: int = 256):
 
 def get_tokenizer(out: Path, files, tokenizer=None, byte_level=False, vocab_size=4096, skip_bad_lines=False,
                   doc_sep="", resume=False):
-    """The run's tokenizer, saved as out/tokenizer.json: reused on resume, else loaded, byte-level, or trained."""
+    """The run's tokenizer: out/tokenizer.json on resume, else loaded, byte-level, or trained (the caller saves it,
+    after the manifest)."""
     from .tokenizer import Tokenizer
     tj = out / "tokenizer.json"
     if resume and tj.is_file():
@@ -74,7 +75,6 @@ def get_tokenizer(out: Path, files, tokenizer=None, byte_level=False, vocab_size
         tok = Tokenizer.byte_level()
     else:
         tok = train_tokenizer(files, vocab_size, skip_bad_lines=skip_bad_lines, doc_sep=doc_sep)
-    tok.save(str(out))
     return tok
 
 
@@ -291,6 +291,11 @@ def _prepare(out, mpath, old, settings, files, val_files, tokenizer, byte_level,
     if man["tokenizer_hash"] != thash:
         raise ValueError(f"{out}/tokenizer.json does not match the manifest's tokenizer; use --overwrite")
     data.atomic_write_text(mpath, json.dumps(man, indent=1))
+    # the manifest first: a run killed between the two left a tokenizer.json without one, which every rerun refused
+    # ("holds a tokenizer.json that no `pyllm prepare` run there wrote"); a manifest without it resumes (the
+    # tokenizer is made again: trained deterministically, or the same --tokenizer, checked against the hash above)
+    if not (resume and (out / "tokenizer.json").is_file()):
+        tok.save(str(out))
     done = {sp: max([s["doc_end"] for s in man["shards"] if s["split"] == sp], default=0) for sp in ("train", "val")}
     count = {sp: sum(s["split"] == sp for s in man["shards"]) for sp in ("train", "val")}
     if resume:

@@ -355,6 +355,7 @@ def train(args) -> dict:
                                                               backend=backend, params=config.num_params(),
                                                               fsdp=fsdp_info), indent=1))
         metrics = _open_metrics(out / "metrics.jsonl", step)
+        _trim_samples(out / "samples.txt", step)
         print(f"pretrain: {config.num_params() / 1e6:.2f}M params ({config.n_layers} layers, dim {config.dim}), "
               f"{train_stream.n_tokens} train tokens, {total} tokens/step = {world} rank(s) x {accum} micro x {B}x{T}, "
               f"{args.max_steps} steps, backend {backend}, device {device}"
@@ -538,6 +539,20 @@ def _open_metrics(path: Path, step: int):
                 rows.append(line)
     D.atomic_write_text(path, "".join(r + "\n" for r in rows))
     return open(path, "a")
+
+
+def _trim_samples(path: Path, step: int) -> None:
+    """Drop samples.txt's entries from `step` on, as _open_metrics drops the metrics rows: a run killed after a
+    sample and before its next checkpoint wrote that sample again on --resume ("--- step 20" twice), and a run
+    started over (step 0) appended to the earlier run's samples."""
+    if not path.is_file():
+        return
+    lines = path.read_text(errors="replace").splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        m = re.fullmatch(r"--- step (\d+)\n?", line)
+        if m and int(m.group(1)) >= step:
+            D.atomic_write_text(path, "".join(lines[:i]))
+            return
 
 
 def plot_metrics(out: Path) -> None:

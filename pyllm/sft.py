@@ -793,6 +793,8 @@ def _flag_text(k: str, v) -> str:
 def resume_state(args, stage: str | None = None):
     """The trainer state to continue from (None when starting fresh); --resume without state, or with another
     stage's state (its optimizer and step count would be taken over silently), is an error."""
+    from .checkpoint import recover_interrupted_save
+    recover_interrupted_save(args.out)  # a save killed mid-way: its leftovers removed, or the previous one put back
     st = load_trainer_state(args.out) if args.resume else None
     if args.resume and st is None:
         raise FileNotFoundError(f"{args.out}: --resume but no trainer_state.json there")

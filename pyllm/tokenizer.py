@@ -214,8 +214,12 @@ class Tokenizer:
                    "model_max_length": 1_000_000_000}
             atomic_write(p / "tokenizer_config.json", [json.dumps(cfg, indent=2).encode()])
             p = p / "tokenizer.json"
-        atomic_write(p, [self._hf.to_str(pretty=True).encode("utf-8")])
+        atomic_write(p, [self.json_bytes()])
         return p
+
+    def json_bytes(self) -> bytes:
+        """tokenizer.json's bytes as save writes them (data.tokenizer_hash hashes them without writing a file)."""
+        return self._hf.to_str(pretty=True).encode("utf-8")
 
     # ---- ids ------------------------------------------------------------------------------------------------
     @property

@@ -263,6 +263,30 @@ def test_ctrl_c_between_the_two_renames_keeps_the_previous_checkpoint(rng, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
+def test_ctrl_c_while_removing_the_previous_checkpoint_leaves_no_old_dir(rng, tmp_path, monkeypatch):
+    """Crash-point fuzzing (SIGTERM to `pyllm dpo`): interrupted in rmtree(<dir>.old-<pid>) after the new checkpoint
+    was in place, the clean-up left the half-removed <dir>.old-<pid>/ behind."""
+    m1, m2 = tiny(rng), tiny(rng)
+    d = tmp_path / "ck"
+    save_checkpoint(d, m1, extra={"step": 1})
+    real = checkpoint.shutil.rmtree
+    calls = []
+
+    def interrupted(path, *a, **kw):
+        calls.append(Path(path).name)
+        if len(calls) == 1 and Path(path).name.startswith("ck.old-"):
+            (Path(path) / "config.json").unlink()  # part of it removed
+            raise KeyboardInterrupt
+        real(path, *a, **kw)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(d, m2, extra={"step": 2})
+    monkeypatch.undo()
+    assert calls[0].startswith("ck.old-")
+    assert read_extra(d) == {"step": 2}  # the new one, complete
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
 def test_extra_files_land_inside_the_swap(rng, tmp_path):
     m = tiny(rng)
     state = {"opt.m": torch.randn(3, generator=rng)}

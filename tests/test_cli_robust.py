@@ -1099,3 +1099,38 @@ def test_demo_word_and_list_settings_checked_before_any_stage(tmp_path, capsys):
         assert cli(["demo", "--quick", "--device", "cpu", "--out", str(tmp_path / "d"), *argv]) == 2
         assert message in one_line_error(capsys, "demo")
         assert not (tmp_path / "d").exists()
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_sigkill_mid_save_leftovers_are_cleaned_and_the_previous_checkpoint_put_back(tmp_path, capsys):
+    """Crash-point fuzzing (SIGKILL, no clean-up runs): a save killed while writing left <out>.tmp-<pid>/, one killed
+    while removing the previous checkpoint <out>.old-<pid>/, model-sized directories no later run removed; killed
+    between the two renames, <out> was gone and `--resume` said "no trainer_state.json there" with the previous
+    checkpoint stranded at <out>.old-<pid>. The exact leftovers of a dead process, made by hand here."""
+    import os
+    import shutil
+    argv, out = _sft_one_step(tmp_path, capsys)
+    dead = _dead_pid()
+    shutil.copytree(out, tmp_path / f"o.tmp-{dead}")  # a partial copy (its files are not checked)
+    (tmp_path / f"o.tmp-{dead}" / f"model.safetensors.tmp-{dead}").write_bytes(b"partial")
+    os.replace(out, tmp_path / f"o.old-{dead}")  # killed between the renames: no <out>
+    live = tmp_path / f"o.tmp-{os.getppid()}"  # a live process's: may be saving right now, left alone
+    live.mkdir()
+    assert cli([*argv, "--steps", "2", "--resume"]) == 0
+    assert f"{out}: put back the previous checkpoint from o.old-{dead}" in capsys.readouterr().err
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 2
+    assert sorted(p.name for p in tmp_path.glob("o*")) == ["o", live.name]
+    # killed while the previous checkpoint was being removed: <out> is the new one, <out>.old-<pid> partial
+    dead = _dead_pid()
+    (tmp_path / f"o.old-{dead}").mkdir()
+    (tmp_path / f"o.old-{dead}" / "config.json").write_text("{")
+    assert cli([*argv, "--steps", "3", "--resume"]) == 0
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 3
+    assert sorted(p.name for p in tmp_path.glob("o*")) == ["o", live.name]

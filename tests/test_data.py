@@ -230,6 +230,38 @@ def test_resumed_prepare_refuses_a_manifest_past_the_inputs(tmp_path, monkeypatc
     assert not D.read_manifest(out)["complete"]
 
 
+@pytest.mark.parametrize("dies_in", ["manifest", "tokenizer"])
+def test_prepare_killed_before_its_first_manifest_reruns(tmp_path, monkeypatch, dies_in):
+    """Crash-point fuzzing: a fresh run killed after saving its tokenizer.json and before writing manifest.json
+    left a directory every rerun refused ("holds a tokenizer.json that no `pyllm prepare` run there wrote"). The
+    manifest is written first now; a run killed between the two resumes, with the same tokenizer (trained again)."""
+    src, _ = _corpus(tmp_path)
+    kw = dict(vocab_size=300, val_fraction=0.2, shard_tokens=150, workers=1)
+    full = prepare([str(src)], tmp_path / "full", **kw)
+    real_write, real_save = D.atomic_write_text, Tokenizer.save
+
+    def write(path, text):  # a Ctrl-C runs no clean-up here: what it leaves is what a SIGKILL leaves
+        if dies_in == "manifest" and Path(path).name == D.MANIFEST:
+            raise KeyboardInterrupt
+        real_write(path, text)
+
+    def save(self, path):
+        if dies_in == "tokenizer":
+            raise KeyboardInterrupt
+        return real_save(self, path)
+    monkeypatch.setattr(D, "atomic_write_text", write)
+    monkeypatch.setattr(Tokenizer, "save", save)
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(src)], out, **kw)
+    monkeypatch.undo()
+    resumed = prepare([str(src)], out, **kw)  # was "holds a tokenizer.json that no `pyllm prepare` run there wrote"
+    assert resumed["shards"] == full["shards"] and resumed["complete"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "full").iterdir())
+    for p in (tmp_path / "full").iterdir():
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+
+
 @pytest.mark.parametrize("damage", ["truncate", "delete", "foreign"])
 def test_prepare_rerun_rebuilds_damaged_shards(tmp_path, capsys, damage):
     """A complete directory with a truncated, deleted or foreign shard said "already prepared; nothing to do" and

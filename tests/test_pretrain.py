@@ -86,6 +86,31 @@ def test_resume_is_exact(data_dir, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_after_a_kill_between_a_sample_and_the_next_checkpoint(data_dir, tmp_path, monkeypatch):
+    """Crash-point fuzzing: killed after step 2's sample and before the step-3 checkpoint, --resume (from step 2)
+    wrote "--- step 2" to samples.txt a second time; a run started over appended to the earlier run's samples."""
+    from pyllm import pretrain
+    args = ["pretrain", "--data", str(data_dir), *TINY, "--batch-size", "4", "--max-steps", "3", "--eval-every", "1",
+            "--sample-tokens", "2", "--checkpoint-every", "1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli([*args, "--out", str(a)]) == 0
+    real = pretrain.save
+
+    def killed_at_3(out, step, *rest):
+        if step == 3:
+            raise KeyboardInterrupt
+        real(out, step, *rest)
+    monkeypatch.setattr(pretrain, "save", killed_at_3)
+    assert cli([*args, "--out", str(b)]) == 130
+    monkeypatch.undo()
+    assert (b / "samples.txt").read_text().count("--- step") == 2
+    assert cli([*args, "--out", str(b), "--resume"]) == 0
+    assert (b / "samples.txt").read_text() == (a / "samples.txt").read_text()  # "--- step 1", 2, 3; 2 was twice
+    assert _losses(a) == _losses(b)
+    assert cli([*args, "--out", str(b)]) == 0  # started over: its own samples only
+    assert (b / "samples.txt").read_text() == (a / "samples.txt").read_text()
+
+
 def test_bf16_on_cpu_with_pyllm_kernels(data_dir, tmp_path):
     """--dtype bf16 on CPU: pyllm's GEMMs take bf16 operands (fp32 master weights); the run finishes, the loss is
     finite and the checkpoint is fp32."""
