@@ -47,13 +47,36 @@ class _HelpFormatter(argparse.HelpFormatter):
         return h + " (default: %(default)s)"
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32: the weights, losses and kernels are fp32
+INT64_MAX = 2 ** 63 - 1
+
+
 def finite_float(text: str) -> float:
     """argparse type of every float flag: `nan` and `inf` parse as floats but no flag means anything by them (a NaN
-    --weight-decay trained to an all-NaN checkpoint and exited 0)."""
+    --weight-decay trained to an all-NaN checkpoint and exited 0); nor a magnitude past float32's, which the fp32
+    tensors it meets cannot hold (--clip-range 1e308 was torch's "value cannot be converted to type float without
+    overflow" traceback, --lr 1e308 an all-inf checkpoint)."""
     v = float(text)
     if not math.isfinite(v):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    if abs(v) > FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most {FLOAT32_MAX:.7g} in magnitude (float32's range), "
+                                         f"got {text!r}")
     return v
+
+
+def int64(text: str) -> int:
+    """argparse type of every int flag: a 64-bit integer. Past it no flag means anything either, and the value met
+    a C int64 / numpy / torch conversion somewhere inside (--workers 2^64 was an OverflowError traceback, --top-k
+    2^64 an error naming no flag, after the model had loaded)."""
+    v = int(text)
+    if abs(v) > INT64_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer within +-(2^63 - 1), got {text!r}")
+    return v
+
+
+# argparse names the type in "invalid <name> value: 'x'": the user typed an int or a float, not an int64
+int64.__name__, finite_float.__name__ = "int", "float"
 
 
 class CLIError(Exception):
@@ -71,9 +94,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name == command:
             m = importlib.import_module(mod)
             m.add_arguments(sp)
-            for a in sp._actions:  # every float flag of every stage, in one place
+            for a in sp._actions:  # every float and int flag of every stage, in one place
                 if a.type is float:
                     a.type = finite_float
+                elif a.type is int:
+                    a.type = int64
             sp.set_defaults(_module=m, _parser=sp)
     return p
 
@@ -105,6 +130,17 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, FileExistsError):  # mkdir(exist_ok=True) of an --out that is a file
             msg += " and is not a directory"
         print(f"pyllm {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:  # a size past the machine (torch: "DefaultCPUAllocator: can't allocate
+        # memory: you tried to allocate 274877906944 bytes", "CUDA out of memory") was a traceback from inside torch
+        msg = str(e)
+        if not isinstance(e, MemoryError) and "can't allocate memory" not in msg and "out of memory" not in msg:
+            raise
+        size = re.search(r"allocate (\d+) bytes|allocate ([\d.]+ [KMGTP]iB)", msg)
+        what = (f" (tried to allocate {int(size[1]) / 2 ** 30:.3g} GiB)" if size and size[1] else
+                f" (tried to allocate {size[2]})" if size else "")
+        print(f"pyllm {args.command}: error: out of memory{what}; lower the sizes asked for (--batch-size, ...)",
+              file=sys.stderr)
         return 2
     except Terminated:
         print(f"pyllm {args.command}: terminated", file=sys.stderr)

@@ -75,6 +75,11 @@ def apply_lora(model: nn.Module, r: int, alpha: float | None = None, targets=Non
     found = _targets_in(model, targets)
     if not found:
         raise ValueError(f"LoRA: no module named {list(targets)} with a 2-D weight in the model")
+    name, mod = min(found, key=lambda f: min(f[1].weight.shape))
+    if r > min(mod.weight.shape):  # B @ A has rank <= min(N, K) whatever r is; a huge r was a 256 GiB allocation's
+        # RuntimeError traceback (torch's "can't allocate memory")
+        raise ValueError(f"--lora-r must be <= {min(mod.weight.shape)}, the full rank of the smallest target "
+                         f"({name}: {tuple(mod.weight.shape)[0]}x{tuple(mod.weight.shape)[1]}), got {r}")
     for p in model.parameters():
         p.requires_grad_(False)
     for _, mod in found:

@@ -145,6 +145,11 @@ def prepare(inputs, out, tokenizer=None, byte_level=False, vocab_size=4096, val_
         raise ValueError(f"--shard-tokens must be positive, got {shard_tokens}")
     if workers is not None and workers < 0:
         raise ValueError(f"--workers must be >= 0 (0 = number of CPUs), got {workers}")
+    if workers is not None and workers > max(8, os.cpu_count() or 1):
+        # the pool forks them all at once: --workers 100000 forked processes until the machine ran out (and
+        # 2^31 was an OverflowError traceback that left a half-made --out)
+        raise ValueError(f"--workers must be <= {max(8, os.cpu_count() or 1)} (this machine's CPUs, or 8; more "
+                         f"processes only wait for them), got {workers}")
     out = Path(out)
     given = Path(tokenizer) / "tokenizer.json" if tokenizer and Path(tokenizer).is_dir() else tokenizer
     given_is_out = bool(given) and os.path.realpath(given) == os.path.realpath(out / "tokenizer.json")
@@ -456,9 +461,19 @@ def add_arguments(p):
     p.add_argument("--overwrite", action="store_true", help="replace data prepared with other settings in --out")
 
 
+def check_vocab_size(v: int) -> None:
+    """--vocab-size of a tokenizer to train (prepare, tokenizer-train)."""
+    if v < 262:  # (was Tokenizer.train's message)
+        raise ValueError(f"--vocab-size must be at least 262 (256 bytes + specials), got {v}")
+    from .config import MAX_SIZES
+    if v > MAX_SIZES["vocab_size"]:  # 2^31 aborted the process in the tokenizers library (a Rust panic, SIGABRT)
+        raise ValueError(f"--vocab-size must be at most {MAX_SIZES['vocab_size']} (the model's and pyllm-run's "
+                         f"limit), got {v}")
+
+
 def main(args) -> int:
-    if not args.tokenizer and not args.byte_level and args.vocab_size < 262:  # (was Tokenizer.train's message)
-        raise ValueError(f"--vocab-size must be at least 262 (256 bytes + specials), got {args.vocab_size}")
+    if not args.tokenizer and not args.byte_level:
+        check_vocab_size(args.vocab_size)
     prepare(args.input, args.out, tokenizer=args.tokenizer, byte_level=args.byte_level, vocab_size=args.vocab_size,
             val_fraction=args.val_fraction, val_inputs=args.val_input, shard_tokens=args.shard_tokens,
             workers=args.workers or None, skip_bad_lines=args.skip_bad_lines, doc_sep=_unescape(args.doc_sep),

@@ -180,6 +180,8 @@ def save(out: Path, step: int, model, full_sd, opt_state, loader, tok, config, a
         plain = GPT(config)
         plain.load_state_dict(full_sd)
         model = plain
+    from .sft import check_finite_weights
+    check_finite_weights(model.state_dict().items(), step)
     tensors, meta = opt_state
     tensors["rng.torch"] = torch.get_rng_state()
     meta.update(step=step, loader=loader.state_dict(), config=config.to_dict(), args=run_args(args),
@@ -288,6 +290,11 @@ def train(args) -> dict:
     if not args.max_steps:  # nanochat/Chinchilla sizing: about 20 training tokens per parameter
         args.max_steps = max(1, math.ceil(args.tokens_per_param * config.num_params() / total))
     loader = D.PackedLoader(train_stream, B, T, seed=args.seed, rank=rank, world_size=world)
+    if accum * B * world > loader.n_windows:  # (the loader checked one micro-batch) a step re-reading the data over
+        # and over: --total-batch-tokens 2^31 on a small corpus ran 33 million micro-batches a step and never ended
+        raise ValueError(f"--total-batch-tokens {total}: one optimizer step needs {accum * B * world} windows of "
+                         f"{T}+1 tokens, but the training data makes {loader.n_windows}; lower --total-batch-tokens, "
+                         f"or add data")
     backend = args.backend or ("pyllm" if device.type == "cpu" else "torch")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "fp32": None,
              "bf16": torch.bfloat16}[args.dtype]
@@ -663,6 +670,8 @@ def check_args(args) -> None:
     for k in ("beta1", "beta2"):  # 1 itself: the optimizer's "Invalid beta parameter at index 1" named no flag
         if getattr(args, k) == 1.0:
             raise ValueError(f"--{k} must be in [0, 1), got 1")
+    from .sft import check_adamw
+    check_adamw(args.lr, args.weight_decay, args.beta1)
     if not 0 <= args.peak_flops < math.inf:  # a negative figure printed a negative MFU
         raise ValueError("--peak-flops must be a finite number >= 0 (0 = a guess from the device), "
                          f"got {args.peak_flops}")

@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .sft import (BadLine, Bar, Dist, Metrics, add_common_args, as_messages, check_common_args, clip_and_step,
-                  load_optimizer_tensors, lr_at, make_optimizer, prepare_model, read_jsonl, render_checked,
-                  resume_state, resume_step, run_args, save_stage, set_lr, split_eval, step_items)
+from .sft import (BadLine, Bar, Dist, Metrics, add_common_args, as_messages, check_common_args, check_step_size,
+                  clip_and_step, load_optimizer_tensors, lr_at, make_optimizer, prepare_model, read_jsonl,
+                  render_checked, resume_state, resume_step, run_args, save_stage, set_lr, split_eval, step_items)
 
 HEAD_FILE = "reward_head.safetensors"
 
@@ -167,6 +167,7 @@ def pair_training_setup(args, dist, module, st, load_pairs, tok, T: int, default
         train, ev = pairs, load_pairs(args.eval_data, tok, T, args.skip_bad_lines)
     else:
         train, ev = split_eval(pairs, args.eval_frac, args.seed)
+    check_step_size(f"--batch-size {args.batch_size}", args.batch_size, 2)
     per_step = args.batch_size * dist.world
     steps = args.steps or max(1, math.ceil(args.epochs * len(train) / per_step))
     lr = args.lr if args.lr is not None else default_lr[args.lora_r != 0]

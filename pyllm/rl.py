@@ -43,13 +43,20 @@ from torch.nn.utils import parametrize
 
 from .reward import pad_batch, pad_id_of
 from .sft import (BadLine, Bar, Dist, Metrics, add_common_args, as_messages, check_common_args, check_messages,
-                  check_context, check_same_tokenizer, clip_and_step, load_optimizer_tensors, load_policy,
-                  make_optimizer,
+                  check_context, check_same_tokenizer, check_step_size, clip_and_step, load_optimizer_tensors,
+                  load_policy, make_optimizer,
                   prepare_model, read_jsonl, render_checked, resume_state, resume_step, save_stage, set_lr, lr_at,
                   run_args, step_items)
 
 VALUE_FILE = "value_head.safetensors"
 PASS_RATE_KEY = "hard_prompts.pass_rate"   # in trainer_state.safetensors: (n_prompts) fp32
+
+
+def derived_seed(v: int) -> int:
+    """A seed computed from --seed (seed * 1000003 + step, ...) brought into [0, 2^63): a --seed near 2^63, which
+    --seed accepts, overflowed torch's generator ("Overflow when unpacking long long") or generate's seed range
+    after the models had loaded. The same value as before wherever it did not overflow."""
+    return v % 2 ** 63
 
 
 def load_reward_fn(spec: str):
@@ -363,7 +370,7 @@ def rollout(policy, tok, prompts, k, args, seed, device):
         for members in by_len.values():
             idx = torch.tensor([prompts[i][1] for i in members], dtype=torch.long, device=device)
             gen = policy.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                  seed=seed * 100003 + members[0], stop_tokens=stops, num_samples=k)
+                                  seed=derived_seed(seed * 100003 + members[0]), stop_tokens=stops, num_samples=k)
             new = gen[:, idx.shape[1]:].tolist()
             for j, i in enumerate(members):
                 rows[i] = new[j * k:(j + 1) * k]
@@ -416,7 +423,7 @@ def prefilter(model, tok, prompts, fn, args, dist, chunk: int = 256):
     bar = Bar(len(prompts), "prefilter", dist.main)
     for s0 in range(0, len(prompts), chunk):
         part = [(i, prompts[i][0]) for i in range(s0, min(len(prompts), s0 + chunk))]
-        samples = rollout(model, tok, part, k, args, args.seed * 31 + 7 + s0, dist.device)
+        samples = rollout(model, tok, part, k, args, derived_seed(args.seed * 31 + 7 + s0), dist.device)
         sc = fn_scores(fn, tok, prompts, samples, end_id).view(-1, k)
         for (i, _), row in zip(part, sc):
             if float(row.max() - row.min()) > 1e-6:
@@ -478,7 +485,11 @@ def main(args) -> int:
         ids, _ = render_checked(msgs, tok, where, T - args.max_new_tokens - 1, add_generation_prompt=True)
         return ids, raw, extra
     prompts, _ = read_jsonl(args.prompts, parse, args.skip_bad_lines, "prompt")
+    n_step = min(args.batch_size, len(prompts)) if args.hard_prompts > 0 else args.batch_size  # prompts per step
+    check_step_size(f"--batch-size {args.batch_size} x --num-samples {k}", n_step * k, args.max_new_tokens + 1)
     if args.prefilter_samples:
+        check_step_size(f"--prefilter-samples {args.prefilter_samples}", args.prefilter_samples,
+                        args.max_new_tokens + 1)
         prompts, rates = prefilter(ref, tok, prompts, fn, args, dist)  # the starting policy, also when resuming
     else:
         rates = [0.5] * len(prompts)
@@ -516,7 +527,7 @@ def main(args) -> int:
     while step < steps:
         if args.hard_prompts > 0:  # prompts the policy still fails are drawn more often
             g = torch.Generator()
-            g.manual_seed(args.seed * 1000003 + step * dist.world + dist.rank)
+            g.manual_seed(derived_seed(args.seed * 1000003 + step * dist.world + dist.rank))
             chosen = torch.multinomial((1.05 - pass_rate) ** args.hard_prompts, min(args.batch_size, len(prompts)),
                                        replacement=False, generator=g).tolist()
         else:
@@ -612,7 +623,7 @@ def main(args) -> int:
         # rank: rft and --filter-groups leave each rank its own N, and unequal counts mispair DDP's all-reduces
         n_mb = dist.min(min(max(1, args.minibatches), N))
         # the minibatch order is a function of (seed, step), not of the global RNG's history: --resume continues it
-        g_mb = torch.Generator().manual_seed(args.seed * 1000003 + step)
+        g_mb = torch.Generator().manual_seed(derived_seed(args.seed * 1000003 + step))
         for _ in range(args.ppo_epochs):
             order = torch.randperm(N, generator=g_mb) if not one_pass else torch.arange(N)
             for b in torch.tensor_split(order, n_mb):

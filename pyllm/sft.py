@@ -313,8 +313,23 @@ def set_lr(opt, lr: float):
         g["lr"] = lr
 
 
+def check_adamw(lr: float, weight_decay: float, beta1: float) -> None:
+    """The learning rate against what AdamW makes of it, in float32: its first step is lr / (1 - beta1), and its
+    decoupled decay multiplies the weights by 1 - lr * weight_decay every step (past 1 it flips their sign each
+    step). --lr 3.4e38, or --lr 3e38 --weight-decay 3e38, was torch's "value cannot be converted to type float
+    without overflow" traceback from inside the optimizer."""
+    from .cli import FLOAT32_MAX
+    if lr / (1 - beta1) > FLOAT32_MAX:
+        raise ValueError(f"--lr must be <= {FLOAT32_MAX * (1 - beta1):.3g} (AdamW's first step, lr / (1 - beta1 "
+                         f"{beta1:g}), must fit a float32), got {lr:g}")
+    if lr * weight_decay > 1:
+        raise ValueError(f"--lr {lr:g} x --weight-decay {weight_decay:g} must be <= 1 (AdamW multiplies the weights "
+                         f"by 1 - lr x weight decay each step), got {lr * weight_decay:g}")
+
+
 def make_optimizer(params, lr: float, weight_decay: float, betas=(0.9, 0.95), device=None):
     """AdamW; no decay on 1-D parameters (norms, heads' biases), as nanoGPT."""
+    check_adamw(lr, weight_decay, betas[0])
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -535,8 +550,22 @@ def save_stage(out, model: nn.Module, tok, *, step: int, opt=None, state: dict |
                 if f.is_file() and f.suffix in KEEP and not (tmp / f.name).exists():
                     shutil.copy2(f, tmp / f.name)
 
-    save_checkpoint(out, plain_copy(model), tok, extra={"stage": (state or {}).get("stage"), "step": step},
+    plain = plain_copy(model)
+    check_finite_weights([*plain.state_dict().items(), *((k, v) for t in (extra_tensors or {}).values()
+                                                         for k, v in t.items())], step)
+    save_checkpoint(out, plain, tok, extra={"stage": (state or {}).get("stage"), "step": step},
                     extra_files=extra_files)
+
+
+def check_finite_weights(named_tensors, step: int) -> None:
+    """Before a save: weights that an update made NaN or infinite are an error, not a checkpoint. The gradient-norm
+    check (clip_and_step) stops a diverged loss before its update, but not one huge update from a finite gradient:
+    a 1-step run at --lr 1e308 (or --weight-decay 1e308, before those were bounded) saved an all-inf model and
+    exited 0."""
+    for name, t in named_tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"step {step}: {name} holds NaN or inf after the update (training diverged: lower --lr "
+                             f"or --weight-decay); not saved (the last saved checkpoint is kept)")
 
 
 def load_trainer_state(out) -> tuple[dict, dict] | None:
@@ -606,13 +635,15 @@ MIN_FLAGS = {"batch_size": 1, "steps": 0, "warmup_steps": 0, "eval_every": 1, "s
 
 
 # float flags' ranges, (low, high, low excluded): a value outside trained silently wrong (a negative --grad-clip
-# meant "off", a negative --hard-prompts meant "off", --gamma 2 made returns grow) rather than failing
+# meant "off", a negative --hard-prompts meant "off", --gamma 2 made returns grow) rather than failing. --hard-prompts
+# past 20 draws the hardest prompts only already ((0.55 / 0.15) ** 20 = 2e11), and from ~34 (1.05 - p) ** a
+# underflows float32 to 0: --hard-prompts 1e9 was torch.multinomial's "invalid multinomial distribution" traceback
 FLOAT_RANGES = {"weight_decay": (0.0, None, False), "grad_clip": (0.0, None, False), "lr": (0.0, None, True),
                 "lora_alpha": (0.0, None, True), "kl_coef": (0.0, None, False), "clip_range": (0.0, None, True),
                 "clip_range_value": (0.0, None, True), "vf_coef": (0.0, None, False), "gamma": (0.0, 1.0, False),
                 "lam": (0.0, 1.0, False), "reward_clip": (0.0, None, False), "temperature": (0.0, None, False),
                 "rft_hard_weight": (0.0, None, False), "rft_neg_mode": (0.0, None, False),
-                "hard_prompts": (0.0, None, False), "beta": (0.0, None, True)}
+                "hard_prompts": (0.0, 20.0, False), "beta": (0.0, None, True)}
 
 
 def check_float_ranges(args, ranges: dict = FLOAT_RANGES):
@@ -632,6 +663,8 @@ def check_common_args(args):
         v = getattr(args, name, None)
         if v is not None and v < lo:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
+    if getattr(args, "top_k", 0) > 2 ** 31 - 1:  # was generate's "top_k: must be in ...", after the models loaded
+        raise ValueError(f"--top-k must be <= {2 ** 31 - 1} (0 = off), got {args.top_k}")
     if not args.epochs > 0:
         raise ValueError(f"--epochs must be > 0, got {args.epochs}")
     if not 0 <= args.seed < 2 ** 63:
@@ -646,6 +679,17 @@ def check_common_args(args):
     out = getattr(args, "out", None)
     if out is not None and Path(out).exists() and not Path(out).is_dir():  # before the run, not at its first save
         raise ValueError(f"{out}: File exists and is not a directory")
+
+
+def check_step_size(flags: str, n_seqs: int, n_tokens: int) -> None:
+    """One step runs n_seqs sequences of at least n_tokens tokens each through the model at once; the kernels' row
+    counts are C ints, so past 2^31 - 1 tokens it cannot run. A --batch-size of 2^31 (or 2^64) was taken: the run
+    spent its time building the step's rows (sft: an epoch shuffle per 2 rows) and never trained, or asked torch for
+    terabytes (rl --num-samples: "can't allocate memory" traceback)."""
+    from .ops import INT_MAX
+    if n_seqs * n_tokens > INT_MAX:
+        raise ValueError(f"{flags}: one step would run {n_seqs} sequences of {n_tokens}+ tokens at once, more than "
+                         f"the kernels' 2^31 - 1 tokens; lower it")
 
 
 def prepare_model(args, dist: "Dist", resume_dir=None):
@@ -929,6 +973,7 @@ def main(args) -> int:
     rows = pack_rows(train, T, pad, args.train_on_prompt, not args.no_packing)
     erows = pack_rows(ev, T, pad, args.train_on_prompt, not args.no_packing) if ev else None
     n_rows = rows[0].shape[0]
+    check_step_size(f"--batch-size {args.batch_size}", args.batch_size, T)
     per_step = args.batch_size * dist.world
     steps = args.steps or max(1, math.ceil(args.epochs * n_rows / per_step))
     if dist.main:

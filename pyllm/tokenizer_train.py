@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import data
-from .prepare import _unescape, add_input_arguments, refuse_foreign_out, train_tokenizer
+from .prepare import _unescape, add_input_arguments, check_vocab_size, refuse_foreign_out, train_tokenizer
 
 
 def add_arguments(p):
@@ -17,8 +17,7 @@ def add_arguments(p):
 
 
 def main(args) -> int:
-    if args.vocab_size < 262:
-        raise ValueError(f"--vocab-size must be at least 262 (256 bytes + specials), got {args.vocab_size}")
+    check_vocab_size(args.vocab_size)
     out = Path(args.out)
     refuse_foreign_out(out, "tokenizer-train")
     made = not out.exists()

@@ -103,9 +103,22 @@ def test_jsonl_directory_and_non_utf8_line(base, tmp_path, capsys):
     ("rl", "--lam", "-1", "--lam must be in [0, 1]"),
     ("rl", "--clip-range", "-0.2", "--clip-range must be > 0"),
     ("rl", "--reward-clip", "-1", "--reward-clip must be >= 0"),
-    ("rl", "--hard-prompts", "-1", "--hard-prompts must be >= 0"),
+    ("rl", "--hard-prompts", "-1", "--hard-prompts must be in [0, 20]"),
     ("rl", "--prefilter-samples", "-1", "--prefilter-samples must be >= 0"),
     ("rl", "--top-k", "-1", "--top-k must be >= 0"),  # session 30: was "generate top_k: ..." after loading
+    # audit-flags: sizes past the kernels' int rows. sft/reward/dpo ran forever (an epoch shuffle per 2 rows to fill
+    # one step, never a step); rl asked torch for terabytes (a "can't allocate memory" traceback)
+    ("sft", "--batch-size", "2147483648", "--batch-size 2147483648: one step would run 2147483648 sequences"),
+    ("reward", "--batch-size", "2147483647", "--batch-size 2147483647: one step would run"),
+    ("dpo", "--batch-size", "9223372036854775807", "--batch-size 9223372036854775807: one step would run"),
+    ("rl", "--batch-size", "2147483647", "--batch-size 2147483647 x --num-samples 1: one step would run"),
+    ("rl", "--num-samples", "2147483648", "--batch-size 2 x --num-samples 2147483648: one step would run"),
+    ("rl", "--prefilter-samples", "2147483648", "--prefilter-samples 2147483648: one step would run"),
+    ("sft", "--lora-r", "2147483648", "--lora-r must be <= 16, the full rank of the smallest target"),  # 256 GiB
+    ("rl", "--top-k", "2147483648", "--top-k must be <= 2147483647"),     # was "generate top_k: ..." after loading
+    ("rl", "--hard-prompts", "1e9", "--hard-prompts must be in [0, 20]"),  # was torch.multinomial's traceback
+    ("sft", "--lr", "3.4e38", "--lr must be <= 3.4e+37"),  # these two were torch's "value cannot be converted to
+    ("dpo", "--weight-decay", "1e38", "x --weight-decay 1e+38 must be <= 1"),  # type float without overflow"
 ])
 def test_out_of_range_flags(base, tmp_path, capsys, stage, flag, value, message):
     sft = write_jsonl(tmp_path / "s.jsonl", [GOOD_SFT] * 4)
@@ -460,6 +473,86 @@ def test_nan_and_inf_float_flags(stage, capsys):
             cli([stage, f"{flag}={value}"])  # = form: argparse reads a bare -inf as a flag
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"argument {flag}: must be a finite number, got '{value}'" in err, err
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "rl", "score", "pretrain", "prepare", "tokenizer-train",
+                                   "export", "demo"])
+def test_numbers_past_int64_and_float32_are_refused_while_parsing(stage, capsys):
+    """Every int flag takes a 64-bit integer and every float flag a float32-sized number (cli.int64, finite_float):
+    past them was a traceback (prepare --workers 2^64: OverflowError, with a half-written --out; rl --clip-range
+    1e308: "value cannot be converted to type float without overflow"), an error naming no flag after the models
+    loaded (rl --top-k 2^64) or a run that never ended."""
+    from pyllm import cli as cli_mod
+    actions = cli_mod.build_parser(stage)._subparsers._group_actions[0].choices[stage]._actions
+    ints = [a for a in actions if a.type is cli_mod.int64 and a.choices is None]
+    floats = [a for a in actions if a.type is cli_mod.finite_float]
+    assert ints and all(a.type is not int for a in actions)
+    cases = [(a, v, "must be an integer within +-(2^63 - 1)") for a in ints for v in (2 ** 63, -2 ** 63 - 1, 2 ** 64)]
+    cases += [(a, v, "must be at most 3.402823e+38 in magnitude (float32's range)") for a in floats
+              for v in ("1e39", "-3.5e38", "1e308")]
+    for a, value, want in cases:
+        flag = a.option_strings[0]
+        with pytest.raises(SystemExit) as e:
+            cli([stage, f"{flag}={value}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[-1] == f"pyllm {stage}: error: argument {flag}: {want}, got '{value}'", err
+    for a in ints:  # the largest int64 still parses (the stage's own range check, if any, names the flag)
+        assert cli_mod.int64(str(2 ** 63 - 1)) == 2 ** 63 - 1
+
+
+def test_sizes_past_the_machine_in_prepare_and_tokenizer_train(tmp_path, capsys):
+    """prepare --workers 100000 forked processes until the machine ran out (the pool starts them all at once), 2^31
+    was an OverflowError traceback that left a half-written manifest; tokenizer-train --vocab-size 2^31 aborted the
+    process (a Rust panic in the tokenizers library: SIGABRT, no message)."""
+    text = tmp_path / "in.txt"
+    text.write_text("hello world. " * 20)
+    for argv, want in ((["prepare", "--byte-level", "--workers", "100000"], "--workers must be <= "),
+                       (["prepare", "--vocab-size", "2147483648"], "--vocab-size must be at most 16777216"),
+                       (["tokenizer-train", "--vocab-size", "2147483647"], "--vocab-size must be at most 16777216")):
+        assert cli([argv[0], "--input", str(text), "--out", str(tmp_path / "o"), *argv[1:]]) == 2, argv
+        assert want in one_line_error(capsys, argv[0])
+        assert not (tmp_path / "o").exists()
+
+
+def test_rl_seeds_near_2_63(base, tmp_path, capsys):
+    """--seed takes [0, 2^63); rl derives rollout and prompt-draw seeds from it (seed * 1000003 + step, ...), which
+    overflowed: torch's "Overflow when unpacking long long", or generate's seed range, after the models loaded."""
+    fn = tmp_path / "rf.py"
+    fn.write_text("def fn(prompt, response, **kw):\n    return float(len(response) % 2)\n")
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi"}] * 4)
+    assert cli(["rl", "--policy", str(base), "--reward-fn", f"{fn}:fn", "--prompts", str(prompts), "--steps", "1",
+                "--batch-size", "2", "--max-new-tokens", "2", "--device", "cpu", "--out", str(tmp_path / "o"),
+                "--seed", str(2 ** 63 - 1), "--hard-prompts", "1"]) == 0
+
+
+def test_out_of_memory_is_one_line(monkeypatch, capsys):
+    """A size no check caught but the machine cannot hold: torch's allocator error was a traceback."""
+    from pyllm import export
+
+    def oom(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 274877906944 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(export, "main", oom)
+    assert cli(["export", "--checkpoint", "x", "--out", "y"]) == 2
+    assert one_line_error(capsys, "export") == ("pyllm export: error: out of memory (tried to allocate 256 GiB); "
+                                                "lower the sizes asked for (--batch-size, ...)")
+    monkeypatch.setattr(export, "main", lambda args: (_ for _ in ()).throw(RuntimeError("some other failure")))
+    with pytest.raises(RuntimeError, match="some other failure"):  # other RuntimeErrors are not hidden
+        cli(["export", "--checkpoint", "x", "--out", "y"])
+
+
+def test_a_save_refuses_non_finite_weights(base, tmp_path):
+    """One huge update from a finite gradient (which the gradient-norm check lets through) made all-inf weights,
+    saved with exit 0 (sft --lr 1e308, --weight-decay 1e308 before those were bounded)."""
+    from pyllm.checkpoint import load_checkpoint
+    from pyllm.sft import save_stage
+    model, tok = load_checkpoint(str(base))
+    with torch.no_grad():
+        model.layers[0].mlp.up_proj.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"step 3: layers\.0\.mlp\.up_proj\.weight holds NaN or inf after the "
+                                         r"update .* not saved"):
+        save_stage(tmp_path / "o", model, tok, step=3)
+    assert not (tmp_path / "o").exists()
 
 
 def test_resume_past_the_step_count_or_with_a_corrupt_step(base, tmp_path, capsys):

@@ -179,7 +179,7 @@ def test_resume_errors(data_dir, tmp_path, capsys):
         assert len(err) == 1 and f"{tj}: {want}" in err[0], err
 
 
-def test_cli_help_and_bad_flags(data_dir, capsys):
+def test_cli_help_and_bad_flags(data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli(["pretrain", "--help"])
     out = capsys.readouterr().out
@@ -206,8 +206,16 @@ def test_cli_help_and_bad_flags(data_dir, capsys):
                               ("--lr", "-1", "--lr > 0"),
                               ("--grad-clip", "-1", "--grad-clip must be >= 0"),  # was "off"
                               ("--beta2", "1.5", "--beta2 must be in [0, 1]"),
-                              ("--peak-flops", "-5.0", "--peak-flops must be a finite number >= 0")):  # was MFU < 0
-        assert cli(["pretrain", "--data", str(data_dir), flag, value]) == 2, flag
+                              ("--peak-flops", "-5.0", "--peak-flops must be a finite number >= 0"),  # was MFU < 0
+                              # audit-flags: 33 million micro-batches a step on this data (never ended); torch's
+                              # "value cannot be converted to type float without overflow" traceback
+                              ("--total-batch-tokens", "2147483648", "--total-batch-tokens 2147483648: one optimizer "
+                               "step needs 67108864 windows of 32+1 tokens, but the training data makes"),
+                              ("--weight-decay", "3e38", "--lr 0.001 x --weight-decay 3e+38 must be <= 1"),
+                              ("--lr", "3.4e38", "--lr must be <= 3.4e+37")):
+        assert cli(["pretrain", "--data", str(data_dir), *TINY, "--batch-size", "4", "--out",
+                    str(tmp_path / "o"), flag, value]) == 2, flag
+        assert not (tmp_path / "o").exists(), flag
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and want in err[0], err
     for flag in ("--lr", "--weight-decay"):  # nan / inf are floats to argparse: a NaN weight decay trained to NaN
