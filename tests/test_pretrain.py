@@ -286,7 +286,9 @@ def test_two_ranks_match_one_process(data_dir, tmp_path, one_process, mode):
             assert not (out / "ckpt_0000003").exists()
             S.save_file(good, str(tf))
         r = subprocess.run(c, capture_output=True, text=True, env=env, timeout=240)
-        assert r.returncode == 0, "\n".join(x for x in r.stderr.splitlines() if "rror" in x or "what()" in x)[-3000:]
+        # the whole tail: a rank killed by SIGABRT (seen twice in ~30 runs, 2026-11-26, not reproduced) prints its
+        # cause (a glibc heap message, a C++ what()) on lines that a filter for "error" dropped
+        assert r.returncode == 0, r.stderr[-8000:]
     run = json.loads((out / "run.json").read_text())
     assert run["world_size"] == 2 and run["accum"] == 1
     if mode == "fsdp":
