@@ -166,24 +166,32 @@ def test_empty_files_and_invalid_utf8(tmp_path):
         prepare([str(tmp_path / "missing*.txt")], tmp_path / "o2", byte_level=True)
 
 
+def _cut_prepare(src, out, kw, monkeypatch, half_written=False):
+    """prepare src into out, interrupted (KeyboardInterrupt) while writing its 3rd shard; half_written: that shard's
+    .tmp left behind as a kill leaves it."""
+    real = D.write_shard
+    calls = {"n": 0}
+
+    def dying(path, tokens, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            if half_written:
+                with open(str(path) + ".tmp", "wb") as f:
+                    f.write(b"PYLLMTOK" + b"\0" * 100)
+            raise KeyboardInterrupt
+        return real(path, tokens, *a, **k)
+    monkeypatch.setattr(D, "write_shard", dying)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(src)], out, **kw)
+    monkeypatch.setattr(D, "write_shard", real)
+
+
 def test_interrupted_prepare_leaves_no_complete_looking_shard(tmp_path, monkeypatch):
     src, _ = _corpus(tmp_path)
     kw = dict(byte_level=True, val_fraction=0.2, shard_tokens=150, workers=1)
     full = prepare([str(src)], tmp_path / "full", **kw)
-    real = D.write_shard
-    calls = {"n": 0}
-
-    def dying(path, tokens, *a, **k):  # dies half-way through writing the 3rd shard
-        calls["n"] += 1
-        if calls["n"] == 3:
-            with open(str(path) + ".tmp", "wb") as f:
-                f.write(b"PYLLMTOK" + b"\0" * 100)
-            raise KeyboardInterrupt
-        return real(path, tokens, *a, **k)
-    monkeypatch.setattr(D, "write_shard", dying)
     out = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt):
-        prepare([str(src)], out, **kw)
+    _cut_prepare(src, out, kw, monkeypatch, half_written=True)
     man = D.read_manifest(out)
     assert not man["complete"] and len(man["shards"]) == 2
     listed = {s["file"] for s in man["shards"]}
@@ -192,7 +200,6 @@ def test_interrupted_prepare_leaves_no_complete_looking_shard(tmp_path, monkeypa
         D.open_shard(out / name)
     with pytest.raises(ValueError, match="did not finish"):
         D.TokenStream(out, "train")
-    monkeypatch.setattr(D, "write_shard", real)
     resumed = prepare([str(src)], out, **kw)
     assert [s for s in resumed["shards"]] == full["shards"]
     for s in full["shards"]:
@@ -207,19 +214,8 @@ def test_resumed_prepare_refuses_a_manifest_past_the_inputs(tmp_path, monkeypatc
     marked complete. The resume now counts the documents it reads and refuses such a manifest."""
     src, _ = _corpus(tmp_path)
     kw = dict(byte_level=True, val_fraction=0.2, shard_tokens=150, workers=1)
-    real = D.write_shard
-    calls = {"n": 0}
-
-    def dying(path, tokens, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(path, tokens, *a, **k)
-    monkeypatch.setattr(D, "write_shard", dying)
     out = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt):
-        prepare([str(src)], out, **kw)
-    monkeypatch.setattr(D, "write_shard", real)
+    _cut_prepare(src, out, kw, monkeypatch)
     mpath = out / D.MANIFEST
     man = json.loads(mpath.read_text())
     assert not man["complete"] and man["shards"]
