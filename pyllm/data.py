@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -73,16 +72,9 @@ def atomic_write_text(path, text: str) -> None:
 
 
 def tokenizer_hash(tok) -> str:
-    """A 32-hex-char fingerprint of a tokenizer: sha256 of its saved tokenizer.json (vocab, merges, specials)."""
-    if hasattr(tok, "json_bytes"):  # those bytes without a round trip through a temporary directory
-        return hashlib.sha256(tok.json_bytes()).hexdigest()[:32]
-    with tempfile.TemporaryDirectory() as d:
-        tok.save(d)
-        files = sorted(Path(d).rglob("tokenizer.json")) or sorted(p for p in Path(d).rglob("*") if p.is_file())
-        h = hashlib.sha256()
-        for p in files:
-            h.update(p.read_bytes())
-    return h.hexdigest()[:32]
+    """A 32-hex-char fingerprint of a tokenizer: sha256 of its tokenizer.json bytes as save writes them (vocab,
+    merges, specials)."""
+    return hashlib.sha256(tok.json_bytes()).hexdigest()[:32]
 
 
 def token_dtype(vocab_size: int):
