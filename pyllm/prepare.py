@@ -308,16 +308,17 @@ def _prepare(out, mpath, old, settings, files, val_files, tokenizer, byte_level,
     stats = data.InputStats()
     val_every = round(1 / val_fraction) if val_fraction > 0 else 0
 
-    n_items = [0]  # documents in the inputs, counted as they are read
+    n_items = 0  # documents in the inputs, counted as they are read
 
     def items():
+        nonlocal n_items
         for text in data.iter_documents(files, stats, skip_bad_lines, doc_sep):
-            n = n_items[0]
+            n = n_items
             yield n, ("val" if (not val_files and val_every and n % val_every == val_every - 1) else "train"), text
-            n_items[0] += 1
+            n_items += 1
         for text in data.iter_documents(val_files, stats, skip_bad_lines, doc_sep):
-            yield n_items[0], "val", text
-            n_items[0] += 1
+            yield n_items, "val", text
+            n_items += 1
 
     def needed():
         for i, sp, text in items():
@@ -380,9 +381,9 @@ def _prepare(out, mpath, old, settings, files, val_files, tokenizer, byte_level,
             # sending to a dead worker, and interpreter exit joins that thread.
             pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
-    if max(done.values()) > n_items[0]:  # a resumed manifest past the inputs' end: the documents in between were
+    if max(done.values()) > n_items:  # a resumed manifest past the inputs' end: the documents in between were
         raise ValueError(f"{mpath}: its shards end at document {max(done.values())} but the inputs hold "  # skipped
-                         f"{n_items[0]} (inputs changed since, or a corrupt manifest); rerun with --overwrite")
+                         f"{n_items} (inputs changed since, or a corrupt manifest); rerun with --overwrite")
     if not any(s["split"] == "train" for s in man["shards"]):  # a run would fail later on an empty stream
         raise ValueError(f"{', '.join(map(str, files[:3]))}{' ...' if len(files) > 3 else ''}: no training text "
                          f"(no documents left after the validation split)")
