@@ -103,7 +103,61 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+_started_process_group = False  # set by start_process_group: main() then ends the process itself (_end_process)
+
+
+def start_process_group(backend: str) -> None:
+    """torch.distributed.init_process_group for a stage that torchrun launched (pretrain, sft and the stages on
+    sft.Dist). Once it ran, main() ends the process through _end_process instead of returning."""
+    global _started_process_group
+    import torch.distributed
+    torch.distributed.init_process_group(backend)
+    _started_process_group = True
+
+
+def _end_process(rc: int) -> None:
+    """Exit a process that ran a gloo/NCCL process group without the interpreter's finalization. Why: DDP keeps its
+    process group (and gloo's worker threads) alive past destroy_process_group, and a worker still releasing the
+    last collective's work (a barrier holds the allreduces before it, whose tensors are Python objects) takes the
+    GIL; once finalization began that call ends the thread and, through C++ frames, aborts the process ("terminate
+    called without an active exception", SIGABRT, a rank failed after a finished run; ~1 in 20-50 two-rank runs on a
+    loaded 2-core machine, core dump 2026-11-26; pytorch/pytorch#179291). Python's own exit work runs first, while
+    the interpreter is whole: atexit functions (temporary directories, logging), a collection of cycles (file
+    objects closed and flushed), the streams flushed."""
+    import atexit
+    import gc
+    import os
+    try:
+        atexit._run_exitfuncs()
+        gc.collect()
+        for f in (sys.stdout, sys.stderr):
+            if f is not None:
+                f.flush()
+    finally:
+        os._exit(rc)
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        rc = _main(argv)
+    except SystemExit as e:
+        if not _started_process_group:
+            raise
+        rc = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        if not _started_process_group:
+            raise
+        import traceback
+        traceback.print_exc()
+        rc = 1
+    if _started_process_group:
+        _end_process(rc)
+    return rc
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     try:  # Ctrl-C while the stage's module imports torch (1-2 s) was a 40-line traceback from inside torch

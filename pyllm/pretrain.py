@@ -132,7 +132,8 @@ def _dist_setup(device_arg: str):
     else:
         device = torch.device("cpu")
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        from .cli import start_process_group
+        start_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
 

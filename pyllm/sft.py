@@ -202,7 +202,8 @@ class Dist:
         self.device = torch.device(dev)
         self.main = self.rank == 0
         if self.world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            from .cli import start_process_group
+            start_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
     def wrap(self, module: nn.Module) -> nn.Module:
         """DDP over the trainable parameters when launched by torchrun with more than one process."""

@@ -60,3 +60,47 @@ def ctrl_c_after_save(stage_module, step: int):
         yield
     finally:
         stage_module.save_stage = orig
+
+
+# A sitecustomize for torchrun'd ranks: after the stage destroys its process group it leaves a reference cycle whose
+# __del__ logs whether the interpreter is finalizing, and an atexit function logs that it ran.
+_EXIT_PROBE = '''
+import atexit, os, sys
+import torch.distributed as dist
+_log_path = os.environ["PYLLM_TEST_EXIT_LOG"] + "." + os.environ["RANK"]
+def _log(s):
+    with open(_log_path, "a") as f:
+        f.write(s + "\\n")
+atexit.register(_log, "atexit ran")
+class _Cycle:
+    def __del__(self):
+        _log(f"python ran while finalizing: {sys.is_finalizing()}")
+_destroy = dist.destroy_process_group
+def destroy_process_group(*a, **k):
+    _destroy(*a, **k)
+    c = _Cycle()
+    c.me = c
+dist.destroy_process_group = destroy_process_group
+'''
+
+
+def exit_probe(tmp_path: Path, env: dict) -> Path:
+    """Puts _EXIT_PROBE on the ranks' PYTHONPATH (env is changed) -> the log's path prefix (one file per rank).
+    assert_clean_exit reads it. Why: DDP keeps gloo's worker threads alive past destroy_process_group, and one still
+    releasing the last collective's tensors (which takes the GIL) aborted its rank (SIGABRT, "terminate called
+    without an active exception") when the interpreter was finalizing: 2 of ~47 two-rank pretrain runs on a loaded
+    machine (2026-11-26). No Python may run in a finalizing interpreter of a rank that had a process group."""
+    d = tmp_path / "exit_probe"
+    d.mkdir()
+    (d / "sitecustomize.py").write_text(_EXIT_PROBE)
+    env["PYTHONPATH"] = str(d) + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYLLM_TEST_EXIT_LOG"] = str(d / "log")
+    return d / "log"
+
+
+def assert_clean_exit(log: Path, ranks: int = 2) -> None:
+    for r in range(ranks):
+        lines = Path(f"{log}.{r}").read_text().splitlines()
+        assert "atexit ran" in lines, (r, lines)                                   # Python's exit work still done
+        assert "python ran while finalizing: False" in lines, (r, lines)          # the cycle collected before exit
+        assert "python ran while finalizing: True" not in lines, (r, lines)

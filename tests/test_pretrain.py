@@ -19,6 +19,8 @@ from pyllm.cli import main as cli
 from pyllm.prepare import prepare
 from pyllm.pretrain import lr_at
 
+from chat_util import assert_clean_exit, exit_probe
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dim", "32", "--n-layers", "2", "--n-heads", "2", "--seq-len", "32", "--eval-every", "0",
         "--sample-tokens", "0", "--warmup-steps", "2"]
@@ -266,6 +268,7 @@ def test_two_ranks_match_one_process(data_dir, tmp_path, one_process, mode):
     if mode == "fsdp" and Version(torch.__version__).release < Version(FSDP_MIN_TORCH).release:
         pytest.skip(f"--fsdp needs torch >= {FSDP_MIN_TORCH}")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYLLM_PROGRESS="0")
+    log = exit_probe(tmp_path, env)
     out = tmp_path / mode
     # --standalone: torchrun binds its own free port (a port picked here and released raced other jobs' runs)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -289,6 +292,7 @@ def test_two_ranks_match_one_process(data_dir, tmp_path, one_process, mode):
         # the whole tail: a rank killed by SIGABRT (seen twice in ~30 runs, 2026-11-26, not reproduced) prints its
         # cause (a glibc heap message, a C++ what()) on lines that a filter for "error" dropped
         assert r.returncode == 0, r.stderr[-8000:]
+        assert_clean_exit(log)
     run = json.loads((out / "run.json").read_text())
     assert run["world_size"] == 2 and run["accum"] == 1
     if mode == "fsdp":

@@ -8,7 +8,7 @@ import torch
 
 from pyllm.sft import pack_rows, parse_conversation, read_metrics, render_checked
 
-from chat_util import cli, ctrl_c_after_save, tiny_checkpoint, tiny_model, write_jsonl
+from chat_util import assert_clean_exit, cli, ctrl_c_after_save, exit_probe, tiny_checkpoint, tiny_model, write_jsonl
 
 MULTI = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hi there"},
          {"role": "assistant", "content": "hello"}, {"role": "user", "content": "2+2?"},
@@ -199,10 +199,12 @@ def test_two_ranks_match_one_process(tmp_path):
     assert cli(args + ["--out", str(tmp_path / "one"), "--batch-size", "4"]) == 0
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", PYLLM_PROGRESS="0")
+    log = exit_probe(tmp_path, env)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
                         "-m", "pyllm", *args, "--out", str(tmp_path / "two"), "--batch-size", "2"],
                        capture_output=True, text=True, env=env, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert_clean_exit(log)
     a, b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
     assert [x["tokens"] for x in a] == [x["tokens"] for x in b]
     assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) < 1e-5
