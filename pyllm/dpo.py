@@ -110,7 +110,7 @@ def main(args) -> int:
         loss, rc, rr = dpo_batch(dpol, ref, batch, pad, dist.device, args.beta, args.label_smoothing)
         set_lr(opt, lr_at(step, steps, lr, args.warmup_steps))
         loss.backward()
-        gn = clip_and_step(opt, params, args.grad_clip, step + 1)
+        gn = clip_and_step(opt, params, args.grad_clip, step + 1, lower="--lr or --beta")
         step += 1
         row = {"step": step, "loss": dist.mean(loss.item()), "rewards/chosen": dist.mean(rc.mean().item()),
                "rewards/rejected": dist.mean(rr.mean().item()),

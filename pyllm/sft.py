@@ -906,14 +906,15 @@ def step_items(items: list, step: int, per_step: int, seed: int, dist: "Dist") -
     return [items[i] for i in picked[dist.rank::dist.world]]
 
 
-def clip_and_step(opt, params, grad_clip: float, step: int | None = None) -> float:
+def clip_and_step(opt, params, grad_clip: float, step: int | None = None, lower: str = "--lr") -> float:
     """Clip, then step. A non-finite gradient norm (a diverged loss) stops the run before the update, as pretrain
     does: an all-NaN model was saved and the run exited 0 (and a --resume of a good run replaced it). step: the
-    step about to be taken, for the message."""
+    step about to be taken, for the message; lower: the flags the message says to lower (dpo: its --beta too,
+    which scales every gradient: --beta 1e19 blamed --lr alone)."""
     gn = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     if not math.isfinite(float(gn)):
         at = f" at step {step}" if step is not None else ""
-        raise ValueError(f"gradient norm is {float(gn)}{at} (the loss diverged); lower --lr or check the data "
+        raise ValueError(f"gradient norm is {float(gn)}{at} (the loss diverged); lower {lower} or check the data "
                          f"(the last saved checkpoint is kept)")
     opt.step()
     opt.zero_grad(set_to_none=True)

@@ -57,6 +57,17 @@ def test_dpo_rejects_identical_pair(tmp_path, capsys):
     assert f"{data}:1: chosen and rejected are identical" in capsys.readouterr().err
 
 
+def test_diverged_by_beta_names_beta(tmp_path, capsys):
+    """--beta scales every DPO gradient: --beta 1e30 made the gradient norm inf at step 1, and the error told the
+    user to lower --lr alone."""
+    base = tiny_checkpoint(tmp_path / "base")
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "aa", "rejected": "zz"}] * 4)
+    assert cli(["dpo", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "o"), "--steps", "2",
+                "--beta", "1e30"]) == 2
+    assert "(the loss diverged); lower --lr or --beta or check the data" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
 def test_dpo_loss_matches_the_formula_by_hand(tmp_path):
     """dpo_batch == -logsigmoid(beta * ((pi(c) - ref(c)) - (pi(r) - ref(r)))) with each log-prob summed by hand
     over the reply's tokens and its <|end|> (one unpadded forward per sequence): a multi-turn prompt's earlier
