@@ -357,6 +357,9 @@ def train(args) -> dict:
         if not args.resume and _latest(out) is not None:  # as the assistant stages warn (nanoGPT overwrites silently)
             print(f"{out}: holds an earlier run (latest {_latest(out).name}); starting over from step 0 (pass --resume "
                   f"to continue it)", file=sys.stderr)
+            # the pointer goes with the earlier run's metrics (dropped just below): this run killed before its first
+            # checkpoint, then --resume'd, continued the earlier run under this run's metrics rows
+            (out / "latest").unlink()
         out.mkdir(parents=True, exist_ok=True)
         D.atomic_write_text(out / "run.json", json.dumps(dict(args=run_args(args), config=config.to_dict(),
                                                               world_size=world, accum=accum, device=str(device),

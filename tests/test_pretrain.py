@@ -340,6 +340,29 @@ def test_starting_over_in_a_used_out_dir_warns_and_rotates_its_own_checkpoints(d
     assert (out / "latest").read_text().strip() == "ckpt_0000003"
 
 
+def test_starting_over_killed_before_its_first_checkpoint_does_not_resume_the_earlier_run(data_dir, tmp_path, capsys,
+                                                                                          monkeypatch):
+    """A run started over in a used --out and stopped before its first checkpoint: --resume continued the earlier
+    run from its latest checkpoint, under the new run's metrics rows (the earlier rows dropped). Now nothing is left
+    to resume and --resume says so."""
+    from pyllm import pretrain as P
+    out = tmp_path / "o"
+    args = ["pretrain", "--data", str(data_dir), "--out", str(out), *TINY, "--batch-size", "4", "--max-steps", "4"]
+    assert cli(args + ["--checkpoint-every", "2"]) == 0
+    assert (out / "latest").read_text().strip() == "ckpt_0000004"
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(P, "save", killed)
+    assert cli(args + ["--checkpoint-every", "3"]) == 130                  # killed at its first save, step 3
+    monkeypatch.undo()
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3]
+    capsys.readouterr()
+    assert cli(args + ["--checkpoint-every", "3", "--resume"]) == 2
+    assert f"--resume: no checkpoint at {out / 'latest'}" in capsys.readouterr().err
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3]
+
+
 def test_training_loss_masks_attention_at_document_boundaries(tmp_path, monkeypatch):
     """The step passes the loader's document ids to the model: a training step that called model(x, y) (attention
     across the documents packed into a row) passed every test here. Rows of ~5 short documents; each step's logged
