@@ -26,6 +26,9 @@ def main(args) -> int:
         files = data.expand_inputs(args.input)
         tok = train_tokenizer(files, args.vocab_size, skip_bad_lines=args.skip_bad_lines,
                               doc_sep=_unescape(args.doc_sep))
+        # an earlier run's tokenizer.bin goes first: a kill between the two writes left it beside the new
+        # tokenizer.json (another vocabulary under the same name); now it leaves no tokenizer.bin
+        (out / "tokenizer.bin").unlink(missing_ok=True)
         tok.save(str(out))
         if hasattr(tok, "save_bin"):
             tok.save_bin(str(out / "tokenizer.bin"))

@@ -585,6 +585,22 @@ def test_tokenizer_train_failure_leaves_no_empty_out(tmp_path, capsys):
     assert (tmp_path / "mine").is_dir()
 
 
+def test_tokenizer_train_killed_between_its_files_leaves_no_stale_bin(tmp_path, monkeypatch):
+    """tokenizer-train writes tokenizer.json, then tokenizer.bin: a rerun into the same --out killed between the two
+    left the earlier run's tokenizer.bin (another vocabulary) beside the new tokenizer.json."""
+    src, _ = _corpus(tmp_path)
+    args = ["tokenizer-train", "--input", str(src / "b.jsonl"), "--out", str(tmp_path / "tok")]
+    assert cli(args + ["--vocab-size", "300"]) == 0
+    assert (tmp_path / "tok" / "tokenizer.bin").is_file()
+
+    def killed(self, path):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Tokenizer, "save_bin", killed)
+    assert cli(args + ["--vocab-size", "280"]) == 130
+    assert Tokenizer.load(tmp_path / "tok" / "tokenizer.json").vocab_size == 280
+    assert not (tmp_path / "tok" / "tokenizer.bin").exists()
+
+
 def test_prepare_inputs_compare_by_file_and_contents(tmp_path, monkeypatch):
     """Session 30 audit: `in.txt ./in.txt` was read twice (every document trained on twice, the val ones too); an
     edit that kept the size was "already prepared" (or, after an interruption, resumed into a mix of old and new
