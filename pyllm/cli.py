@@ -103,20 +103,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-_started_process_group = False  # set by start_process_group: main() then ends the process itself (_end_process)
+_started_process_group = False  # set by start_process_group: the program then ends the process itself (end_process)
 
 
 def start_process_group(backend: str) -> None:
     """torch.distributed.init_process_group for a stage that torchrun launched (pretrain, sft and the stages on
-    sft.Dist). Once it ran, main() ends the process through _end_process instead of returning."""
+    sft.Dist). Once it ran, the program (main() without argv, module_main) ends the process in end_process."""
     global _started_process_group
     import torch.distributed
     torch.distributed.init_process_group(backend)
     _started_process_group = True
 
 
-def _end_process(rc: int) -> None:
-    """Exit a process that ran a gloo/NCCL process group without the interpreter's finalization. Why: DDP keeps its
+def end_process(rc: int) -> None:
+    """Exit a process that ran a gloo/NCCL process group without the interpreter's finalization (the `pyllm` program
+    does; a script that runs stages under torchrun through main(argv) ends with it too). Why: DDP keeps its
     process group (and gloo's worker threads) alive past destroy_process_group, and a worker still releasing the
     last collective's work (a barrier holds the allreduces before it, whose tensors are Python objects) takes the
     GIL; once finalization began that call ends the thread and, through C++ frames, aborts the process ("terminate
@@ -138,14 +139,23 @@ def _end_process(rc: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `pyllm <command> ...` -> its exit code. argv None: this is the program (the `pyllm` script, `python -m
+    pyllm`), argv from sys.argv; a process that ran a process group then ends here (end_process). A list: a call
+    from Python (a script that runs several stages in one torchrun'd process), which returns."""
+    if argv is not None:
+        return _main(argv)
+    return _program(sys.argv[1:])
+
+
+def _program(argv: list[str]) -> int:
+    """main() as the process's program: after a stage that ran a process group, the process ends in end_process
+    (an unexpected exception's traceback printed first, exit code 1)."""
     try:
         rc = _main(argv)
     except SystemExit as e:
         if not _started_process_group:
             raise
         rc = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-        if not isinstance(e.code, (int, type(None))):
-            print(e.code, file=sys.stderr)
     except BaseException:
         if not _started_process_group:
             raise
@@ -153,12 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         rc = 1
     if _started_process_group:
-        _end_process(rc)
+        end_process(rc)
     return rc
 
 
-def _main(argv: list[str] | None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _main(argv: list[str]) -> int:
+    argv = list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     try:  # Ctrl-C while the stage's module imports torch (1-2 s) was a 40-line traceback from inside torch
         parser = build_parser(command if command in COMMANDS else None)
@@ -249,7 +259,7 @@ def _catch_sigterm():
 def module_main(module: str) -> int:
     """`python -m pyllm.<stage> ...` == `pyllm <stage> ...` (it printed nothing and exited 0 before)."""
     name = next(n for n, (m, _) in COMMANDS.items() if m == module)
-    return main([name, *sys.argv[1:]])
+    return _program([name, *sys.argv[1:]])
 
 
 if __name__ == "__main__":

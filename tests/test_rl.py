@@ -11,7 +11,7 @@ from pyllm.checkpoint import load_checkpoint
 from pyllm.rl import gae, grpo_advantages, whiten
 from pyllm.sft import read_metrics
 
-from chat_util import cli, ctrl_c_after_save, tiny_checkpoint, write_jsonl
+from chat_util import assert_clean_exit, cli, ctrl_c_after_save, exit_probe, tiny_checkpoint, write_jsonl
 
 REWARD_FN = '''
 def frac_target(prompt, response, target, **extra):
@@ -386,6 +386,8 @@ assert cli(args + ["--out", sys.argv[2] + "/full", "--steps", "8"]) == 0
 assert cli(args + ["--out", sys.argv[2] + "/resumed", "--steps", "4"]) == 0
 assert cli(args + ["--out", sys.argv[2] + "/resumed", "--steps", "8", "--resume"]) == 0
 torch.distributed.destroy_process_group()
+from pyllm.cli import end_process
+end_process(0)  # as the pyllm program ends: no interpreter finalization while DDP's gloo threads live
 """
 
 SEEN_FN = '''
@@ -412,6 +414,7 @@ def test_hard_prompts_two_ranks_resume_draws_what_the_uninterrupted_run_draws(tm
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", PYLLM_PROGRESS="0",
                SEEN_LOG=str(tmp_path / "seen"))
+    log = exit_probe(tmp_path, env)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
                         str(tmp_path / "run.py"), str(root / "tests"), str(tmp_path), "rl", "--algo", "rft",
                         "--policy", str(base), "--reward-fn", f"{tmp_path / 'seen.py'}:seen", "--prompts",
@@ -422,6 +425,7 @@ def test_hard_prompts_two_ranks_resume_draws_what_the_uninterrupted_run_draws(tm
     for rank in (0, 1):
         seen = (tmp_path / f"seen{rank}").read_text().split()
         assert len(seen) == 16 * 2 and seen[:16] == seen[16:], (rank, seen)  # 8 steps x 2 prompts, run twice
+    assert_clean_exit(log)
 
 
 def test_rft_select_neg_mode_pushes_a_wrong_plurality_down():
@@ -644,7 +648,8 @@ def rollout(policy, tok, prompts, k, args, seed, device):  # each prompt's sampl
         out += orig(policy, tok, [(pi, ids)], k, args, base * 1000 + pi, device)
     return out
 rl.rollout = rollout
-sys.exit(cli(sys.argv[2:]))
+from pyllm.cli import end_process
+end_process(cli(sys.argv[2:]))  # as the pyllm program ends: no interpreter finalization beside DDP's gloo threads
 """
 
 GRADED = '''
