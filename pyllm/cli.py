@@ -156,6 +156,8 @@ def _program(argv: list[str]) -> int:
         if not _started_process_group:
             raise
         rc = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, (int, type(None))):  # sys.exit("message") prints it, as Python would
+            print(e.code, file=sys.stderr)
     except BaseException:
         if not _started_process_group:
             raise
