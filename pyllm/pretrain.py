@@ -290,7 +290,7 @@ def train(args) -> dict:
     accum = total // micro_tokens
     if not args.max_steps:  # nanochat/Chinchilla sizing: about 20 training tokens per parameter
         args.max_steps = max(1, math.ceil(args.tokens_per_param * config.num_params() / total))
-    loader = D.PackedLoader(train_stream, B, T, seed=args.seed, rank=rank, world_size=world)
+    loader = D.PackedLoader(train_stream, B, T, seed=args.seed, rank=rank, world_size=world, accum=accum)
     if accum * B * world > loader.n_windows:  # (the loader checked one micro-batch) a step re-reading the data over
         # and over: --total-batch-tokens 2^31 on a small corpus ran 33 million micro-batches a step and never ended
         raise ValueError(f"--total-batch-tokens {total}: one optimizer step needs {accum * B * world} windows of "
