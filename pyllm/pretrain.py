@@ -186,7 +186,8 @@ def save(out: Path, step: int, model, full_sd, opt_state, loader, tok, config, a
     tensors, meta = opt_state
     tensors["rng.torch"] = torch.get_rng_state()
     meta.update(step=step, loader=loader.state_dict(), config=config.to_dict(), args=run_args(args),
-                tokenizer_hash=D.tokenizer_hash(tok), time=time.time())
+                tokenizer_hash=D.tokenizer_hash(tok), time=time.time(),
+                tokens_per_step=loader.B * loader.T * loader.world * loader.accum)
 
     def trainer_files(tmp: Path):
         save_file(tensors, str(Path(tmp) / "trainer_state.safetensors"), {"format": "pyllm-trainer", "step": str(step)})
@@ -229,6 +230,9 @@ def load_resume(path: Path, config: ModelConfig):
             isinstance(v, list) and all(type(d) is int and d >= 0 for d in v) for v in meta["shapes"].values()):
         raise ValueError(f"{tj}: corrupt trainer state (scalars and shapes must be objects, each shape a list of "
                          f"sizes)")
+    tps = meta.get("tokens_per_step")  # (absent: saved before pyllm kept it)
+    if tps is not None and not (type(tps) is int and tps > 0):
+        raise ValueError(f"{tj}: corrupt trainer state (tokens_per_step {tps!r})")
     if meta["config"] != config.to_dict():
         diff = {k: (meta["config"].get(k), v) for k, v in config.to_dict().items() if meta["config"].get(k) != v}
         raise ValueError(f"{path}: checkpoint is a different model shape (checkpoint vs this run: "
@@ -282,9 +286,22 @@ def train(args) -> dict:
         except ValueError as e:
             print(f"pretrain: no evaluation: validation split too small ({e})")
             val_stream = None
+    step, resume_meta = 0, None
+    resume_from = None
+    if args.resume:
+        resume_from = _latest(out) if args.resume == "latest" else Path(args.resume)
+        if resume_from is None or not resume_from.is_dir():
+            raise FileNotFoundError(f"--resume: no checkpoint at {resume_from or out / 'latest'}")
+        weights, rtensors, resume_meta = load_resume(resume_from, config)
     B, T = args.batch_size, args.seq_len
     micro_tokens = B * T * world
-    total = args.total_batch_tokens or micro_tokens
+    # a resumed run keeps its tokens per step on another number of ranks by accumulating: without
+    # --total-batch-tokens (one micro-batch per rank) it took another batch size, data order and loss curve silently
+    total = args.total_batch_tokens or (resume_meta or {}).get("tokens_per_step") or micro_tokens
+    if total % micro_tokens and resume_meta is not None:
+        raise ValueError(f"{resume_from}: the run takes {total} tokens per step, which {world} rank(s) x --batch-size "
+                         f"{B} x --seq-len {T} = {micro_tokens} do not divide; resume it on as many ranks as it was "
+                         f"saved with (or fewer)")
     if total % micro_tokens:
         raise ValueError(f"--total-batch-tokens {total} is not a multiple of batch-size*seq-len*world = {micro_tokens}")
     accum = total // micro_tokens
@@ -300,13 +317,7 @@ def train(args) -> dict:
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "fp32": None,
              "bf16": torch.bfloat16}[args.dtype]
     model = GPT(config, backend=backend)
-    step, resume_meta = 0, None
-    resume_from = None
-    if args.resume:
-        resume_from = _latest(out) if args.resume == "latest" else Path(args.resume)
-        if resume_from is None or not resume_from.is_dir():
-            raise FileNotFoundError(f"--resume: no checkpoint at {resume_from or out / 'latest'}")
-        weights, rtensors, resume_meta = load_resume(resume_from, config)
+    if resume_meta is not None:
         if resume_meta.get("tokenizer_hash") != thash:
             raise ValueError(f"{resume_from}: checkpoint was trained with tokenizer "
                              f"{resume_meta.get('tokenizer_hash')}, but {data_dir} uses {thash}")

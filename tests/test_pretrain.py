@@ -307,6 +307,34 @@ def test_two_ranks_match_one_process(data_dir, tmp_path, one_process, mode):
     assert model.config.dim == 32
 
 
+
+def test_resume_on_another_number_of_ranks_keeps_the_tokens_per_step(data_dir, tmp_path, one_process, capsys):
+    """2 ranks x 2 rows (no --total-batch-tokens: one micro-batch per rank), stopped at step 2 and resumed as one
+    process: the resumed run took 2 rows a step (half the tokens, another data order and loss curve) without a word.
+    It now accumulates 2 micro-batches, so the losses are the one-process 2 x 2 reference's. The other way, 1 x 2 rows
+    resumed on 2 ranks of 2 rows cannot keep its 64 tokens a step: a one-line error naming the checkpoint."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYLLM_PROGRESS="0")
+    flags = [f for i, f in enumerate(DIST) if "--total-batch-tokens" not in DIST[max(0, i - 1):i + 1]]
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pyllm",
+           "pretrain", "--data", str(data_dir), "--dim", "32", *flags]
+    out = tmp_path / "two"
+    r = subprocess.run(run + ["--out", str(out), "--stop-at", "2"], capture_output=True, text=True, env=env,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-8000:]
+    assert cli(["pretrain", "--data", str(data_dir), "--out", str(out), "--resume"]) == 0
+    assert "128 tokens/step = 1 rank(s) x 2 micro x 2x32" in capsys.readouterr().out
+    l2 = _losses(out)
+    assert len(l2) == 4 and max(abs(a - b) for a, b in zip(one_process, l2)) < 1e-5
+    one = tmp_path / "one"
+    assert cli(["pretrain", "--data", str(data_dir), "--dim", "32", *flags, "--out", str(one), "--stop-at", "1"]) == 0
+    r = subprocess.run(run + ["--out", str(one), "--resume"], capture_output=True, text=True, env=env, timeout=240)
+    err = [line for line in r.stderr.splitlines() if "pyllm pretrain: error:" in line]
+    assert r.returncode != 0 and err, r.stderr[-8000:]
+    assert err[0] == (f"pyllm pretrain: error: {one / 'ckpt_0000001'}: the run takes 64 tokens per step, which 2 "
+                      f"rank(s) x --batch-size 2 x --seq-len 32 = 128 do not divide; resume it on as many ranks as it "
+                      f"was saved with (or fewer)")
+    assert not (one / "ckpt_0000002").exists()
+
 def test_small_validation_split_skips_eval(data_dir, tmp_path, capsys):
     out = tmp_path / "o"
     assert cli(["pretrain", "--data", str(data_dir), "--out", str(out), *TINY, "--batch-size", "64",
