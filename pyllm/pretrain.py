@@ -109,14 +109,38 @@ def load_optimizer_state(opt, tensors: dict, meta: dict, source=None) -> None:
     if source is not None:  # the groups went to torch unchecked: "betas": "x" an IndexError, "eps" deleted a KeyError
         source = Path(source)  # (tracebacks from inside the optimizer), a NaN moment an all-NaN model
         tf = source / "trainer_state.safetensors"
-        if any(type(pid) is not int for pid in state):  # "'optim.embed_tokens' names no parameter"
-            raise ValueError(f"{tf}: optimizer state keyed by parameter name, as an --fsdp run saves it: resume it "
-                             f"with --fsdp under torchrun")
+        bad = next((pid for pid in state if type(pid) is not int), None)  # (an --fsdp run's names: rekeyed already)
+        if bad is not None:
+            raise ValueError(f"{tf}: 'optim.{bad}' names no parameter being trained (corrupt trainer state)")
         check_adam_state(opt, state, tf, complete=True)
         groups = checked_param_groups(opt, meta["param_groups"], source / "trainer_state.json")
     else:
         groups = meta["param_groups"]
     opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rekey_optimizer_state(tensors: dict, meta: dict, names: list[str], by_name: bool) -> tuple[dict, dict]:
+    """The saved optimizer state keyed as this run keys it: an --fsdp run saves it by parameter name, a run without
+    by number, over the same parameters in the same order (names: this run's, in its optimizer's order). So a
+    checkpoint resumes with or without --fsdp, on any number of ranks; each side refused the other's (one "resume it
+    with --fsdp under torchrun", the other "corrupt trainer state"). A key that names no parameter is left as it is
+    (the checks that follow name it)."""
+    if bool(meta.get("fsdp")) == by_name:
+        return tensors, meta
+    key = {str(i): n for i, n in enumerate(names)} if by_name else {n: i for i, n in enumerate(names)}
+
+    def rekey(name):
+        pid, _, k = name.removeprefix("optim.").rpartition(".")
+        return f"optim.{key[pid]}.{k}" if name.startswith("optim.") and pid in key else name
+
+    def param(q):
+        return key.get(str(q) if by_name else q, q) if isinstance(q, (int, str)) else q
+    groups = meta["param_groups"]
+    if isinstance(groups, list):
+        groups = [{**g, "params": [param(q) for q in g["params"]]}
+                  if isinstance(g, dict) and isinstance(g.get("params"), list) else g for g in groups]
+    sides = {side: {rekey(k): v for k, v in meta[side].items()} for side in ("shapes", "scalars")}
+    return {rekey(k): v for k, v in tensors.items()}, {**meta, **sides, "param_groups": groups, "fsdp": by_name}
 
 
 def _dist_setup(device_arg: str):
@@ -355,6 +379,9 @@ def train(args) -> dict:
     opt = make_optimizer(raw, args.lr, args.weight_decay, (args.beta1, args.beta2),
                          "torch" if args.fsdp else backend, device)
     if resume_meta is not None:
+        name_of = {id(p): n for n, p in raw.named_parameters()}
+        names = [name_of[id(p)] for g in opt.param_groups for p in g["params"]]
+        rtensors, resume_meta = rekey_optimizer_state(rtensors, resume_meta, names, args.fsdp)
         if args.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
             osd = _unflatten_fsdp(model, opt, rtensors, resume_meta, resume_from)

@@ -335,6 +335,30 @@ def test_resume_on_another_number_of_ranks_keeps_the_tokens_per_step(data_dir, t
                       f"was saved with (or fewer)")
     assert not (one / "ckpt_0000002").exists()
 
+
+def test_resume_switches_between_fsdp_and_one_process(data_dir, tmp_path, one_process):
+    """One process to step 2, 2 --fsdp ranks to step 3, one process to step 4: the losses are the one-process run's.
+    The two save the optimizer state keyed differently (by parameter number; by name, gathered from the shards), and
+    each refused the other's: --fsdp on a one-process or DDP checkpoint said "corrupt trainer state (optimizer param
+    group 0 lists parameters [0, 1, ...]", one process on an --fsdp checkpoint "resume it with --fsdp under torchrun".
+    """
+    from packaging.version import Version
+    from pyllm.pretrain import FSDP_MIN_TORCH
+    if Version(torch.__version__).release < Version(FSDP_MIN_TORCH).release:
+        pytest.skip(f"--fsdp needs torch >= {FSDP_MIN_TORCH}")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYLLM_PROGRESS="0")
+    out = tmp_path / "o"
+    flags = ["pretrain", "--data", str(data_dir), "--dim", "32", *DIST, "--out", str(out)]
+    assert cli(flags + ["--stop-at", "2"]) == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                        "pyllm", *flags, "--fsdp", "--resume", "--stop-at", "3"], capture_output=True, text=True,
+                       env=env, timeout=240)
+    assert r.returncode == 0, r.stderr[-8000:]
+    assert json.loads((out / "ckpt_0000003" / "trainer_state.json").read_text())["fsdp"]
+    assert cli(flags + ["--resume"]) == 0
+    losses = _losses(out)
+    assert len(losses) == 4 and max(abs(a - b) for a, b in zip(one_process, losses)) < 1e-5
+
 def test_small_validation_split_skips_eval(data_dir, tmp_path, capsys):
     out = tmp_path / "o"
     assert cli(["pretrain", "--data", str(data_dir), "--out", str(out), *TINY, "--batch-size", "64",
