@@ -359,6 +359,49 @@ def test_resume_switches_between_fsdp_and_one_process(data_dir, tmp_path, one_pr
     losses = _losses(out)
     assert len(losses) == 4 and max(abs(a - b) for a, b in zip(one_process, losses)) < 1e-5
 
+
+_KILL_RANK_1 = """
+import os, signal, sys
+if os.environ.get("RANK") == "1":  # SIGKILL at the 3rd batch this rank loads (mid-run, the other rank in a collective)
+    import builtins
+    _import = builtins.__import__
+
+    def _hook(name, *a, **k):
+        m = _import(name, *a, **k)
+        data = sys.modules.get("pyllm.data")
+        if hasattr(data, "PackedLoader") and not hasattr(data, "_kill_hook"):
+            data._kill_hook, next_batch, n = True, data.PackedLoader.next_batch, [0]
+
+            def killed(self, *a, **k):
+                n[0] += 1
+                if n[0] == 3:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return next_batch(self, *a, **k)
+            data.PackedLoader.next_batch = killed
+        return m
+    builtins.__import__ = _hook
+"""
+
+
+def test_a_rank_killed_mid_run_ends_the_other_with_one_line(data_dir, tmp_path):
+    """Rank 1 SIGKILLed mid-run: rank 0, inside a collective with it, printed a 30-line traceback from inside torch
+    (DDP's broadcast: "RuntimeError: [.../gloo/transport/tcp/pair.cc:537] Read error ...: Connection reset by peer.
+    ... GLHF!"). Now one line saying another process of the run is gone. (--monitor-interval 3: torchrun stops the
+    ranks left only after rank 0 has seen the loss itself.)"""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_KILL_RANK_1)
+    env = dict(os.environ, PYTHONPATH=f"{hook}:{ROOT}", OMP_NUM_THREADS="1", PYLLM_PROGRESS="0")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "--monitor-interval", "3", "-m", "pyllm", "pretrain", "--data", str(data_dir), "--dim", "32",
+                        *DIST, "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=240)
+    assert r.returncode != 0
+    assert "exitcode  : -9" in r.stderr, r.stderr[-8000:]
+    err = [line for line in r.stderr.splitlines() if line.startswith("pyllm pretrain")]
+    assert len(err) == 1 and err[0].startswith("pyllm pretrain: error: another process of the run failed or was "
+                                               "stopped (the collective with it broke off: "), r.stderr[-8000:]
+    assert "pyllm/pretrain.py" not in r.stderr and "GLHF" not in r.stderr, r.stderr[-8000:]
+
 def test_small_validation_split_skips_eval(data_dir, tmp_path, capsys):
     out = tmp_path / "o"
     assert cli(["pretrain", "--data", str(data_dir), "--out", str(out), *TINY, "--batch-size", "64",
