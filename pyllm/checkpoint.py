@@ -9,7 +9,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -125,6 +127,18 @@ def recover_interrupted_save(dir) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _sigterm_raises():
+    """SIGTERM raises pyllm.cli.Terminated (so the clean-up of save_checkpoint runs) where it has its default action:
+    under torchrun, where pyllm.cli._catch_sigterm leaves it so for the ranks waiting in a collective, it killed a
+    rank mid-save and left <dir>.tmp-<pid>/ (torchrun stops the ranks left with it when one fails, and so does a batch
+    scheduler stopping the run). A save holds no collective, so the handler runs promptly. -> the handler to put back,
+    or None."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return None
+    from .cli import _on_sigterm
+    return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def save_checkpoint(dir, model: GPT, tokenizer=None, extra: dict | None = None,
                     extra_files: Callable[[Path], None] | None = None) -> Path:
     """Write the checkpoint directory atomically: everything goes into <dir>.tmp-<pid> first, then that directory
@@ -140,7 +154,7 @@ def save_checkpoint(dir, model: GPT, tokenizer=None, extra: dict | None = None,
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    old = None
+    old, prev = None, _sigterm_raises()
     try:
         safetensors_io.save_file(state_dict_hf(model), tmp / WEIGHTS, metadata={"format": "pt"})
         _write_json(tmp / CONFIG, hf_config(model, tokenizer, extra))
@@ -172,6 +186,9 @@ def save_checkpoint(dir, model: GPT, tokenizer=None, extra: dict | None = None,
                 f = str(dir) + f[len(str(tmp)):]
             raise OSError(e.errno, e.strerror, f) from e
         raise
+    finally:
+        if prev is not None:
+            signal.signal(signal.SIGTERM, prev)
     return given
 
 

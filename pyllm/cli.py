@@ -200,6 +200,11 @@ def _main(argv: list[str]) -> int:
     except (MemoryError, RuntimeError) as e:  # a size past the machine (torch: "DefaultCPUAllocator: can't allocate
         # memory: you tried to allocate 274877906944 bytes", "CUDA out of memory") was a traceback from inside torch
         msg = str(e)
+        if _lost_a_process(e):  # as was, on the ranks left, another's death (its own output, or torchrun's report,
+            # says why): a 30-line traceback from inside torch's collective
+            print(f"pyllm {args.command}: error: another process of the run failed or was stopped (the collective "
+                  f"with it broke off: {_first_sentence(msg)})", file=sys.stderr)
+            return 1
         if not isinstance(e, MemoryError) and "can't allocate memory" not in msg and "out of memory" not in msg:
             raise
         size = re.search(r"allocate (\d+) bytes|allocate ([\d.]+ [KMGTP]iB)", msg)
@@ -218,6 +223,22 @@ def _main(argv: list[str]) -> int:
         if prev is not None:
             signal.signal(signal.SIGTERM, prev)
     return int(rc or 0)
+
+
+def _lost_a_process(e: BaseException) -> bool:
+    """A collective that failed because another process of this torchrun'd run is gone: gloo's "Connection closed
+    by peer" / "Connection reset by peer" (a plain RuntimeError), torch's DistError family (NCCL, the store)."""
+    if not _started_process_group:
+        return False
+    import torch.distributed as dist
+    return isinstance(e, getattr(dist, "DistError", ())) or "gloo/transport/" in str(e)
+
+
+def _first_sentence(msg: str) -> str:
+    """gloo's "[.../pair.cc:553] Connection closed by peer [127.0.0.1]:51595. This is typically caused by ..." ->
+    "Connection closed by peer [127.0.0.1]:51595"."""
+    line = msg.strip().splitlines()[0] if msg.strip() else msg
+    return re.sub(r"^\[[^\]]*\]\s*", "", line).split(". ")[0].rstrip(".")
 
 
 def _given_flags(sp: argparse.ArgumentParser, argv: list[str]) -> set[str]:

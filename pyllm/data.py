@@ -351,13 +351,14 @@ class PackedLoader:
 
     The stream is cut into windows of T+1 tokens at stride T, shifted by a per-epoch random offset; windows are
     visited in a per-epoch permutation from `seed`. Each call consumes B*world_size windows; rank r takes its B.
-    So the windows seen per optimizer step are the same whatever the split over ranks and micro-steps, and the
-    position (epoch, pos) is all resume needs. doc_ids count bos tokens along a row: attention stays inside a document.
+    An epoch ends at an optimizer step's boundary (accum calls a step). So the windows seen per optimizer step are
+    the same whatever the split over ranks and micro-steps, and the position (epoch, pos) is all resume needs.
+    doc_ids count bos tokens along a row: attention stays inside a document.
     """
 
     def __init__(self, stream: TokenStream, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True):
-        self.stream, self.B, self.T, self.seed = stream, batch_size, seq_len, seed
+                 world_size: int = 1, shuffle: bool = True, accum: int = 1):
+        self.stream, self.B, self.T, self.seed, self.accum = stream, batch_size, seq_len, seed, accum
         self.rank, self.world, self.shuffle = rank, world_size, shuffle
         room = stream.n_tokens - 1 - (seq_len - 1 if shuffle else 0)
         self.n_windows = max(0, room // seq_len)
@@ -382,7 +383,10 @@ class PackedLoader:
     def next_batch(self, device="cpu"):
         import torch
         g = self.B * self.world
-        if self.pos + g > self.n_windows:
+        # whether a step's windows fit in the epoch is decided at its first micro-batch: decided per call, 1 process x
+        # 2 micro-batches ended the epoch mid-step where 2 ranks ended it before the step (another order from then on)
+        if self.pos + g > self.n_windows or (self.pos % (g * self.accum) == 0
+                                             and self.pos + g * self.accum > self.n_windows):
             self.epoch, self.pos = self.epoch + 1, 0
         shift, perm = self._order()
         idx = perm[self.pos + self.rank * self.B: self.pos + (self.rank + 1) * self.B]

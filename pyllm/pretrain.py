@@ -109,14 +109,38 @@ def load_optimizer_state(opt, tensors: dict, meta: dict, source=None) -> None:
     if source is not None:  # the groups went to torch unchecked: "betas": "x" an IndexError, "eps" deleted a KeyError
         source = Path(source)  # (tracebacks from inside the optimizer), a NaN moment an all-NaN model
         tf = source / "trainer_state.safetensors"
-        if any(type(pid) is not int for pid in state):  # "'optim.embed_tokens' names no parameter"
-            raise ValueError(f"{tf}: optimizer state keyed by parameter name, as an --fsdp run saves it: resume it "
-                             f"with --fsdp under torchrun")
+        bad = next((pid for pid in state if type(pid) is not int), None)  # (an --fsdp run's names: rekeyed already)
+        if bad is not None:
+            raise ValueError(f"{tf}: 'optim.{bad}' names no parameter being trained (corrupt trainer state)")
         check_adam_state(opt, state, tf, complete=True)
         groups = checked_param_groups(opt, meta["param_groups"], source / "trainer_state.json")
     else:
         groups = meta["param_groups"]
     opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rekey_optimizer_state(tensors: dict, meta: dict, names: list[str], by_name: bool) -> tuple[dict, dict]:
+    """The saved optimizer state keyed as this run keys it: an --fsdp run saves it by parameter name, a run without
+    by number, over the same parameters in the same order (names: this run's, in its optimizer's order). So a
+    checkpoint resumes with or without --fsdp, on any number of ranks; each side refused the other's (one "resume it
+    with --fsdp under torchrun", the other "corrupt trainer state"). A key that names no parameter is left as it is
+    (the checks that follow name it)."""
+    if bool(meta.get("fsdp")) == by_name:
+        return tensors, meta
+    key = {str(i): n for i, n in enumerate(names)} if by_name else {n: i for i, n in enumerate(names)}
+
+    def rekey(name):
+        pid, _, k = name.removeprefix("optim.").rpartition(".")
+        return f"optim.{key[pid]}.{k}" if name.startswith("optim.") and pid in key else name
+
+    def param(q):
+        return key.get(str(q) if by_name else q, q) if isinstance(q, (int, str)) else q
+    groups = meta["param_groups"]
+    if isinstance(groups, list):
+        groups = [{**g, "params": [param(q) for q in g["params"]]}
+                  if isinstance(g, dict) and isinstance(g.get("params"), list) else g for g in groups]
+    sides = {side: {rekey(k): v for k, v in meta[side].items()} for side in ("shapes", "scalars")}
+    return {rekey(k): v for k, v in tensors.items()}, {**meta, **sides, "param_groups": groups, "fsdp": by_name}
 
 
 def _dist_setup(device_arg: str):
@@ -186,7 +210,8 @@ def save(out: Path, step: int, model, full_sd, opt_state, loader, tok, config, a
     tensors, meta = opt_state
     tensors["rng.torch"] = torch.get_rng_state()
     meta.update(step=step, loader=loader.state_dict(), config=config.to_dict(), args=run_args(args),
-                tokenizer_hash=D.tokenizer_hash(tok), time=time.time())
+                tokenizer_hash=D.tokenizer_hash(tok), time=time.time(),
+                tokens_per_step=loader.B * loader.T * loader.world * loader.accum)
 
     def trainer_files(tmp: Path):
         save_file(tensors, str(Path(tmp) / "trainer_state.safetensors"), {"format": "pyllm-trainer", "step": str(step)})
@@ -229,6 +254,9 @@ def load_resume(path: Path, config: ModelConfig):
             isinstance(v, list) and all(type(d) is int and d >= 0 for d in v) for v in meta["shapes"].values()):
         raise ValueError(f"{tj}: corrupt trainer state (scalars and shapes must be objects, each shape a list of "
                          f"sizes)")
+    tps = meta.get("tokens_per_step")  # (absent: saved before pyllm kept it)
+    if tps is not None and not (type(tps) is int and tps > 0):
+        raise ValueError(f"{tj}: corrupt trainer state (tokens_per_step {tps!r})")
     if meta["config"] != config.to_dict():
         diff = {k: (meta["config"].get(k), v) for k, v in config.to_dict().items() if meta["config"].get(k) != v}
         raise ValueError(f"{path}: checkpoint is a different model shape (checkpoint vs this run: "
@@ -282,15 +310,28 @@ def train(args) -> dict:
         except ValueError as e:
             print(f"pretrain: no evaluation: validation split too small ({e})")
             val_stream = None
+    step, resume_meta = 0, None
+    resume_from = None
+    if args.resume:
+        resume_from = _latest(out) if args.resume == "latest" else Path(args.resume)
+        if resume_from is None or not resume_from.is_dir():
+            raise FileNotFoundError(f"--resume: no checkpoint at {resume_from or out / 'latest'}")
+        weights, rtensors, resume_meta = load_resume(resume_from, config)
     B, T = args.batch_size, args.seq_len
     micro_tokens = B * T * world
-    total = args.total_batch_tokens or micro_tokens
+    # a resumed run keeps its tokens per step on another number of ranks by accumulating: without
+    # --total-batch-tokens (one micro-batch per rank) it took another batch size, data order and loss curve silently
+    total = args.total_batch_tokens or (resume_meta or {}).get("tokens_per_step") or micro_tokens
+    if total % micro_tokens and resume_meta is not None:
+        raise ValueError(f"{resume_from}: the run takes {total} tokens per step, which {world} rank(s) x --batch-size "
+                         f"{B} x --seq-len {T} = {micro_tokens} do not divide; resume it on as many ranks as it was "
+                         f"saved with (or fewer)")
     if total % micro_tokens:
         raise ValueError(f"--total-batch-tokens {total} is not a multiple of batch-size*seq-len*world = {micro_tokens}")
     accum = total // micro_tokens
     if not args.max_steps:  # nanochat/Chinchilla sizing: about 20 training tokens per parameter
         args.max_steps = max(1, math.ceil(args.tokens_per_param * config.num_params() / total))
-    loader = D.PackedLoader(train_stream, B, T, seed=args.seed, rank=rank, world_size=world)
+    loader = D.PackedLoader(train_stream, B, T, seed=args.seed, rank=rank, world_size=world, accum=accum)
     if accum * B * world > loader.n_windows:  # (the loader checked one micro-batch) a step re-reading the data over
         # and over: --total-batch-tokens 2^31 on a small corpus ran 33 million micro-batches a step and never ended
         raise ValueError(f"--total-batch-tokens {total}: one optimizer step needs {accum * B * world} windows of "
@@ -300,13 +341,7 @@ def train(args) -> dict:
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "fp32": None,
              "bf16": torch.bfloat16}[args.dtype]
     model = GPT(config, backend=backend)
-    step, resume_meta = 0, None
-    resume_from = None
-    if args.resume:
-        resume_from = _latest(out) if args.resume == "latest" else Path(args.resume)
-        if resume_from is None or not resume_from.is_dir():
-            raise FileNotFoundError(f"--resume: no checkpoint at {resume_from or out / 'latest'}")
-        weights, rtensors, resume_meta = load_resume(resume_from, config)
+    if resume_meta is not None:
         if resume_meta.get("tokenizer_hash") != thash:
             raise ValueError(f"{resume_from}: checkpoint was trained with tokenizer "
                              f"{resume_meta.get('tokenizer_hash')}, but {data_dir} uses {thash}")
@@ -344,6 +379,9 @@ def train(args) -> dict:
     opt = make_optimizer(raw, args.lr, args.weight_decay, (args.beta1, args.beta2),
                          "torch" if args.fsdp else backend, device)
     if resume_meta is not None:
+        name_of = {id(p): n for n, p in raw.named_parameters()}
+        names = [name_of[id(p)] for g in opt.param_groups for p in g["params"]]
+        rtensors, resume_meta = rekey_optimizer_state(rtensors, resume_meta, names, args.fsdp)
         if args.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
             osd = _unflatten_fsdp(model, opt, rtensors, resume_meta, resume_from)

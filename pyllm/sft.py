@@ -544,8 +544,8 @@ def save_stage(out, model: nn.Module, tok, *, step: int, opt=None, state: dict |
         for fname, tensors in (extra_tensors or {}).items():
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / fname)
         save_file(tt if tt else {"step": torch.tensor([step])}, tmp / "trainer_state.safetensors")
-        _atomic_text(tmp / "trainer_state.json", json.dumps({"step": step, "optimizer": side, **(state or {})},
-                                                             indent=1) + "\n")
+        _atomic_text(tmp / "trainer_state.json", json.dumps({"step": step, "optimizer": side, "world_size": int(
+            os.environ.get("WORLD_SIZE", "1")), **(state or {})}, indent=1) + "\n")
         if out.is_dir():
             for f in out.iterdir():
                 if f.is_file() and f.suffix in KEEP and not (tmp / f.name).exists():
@@ -586,8 +586,17 @@ def load_trainer_state(out) -> tuple[dict, dict] | None:
 
 
 def resume_step(side: dict, steps: int, out) -> int:
-    """The saved step to continue from; past this run's step count is an error (a resumed run with fewer --steps
-    did nothing and exited 0, its progress bar at 200%)."""
+    """The saved step to continue from; past this run's step count, or saved by another number of processes, is an
+    error (a resumed run with fewer --steps did nothing and exited 0, its progress bar at 200%)."""
+    world, saved = int(os.environ.get("WORLD_SIZE", "1")), side.get("world_size", None)
+    if saved is not None and (type(saved) is not int or saved < 1):
+        raise ValueError(f"{Path(out) / 'trainer_state.json'}: corrupt trainer state (world_size {saved!r})")
+    # a step is --batch-size rows per process: on another number of processes the step count, the rows each step
+    # takes (the data order) and the sampling seeds are another run's, and resuming went on silently with them
+    if saved is not None and saved != world:
+        how = "as one process, without torchrun" if saved == 1 else f"with torchrun --nproc-per-node {saved}"
+        raise ValueError(f"{out}: the run was saved by {saved} process(es), this resume runs {world} (each takes "
+                         f"--batch-size a step: the steps and data order would change); resume it {how}")
     if side["step"] > steps:
         raise ValueError(f"{out}: the saved run is at step {side['step']}, past this run's {steps} steps; raise "
                          f"--steps (or --epochs) to continue it")

@@ -558,3 +558,35 @@ def test_a_tokenizer_json_that_is_a_directory_is_an_error(tmp_path):
     assert load_checkpoint(str(ck), load_tokenizer=False)[1] is None
     assert cli(["export", "--checkpoint", str(ck), "--out", str(tmp_path / "ex")]) == 2
     assert not (tmp_path / "ex" / "model.bin").exists()
+
+
+def test_sigterm_at_its_default_action_mid_save_leaves_no_temporary_directory(tmp_path):
+    """Under torchrun SIGTERM keeps its default action (pyllm.cli._catch_sigterm), and torchrun stops the ranks left
+    with it when one fails, as a batch scheduler stops a run: rank 0 killed mid-save left ckpt_<step>.tmp-<pid>/ (2 in
+    4 SIGTERMs of a 2-rank pretrain saving every step). During a save it now raises, so the clean-up runs; the
+    previous checkpoint stays. A process of its own here: SIGTERM's default action ends it."""
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    script = f"""
+import os, signal
+from pyllm.checkpoint import save_checkpoint
+from pyllm.config import ModelConfig
+from pyllm.model import GPT
+assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+m = GPT(ModelConfig(vocab_size=16, dim=8, n_layers=1, n_heads=2, max_seq_len=8))
+save_checkpoint({str(tmp_path / "ck")!r}, m, extra={{"step": 1}})
+save_checkpoint({str(tmp_path / "ck")!r}, m, extra={{"step": 2}},
+                extra_files=lambda tmp: os.kill(os.getpid(), signal.SIGTERM))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1"))
+    assert r.returncode != 0 and "Terminated" in r.stderr, r.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    assert read_extra(tmp_path / "ck") == {"step": 1}
+    import signal  # and put back after a save (here too: pytest leaves it at the default action)
+    before = signal.getsignal(signal.SIGTERM)
+    save_checkpoint(str(tmp_path / "again"), GPT(ModelConfig(vocab_size=16, dim=8, n_layers=1, n_heads=2,
+                                                             max_seq_len=8)))
+    assert signal.getsignal(signal.SIGTERM) == before

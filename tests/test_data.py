@@ -410,6 +410,22 @@ def test_loader_resume_and_ranks(stream):
         D.PackedLoader(stream, 10 ** 6, 8)
 
 
+
+def test_loader_epoch_ends_on_a_step_boundary_whatever_the_split(stream):
+    """A step of 4 windows as 2 ranks x 2 rows, 1 process x 2 rows x 2 micro-batches, or 1 process x 4 rows: the same
+    windows step after step, across epochs. The epoch's end was decided per micro-batch: with windows left for one
+    micro-batch and not two, 1 process x 2 micro-batches took 2 old and 2 new windows where 2 ranks started the new
+    epoch (a pretrain resumed with another number of ranks, or run on one, saw another data order from there)."""
+    T = next(t for t in range(8, 17) if (stream.n_tokens - 1 - (t - 1)) // t % 4 == 2)
+    r0, r1 = (D.PackedLoader(stream, 2, T, seed=3, rank=r, world_size=2) for r in (0, 1))
+    acc = D.PackedLoader(stream, 2, T, seed=3, accum=2)
+    one = D.PackedLoader(stream, 4, T, seed=3)
+    for _ in range(3 * r0.n_windows // 4):
+        want = one.next_batch()[0]
+        assert torch.equal(torch.cat([r0.next_batch()[0], r1.next_batch()[0]]), want)
+        assert torch.equal(torch.cat([acc.next_batch()[0], acc.next_batch()[0]]), want)
+    assert acc.epoch == r0.epoch == one.epoch >= 2
+
 # --- progress + plot ---------------------------------------------------------------------------------------------
 def test_progress(monkeypatch):
     from pyllm.progress import Progress

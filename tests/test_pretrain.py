@@ -307,6 +307,101 @@ def test_two_ranks_match_one_process(data_dir, tmp_path, one_process, mode):
     assert model.config.dim == 32
 
 
+
+def test_resume_on_another_number_of_ranks_keeps_the_tokens_per_step(data_dir, tmp_path, one_process, capsys):
+    """2 ranks x 2 rows (no --total-batch-tokens: one micro-batch per rank), stopped at step 2 and resumed as one
+    process: the resumed run took 2 rows a step (half the tokens, another data order and loss curve) without a word.
+    It now accumulates 2 micro-batches, so the losses are the one-process 2 x 2 reference's. The other way, 1 x 2 rows
+    resumed on 2 ranks of 2 rows cannot keep its 64 tokens a step: a one-line error naming the checkpoint."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYLLM_PROGRESS="0")
+    flags = [f for i, f in enumerate(DIST) if "--total-batch-tokens" not in DIST[max(0, i - 1):i + 1]]
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pyllm",
+           "pretrain", "--data", str(data_dir), "--dim", "32", *flags]
+    out = tmp_path / "two"
+    r = subprocess.run(run + ["--out", str(out), "--stop-at", "2"], capture_output=True, text=True, env=env,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-8000:]
+    assert cli(["pretrain", "--data", str(data_dir), "--out", str(out), "--resume"]) == 0
+    assert "128 tokens/step = 1 rank(s) x 2 micro x 2x32" in capsys.readouterr().out
+    l2 = _losses(out)
+    assert len(l2) == 4 and max(abs(a - b) for a, b in zip(one_process, l2)) < 1e-5
+    one = tmp_path / "one"
+    assert cli(["pretrain", "--data", str(data_dir), "--dim", "32", *flags, "--out", str(one), "--stop-at", "1"]) == 0
+    r = subprocess.run(run + ["--out", str(one), "--resume"], capture_output=True, text=True, env=env, timeout=240)
+    err = [line for line in r.stderr.splitlines() if "pyllm pretrain: error:" in line]
+    assert r.returncode != 0 and err, r.stderr[-8000:]
+    assert err[0] == (f"pyllm pretrain: error: {one / 'ckpt_0000001'}: the run takes 64 tokens per step, which 2 "
+                      f"rank(s) x --batch-size 2 x --seq-len 32 = 128 do not divide; resume it on as many ranks as it "
+                      f"was saved with (or fewer)")
+    assert not (one / "ckpt_0000002").exists()
+
+
+def test_resume_switches_between_fsdp_and_one_process(data_dir, tmp_path, one_process):
+    """One process to step 2, 2 --fsdp ranks to step 3, one process to step 4: the losses are the one-process run's.
+    The two save the optimizer state keyed differently (by parameter number; by name, gathered from the shards), and
+    each refused the other's: --fsdp on a one-process or DDP checkpoint said "corrupt trainer state (optimizer param
+    group 0 lists parameters [0, 1, ...]", one process on an --fsdp checkpoint "resume it with --fsdp under torchrun".
+    """
+    from packaging.version import Version
+    from pyllm.pretrain import FSDP_MIN_TORCH
+    if Version(torch.__version__).release < Version(FSDP_MIN_TORCH).release:
+        pytest.skip(f"--fsdp needs torch >= {FSDP_MIN_TORCH}")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYLLM_PROGRESS="0")
+    out = tmp_path / "o"
+    flags = ["pretrain", "--data", str(data_dir), "--dim", "32", *DIST, "--out", str(out)]
+    assert cli(flags + ["--stop-at", "2"]) == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                        "pyllm", *flags, "--fsdp", "--resume", "--stop-at", "3"], capture_output=True, text=True,
+                       env=env, timeout=240)
+    assert r.returncode == 0, r.stderr[-8000:]
+    assert json.loads((out / "ckpt_0000003" / "trainer_state.json").read_text())["fsdp"]
+    assert cli(flags + ["--resume"]) == 0
+    losses = _losses(out)
+    assert len(losses) == 4 and max(abs(a - b) for a, b in zip(one_process, losses)) < 1e-5
+
+
+_KILL_RANK_1 = """
+import os, signal, sys
+if os.environ.get("RANK") == "1":  # SIGKILL at the 3rd batch this rank loads (mid-run, the other rank in a collective)
+    import builtins
+    _import = builtins.__import__
+
+    def _hook(name, *a, **k):
+        m = _import(name, *a, **k)
+        data = sys.modules.get("pyllm.data")
+        if hasattr(data, "PackedLoader") and not hasattr(data, "_kill_hook"):
+            data._kill_hook, next_batch, n = True, data.PackedLoader.next_batch, [0]
+
+            def killed(self, *a, **k):
+                n[0] += 1
+                if n[0] == 3:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return next_batch(self, *a, **k)
+            data.PackedLoader.next_batch = killed
+        return m
+    builtins.__import__ = _hook
+"""
+
+
+def test_a_rank_killed_mid_run_ends_the_other_with_one_line(data_dir, tmp_path):
+    """Rank 1 SIGKILLed mid-run: rank 0, inside a collective with it, printed a 30-line traceback from inside torch
+    (DDP's broadcast: "RuntimeError: [.../gloo/transport/tcp/pair.cc:537] Read error ...: Connection reset by peer.
+    ... GLHF!"). Now one line saying another process of the run is gone. (--monitor-interval 3: torchrun stops the
+    ranks left only after rank 0 has seen the loss itself.)"""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_KILL_RANK_1)
+    env = dict(os.environ, PYTHONPATH=f"{hook}:{ROOT}", OMP_NUM_THREADS="1", PYLLM_PROGRESS="0")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "--monitor-interval", "3", "-m", "pyllm", "pretrain", "--data", str(data_dir), "--dim", "32",
+                        *DIST, "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=240)
+    assert r.returncode != 0
+    assert "exitcode  : -9" in r.stderr, r.stderr[-8000:]
+    err = [line for line in r.stderr.splitlines() if line.startswith("pyllm pretrain")]
+    assert len(err) == 1 and err[0].startswith("pyllm pretrain: error: another process of the run failed or was "
+                                               "stopped (the collective with it broke off: "), r.stderr[-8000:]
+    assert "pyllm/pretrain.py" not in r.stderr and "GLHF" not in r.stderr, r.stderr[-8000:]
+
 def test_small_validation_split_skips_eval(data_dir, tmp_path, capsys):
     out = tmp_path / "o"
     assert cli(["pretrain", "--data", str(data_dir), "--out", str(out), *TINY, "--batch-size", "64",

@@ -91,6 +91,32 @@ def test_head_bias_is_not_trained(tmp_path):
     assert load_file(str(out / "reward_head.safetensors"))["bias"].item() == 0.0
 
 
+
+@pytest.mark.parametrize("stage", ["reward", "dpo"])
+def test_pair_stage_resume_on_another_number_of_processes_is_refused(tmp_path, stage, capsys):
+    """A run saved by 2 processes (--batch-size pairs each a step) resumed by one went on with half the pairs a step,
+    twice the steps and another data order, without a word; now a one-line error naming --out. (The checkpoint's
+    world_size is set by hand: tests/test_sft.py saves one with 2 real ranks.)"""
+    base = tiny_checkpoint(tmp_path / "base")
+    data = write_jsonl(tmp_path / "p.jsonl", _prefs(12, 0))
+    out = tmp_path / "o"
+    args = [stage, "--model", str(base), "--data", str(data), "--out", str(out), "--batch-size", "2", "--eval-frac",
+            "0", "--lora-r", "0"]
+    assert cli(args + ["--steps", "1"]) == 0
+    tj = out / "trainer_state.json"
+    st = json.loads(tj.read_text())
+    assert st["world_size"] == 1
+    tj.write_text(json.dumps({**st, "world_size": 2}))
+    capsys.readouterr()
+    assert cli(args + ["--steps", "2", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"pyllm {stage}: error: {out}: the run was saved by 2 process(es), this resume runs 1 (each takes "
+                   f"--batch-size a step: the steps and data order would change); resume it with torchrun "
+                   f"--nproc-per-node 2"]
+    tj.write_text(json.dumps({**st, "world_size": "2"}))
+    assert cli(args + ["--steps", "2", "--resume"]) == 2
+    assert f"{tj}: corrupt trainer state (world_size '2')" in capsys.readouterr().err
+
 @pytest.mark.parametrize("stage, lora_r", [("reward", "0"), ("reward", "2"), ("dpo", "0"), ("dpo", "2")])
 def test_pair_stage_resume_matches_uninterrupted_run(tmp_path, stage, lora_r):
     """reward / dpo, interrupted after the step-3 checkpoint and resumed: the same weights (reward head, adapters,

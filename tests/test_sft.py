@@ -215,6 +215,35 @@ def test_two_ranks_match_one_process(tmp_path):
         torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-5, msg=k)
 
 
+
+def test_resume_on_another_number_of_processes_is_refused(tmp_path, capsys):
+    """2 ranks x 2 rows a step, resumed as one process: it went on with 2 rows a step, twice the steps, from row
+    2 x 2 of the epoch's shuffle (rows the 2 ranks had trained on already) and another lr schedule, without a word. A
+    step is --batch-size rows per process, so it is now a one-line error naming --out and how to resume."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    base = tiny_checkpoint(tmp_path / "base")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "q" * (i + 1)},
+                                                            {"role": "assistant", "content": "a" * (i + 2)}]}
+                                              for i in range(16)])
+    out = tmp_path / "o"
+    args = ["sft", "--model", str(base), "--data", str(data), "--eval-frac", "0", "--lora-r", "0", "--no-packing",
+            "--seq-len", "64", "--batch-size", "2", "--out", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1",
+               PYLLM_PROGRESS="0")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                        "-m", "pyllm", *args, "--steps", "2"], capture_output=True, text=True, env=env, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    capsys.readouterr()
+    assert cli(args + ["--steps", "4", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"pyllm sft: error: {out}: the run was saved by 2 process(es), this resume runs 1 (each takes "
+                   f"--batch-size a step: the steps and data order would change); resume it with torchrun "
+                   f"--nproc-per-node 2"]
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 2
+
 @pytest.mark.parametrize("n, per_step, world", [(5, 2, 1), (7, 3, 1), (6, 4, 2), (3, 8, 1)])
 def test_step_items_shows_every_item_once_per_epoch(n, per_step, world):
     """The steps' items, read in order, are epoch after epoch of a full shuffle: a step that straddles two epochs
