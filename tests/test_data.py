@@ -429,6 +429,7 @@ def test_loader_epoch_ends_on_a_step_boundary_whatever_the_split(stream):
 # --- progress + plot ---------------------------------------------------------------------------------------------
 def test_progress(monkeypatch):
     from pyllm.progress import Progress
+    monkeypatch.delenv("PYLLM_PROGRESS", raising=False)  # (a shell with PYLLM_PROGRESS=0 failed this test)
     buf = io.StringIO()
     with Progress(total=10, desc="work", file=buf, interval=0) as p:
         for _ in range(10):

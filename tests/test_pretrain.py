@@ -307,7 +307,6 @@ def test_two_ranks_match_one_process(data_dir, tmp_path, one_process, mode):
     assert model.config.dim == 32
 
 
-
 def test_resume_on_another_number_of_ranks_keeps_the_tokens_per_step(data_dir, tmp_path, one_process, capsys):
     """2 ranks x 2 rows (no --total-batch-tokens: one micro-batch per rank), stopped at step 2 and resumed as one
     process: the resumed run took 2 rows a step (half the tokens, another data order and loss curve) without a word.
@@ -401,6 +400,7 @@ def test_a_rank_killed_mid_run_ends_the_other_with_one_line(data_dir, tmp_path):
     assert len(err) == 1 and err[0].startswith("pyllm pretrain: error: another process of the run failed or was "
                                                "stopped (the collective with it broke off: "), r.stderr[-8000:]
     assert "pyllm/pretrain.py" not in r.stderr and "GLHF" not in r.stderr, r.stderr[-8000:]
+
 
 def test_small_validation_split_skips_eval(data_dir, tmp_path, capsys):
     out = tmp_path / "o"
