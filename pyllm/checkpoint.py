@@ -143,7 +143,9 @@ def save_checkpoint(dir, model: GPT, tokenizer=None, extra: dict | None = None,
                     extra_files: Callable[[Path], None] | None = None) -> Path:
     """Write the checkpoint directory atomically: everything goes into <dir>.tmp-<pid> first, then that directory
     replaces <dir> (a crash mid-save leaves the previous checkpoint intact). extra (JSON-able) is kept under
-    config.json["pyllm"]["extra"]; extra_files(tmp_dir) lets a trainer add its state files inside the same swap."""
+    config.json["pyllm"]["extra"]; extra_files(tmp_dir) lets a trainer add its state files inside the same swap.
+    A SIGTERM during the save (where it has its default action) raises pyllm.cli.Terminated, a KeyboardInterrupt,
+    after the clean-up, instead of killing the process mid-write."""
     given = dir = Path(dir)
     if dir.exists() and not dir.is_dir():  # the swap below moved the file aside, then failed on rmtree of it
         raise FileExistsError(f"{dir}: exists and is not a directory (a checkpoint is a directory)")
