@@ -500,6 +500,15 @@ def test_doc_sep_escapes_and_non_ascii(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == want
 
 
+def test_doc_sep_newlines_match_crlf_files(tmp_path):
+    """--doc-sep '\\n\\n' on a Windows (CRLF) file never matched its blank lines: one document, no validation split."""
+    (tmp_path / "in.txt").write_bytes(b"one\r\nstill one\r\n\r\ntwo\r\n\r\nthree\n\nfour\r\n")
+    docs = list(D.iter_documents([str(tmp_path / "in.txt")], doc_sep="\n\n"))
+    assert docs == ["one\r\nstill one", "two", "three", "four\r\n"]
+    assert list(D.iter_documents([str(tmp_path / "in.txt")], doc_sep="\r\n\r\n")) == \
+        ["one\r\nstill one", "two", "three\n\nfour\r\n"]
+
+
 def test_utf8_bom_is_not_text(tmp_path):
     """A BOM-prefixed .jsonl (Windows editors) stopped with "line 1: not valid JSON (Unexpected UTF-8 BOM)"; in a .txt
     it became the first token of the document."""
