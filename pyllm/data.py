@@ -217,6 +217,8 @@ def iter_documents(files, stats: InputStats | None = None, skip_bad_lines: bool 
                         err = f"not valid JSON ({e.msg} at column {e.colno})"
                     except RecursionError:  # json's C scanner recurses per nesting level
                         err = "not valid JSON (nested too deeply)"
+                    except ValueError as e:  # an integer past int()'s 4300-digit limit: the line was not named
+                        err = f"not valid JSON ({str(e).split(';')[0]})"
                     if err:
                         if not skip_bad_lines:
                             raise ValueError(f"{path}:{lineno}: {err} (use --skip-bad-lines to skip such lines)")

@@ -531,6 +531,12 @@ def test_lone_surrogate_and_deep_nesting_are_bad_lines(tmp_path):
     deep.write_text('{"text": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
     with pytest.raises(ValueError, match=r"deep.jsonl:2: not valid JSON \(nested too deeply\)"):
         prepare([str(deep)], tmp_path / "d3", byte_level=True, workers=1)
+    big = tmp_path / "big.jsonl"  # was json's int-limit message: no file, no line, no --skip-bad-lines
+    big.write_text('{"text": "ok"}\n{"text": "x", "n": 1' + "0" * 5000 + "}\n")
+    with pytest.raises(ValueError, match=r"big.jsonl:2: not valid JSON \(Exceeds the limit"):
+        prepare([str(big)], tmp_path / "d4", byte_level=True, workers=1)
+    assert prepare([str(big)], tmp_path / "d5", byte_level=True, val_fraction=0, workers=1,
+                   skip_bad_lines=True)["stats"]["bad_lines"] == 1
 
 
 
