@@ -13,6 +13,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -216,6 +217,8 @@ def iter_documents(files, stats: InputStats | None = None, skip_bad_lines: bool 
                         err = f"not valid JSON ({e.msg} at column {e.colno})"
                     except RecursionError:  # json's C scanner recurses per nesting level
                         err = "not valid JSON (nested too deeply)"
+                    except ValueError as e:  # an integer past int()'s 4300-digit limit: the line was not named
+                        err = f"not valid JSON ({str(e).split(';')[0]})"
                     if err:
                         if not skip_bad_lines:
                             raise ValueError(f"{path}:{lineno}: {err} (use --skip-bad-lines to skip such lines)")
@@ -229,7 +232,17 @@ def iter_documents(files, stats: InputStats | None = None, skip_bad_lines: bool 
         else:
             with open(path, "rb") as f:
                 text = _decode(f.read().removeprefix(UTF8_BOM), stats, path)
-            yield from _emit(text.split(doc_sep) if doc_sep else [text], stats)
+            yield from _emit(_split_docs(text, doc_sep), stats)
+
+
+def _split_docs(text: str, doc_sep: str) -> list[str]:
+    """text split on doc_sep; a newline in doc_sep also matches a CRLF one: '\\n\\n' never matched a Windows file's
+    blank lines ("\\r\\n\\r\\n"), so the whole file was one document (and no validation split) without a word."""
+    if not doc_sep:
+        return [text]
+    if "\n" in doc_sep and "\r" not in doc_sep and "\r\n" in text:
+        return re.split("\r?\n".join(map(re.escape, doc_sep.split("\n"))), text)
+    return text.split(doc_sep)
 
 
 def _emit(texts, stats: InputStats):

@@ -305,7 +305,9 @@ def add_arguments(p):
     p.add_argument("--reward-model", default=None, help="`pyllm reward` checkpoint directory")
     p.add_argument("--reward-fn", default=None, help="Python reward: module:function or file.py:function, called "
                                                      "as fn(prompt=, response=, **extra JSONL fields) -> float")
-    p.add_argument("--prompts", required=True, help="JSONL of {'prompt': ..., extra fields} or {'messages': ...}")
+    p.add_argument("--prompts", required=True, help="JSONL of {'prompt': ..., extra fields} or {'messages': ...}; a "
+                   "'weight' field is the --reward-fn score of a fully right reply (default 1): rft keeps, and "
+                   "--hard-prompts / --filter-groups count as solved, replies scoring at least it")
     p.add_argument("--algo", default="ppo", choices=["ppo", "grpo", "rft"],
                    help="PPO with a value head, GRPO, or rejection-sampling fine-tuning on verified samples (rft)")
     p.add_argument("--num-samples", type=int, default=0, help="responses per prompt (default 1 PPO, 4 GRPO / rft)")

@@ -56,6 +56,8 @@ def read_jsonl(path, parse, skip_bad: bool = False, what: str = "data") -> tuple
                     raise BadLine(f"{where}: not valid JSON ({e.msg})") from None
                 except RecursionError:  # json's C scanner recurses per nesting level
                     raise BadLine(f"{where}: not valid JSON (nested too deeply)") from None
+                except ValueError as e:  # an integer past int()'s 4300-digit limit: the line was not named
+                    raise BadLine(f"{where}: not valid JSON ({str(e).split(';')[0]})") from None
                 if not isinstance(obj, dict):
                     raise BadLine(f"{where}: expected a JSON object, got {type(obj).__name__}")
                 out.append(parse(obj, where))

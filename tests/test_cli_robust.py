@@ -73,6 +73,11 @@ def test_jsonl_directory_and_non_utf8_line(base, tmp_path, capsys):
     deep = write_jsonl(tmp_path / "deep.jsonl", ['{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}"])
     assert cli(args + ["--data", str(deep)]) == 2  # was a RecursionError traceback from json
     assert f"{deep}:1: not valid JSON (nested too deeply)" in one_line_error(capsys, "sft")
+    big = write_jsonl(tmp_path / "big.jsonl", [json.dumps(GOOD_SFT), '{"id": 1' + "0" * 5000 + ', "prompt": "x", '
+                                                                      '"completion": "y"}'])
+    assert cli(args + ["--data", str(big)]) == 2  # was json's int-limit message: no file, no line, no skipping
+    assert f"{big}:2: not valid JSON (Exceeds the limit" in one_line_error(capsys, "sft")
+    assert cli(args + ["--data", str(big), "--skip-bad-lines"]) == 0
 
 
 @pytest.mark.parametrize("stage, flag, value, message", [

@@ -500,6 +500,15 @@ def test_doc_sep_escapes_and_non_ascii(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == want
 
 
+def test_doc_sep_newlines_match_crlf_files(tmp_path):
+    """--doc-sep '\\n\\n' on a Windows (CRLF) file never matched its blank lines: one document, no validation split."""
+    (tmp_path / "in.txt").write_bytes(b"one\r\nstill one\r\n\r\ntwo\r\n\r\nthree\n\nfour\r\n")
+    docs = list(D.iter_documents([str(tmp_path / "in.txt")], doc_sep="\n\n"))
+    assert docs == ["one\r\nstill one", "two", "three", "four\r\n"]
+    assert list(D.iter_documents([str(tmp_path / "in.txt")], doc_sep="\r\n\r\n")) == \
+        ["one\r\nstill one", "two", "three\n\nfour\r\n"]
+
+
 def test_utf8_bom_is_not_text(tmp_path):
     """A BOM-prefixed .jsonl (Windows editors) stopped with "line 1: not valid JSON (Unexpected UTF-8 BOM)"; in a .txt
     it became the first token of the document."""
@@ -522,6 +531,12 @@ def test_lone_surrogate_and_deep_nesting_are_bad_lines(tmp_path):
     deep.write_text('{"text": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
     with pytest.raises(ValueError, match=r"deep.jsonl:2: not valid JSON \(nested too deeply\)"):
         prepare([str(deep)], tmp_path / "d3", byte_level=True, workers=1)
+    big = tmp_path / "big.jsonl"  # was json's int-limit message: no file, no line, no --skip-bad-lines
+    big.write_text('{"text": "ok"}\n{"text": "x", "n": 1' + "0" * 5000 + "}\n")
+    with pytest.raises(ValueError, match=r"big.jsonl:2: not valid JSON \(Exceeds the limit"):
+        prepare([str(big)], tmp_path / "d4", byte_level=True, workers=1)
+    assert prepare([str(big)], tmp_path / "d5", byte_level=True, val_fraction=0, workers=1,
+                   skip_bad_lines=True)["stats"]["bad_lines"] == 1
 
 
 

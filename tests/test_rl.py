@@ -744,3 +744,15 @@ def test_resume_of_a_run_saved_with_the_ppo_epochs_default_left_open(tmp_path):
     tj.write_text(json.dumps(st))
     assert cli(args + ["--steps", "2", "--resume"]) == 0
     assert [r["step"] for r in read_metrics(tmp_path / "o" / "metrics.jsonl")] == [1, 2]
+
+
+def test_prompts_help_and_readme_name_the_weight_field(capsys):
+    """A prompts line's 'weight' field is the verifier's full credit (rft keeps the replies scoring at least it) and
+    was in neither --help nor the README: a 'weight' meaning something else (2, a sample's importance) made rft keep
+    nothing, trained nothing, and exit 0."""
+    from pathlib import Path
+    with pytest.raises(SystemExit):
+        cli(["rl", "--help"])
+    assert "'weight' field is the --reward-fn score of a fully right reply" in " ".join(capsys.readouterr().out.split())
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert "scored at least the prompt line's `weight` field" in readme
