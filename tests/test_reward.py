@@ -49,7 +49,7 @@ def _prefs(n, seed):
     return rows
 
 
-def test_reward_model_learns_separable_preferences(tmp_path):
+def test_reward_model_learns_separable_preferences(tmp_path, capsys):
     base = tiny_checkpoint(tmp_path / "base")
     write_jsonl(tmp_path / "train.jsonl", _prefs(160, 0))
     write_jsonl(tmp_path / "eval.jsonl", _prefs(60, 1))
@@ -76,6 +76,22 @@ def test_reward_model_learns_separable_preferences(tmp_path):
                 str(tmp_path / "scored.jsonl")]) == 0
     scored = [json.loads(l) for l in (tmp_path / "scored.jsonl").read_text().splitlines()]
     assert [s["id"] for s in scored] == [7, 8] and scored[0]["reward"] > scored[1]["reward"]
+    # preference lines: both replies scored, as response lines score them (only "chosen" was, as "reward")
+    assert cli(["score", "--reward-model", str(out), "--data", str(tmp_path / "eval.jsonl"), "--out",
+                str(tmp_path / "pairs.jsonl")]) == 0
+    pairs = [json.loads(l) for l in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    src = _prefs(60, 1)
+    assert len(pairs) == 60 and all("reward" not in p for p in pairs)
+    assert [{k: p[k] for k in src[0] if k in p} for p in pairs[:2]] == [src[0], {**src[1]}]
+    right = sum(p["reward_chosen"] > p["reward_rejected"] for p in pairs)
+    assert right > 0.9 * 60 and f"chosen > rejected in {right} of 60 pairs" in capsys.readouterr().err
+    write_jsonl(tmp_path / "as_responses.jsonl", [{"prompt": r["prompt"], "response": r[k]} for r in src[:3]
+                                                  for k in ("chosen", "rejected")])
+    assert cli(["score", "--reward-model", str(out), "--data", str(tmp_path / "as_responses.jsonl"), "--out",
+                str(tmp_path / "as_responses_scored.jsonl")]) == 0
+    single = [json.loads(l)["reward"] for l in (tmp_path / "as_responses_scored.jsonl").read_text().splitlines()]
+    got = [p[k] for p in pairs[:3] for k in ("reward_chosen", "reward_rejected")]
+    assert max(abs(a - b) for a, b in zip(single, got)) < 1e-5
 
 
 def test_head_bias_is_not_trained(tmp_path):
@@ -89,7 +105,6 @@ def test_head_bias_is_not_trained(tmp_path):
     assert cli(["reward", "--model", str(base), "--data", str(tmp_path / "p.jsonl"), "--out", str(out), "--steps", "3",
                 "--lr", "1e-2", "--batch-size", "4", "--eval-frac", "0", "--lora-r", "2"]) == 0
     assert load_file(str(out / "reward_head.safetensors"))["bias"].item() == 0.0
-
 
 
 @pytest.mark.parametrize("stage", ["reward", "dpo"])
