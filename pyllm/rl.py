@@ -395,8 +395,8 @@ def fn_scores(fn, tok, prompts, samples, end_id) -> torch.Tensor:
         except Exception as e:  # the user's code: a one-line error naming it, not a traceback through the trainer
             raise ValueError(f"--reward-fn {getattr(fn, '__name__', fn)} raised {type(e).__name__}: {e} (prompt "
                              f"{prompts[pi][1][:60]!r})") from None
-        try:
-            v = float(s)  # a bool, a 0-d tensor or a numpy scalar is fine
+        try:  # a bool, a 0-d tensor or a numpy scalar is fine; text is not ("1" passed as 1.0, "0.9 " too: a fn
+            v = math.nan if isinstance(s, (str, bytes)) else float(s)  # returning its parse of the reply, unconverted)
         except (TypeError, ValueError):
             v = math.nan
         if not math.isfinite(v):  # NaN would poison every advantage of the batch without an error

@@ -146,6 +146,7 @@ def test_out_of_range_flags(base, tmp_path, capsys, stage, flag, value, message)
 @pytest.mark.parametrize("body, message", [
     ("def fn(:\n", "cannot load"),                                            # was a SyntaxError traceback
     ("def fn(prompt, response, **kw):\n    return 'yes'\n", "returned 'yes', expected a finite number"),
+    ("def fn(prompt, response, **kw):\n    return '1'\n", "returned '1', expected a finite number"),  # was 1.0
     ("def fn(prompt, response, **kw):\n    return float('nan')\n", "returned nan"),  # was exit 0, NaN advantages
     # were a traceback through the trainer: the user's function raising, or taking other arguments
     ("def fn(prompt, response, **kw):\n    raise RuntimeError('boom')\n", "fn raised RuntimeError: boom"),
