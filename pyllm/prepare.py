@@ -394,7 +394,7 @@ def _prepare(out, mpath, old, settings, files, val_files, tokenizer, byte_level,
     print(f"{out}: {n['train']} train + {n['val']} val tokens in {len(man['shards'])} shards; {stats.docs} documents, "
           f"{stats.empty_files} empty files, {stats.empty_docs} empty documents, {stats.bad_utf8_docs} with invalid "
           f"UTF-8 (replaced), {stats.bad_lines} bad JSONL lines skipped; vocab {tok.vocab_size}")
-    if n["val"] == 0:
+    if n["val"] == 0 and (val_fraction > 0 or val_files):  # (--val-fraction 0 asked for none: no note)
         print(f"{out}: note: no validation documents (few documents; use --doc-sep, --val-input or --val-fraction)")
     return man
 

@@ -617,6 +617,15 @@ def test_tokenizer_train_failure_leaves_no_empty_out(tmp_path, capsys):
     assert (tmp_path / "mine").is_dir()
 
 
+def test_no_validation_note_only_when_one_was_asked_for(tmp_path, capsys):
+    """--val-fraction 0 asks for no validation split: the note that blamed "few documents" was printed anyway."""
+    (tmp_path / "a.txt").write_text("one document only")
+    prepare([str(tmp_path / "a.txt")], tmp_path / "d0", byte_level=True, val_fraction=0, workers=1)
+    assert "no validation documents" not in capsys.readouterr().out
+    prepare([str(tmp_path / "a.txt")], tmp_path / "d1", byte_level=True, val_fraction=0.01, workers=1)
+    assert "note: no validation documents (few documents" in capsys.readouterr().out
+
+
 def test_tokenizer_train_killed_between_its_files_leaves_no_stale_bin(tmp_path, monkeypatch):
     """tokenizer-train writes tokenizer.json, then tokenizer.bin: a rerun into the same --out killed between the two
     left the earlier run's tokenizer.bin (another vocabulary) beside the new tokenizer.json."""
