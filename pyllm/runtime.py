@@ -256,7 +256,8 @@ class Runtime:
 
     def _tok(self) -> CTokenizer:
         if self.tokenizer is None:
-            raise ValueError("Runtime was built without a tokenizer")
+            raise ValueError(f"Runtime({self.model.path!r}) has no tokenizer: pass tokenizer_bin, e.g. the tokenizer.bin "
+                             f"next to the model, which pyllm-run takes by default")
         return self.tokenizer
 
     def generate_ids(self, ids: list[int], steps: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,

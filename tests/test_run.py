@@ -187,6 +187,8 @@ def test_q8_logits_within_bound_and_same_greedy(tmp_path, rng, fmt):
         seq.append(int(ref_logits(sd, c, seq)[-1].argmax()))
     assert gf == seq[1:]
     assert gq == gf
+    with pytest.raises(ValueError, match=r"has no tokenizer: pass tokenizer_bin, e.g. the tokenizer.bin next to the"):
+        rf.encode("a")  # (was "Runtime was built without a tokenizer": no word of what to pass)
 
 
 def test_sampler(tmp_path, rng):
