@@ -894,7 +894,10 @@ def check_out_dir(out, inputs=(), stage: str | None = None) -> None:
             raise ValueError(f"--out {out}: holds a `pyllm {found}` run; `pyllm {stage}` replaces only its own "
                              f"runs (use another --out)")
     if out.is_dir() and not (out / "trainer_state.json").is_file():  # (a file: check_common_args said so)
-        held = sorted(f.name for f in out.iterdir() if not (f.is_file() and f.suffix in KEEP))  # a run's own logs
+        # a run's own logs (stopped before its first save): metrics.jsonl and its plots; a folder of data
+        # (train.jsonl, corpus.txt) was taken for one, its files then carried into every checkpoint
+        held = sorted(f.name for f in out.iterdir() if not (f.is_file() and (f.name == "metrics.jsonl" or
+                                                                            f.suffix == ".png")))
         if held:
             shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
             raise ValueError(f"--out {out}: exists and is not a stage checkpoint (it holds {shown}); each save "

@@ -343,6 +343,15 @@ def test_out_that_is_not_a_stage_checkpoint_is_refused_before_any_work(tmp_path,
         err = capsys.readouterr().err.splitlines()
         assert len(err) == 1 and err[0].startswith(f"pyllm {stage}: error: {want}"), err
     assert (proj / "train.py").read_text() == "code" and (proj / "notes" / "todo.md").read_text() == "keep"
+    corpus = tmp_path / "corpus"  # a folder of data files: was taken for a run's logs (.jsonl/.txt)
+    corpus.mkdir()
+    (corpus / "train.jsonl").write_text("{}\n")
+    (corpus / "notes.txt").write_text("keep")
+    src = ["--policy", str(base), "--prompts", str(data), "--reward-model", str(base)] if stage == "rl" else \
+        ["--model", str(base), "--data", str(data)]
+    assert cli([stage, *src, "--out", str(corpus), "--steps", "1", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith(f"pyllm {stage}: error: --out {corpus}: exists and is not a stage "
+                                              f"checkpoint (it holds notes.txt, train.jsonl)")
     runlog = tmp_path / "killed"  # a run stopped before its first save leaves only its logs: still usable
     runlog.mkdir()
     (runlog / "metrics.jsonl").write_text("")
