@@ -2,7 +2,8 @@
 
 Template (csrc/run.c reproduces it with ids):  <|bos|> then per message  <|role|> content <|end|> ; with
 add_generation_prompt a final <|assistant|>. The loss mask is 1 exactly on assistant content tokens and their
-<|end|>, 0 on everything else (bos, role tokens, system and user turns). Content is encoded as plain text:
+<|end|> (an assistant message with "weight": 0, OpenAI's format, excepted), 0 on everything else (bos, role tokens,
+system and user turns). Content is encoded as plain text:
 special-token text typed by a user ("<|end|>") never becomes a control token.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ def render(messages: Sequence[dict], tokenizer, add_generation_prompt: bool = Fa
     ids, mask = [tokenizer.bos_id], [0]
     contents = tokenizer.encode_batch([m["content"] for m in messages]) if messages else []
     for m, body in zip(messages, contents):
-        train = 1 if m["role"] == "assistant" else 0
+        train = 1 if m["role"] == "assistant" and m.get("weight", 1) else 0   # (OpenAI's per-turn weight 0)
         ids.append(tokenizer.role_id(m["role"]))
         mask.append(0)
         ids.extend(body)

@@ -88,6 +88,12 @@ def check_messages(msgs, where: str, field: str = "messages") -> list[dict]:
         if role == "assistant" and not content.strip():
             raise BadLine(f"{where}: {field}[{i}] is an empty assistant turn")
         out.append({"role": role, "content": content})
+        if "weight" in m:  # OpenAI's fine-tuning format: weight 0 keeps an assistant turn out of the loss (it was
+            w = m["weight"]  # ignored: every such turn trained on)
+            if role != "assistant" or type(w) not in (int, bool) or w not in (0, 1):
+                raise BadLine(f"{where}: {field}[{i}] weight must be 0 or 1 on an assistant turn, got {w!r} on a "
+                              f"{role} turn")
+            out[-1]["weight"] = int(w)
     return out
 
 
@@ -109,7 +115,7 @@ def parse_conversation(obj: dict, where: str) -> list[dict]:
             as_messages(obj["completion"], where, "completion", "assistant")
     else:
         raise BadLine(f"{where}: expected 'messages' or 'prompt'+'completion' keys, got {sorted(obj)}")
-    if not any(m["role"] == "assistant" for m in msgs):
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in msgs):
         raise BadLine(f"{where}: conversation has no assistant turn to train on")
     return msgs
 

@@ -319,6 +319,33 @@ def test_resume_drops_metrics_rows_that_are_not_rows(tmp_path):
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2]
 
 
+def test_openai_weight_zero_turn_is_not_trained_on():
+    """OpenAI's fine-tuning format marks assistant turns to leave out of the loss with "weight": 0: the key was
+    ignored and every such turn trained on."""
+    from pyllm.chat import render
+    from pyllm.sft import BadLine
+    _, tok = tiny_model()
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "bad reply", "weight": 0},
+             {"role": "user", "content": "again"}, {"role": "assistant", "content": "good", "weight": 1}]
+    msgs = parse_conversation({"messages": turns}, "x:1")
+    ids, mask = render(msgs, tok)
+    want_ids, want = render([{k: v for k, v in m.items() if k != "weight"} for m in turns], tok)
+    assert ids == want_ids
+    trained = [i for i, (a, b) in enumerate(zip(mask, want)) if b]
+    first = len(tok.encode("bad reply")) + 1                  # the weight-0 turn's content and its <|end|>
+    assert sum(want) - sum(mask) == first and mask[trained[0]] == 0 and mask[trained[-1]] == 1
+    with pytest.raises(BadLine, match="no assistant turn to train on"):
+        parse_conversation({"messages": turns[:2]}, "x:1")
+    for bad, role in ((2, "assistant"), ("0", "assistant"), (0, "user")):
+        with pytest.raises(BadLine, match=f"x:1: messages\\[[0-9]\\] weight must be 0 or 1 on an assistant turn, "
+                                          f"got {bad!r} on a {role} turn"):
+            parse_conversation({"messages": [{"role": "user", "content": "q", **({"weight": bad} if role == "user"
+                                                                                 else {})},
+                                             {"role": "assistant", "content": "a", **({"weight": bad} if
+                                                                                      role == "assistant" else {})}]},
+                               "x:1")
+
+
 @pytest.mark.parametrize("stage", ["sft", "dpo", "reward", "rl"])
 def test_out_that_is_not_a_stage_checkpoint_is_refused_before_any_work(tmp_path, capsys, monkeypatch, stage):
     """Each save replaces --out as a whole (keeping only the run's .jsonl/.png/.txt), so a project directory given as
