@@ -658,7 +658,8 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="pyllm kernels or plain torch ops (default: pyllm on CPU, torch on CUDA)")
     g.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="autocast dtype (auto = bf16 on CUDA, fp32 on CPU; bf16 with the pyllm CPU kernels = bf16 GEMM operands, fp32 weights)")
-    g.add_argument("--fsdp", action="store_true", help="shard the model with torch FSDP (under torchrun)")
+    g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False,
+                   help="shard the model with torch FSDP (under torchrun); --no-fsdp resumes an --fsdp run with DDP")
     g.add_argument("--eval-every", type=int, default=250, help="eval val loss + sample every N steps (0 = end only)")
     g.add_argument("--eval-at-start", action="store_true", help="also evaluate before the first step")
     g.add_argument("--eval-batches", type=int, default=20, help="validation batches per eval (20)")

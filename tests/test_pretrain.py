@@ -336,7 +336,8 @@ def test_resume_on_another_number_of_ranks_keeps_the_tokens_per_step(data_dir, t
 
 
 def test_resume_switches_between_fsdp_and_one_process(data_dir, tmp_path, one_process):
-    """One process to step 2, 2 --fsdp ranks to step 3, one process to step 4: the losses are the one-process run's.
+    """One process to step 2, 2 --fsdp ranks to step 3, 2 DDP ranks (--no-fsdp) to step 4: the losses are the
+    one-process run's.
     The two save the optimizer state keyed differently (by parameter number; by name, gathered from the shards), and
     each refused the other's: --fsdp on a one-process or DDP checkpoint said "corrupt trainer state (optimizer param
     group 0 lists parameters [0, 1, ...]", one process on an --fsdp checkpoint "resume it with --fsdp under torchrun".
@@ -354,7 +355,11 @@ def test_resume_switches_between_fsdp_and_one_process(data_dir, tmp_path, one_pr
                        env=env, timeout=240)
     assert r.returncode == 0, r.stderr[-8000:]
     assert json.loads((out / "ckpt_0000003" / "trainer_state.json").read_text())["fsdp"]
-    assert cli(flags + ["--resume"]) == 0
+    # and on to 2 DDP ranks: --fsdp was restored from the run's flags with no way to turn it off
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                        "pyllm", *flags, "--no-fsdp", "--resume"], capture_output=True, text=True, env=env, timeout=240)
+    assert r.returncode == 0, r.stderr[-8000:]
+    assert not json.loads((out / "ckpt_0000004" / "trainer_state.json").read_text()).get("fsdp")
     losses = _losses(out)
     assert len(losses) == 4 and max(abs(a - b) for a, b in zip(one_process, losses)) < 1e-5
 
