@@ -72,8 +72,9 @@ def read_jsonl(path, parse, skip_bad: bool = False, what: str = "data") -> tuple
     return out, skipped
 
 
-def check_messages(msgs, where: str, field: str = "messages") -> list[dict]:
-    """Validate a message list: known roles, string content, no empty assistant turn."""
+def check_messages(msgs, where: str, field: str = "messages", weights: bool = False) -> list[dict]:
+    """Validate a message list: known roles, string content, no empty assistant turn. weights (SFT): an assistant
+    turn's "weight" (0 or 1) is kept; elsewhere (preference pairs, prompts, scoring) it is ignored, as before."""
     if not isinstance(msgs, list) or not msgs:
         raise BadLine(f"{where}: '{field}' must be a non-empty list of {{role, content}} objects")
     out = []
@@ -88,7 +89,7 @@ def check_messages(msgs, where: str, field: str = "messages") -> list[dict]:
         if role == "assistant" and not content.strip():
             raise BadLine(f"{where}: {field}[{i}] is an empty assistant turn")
         out.append({"role": role, "content": content})
-        if "weight" in m:  # OpenAI's fine-tuning format: weight 0 keeps an assistant turn out of the loss (it was
+        if weights and "weight" in m:  # OpenAI's fine-tuning format: weight 0 keeps an assistant turn out of the loss (it was
             w = m["weight"]  # ignored: every such turn trained on)
             if role != "assistant" or type(w) not in (int, bool) or w not in (0, 1):
                 raise BadLine(f"{where}: {field}[{i}] weight must be 0 or 1 on an assistant turn, got {w!r} on a "
@@ -109,7 +110,7 @@ def as_messages(x, where: str, field: str, default_role: str) -> list[dict]:
 def parse_conversation(obj: dict, where: str) -> list[dict]:
     """{"messages": [...]} or {"prompt", "completion"} -> validated messages with at least one assistant turn."""
     if "messages" in obj:
-        msgs = check_messages(obj["messages"], where)
+        msgs = check_messages(obj["messages"], where, weights=True)
     elif "prompt" in obj and "completion" in obj:
         msgs = as_messages(obj["prompt"], where, "prompt", "user") + \
             as_messages(obj["completion"], where, "completion", "assistant")

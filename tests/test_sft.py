@@ -336,6 +336,10 @@ def test_openai_weight_zero_turn_is_not_trained_on():
     assert sum(want) - sum(mask) == first and mask[trained[0]] == 0 and mask[trained[-1]] == 1
     with pytest.raises(BadLine, match="no assistant turn to train on"):
         parse_conversation({"messages": turns[:2]}, "x:1")
+    # preference pairs, prompts, scoring: ignored, as before (a DPO pair's chosen reply of weight 0 trained on an
+    # empty completion)
+    from pyllm.sft import check_messages
+    assert check_messages(turns, "x:1") == [{k: v for k, v in m.items() if k != "weight"} for m in turns]
     for bad, role in ((2, "assistant"), ("0", "assistant"), (0, "user")):
         with pytest.raises(BadLine, match=f"x:1: messages\\[[0-9]\\] weight must be 0 or 1 on an assistant turn, "
                                           f"got {bad!r} on a {role} turn"):
