@@ -11,7 +11,6 @@ import re
 import shutil
 import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Callable
 
@@ -133,10 +132,8 @@ def _sigterm_raises():
     rank mid-save and left <dir>.tmp-<pid>/ (torchrun stops the ranks left with it when one fails, and so does a batch
     scheduler stopping the run). A save holds no collective, so the handler runs promptly. -> the handler to put back,
     or None."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        return None
-    from .cli import _on_sigterm
-    return signal.signal(signal.SIGTERM, _on_sigterm)
+    from .cli import _catch_sigterm
+    return _catch_sigterm(under_torchrun=True)
 
 
 def save_checkpoint(dir, model: GPT, tokenizer=None, extra: dict | None = None,

@@ -266,15 +266,17 @@ def _on_sigterm(signum, frame):
     raise Terminated
 
 
-def _catch_sigterm():
+def _catch_sigterm(under_torchrun: bool = False):
     """Install the SIGTERM handler for the stage's run; the handler it replaced, or None where it cannot (not the
     main thread, someone else's handler in place) or should not: under torchrun, whose agent stops the surviving
     ranks with SIGTERM while they wait inside a collective, where a Python handler runs only once the call returns
-    (the default action ends them at once)."""
+    (the default action ends them at once). under_torchrun: there too (save_checkpoint: a save holds no
+    collective)."""
     import os
     import threading
     if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) != signal.SIG_DFL or "TORCHELASTIC_RUN_ID" in os.environ:
+            signal.getsignal(signal.SIGTERM) != signal.SIG_DFL or \
+            ("TORCHELASTIC_RUN_ID" in os.environ and not under_torchrun):
         return None
     return signal.signal(signal.SIGTERM, _on_sigterm)
 
