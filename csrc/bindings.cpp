@@ -228,14 +228,18 @@ PYBIND11_MODULE(_C, m) {
     }, py::arg("dgate"), py::arg("dup"), py::arg("dout"), py::arg("gate"), py::arg("up"), py::arg("n"),
        py::arg("cols") = 0, py::arg("ld") = 0);
     m.def("cross_entropy_forward", [](uintptr_t loss, uintptr_t stats, uintptr_t logits, uintptr_t targets, int N,
-                                      int V, int64_t ignore_index, uintptr_t dlogits, float scale) {
+                                      int V, int64_t ignore_index, uintptr_t dlogits, float scale, int ld_dlogits) {
         CHECK_PTR(loss); CHECK_PTR(stats); CHECK_PTR(logits); CHECK_PTR(targets); CHECK_POS(N); CHECK_POS(V);
+        if (ld_dlogits != 0 && ld_dlogits < V)
+            throw std::invalid_argument("cross_entropy_forward: ld_dlogits must be 0 or >= V");
+        if (ld_dlogits != 0 && ld_dlogits != V && dlogits == logits)
+            throw std::invalid_argument("cross_entropy_forward: dlogits may alias logits only at the same row stride");
         cross_entropy_params p{P<float>(loss), P<float>(stats), P<const float>(logits), P<const int64_t>(targets), N, V,
-                               ignore_index, P<float>(dlogits), scale};
+                               ignore_index, P<float>(dlogits), scale, ld_dlogits};
         py::gil_scoped_release nogil;
         KCALL(cross_entropy_forward, &p);
     }, py::arg("loss"), py::arg("stats"), py::arg("logits"), py::arg("targets"), py::arg("N"), py::arg("V"),
-       py::arg("ignore_index"), py::arg("dlogits") = 0, py::arg("scale") = 1.0f);
+       py::arg("ignore_index"), py::arg("dlogits") = 0, py::arg("scale") = 1.0f, py::arg("ld_dlogits") = 0);
     m.def("adamw_step", [](uintptr_t params, uintptr_t grads, uintptr_t m_, uintptr_t v_, long n, float lr, float beta1,
                            float beta2, float eps, float weight_decay, int step) {
         CHECK_PTR(params); CHECK_PTR(grads); CHECK_PTR(m_); CHECK_PTR(v_); CHECK_POS(n); CHECK_POS(step);

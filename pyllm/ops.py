@@ -382,9 +382,24 @@ def _gemm(a, b, M, N, K, trans_a=False, trans_b=False, bias=None, out=None, accu
     if bf16:
         a, b = a.to(torch.bfloat16), b.to(torch.bfloat16)
     fn = C().matmul_bf16_forward if a.dtype == torch.bfloat16 else C().matmul_forward
-    fn(ptr(out), ptr(a), ptr(b), ptr(bias), M, N, K, max(1, a.shape[1]), max(1, b.shape[1]), N,
-       bool(trans_a), bool(trans_b), bool(accumulate))
+    fn(ptr(out), ptr(a), ptr(b), ptr(bias), M, N, K, _ld(a), _ld(b), _ld(out), bool(trans_a), bool(trans_b),
+       bool(accumulate))
     return out
+
+
+def _ld(t: torch.Tensor) -> int:
+    """The row stride of a 2-D operand whose rows are contiguous (contiguous, or a padded_rows() view)."""
+    return t.stride(0) if t.shape[0] > 1 else max(1, t.shape[1])
+
+
+def padded_rows(rows: int, cols: int) -> torch.Tensor:
+    """An uninitialised fp32 (rows, cols) view whose row stride is not a multiple of 4 KiB (cols + 16 where it
+    would be). The GEMM reads a row-major A in place but for such a stride (its MR rows would share one L1 set) and
+    packs it instead: for the step's narrow products (N = 384) that packing cost ~10% (2048x384x2048 with A's rows
+    8 KiB apart 97 GFLOP/s, padded 108; 2048x384x8192 98 / 109; 1 thread, session 34). So the buffers that are a
+    GEMM's A (the MLP's [dgate | dup], the LM head's dlogits) are made with this stride."""
+    ld = cols + 16 if (cols * 4) % 4096 == 0 else cols
+    return empty(rows, ld)[:, :cols]
 
 
 def matmul(a, b, bias=None, trans_a=False, trans_b=False, out=None, accumulate=False):
@@ -459,7 +474,8 @@ class _Linear(torch.autograd.Function):
         dy2 = dy.reshape(M, N)                                   # (M, N) (-1 failed for N = 0)
         if dy2.dtype != torch.float32 or dy2.device.type != "cpu":
             raise TypeError(f"linear backward: expected a float32 cpu gradient, got {dy2.dtype} on {dy2.device}")
-        dy2 = dy2.contiguous()
+        if dy2.stride(1) != 1 or (M > 1 and dy2.stride(0) < N):   # rows contiguous (a padded_rows() view) will do
+            dy2 = dy2.contiguous()
         dyg = _bf16_operand(dy2) if ctx.bf16 else dy2           # the GEMMs' operand (db sums the fp32 dy)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
@@ -607,9 +623,10 @@ class _CrossEntropy(torch.autograd.Function):
         stats = torch.empty(N, 2, dtype=torch.float32)  # (N, 2) row max, log-sum
         n_valid = max(int((targets != ignore_index).sum()), 1)
         # the gradient of the mean loss, written by the same pass over the logits (the backward only scales it)
-        dlogits = empty(N, V) if ctx.needs_input_grad[0] else None
+        # (rows padded_rows(): the LM head's dX GEMM reads it in place)
+        dlogits = padded_rows(N, V) if ctx.needs_input_grad[0] else None
         C().cross_entropy_forward(ptr(loss_rows), ptr(stats), ptr(logits), ptr(targets), N, V, int(ignore_index),
-                                  ptr(dlogits), 1.0 / n_valid)
+                                  ptr(dlogits), 1.0 / n_valid, 0 if dlogits is None else _ld(dlogits))
         ctx.dlogits = dlogits
         ctx.dlogits_version = None if dlogits is None else dlogits._version
         return loss_rows.sum(dtype=torch.float64).float() / n_valid
@@ -809,9 +826,9 @@ class _Block(torch.autograd.Function):
         h2, r2 = empty(M, Cm), torch.empty(M)
         k_.rmsnorm_forward(ptr(h2), ptr(r2), ptr(x2), ptr(w_post), M, Cm, float(eps))
         h2, wgu = cv(h2), cv(torch.cat((wg, wu)))                           # (M, C), (2F, C)
-        gu = mm(h2, wgu, M, 2 * F, Cm)                                      # (M, 2F) = [gate | up] per row
+        gu = mm(h2, wgu, M, 2 * F, Cm, out=padded_rows(M, 2 * F))          # (M, 2F) = [gate | up] per row
         s = empty(M, F)
-        k_.swiglu_forward(ptr(s), ptr(gu), gu.data_ptr() + 4 * F, M * F, F, 2 * F)
+        k_.swiglu_forward(ptr(s), ptr(gu), gu.data_ptr() + 4 * F, M * F, F, gu.stride(0))
         s, wd = cv(s), cv(wd)
         out = empty(M, Cm).copy_(x2)                                        # x2 + s Wdᵀ
         mm(s, wd, M, Cm, F, out=out, accumulate=True)
@@ -839,8 +856,10 @@ class _Block(torch.autograd.Function):
         dc = cv(d)
         dwd = mm(dc, s, Cm, F, M, trans_a=True, trans_b=True) if need[9] else None       # (C, F)
         ds = mm(dc, wd, M, F, Cm, trans_b=True)                            # (M, F)
-        dgu = empty(M, 2 * F)                                               # [dgate | dup] per row
-        k_.swiglu_backward(ptr(dgu), dgu.data_ptr() + 4 * F, ptr(ds), ptr(gu), gu.data_ptr() + 4 * F, M * F, F, 2 * F)
+        # [dgate | dup] per row at gu's row stride (swiglu's one ld): dh2's GEMM reads it in place (padded_rows)
+        dgu = torch.as_strided(empty(M, gu.stride(0)), (M, 2 * F), gu.stride())
+        k_.swiglu_backward(ptr(dgu), dgu.data_ptr() + 4 * F, ptr(ds), ptr(gu), gu.data_ptr() + 4 * F, M * F, F,
+                           gu.stride(0))
         dgu = cv(dgu)
         dwgu = mm(dgu, h2, 2 * F, Cm, M, trans_a=True, trans_b=True) if (need[7] or need[8]) else None
         dh2 = mm(dgu, wgu, M, Cm, 2 * F, trans_b=True)                      # (M, C), one GEMM for gate and up

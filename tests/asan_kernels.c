@@ -337,7 +337,7 @@ static void t_cross_entropy(int N, int V, int alias) {
     FOR_PATHS for (int withd = 0; withd < 2; withd++) {
         float *li = f_dup(l, (size_t)N * V), *lo = f_out(N), *so = f_out(2 * (size_t)N);
         float* d = withd ? (alias ? li : f_out((size_t)N * V)) : NULL;
-        cross_entropy_params p = {lo, so, li, tg, N, V, -100, d, scale};
+        cross_entropy_params p = {lo, so, li, tg, N, V, -100, d, scale, 0};
         CALL(cross_entropy_forward, &p);
         check_view("loss", lo, 1, N, N, loss, NULL, 1e-5);
         check_view("stats", so, 1, 2 * N, 2 * N, st, NULL, 1e-5);

@@ -162,6 +162,77 @@ def test_cross_entropy_kernel_gradient_in_place_and_poison(isa, rng, alias):
     assert torch.equal(grad[2], torch.zeros(V))
 
 
+@pytest.mark.parametrize("N,V,ld", [(1, 3, 3), (5, 301, 317), (4, 1024, 1040)])
+def test_cross_entropy_kernel_gradient_row_stride(isa, rng, N, V, ld):
+    """dlogits rows at stride ld_dlogits (the LM head's dX GEMM reads them in place at a stride that is not a 4 KiB
+    multiple): each row's V values as torch's gradient, the padding between rows never written."""
+    logits = torch.randn(N, V, generator=rng) * 2
+    targets = torch.randint(0, V, (N,), generator=rng)
+    if N > 1:
+        targets[1] = -1
+    buf = poison(torch.empty(N, ld))
+    buf[:, V:] = 7.0
+    loss, stats = poison(torch.empty(N)), poison(torch.empty(N, 2))
+    C().cross_entropy_forward(loss.data_ptr(), stats.data_ptr(), logits.data_ptr(), targets.data_ptr(), N, V, -1,
+                              buf.data_ptr(), 0.25, ld)
+    lr = logits.clone().requires_grad_()
+    torch.nn.functional.cross_entropy(lr, targets, ignore_index=-1, reduction="sum").mul(0.25).backward()
+    torch.testing.assert_close(buf[:, :V], lr.grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(buf[:, V:], torch.full((N, ld - V), 7.0))
+
+
+def test_cross_entropy_kernel_rejects_a_bad_row_stride():
+    logits, targets = torch.randn(2, 10), torch.zeros(2, dtype=torch.int64)
+    loss, stats, d = torch.empty(2), torch.empty(2, 2), torch.empty(2, 16)
+    args = (loss.data_ptr(), stats.data_ptr(), logits.data_ptr(), targets.data_ptr(), 2, 10, -1)
+    with pytest.raises(ValueError, match="ld_dlogits must be 0 or >= V"):
+        C().cross_entropy_forward(*args, d.data_ptr(), 1.0, 9)
+    with pytest.raises(ValueError, match="alias logits only at the same row stride"):
+        C().cross_entropy_forward(*args, logits.data_ptr(), 1.0, 16)
+
+
+def test_padded_rows_stride():
+    """padded_rows moves a 4 KiB-multiple row stride off the multiple and leaves every other one as it is."""
+    for cols in (1, 383, 1000, 1023, 1025, 1152):
+        assert ops.padded_rows(3, cols).stride() == (cols, 1)
+    for cols in (1024, 2048, 8192):
+        t = ops.padded_rows(3, cols)
+        assert t.shape == (3, cols) and t.stride(1) == 1 and t.stride(0) > cols and (t.stride(0) * 4) % 4096
+
+
+@pytest.mark.parametrize("V", [1000, 1024])   # 1024: dlogits comes in padded rows, read in place by dX's GEMM
+def test_lm_head_and_cross_entropy_gradients(isa, rng, monkeypatch, V):
+    """linear -> cross_entropy, as the model's LM head: the gradients of x and the weight equal torch's, with every
+    buffer ops.empty hands out poisoned (the padding of dlogits' rows included: a GEMM that read it gives NaN)."""
+    ops_empty = ops.empty
+    monkeypatch.setattr(ops, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(ops, "empty", lambda *s: ops_empty(*s).fill_(float("nan")))
+    N, K = 37, 24
+    x = torch.randn(N, K, generator=rng, requires_grad=True)
+    w = (torch.randn(V, K, generator=rng) * K ** -0.5).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=rng)
+    targets[3] = -1
+    ops.cross_entropy(ops.linear(x, w), targets).backward()
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref.cross_entropy(ref.linear(xr, wr), targets).backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad, wr.grad, rtol=1e-4, atol=1e-6)
+    assert w.grad.is_contiguous()
+
+
+def test_linear_backward_with_a_row_strided_gradient(isa, rng):
+    """A gradient whose rows are contiguous but padded apart is read in place (no copy): the same dX, dW and db."""
+    x = torch.randn(2, 9, 16, generator=rng, requires_grad=True)
+    w = torch.randn(1024, 16, generator=rng, requires_grad=True)
+    b = torch.randn(1024, generator=rng, requires_grad=True)
+    dy = torch.randn(2, 9, 1040, generator=rng)[..., :1024]
+    ops.linear(x, w, b).backward(dy)
+    xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    ref.linear(xr, wr, br).backward(dy.contiguous())
+    for a, r in ((x.grad, xr.grad), (w.grad, wr.grad), (b.grad, br.grad)):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("V,where", [(3, 0), (1000, 999), (1000, 17), (64, 63)])
 def test_cross_entropy_nan_logit_makes_the_row_nan(isa, rng, V, where):
     """A NaN in a non-target logit gave a finite loss and gradient (max and exp both dropped NaN lanes), so a

@@ -42,6 +42,7 @@ def _docs(B, T, rng):
     (2, 33, 48, 4, 2, 40, True),        # GQA 2:1, document mask
     (2, 64, 128, 4, 1, 352, True),      # MQA, the Tiny Shakespeare layer
     (1, 9, 96, 6, 3, 127, False),       # head dim 16, GQA
+    (2, 7, 32, 2, 1, 512, True),        # 2F = 1024: gate|up and its gradient in padded rows (ops.padded_rows)
 ])
 def test_block_matches_per_op_path(isa, rng, poisoned_alloc, B, T, dim, H, Hkv, F, docs):
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))

@@ -177,10 +177,11 @@ static double row_max_sumexp(const float* l, int V, float* e, float* m_out) {
 // two took at N 2048, V 8192); here the exps are stored by the log-sum pass and scaled while the row is in cache.
 void KFN(cross_entropy_forward)(const cross_entropy_params* p) {
     const int N = p->N, V = p->V;
+    const size_t ldd = p->ld_dlogits ? (size_t)p->ld_dlogits : (size_t)V;   // dlogits' row stride
     #pragma omp parallel for schedule(static) if (N > 1)
     for (int n = 0; n < N; n++) {
         const float* l = p->logits + (size_t)n * V;                 // (V)
-        float* d = p->dlogits ? p->dlogits + (size_t)n * V : NULL;  // (V), may alias l
+        float* d = p->dlogits ? p->dlogits + (size_t)n * ldd : NULL;  // (V), may alias l
         float* st = p->stats + 2 * (size_t)n;                       // (2)
         const int64_t t = p->targets[n];
         const int valid = t >= 0 && t < V && t != p->ignore_index;

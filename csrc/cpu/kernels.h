@@ -155,6 +155,7 @@ typedef struct {
     int64_t ignore_index;
     float* dlogits;         // (N, V)  or NULL: the gradient of scale * sum(loss), the backward fused in; may alias logits
     float scale;            // 1 / n_valid for a mean loss
+    int ld_dlogits;         // dlogits' row stride (>= V; 0: V): the GEMM that reads it wants no 4 KiB multiple
 } cross_entropy_params;
 
 typedef struct {
