@@ -215,8 +215,8 @@ def test_lm_head_and_cross_entropy_gradients(isa, rng, monkeypatch, V):
     ops.cross_entropy(ops.linear(x, w), targets).backward()
     xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     ref.cross_entropy(ref.linear(xr, wr), targets).backward()
-    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(w.grad, wr.grad, rtol=1e-4, atol=1e-6)
+    for a, r in ((x.grad, xr.grad), (w.grad, wr.grad)):   # fp32 sums in another order: atol from the scale
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=2e-5 * float(r.abs().max()))
     assert w.grad.is_contiguous()
 
 
@@ -229,8 +229,8 @@ def test_linear_backward_with_a_row_strided_gradient(isa, rng):
     ops.linear(x, w, b).backward(dy)
     xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, b))
     ref.linear(xr, wr, br).backward(dy.contiguous())
-    for a, r in ((x.grad, xr.grad), (w.grad, wr.grad), (b.grad, br.grad)):
-        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    for a, r in ((x.grad, xr.grad), (w.grad, wr.grad), (b.grad, br.grad)):   # sums of up to 1024 products
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=2e-5 * float(r.abs().max()))
 
 
 @pytest.mark.parametrize("V,where", [(3, 0), (1000, 999), (1000, 17), (64, 63)])
