@@ -755,7 +755,8 @@ static void mm_gemm(int bf16, const void* A, int lda, int trans_a, const void* B
     // in a C A/B harness (K = 768 with N = 3072: no change), median +1.6% / +3.8% at 1 / 2 threads in
     // bench_matmul_lab.py (session 29); fp32 +5-6% at 4096x768x768, +-2% at the larger shapes. Not for
     // an odd K in bf16 (a last pair would read past a row), nor a row stride that is a multiple of 4 KiB (the MR rows
-    // share one L1 set: 121 against 187 GFLOP/s), nor the widening path, nor under PYLLM_GEMM=packed.
+    // share one L1 set: 121 against 187 GFLOP/s; pyllm/ops.py makes its own such buffers off it: padded_rows), nor
+    // the widening path, nor under PYLLM_GEMM=packed.
     const char* ge = getenv("PYLLM_GEMM");
     const size_t lda_bytes = (size_t)lda * (bf16 ? 2 : 4);
     const int ain = !trans_a && lda_bytes % 4096 != 0 && !(ge && ge[0] == 'p') && (dp ? K % 2 == 0 : !bf16);
