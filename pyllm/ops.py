@@ -856,8 +856,7 @@ class _Block(torch.autograd.Function):
         dc = cv(d)
         dwd = mm(dc, s, Cm, F, M, trans_a=True, trans_b=True) if need[9] else None       # (C, F)
         ds = mm(dc, wd, M, F, Cm, trans_b=True)                            # (M, F)
-        # [dgate | dup] per row at gu's row stride (swiglu's one ld): dh2's GEMM reads it in place (padded_rows)
-        dgu = torch.as_strided(empty(M, gu.stride(0)), (M, 2 * F), gu.stride())
+        dgu = padded_rows(M, 2 * F)        # [dgate | dup] per row, at gu's row stride (swiglu's one ld)
         k_.swiglu_backward(ptr(dgu), dgu.data_ptr() + 4 * F, ptr(ds), ptr(gu), gu.data_ptr() + 4 * F, M * F, F,
                            gu.stride(0))
         dgu = cv(dgu)
